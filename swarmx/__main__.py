@@ -1,0 +1,3 @@
+from swarmx.cli.main import main
+
+main()

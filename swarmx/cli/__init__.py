@@ -1,0 +1,1 @@
+"""The `swarmx` command line (Typer + Rich): the only package that imports rich."""

@@ -1,0 +1,75 @@
+"""Options and helpers every command shares, so flags, env vars and errors look the same."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from swarmx.config import Config, ConfigError, LogLevel, load_config
+
+EXIT_USAGE = 2
+"""Bad input: config, flags, workflow files."""
+EXIT_UNAVAILABLE = 1
+"""The scheduler could not be reached, or a daemon could not start."""
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        envvar="SWARMX_CONFIG",
+        help="TOML config file.",
+        dir_okay=False,
+        show_default=False,
+    ),
+]
+SchedulerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--scheduler",
+        envvar="SWARMX_SCHEDULER",
+        help="Scheduler address [default: tcp://127.0.0.1:7700, or the config's].",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+LogLevelOpt = Annotated[
+    str | None,
+    typer.Option("--log-level", envvar="SWARMX_LOG_LEVEL", help="debug, info, warning or error."),
+]
+
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """One line on stderr, then exit; never a traceback for bad input."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def load(path: Path | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def setup_logging(cfg: Config, flag: str | None) -> LogLevel:
+    level = (flag or cfg.log.level).lower()
+    if level not in ("debug", "info", "warning", "error"):
+        fail(f"--log-level: must be debug, info, warning or error, got {flag!r}")
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    return level  # type: ignore[return-value]
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")

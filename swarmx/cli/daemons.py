@@ -1,0 +1,91 @@
+"""`swarmx scheduler start` and `swarmx node start`: foreground daemons (systemd runs these)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from swarmx.cli.common import (
+    EXIT_UNAVAILABLE,
+    ConfigOpt,
+    LogLevelOpt,
+    SchedulerOpt,
+    fail,
+    load,
+    setup_logging,
+)
+from swarmx.clock import RealClock
+from swarmx.config import ConfigError, override
+from swarmx.daemon.lifecycle import run_daemon
+from swarmx.daemon.node import NodeAgent
+from swarmx.daemon.scheduler import SchedulerDaemon, StateDirBusy
+from swarmx.transport import TransportError
+
+scheduler_app = typer.Typer(help="The central scheduler daemon.", no_args_is_help=True)
+node_app = typer.Typer(help="The per-node agent.", no_args_is_help=True)
+
+
+@scheduler_app.command("start")
+def scheduler_start(
+    config: ConfigOpt = None,
+    listen: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SWARMX_LISTEN",
+            help="Address to bind, e.g. tcp://0.0.0.0:7700.",
+            show_default=False,
+        ),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="SWARMX_STATE_DIR",
+            help="Where the scheduler keeps its state.",
+            file_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    log_level: LogLevelOpt = None,
+) -> None:
+    """Run the scheduler in the foreground until SIGTERM or Ctrl-C."""
+    cfg = load(config)
+    try:
+        sched = override(
+            cfg.scheduler, listen=listen, state_dir=str(state_dir) if state_dir else None
+        )
+    except ConfigError as exc:
+        fail(str(exc))
+    setup_logging(cfg, log_level)
+    daemon = SchedulerDaemon(sched, RealClock())
+    try:
+        run_daemon(daemon.run)
+    except (TransportError, StateDirBusy, OSError) as exc:
+        fail(str(exc), EXIT_UNAVAILABLE)
+
+
+@node_app.command("start")
+def node_start(
+    config: ConfigOpt = None,
+    scheduler: SchedulerOpt = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SWARMX_NODE_NAME", help="Node name [default: the hostname].", show_default=False
+        ),
+    ] = None,
+    log_level: LogLevelOpt = None,
+) -> None:
+    """Run the node agent in the foreground until SIGTERM or Ctrl-C."""
+    cfg = load(config)
+    try:
+        node_cfg = override(cfg.node, scheduler=scheduler, name=name)
+    except ConfigError as exc:
+        fail(str(exc))
+    setup_logging(cfg, log_level)
+    agent = NodeAgent(node_cfg, RealClock())
+    try:
+        run_daemon(agent.run)
+    except TransportError as exc:
+        fail(str(exc), EXIT_UNAVAILABLE)

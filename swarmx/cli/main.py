@@ -1,0 +1,32 @@
+"""Entry point: one Typer app, one module per command group."""
+
+from __future__ import annotations
+
+import typer
+
+from swarmx import __version__
+from swarmx.cli.daemons import node_app, scheduler_app
+from swarmx.cli.nodes import nodes
+from swarmx.cli.up import up
+
+app = typer.Typer(
+    name="swarmx",
+    help="SwarmX: a tail-aware scheduler for agentic AI clusters.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(scheduler_app, name="scheduler")
+app.add_typer(node_app, name="node")
+app.command()(nodes)
+app.command()(up)
+
+
+@app.command()
+def version() -> None:
+    """Print the SwarmX version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()

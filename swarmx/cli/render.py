@@ -1,0 +1,71 @@
+"""Pure renderers: protocol objects in, Rich renderables out (tested on a fixed-size console)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from rich.text import Text
+
+from swarmx.protocol import GpuSample, NodesReply, NodeView
+
+GIB = 1024**3
+_STATE_STYLE = {"live": "green", "stale": "yellow", "down": "red"}
+
+
+def _gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / GIB:.1f}"
+
+
+def _age(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def _gpu(g: GpuSample) -> str:
+    util = "?" if g.util_percent is None else f"{g.util_percent:.0f}%"
+    return f"{g.index}:{g.name} {util} {_gib(g.mem_used_bytes)}/{_gib(g.mem_total_bytes)}G"
+
+
+def _gpus(node: NodeView) -> str:
+    if node.telemetry is not None and node.telemetry.gpus:
+        return "\n".join(_gpu(g) for g in node.telemetry.gpus)
+    if node.hello.gpus:
+        return "\n".join(f"{g.index}:{g.name}" for g in node.hello.gpus)
+    return "-"
+
+
+def nodes_table(reply: NodesReply) -> Table:
+    table = Table(
+        title=f"{len(reply.nodes)} nodes @ {reply.scheduler.endpoint}",
+        title_justify="left",
+        expand=False,
+    )
+    for header, justify in (
+        ("NODE", "left"),
+        ("STATE", "left"),
+        ("LAST SEEN", "right"),
+        ("CPU", "right"),
+        ("MEMORY GiB", "right"),
+        ("GPUs (util, mem GiB)", "left"),
+    ):
+        table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for node in reply.nodes:
+        cores = node.hello.cpu_cores_logical
+        tel = node.telemetry
+        cpu = f"{tel.host.cpu_percent:.0f}% of {cores}" if tel else f"- of {cores}"
+        mem = (
+            f"{_gib(tel.host.mem_used_bytes)}/{_gib(tel.host.mem_total_bytes)}"
+            if tel
+            else f"-/{_gib(node.hello.mem_total_bytes)}"
+        )
+        table.add_row(
+            node.name,
+            Text(node.state, style=_STATE_STYLE[node.state]),
+            _age(node.last_seen_age_s),
+            cpu,
+            mem,
+            _gpus(node),
+        )
+    return table

@@ -1,0 +1,90 @@
+"""`swarmx up`: a whole local cluster in the foreground, until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from swarmx.cli.common import (
+    EXIT_UNAVAILABLE,
+    ConfigOpt,
+    LogLevelOpt,
+    fail,
+    load,
+    setup_logging,
+)
+from swarmx.cli.render import nodes_table
+from swarmx.clock import RealClock
+from swarmx.config import ConfigError, override
+from swarmx.daemon.local import POLL_S, ClusterError, LocalCluster, connectable
+
+
+def up(
+    nodes: Annotated[
+        int, typer.Option("--nodes", "-n", min=1, max=64, help="Node agents to start.")
+    ] = 2,
+    listen: Annotated[
+        str | None,
+        typer.Option(help="Scheduler address [default: tcp://127.0.0.1:7700].", show_default=False),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(help="Scheduler state directory.", file_okay=False, show_default=False),
+    ] = None,
+    config: ConfigOpt = None,
+    log_level: LogLevelOpt = "warning",
+) -> None:
+    """Start a scheduler and N node agents on this host; stop them all on Ctrl-C or SIGTERM."""
+    cfg = load(config)
+    try:
+        sched = override(
+            cfg.scheduler, listen=listen, state_dir=str(state_dir) if state_dir else None
+        )
+    except ConfigError as exc:
+        fail(str(exc))
+    setup_logging(cfg, log_level)
+    console = Console()
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():  # second signal: stop() is already running; kill instead of waiting
+            for pid in cluster.pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            raise SystemExit(130)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    cluster = LocalCluster(
+        nodes, sched.listen, Path(sched.state_dir), RealClock(), config, log_level
+    )
+    try:
+        with console.status(f"starting scheduler and {nodes} nodes..."):
+            endpoint = cluster.start()
+        reply = cluster.query_nodes()
+        if reply is not None:
+            console.print(nodes_table(reply))
+        hint = "" if endpoint == connectable("tcp://127.0.0.1:7700") else f" --scheduler {endpoint}"
+        console.print(
+            f"[green]SwarmX local cluster up[/] at {endpoint} with {nodes} nodes. "
+            f"Try [bold]swarmx nodes{hint}[/]. Ctrl-C stops it."
+        )
+        while not stop.is_set():
+            cluster.supervise_once()
+            time.sleep(POLL_S)
+    except ClusterError as exc:
+        fail(str(exc), EXIT_UNAVAILABLE)
+    finally:
+        cluster.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    console.print("local cluster stopped")

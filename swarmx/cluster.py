@@ -1,0 +1,106 @@
+"""The scheduler's membership table: which nodes exist, what they last reported, whether they are
+alive. Pure state: callers pass the time in, so liveness is tested without sleeping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from swarmx.protocol import Hello, NodeView, Telemetry
+
+NodeState = Literal["live", "stale", "down"]
+
+
+@dataclass(frozen=True)
+class Transition:
+    node: str
+    old: NodeState | None
+    """None when the node registers for the first time."""
+    new: NodeState
+
+
+@dataclass
+class _Node:
+    peer: bytes
+    hello: Hello
+    registered_ts: float
+    last_seen_mono: float
+    last_seen_ts: float
+    state: NodeState = "live"
+    telemetry: Telemetry | None = None
+    frames: int = 0
+
+
+class NodeTable:
+    """Nodes keyed by name. A node is ``stale`` after missing ``stale_after_missed`` of its own
+    heartbeat intervals and ``down`` after ``down_after_missed``; any frame from it revives it."""
+
+    def __init__(self, stale_after_missed: int, down_after_missed: int) -> None:
+        self._stale_after = stale_after_missed
+        self._down_after = down_after_missed
+        self._nodes: dict[str, _Node] = {}
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def register(
+        self, hello: Hello, peer: bytes, now_mono: float, now_ts: float
+    ) -> Transition | None:
+        """Add or refresh a node (a restarted agent re-registers under the same name)."""
+        node = self._nodes.get(hello.node)
+        if node is None:
+            self._nodes[hello.node] = _Node(peer, hello, now_ts, now_mono, now_ts, frames=1)
+            return Transition(hello.node, None, "live")
+        node.peer, node.hello, node.registered_ts = peer, hello, now_ts
+        return self.seen(hello.node, peer, now_mono, now_ts)
+
+    def seen(self, name: str, peer: bytes, now_mono: float, now_ts: float) -> Transition | None:
+        """Record a frame from ``name``; raises KeyError for an unregistered node."""
+        node = self._nodes[name]
+        node.peer, node.last_seen_mono, node.last_seen_ts = peer, now_mono, now_ts
+        node.frames += 1
+        if node.state != "live":
+            old, node.state = node.state, "live"
+            return Transition(name, old, "live")
+        return None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._nodes
+
+    def update_telemetry(self, name: str, telemetry: Telemetry) -> None:
+        self._nodes[name].telemetry = telemetry
+
+    def peer(self, name: str) -> bytes:
+        return self._nodes[name].peer
+
+    def sweep(self, now_mono: float) -> list[Transition]:
+        """Age every node; returns the state changes (for the log and metrics)."""
+        changes = []
+        for name, node in self._nodes.items():
+            missed = (now_mono - node.last_seen_mono) / node.hello.heartbeat_interval_s
+            state: NodeState = (
+                "down"
+                if missed >= self._down_after
+                else "stale"
+                if missed >= self._stale_after
+                else "live"
+            )
+            if state != node.state:
+                changes.append(Transition(name, node.state, state))
+                node.state = state
+        return changes
+
+    def views(self, now_mono: float) -> list[NodeView]:
+        return [
+            NodeView(
+                name=name,
+                state=node.state,
+                last_seen_ts=node.last_seen_ts,
+                last_seen_age_s=max(0.0, now_mono - node.last_seen_mono),
+                registered_ts=node.registered_ts,
+                frames=node.frames,
+                hello=node.hello,
+                telemetry=node.telemetry,
+            )
+            for name, node in sorted(self._nodes.items())
+        ]

@@ -1,0 +1,186 @@
+"""The one TOML config file, loaded once into frozen dataclasses. Every default lives here.
+
+Precedence, highest first: command-line flag, its ``SWARMX_*`` environment variable, the file named
+by ``--config`` / ``SWARMX_CONFIG``, the defaults below. Errors name the file, line and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+from urllib.parse import urlsplit
+
+from swarmx.schema import SchemaError, decode
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+DEFAULT_SCHEDULER = "tcp://127.0.0.1:7700"
+LogLevel = Literal["debug", "info", "warning", "error"]
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad config value; ``str()`` is the one-line message shown to the user."""
+
+
+def check_address(url: str, *, bind: bool = False) -> str:
+    """Validate a ZeroMQ endpoint users type: ``tcp://HOST:PORT`` or ``ipc:///path``.
+
+    Binding also accepts ``*`` or ``0.0.0.0`` as host and port 0 (pick a free port; the bound
+    address is written to the state directory).
+    """
+    if url.startswith("ipc://"):
+        if len(url) > len("ipc://"):
+            return url
+        raise SchemaError("", f"ipc address needs a path, got {url!r}")
+    parts = urlsplit(url)
+    if parts.scheme != "tcp" or not parts.netloc or parts.path not in ("", "/"):
+        raise SchemaError("", f"expected tcp://HOST:PORT or ipc:///PATH, got {url!r}")
+    host, sep, port_text = parts.netloc.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise SchemaError("", f"expected tcp://HOST:PORT, got {url!r}")
+    port = int(port_text)
+    if not (0 if bind else 1) <= port <= 65535:
+        raise SchemaError("", f"port {port} out of range in {url!r}")
+    if host == "*" and not bind:
+        raise SchemaError("", f"'*' is only valid for listening, got {url!r}")
+    return url.rstrip("/")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise SchemaError(name, f"must be > 0, got {value}")
+
+
+def default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "swarmx")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    listen: str = DEFAULT_SCHEDULER
+    state_dir: str = field(default_factory=default_state_dir)
+    stale_after_missed: int = 3
+    """Heartbeats a node may miss before it shows as ``stale``."""
+    down_after_missed: int = 10
+    max_frame_bytes: int = 4 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        try:
+            check_address(self.listen, bind=True)
+        except SchemaError as exc:
+            raise SchemaError("listen", exc.message) from None
+        if self.stale_after_missed < 1:
+            raise SchemaError("stale_after_missed", "must be >= 1")
+        if self.down_after_missed <= self.stale_after_missed:
+            raise SchemaError("down_after_missed", "must be greater than stale_after_missed")
+        _check_positive("max_frame_bytes", self.max_frame_bytes)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str = field(default_factory=socket.gethostname)
+    scheduler: str = DEFAULT_SCHEDULER
+    telemetry_interval_s: float = 1.0
+    heartbeat_interval_s: float = 1.0
+    gpus: Literal["auto", "off"] = "auto"
+    """``auto`` reads GPUs through NVML when present; ``off`` never loads NVML."""
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", self.name):
+            raise SchemaError("name", f"must be 1-63 of A-Z a-z 0-9 . _ -, got {self.name!r}")
+        try:
+            check_address(self.scheduler)
+        except SchemaError as exc:
+            raise SchemaError("scheduler", exc.message) from None
+        _check_positive("telemetry_interval_s", self.telemetry_interval_s)
+        _check_positive("heartbeat_interval_s", self.heartbeat_interval_s)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    scheduler: str = DEFAULT_SCHEDULER
+    timeout_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        try:
+            check_address(self.scheduler)
+        except SchemaError as exc:
+            raise SchemaError("scheduler", exc.message) from None
+        _check_positive("timeout_s", self.timeout_s)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: LogLevel = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _locate(text: str, key_path: str) -> int | None:
+    """Best-effort line number of ``section.key`` in TOML text (tomllib gives none)."""
+    parts = key_path.split(".")
+    section, key = ".".join(parts[:-1]), parts[-1]
+    key = re.sub(r"\[\d+\]$", "", key)
+    current = ""
+    for lineno, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        header = re.fullmatch(r"\[\[?\s*([^\]]+?)\s*\]\]?(\s*#.*)?", stripped)
+        if header:
+            current = header.group(1)
+            if not section and current == key:
+                return lineno
+            continue
+        if current == section and re.match(rf"[\"']?{re.escape(key)}[\"']?\s*=", stripped):
+            return lineno
+    return None
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read and validate the config file; ``None`` means all defaults."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+    try:
+        return decode(Config, data)
+    except SchemaError as exc:
+        line = _locate(text, exc.path) if exc.path else None
+        where = f"{p}:{line}" if line else str(p)
+        raise ConfigError(f"{where}: {exc.path}: {exc.message}") from None
+
+
+def override(section: T, **changes: object) -> T:
+    """Apply command-line values (None = not given) to a config section, validating them; an
+    error names the option as typed (``--listen``)."""
+    given = {k: v for k, v in changes.items() if v is not None}
+    if not given:
+        return section
+    try:
+        return dataclasses.replace(section, **given)  # type: ignore[type-var]
+    except SchemaError as exc:
+        raise ConfigError(f"--{exc.path.replace('_', '-')}: {exc.message}") from None

@@ -1,0 +1,103 @@
+"""What every daemon shares: systemd notification, signal handling and the asyncio entry point.
+
+Signals only set an event (the daemon then closes its sockets and exits 0); a second SIGTERM or
+SIGINT while closing exits at once, as Nomad and dask do, so a wedged shutdown is never a trap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+
+from swarmx.clock import Clock, ticks
+
+log = logging.getLogger(__name__)
+
+EXIT_FORCED = 130
+
+
+class SystemdNotifier:
+    """sd_notify(3) without libsystemd: datagrams to ``$NOTIFY_SOCKET``; a no-op outside systemd."""
+
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        self._address = env.get("NOTIFY_SOCKET", "")
+        if self._address.startswith("@"):  # abstract namespace
+            self._address = "\0" + self._address[1:]
+        usec = env.get("WATCHDOG_USEC", "")
+        pid = env.get("WATCHDOG_PID", "")
+        mine = not pid or pid == str(os.getpid())
+        self.watchdog_interval_s: float | None = (
+            int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 and mine else None
+        )
+        """Half of systemd's WatchdogSec, or None when no watchdog is armed for this process."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._address)
+
+    def notify(self, *fields: str) -> bool:
+        if not self._address:
+            return False
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.sendto("\n".join(fields).encode(), self._address)
+        except OSError as exc:
+            log.warning("sd_notify to %r failed: %s", self._address, exc)
+            return False
+        return True
+
+    def start_watchdog(self, clock: Clock) -> list[asyncio.Task[None]]:
+        """The watchdog task (none when systemd armed no watchdog). It pings from the event loop
+        itself, so a stalled loop is what systemd detects."""
+        interval = self.watchdog_interval_s
+        if interval is None:
+            return []
+
+        async def ping() -> None:
+            async for _ in ticks(clock, interval):
+                self.notify("WATCHDOG=1")
+
+        return [asyncio.create_task(ping(), name="watchdog")]
+
+
+def install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(EXIT_FORCED)
+        log.info("%s: shutting down (send again to force)", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+def run_daemon(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``main(stop)`` on a fresh event loop with stop signals wired to ``stop``."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(asyncio.get_running_loop(), stop)
+        await main(stop)
+
+    asyncio.run(runner())
+
+
+async def run_until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
+    """Wait for a stop signal; a task that dies takes the daemon down loudly, not silently."""
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopper:
+                task.result()  # re-raise its exception
+                raise RuntimeError(f"task {task.get_name()} ended unexpectedly")
+    finally:
+        for task in [stopper, *tasks]:
+            task.cancel()
+        await asyncio.gather(stopper, *tasks, return_exceptions=True)

@@ -1,0 +1,183 @@
+"""The node agent: registers with the scheduler, then publishes heartbeats and telemetry.
+
+Collection (psutil, NVML) blocks, so it runs on a one-thread executor and never stalls the loop.
+Registration is a small state machine: send ``hello`` each heartbeat until acknowledged; a scheduler
+that answers ``unregistered`` (it restarted) or goes silent for 3 heartbeats makes the agent
+register again, so the cluster heals by itself after a scheduler restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from swarmx import __version__
+from swarmx.clock import Clock, ticks
+from swarmx.config import NodeConfig
+from swarmx.daemon.lifecycle import SystemdNotifier, run_until_stopped
+from swarmx.protocol import (
+    Ack,
+    Envelope,
+    Error,
+    Heartbeat,
+    Hello,
+    Message,
+    Telemetry,
+)
+from swarmx.telemetry.gpu import NvmlGpus
+from swarmx.telemetry.host import HostCollector
+from swarmx.transport import DealerChannel, connect_dealer
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_SILENT_AFTER_MISSED = 3
+"""Heartbeats without any answer before the agent treats the scheduler as lost."""
+
+Handler = Callable[[Envelope], Awaitable[None]]
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        clock: Clock,
+        notifier: SystemdNotifier | None = None,
+        gpus: NvmlGpus | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.notifier = notifier or SystemdNotifier()
+        self.host = HostCollector(clock.monotonic)
+        self.gpus = gpus if gpus is not None else (NvmlGpus() if cfg.gpus == "auto" else None)
+        self.registered = False
+        self._hello_seq: int | None = None
+        self._last_answer_mono = clock.monotonic()
+        self._started_mono = clock.monotonic()
+        self._started_ts = clock.time()
+        self._channel: DealerChannel | None = None
+        self._latest: Telemetry | None = None
+        """Last sample, sent the moment registration is acknowledged so the scheduler never
+        shows a registered node without telemetry for a whole interval."""
+        self._handlers: dict[type[Message], Handler] = {Ack: self._on_ack, Error: self._on_error}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarmx-collect")
+        self._channel = channel = connect_dealer(self.cfg.scheduler, self.cfg.name, self.clock)
+        try:
+            hello = await loop.run_in_executor(executor, self._hello)
+            log.info(
+                "node agent %s (%s) reporting to %s every %gs: %d cores, %d GPUs",
+                self.cfg.name,
+                __version__,
+                self.cfg.scheduler,
+                self.cfg.telemetry_interval_s,
+                hello.cpu_cores_logical,
+                len(hello.gpus),
+            )
+            self.notifier.notify("READY=1", f"STATUS=reporting to {self.cfg.scheduler}")
+            tasks = [
+                asyncio.create_task(self._receive(channel), name="receive"),
+                asyncio.create_task(self._heartbeats(channel, hello), name="heartbeat"),
+                asyncio.create_task(self._telemetry(channel, executor), name="telemetry"),
+                *self.notifier.start_watchdog(self.clock),
+            ]
+            await run_until_stopped(stop, tasks)
+        finally:
+            self.notifier.notify("STOPPING=1")
+            channel.close()
+            executor.shutdown(wait=True, cancel_futures=True)
+            if self.gpus is not None:
+                self.gpus.close()
+        log.info("node agent %s stopped", self.cfg.name)
+
+    def _hello(self) -> Hello:
+        info = self.host.static_info()
+        return Hello(
+            node=self.cfg.name,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=__version__,
+            cpu_cores_logical=info.cpu_cores_logical,
+            cpu_cores_physical=info.cpu_cores_physical,
+            mem_total_bytes=info.mem_total_bytes,
+            gpus=self.gpus.inventory() if self.gpus is not None else [],
+            replicas=[],
+            heartbeat_interval_s=self.cfg.heartbeat_interval_s,
+            telemetry_interval_s=self.cfg.telemetry_interval_s,
+            started_ts=self._started_ts,
+            labels=dict(self.cfg.labels),
+        )
+
+    def _collect(self) -> Telemetry:
+        start = self.clock.monotonic()
+        host = self.host.sample()
+        gpus = self.gpus.sample() if self.gpus is not None else []
+        return Telemetry(host, gpus, [], collect_s=self.clock.monotonic() - start)
+
+    # --- loops ------------------------------------------------------------------------------
+
+    async def _heartbeats(self, channel: DealerChannel, hello: Hello) -> None:
+        interval = self.cfg.heartbeat_interval_s
+        async for now in ticks(self.clock, interval):
+            silent_s = now - self._last_answer_mono
+            if self.registered and silent_s > SCHEDULER_SILENT_AFTER_MISSED * interval:
+                log.warning(
+                    "scheduler silent for %.1fs; registering again when it answers", silent_s
+                )
+                self.registered = False
+            if self.registered:
+                await channel.send(Heartbeat(now - self._started_mono, channel.stats.unsent))
+            else:
+                self._hello_seq = await channel.send(hello)
+
+    async def _telemetry(self, channel: DealerChannel, executor: ThreadPoolExecutor) -> None:
+        loop = asyncio.get_running_loop()
+        async for _ in ticks(self.clock, self.cfg.telemetry_interval_s):
+            self._latest = await loop.run_in_executor(executor, self._collect)
+            if self.registered:
+                await channel.send(self._latest)
+
+    async def _receive(self, channel: DealerChannel) -> None:
+        while True:
+            env = await channel.recv()
+            self._last_answer_mono = self.clock.monotonic()
+            handler = self._handlers.get(type(env.body))
+            if handler is None:
+                await channel.send(
+                    Error(
+                        env.seq,
+                        "unsupported",
+                        f"node agent {__version__} does not handle {env.type!r}",
+                    )
+                )
+                continue
+            await handler(env)
+
+    # --- handlers ---------------------------------------------------------------------------
+
+    async def _on_ack(self, env: Envelope) -> None:
+        assert isinstance(env.body, Ack)
+        if not self.registered and env.body.ref_seq == self._hello_seq:
+            self.registered = True
+            log.info("registered with scheduler %s", self.cfg.scheduler)
+            if self._latest is not None and self._channel is not None:
+                await self._channel.send(self._latest)
+
+    async def _on_error(self, env: Envelope) -> None:
+        assert isinstance(env.body, Error)
+        if env.body.code == "unregistered":
+            if self.registered:
+                log.info("scheduler does not know this node (restarted?); registering again")
+            self.registered = False
+        else:
+            log.warning(
+                "scheduler refused frame %d: %s: %s",
+                env.body.ref_seq,
+                env.body.code,
+                env.body.message,
+            )

@@ -1,0 +1,214 @@
+"""The scheduler daemon: one ROUTER endpoint, the live node table, answers to clients.
+
+An I/O shell: frames come off the transport, go through one dispatch table keyed by message type,
+and update pure state (`NodeTable`). Later layers (workflow engine, routers, scalers) plug in here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from swarmx import __version__
+from swarmx.clock import Clock, ticks
+from swarmx.cluster import NodeTable
+from swarmx.config import SchedulerConfig
+from swarmx.daemon.lifecycle import SystemdNotifier, run_until_stopped
+from swarmx.protocol import (
+    Ack,
+    Envelope,
+    Error,
+    Heartbeat,
+    Hello,
+    Message,
+    NodesReply,
+    QueryNodes,
+    SchedulerInfo,
+    Telemetry,
+)
+from swarmx.transport import RouterChannel, bind_router
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "scheduler.json"
+"""Written to the state directory once bound: the real endpoint (useful with port 0) and pid."""
+
+SWEEP_INTERVAL_S = 0.1
+
+Handler = Callable[[bytes, Envelope], Awaitable[None]]
+
+
+class StateDirBusy(RuntimeError):
+    pass
+
+
+def read_state_file(state_dir: str | Path) -> dict[str, Any] | None:
+    """The running scheduler's published endpoint and pid, or None when absent or half-written."""
+    try:
+        data = json.loads((Path(state_dir) / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class SchedulerDaemon:
+    def __init__(
+        self, cfg: SchedulerConfig, clock: Clock, notifier: SystemdNotifier | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.notifier = notifier or SystemdNotifier()
+        self.nodes = NodeTable(cfg.stale_after_missed, cfg.down_after_missed)
+        self._started_mono = clock.monotonic()
+        self._channel: RouterChannel | None = None
+        self.handler_errors = 0
+        self._handlers: dict[type[Message], Handler] = {
+            Hello: self._on_hello,
+            Heartbeat: self._on_heartbeat,
+            Telemetry: self._on_telemetry,
+            QueryNodes: self._on_query_nodes,
+        }
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        state_dir = Path(self.cfg.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        with _exclusive(state_dir / "scheduler.lock"):
+            self._channel = channel = bind_router(
+                self.cfg.listen, "scheduler", self.clock, self.cfg.max_frame_bytes
+            )
+            try:
+                _write_json(
+                    state_dir / STATE_FILE,
+                    {
+                        "endpoint": channel.endpoint,
+                        "pid": os.getpid(),
+                        "version": __version__,
+                        "started_ts": self.clock.time(),
+                    },
+                )
+                log.info(
+                    "scheduler %s listening on %s (state %s)",
+                    __version__,
+                    channel.endpoint,
+                    state_dir,
+                )
+                self.notifier.notify("READY=1", f"STATUS=listening on {channel.endpoint}")
+                tasks = [
+                    asyncio.create_task(self._receive(channel), name="receive"),
+                    asyncio.create_task(self._sweep(), name="sweep"),
+                    *self.notifier.start_watchdog(self.clock),
+                ]
+                await run_until_stopped(stop, tasks)
+            finally:
+                self.notifier.notify("STOPPING=1")
+                channel.close()
+                with contextlib.suppress(OSError):
+                    (state_dir / STATE_FILE).unlink()
+        log.info("scheduler stopped")
+
+    async def _receive(self, channel: RouterChannel) -> None:
+        while True:
+            peer, env = await channel.recv()
+            handler = self._handlers.get(type(env.body))
+            if handler is None:
+                await channel.send(
+                    peer,
+                    Error(env.seq, "unsupported", f"the scheduler does not accept {env.type!r}"),
+                )
+                continue
+            try:
+                await handler(peer, env)
+            except Exception:  # the daemon outlives any one bad message
+                self.handler_errors += 1
+                log.exception("handler for %r from %s failed", env.type, env.sender)
+
+    async def _sweep(self) -> None:
+        async for now in ticks(self.clock, SWEEP_INTERVAL_S):
+            for change in self.nodes.sweep(now):
+                level = logging.WARNING if change.new != "live" else logging.INFO
+                log.log(level, "node %s: %s -> %s", change.node, change.old, change.new)
+
+    # --- handlers ---------------------------------------------------------------------------
+
+    def _reply(self, peer: bytes, body: Message) -> Awaitable[bool]:
+        assert self._channel is not None
+        return self._channel.send(peer, body)
+
+    async def _on_hello(self, peer: bytes, env: Envelope) -> None:
+        hello = env.body
+        assert isinstance(hello, Hello)
+        change = self.nodes.register(hello, peer, self.clock.monotonic(), self.clock.time())
+        log.info(
+            "node %s registered (%s, pid %d, %d cores, %d GPUs, %d replicas)%s",
+            hello.node,
+            hello.host,
+            hello.pid,
+            hello.cpu_cores_logical,
+            len(hello.gpus),
+            len(hello.replicas),
+            "" if change is None or change.old is None else f", was {change.old}",
+        )
+        await self._reply(peer, Ack(env.seq, "registered"))
+
+    def _seen(self, peer: bytes, env: Envelope) -> bool:
+        if env.sender not in self.nodes:
+            return False
+        change = self.nodes.seen(env.sender, peer, self.clock.monotonic(), self.clock.time())
+        if change is not None:
+            log.info("node %s: %s -> %s", change.node, change.old, change.new)
+        return True
+
+    async def _unregistered(self, peer: bytes, env: Envelope) -> None:
+        await self._reply(peer, Error(env.seq, "unregistered", f"unknown node {env.sender!r}"))
+
+    async def _on_heartbeat(self, peer: bytes, env: Envelope) -> None:
+        if not self._seen(peer, env):
+            await self._unregistered(peer, env)
+            return
+        await self._reply(peer, Ack(env.seq))
+
+    async def _on_telemetry(self, peer: bytes, env: Envelope) -> None:
+        if not self._seen(peer, env):
+            await self._unregistered(peer, env)
+            return
+        assert isinstance(env.body, Telemetry)
+        self.nodes.update_telemetry(env.sender, env.body)
+
+    async def _on_query_nodes(self, peer: bytes, env: Envelope) -> None:
+        assert self._channel is not None
+        info = SchedulerInfo(
+            endpoint=self._channel.endpoint,
+            version=__version__,
+            uptime_s=self.clock.monotonic() - self._started_mono,
+            bad_frames=dict(self._channel.stats.dropped),
+        )
+        await self._reply(peer, NodesReply(info, self.nodes.views(self.clock.monotonic())))
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an flock for the daemon's lifetime so two schedulers never share a state directory."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StateDirBusy(f"another scheduler is using state dir {lock_path.parent}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)

@@ -1,0 +1,339 @@
+"""Wire messages between node agents, the scheduler and clients.
+
+Every frame is one msgpack map, the *envelope*::
+
+    {"v": PROTOCOL_VERSION, "type": "telemetry", "sender": "node-1", "seq": 42, "ts": 1.7e9,
+     "body": {...}}
+
+Bodies are frozen dataclasses registered by their ``TYPE``; decoding checks the size limit, the
+version, the type and every field, and raises `ProtocolError` (with a short ``reason`` that daemons
+count) instead of letting bad input reach a handler. Units live in field names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import msgpack
+
+from swarmx.schema import SchemaError, decode, encode
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 4 * 1024 * 1024
+"""Default decode limit; a dispatch carrying a long prompt still fits comfortably."""
+
+
+class ProtocolError(ValueError):
+    """A frame that cannot be accepted; ``reason`` is a counter label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+# --- registration and telemetry ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    uuid: str
+    mem_total_bytes: int
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """A model server instance a node serves (declared in the node's config)."""
+
+    replica: str
+    model: str
+    backend: str
+    device: str
+    concurrency: int
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Registration: who the node is and what it has. Sent until acknowledged."""
+
+    TYPE: ClassVar[str] = "hello"
+    node: str
+    host: str
+    pid: int
+    version: str
+    cpu_cores_logical: int
+    cpu_cores_physical: int | None
+    mem_total_bytes: int
+    gpus: list[GpuInfo]
+    replicas: list[ReplicaInfo]
+    heartbeat_interval_s: float
+    telemetry_interval_s: float
+    started_ts: float
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HostSample:
+    cpu_percent: float
+    cpu_percent_per_core: list[float]
+    load_1m: float
+    load_5m: float
+    load_15m: float
+    mem_total_bytes: int
+    mem_used_bytes: int
+    mem_available_bytes: int
+    swap_total_bytes: int
+    swap_used_bytes: int
+    disk_read_bytes_per_s: float
+    disk_write_bytes_per_s: float
+    net_recv_bytes_per_s: float
+    net_sent_bytes_per_s: float
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    pid: int
+    name: str
+    mem_used_bytes: int | None
+
+
+@dataclass(frozen=True)
+class GpuSample:
+    """One GPU's state; a field NVML cannot report on this device is None, not an error."""
+
+    index: int
+    name: str
+    uuid: str
+    util_percent: float | None
+    mem_util_percent: float | None
+    mem_used_bytes: int | None
+    mem_total_bytes: int | None
+    power_w: float | None
+    power_limit_w: float | None
+    temperature_c: float | None
+    sm_clock_mhz: int | None
+    processes: list[GpuProcess] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ReplicaRuntime:
+    """What the scheduler needs to know about a replica's load between its own dispatches."""
+
+    replica: str
+    model: str
+    queued: int
+    inflight: int
+    completed: int
+    failed: int
+    recent_latencies_s: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    TYPE: ClassVar[str] = "telemetry"
+    host: HostSample
+    gpus: list[GpuSample]
+    replicas: list[ReplicaRuntime]
+    collect_s: float
+    """Wall time the agent spent collecting this sample (its own overhead, visible centrally)."""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    TYPE: ClassVar[str] = "heartbeat"
+    uptime_s: float
+    unsent_frames: int = 0
+    """Frames the agent could not send (scheduler unreachable) since it started."""
+
+
+# --- work -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Scheduler -> node: run one call on one replica."""
+
+    TYPE: ClassVar[str] = "dispatch"
+    call_id: str
+    workflow_id: str
+    step_id: str
+    replica: str
+    kind: Literal["llm", "model", "tool"]
+    model: str
+    prompt: str = ""
+    max_tokens: int = 0
+    inputs: dict[str, str] = field(default_factory=dict)
+    command: list[str] = field(default_factory=list)
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    """Node -> scheduler: how a dispatched call ended, with its timings."""
+
+    TYPE: ClassVar[str] = "result"
+    call_id: str
+    replica: str
+    ok: bool
+    output: str
+    error: str
+    queue_s: float
+    latency_s: float
+    ttft_s: float | None
+    prompt_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class ScaleCommand:
+    """Scheduler -> node: run ``target_replicas`` replicas of ``model`` on this node."""
+
+    TYPE: ClassVar[str] = "scale"
+    model: str
+    backend: str
+    target_replicas: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Ack:
+    TYPE: ClassVar[str] = "ack"
+    ref_seq: int
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Error:
+    """A refusal of the frame numbered ``ref_seq`` (-1 when it could not be read)."""
+
+    TYPE: ClassVar[str] = "error"
+    ref_seq: int
+    code: str
+    message: str
+
+
+# --- client queries ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueryNodes:
+    TYPE: ClassVar[str] = "query_nodes"
+
+
+@dataclass(frozen=True)
+class NodeView:
+    name: str
+    state: Literal["live", "stale", "down"]
+    last_seen_ts: float
+    last_seen_age_s: float
+    registered_ts: float
+    frames: int
+    hello: Hello
+    telemetry: Telemetry | None
+
+
+@dataclass(frozen=True)
+class SchedulerInfo:
+    endpoint: str
+    version: str
+    uptime_s: float
+    bad_frames: dict[str, int]
+
+
+@dataclass(frozen=True)
+class NodesReply:
+    TYPE: ClassVar[str] = "nodes"
+    scheduler: SchedulerInfo
+    nodes: list[NodeView]
+
+
+Message = (
+    Hello
+    | Telemetry
+    | Heartbeat
+    | Dispatch
+    | Result
+    | ScaleCommand
+    | Ack
+    | Error
+    | QueryNodes
+    | NodesReply
+)
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello,
+        Telemetry,
+        Heartbeat,
+        Dispatch,
+        Result,
+        ScaleCommand,
+        Ack,
+        Error,
+        QueryNodes,
+        NodesReply,
+    )
+}
+
+
+@dataclass(frozen=True)
+class Envelope:
+    sender: str
+    seq: int
+    ts: float
+    body: Message
+    v: int = PROTOCOL_VERSION
+
+    @property
+    def type(self) -> str:
+        return self.body.TYPE
+
+
+def encode_frame(sender: str, seq: int, ts: float, body: Message) -> bytes:
+    envelope = {
+        "v": PROTOCOL_VERSION,
+        "type": body.TYPE,
+        "sender": sender,
+        "seq": seq,
+        "ts": ts,
+        "body": encode(body),
+    }
+    data: bytes = msgpack.packb(envelope, use_bin_type=True)
+    return data
+
+
+def decode_frame(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
+    """Parse and validate one frame; every failure is a `ProtocolError`."""
+    if len(data) > max_bytes:
+        raise ProtocolError("oversized", f"frame of {len(data)} bytes exceeds {max_bytes}")
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        raise ProtocolError("garbage", f"not a msgpack frame ({type(e).__name__})") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError("garbage", f"envelope must be a map, got {type(raw).__name__}")
+    version = raw.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "version", f"protocol version {version!r}, this build speaks {PROTOCOL_VERSION}"
+        )
+    cls = MESSAGE_TYPES.get(raw.get("type"))  # type: ignore[arg-type]
+    if cls is None:
+        raise ProtocolError("unknown_type", f"unknown message type {raw.get('type')!r}")
+    try:
+        head = decode(_Head, {k: raw.get(k) for k in ("sender", "seq", "ts")}, "envelope")
+        body: Message = decode(cls, raw.get("body"), "body", strict=False)
+    except SchemaError as exc:
+        raise ProtocolError("schema", f"{cls.TYPE}: {exc}") from None
+    return Envelope(sender=head.sender, seq=head.seq, ts=head.ts, body=body)
+
+
+@dataclass(frozen=True)
+class _Head:
+    sender: str
+    seq: int
+    ts: float

@@ -1,0 +1,103 @@
+"""Real processes on loopback: every daemon a test starts is tracked here and killed at teardown,
+so a failing test never leaks a process or a port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from swarmx.daemon.scheduler import read_state_file
+
+FAST_CONFIG = """
+[node]
+heartbeat_interval_s = 0.2
+telemetry_interval_s = 0.2
+gpus = "auto"
+
+[client]
+timeout_s = 2.0
+"""
+
+
+def wait_for(predicate, timeout_s=15.0, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Procs:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.config = tmp_path / "swarmx.toml"
+        self.config.write_text(FAST_CONFIG)
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, *args: str, log: str) -> subprocess.Popen[bytes]:
+        logfile = open(self.tmp / f"{log}.log", "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "swarmx", *args, "--config", str(self.config)],
+            stdout=logfile, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"},
+        )
+        logfile.close()
+        self.started.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text()
+
+    def scheduler(self, listen: str = "tcp://127.0.0.1:0") -> tuple[subprocess.Popen[bytes], str]:
+        state = self.tmp / "state"
+        proc = self.spawn("scheduler", "start", "--listen", listen, "--state-dir", str(state),
+                          "--log-level", "debug", log="scheduler")
+
+        def endpoint():
+            assert proc.poll() is None, self.log("scheduler")
+            data = read_state_file(state)
+            return data["endpoint"] if data and data["pid"] == proc.pid else None
+
+        return proc, wait_for(endpoint, what="scheduler endpoint")
+
+    def node(self, endpoint: str, name: str) -> subprocess.Popen[bytes]:
+        return self.spawn("node", "start", "--scheduler", endpoint, "--name", name,
+                          "--log-level", "debug", log=name)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "swarmx", *args, "--config", str(self.config)],
+            capture_output=True, text=True, timeout=30, env={**os.environ, "COLUMNS": "200"},
+        )
+        if check:
+            assert out.returncode == 0, out.stderr
+        return out
+
+    def nodes(self, endpoint: str) -> dict[str, dict]:
+        out = self.cli("nodes", "--json", "--scheduler", endpoint, check=False)
+        if out.returncode != 0:
+            return {}
+        return {n["name"]: n for n in json.loads(out.stdout)["nodes"]}
+
+    def close(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Procs(tmp_path)
+    yield p
+    p.close()

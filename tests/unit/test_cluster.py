@@ -1,0 +1,59 @@
+from dataclasses import replace
+
+from swarmx.cluster import NodeTable, Transition
+from tests.unit.test_protocol import HELLO, TELEMETRY
+
+
+def table():
+    return NodeTable(stale_after_missed=3, down_after_missed=10)
+
+
+def test_register_then_age_to_stale_and_down():
+    t = table()
+    assert t.register(HELLO, b"p1", now_mono=100.0, now_ts=5.0) == Transition("n1", None, "live")
+    assert t.sweep(102.9) == []
+    assert t.sweep(103.0) == [Transition("n1", "live", "stale")]
+    assert t.sweep(109.0) == []
+    assert t.sweep(110.0) == [Transition("n1", "stale", "down")]
+    assert t.views(111.0)[0].state == "down"
+    assert t.views(111.0)[0].last_seen_age_s == 11.0
+
+
+def test_any_frame_revives_a_node():
+    t = table()
+    t.register(HELLO, b"p1", 0.0, 0.0)
+    t.sweep(20.0)
+    assert t.seen("n1", b"p2", 20.5, 1.0) == Transition("n1", "down", "live")
+    assert t.peer("n1") == b"p2"
+    assert t.sweep(21.0) == []
+
+
+def test_liveness_uses_each_nodes_own_heartbeat_interval():
+    t = table()
+    t.register(HELLO, b"a", 0.0, 0.0)
+    t.register(replace(HELLO, node="slow", heartbeat_interval_s=10.0), b"b", 0.0, 0.0)
+    assert t.sweep(5.0) == [Transition("n1", "live", "stale")]
+
+
+def test_re_registration_keeps_one_entry_and_updates_hello():
+    t = table()
+    t.register(HELLO, b"a", 0.0, 0.0)
+    t.sweep(4.0)
+    change = t.register(replace(HELLO, pid=99), b"b", 4.0, 1.0)
+    assert change == Transition("n1", "stale", "live")
+    assert len(t) == 1
+    view = t.views(4.0)[0]
+    assert (view.hello.pid, view.frames, view.registered_ts) == (99, 2, 1.0)
+
+
+def test_telemetry_is_kept_and_views_are_sorted():
+    t = table()
+    t.register(replace(HELLO, node="b"), b"b", 0.0, 0.0)
+    t.register(HELLO, b"a", 0.0, 0.0)
+    t.update_telemetry("b", TELEMETRY)
+    views = t.views(0.0)
+    assert [v.name for v in views] == ["b", "n1"]
+    assert views[0].telemetry == TELEMETRY
+    assert views[1].telemetry is None
+    assert "b" in t
+    assert "zzz" not in t

@@ -1,0 +1,147 @@
+import math
+
+import msgpack
+import pytest
+
+from swarmx.protocol import (
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    Ack,
+    Dispatch,
+    Error,
+    GpuInfo,
+    GpuProcess,
+    GpuSample,
+    Heartbeat,
+    Hello,
+    HostSample,
+    NodesReply,
+    NodeView,
+    ProtocolError,
+    QueryNodes,
+    ReplicaInfo,
+    ReplicaRuntime,
+    Result,
+    ScaleCommand,
+    SchedulerInfo,
+    Telemetry,
+    decode_frame,
+    encode_frame,
+)
+
+HOST = HostSample(12.5, [10.0, 15.0], 0.5, 0.4, 0.3, 100, 40, 60, 10, 1, 1.5, 2.5, 3.5, 4.5)
+GPU = GpuSample(0, "NVIDIA H100", "GPU-1", 50.0, 20.0, 1 << 30, 80 << 30, 300.5, 700.0, 61.0, 1980,
+                [GpuProcess(42, "python", None)])
+HELLO = Hello(
+    node="n1", host="h", pid=7, version="0.1.0", cpu_cores_logical=2, cpu_cores_physical=None,
+    mem_total_bytes=1 << 34, gpus=[GpuInfo(0, "NVIDIA H100", "GPU-1", 80 << 30)],
+    replicas=[ReplicaInfo("r1", "llama", "torch", "cpu", 4)], heartbeat_interval_s=1.0,
+    telemetry_interval_s=1.0, started_ts=1.5, labels={"zone": "a"},
+)
+TELEMETRY = Telemetry(HOST, [GPU], [ReplicaRuntime("r1", "llama", 1, 2, 3, 0, [0.5])], 0.002)
+
+SAMPLES = [
+    HELLO,
+    TELEMETRY,
+    Heartbeat(3.0, 2),
+    Dispatch("c1", "w1", "s1", "r1", "llm", "llama", "hi", 16, {"k": "v"}),
+    Dispatch("c2", "w1", "t", "cpu", "tool", "", command=["pytest", "-q"], timeout_s=30.0),
+    Result("c1", "r1", True, "out", "", 0.1, 1.2, 0.05, 3, 16),
+    ScaleCommand("llama", "torch", 2, "tail risk"),
+    Ack(3, "registered"),
+    Error(-1, "garbage", "bad"),
+    QueryNodes(),
+    NodesReply(SchedulerInfo("tcp://127.0.0.1:7700", "0.1.0", 5.0, {"garbage": 1}),
+               [NodeView("n1", "stale", 1.0, 4.0, 0.5, 9, HELLO, TELEMETRY)]),
+]
+
+
+def test_every_message_type_has_a_sample():
+    assert {type(m) for m in SAMPLES} == set(MESSAGE_TYPES.values())
+
+
+@pytest.mark.parametrize("body", SAMPLES, ids=lambda m: m.TYPE)
+def test_round_trip(body):
+    env = decode_frame(encode_frame("node-a", 41, 1234.5, body))
+    assert env.body == body
+    assert (env.sender, env.seq, env.ts, env.v, env.type) == ("node-a", 41, 1234.5,
+                                                              PROTOCOL_VERSION, body.TYPE)
+
+
+def _raw(**overrides):
+    env = {"v": PROTOCOL_VERSION, "type": "heartbeat", "sender": "n", "seq": 1, "ts": 0.0,
+           "body": {"uptime_s": 1.0}}
+    env.update(overrides)
+    return msgpack.packb(env)
+
+
+def _reason(data, **kw):
+    with pytest.raises(ProtocolError) as info:
+        decode_frame(data, **kw)
+    return info.value.reason
+
+
+def test_version_mismatch_is_refused():
+    assert _reason(_raw(v=PROTOCOL_VERSION + 1)) == "version"
+    assert _reason(_raw(v=None)) == "version"
+
+
+@pytest.mark.parametrize("data", [b"", b"\xc1", b"not msgpack at all \xff\xfe", msgpack.packb([1, 2]),
+                                  msgpack.packb(7), msgpack.packb({1: 2})])
+def test_garbage_is_refused(data):
+    assert _reason(data) in {"garbage", "version"}
+
+
+def test_oversized_is_refused_before_parsing():
+    assert _reason(b"\x00" * 101, max_bytes=100) == "oversized"
+    big = encode_frame("n", 1, 0.0, Dispatch("c", "w", "s", "r", "llm", "m", "x" * 5000))
+    assert _reason(big, max_bytes=1000) == "oversized"
+    assert decode_frame(big, max_bytes=len(big)).body.prompt == "x" * 5000
+
+
+def test_unknown_type_is_refused():
+    assert _reason(_raw(type="launch_missiles")) == "unknown_type"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "where"),
+    [
+        ({"body": {"uptime_s": "soon"}}, "body.uptime_s"),
+        ({"body": {}}, "body.uptime_s"),
+        ({"body": [1]}, "body"),
+        ({"seq": "1"}, "envelope.seq"),
+        ({"sender": None}, "envelope.sender"),
+        ({"ts": True}, "envelope.ts"),
+    ],
+)
+def test_bad_fields_name_the_field(overrides, where):
+    with pytest.raises(ProtocolError) as info:
+        decode_frame(_raw(**overrides))
+    assert info.value.reason == "schema"
+    assert where in str(info.value)
+
+
+def test_nested_field_errors_name_the_path():
+    body = {"host": {}, "gpus": [], "replicas": [], "collect_s": 0.0}
+    with pytest.raises(ProtocolError, match=r"body\.host\.cpu_percent: missing"):
+        decode_frame(_raw(type="telemetry", body=body))
+    dispatch = {"call_id": "c", "workflow_id": "w", "step_id": "s", "replica": "r",
+                "kind": "shell", "model": "m"}
+    with pytest.raises(ProtocolError, match=r"body\.kind: must be one of"):
+        decode_frame(_raw(type="dispatch", body=dispatch))
+
+
+def test_unknown_body_fields_are_ignored_for_forward_compatibility():
+    env = decode_frame(_raw(body={"uptime_s": 2.0, "added_in_a_later_release": [1]}))
+    assert env.body == Heartbeat(2.0)
+
+
+def test_integers_are_accepted_as_floats_but_not_the_reverse():
+    assert decode_frame(_raw(body={"uptime_s": 2})).body.uptime_s == 2.0
+    with pytest.raises(ProtocolError):
+        decode_frame(_raw(body={"uptime_s": 1.0, "unsent_frames": 1.5}))
+
+
+def test_nan_survives_the_wire():
+    env = decode_frame(encode_frame("n", 1, 0.0, Heartbeat(math.nan)))
+    assert math.isnan(env.body.uptime_s)
