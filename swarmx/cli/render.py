@@ -25,20 +25,22 @@ def _age(seconds: float) -> str:
 
 def _gpu(g: GpuSample) -> str:
     util = "?" if g.util_percent is None else f"{g.util_percent:.0f}%"
-    return f"{g.index}:{g.name} {util} {_gib(g.mem_used_bytes)}/{_gib(g.mem_total_bytes)}G"
+    name = g.name.removeprefix("NVIDIA ")
+    return f"{g.index}:{name} {util} {_gib(g.mem_used_bytes)}/{_gib(g.mem_total_bytes)}G"
 
 
 def _gpus(node: NodeView) -> str:
     if node.telemetry is not None and node.telemetry.gpus:
         return "\n".join(_gpu(g) for g in node.telemetry.gpus)
     if node.hello.gpus:
-        return "\n".join(f"{g.index}:{g.name}" for g in node.hello.gpus)
+        return "\n".join(f"{g.index}:{g.name.removeprefix('NVIDIA ')}" for g in node.hello.gpus)
     return "-"
 
 
 def nodes_table(reply: NodesReply) -> Table:
+    n = len(reply.nodes)
     table = Table(
-        title=f"{len(reply.nodes)} nodes @ {reply.scheduler.endpoint}",
+        title=f"{n} node{'' if n == 1 else 's'} @ {reply.scheduler.endpoint}",
         title_justify="left",
         expand=False,
     )
@@ -54,7 +56,7 @@ def nodes_table(reply: NodesReply) -> Table:
     for node in reply.nodes:
         cores = node.hello.cpu_cores_logical
         tel = node.telemetry
-        cpu = f"{tel.host.cpu_percent:.0f}% of {cores}" if tel else f"- of {cores}"
+        cpu = f"{tel.host.cpu_percent:.0f}%/{cores}c" if tel else f"-/{cores}c"
         mem = (
             f"{_gib(tel.host.mem_used_bytes)}/{_gib(tel.host.mem_total_bytes)}"
             if tel

@@ -65,7 +65,7 @@ def up(
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     cluster = LocalCluster(
-        nodes, sched.listen, Path(sched.state_dir), RealClock(), config, log_level
+        nodes, sched.listen, Path(sched.state_dir), RealClock(), config=config, log_level=log_level
     )
     try:
         with console.status(f"starting scheduler and {nodes} nodes..."):

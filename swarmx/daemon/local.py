@@ -69,6 +69,7 @@ class LocalCluster:
         listen: str,
         state_dir: Path,
         clock: Clock,
+        *,
         config: Path | None = None,
         log_level: str | None = None,
         ready_timeout_s: float = 30.0,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar
 
-import psutil  # type: ignore[import-untyped, unused-ignore]  # no stubs installed
+import psutil
 
 from swarmx.protocol import GpuInfo, GpuProcess, GpuSample
 
@@ -94,9 +94,11 @@ class NvmlGpus:
             nvml = self._nvml
             nvml.nvmlInit()
         except ImportError as exc:
-            return self._give_up(exc)
-        except (OSError, nvml.NVMLError) as exc:
-            return self._give_up(exc)
+            self._give_up(exc)
+            return None
+        except (OSError, nvml.NVMLError) as exc:  # library not found, driver not loaded...
+            self._give_up(exc)
+            return None
         # NVMLLibraryMismatchError: unversioned calls (process lists) on a driver older than the
         # binding; per field it means "not supported here", like an NVMLError.
         mismatch = getattr(nvml, "NVMLLibraryMismatchError", None)
@@ -156,10 +158,10 @@ class NvmlGpus:
             index=device.index,
             name=device.name,
             uuid=device.uuid,
-            util_percent=util[0] if util else None,
-            mem_util_percent=util[1] if util else None,
-            mem_used_bytes=mem[0] if mem else None,
-            mem_total_bytes=mem[1] if mem else None,
+            util_percent=util[0] if util is not None else None,
+            mem_util_percent=util[1] if util is not None else None,
+            mem_used_bytes=mem[0] if mem is not None else None,
+            mem_total_bytes=mem[1] if mem is not None else None,
             power_w=self._get(_milli, nvml.nvmlDeviceGetPowerUsage, handle),
             power_limit_w=self._get(_milli, nvml.nvmlDeviceGetEnforcedPowerLimit, handle),
             temperature_c=self._get(

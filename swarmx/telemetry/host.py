@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import psutil  # type: ignore[import-untyped, unused-ignore]  # no stubs installed
+import psutil
 
 from swarmx.protocol import HostSample
 

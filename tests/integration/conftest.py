@@ -48,7 +48,9 @@ class Procs:
         logfile = open(self.tmp / f"{log}.log", "ab")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
             [sys.executable, "-m", "swarmx", *args, "--config", str(self.config)],
-            stdout=logfile, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"},
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "COLUMNS": "200"},
         )
         logfile.close()
         self.started.append(proc)
@@ -59,8 +61,17 @@ class Procs:
 
     def scheduler(self, listen: str = "tcp://127.0.0.1:0") -> tuple[subprocess.Popen[bytes], str]:
         state = self.tmp / "state"
-        proc = self.spawn("scheduler", "start", "--listen", listen, "--state-dir", str(state),
-                          "--log-level", "debug", log="scheduler")
+        proc = self.spawn(
+            "scheduler",
+            "start",
+            "--listen",
+            listen,
+            "--state-dir",
+            str(state),
+            "--log-level",
+            "debug",
+            log="scheduler",
+        )
 
         def endpoint():
             assert proc.poll() is None, self.log("scheduler")
@@ -70,13 +81,26 @@ class Procs:
         return proc, wait_for(endpoint, what="scheduler endpoint")
 
     def node(self, endpoint: str, name: str) -> subprocess.Popen[bytes]:
-        return self.spawn("node", "start", "--scheduler", endpoint, "--name", name,
-                          "--log-level", "debug", log=name)
+        return self.spawn(
+            "node",
+            "start",
+            "--scheduler",
+            endpoint,
+            "--name",
+            name,
+            "--log-level",
+            "debug",
+            log=name,
+        )
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         out = subprocess.run(
             [sys.executable, "-m", "swarmx", *args, "--config", str(self.config)],
-            capture_output=True, text=True, timeout=30, env={**os.environ, "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env={**os.environ, "COLUMNS": "200"},
         )
         if check:
             assert out.returncode == 0, out.stderr

@@ -25,8 +25,12 @@ def test_two_nodes_report_real_telemetry(procs):
     procs.node(endpoint, "alpha")
     procs.node(endpoint, "beta")
     nodes = wait_for(
-        lambda: (n := procs.nodes(endpoint)) and live(n) == {"alpha", "beta"}
-        and all(v["telemetry"] for v in n.values()) and n,
+        lambda: (
+            (n := procs.nodes(endpoint))
+            and live(n) == {"alpha", "beta"}
+            and all(v["telemetry"] for v in n.values())
+            and n
+        ),
         what="two live nodes with telemetry",
     )
     for node in nodes.values():
@@ -41,7 +45,9 @@ def test_two_nodes_report_real_telemetry(procs):
         assert node["telemetry"]["collect_s"] < 0.5
         assert node["last_seen_age_s"] < 1.0
     table = procs.cli("nodes", "--scheduler", endpoint).stdout
-    assert "alpha" in table and "beta" in table and "live" in table
+    assert "alpha" in table
+    assert "beta" in table
+    assert "live" in table
     assert "NVML not available" in procs.log("alpha")
 
 
@@ -69,8 +75,10 @@ def test_agents_reregister_after_a_scheduler_restart(procs):
     assert procs.nodes(endpoint) == {}
     second, again = procs.scheduler(listen=endpoint)
     assert again == endpoint
-    nodes = wait_for(lambda: (n := procs.nodes(endpoint)) and live(n) == {"alpha", "beta"} and n,
-                     what="nodes registered with the new scheduler")
+    nodes = wait_for(
+        lambda: (n := procs.nodes(endpoint)) and live(n) == {"alpha", "beta"} and n,
+        what="nodes registered with the new scheduler",
+    )
     assert all(n["telemetry"] for n in nodes.values())
     assert second.poll() is None
 
@@ -100,8 +108,18 @@ def test_bad_frames_are_counted_and_answered_never_fatal(procs):
         assert decode_frame(sock.recv()).body.code == "garbage"
         sock.send(msgpack.packb({"v": PROTOCOL_VERSION + 1, "type": "hello"}))
         assert decode_frame(sock.recv()).body.code == "version"
-        sock.send(msgpack.packb({"v": PROTOCOL_VERSION, "type": "heartbeat", "sender": "ghost",
-                                 "seq": 1, "ts": 0.0, "body": {"uptime_s": 1.0}}))
+        sock.send(
+            msgpack.packb(
+                {
+                    "v": PROTOCOL_VERSION,
+                    "type": "heartbeat",
+                    "sender": "ghost",
+                    "seq": 1,
+                    "ts": 0.0,
+                    "body": {"uptime_s": 1.0},
+                }
+            )
+        )
         reply = decode_frame(sock.recv()).body
         assert (reply.code, reply.ref_seq) == ("unregistered", 1)
         sock.send_multipart([b"a", b"b", b"c"])  # not one frame: dropped without an answer

@@ -15,13 +15,24 @@ pytestmark = pytest.mark.integration
 
 def start_up(procs, nodes=2):
     state = procs.tmp / "up-state"
-    up = procs.spawn("up", "--nodes", str(nodes), "--listen", "tcp://127.0.0.1:0",
-                     "--state-dir", str(state), log="up")
-    endpoint = wait_for(lambda: (s := read_state_file(state)) and s["endpoint"],
-                        what="scheduler endpoint")
+    up = procs.spawn(
+        "up",
+        "--nodes",
+        str(nodes),
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--state-dir",
+        str(state),
+        log="up",
+    )
+    endpoint = wait_for(
+        lambda: (s := read_state_file(state)) and s["endpoint"], what="scheduler endpoint"
+    )
     names = {f"node-{i}" for i in range(1, nodes + 1)}
-    wait_for(lambda: {n for n, v in procs.nodes(endpoint).items() if v["state"] == "live"}
-             == names, what=f"{nodes} live nodes")
+    wait_for(
+        lambda: {n for n, v in procs.nodes(endpoint).items() if v["state"] == "live"} == names,
+        what=f"{nodes} live nodes",
+    )
     wait_for(lambda: "local cluster up" in procs.log("up"), what="the ready message")
     children = psutil.Process(up.pid).children(recursive=True)
     assert len(children) == nodes + 1
@@ -34,7 +45,7 @@ def test_up_serves_nodes_and_stops_everything(procs, sig):
     assert "node-1" in procs.log("up")  # it printed the node table
     up.send_signal(sig)
     assert up.wait(timeout=20) == 0
-    gone, alive = psutil.wait_procs(children, timeout=5)
+    _gone, alive = psutil.wait_procs(children, timeout=5)
     assert alive == []
     assert "local cluster stopped" in procs.log("up")
     assert procs.nodes(endpoint) == {}
@@ -53,7 +64,13 @@ def test_a_crashed_node_is_restarted(procs):
     node = next(c for c in children if "node" in c.cmdline())
     node.kill()
     wait_for(lambda: "node-1 exited with code -9; restarting" in procs.log("up"), what="restart")
-    wait_for(lambda: (n := procs.nodes(endpoint).get("node-1")) and n["hello"]["pid"] != node.pid
-             and n["state"] == "live", what="the restarted node registered")
+    wait_for(
+        lambda: (
+            (n := procs.nodes(endpoint).get("node-1"))
+            and n["hello"]["pid"] != node.pid
+            and n["state"] == "live"
+        ),
+        what="the restarted node registered",
+    )
     up.send_signal(signal.SIGTERM)
     assert up.wait(timeout=20) == 0

@@ -26,7 +26,10 @@ def test_defaults_without_a_file():
 
 
 def test_full_file(tmp_path):
-    cfg = load_config(write(tmp_path, """
+    cfg = load_config(
+        write(
+            tmp_path,
+            """
 [scheduler]
 listen = "tcp://0.0.0.0:7700"
 state_dir = "/var/lib/swarmx"
@@ -45,7 +48,9 @@ scheduler = "tcp://sched.example:7700"
 
 [log]
 level = "debug"
-"""))
+""",
+        )
+    )
     assert cfg.scheduler.listen == "tcp://0.0.0.0:7700"
     assert cfg.scheduler.down_after_missed == 5
     assert cfg.node.name == "gpu-7"
@@ -58,13 +63,19 @@ level = "debug"
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('[scheduler]\nlisten = "tcp://127.0.0.1:7700"\nlistne = 1\n',
-         r"swarmx.toml:3: scheduler.listne: unknown key"),
+        (
+            '[scheduler]\nlisten = "tcp://127.0.0.1:7700"\nlistne = 1\n',
+            r"swarmx.toml:3: scheduler.listne: unknown key",
+        ),
         ('[schedulr]\nlisten = "x"\n', r"swarmx.toml:1: schedulr: unknown key"),
-        ("[node]\n\ntelemetry_interval_s = \"fast\"\n",
-         r"swarmx.toml:3: node.telemetry_interval_s: expected a number, got str"),
-        ('[scheduler]\nlisten = "http://localhost:80"\n',
-         r"swarmx.toml:2: scheduler.listen: expected tcp://HOST:PORT"),
+        (
+            '[node]\n\ntelemetry_interval_s = "fast"\n',
+            r"swarmx.toml:3: node.telemetry_interval_s: expected a number, got str",
+        ),
+        (
+            '[scheduler]\nlisten = "http://localhost:80"\n',
+            r"swarmx.toml:2: scheduler.listen: expected tcp://HOST:PORT",
+        ),
         ('[node]\nscheduler = "tcp://host:99999"\n', r"node.scheduler: port 99999 out of range"),
         ('[node]\nscheduler = "tcp://*:7700"\n', r"node.scheduler: '\*' is only valid for"),
         ("[node]\ntelemetry_interval_s = 0\n", r"node.telemetry_interval_s: must be > 0"),
@@ -97,8 +108,15 @@ def test_override_validates_and_names_the_flag():
         override(cfg.node, name="")
 
 
-@pytest.mark.parametrize("url", ["tcp://127.0.0.1:7700", "tcp://sched.example.com:1",
-                                 "tcp://[::1]:7700", "ipc:///run/swarmx.sock"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "tcp://127.0.0.1:7700",
+        "tcp://sched.example.com:1",
+        "tcp://[::1]:7700",
+        "ipc:///run/swarmx.sock",
+    ],
+)
 def test_good_addresses(url):
     assert check_address(url) == url
 
@@ -110,8 +128,19 @@ def test_bind_only_addresses(url):
         check_address(url, bind=False)
 
 
-@pytest.mark.parametrize("url", ["", "tcp://", "tcp://host", "tcp://:7700", "udp://h:1",
-                                 "tcp://h:port", "ipc://", "tcp://h:1/path"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "tcp://",
+        "tcp://host",
+        "tcp://:7700",
+        "udp://h:1",
+        "tcp://h:port",
+        "ipc://",
+        "tcp://h:1/path",
+    ],
+)
 def test_bad_addresses(url):
     with pytest.raises(SchemaError):
         check_address(url, bind=True)

@@ -30,13 +30,34 @@ from swarmx.protocol import (
 )
 
 HOST = HostSample(12.5, [10.0, 15.0], 0.5, 0.4, 0.3, 100, 40, 60, 10, 1, 1.5, 2.5, 3.5, 4.5)
-GPU = GpuSample(0, "NVIDIA H100", "GPU-1", 50.0, 20.0, 1 << 30, 80 << 30, 300.5, 700.0, 61.0, 1980,
-                [GpuProcess(42, "python", None)])
+GPU = GpuSample(
+    0,
+    "NVIDIA H100",
+    "GPU-1",
+    50.0,
+    20.0,
+    1 << 30,
+    80 << 30,
+    300.5,
+    700.0,
+    61.0,
+    1980,
+    [GpuProcess(42, "python", None)],
+)
 HELLO = Hello(
-    node="n1", host="h", pid=7, version="0.1.0", cpu_cores_logical=2, cpu_cores_physical=None,
-    mem_total_bytes=1 << 34, gpus=[GpuInfo(0, "NVIDIA H100", "GPU-1", 80 << 30)],
-    replicas=[ReplicaInfo("r1", "llama", "torch", "cpu", 4)], heartbeat_interval_s=1.0,
-    telemetry_interval_s=1.0, started_ts=1.5, labels={"zone": "a"},
+    node="n1",
+    host="h",
+    pid=7,
+    version="0.1.0",
+    cpu_cores_logical=2,
+    cpu_cores_physical=None,
+    mem_total_bytes=1 << 34,
+    gpus=[GpuInfo(0, "NVIDIA H100", "GPU-1", 80 << 30)],
+    replicas=[ReplicaInfo("r1", "llama", "torch", "cpu", 4)],
+    heartbeat_interval_s=1.0,
+    telemetry_interval_s=1.0,
+    started_ts=1.5,
+    labels={"zone": "a"},
 )
 TELEMETRY = Telemetry(HOST, [GPU], [ReplicaRuntime("r1", "llama", 1, 2, 3, 0, [0.5])], 0.002)
 
@@ -51,8 +72,10 @@ SAMPLES = [
     Ack(3, "registered"),
     Error(-1, "garbage", "bad"),
     QueryNodes(),
-    NodesReply(SchedulerInfo("tcp://127.0.0.1:7700", "0.1.0", 5.0, {"garbage": 1}),
-               [NodeView("n1", "stale", 1.0, 4.0, 0.5, 9, HELLO, TELEMETRY)]),
+    NodesReply(
+        SchedulerInfo("tcp://127.0.0.1:7700", "0.1.0", 5.0, {"garbage": 1}),
+        [NodeView("n1", "stale", 1.0, 4.0, 0.5, 9, HELLO, TELEMETRY)],
+    ),
 ]
 
 
@@ -64,13 +87,24 @@ def test_every_message_type_has_a_sample():
 def test_round_trip(body):
     env = decode_frame(encode_frame("node-a", 41, 1234.5, body))
     assert env.body == body
-    assert (env.sender, env.seq, env.ts, env.v, env.type) == ("node-a", 41, 1234.5,
-                                                              PROTOCOL_VERSION, body.TYPE)
+    assert (env.sender, env.seq, env.ts, env.v, env.type) == (
+        "node-a",
+        41,
+        1234.5,
+        PROTOCOL_VERSION,
+        body.TYPE,
+    )
 
 
 def _raw(**overrides):
-    env = {"v": PROTOCOL_VERSION, "type": "heartbeat", "sender": "n", "seq": 1, "ts": 0.0,
-           "body": {"uptime_s": 1.0}}
+    env = {
+        "v": PROTOCOL_VERSION,
+        "type": "heartbeat",
+        "sender": "n",
+        "seq": 1,
+        "ts": 0.0,
+        "body": {"uptime_s": 1.0},
+    }
     env.update(overrides)
     return msgpack.packb(env)
 
@@ -86,8 +120,17 @@ def test_version_mismatch_is_refused():
     assert _reason(_raw(v=None)) == "version"
 
 
-@pytest.mark.parametrize("data", [b"", b"\xc1", b"not msgpack at all \xff\xfe", msgpack.packb([1, 2]),
-                                  msgpack.packb(7), msgpack.packb({1: 2})])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xc1",
+        b"not msgpack at all \xff\xfe",
+        msgpack.packb([1, 2]),
+        msgpack.packb(7),
+        msgpack.packb({1: 2}),
+    ],
+)
 def test_garbage_is_refused(data):
     assert _reason(data) in {"garbage", "version"}
 
@@ -125,8 +168,14 @@ def test_nested_field_errors_name_the_path():
     body = {"host": {}, "gpus": [], "replicas": [], "collect_s": 0.0}
     with pytest.raises(ProtocolError, match=r"body\.host\.cpu_percent: missing"):
         decode_frame(_raw(type="telemetry", body=body))
-    dispatch = {"call_id": "c", "workflow_id": "w", "step_id": "s", "replica": "r",
-                "kind": "shell", "model": "m"}
+    dispatch = {
+        "call_id": "c",
+        "workflow_id": "w",
+        "step_id": "s",
+        "replica": "r",
+        "kind": "shell",
+        "model": "m",
+    }
     with pytest.raises(ProtocolError, match=r"body\.kind: must be one of"):
         decode_frame(_raw(type="dispatch", body=dispatch))
 
