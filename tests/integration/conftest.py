@@ -44,13 +44,15 @@ class Procs:
         self.config.write_text(FAST_CONFIG)
         self.started: list[subprocess.Popen[bytes]] = []
 
-    def spawn(self, *args: str, log: str) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, *args: str, log: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         logfile = open(self.tmp / f"{log}.log", "ab")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
             [sys.executable, "-m", "swarmx", *args, "--config", str(self.config)],
             stdout=logfile,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "COLUMNS": "200"},
+            env={**os.environ, "COLUMNS": "200", **(env or {})},
         )
         logfile.close()
         self.started.append(proc)
@@ -59,7 +61,9 @@ class Procs:
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text()
 
-    def scheduler(self, listen: str = "tcp://127.0.0.1:0") -> tuple[subprocess.Popen[bytes], str]:
+    def scheduler(
+        self, listen: str = "tcp://127.0.0.1:0", env: dict[str, str] | None = None
+    ) -> tuple[subprocess.Popen[bytes], str]:
         state = self.tmp / "state"
         proc = self.spawn(
             "scheduler",
@@ -71,6 +75,7 @@ class Procs:
             "--log-level",
             "debug",
             log="scheduler",
+            env=env,
         )
 
         def endpoint():
@@ -80,7 +85,9 @@ class Procs:
 
         return proc, wait_for(endpoint, what="scheduler endpoint")
 
-    def node(self, endpoint: str, name: str) -> subprocess.Popen[bytes]:
+    def node(
+        self, endpoint: str, name: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         return self.spawn(
             "node",
             "start",
@@ -91,6 +98,7 @@ class Procs:
             "--log-level",
             "debug",
             log=name,
+            env=env,
         )
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
