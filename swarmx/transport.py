@@ -137,22 +137,38 @@ def _zmq_address(url: str) -> str:
     return url[: -len(":0")] + ":*" if url.startswith("tcp://") and url.endswith(":0") else url
 
 
-def bind_router(
-    url: str, sender: str, clock: Clock, max_frame_bytes: int = MAX_FRAME_BYTES
-) -> RouterChannel:
+def _open(
+    kind: int, url: str, options: dict[zmq.SocketOption, int], max_frame_bytes: int, *, bind: bool
+) -> tuple[zmq.asyncio.Context, zmq.asyncio.Socket]:
+    """A configured socket, bound or connected; on failure nothing is left open."""
     ctx = zmq.asyncio.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes * _HARD_LIMIT_FACTOR)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+    sock = ctx.socket(kind)
+    for option, value in {
+        zmq.LINGER: 0,
+        zmq.MAXMSGSIZE: max_frame_bytes * _HARD_LIMIT_FACTOR,
+        zmq.HEARTBEAT_IVL: 1000,  # detect a dead peer even when TCP does not
+        zmq.HEARTBEAT_TIMEOUT: 5000,
+        **options,
+    }.items():
+        sock.setsockopt(option, value)
     try:
-        sock.bind(_zmq_address(url))
+        if bind:
+            sock.bind(_zmq_address(url))
+        else:
+            sock.connect(url)
     except zmq.ZMQError as exc:
         sock.close(linger=0)
         ctx.term()
-        raise TransportError(f"cannot listen on {url}: {exc.strerror}") from None
+        verb = "listen on" if bind else "connect to"
+        raise TransportError(f"cannot {verb} {url}: {exc.strerror}") from None
+    return ctx, sock
+
+
+def bind_router(
+    url: str, sender: str, clock: Clock, max_frame_bytes: int = MAX_FRAME_BYTES
+) -> RouterChannel:
+    options = {zmq.ROUTER_MANDATORY: 1}  # a send to a vanished peer fails instead of vanishing
+    ctx, sock = _open(zmq.ROUTER, url, options, max_frame_bytes, bind=True)
     channel = RouterChannel(sock, ctx, sender, clock, max_frame_bytes)
     channel.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
     return channel
@@ -161,22 +177,13 @@ def bind_router(
 def connect_dealer(
     url: str, sender: str, clock: Clock, max_frame_bytes: int = MAX_FRAME_BYTES
 ) -> DealerChannel:
-    ctx = zmq.asyncio.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing while disconnected
-    sock.setsockopt(zmq.SNDHWM, 1000)
-    sock.setsockopt(zmq.RECONNECT_IVL, 100)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
-    sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes * _HARD_LIMIT_FACTOR)
-    try:
-        sock.connect(url)
-    except zmq.ZMQError as exc:
-        sock.close(linger=0)
-        ctx.term()
-        raise TransportError(f"cannot connect to {url}: {exc.strerror}") from None
+    options = {
+        zmq.IMMEDIATE: 1,  # queue nothing while disconnected
+        zmq.SNDHWM: 1000,
+        zmq.RECONNECT_IVL: 100,
+        zmq.RECONNECT_IVL_MAX: 2000,
+    }
+    ctx, sock = _open(zmq.DEALER, url, options, max_frame_bytes, bind=False)
     return DealerChannel(sock, ctx, sender, clock, max_frame_bytes)
 
 

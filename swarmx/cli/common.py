@@ -11,7 +11,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 
-from swarmx.config import Config, ConfigError, LogLevel, load_config
+from swarmx.config import Config, ConfigError, LogLevel, SchedulerConfig, load_config, override
 
 EXIT_USAGE = 2
 """Bad input: config, flags, workflow files."""
@@ -43,6 +43,26 @@ LogLevelOpt = Annotated[
     typer.Option("--log-level", envvar="SWARMX_LOG_LEVEL", help="debug, info, warning or error."),
 ]
 
+ListenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--listen",
+        envvar="SWARMX_LISTEN",
+        help="Scheduler address to bind, e.g. tcp://0.0.0.0:7700 [default: tcp://127.0.0.1:7700].",
+        show_default=False,
+    ),
+]
+StateDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        envvar="SWARMX_STATE_DIR",
+        help="Where the scheduler keeps its state.",
+        file_okay=False,
+        show_default=False,
+    ),
+]
+
 err_console = Console(stderr=True)
 
 
@@ -55,6 +75,16 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 def load(path: Path | None) -> Config:
     try:
         return load_config(path)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def scheduler_settings(cfg: Config, listen: str | None, state_dir: Path | None) -> SchedulerConfig:
+    """The config's [scheduler] section with --listen / --state-dir applied (exit 2 if bad)."""
+    try:
+        return override(
+            cfg.scheduler, listen=listen, state_dir=str(state_dir) if state_dir else None
+        )
     except ConfigError as exc:
         fail(str(exc))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -10,10 +9,13 @@ import typer
 from swarmx.cli.common import (
     EXIT_UNAVAILABLE,
     ConfigOpt,
+    ListenOpt,
     LogLevelOpt,
     SchedulerOpt,
+    StateDirOpt,
     fail,
     load,
+    scheduler_settings,
     setup_logging,
 )
 from swarmx.clock import RealClock
@@ -30,33 +32,13 @@ node_app = typer.Typer(help="The per-node agent.", no_args_is_help=True)
 @scheduler_app.command("start")
 def scheduler_start(
     config: ConfigOpt = None,
-    listen: Annotated[
-        str | None,
-        typer.Option(
-            envvar="SWARMX_LISTEN",
-            help="Address to bind, e.g. tcp://0.0.0.0:7700.",
-            show_default=False,
-        ),
-    ] = None,
-    state_dir: Annotated[
-        Path | None,
-        typer.Option(
-            envvar="SWARMX_STATE_DIR",
-            help="Where the scheduler keeps its state.",
-            file_okay=False,
-            show_default=False,
-        ),
-    ] = None,
+    listen: ListenOpt = None,
+    state_dir: StateDirOpt = None,
     log_level: LogLevelOpt = None,
 ) -> None:
     """Run the scheduler in the foreground until SIGTERM or Ctrl-C."""
     cfg = load(config)
-    try:
-        sched = override(
-            cfg.scheduler, listen=listen, state_dir=str(state_dir) if state_dir else None
-        )
-    except ConfigError as exc:
-        fail(str(exc))
+    sched = scheduler_settings(cfg, listen, state_dir)
     setup_logging(cfg, log_level)
     daemon = SchedulerDaemon(sched, RealClock())
     try:

@@ -17,14 +17,16 @@ from rich.console import Console
 from swarmx.cli.common import (
     EXIT_UNAVAILABLE,
     ConfigOpt,
+    ListenOpt,
     LogLevelOpt,
+    StateDirOpt,
     fail,
     load,
+    scheduler_settings,
     setup_logging,
 )
 from swarmx.cli.render import nodes_table
 from swarmx.clock import RealClock
-from swarmx.config import ConfigError, override
 from swarmx.daemon.local import POLL_S, ClusterError, LocalCluster, connectable
 
 
@@ -32,25 +34,14 @@ def up(
     nodes: Annotated[
         int, typer.Option("--nodes", "-n", min=1, max=64, help="Node agents to start.")
     ] = 2,
-    listen: Annotated[
-        str | None,
-        typer.Option(help="Scheduler address [default: tcp://127.0.0.1:7700].", show_default=False),
-    ] = None,
-    state_dir: Annotated[
-        Path | None,
-        typer.Option(help="Scheduler state directory.", file_okay=False, show_default=False),
-    ] = None,
+    listen: ListenOpt = None,
+    state_dir: StateDirOpt = None,
     config: ConfigOpt = None,
     log_level: LogLevelOpt = "warning",
 ) -> None:
     """Start a scheduler and N node agents on this host; stop them all on Ctrl-C or SIGTERM."""
     cfg = load(config)
-    try:
-        sched = override(
-            cfg.scheduler, listen=listen, state_dir=str(state_dir) if state_dir else None
-        )
-    except ConfigError as exc:
-        fail(str(exc))
+    sched = scheduler_settings(cfg, listen, state_dir)
     setup_logging(cfg, log_level)
     console = Console()
     stop = threading.Event()

@@ -55,46 +55,41 @@ def _counters(
     )
 
 
-def test_rates_from_counter_deltas(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        # (disk read, disk write), (net recv, net sent) -> rates over 2 s
+        (
+            ((10_000, 20_000), (5_000, 7_000)),
+            ((11_000, 24_000), (5_500, 7_000)),
+            (500.0, 2000.0, 250.0, 0.0),
+        ),
+        # a counter going backwards (reset, wrap) gives 0, never a negative rate
+        (
+            ((10_000, 20_000), (5_000, 7_000)),
+            ((9_000, 22_000), (1, 9_000)),
+            (0.0, 1000.0, 0.0, 1000.0),
+        ),
+        # counters psutil cannot read (None) on either side give 0
+        ((None, (5_000, 7_000)), ((9_000, 21_000), None), (0.0, 0.0, 0.0, 0.0)),
+    ],
+)
+def test_rates_from_counter_deltas(
+    monkeypatch: pytest.MonkeyPatch, first: tuple, second: tuple, expected: tuple
+) -> None:
     clock = FakeClock()
     collector = HostCollector(monotonic=clock)
-    _counters(monkeypatch, disk=(10_000, 20_000), net=(5_000, 7_000))
+    _counters(monkeypatch, disk=first[0], net=first[1])
     collector.sample()
     clock.now += 2.0
-    _counters(monkeypatch, disk=(11_000, 24_000), net=(5_500, 7_000))
+    _counters(monkeypatch, disk=second[0], net=second[1])
     sample = collector.sample()
-    assert sample.disk_read_bytes_per_s == 500.0
-    assert sample.disk_write_bytes_per_s == 2000.0
-    assert sample.net_recv_bytes_per_s == 250.0
-    assert sample.net_sent_bytes_per_s == 0.0
-
-
-def test_counters_going_backwards_give_zero(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = FakeClock()
-    collector = HostCollector(monotonic=clock)
-    _counters(monkeypatch, disk=(10_000, 20_000), net=(5_000, 7_000))
-    collector.sample()
-    clock.now += 1.0
-    _counters(monkeypatch, disk=(9_000, 21_000), net=(1, 8_000))
-    sample = collector.sample()
-    assert sample.disk_read_bytes_per_s == 0.0
-    assert sample.disk_write_bytes_per_s == 1000.0
-    assert sample.net_recv_bytes_per_s == 0.0
-    assert sample.net_sent_bytes_per_s == 1000.0
-
-
-def test_missing_counters_give_zero(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = FakeClock()
-    collector = HostCollector(monotonic=clock)
-    _counters(monkeypatch, disk=None, net=(5_000, 7_000))
-    collector.sample()
-    clock.now += 1.0
-    _counters(monkeypatch, disk=(9_000, 21_000), net=None)
-    sample = collector.sample()
-    assert sample.disk_read_bytes_per_s == 0.0
-    assert sample.disk_write_bytes_per_s == 0.0
-    assert sample.net_recv_bytes_per_s == 0.0
-    assert sample.net_sent_bytes_per_s == 0.0
+    assert (
+        sample.disk_read_bytes_per_s,
+        sample.disk_write_bytes_per_s,
+        sample.net_recv_bytes_per_s,
+        sample.net_sent_bytes_per_s,
+    ) == expected
 
 
 def test_unreadable_counters_give_zero(monkeypatch: pytest.MonkeyPatch) -> None:
