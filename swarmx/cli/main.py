@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from swarmx import __version__
+from swarmx.cli.common import ConfigOpt, load
 from swarmx.cli.daemons import node_app, scheduler_app
 from swarmx.cli.nodes import nodes
 from swarmx.cli.up import up
@@ -23,8 +24,9 @@ app.command()(up)
 
 
 @app.command()
-def version() -> None:
-    """Print the SwarmX version."""
+def version(config: ConfigOpt = None) -> None:
+    """Print the SwarmX version (and check the config file, if one is given)."""
+    load(config)
     typer.echo(__version__)
 
 

@@ -28,7 +28,7 @@ def test_version():
 def test_bad_config_exits_2_with_one_line(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text('[client]\nscheduler = "tcp://127.0.0.1:7700"\ntimeout = 3\n')
-    for args in (["nodes"], ["node", "start"], ["scheduler", "start"], ["up"]):
+    for args in (["nodes"], ["node", "start"], ["scheduler", "start"], ["up"], ["version"]):
         result = run(*args, "--config", str(cfg))
         assert result.exit_code == 2, args
         lines = result.stderr.strip().splitlines()
