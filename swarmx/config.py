@@ -88,6 +88,50 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ReplicaConfig:
+    """One model this node serves, ``count`` times (``[[node.replicas]]``)."""
+
+    model: str
+    backend: Literal["torch", "openai", "emulated"]
+    count: int = 1
+    concurrency: int = 4
+    """Calls admitted into the backend at once (the batch size for batching backends); more
+    wait in the node's queue."""
+    device: str = "cpu"
+    """torch: ``cpu``, ``cuda`` or ``cuda:N``; openai: a label for traces (``gpu``)."""
+    arch: Literal["lm", "vision"] = "lm"
+    """torch: a causal transformer LM, or a vision model for ``model`` steps."""
+    seed: int = 0
+    """torch: weight initialisation seed (the embedded models are random-weight stand-ins)."""
+    url: str = ""
+    """openai: the server's base URL, e.g. ``http://127.0.0.1:8000/v1``."""
+    served_model: str = ""
+    """openai: the model name the server knows (default: ``model``)."""
+    api_key_env: str = ""
+    """openai: environment variable holding the API key, if the server wants one."""
+    metrics_url: str = ""
+    """openai: Prometheus endpoint of a vLLM/SGLang server, scraped for queue and KV-cache use."""
+    gpu: str = "A100"
+    """emulated: which GPU's timing profile to emulate."""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}", self.model):
+            raise SchemaError(
+                "model", f"must be 1-128 of A-Z a-z 0-9 . _ : / -, got {self.model!r}"
+            )
+        if self.count < 1:
+            raise SchemaError("count", "must be >= 1")
+        if self.concurrency < 1:
+            raise SchemaError("concurrency", "must be >= 1")
+        if self.backend == "openai" and not self.url.startswith(("http://", "https://")):
+            raise SchemaError(
+                "url", f"openai replicas need an http(s):// base URL, got {self.url!r}"
+            )
+        if self.backend == "torch" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise SchemaError("device", f"must be cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     name: str = field(default_factory=socket.gethostname)
     scheduler: str = DEFAULT_SCHEDULER
@@ -96,8 +140,15 @@ class NodeConfig:
     gpus: Literal["auto", "off"] = "auto"
     """``auto`` reads GPUs through NVML when present; ``off`` never loads NVML."""
     labels: dict[str, str] = field(default_factory=dict)
+    replicas: list[ReplicaConfig] = field(default_factory=list)
+    tool_slots: int = -1
+    """Tool runs at once on this node; -1 means one per CPU core, 0 means no tools here."""
+    tool_env: list[str] = field(default_factory=lambda: ["PATH", "LANG", "LC_ALL", "TZ"])
+    """Environment variables passed through to tool processes; nothing else leaks in."""
 
     def __post_init__(self) -> None:
+        if self.tool_slots < -1:
+            raise SchemaError("tool_slots", "must be -1 (one per core), 0 (none) or more")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", self.name):
             raise SchemaError("name", f"must be 1-63 of A-Z a-z 0-9 . _ -, got {self.name!r}")
         try:
