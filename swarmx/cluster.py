@@ -73,6 +73,13 @@ class NodeTable:
     def peer(self, name: str) -> bytes:
         return self._nodes[name].peer
 
+    def state(self, name: str) -> NodeState:
+        return self._nodes[name].state
+
+    def telemetry(self, name: str) -> Telemetry | None:
+        node = self._nodes.get(name)
+        return node.telemetry if node is not None else None
+
     def sweep(self, now_mono: float) -> list[Transition]:
         """Age every node; returns the state changes (for the log and metrics)."""
         changes = []

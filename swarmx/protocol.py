@@ -129,6 +129,11 @@ class ReplicaRuntime:
     completed: int
     failed: int
     recent_latencies_s: list[float] = field(default_factory=list)
+    engine_queued: int | None = None
+    """The model server's own queue (e.g. vLLM's waiting requests), where it reports one."""
+    engine_running: int | None = None
+    kv_cache_usage: float | None = None
+    """Fraction of the server's KV cache in use (0..1), where it reports it."""
 
 
 @dataclass(frozen=True)
@@ -188,6 +193,14 @@ class Result:
 
 
 @dataclass(frozen=True)
+class CancelCalls:
+    """Scheduler -> node: stop these calls (queued or running); no results are expected."""
+
+    TYPE: ClassVar[str] = "cancel_calls"
+    call_ids: list[str]
+
+
+@dataclass(frozen=True)
 class ScaleCommand:
     """Scheduler -> node: run ``target_replicas`` replicas of ``model`` on this node."""
 
@@ -213,6 +226,97 @@ class Error:
     ref_seq: int
     code: str
     message: str
+
+
+# --- client requests --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Submit:
+    """Client -> scheduler: a workflow file's text; the scheduler parses and validates it again."""
+
+    TYPE: ClassVar[str] = "submit"
+    source: str
+    text: str
+    overrides: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    TYPE: ClassVar[str] = "submitted"
+    workflow_id: str
+
+
+@dataclass(frozen=True)
+class QueryWorkflows:
+    """One workflow in detail (with outputs), or the most recent ``limit`` without them."""
+
+    TYPE: ClassVar[str] = "query_workflows"
+    workflow_id: str = ""
+    limit: int = 50
+
+
+@dataclass(frozen=True)
+class CancelWorkflow:
+    TYPE: ClassVar[str] = "cancel_workflow"
+    workflow_id: str
+
+
+@dataclass(frozen=True)
+class StepView:
+    """One execution of a step: ``id`` is the step id, with ``[i]`` for a fan-out instance."""
+
+    id: str
+    step: str
+    index: int | None
+    state: str
+    attempt: int
+    node: str
+    replica: str
+    queue_s: float | None
+    latency_s: float | None
+    ttft_s: float | None
+    output_tokens: int | None
+    error: str = ""
+    output: str = ""
+
+
+@dataclass(frozen=True)
+class WorkflowView:
+    id: str
+    name: str
+    state: str
+    reason: str
+    submitted_ts: float
+    finished_ts: float | None
+    latency_s: float | None
+    slo_s: float | None
+    steps: list[StepView]
+    outputs: dict[str, str] = field(default_factory=dict)
+    """Outputs of the final steps (detailed queries only)."""
+
+
+@dataclass(frozen=True)
+class WorkflowsReply:
+    TYPE: ClassVar[str] = "workflows"
+    workflows: list[WorkflowView]
+
+
+@dataclass(frozen=True)
+class ExportTraces:
+    """Page through the trace store: rows with id > ``after_id``, at most ``limit``."""
+
+    TYPE: ClassVar[str] = "export_traces"
+    after_id: int = 0
+    limit: int = 1000
+
+
+@dataclass(frozen=True)
+class TracesReply:
+    TYPE: ClassVar[str] = "traces"
+    rows: list[str]
+    """One JSON object per finished call, in the trace format (docs/traces.md)."""
+    last_id: int
 
 
 # --- client queries ---------------------------------------------------------------------------
@@ -256,9 +360,17 @@ Message = (
     | Heartbeat
     | Dispatch
     | Result
+    | CancelCalls
     | ScaleCommand
     | Ack
     | Error
+    | Submit
+    | Submitted
+    | QueryWorkflows
+    | CancelWorkflow
+    | WorkflowsReply
+    | ExportTraces
+    | TracesReply
     | QueryNodes
     | NodesReply
 )
@@ -271,9 +383,17 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Heartbeat,
         Dispatch,
         Result,
+        CancelCalls,
         ScaleCommand,
         Ack,
         Error,
+        Submit,
+        Submitted,
+        QueryWorkflows,
+        CancelWorkflow,
+        WorkflowsReply,
+        ExportTraces,
+        TracesReply,
         QueryNodes,
         NodesReply,
     )

@@ -11,7 +11,10 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 
+from swarmx.clock import RealClock
 from swarmx.config import Config, ConfigError, LogLevel, SchedulerConfig, load_config, override
+from swarmx.protocol import Error, Message
+from swarmx.transport import TransportError, request
 
 EXIT_USAGE = 2
 """Bad input: config, flags, workflow files."""
@@ -63,6 +66,9 @@ StateDirOpt = Annotated[
     ),
 ]
 
+USAGE_ERRORS = {"invalid_workflow", "not_found", "finished"}
+"""Refusals caused by what the user asked for: exit 2, like other bad input."""
+
 err_console = Console(stderr=True)
 
 
@@ -99,6 +105,26 @@ def setup_logging(cfg: Config, flag: str | None) -> LogLevel:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
     return level  # type: ignore[return-value]
+
+
+def ask(config: ConfigOpt, scheduler: str | None, query: Message) -> Message:
+    """One request to the scheduler named by flag, env or config; exits with a clear line if it
+    cannot be reached or refuses."""
+    cfg = load(config)
+    try:
+        client = override(cfg.client, scheduler=scheduler)
+    except ConfigError as exc:
+        fail(str(exc))
+    try:
+        env = request(client.scheduler, query, "cli", RealClock(), client.timeout_s)
+    except (TimeoutError, TransportError) as exc:
+        fail(str(exc), EXIT_UNAVAILABLE)
+    if isinstance(env.body, Error):
+        fail(
+            f"scheduler refused {query.TYPE!r}: {env.body.code}: {env.body.message}",
+            EXIT_UNAVAILABLE,
+        )
+    return env.body
 
 
 def print_json(data: Any) -> None:

@@ -9,6 +9,7 @@ from swarmx.cli.common import ConfigOpt, load
 from swarmx.cli.daemons import node_app, scheduler_app
 from swarmx.cli.nodes import nodes
 from swarmx.cli.up import up
+from swarmx.cli.workflows import cancel, result, status, submit, traces_app
 
 app = typer.Typer(
     name="swarmx",
@@ -19,8 +20,13 @@ app = typer.Typer(
 )
 app.add_typer(scheduler_app, name="scheduler")
 app.add_typer(node_app, name="node")
+app.add_typer(traces_app, name="traces")
 app.command()(nodes)
 app.command()(up)
+app.command()(submit)
+app.command()(status)
+app.command()(result)
+app.command()(cancel)
 
 
 @app.command()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
-from swarmx.protocol import GpuSample, NodesReply, NodeView
+from swarmx.protocol import GpuSample, NodesReply, NodeView, WorkflowView
 
 GIB = 1024**3
 _STATE_STYLE = {"live": "green", "stale": "yellow", "down": "red"}
@@ -69,5 +69,59 @@ def nodes_table(reply: NodesReply) -> Table:
             cpu,
             mem,
             _gpus(node),
+        )
+    return table
+
+
+_WF_STYLE = {
+    "running": "cyan",
+    "succeeded": "green",
+    "failed": "red",
+    "cancelled": "yellow",
+    "waiting": "dim",
+    "skipped": "dim",
+}
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s"
+
+
+def workflow_table(view: WorkflowView) -> Table:
+    slo = f", SLO {view.slo_s:g}s" if view.slo_s else ""
+    took = f" in {view.latency_s:.2f}s" if view.latency_s is not None else ""
+    table = Table(
+        title=f"{view.id} {view.name}: {view.state}{took}{slo}"
+        + (f"\n{view.reason}" if view.reason else ""),
+        title_justify="left",
+    )
+    for header in ("STEP", "STATE", "TRY", "REPLICA", "QUEUE", "LATENCY", "TOKENS"):
+        table.add_column(header, no_wrap=header != "REPLICA")
+    for step in view.steps:
+        table.add_row(
+            step.id,
+            Text(step.state, style=_WF_STYLE.get(step.state, "")),
+            str(step.attempt or "-"),
+            step.replica or "-",
+            _s(step.queue_s),
+            _s(step.latency_s),
+            "-" if step.output_tokens is None else str(step.output_tokens),
+        )
+    return table
+
+
+def workflows_table(views: list[WorkflowView]) -> Table:
+    table = Table(title=f"{len(views)} most recent workflows", title_justify="left")
+    for header in ("ID", "NAME", "STATE", "STEPS DONE", "LATENCY", "SLO"):
+        table.add_column(header, no_wrap=True)
+    for v in views:
+        done = sum(s.state == "succeeded" for s in v.steps)
+        table.add_row(
+            v.id,
+            v.name,
+            Text(v.state, style=_WF_STYLE.get(v.state, "")),
+            f"{done}/{len(v.steps)}",
+            _s(v.latency_s),
+            _s(v.slo_s),
         )
     return table

@@ -9,6 +9,7 @@ register again, so the cluster heals by itself after a scheduler restart.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import socket
@@ -19,13 +20,17 @@ from swarmx import __version__
 from swarmx.clock import Clock, ticks
 from swarmx.config import NodeConfig
 from swarmx.daemon.lifecycle import SystemdNotifier, run_until_stopped
+from swarmx.daemon.replicas import ReplicaSet
 from swarmx.protocol import (
     Ack,
+    CancelCalls,
+    Dispatch,
     Envelope,
     Error,
     Heartbeat,
     Hello,
     Message,
+    Result,
     Telemetry,
 )
 from swarmx.telemetry.gpu import NvmlGpus
@@ -36,6 +41,8 @@ log = logging.getLogger(__name__)
 
 SCHEDULER_SILENT_AFTER_MISSED = 3
 """Heartbeats without any answer before the agent treats the scheduler as lost."""
+RESEND_RESULT_AFTER_S = 2.0
+"""A result the scheduler has not acknowledged is sent again (it may have restarted)."""
 
 Handler = Callable[[Envelope], Awaitable[None]]
 
@@ -62,13 +69,23 @@ class NodeAgent:
         self._latest: Telemetry | None = None
         """Last sample, sent the moment registration is acknowledged so the scheduler never
         shows a registered node without telemetry for a whole interval."""
-        self._handlers: dict[type[Message], Handler] = {Ack: self._on_ack, Error: self._on_error}
+        self.replicas = ReplicaSet(cfg, clock)
+        self._unacked: dict[int, tuple[float, Result]] = {}
+        """Results sent but not yet acknowledged, by frame seq, with the time sent."""
+        self._unsent_keys = itertools.count(-1, -1)
+        self._handlers: dict[type[Message], Handler] = {
+            Ack: self._on_ack,
+            Error: self._on_error,
+            Dispatch: self._on_dispatch,
+            CancelCalls: self._on_cancel_calls,
+        }
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarmx-collect")
         self._channel = channel = connect_dealer(self.cfg.scheduler, self.cfg.name, self.clock)
         try:
+            await self.replicas.start()
             hello = await loop.run_in_executor(executor, self._hello)
             log.info(
                 "node agent %s (%s) reporting to %s every %gs: %d cores, %d GPUs",
@@ -89,6 +106,7 @@ class NodeAgent:
             await run_until_stopped(stop, tasks)
         finally:
             self.notifier.notify("STOPPING=1")
+            await self.replicas.close()
             channel.close()
             executor.shutdown(wait=True, cancel_futures=True)
             if self.gpus is not None:
@@ -106,7 +124,7 @@ class NodeAgent:
             cpu_cores_physical=info.cpu_cores_physical,
             mem_total_bytes=info.mem_total_bytes,
             gpus=self.gpus.inventory() if self.gpus is not None else [],
-            replicas=[],
+            replicas=self.replicas.infos(),
             heartbeat_interval_s=self.cfg.heartbeat_interval_s,
             telemetry_interval_s=self.cfg.telemetry_interval_s,
             started_ts=self._started_ts,
@@ -118,6 +136,10 @@ class NodeAgent:
         host = self.host.sample()
         gpus = self.gpus.sample() if self.gpus is not None else []
         return Telemetry(host, gpus, [], collect_s=self.clock.monotonic() - start)
+
+    def _with_runtime(self, sample: Telemetry) -> Telemetry:
+        """Replica state is read on the loop (it lives there), host state in the executor."""
+        return Telemetry(sample.host, sample.gpus, self.replicas.runtime(), sample.collect_s)
 
     # --- loops ------------------------------------------------------------------------------
 
@@ -132,13 +154,15 @@ class NodeAgent:
                 self.registered = False
             if self.registered:
                 await channel.send(Heartbeat(now - self._started_mono, channel.stats.unsent))
+                await self._resend_results(now)
             else:
                 self._hello_seq = await channel.send(hello)
 
     async def _telemetry(self, channel: DealerChannel, executor: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
         async for _ in ticks(self.clock, self.cfg.telemetry_interval_s):
-            self._latest = await loop.run_in_executor(executor, self._collect)
+            sample = await loop.run_in_executor(executor, self._collect)
+            self._latest = self._with_runtime(sample)
             if self.registered:
                 await channel.send(self._latest)
 
@@ -160,8 +184,31 @@ class NodeAgent:
 
     # --- handlers ---------------------------------------------------------------------------
 
+    async def _send_result(self, result: Result) -> None:
+        assert self._channel is not None
+        seq = await self._channel.send(result)
+        if seq is None:  # not sent: a local key, retried with the next heartbeat
+            seq = next(self._unsent_keys)
+        self._unacked[seq] = (self.clock.monotonic(), result)
+
+    async def _resend_results(self, now: float) -> None:
+        for seq, (sent, result) in list(self._unacked.items()):
+            if now - sent >= RESEND_RESULT_AFTER_S:
+                del self._unacked[seq]
+                await self._send_result(result)
+
+    async def _on_dispatch(self, env: Envelope) -> None:
+        assert isinstance(env.body, Dispatch)
+        self.replicas.submit(env.body, self._send_result)
+
+    async def _on_cancel_calls(self, env: Envelope) -> None:
+        assert isinstance(env.body, CancelCalls)
+        n = self.replicas.cancel(env.body.call_ids)
+        log.info("cancelled %d of %d calls on request", n, len(env.body.call_ids))
+
     async def _on_ack(self, env: Envelope) -> None:
         assert isinstance(env.body, Ack)
+        self._unacked.pop(env.body.ref_seq, None)
         if not self.registered and env.body.ref_seq == self._hello_seq:
             self.registered = True
             log.info("registered with scheduler %s", self.cfg.scheduler)

@@ -21,22 +21,35 @@ from swarmx.clock import Clock, ticks
 from swarmx.cluster import NodeTable
 from swarmx.config import SchedulerConfig
 from swarmx.daemon.lifecycle import SystemdNotifier, run_until_stopped
+from swarmx.daemon.workflows import WorkflowService
 from swarmx.protocol import (
     Ack,
+    CancelWorkflow,
     Envelope,
     Error,
+    ExportTraces,
     Heartbeat,
     Hello,
     Message,
     NodesReply,
     QueryNodes,
+    QueryWorkflows,
+    Result,
     SchedulerInfo,
+    Submit,
+    Submitted,
     Telemetry,
+    TracesReply,
+    WorkflowsReply,
 )
+from swarmx.sched.router import LeastOutstanding
+from swarmx.store import Store
 from swarmx.transport import RouterChannel, bind_router
+from swarmx.workflow.spec import WorkflowError
 
 log = logging.getLogger(__name__)
 
+DB_FILE = "swarmx.db"
 STATE_FILE = "scheduler.json"
 """Written to the state directory once bound: the real endpoint (useful with port 0) and pid."""
 
@@ -68,12 +81,18 @@ class SchedulerDaemon:
         self.nodes = NodeTable(cfg.stale_after_missed, cfg.down_after_missed)
         self._started_mono = clock.monotonic()
         self._channel: RouterChannel | None = None
+        self.workflows: WorkflowService | None = None
         self.handler_errors = 0
         self._handlers: dict[type[Message], Handler] = {
             Hello: self._on_hello,
             Heartbeat: self._on_heartbeat,
             Telemetry: self._on_telemetry,
+            Result: self._on_result,
             QueryNodes: self._on_query_nodes,
+            Submit: self._on_submit,
+            QueryWorkflows: self._on_query_workflows,
+            CancelWorkflow: self._on_cancel_workflow,
+            ExportTraces: self._on_export_traces,
         }
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -82,9 +101,20 @@ class SchedulerDaemon:
         state_dir = Path(self.cfg.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         with _exclusive(state_dir / "scheduler.lock"):
-            self._channel = channel = bind_router(
-                self.cfg.listen, "scheduler", self.clock, self.cfg.max_frame_bytes
+            store = Store(state_dir / DB_FILE)
+            self.workflows = WorkflowService(
+                store, LeastOutstanding(), self.nodes, self.clock, self._send_to_node
             )
+            resumed = await self.workflows.recover()
+            if resumed:
+                log.info("resuming %d unfinished workflows from %s", resumed, store.path)
+            try:
+                self._channel = channel = bind_router(
+                    self.cfg.listen, "scheduler", self.clock, self.cfg.max_frame_bytes
+                )
+            except BaseException:
+                store.close()
+                raise
             try:
                 _write_json(
                     state_dir / STATE_FILE,
@@ -111,6 +141,7 @@ class SchedulerDaemon:
             finally:
                 self.notifier.notify("STOPPING=1")
                 channel.close()
+                store.close()
                 with contextlib.suppress(OSError):
                     (state_dir / STATE_FILE).unlink()
         log.info("scheduler stopped")
@@ -132,10 +163,19 @@ class SchedulerDaemon:
                 log.exception("handler for %r from %s failed", env.type, env.sender)
 
     async def _sweep(self) -> None:
+        assert self.workflows is not None
         async for now in ticks(self.clock, SWEEP_INTERVAL_S):
             for change in self.nodes.sweep(now):
                 level = logging.WARNING if change.new != "live" else logging.INFO
                 log.log(level, "node %s: %s -> %s", change.node, change.old, change.new)
+                if change.new == "down":
+                    await self.workflows.on_node_down(change.node)
+            if self.workflows.pending:
+                await self.workflows.retry_pending()
+
+    async def _send_to_node(self, node: str, body: Message) -> bool:
+        assert self._channel is not None
+        return await self._channel.send(self.nodes.peer(node), body)
 
     # --- handlers ---------------------------------------------------------------------------
 
@@ -157,6 +197,8 @@ class SchedulerDaemon:
             len(hello.replicas),
             "" if change is None or change.old is None else f", was {change.old}",
         )
+        assert self.workflows is not None
+        self.workflows.on_hello(hello)
         await self._reply(peer, Ack(env.seq, "registered"))
 
     def _seen(self, peer: bytes, env: Envelope) -> bool:
@@ -182,6 +224,54 @@ class SchedulerDaemon:
             return
         assert isinstance(env.body, Telemetry)
         self.nodes.update_telemetry(env.sender, env.body)
+
+    async def _on_result(self, peer: bytes, env: Envelope) -> None:
+        if not self._seen(peer, env):
+            await self._unregistered(peer, env)
+            return
+        assert isinstance(env.body, Result) and self.workflows is not None
+        await self._reply(peer, Ack(env.seq))  # the node stops re-sending it
+        await self.workflows.on_result(env.sender, env.body)
+
+    async def _on_submit(self, peer: bytes, env: Envelope) -> None:
+        assert isinstance(env.body, Submit) and self.workflows is not None
+        try:
+            wf_id = await self.workflows.submit(env.body)
+        except WorkflowError as exc:
+            await self._reply(peer, Error(env.seq, "invalid_workflow", str(exc)))
+            return
+        await self._reply(peer, Submitted(wf_id))
+
+    async def _on_query_workflows(self, peer: bytes, env: Envelope) -> None:
+        q = env.body
+        assert isinstance(q, QueryWorkflows) and self.workflows is not None
+        if not q.workflow_id:
+            await self._reply(peer, WorkflowsReply(self.workflows.recent(q.limit)))
+            return
+        view = self.workflows.view(q.workflow_id, detailed=True)
+        if view is None:
+            await self._reply(peer, Error(env.seq, "not_found", f"no workflow {q.workflow_id!r}"))
+            return
+        await self._reply(peer, WorkflowsReply([view]))
+
+    async def _on_cancel_workflow(self, peer: bytes, env: Envelope) -> None:
+        q = env.body
+        assert isinstance(q, CancelWorkflow) and self.workflows is not None
+        if await self.workflows.cancel(q.workflow_id):
+            await self._reply(peer, Ack(env.seq, "cancelled"))
+        elif self.workflows.store.workflow(q.workflow_id) is None:
+            await self._reply(peer, Error(env.seq, "not_found", f"no workflow {q.workflow_id!r}"))
+        else:
+            await self._reply(
+                peer, Error(env.seq, "finished", f"workflow {q.workflow_id} has already finished")
+            )
+
+    async def _on_export_traces(self, peer: bytes, env: Envelope) -> None:
+        q = env.body
+        assert isinstance(q, ExportTraces) and self.workflows is not None
+        rows = self.workflows.store.traces(q.after_id, min(max(q.limit, 1), 5000))
+        last = rows[-1][0] if rows else q.after_id
+        await self._reply(peer, TracesReply([r for _, r in rows], last))
 
     async def _on_query_nodes(self, peer: bytes, env: Envelope) -> None:
         assert self._channel is not None

@@ -1,0 +1,226 @@
+"""A timing model of a GPU model server that computes no tokens, so one host can stand in for
+hundreds of GPU replicas (scale tests, the simulator).
+
+Figures come from a roofline over vendor datasheets, for an 8B-parameter dense decoder in 16-bit
+weights (Llama-3-8B shapes: 32 layers, 8 KV heads of 128 dims, so 128 KiB of KV cache per token):
+
+- prefill is compute-bound: ``2 * params * tokens / (peak dense FLOPS * MFU)``, MFU 0.5;
+- a decode step is bandwidth-bound: it reads all weights once plus every active sequence's KV cache,
+  ``(weight bytes + sum(context) * kv bytes) / (HBM bandwidth * 0.8)``, or compute-bound at large
+  batch, whichever is slower, plus a fixed 2 ms of engine overhead per step;
+- peak dense BF16 tensor FLOPS and HBM bandwidth from NVIDIA's datasheets: H100 SXM 989 TFLOPS,
+  3.35 TB/s; A100 80GB SXM 312 TFLOPS, 2.04 TB/s; L40S 362 TFLOPS, 0.864 TB/s.
+
+So an H100 decodes a lone sequence at ~160 tokens/s and slows as the batch's KV cache grows: the
+batch-size dependence that makes routing matter. How many tokens a call outputs is drawn from a
+lognormal around a third of ``max_tokens``, seeded by the prompt (the same prompt always gives the
+same length), unless the caller fixes it (the simulator replays real output lengths).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import random
+from dataclasses import dataclass, field
+
+from swarmx.backends.base import BackendMetrics, CallOutcome, CallRequest
+from swarmx.clock import Clock, RealClock
+from swarmx.config import ReplicaConfig
+
+
+@dataclass(frozen=True)
+class GpuProfile:
+    name: str
+    dense_flops: float
+    hbm_bytes_per_s: float
+    mfu: float = 0.5
+    bandwidth_efficiency: float = 0.8
+    step_overhead_s: float = 0.002
+
+
+GPUS: dict[str, GpuProfile] = {
+    "H100": GpuProfile("H100", 989e12, 3.35e12),
+    "A100": GpuProfile("A100", 312e12, 2.04e12),
+    "L40S": GpuProfile("L40S", 362e12, 0.864e12),
+}
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    params: float = 8.0e9
+    bytes_per_param: float = 2.0
+    kv_bytes_per_token: float = 131072.0
+
+
+def prefill_s(gpu: GpuProfile, model: ModelProfile, tokens: int) -> float:
+    return 2 * model.params * tokens / (gpu.dense_flops * gpu.mfu)
+
+
+def decode_step_s(gpu: GpuProfile, model: ModelProfile, contexts: list[int]) -> float:
+    """One decode step for a batch whose sequences hold ``contexts`` tokens each."""
+    memory = model.params * model.bytes_per_param + sum(contexts) * model.kv_bytes_per_token
+    memory_s = memory / (gpu.hbm_bytes_per_s * gpu.bandwidth_efficiency)
+    compute_s = 2 * model.params * len(contexts) / (gpu.dense_flops * gpu.mfu)
+    return max(memory_s, compute_s) + gpu.step_overhead_s
+
+
+def vision_s(gpu: GpuProfile, image_px: int, steps: int) -> float:
+    """A ViT-L-sized encoder pass (~60 GFLOPs at 224 px, growing with pixel count) per step."""
+    flops = 60e9 * (image_px / 224) ** 2 * steps
+    return flops / (gpu.dense_flops * gpu.mfu) + gpu.step_overhead_s
+
+
+def prompt_tokens(prompt: str) -> int:
+    """About four bytes of English per token, as with common BPE vocabularies."""
+    return max(1, len(prompt.encode()) // 4)
+
+
+def drawn_output_tokens(prompt: str, max_tokens: int) -> int:
+    seed = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=8).digest(), "big")
+    median = max(1.0, max_tokens / 3)
+    return max(1, min(max_tokens, round(random.Random(seed).lognormvariate(math.log(median), 0.7))))
+
+
+_WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "plan",
+    "test",
+    "code",
+    "read",
+    "search",
+    "fix",
+    "report",
+    "step",
+    "item",
+    "check",
+    "node",
+    "model",
+    "data",
+    "query",
+    "result",
+    "value",
+]
+
+
+def filler_text(seed_text: str, tokens: int) -> str:
+    """Deterministic words, ``tokens`` of them, a dozen per line (downstream steps split lines)."""
+    rng = random.Random(seed_text)
+    words = [rng.choice(_WORDS) for _ in range(tokens)]
+    return "\n".join(" ".join(words[i : i + 12]) for i in range(0, len(words), 12))
+
+
+@dataclass
+class _Seq:
+    request: CallRequest
+    prompt_tokens: int
+    target_tokens: int
+    future: asyncio.Future[CallOutcome]
+    started: float
+    generated: int = 0
+    ttft_s: float | None = None
+    waiting_prefill: bool = True
+
+
+@dataclass
+class EmulatedServer:
+    """Continuous batching in simulated time: each step advances every active sequence by one
+    token and lasts as long as the timing model says for the current batch."""
+
+    cfg: ReplicaConfig
+    clock: Clock = field(default_factory=RealClock)
+    model: ModelProfile = field(default_factory=ModelProfile)
+
+    def __post_init__(self) -> None:
+        if self.cfg.gpu not in GPUS:
+            raise ValueError(f"unknown GPU {self.cfg.gpu!r} (known: {', '.join(GPUS)})")
+        self.gpu = GPUS[self.cfg.gpu]
+        self._active: list[_Seq] = []
+        self._engine: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        return None
+
+    def metrics(self) -> BackendMetrics:
+        waiting = sum(s.waiting_prefill for s in self._active)
+        return BackendMetrics(queued=waiting, running=len(self._active) - waiting)
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            self._engine.cancel()
+        for seq in self._active:
+            if not seq.future.done():
+                seq.future.set_result(CallOutcome(False, "", "replica closed"))
+        self._active.clear()
+
+    async def run(self, request: CallRequest) -> CallOutcome:
+        if request.kind == "model":
+            return await self._vision(request)
+        if request.kind != "llm":
+            return CallOutcome(
+                False, "", f"emulated replicas serve llm and model calls, not {request.kind}"
+            )
+        future: asyncio.Future[CallOutcome] = asyncio.get_running_loop().create_future()
+        seq = _Seq(
+            request,
+            prompt_tokens(request.prompt),
+            drawn_output_tokens(request.prompt, max(1, request.max_tokens)),
+            future,
+            self.clock.monotonic(),
+        )
+        self._active.append(seq)
+        if self._engine is None or self._engine.done():
+            self._engine = asyncio.create_task(self._steps())
+        try:
+            return await future
+        finally:
+            if seq in self._active:  # cancelled: leave the batch
+                self._active.remove(seq)
+
+    async def _vision(self, request: CallRequest) -> CallOutcome:
+        try:
+            px = int(request.inputs.get("image_px", "224"))
+            steps = int(request.inputs.get("steps", "1"))
+        except ValueError as exc:
+            return CallOutcome(False, "", f"bad model inputs: {exc}")
+        await self.clock.sleep(vision_s(self.gpu, px, steps))
+        words = 8 + px // 128
+        return CallOutcome(
+            True,
+            filler_text(request.prompt + str(px), words),
+            prompt_tokens=prompt_tokens(request.prompt),
+            output_tokens=words,
+        )
+
+    async def _steps(self) -> None:
+        while self._active:
+            fresh = [s for s in self._active if s.waiting_prefill]
+            decoding = [s for s in self._active if not s.waiting_prefill]
+            step = sum(prefill_s(self.gpu, self.model, s.prompt_tokens) for s in fresh)
+            if decoding or fresh:
+                step += decode_step_s(
+                    self.gpu, self.model, [s.prompt_tokens + s.generated for s in self._active]
+                )
+            await self.clock.sleep(step)
+            now = self.clock.monotonic()
+            for seq in list(self._active):
+                seq.generated += 1
+                if seq.waiting_prefill:
+                    seq.waiting_prefill, seq.ttft_s = False, now - seq.started
+                if seq.generated >= seq.target_tokens:
+                    self._active.remove(seq)
+                    if not seq.future.done():
+                        seq.future.set_result(
+                            CallOutcome(
+                                True,
+                                filler_text(seq.request.prompt, seq.generated),
+                                "",
+                                seq.prompt_tokens,
+                                seq.generated,
+                                seq.ttft_s,
+                            )
+                        )

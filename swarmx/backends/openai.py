@@ -1,0 +1,430 @@
+"""Client for any OpenAI-compatible server (vLLM, SGLang, llama.cpp server, Ollama).
+
+Stdlib HTTP only, so driving a remote engine adds no dependency. Each call streams one chat
+completion on its own connection in a worker thread; cancelling the awaiting task shuts that
+socket down, which unblocks the thread and makes the server stop generating for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import logging
+import math
+import os
+import re
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from swarmx.backends.base import BackendMetrics, CallOutcome, CallRequest
+from swarmx.config import ReplicaConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 300.0
+"""Whole-call limit when the request names none: connect, queue on the server, and generate."""
+CONNECT_TIMEOUT_S = 10.0
+START_TIMEOUT_S = 10.0
+SCRAPE_INTERVAL_S = 1.0
+SCRAPE_TIMEOUT_S = 2.0
+ERROR_CHARS = 300
+"""Server error text kept in a `CallOutcome.error`; bodies can be whole HTML pages."""
+
+_QUEUED = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
+_RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
+# vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc; both are 0-1 fractions, like SGLang's.
+_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+
+def parse_prometheus(text: str) -> dict[str, list[float]]:
+    """Sample values by metric name from the Prometheus text format, one per label set.
+
+    Just enough for the scraper: comments, timestamps, NaN samples and malformed lines are skipped.
+    """
+    samples: dict[str, list[float]] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        name = _METRIC_NAME.match(line)
+        if line.startswith("#") or name is None:
+            continue
+        rest = line[name.end() :]
+        if rest.startswith("{"):
+            end = _labels_end(rest)
+            if end < 0:
+                continue
+            rest = rest[end + 1 :]
+        fields = rest.split()
+        try:
+            value = float(fields[0]) if fields else math.nan
+        except ValueError:
+            continue
+        if not math.isnan(value):
+            samples.setdefault(name.group(), []).append(value)
+    return samples
+
+
+def _labels_end(text: str) -> int:
+    """Index of the ``}`` closing the label set that opens ``text``; quoted values may hold one."""
+    quoted = escaped = False
+    for i, ch in enumerate(text):
+        if escaped:
+            escaped = False
+        elif quoted and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == "}" and not quoted:
+            return i
+    return -1
+
+
+def metrics_from_prometheus(samples: dict[str, list[float]]) -> BackendMetrics:
+    """vLLM/SGLang gauges as `BackendMetrics`: request counts summed over label sets (engines,
+    data-parallel ranks); KV-cache use averaged over them, since summing fractions exceeds 1."""
+
+    def first(names: tuple[str, ...]) -> list[float] | None:
+        return next((samples[n] for n in names if samples.get(n)), None)
+
+    queued, running, kv = first(_QUEUED), first(_RUNNING), first(_KV_USAGE)
+    return BackendMetrics(
+        queued=round(sum(queued)) if queued else None,
+        running=round(sum(running)) if running else None,
+        kv_cache_usage=sum(kv) / len(kv) if kv else None,
+    )
+
+
+def iter_sse_data(lines: Iterable[bytes]) -> Iterator[str]:
+    """The ``data`` of each server-sent event (multi-line data joined by newlines); other fields
+    and ``:`` comment lines are ignored, as the SSE spec says."""
+    data: list[str] = []
+    for raw in lines:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+            continue
+        name, _, value = line.partition(":")
+        if name == "data":
+            data.append(value[1:] if value.startswith(" ") else value)
+    if data:
+        yield "\n".join(data)
+
+
+class StreamError(Exception):
+    """The server sent an error or a non-chunk inside an otherwise successful stream."""
+
+
+@dataclass
+class ChatStream:
+    """Folds the chunks of a streamed chat completion into text and token counts."""
+
+    parts: list[str] = field(default_factory=list)
+    content_chunks: int = 0
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    done: bool = False
+    """``data: [DONE]`` arrived."""
+    finished: bool = False
+    """A choice carried a ``finish_reason`` (some servers end without ``[DONE]``)."""
+
+    def feed(self, data: str) -> str:
+        """Take one event's data; return the content it adds ("" for role-only or usage chunks)."""
+        if data.strip() == "[DONE]":
+            self.done = True
+            return ""
+        try:
+            chunk = json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise StreamError(f"bad JSON in stream ({exc.msg}): {_one_line(data)}") from None
+        if not isinstance(chunk, dict):
+            raise StreamError(f"stream chunk is not an object: {_one_line(data)}")
+        if "error" in chunk:
+            raise StreamError(f"error in stream: {_error_message(chunk) or _one_line(data)}")
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.prompt_tokens = _count(usage.get("prompt_tokens"), self.prompt_tokens)
+            self.output_tokens = _count(usage.get("completion_tokens"), self.output_tokens)
+        choices = chunk.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        if not isinstance(choice, dict):
+            return ""
+        if choice.get("finish_reason"):
+            self.finished = True
+        delta = choice.get("delta")
+        content = delta.get("content") if isinstance(delta, dict) else None
+        if not isinstance(content, str) or not content:
+            return ""
+        self.parts.append(content)
+        self.content_chunks += 1
+        return content
+
+    def outcome(self, prompt: str, ttft_s: float | None) -> CallOutcome:
+        """The call's result. Without a ``usage`` chunk (servers that ignore ``stream_options``),
+        each content chunk counts as one output token (servers stream one token per chunk) and
+        the prompt is estimated at 4 characters per token."""
+        text = "".join(self.parts)
+        if not (self.done or self.finished):
+            return CallOutcome(ok=False, output=text, error="stream ended before [DONE]")
+        return CallOutcome(
+            ok=True,
+            output=text,
+            prompt_tokens=(
+                self.prompt_tokens if self.prompt_tokens is not None else len(prompt) // 4
+            ),
+            output_tokens=(
+                self.output_tokens if self.output_tokens is not None else self.content_chunks
+            ),
+            ttft_s=ttft_s,
+        )
+
+
+def _count(value: object, default: int | None) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _one_line(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= ERROR_CHARS else flat[: ERROR_CHARS - 3] + "..."
+
+
+def _error_message(body: object) -> str | None:
+    """The human part of an error body: OpenAI's ``{"error": {"message"}}``, a bare ``error``
+    string, FastAPI's ``detail`` or a top-level ``message``."""
+    if not isinstance(body, dict):
+        return None
+    error = body.get("error")
+    if isinstance(error, dict) and error.get("message"):
+        return _one_line(str(error["message"]))
+    for value in (error, body.get("detail"), body.get("message")):
+        if isinstance(value, str) and value:
+            return _one_line(value)
+        if value:
+            return _one_line(json.dumps(value))
+    return None
+
+
+def _http_error(resp: http.client.HTTPResponse) -> str:
+    raw = resp.read(64 * 1024).decode("utf-8", "replace")
+    try:
+        message = _error_message(json.loads(raw))
+    except json.JSONDecodeError:
+        message = None
+    return _one_line(f"HTTP {resp.status} {resp.reason}: {message or raw or '(empty body)'}")
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline passed")
+    return left
+
+
+def _lines(resp: http.client.HTTPResponse, sock: socket.socket, deadline: float) -> Iterator[bytes]:
+    """Response lines until EOF, each read bounded by what is left of the call's deadline."""
+    while True:
+        sock.settimeout(_remaining(deadline))
+        line = resp.readline()
+        if not line:
+            return
+        yield line
+
+
+class _Call:
+    """One in-flight request's socket, reachable from the cancelling side."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._aborted = False
+
+    def attach(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self._aborted:
+                raise ConnectionAbortedError("call cancelled")
+            self._sock = sock
+
+    def abort(self) -> None:
+        """Shut the socket down: unlike close(), that wakes a thread blocked reading it, and the
+        server sees the disconnect and aborts the generation."""
+        with self._lock:
+            self._aborted = True
+            sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class OpenAIBackend:
+    """A `Backend` for a model served by an OpenAI-compatible HTTP server at ``cfg.url``."""
+
+    def __init__(self, cfg: ReplicaConfig) -> None:
+        self._cfg = cfg
+        parts = urlsplit(cfg.url)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or ""
+        self._port = parts.port or (443 if self._https else 80)
+        self._path = parts.path.rstrip("/")
+        self._model = cfg.served_model or cfg.model
+        self._pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix=f"openai-{cfg.model}")
+        self._active: set[_Call] = set()
+        self._closed = False
+        self._stop = threading.Event()
+        self._scraper: threading.Thread | None = None
+        self._metrics = BackendMetrics()
+
+    async def start(self) -> None:
+        """Fail fast, with the reason, when the server is down or the API key is missing."""
+        env = self._cfg.api_key_env
+        if env and not os.environ.get(env):
+            raise RuntimeError(f"{self._cfg.model}: api_key_env is {env!r} but ${env} is not set")
+        try:
+            body = await asyncio.get_running_loop().run_in_executor(self._pool, self._get_models)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise RuntimeError(
+                f"{self._cfg.model}: OpenAI-compatible server not reachable at "
+                f"{self._cfg.url}/models: {_one_line(str(exc) or type(exc).__name__)}"
+            ) from exc
+        data = body.get("data") if isinstance(body, dict) else None
+        ids = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+        log.info("%s: %s serves models %s", self._cfg.model, self._cfg.url, ids)
+        if self._model not in ids:
+            log.warning(
+                "%s: the server does not list %r; calls may fail", self._cfg.model, self._model
+            )
+        if self._cfg.metrics_url and self._scraper is None:
+            self._scraper = threading.Thread(
+                target=self._scrape_loop, name=f"openai-metrics-{self._cfg.model}", daemon=True
+            )
+            self._scraper.start()
+
+    async def run(self, request: CallRequest) -> CallOutcome:
+        if request.kind != "llm":
+            return _failed(f"the openai backend runs llm calls, not {request.kind!r}")
+        if self._closed:
+            return _failed("backend closed")
+        started = time.monotonic()
+        call = _Call()
+        self._active.add(call)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._chat, request, call, started
+            )
+        except asyncio.CancelledError:
+            call.abort()
+            raise
+        finally:
+            self._active.discard(call)
+
+    def metrics(self) -> BackendMetrics:
+        """The latest scrape of ``metrics_url``; all None without one or while it fails."""
+        return self._metrics
+
+    async def close(self) -> None:
+        self._closed = True
+        self._stop.set()
+        for call in list(self._active):
+            call.abort()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._scraper is not None:
+            await asyncio.to_thread(self._scraper.join, SCRAPE_TIMEOUT_S + 1)
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self._cfg.api_key_env) if self._cfg.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _connection(self, timeout_s: float) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        return cls(self._host, self._port, timeout=timeout_s)
+
+    def _get_models(self) -> object:
+        conn = self._connection(START_TIMEOUT_S)
+        try:
+            conn.request("GET", f"{self._path}/models", headers=self._headers())
+            resp = conn.getresponse()
+            if not 200 <= resp.status < 300:
+                raise OSError(_http_error(resp))
+            return json.loads(resp.read())
+        finally:
+            conn.close()
+
+    def _chat(self, request: CallRequest, call: _Call, started: float) -> CallOutcome:
+        """Blocking: one streamed chat completion, in a pool thread."""
+        timeout_s = request.timeout_s or DEFAULT_TIMEOUT_S
+        deadline = started + timeout_s
+        payload: dict[str, object] = {
+            "model": self._model,
+            "messages": [{"role": "user", "content": request.prompt}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.max_tokens > 0:
+            payload["max_tokens"] = request.max_tokens
+        headers = {**self._headers(), "Accept": "text/event-stream"}
+        conn = self._connection(min(CONNECT_TIMEOUT_S, timeout_s))
+        try:
+            conn.connect()
+            sock = conn.sock
+            assert isinstance(sock, socket.socket)
+            call.attach(sock)
+            sock.settimeout(_remaining(deadline))
+            body = json.dumps(payload).encode()
+            conn.request("POST", f"{self._path}/chat/completions", body, headers)
+            resp = conn.getresponse()
+            if not 200 <= resp.status < 300:
+                return _failed(_http_error(resp))
+            ctype = resp.getheader("Content-Type") or ""
+            if "text/event-stream" not in ctype:
+                return _failed(f"expected an event stream, got Content-Type {ctype!r}")
+            stream = ChatStream()
+            ttft_s = None
+            for data in iter_sse_data(_lines(resp, sock, deadline)):
+                if stream.feed(data) and ttft_s is None:
+                    ttft_s = time.monotonic() - started
+                if stream.done:
+                    break
+            return stream.outcome(request.prompt, ttft_s)
+        except StreamError as exc:
+            return _failed(str(exc))
+        except TimeoutError:
+            return _failed(f"no complete response within {timeout_s:g} s")
+        except ConnectionRefusedError:
+            return _failed(f"connection refused by {self._host}:{self._port}")
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            return _failed(_one_line(f"{type(exc).__name__}: {exc}"))
+        finally:
+            conn.close()
+
+    def _scrape_loop(self) -> None:
+        failing = False
+        url = self._cfg.metrics_url
+        while not self._stop.is_set():
+            try:
+                with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as resp:
+                    text = resp.read().decode("utf-8", "replace")
+                self._metrics = metrics_from_prometheus(parse_prometheus(text))
+                if failing:
+                    log.info("%s: scraping %s again", self._cfg.model, url)
+                failing = False
+            except (OSError, http.client.HTTPException) as exc:
+                self._metrics = BackendMetrics()
+                if not failing:
+                    log.warning("%s: cannot scrape %s: %s", self._cfg.model, url, exc)
+                failing = True
+            self._stop.wait(SCRAPE_INTERVAL_S)
+
+
+def _failed(error: str) -> CallOutcome:
+    return CallOutcome(ok=False, output="", error=error)

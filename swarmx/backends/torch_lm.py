@@ -1,0 +1,535 @@
+"""The embedded default model server: small torch models with random weights and real compute.
+
+These stand in for real model servers. The weights are random (seeded by ``ReplicaConfig.seed``),
+so the text is gibberish, but every call does the real work of one: `TorchLM` prefills the prompt
+into a KV cache and decodes token by token with continuous batching, and `TorchVision` runs a
+convolutional network over an image whose size the call chooses. The latency a node records
+therefore truly depends on prompt length, output length and load, which is what SwarmX's latency
+predictors are trained on.
+
+Each replica owns one engine thread that runs the model one iteration at a time with torch
+limited to one thread, so several replicas can share a small CPU; ``device`` may also be a GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import math
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Generic, NamedTuple, TypeVar
+
+import torch
+import torch.nn.functional as F
+
+from swarmx.backends.base import BackendMetrics, CallKind, CallOutcome, CallRequest
+from swarmx.config import ReplicaConfig
+
+EOS = 256
+"""Byte tokens are 0-255; this one ends an output (and opens every prompt)."""
+VOCAB = 257
+D_MODEL = 256
+N_HEADS = 4
+HEAD_DIM = D_MODEL // N_HEADS
+N_LAYERS = 4
+D_FF = 1024
+MAX_CONTEXT = 1024
+DEFAULT_MAX_TOKENS = 256
+"""Output limit of a call that gives ``max_tokens`` 0."""
+TEMPERATURE = 1.0
+LOGIT_STD = 2.0
+"""Spread of the random model's logits: peaky enough that the context shapes what comes next."""
+EOS_BIAS = -4.5
+"""Added to the EOS logit: outputs end after a few dozen tokens on average, some much later, and
+how soon depends on the context (the model's own EOS logit), so output length varies by prompt."""
+NEWLINE_BIAS = 1.5
+"""Printable ASCII is the byte prior's default; newlines are a little likelier so outputs have
+lines, other bytes are rare."""
+
+VISION_WORDS = tuple(  # noqa: SIM905 - a hundred words read better as text
+    "invoice total date amount customer name address phone email order number item quantity "
+    "price tax discount subtotal payment due account bank reference signature stamp page "
+    "table column row header footer title logo photo person face car road tree sky building "
+    "window door street sign text label barcode receipt ticket form field checkbox chart "
+    "graph line bar axis legend map city river mountain cat dog bird screen keyboard button "
+    "menu icon warning error letter report contract policy id card passport license medical "
+    "scan diagram arrow box circle red blue green black white paper hand shop food bottle cup "
+    "desk chair house".split()
+)
+"""The vision head's fixed vocabulary: plain words an LLM step can take as its prompt."""
+
+Job = TypeVar("Job", bound="_Call")
+
+
+def _seed(data: bytes) -> int:
+    """A seed that is the same for the same bytes in every process (unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def _failed(error: str) -> CallOutcome:
+    return CallOutcome(ok=False, output="", error=error)
+
+
+def _settle(future: asyncio.Future[CallOutcome], outcome: CallOutcome) -> None:
+    if not future.done():  # the caller may have been cancelled meanwhile
+        future.set_result(outcome)
+
+
+@dataclass(eq=False)
+class _Call:
+    """A call between ``run`` and its outcome; the engine thread owns it once queued."""
+
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[CallOutcome]
+    prompt_tokens: int
+    t_start: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    """Set by ``run`` when its task is cancelled; the engine drops the call next iteration."""
+
+    def resolve(self, outcome: CallOutcome) -> None:
+        """Hand the outcome to the caller's event loop (called from the engine thread)."""
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            self.loop.call_soon_threadsafe(_settle, self.future, outcome)
+
+
+class _Engine(ABC, Generic[Job]):
+    """One model, owned by one engine thread that admits queued calls and runs iterations."""
+
+    def __init__(self, cfg: ReplicaConfig, kind: CallKind) -> None:
+        self._cfg = cfg
+        self._kind = kind
+        self._device = torch.device(cfg.device)
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        await asyncio.to_thread(self._build)
+        self._thread = threading.Thread(
+            target=self._main, name=f"swarmx-torch-{self._cfg.model}", daemon=False
+        )
+        self._thread.start()
+
+    async def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    def _check_kind(self, request: CallRequest) -> str:
+        if request.kind == self._kind:
+            return ""
+        return f"torch replica {self._cfg.model} runs {self._kind} calls, not {request.kind}"
+
+    async def _submit(self, job: Job) -> CallOutcome:
+        with self._cond:
+            if self._thread is None or self._stopping:
+                return _failed(f"torch replica {self._cfg.model} is not running")
+            self._waiting.append(job)
+            self._cond.notify()
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
+
+    def _main(self) -> None:
+        torch.set_num_threads(1)  # replicas share the host's cores
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (self._stopping or self._waiting or self._in_flight()):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    self._waiting = deque(job for job in self._waiting if not job.cancelled)
+                    self._admit()
+                try:
+                    self._iterate()
+                except Exception as exc:  # e.g. out of GPU memory: fail these calls, keep serving
+                    self._fail(self._take_in_flight(), f"torch replica failed: {exc!r}")
+        with self._cond:
+            pending = [*self._take_in_flight(), *self._waiting]
+            self._waiting.clear()
+        self._fail(pending, f"torch replica {self._cfg.model} closed before the call finished")
+
+    def _fail(self, jobs: list[Job], error: str) -> None:
+        for job in jobs:
+            job.resolve(_failed(error))
+
+    @abstractmethod
+    def _build(self) -> None:
+        """Create the model on the device (runs in a worker thread)."""
+
+    @abstractmethod
+    def _admit(self) -> None:
+        """Move calls from ``_waiting`` into the next iteration (called with the lock held)."""
+
+    @abstractmethod
+    def _iterate(self) -> None:
+        """Run one engine iteration over the admitted calls and resolve those that finish."""
+
+    @abstractmethod
+    def _in_flight(self) -> list[Job]:
+        """Admitted calls not yet resolved."""
+
+    @abstractmethod
+    def _take_in_flight(self) -> list[Job]:
+        """Forget the admitted calls and return them, so they can be failed."""
+
+
+class _Layer(NamedTuple):
+    qkv: torch.Tensor
+    out: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+
+class _ByteLM:
+    """A pre-LayerNorm decoder-only transformer over bytes with a KV cache of ``slots`` rows.
+
+    Active sequences occupy rows ``0..n-1`` of the cache, so a batched decode step reads one
+    contiguous slice, padded to the longest sequence and masked per row.
+    """
+
+    def __init__(self, seed: int, device: torch.device, slots: int, eos_bias: float) -> None:
+        gen = torch.Generator().manual_seed(seed)
+
+        def weight(*shape: int, std: float) -> torch.Tensor:
+            return (torch.randn(shape, generator=gen) * std).to(device)
+
+        self.tok = weight(VOCAB, D_MODEL, std=1.0)
+        self.pos = weight(MAX_CONTEXT, D_MODEL, std=0.5)
+        self.layers = [
+            _Layer(
+                qkv=weight(3 * D_MODEL, D_MODEL, std=D_MODEL**-0.5),
+                out=weight(D_MODEL, D_MODEL, std=D_MODEL**-0.5),
+                up=weight(D_FF, D_MODEL, std=D_MODEL**-0.5),
+                down=weight(D_MODEL, D_FF, std=D_FF**-0.5),
+            )
+            for _ in range(N_LAYERS)
+        ]
+        self.head = weight(VOCAB, D_MODEL, std=LOGIT_STD * D_MODEL**-0.5)
+        prior = torch.full((VOCAB,), -6.0)
+        prior[0x20:0x7F] = 0.0
+        prior[ord("\n")] = NEWLINE_BIAS
+        prior[EOS] = eos_bias
+        self.prior = prior.to(device)
+        shape = (slots, N_HEADS, MAX_CONTEXT, HEAD_DIM)
+        self.keys = [torch.zeros(shape, device=device) for _ in range(N_LAYERS)]
+        self.values = [torch.zeros(shape, device=device) for _ in range(N_LAYERS)]
+
+    def forward(self, ids: torch.Tensor, starts: list[int], first_slot: int) -> torch.Tensor:
+        """Feed ``ids`` [B, T] to the sequences in cache rows ``first_slot..+B`` (row b's tokens
+        go to positions ``starts[b]..+T``); return the next-token logits [B, VOCAB]."""
+        batch, steps = ids.shape
+        device = ids.device
+        span = max(starts) + steps
+        pos = torch.tensor(starts, device=device)[:, None] + torch.arange(steps, device=device)
+        rows = torch.arange(batch, device=device)[:, None]
+        mask = (torch.arange(span, device=device) <= pos[:, :, None]).unsqueeze(1)
+        x = self.tok[ids] + self.pos[pos]
+        for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
+            q, k, v = (
+                F.linear(F.layer_norm(x, (D_MODEL,)), layer.qkv)
+                .view(batch, steps, 3, N_HEADS, HEAD_DIM)
+                .permute(2, 0, 3, 1, 4)
+                .unbind(0)
+            )
+            k_rows = keys[first_slot : first_slot + batch]
+            v_rows = values[first_slot : first_slot + batch]
+            k_rows[rows, :, pos] = k.transpose(1, 2)
+            v_rows[rows, :, pos] = v.transpose(1, 2)
+            attn = F.scaled_dot_product_attention(
+                q, k_rows[:, :, :span], v_rows[:, :, :span], attn_mask=mask
+            )
+            x = x + F.linear(attn.transpose(1, 2).reshape(batch, steps, D_MODEL), layer.out)
+            hidden = F.gelu(F.linear(F.layer_norm(x, (D_MODEL,)), layer.up))
+            x = x + F.linear(hidden, layer.down)
+        return F.linear(F.layer_norm(x[:, -1], (D_MODEL,)), self.head) + self.prior
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` cached positions of row ``src`` to row ``dst``."""
+        for cache in (*self.keys, *self.values):
+            cache[dst, :, :length] = cache[src, :, :length]
+
+
+@dataclass(eq=False)
+class _Seq(_Call):
+    ids: list[int] = field(default_factory=list)
+    """EOS then the prompt's bytes."""
+    max_new: int = 0
+    gen: torch.Generator = field(default_factory=torch.Generator)
+    out: list[int] = field(default_factory=list)
+    cached: int = 0
+    """Tokens in the KV cache: the position the next fed token takes."""
+    last: int = EOS
+    done: bool = False
+    t_first: float | None = None
+
+
+class TorchLM(_Engine[_Seq]):
+    """A byte-level causal transformer LM with a KV cache and continuous batching.
+
+    Each engine iteration admits queued calls while cache rows are free (``concurrency`` rows),
+    prefills each new prompt, then runs one decode step for all active sequences together, so
+    concurrent calls share steps and every step gets slower as the batch grows. ``eos_bias``
+    shifts the EOS logit (``-inf`` makes every call emit exactly ``max_tokens``).
+    """
+
+    def __init__(self, cfg: ReplicaConfig, *, eos_bias: float = EOS_BIAS) -> None:
+        super().__init__(cfg, "llm")
+        self._eos_bias = eos_bias
+        self._model: _ByteLM | None = None
+        self._admitted: list[_Seq] = []
+        self._active: list[_Seq] = []
+        """Cache row i holds ``_active[i]``."""
+
+    def _build(self) -> None:
+        self._model = _ByteLM(self._cfg.seed, self._device, self._cfg.concurrency, self._eos_bias)
+
+    async def run(self, request: CallRequest) -> CallOutcome:
+        error = self._check_kind(request)
+        if error:
+            return _failed(error)
+        if request.max_tokens < 0:
+            return _failed(f"max_tokens must be >= 0, got {request.max_tokens}")
+        # Half the context stays for the prompt; the prompt keeps its end, as chat servers do.
+        max_new = min(request.max_tokens or DEFAULT_MAX_TOKENS, MAX_CONTEXT // 2)
+        data = request.prompt.encode()
+        prompt = data[-(MAX_CONTEXT - 1 - max_new) :]
+        loop = asyncio.get_running_loop()
+        seq = _Seq(
+            loop=loop,
+            future=loop.create_future(),
+            prompt_tokens=len(prompt),
+            ids=[EOS, *prompt],
+            max_new=max_new,
+            gen=torch.Generator().manual_seed(_seed(data)),
+        )
+        return await self._submit(seq)
+
+    def metrics(self) -> BackendMetrics:
+        active = list(self._active)
+        used = sum(seq.cached for seq in active)
+        return BackendMetrics(
+            queued=len(self._waiting),
+            running=len(active) + len(self._admitted),
+            kv_cache_usage=used / (self._cfg.concurrency * MAX_CONTEXT),
+        )
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._active) + len(self._admitted) < self._cfg.concurrency:
+            self._admitted.append(self._waiting.popleft())
+
+    def _in_flight(self) -> list[_Seq]:
+        return [*self._admitted, *self._active]
+
+    def _take_in_flight(self) -> list[_Seq]:
+        jobs = self._in_flight()
+        self._admitted.clear()
+        self._active.clear()
+        return jobs
+
+    def _iterate(self) -> None:
+        model = self._model
+        assert model is not None, "started engines have a model"
+        for row in reversed(range(len(self._active))):
+            if self._active[row].cancelled:
+                self._evict(model, row)
+        while self._admitted:
+            seq = self._admitted.pop(0)
+            self._active.append(seq)
+            ids = torch.tensor([seq.ids], device=self._device)
+            logits = model.forward(ids, [0], len(self._active) - 1)
+            seq.cached = len(seq.ids)
+            self._sample([seq], logits)
+            self._retire(model)
+        if self._active:
+            ids = torch.tensor([[seq.last] for seq in self._active], device=self._device)
+            logits = model.forward(ids, [seq.cached for seq in self._active], 0)
+            for seq in self._active:
+                seq.cached += 1
+            self._sample(self._active, logits)
+            self._retire(model)
+
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """Draw each sequence's next token with its own prompt-seeded generator."""
+        probs = torch.softmax(logits.float() / TEMPERATURE, dim=-1).cpu()
+        now = time.perf_counter()
+        for seq, row in zip(seqs, probs, strict=True):
+            token = int(torch.multinomial(row, 1, generator=seq.gen))
+            if seq.t_first is None:
+                seq.t_first = now
+            seq.last = token
+            if token == EOS:
+                seq.done = True
+            else:
+                seq.out.append(token)
+                seq.done = len(seq.out) >= seq.max_new
+
+    def _retire(self, model: _ByteLM) -> None:
+        """Resolve the finished sequences and free their cache rows."""
+        for row in reversed(range(len(self._active))):
+            seq = self._active[row]
+            if seq.done:
+                assert seq.t_first is not None, "a finished sequence has sampled a token"
+                seq.resolve(
+                    CallOutcome(
+                        ok=True,
+                        output=bytes(seq.out).decode("utf-8", errors="replace"),
+                        prompt_tokens=seq.prompt_tokens,
+                        output_tokens=len(seq.out),
+                        ttft_s=seq.t_first - seq.t_start,
+                    )
+                )
+                self._evict(model, row)
+
+    def _evict(self, model: _ByteLM, row: int) -> None:
+        """Drop the sequence in ``row``, moving the last row's sequence into it to stay compact."""
+        last = self._active.pop()
+        if row < len(self._active):
+            model.move(len(self._active), row, last.cached)
+            self._active[row] = last
+
+
+class _VisionNet:
+    """Diffusion-like denoising passes at full resolution, then a strided CNN and a word head."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        gen = torch.Generator().manual_seed(seed)
+
+        def weight(*shape: int) -> torch.Tensor:
+            std = 1 / math.sqrt(math.prod(shape[1:]))  # keeps activations near unit scale
+            return (torch.randn(shape, generator=gen) * std).to(device)
+
+        self.denoise = (weight(16, 3, 3, 3), weight(3, 16, 3, 3))
+        self.encoder = [weight(32, 3, 3, 3), weight(64, 32, 3, 3), weight(128, 64, 3, 3)]
+        self.encoder.append(weight(128, 128, 3, 3))
+        self.head = weight(len(VISION_WORDS), 128)
+
+    def forward(self, images: torch.Tensor, steps: int) -> torch.Tensor:
+        """Word scores [B, words] for images [B, 3, px, px]."""
+        x = images
+        for _ in range(steps):
+            hidden = F.gelu(F.conv2d(x, self.denoise[0], padding=1))
+            x = x - 0.1 * F.conv2d(hidden, self.denoise[1], padding=1)
+        for w in self.encoder:
+            x = F.gelu(F.conv2d(x, w, stride=2, padding=1))
+        return F.linear(x.mean(dim=(2, 3)), self.head)
+
+
+@dataclass(eq=False)
+class _Image(_Call):
+    image_px: int = 224
+    steps: int = 1
+    seed: int = 0
+
+
+def _int_input(request: CallRequest, key: str, default: int, low: int, high: int) -> int:
+    """An integer from ``request.inputs``, clamped to [low, high]; ValueError names the key."""
+    text = request.inputs.get(key)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{key} must be an integer, got {text!r}") from None
+    return max(low, min(high, value))
+
+
+class TorchVision(_Engine[_Image]):
+    """A small CNN for ``model`` steps (OCR, vision, diffusion-like calls) that names words.
+
+    Inputs: ``image_px`` (default 224, 32..1024) sets the pseudo-image's side, so work grows with
+    its square; ``steps`` (default 1, 1..50) repeats the denoising pass. The image is drawn from a
+    hash of the prompt and inputs, so a call is deterministic. Waiting calls with the same image
+    size and steps run as one batch; others queue behind it.
+    """
+
+    def __init__(self, cfg: ReplicaConfig) -> None:
+        super().__init__(cfg, "model")
+        self._model: _VisionNet | None = None
+        self._batch: list[_Image] = []
+
+    def _build(self) -> None:
+        self._model = _VisionNet(self._cfg.seed, self._device)
+
+    async def run(self, request: CallRequest) -> CallOutcome:
+        error = self._check_kind(request)
+        if error:
+            return _failed(error)
+        try:
+            image_px = _int_input(request, "image_px", 224, 32, 1024)
+            steps = _int_input(request, "steps", 1, 1, 50)
+        except ValueError as exc:
+            return _failed(str(exc))
+        key = f"{request.prompt}\0{image_px}\0{steps}".encode()
+        loop = asyncio.get_running_loop()
+        job = _Image(
+            loop=loop,
+            future=loop.create_future(),
+            prompt_tokens=len(request.prompt.encode()),
+            image_px=image_px,
+            steps=steps,
+            seed=_seed(key),
+        )
+        return await self._submit(job)
+
+    def metrics(self) -> BackendMetrics:
+        return BackendMetrics(queued=len(self._waiting), running=len(self._batch))
+
+    def _admit(self) -> None:
+        if not self._waiting:
+            return
+        first = self._waiting.popleft()
+        self._batch = [first]
+        rest: deque[_Image] = deque()
+        for job in self._waiting:
+            same = (job.image_px, job.steps) == (first.image_px, first.steps)
+            if same and len(self._batch) < self._cfg.concurrency:
+                self._batch.append(job)
+            else:
+                rest.append(job)
+        self._waiting = rest
+
+    def _in_flight(self) -> list[_Image]:
+        return list(self._batch)
+
+    def _take_in_flight(self) -> list[_Image]:
+        jobs, self._batch = self._batch, []
+        return jobs
+
+    def _iterate(self) -> None:
+        model = self._model
+        assert model is not None, "started engines have a model"
+        jobs = [job for job in self._batch if not job.cancelled]
+        if jobs:
+            px, steps = jobs[0].image_px, jobs[0].steps
+            images = torch.stack(
+                [
+                    torch.rand((3, px, px), generator=torch.Generator().manual_seed(job.seed))
+                    for job in jobs
+                ]
+            ).to(self._device)
+            k = min(32, max(4, px // 28))
+            top = model.forward(images, steps).topk(k, dim=-1).indices.tolist()
+            for job, words in zip(jobs, top, strict=True):
+                job.resolve(
+                    CallOutcome(
+                        ok=True,
+                        output=" ".join(VISION_WORDS[i] for i in words),
+                        prompt_tokens=job.prompt_tokens,
+                        output_tokens=k,
+                    )
+                )
+        self._batch = []

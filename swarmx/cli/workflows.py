@@ -1,0 +1,174 @@
+"""`swarmx submit`, `status`, `result`, `cancel` and `traces export`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from swarmx.cli.common import (
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    ConfigOpt,
+    JsonOpt,
+    SchedulerOpt,
+    ask,
+    fail,
+    print_json,
+)
+from swarmx.cli.render import workflow_table, workflows_table
+from swarmx.protocol import (
+    Ack,
+    CancelWorkflow,
+    ExportTraces,
+    Message,
+    QueryWorkflows,
+    Submit,
+    Submitted,
+    TracesReply,
+    WorkflowsReply,
+    WorkflowView,
+)
+from swarmx.schema import encode
+from swarmx.workflow.spec import WorkflowError, load_workflow, parse_overrides
+
+traces_app = typer.Typer(help="The trace store: every finished call.", no_args_is_help=True)
+
+WAIT_POLL_S = 0.2
+EXIT_WORKFLOW_FAILED = 1
+
+
+def _expect(reply: Message, cls: type) -> None:
+    if not isinstance(reply, cls):
+        fail(f"unexpected reply {reply.TYPE!r} from the scheduler", EXIT_UNAVAILABLE)
+
+
+def _view(config: Path | None, scheduler: str | None, wf_id: str) -> WorkflowView:
+    reply = ask(config, scheduler, QueryWorkflows(wf_id))
+    _expect(reply, WorkflowsReply)
+    assert isinstance(reply, WorkflowsReply)
+    return reply.workflows[0]
+
+
+def _show(view: WorkflowView, json: bool) -> None:
+    if json:
+        print_json(encode(view))
+    else:
+        Console().print(workflow_table(view))
+
+
+def submit(
+    file: Annotated[Path, typer.Argument(help="workflow.toml", show_default=False)],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override an input: --set key=value (repeatable)."),
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Block until it ends; print it.")] = False,
+    config: ConfigOpt = None,
+    scheduler: SchedulerOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Submit a workflow; prints its id (or, with --wait, how it ended)."""
+    try:
+        overrides = parse_overrides(set_ or [])
+        load_workflow(file, overrides)  # fail fast, naming file and line, before any network
+    except WorkflowError as exc:
+        fail(str(exc), EXIT_USAGE)
+    reply = ask(config, scheduler, Submit(str(file), file.read_text(encoding="utf-8"), overrides))
+    _expect(reply, Submitted)
+    assert isinstance(reply, Submitted)
+    wf_id = reply.workflow_id
+    if not wait:
+        if json:
+            _show(_view(config, scheduler, wf_id), json=True)
+        else:
+            typer.echo(wf_id)
+        return
+    while (view := _view(config, scheduler, wf_id)).state == "running":
+        time.sleep(WAIT_POLL_S)
+    _show(view, json)
+    if view.state != "succeeded":
+        raise typer.Exit(EXIT_WORKFLOW_FAILED)
+
+
+def status(
+    workflow_id: Annotated[str | None, typer.Argument(help="Workflow id.")] = None,
+    limit: Annotated[int, typer.Option(help="How many recent workflows to list.")] = 20,
+    config: ConfigOpt = None,
+    scheduler: SchedulerOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """One workflow's steps, or the most recent workflows."""
+    if workflow_id:
+        _show(_view(config, scheduler, workflow_id), json)
+        return
+    reply = ask(config, scheduler, QueryWorkflows("", limit))
+    _expect(reply, WorkflowsReply)
+    assert isinstance(reply, WorkflowsReply)
+    if json:
+        print_json({"workflows": encode(reply.workflows)})
+    else:
+        Console().print(workflows_table(reply.workflows))
+
+
+def result(
+    workflow_id: Annotated[str, typer.Argument(help="Workflow id.")],
+    config: ConfigOpt = None,
+    scheduler: SchedulerOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Print a finished workflow's result: the outputs of its final steps."""
+    view = _view(config, scheduler, workflow_id)
+    if view.state != "succeeded":
+        fail(
+            f"workflow {workflow_id} is {view.state}" + (f": {view.reason}" if view.reason else ""),
+            EXIT_WORKFLOW_FAILED,
+        )
+    if json:
+        print_json({"id": view.id, "outputs": view.outputs})
+    elif len(view.outputs) == 1:
+        typer.echo(next(iter(view.outputs.values())))
+    else:
+        for step, output in view.outputs.items():
+            typer.echo(f"== {step} ==\n{output}")
+
+
+def cancel(
+    workflow_id: Annotated[str, typer.Argument(help="Workflow id.")],
+    config: ConfigOpt = None,
+    scheduler: SchedulerOpt = None,
+) -> None:
+    """Cancel a running workflow and the calls it has in flight."""
+    reply = ask(config, scheduler, CancelWorkflow(workflow_id))
+    _expect(reply, Ack)
+    typer.echo(f"{workflow_id} cancelled")
+
+
+@traces_app.command("export")
+def export(
+    out: Annotated[Path, typer.Option("--out", help="JSONL file to write ('-' for stdout).")],
+    config: ConfigOpt = None,
+    scheduler: SchedulerOpt = None,
+) -> None:
+    """Write every recorded call as JSONL, one call a line (the predictors' input format)."""
+    after, count = 0, 0
+    sink = sys.stdout if str(out) == "-" else out.open("w", encoding="utf-8")
+    try:
+        while True:
+            reply = ask(config, scheduler, ExportTraces(after, 1000))
+            _expect(reply, TracesReply)
+            assert isinstance(reply, TracesReply)
+            if not reply.rows:
+                break
+            sink.writelines(row + "\n" for row in reply.rows)
+            count += len(reply.rows)
+            after = reply.last_id
+    finally:
+        if sink is not sys.stdout:
+            sink.close()
+    if sink is not sys.stdout:
+        typer.echo(f"{count} calls written to {out}", err=True)

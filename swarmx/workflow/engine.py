@@ -1,0 +1,249 @@
+"""The workflow engine: a pure state machine over one workflow's DAG.
+
+It never touches sockets, the clock or the database: the scheduler feeds it call outcomes and
+executes the instructions it returns (`RunCall`, `CancelCalls`, `Finished`). Call ids are
+deterministic (``wf:step:index:attempt``), so replaying the recorded outcomes of a workflow after a
+scheduler crash rebuilds exactly the same state, and the calls still outstanding are re-run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from swarmx.workflow.spec import StepSpec, WorkflowSpec, render, split_items
+
+WorkflowState = Literal["running", "succeeded", "failed", "cancelled"]
+StepState = Literal["waiting", "running", "succeeded", "failed", "cancelled"]
+
+MAX_INFRA_RETRIES = 5
+"""Re-runs after a node was lost mid-call; they do not use up the step's own ``retries``."""
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """One model call or tool run the engine wants executed."""
+
+    call_id: str
+    workflow_id: str
+    step_id: str
+    index: int | None
+    attempt: int
+    kind: Literal["llm", "model", "tool"]
+    model: str
+    prompt: str
+    max_tokens: int
+    inputs: dict[str, str]
+    command: list[str]
+    timeout_s: float | None
+    deps: list[str]
+    avoid: list[str] = field(default_factory=list)
+    """Replicas where this instance already failed: routers pick another one when they can."""
+
+
+@dataclass(frozen=True)
+class CallDone:
+    call_id: str
+    ok: bool
+    output: str
+    error: str = ""
+    replica: str = ""
+    infra: bool = False
+    """The call was lost with its node (not the call's own failure)."""
+
+
+@dataclass(frozen=True)
+class RunCall:
+    call: CallSpec
+
+
+@dataclass(frozen=True)
+class CancelCalls:
+    call_ids: list[str]
+
+
+@dataclass(frozen=True)
+class Finished:
+    state: WorkflowState
+    reason: str
+
+
+Instruction = RunCall | CancelCalls | Finished
+
+
+@dataclass
+class Instance:
+    """One execution of a step (a fanned-out step has several)."""
+
+    index: int | None
+    item: str | None
+    state: StepState = "waiting"
+    attempt: int = 0
+    infra_retries: int = 0
+    call: CallSpec | None = None
+    output: str = ""
+    error: str = ""
+    avoid: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return "" if self.index is None else f"[{self.index}]"
+
+
+class WorkflowRun:
+    def __init__(self, workflow_id: str, spec: WorkflowSpec) -> None:
+        self.id = workflow_id
+        self.spec = spec
+        self.state: WorkflowState = "running"
+        self.reason = ""
+        self.instances: dict[str, list[Instance]] = {}
+        """Per step, created when the step is released (fan-out is known only then)."""
+        self.outputs: dict[str, str] = {}
+        self._by_call: dict[str, tuple[str, Instance]] = {}
+
+    # --- queries ----------------------------------------------------------------------------
+
+    def step_state(self, step_id: str) -> StepState:
+        instances = self.instances.get(step_id)
+        if instances is None:
+            return "cancelled" if self.state == "cancelled" else "waiting"
+        states = {i.state for i in instances}
+        order: tuple[StepState, ...] = ("failed", "cancelled", "running", "waiting")
+        for state in order:
+            if state in states:
+                return state
+        return "succeeded"
+
+    def outstanding(self) -> list[CallSpec]:
+        return [
+            i.call
+            for insts in self.instances.values()
+            for i in insts
+            if i.state == "running" and i.call is not None
+        ]
+
+    def final_outputs(self) -> dict[str, str]:
+        """Outputs of the sink steps (no step depends on them): the workflow's result."""
+        needed = {d for s in self.spec.steps for d in s.after}
+        return {s.id: self.outputs.get(s.id, "") for s in self.spec.steps if s.id not in needed}
+
+    # --- transitions ------------------------------------------------------------------------
+
+    def start(self) -> list[Instruction]:
+        return self._release()
+
+    def on_done(self, done: CallDone) -> list[Instruction]:
+        entry = self._by_call.pop(done.call_id, None)
+        if entry is None or self.state != "running":
+            return []  # a late result of a cancelled, retried or finished call
+        step_id, inst = entry
+        step = self.spec.step(step_id)
+        if done.ok:
+            inst.state, inst.output, inst.call = "succeeded", done.output, None
+            return self._step_progress(step)
+        if done.replica:
+            inst.avoid.append(done.replica)
+        if done.infra and inst.infra_retries < MAX_INFRA_RETRIES:
+            inst.infra_retries += 1
+            return [self._issue(step, inst)]
+        if inst.attempt - inst.infra_retries <= step.retries:
+            return [self._issue(step, inst)]
+        inst.state, inst.error, inst.call = "failed", done.error, None
+        attempts = inst.attempt - inst.infra_retries
+        return self._finish(
+            "failed",
+            f"step {step.id}{inst.label} failed after {attempts} attempt"
+            f"{'s' if attempts != 1 else ''}: {done.error}",
+        )
+
+    def cancel(self, reason: str = "cancelled by user") -> list[Instruction]:
+        if self.state != "running":
+            return []
+        return self._finish("cancelled", reason)
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _finish(self, state: WorkflowState, reason: str) -> list[Instruction]:
+        calls = self.outstanding()
+        for _, inst in list(self._by_call.values()):
+            inst.state, inst.call = "cancelled", None
+        self._by_call.clear()
+        self.state, self.reason = state, reason
+        out: list[Instruction] = [CancelCalls([c.call_id for c in calls])] if calls else []
+        return [*out, Finished(state, reason)]
+
+    def _step_progress(self, step: StepSpec) -> list[Instruction]:
+        instances = self.instances[step.id]
+        if any(i.state != "succeeded" for i in instances):
+            return []
+        self.outputs[step.id] = "\n".join(i.output for i in instances)
+        return self._release()
+
+    def _release(self) -> list[Instruction]:
+        """Start every step whose dependencies have all succeeded; finish when none is left."""
+        out: list[Instruction] = []
+        progressed = True
+        while progressed:
+            progressed = False
+            for step in self.spec.steps:
+                if step.id in self.instances or not all(d in self.outputs for d in step.after):
+                    continue
+                source = step.fan_out.source if step.fan_out else None
+                if source is not None and source not in self.outputs:
+                    continue
+                instances = self._expand(step)
+                self.instances[step.id] = instances
+                if not instances:  # a dynamic fan-out over nothing: done, with empty output
+                    self.outputs[step.id] = ""
+                    progressed = True
+                    continue
+                out.extend(self._issue(step, inst) for inst in instances)
+        if len(self.outputs) == len(self.spec.steps):
+            out.extend(self._finish("succeeded", ""))
+        return out
+
+    def _expand(self, step: StepSpec) -> list[Instance]:
+        fan = step.fan_out
+        if fan is None:
+            return [Instance(None, None)]
+        if fan.source is not None:
+            items = split_items(self.outputs[fan.source], fan)
+            return [Instance(i, item) for i, item in enumerate(items)]
+        return [Instance(i, None) for i in range(fan.count or 1)]
+
+    def _issue(self, step: StepSpec, inst: Instance) -> RunCall:
+        inst.attempt += 1
+        inst.state = "running"
+
+        def fill(template: str) -> str:
+            return render(template, self.spec.inputs, self.outputs, inst.item, inst.index)
+
+        call = CallSpec(
+            call_id=f"{self.id}:{step.id}:{inst.index or 0}:{inst.attempt}",
+            workflow_id=self.id,
+            step_id=step.id,
+            index=inst.index,
+            attempt=inst.attempt,
+            kind=step.kind,
+            model=step.model,
+            prompt=fill(step.prompt),
+            max_tokens=step.max_tokens if step.kind == "llm" else 0,
+            inputs={k: fill(v) for k, v in step.inputs.items()},
+            command=[fill(a) for a in step.command],
+            timeout_s=step.timeout_s,
+            deps=list(step.after),
+            avoid=list(inst.avoid),
+        )
+        inst.call = call
+        self._by_call[call.call_id] = (step.id, inst)
+        return RunCall(call)
+
+
+def replay(workflow_id: str, spec: WorkflowSpec, done: list[CallDone]) -> WorkflowRun:
+    """Rebuild a run from its recorded outcomes (in the order they happened); what it still
+    waits for is ``run.outstanding()``, to be dispatched again."""
+    run = WorkflowRun(workflow_id, spec)
+    run.start()
+    for d in done:
+        run.on_done(d)
+    return run

@@ -1,0 +1,507 @@
+"""Workflow files: a TOML DAG of ``llm``, ``model`` and ``tool`` steps, as frozen dataclasses.
+
+Everything that can be checked without a cluster is checked here, so a typo fails at submit time
+with ``file:line`` instead of minutes into a run: strict keys, per-kind fields, the graph (unknown
+steps, cycles) and every template reference. The engine then renders templates that cannot fail.
+The format is documented for operators in docs/workflows.md.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NoReturn
+
+from swarmx.schema import SchemaError, decode
+from swarmx.tomlpos import locate
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""Step ids and input names: what a template reference may name."""
+_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+"""The rule ``[[node.replicas]] model`` names follow, so every served name is writable here."""
+_MAX_FAN_OUT = 256
+
+_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_REF = re.compile(
+    r"inputs\.(?P<inputs>[A-Za-z0-9_-]{1,64})|steps\.(?P<steps>[A-Za-z0-9_-]{1,64})\.output"
+    r"|(?P<item>item)|(?P<index>index)"
+)
+_PLACEHOLDERS = "{inputs.NAME}, {steps.ID.output}, {item} or {index}"
+_FENCE = re.compile(r"```[A-Za-z0-9_-]*\n(.*?)\n?```", re.DOTALL)
+
+_ONLY_FOR: dict[str, tuple[str, ...]] = {
+    "model": ("llm", "model"),
+    "prompt": ("llm", "model"),
+    "max_tokens": ("llm",),
+    "inputs": ("model",),
+    "command": ("tool",),
+    "timeout_s": ("tool",),
+}
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    "llm": ("model", "prompt"),
+    "model": ("model",),
+    "tool": ("command",),
+}
+
+
+class WorkflowError(ValueError):
+    """A bad workflow file or ``--set``; ``str()`` is one line naming the place."""
+
+
+@dataclass(frozen=True)
+class FanOut:
+    count: int | None = None
+    """Fixed fan-out: ``fan_out = N`` runs N instances (``{index}`` 0..N-1)."""
+    source: str | None = None
+    """Dynamic fan-out: one instance per item of this step's output."""
+    split: Literal["lines", "json"] = "lines"
+    max: int = 16
+    """At most this many instances for a dynamic fan-out; further items are dropped."""
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    id: str
+    kind: Literal["llm", "model", "tool"]
+    after: list[str]
+    model: str = ""
+    prompt: str = ""
+    max_tokens: int = 256
+    inputs: dict[str, str] = field(default_factory=dict)
+    """model steps: passed to the model server; values are templates."""
+    command: list[str] = field(default_factory=list)
+    """tool steps: argv, each element a template."""
+    timeout_s: float | None = None
+    """tool steps; None lets the runner apply its default."""
+    retries: int = 0
+    fan_out: FanOut | None = None
+    line: int = 0
+    """Line of the step's ``[[steps]]`` header, for messages."""
+
+
+@dataclass(frozen=True)
+class WorkflowSpec:
+    name: str
+    slo_s: float | None
+    inputs: dict[str, str]
+    """Declared defaults with ``--set`` overrides applied."""
+    steps: list[StepSpec]
+    """A topological order: file order wherever the dependencies allow it."""
+    source: str
+
+    def step(self, step_id: str) -> StepSpec:
+        for step in self.steps:
+            if step.id == step_id:
+                return step
+        raise KeyError(step_id)
+
+    def models(self) -> set[str]:
+        """Models some replica must serve for this workflow to run."""
+        return {s.model for s in self.steps if s.kind != "tool"}
+
+    def deps(self, step_id: str) -> list[str]:
+        return list(self.step(step_id).after)
+
+
+@dataclass(frozen=True)
+class _RawStep:
+    """A ``[[steps]]`` table as written; None marks a key left out (some are per-kind)."""
+
+    id: str
+    kind: Literal["llm", "model", "tool"]
+    after: list[str] = field(default_factory=list)
+    model: str | None = None
+    prompt: str | None = None
+    max_tokens: int | None = None
+    inputs: dict[str, Any] | None = None
+    command: list[str] | None = None
+    timeout_s: float | None = None
+    retries: int = 0
+    fan_out: Any = None
+
+
+@dataclass(frozen=True)
+class _RawWorkflow:
+    name: str
+    steps: list[_RawStep]
+    slo_s: float | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """A placeholder: ``kind`` is inputs, steps, item or index; ``name`` the input or step."""
+
+    kind: str
+    name: str
+    text: str
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """``--set NAME=VALUE`` options to a dict (the last of a repeated name wins)."""
+    result: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise WorkflowError(f"--set {pair!r}: expected NAME=VALUE")
+        result[key.strip()] = value
+    return result
+
+
+def load_workflow(path: Path, overrides: dict[str, str] | None = None) -> WorkflowSpec:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise WorkflowError(f"{path}: cannot read workflow: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise WorkflowError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    return parse_workflow(text, str(path), overrides)
+
+
+def parse_workflow(
+    text: str, source: str = "<workflow>", overrides: dict[str, str] | None = None
+) -> WorkflowSpec:
+    """Parse and fully check a workflow file; the first problem raises `WorkflowError`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise WorkflowError(f"{source}: invalid TOML: {exc}") from None
+    return _Parser(text, source, data).parse(overrides or {})
+
+
+def render(
+    template: str,
+    inputs: dict[str, str],
+    outputs: dict[str, str],
+    item: str | None = None,
+    index: int | None = None,
+) -> str:
+    """Fill a template's placeholders; values are inserted as they are, never re-rendered.
+
+    For templates `parse_workflow` accepted, this fails (`WorkflowError`) only if the caller
+    passes no value a reference needs: an output not produced yet, no item or index.
+    """
+    out: list[str] = []
+    for part in _parse_template(template):
+        if isinstance(part, str):
+            out.append(part)
+            continue
+        value = {
+            "inputs": inputs.get(part.name),
+            "steps": outputs.get(part.name),
+            "item": item,
+            "index": None if index is None else str(index),
+        }[part.kind]
+        if value is None:
+            raise WorkflowError(f"{part.text}: no value to fill in")
+        out.append(value)
+    return "".join(out)
+
+
+def split_items(output: str, fan_out: FanOut) -> list[str]:
+    """The items of a dynamic fan-out, at most ``fan_out.max``.
+
+    ``lines``: the non-empty lines, stripped. ``json``: a JSON list (one markdown code fence around
+    it is ignored); strings are items as they are, other values their JSON text. Output that is
+    not a JSON list falls back to ``lines``: models stray from format instructions, and a usable
+    split beats failing the whole workflow.
+    """
+    if fan_out.source is None:
+        raise ValueError("split_items needs a dynamic fan-out (fan_out.source)")
+    items = _json_items(output) if fan_out.split == "json" else None
+    if items is None:
+        items = [stripped for line in output.splitlines() if (stripped := line.strip())]
+    return items[: fan_out.max]
+
+
+def _json_items(output: str) -> list[str] | None:
+    text = output.strip()
+    fenced = _FENCE.fullmatch(text)
+    try:
+        value = json.loads(fenced.group(1) if fenced else text)
+    except ValueError:
+        return None
+    if not isinstance(value, list):
+        return None
+    return [v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in value]
+
+
+def _parse_template(template: str) -> list[str | _Ref]:
+    """Literal text and references in order; a syntax error raises `WorkflowError`."""
+    parts: list[str | _Ref] = []
+    pos = 0
+    for m in _TOKEN.finditer(template):
+        parts.append(template[pos : m.start()])
+        pos = m.end()
+        token = m.group()
+        if token in ("{{", "}}"):
+            parts.append(token[0])
+        elif token in ("{", "}"):
+            raise WorkflowError(
+                f"unbalanced '{token}' at {template[m.start() : m.start() + 24]!r} "
+                f"(write '{token}{token}' for a literal brace)"
+            )
+        else:
+            ref = _REF.fullmatch(m.group(1))
+            if ref is None:
+                raise WorkflowError(f"{token}: unknown placeholder (use {_PLACEHOLDERS})")
+            parts.extend(_Ref(k, v, token) for k, v in ref.groupdict().items() if v is not None)
+    parts.append(template[pos:])
+    return parts
+
+
+def _scalar(value: object) -> str | None:
+    """A TOML scalar as template text, spelled as in TOML (``true``, not ``True``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    return None
+
+
+def _hint(inputs: Mapping[str, str]) -> str:
+    return f"inputs: {', '.join(sorted(inputs))}" if inputs else "no inputs declared"
+
+
+class _Parser:
+    def __init__(self, text: str, source: str, data: dict[str, Any]) -> None:
+        self.text = text
+        self.source = source
+        steps = data.get("steps")
+        self.ids = [
+            s.get("id") if isinstance(s, dict) else None
+            for s in (steps if isinstance(steps, list) else [])
+        ]
+        self.data = data
+        self.index: dict[str, int] = {}
+        """Step id -> position in the file."""
+
+    def fail(self, path: str, message: str) -> NoReturn:
+        line = locate(self.text, path)
+        where = f"{self.source}:{line}" if line else self.source
+        m = re.match(r"steps\[(\d+)\]", path)
+        if m and int(m.group(1)) < len(self.ids):
+            step_id = self.ids[int(m.group(1))]
+            if isinstance(step_id, str) and _NAME.fullmatch(step_id):
+                path = f"{m.group()} (id {step_id!r}){path[m.end() :]}"
+        raise WorkflowError(f"{where}: {path}: {message}")
+
+    def parse(self, overrides: dict[str, str]) -> WorkflowSpec:
+        try:
+            raw = decode(_RawWorkflow, self.data)
+        except SchemaError as exc:
+            self.fail(exc.path, exc.message)
+        if not raw.name.strip() or len(raw.name) > 128 or not raw.name.isprintable():
+            self.fail("name", "must be 1-128 printable characters")
+        if raw.slo_s is not None:
+            self._check_positive("slo_s", raw.slo_s)
+        inputs = self._scalars("inputs", raw.inputs)
+        for name in inputs:
+            if not _NAME.fullmatch(name):
+                self.fail(f"inputs.{name}", "names must be 1-64 of A-Z a-z 0-9 _ -")
+        for name in overrides:
+            if name not in inputs:
+                raise WorkflowError(f"--set {name}: unknown input ({_hint(inputs)})")
+        inputs.update(overrides)
+        if not raw.steps:
+            self.fail("steps", "must list at least one step ([[steps]])")
+        steps = [self._step(i, r) for i, r in enumerate(raw.steps)]
+        self._check_after(steps)
+        order = self._order(steps)
+        ancestors: dict[str, set[str]] = {}
+        for i in order:
+            ancestors[steps[i].id] = set(steps[i].after).union(
+                *(ancestors[d] for d in steps[i].after)
+            )
+        for i, step in enumerate(steps):
+            self._check_refs(i, step, inputs, ancestors[step.id])
+        return WorkflowSpec(
+            name=raw.name,
+            slo_s=raw.slo_s,
+            inputs=inputs,
+            steps=[steps[i] for i in order],
+            source=self.source,
+        )
+
+    def _check_positive(self, path: str, value: float) -> None:
+        if not value > 0:  # also rejects NaN
+            self.fail(path, "must be > 0")
+        if math.isinf(value):
+            self.fail(path, "must be finite")
+
+    def _scalars(self, path: str, table: dict[str, Any]) -> dict[str, str]:
+        result: dict[str, str] = {}
+        for key, value in table.items():
+            text = _scalar(value)
+            if text is None:
+                self.fail(
+                    f"{path}.{key}",
+                    f"expected a string, number or boolean, got {type(value).__name__}",
+                )
+            result[key] = text
+        return result
+
+    def _step(self, i: int, raw: _RawStep) -> StepSpec:
+        """One step's own fields; references to other steps are checked once all are known."""
+        p = f"steps[{i}]"
+        if not _NAME.fullmatch(raw.id):
+            self.fail(f"{p}.id", f"must be 1-64 of A-Z a-z 0-9 _ -, got {raw.id!r}")
+        if raw.id in self.index:
+            self.fail(f"{p}.id", f"duplicate of steps[{self.index[raw.id]}]")
+        self.index[raw.id] = i
+        for key, kinds in _ONLY_FOR.items():
+            if getattr(raw, key) is not None and raw.kind not in kinds:
+                only = " and ".join(kinds)
+                self.fail(f"{p}.{key}", f"not allowed on {raw.kind} steps (only {only} steps)")
+        for key in _REQUIRED[raw.kind]:
+            value = getattr(raw, key)
+            if value is None:
+                self.fail(f"{p}.{key}", f"required for {raw.kind} steps")
+            if not value or (isinstance(value, str) and not value.strip()):
+                self.fail(f"{p}.{key}", "must not be empty")
+        if raw.model is not None and not _MODEL.fullmatch(raw.model):
+            self.fail(f"{p}.model", f"must be 1-128 of A-Z a-z 0-9 . _ : / -, got {raw.model!r}")
+        if raw.max_tokens is not None and not 1 <= raw.max_tokens <= 32768:
+            self.fail(f"{p}.max_tokens", f"must be 1..32768, got {raw.max_tokens}")
+        if raw.timeout_s is not None:
+            self._check_positive(f"{p}.timeout_s", raw.timeout_s)
+        if not 0 <= raw.retries <= 10:
+            self.fail(f"{p}.retries", f"must be 0..10, got {raw.retries}")
+        return StepSpec(
+            id=raw.id,
+            kind=raw.kind,
+            after=list(raw.after),
+            model=raw.model or "",
+            prompt=raw.prompt or "",
+            max_tokens=256 if raw.max_tokens is None else raw.max_tokens,
+            inputs=self._scalars(f"{p}.inputs", raw.inputs or {}),
+            command=list(raw.command or []),
+            timeout_s=raw.timeout_s,
+            retries=raw.retries,
+            fan_out=self._fan_out(f"{p}.fan_out", raw.fan_out),
+            line=locate(self.text, p) or 0,
+        )
+
+    def _fan_out(self, path: str, value: Any) -> FanOut | None:
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not 1 <= value <= _MAX_FAN_OUT:
+                self.fail(path, f"must be 1..{_MAX_FAN_OUT}, got {value}")
+            return FanOut(count=value)
+        if not isinstance(value, dict):
+            self.fail(
+                path,
+                "expected an integer (fixed fan-out) or a table like"
+                f' {{ from = "STEP" }} (dynamic fan-out), got {type(value).__name__}',
+            )
+        for key in value:
+            if key not in ("from", "split", "max"):
+                self.fail(f"{path}.{key}", "unknown key (known: from, max, split)")
+        source = value.get("from")
+        if source is None:
+            self.fail(f"{path}.from", "missing (the step whose output lists the items)")
+        if not isinstance(source, str):
+            self.fail(f"{path}.from", f"expected a step id, got {type(source).__name__}")
+        split = value.get("split", "lines")
+        if split not in ("lines", "json"):
+            self.fail(f"{path}.split", f"must be one of 'lines', 'json', got {split!r}")
+        cap = value.get("max", 16)
+        if not isinstance(cap, int) or isinstance(cap, bool) or not 1 <= cap <= _MAX_FAN_OUT:
+            self.fail(f"{path}.max", f"must be an integer 1..{_MAX_FAN_OUT}, got {cap!r}")
+        return FanOut(source=source, split=split, max=cap)
+
+    def _check_after(self, steps: list[StepSpec]) -> None:
+        for i, step in enumerate(steps):
+            for n, dep in enumerate(step.after):
+                if dep == step.id:
+                    self.fail(f"steps[{i}].after", "a step cannot run after itself")
+                if dep not in self.index:
+                    self.fail(f"steps[{i}].after", f"unknown step {dep!r}")
+                if dep in step.after[:n]:
+                    self.fail(f"steps[{i}].after", f"{dep!r} listed twice")
+
+    def _order(self, steps: list[StepSpec]) -> list[int]:
+        """Step positions in a topological order, the earliest in the file first when free."""
+        dependents: list[list[int]] = [[] for _ in steps]
+        waiting = [len(s.after) for s in steps]
+        for i, step in enumerate(steps):
+            for dep in step.after:
+                dependents[self.index[dep]].append(i)
+        ready = [i for i, n in enumerate(waiting) if n == 0]
+        order: list[int] = []
+        while ready:
+            i = heapq.heappop(ready)
+            order.append(i)
+            for j in dependents[i]:
+                waiting[j] -= 1
+                if waiting[j] == 0:
+                    heapq.heappush(ready, j)
+        if len(order) < len(steps):
+            self._cycle(steps, set(range(len(steps))) - set(order))
+        return order
+
+    def _cycle(self, steps: list[StepSpec], stuck: set[int]) -> NoReturn:
+        """Report one cycle among the steps that never became ready, in run order
+        (``a -> b``: b runs after a), starting at its earliest step in the file."""
+        walk = [min(stuck)]
+        while True:  # every stuck step waits for another stuck one, so this closes a loop
+            nxt = next(self.index[d] for d in steps[walk[-1]].after if self.index[d] in stuck)
+            if nxt in walk:
+                break
+            walk.append(nxt)
+        loop = walk[walk.index(nxt) :][::-1]
+        start = loop.index(min(loop))
+        loop = loop[start:] + loop[:start]
+        path = " -> ".join(steps[i].id for i in [*loop, loop[0]])
+        self.fail(f"steps[{loop[0]}].after", f"cycle: {path}")
+
+    def _check_refs(
+        self, i: int, step: StepSpec, inputs: dict[str, str], ancestors: set[str]
+    ) -> None:
+        """``fan_out.from`` and every template reference must name something available."""
+        p = f"steps[{i}]"
+        fan = step.fan_out
+        if fan is not None and fan.source is not None:
+            if fan.source not in self.index:
+                self.fail(f"{p}.fan_out.from", f"unknown step {fan.source!r}")
+            if fan.source not in ancestors:
+                self.fail(f"{p}.fan_out.from", _not_dependency(fan.source))
+        templates = [
+            (f"{p}.prompt", step.prompt),
+            *((f"{p}.command[{n}]", arg) for n, arg in enumerate(step.command)),
+            *((f"{p}.inputs.{key}", value) for key, value in step.inputs.items()),
+        ]
+        for path, template in templates:
+            try:
+                parts = _parse_template(template)
+            except WorkflowError as exc:
+                self.fail(path, str(exc))
+            for ref in parts:
+                if isinstance(ref, str):
+                    continue
+                if ref.kind == "inputs" and ref.name not in inputs:
+                    self.fail(path, f"{ref.text}: unknown input ({_hint(inputs)})")
+                if ref.kind == "steps" and ref.name not in self.index:
+                    self.fail(path, f"{ref.text}: unknown step {ref.name!r}")
+                if ref.kind == "steps" and ref.name not in ancestors:
+                    self.fail(path, f"{ref.text}: {_not_dependency(ref.name)}")
+                if ref.kind == "item" and (fan is None or fan.source is None):
+                    self.fail(path, "{item}: only in steps with a dynamic fan_out (from = STEP)")
+                if ref.kind == "index" and fan is None:
+                    self.fail(path, "{index}: only in steps with a fan_out")
+
+
+def _not_dependency(step_id: str) -> str:
+    return f"step {step_id!r} is not a dependency (list it in after, or a step that runs after it)"

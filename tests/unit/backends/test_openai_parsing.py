@@ -1,0 +1,330 @@
+"""OpenAIBackend's parsers on canned text, and its HTTP handling against a stdlib fake server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from swarmx.backends.base import BackendMetrics, CallRequest
+from swarmx.backends.openai import (
+    ChatStream,
+    OpenAIBackend,
+    StreamError,
+    iter_sse_data,
+    metrics_from_prometheus,
+    parse_prometheus,
+)
+from swarmx.config import ReplicaConfig
+
+VLLM_METRICS = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 2.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 7.0
+vllm:num_requests_waiting{engine="1",model_name="m"} 0.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.5
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.25
+vllm:prompt_tokens_total{model_name="m"} 1.234e+04 1700000000000
+"""
+
+SGLANG_METRICS = """\
+# TYPE sglang:num_running_reqs gauge
+sglang:num_running_reqs{model_name="m",tp_rank="0"} 4.0
+sglang:num_queue_reqs{model_name="m",tp_rank="0"} 1.0
+sglang:token_usage{model_name="m",tp_rank="0"} 0.125
+"""
+
+STREAM = (
+    b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}],"usage":null}\n'
+    b"\n"
+    b": keep-alive comment\n"
+    b"\n"
+    b'data: {"choices":[{"index":0,"delta":{"content":"Hel"}}],"usage":null}\r\n'
+    b"\r\n"
+    b'data: {"choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":null}]}\n'
+    b"\n"
+    b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}\n'
+    b"\n"
+    b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}\n'
+    b"\n"
+    b"data: [DONE]\n"
+    b"\n"
+)
+STREAM_HEAD = STREAM[: STREAM.index(b'data: {"choices":[{"index":0,"delta":{},')]
+
+
+def feed_all(raw: bytes) -> ChatStream:
+    stream = ChatStream()
+    for data in iter_sse_data(raw.splitlines(keepends=True)):
+        stream.feed(data)
+    return stream
+
+
+def test_prometheus_vllm_sums_counts_and_averages_kv_use():
+    samples = parse_prometheus(VLLM_METRICS)
+    assert samples["vllm:num_requests_running"] == [3.0, 2.0]
+    assert samples["vllm:prompt_tokens_total"] == [12340.0]  # the timestamp is not the value
+    assert metrics_from_prometheus(samples) == BackendMetrics(
+        queued=7, running=5, kv_cache_usage=0.375
+    )
+
+
+def test_prometheus_sglang_and_the_old_vllm_name():
+    assert metrics_from_prometheus(parse_prometheus(SGLANG_METRICS)) == BackendMetrics(
+        queued=1, running=4, kv_cache_usage=0.125
+    )
+    old = parse_prometheus('vllm:gpu_cache_usage_perc{model_name="m"} 0.9\n')
+    assert metrics_from_prometheus(old) == BackendMetrics(kv_cache_usage=0.9)
+
+
+def test_prometheus_tricky_lines():
+    text = (
+        'a{path="/x}y",q="say \\"hi}\\""} 1\n'  # braces and escaped quotes inside label values
+        "b 2 1700000000\n"
+        "c NaN\n"
+        "d not-a-number\n"
+        "e{unclosed 4\n"
+        "f +Inf\n"
+        "   \n"
+        "# a comment 5\n"
+    )
+    assert parse_prometheus(text) == {"a": [1.0], "b": [2.0], "f": [float("inf")]}
+    assert metrics_from_prometheus({}) == BackendMetrics()
+
+
+def test_sse_events_and_multiline_data():
+    raw = [b"event: x\n", b"data: one\n", b"data:two\n", b"\n", b"id: 3\n", b"data: tail"]
+    assert list(iter_sse_data(raw)) == ["one\ntwo", "tail"]
+
+
+def test_stream_with_usage():
+    stream = feed_all(STREAM)
+    assert stream.done
+    outcome = stream.outcome("a prompt", ttft_s=0.5)
+    assert outcome.ok
+    assert outcome.output == "Hello"
+    assert (outcome.prompt_tokens, outcome.output_tokens, outcome.ttft_s) == (9, 2, 0.5)
+
+
+def test_stream_without_usage_counts_chunks_and_estimates_the_prompt():
+    raw = b"".join(line for line in STREAM.splitlines(keepends=True) if b'usage":{' not in line)
+    outcome = feed_all(raw).outcome("x" * 41, ttft_s=None)
+    assert outcome.ok
+    assert (outcome.prompt_tokens, outcome.output_tokens) == (10, 2)
+
+
+def test_stream_cut_short_is_an_error():
+    stream = feed_all(b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n')
+    outcome = stream.outcome("p", ttft_s=0.1)
+    assert not outcome.ok
+    assert outcome.output == "Hi"
+    assert "before [DONE]" in outcome.error
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("{not json", "bad JSON in stream"),
+        ("[1, 2]", "not an object"),
+        ('{"error": {"message": "KV cache\\nexhausted", "code": 500}}', "KV cache exhausted"),
+    ],
+)
+def test_stream_errors(data, message):
+    with pytest.raises(StreamError, match=message):
+        ChatStream().feed(data)
+
+
+class FakeServer(BaseHTTPRequestHandler):
+    """Answers like an OpenAI-compatible server; ``mode`` picks the chat endpoint's behaviour."""
+
+    mode = "stream"
+    seen: list[dict[str, object]]
+    disconnected: threading.Event
+
+    def log_message(self, format, *args):  # quiet
+        pass
+
+    def send_body(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            self.send_body(200, b'{"object":"list","data":[{"id":"tiny"}]}')
+        elif self.path == "/metrics":
+            self.send_body(200, VLLM_METRICS.encode(), "text/plain; version=0.0.4")
+        else:
+            self.send_body(404, b'{"detail":"Not Found"}')
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.seen.append({"body": body, "auth": self.headers.get("Authorization")})
+        if self.mode == "error":
+            message = "This model's maximum context length is 256 tokens. " + "x" * 1000
+            error = {"error": {"message": message, "type": "BadRequestError", "code": 400}}
+            self.send_body(400, json.dumps(error).encode())
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        self.wfile.write(STREAM if self.mode == "stream" else STREAM_HEAD)
+        self.wfile.flush()
+        if self.mode == "hang":  # keep generating until the client goes away
+            try:
+                while True:
+                    time.sleep(0.02)
+                    self.wfile.write(b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n')
+                    self.wfile.flush()
+            except OSError:
+                self.disconnected.set()
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, type[FakeServer]]]:
+    handler = type("Handler", (FakeServer,), {"seen": [], "disconnected": threading.Event()})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", handler
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def backend(url: str, **kw: str) -> OpenAIBackend:
+    return OpenAIBackend(
+        ReplicaConfig(model="tiny", backend="openai", concurrency=2, url=f"{url}/v1", **kw)
+    )
+
+
+def llm(prompt: str = "hello there", **kw: float) -> CallRequest:
+    return CallRequest(call_id="c1", kind="llm", model="tiny", prompt=prompt, max_tokens=8, **kw)
+
+
+async def run_closing(b: OpenAIBackend, request: CallRequest, start: bool = False):
+    if start:
+        await b.start()
+    try:
+        return await b.run(request)
+    finally:
+        await b.close()
+
+
+def test_streams_a_chat_completion_with_the_key(server, monkeypatch):
+    url, handler = server
+    monkeypatch.setenv("TINY_KEY", "sekrit")
+    b = backend(url, served_model="tiny", api_key_env="TINY_KEY")
+    outcome = asyncio.run(run_closing(b, llm(), start=True))
+    assert outcome.ok, outcome.error
+    assert (outcome.output, outcome.prompt_tokens, outcome.output_tokens) == ("Hello", 9, 2)
+    assert outcome.ttft_s is not None
+    assert outcome.ttft_s > 0
+    assert handler.seen == [
+        {
+            "body": {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "hello there"}],
+                "max_tokens": 8,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+            "auth": "Bearer sekrit",
+        }
+    ]
+
+
+def test_http_error_carries_status_and_message(server):
+    url, handler = server
+    handler.mode = "error"
+    outcome = asyncio.run(run_closing(backend(url), llm()))
+    assert not outcome.ok
+    assert outcome.error.startswith("HTTP 400 Bad Request: This model's maximum context length")
+    assert len(outcome.error) <= 300
+    assert "\n" not in outcome.error
+
+
+def test_truncated_stream_is_not_ok(server):
+    url, handler = server
+    handler.mode = "truncated"
+    outcome = asyncio.run(run_closing(backend(url), llm()))
+    assert not outcome.ok
+    assert outcome.error == "stream ended before [DONE]"
+
+
+def test_connection_refused_is_an_outcome_and_start_raises():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    b = backend(f"http://127.0.0.1:{port}")
+    outcome = asyncio.run(run_closing(b, llm()))
+    assert not outcome.ok
+    assert outcome.error == f"connection refused by 127.0.0.1:{port}"
+    with pytest.raises(RuntimeError, match=f"not reachable at http://127.0.0.1:{port}/v1/models"):
+        asyncio.run(run_closing(backend(f"http://127.0.0.1:{port}"), llm(), start=True))
+
+
+def test_timeout_is_an_outcome(server):
+    url, handler = server
+    handler.mode = "hang"
+    outcome = asyncio.run(run_closing(backend(url), llm(timeout_s=0.3)))
+    assert not outcome.ok
+    assert outcome.error == "no complete response within 0.3 s"
+
+
+def test_cancel_closes_the_connection(server):
+    url, handler = server
+    handler.mode = "hang"
+    b = backend(url)
+
+    async def go() -> float:
+        task = asyncio.create_task(b.run(llm()))
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await b.close()
+        return time.monotonic() - t0
+
+    assert asyncio.run(go()) < 0.5
+    assert handler.disconnected.wait(5)
+
+
+def test_missing_api_key_fails_start(server, monkeypatch):
+    url, _ = server
+    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+    with pytest.raises(RuntimeError, match=r"\$NO_SUCH_KEY is not set"):
+        asyncio.run(backend(url, api_key_env="NO_SUCH_KEY").start())
+
+
+def test_metrics_are_scraped_in_the_background(server):
+    url, _ = server
+    b = backend(url, metrics_url=f"{url}/metrics")
+    assert b.metrics() == BackendMetrics()
+
+    async def go() -> BackendMetrics:
+        await b.start()
+        deadline = time.monotonic() + 5
+        while b.metrics() == BackendMetrics() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        got = b.metrics()
+        await b.close()
+        await b.close()  # idempotent
+        return got
+
+    assert asyncio.run(go()) == BackendMetrics(queued=7, running=5, kv_cache_usage=0.375)
+    outcome = asyncio.run(b.run(llm()))
+    assert (outcome.ok, outcome.error) == (False, "backend closed")
