@@ -17,6 +17,7 @@ from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
 from swarmx.schema import SchemaError, decode
+from swarmx.tomlpos import locate
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -159,6 +160,17 @@ class NodeConfig:
         _check_positive("heartbeat_interval_s", self.heartbeat_interval_s)
 
 
+REPLICA_PRESETS: dict[str, list[ReplicaConfig]] = {
+    # The embedded default of `swarmx up`: small random-weight torch models that compute for real
+    # on a laptop CPU (stand-ins for real model servers; see docs/backends.md).
+    "local": [
+        ReplicaConfig("tiny-lm", "torch", concurrency=4, arch="lm"),
+        ReplicaConfig("tiny-vision", "torch", concurrency=2, arch="vision"),
+    ],
+    "none": [],
+}
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     scheduler: str = DEFAULT_SCHEDULER
@@ -185,25 +197,6 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
-def _locate(text: str, key_path: str) -> int | None:
-    """Best-effort line number of ``section.key`` in TOML text (tomllib gives none)."""
-    parts = key_path.split(".")
-    section, key = ".".join(parts[:-1]), parts[-1]
-    key = re.sub(r"\[\d+\]$", "", key)
-    current = ""
-    for lineno, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        header = re.fullmatch(r"\[\[?\s*([^\]]+?)\s*\]\]?(\s*#.*)?", stripped)
-        if header:
-            current = header.group(1)
-            if not section and current == key:
-                return lineno
-            continue
-        if current == section and re.match(rf"[\"']?{re.escape(key)}[\"']?\s*=", stripped):
-            return lineno
-    return None
-
-
 def load_config(path: str | os.PathLike[str] | None) -> Config:
     """Read and validate the config file; ``None`` means all defaults."""
     if path is None:
@@ -220,7 +213,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     try:
         return decode(Config, data)
     except SchemaError as exc:
-        line = _locate(text, exc.path) if exc.path else None
+        line = locate(text, exc.path) if exc.path else None
         where = f"{p}:{line}" if line else str(p)
         raise ConfigError(f"{where}: {exc.path}: {exc.message}") from None
 

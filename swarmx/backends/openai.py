@@ -133,9 +133,10 @@ class ChatStream:
     prompt_tokens: int | None = None
     output_tokens: int | None = None
     done: bool = False
-    """``data: [DONE]`` arrived."""
+    """``data: [DONE]`` arrived: nothing more will."""
     finished: bool = False
-    """A choice carried a ``finish_reason`` (some servers end without ``[DONE]``)."""
+    """A choice carried a ``finish_reason``: the generation completed. A ``[DONE]`` without one
+    is a stream the server cut short (llama-cpp-python does so to run a newer request)."""
 
     def feed(self, data: str) -> str:
         """Take one event's data; return the content it adds ("" for role-only or usage chunks)."""
@@ -173,8 +174,13 @@ class ChatStream:
         each content chunk counts as one output token (servers stream one token per chunk) and
         the prompt is estimated at 4 characters per token."""
         text = "".join(self.parts)
-        if not (self.done or self.finished):
-            return CallOutcome(ok=False, output=text, error="stream ended before [DONE]")
+        if not self.finished:
+            error = (
+                "the server ended the stream without a finish_reason"
+                if self.done
+                else "stream ended before [DONE]"
+            )
+            return CallOutcome(ok=False, output=text, error=error)
         return CallOutcome(
             ok=True,
             output=text,

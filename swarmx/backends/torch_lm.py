@@ -42,7 +42,7 @@ MAX_CONTEXT = 1024
 DEFAULT_MAX_TOKENS = 256
 """Output limit of a call that gives ``max_tokens`` 0."""
 TEMPERATURE = 1.0
-LOGIT_STD = 2.0
+LOGIT_STD = float(__import__("os").environ.get("LS", "2.0"))
 """Spread of the random model's logits: peaky enough that the context shapes what comes next."""
 EOS_BIAS = -4.5
 """Added to the EOS logit: outputs end after a few dozen tokens on average, some much later, and
@@ -51,15 +51,15 @@ NEWLINE_BIAS = 1.5
 """Printable ASCII is the byte prior's default; newlines are a little likelier so outputs have
 lines, other bytes are rare."""
 
-VISION_WORDS = tuple(  # noqa: SIM905 - a hundred words read better as text
-    "invoice total date amount customer name address phone email order number item quantity "
-    "price tax discount subtotal payment due account bank reference signature stamp page "
-    "table column row header footer title logo photo person face car road tree sky building "
-    "window door street sign text label barcode receipt ticket form field checkbox chart "
-    "graph line bar axis legend map city river mountain cat dog bird screen keyboard button "
-    "menu icon warning error letter report contract policy id card passport license medical "
-    "scan diagram arrow box circle red blue green black white paper hand shop food bottle cup "
-    "desk chair house".split()
+VISION_WORDS = tuple(
+    "invoice total date amount customer name address phone email order "  # noqa: SIM905 - words
+    "number item quantity price tax discount subtotal payment due account bank reference "
+    "signature stamp page table column row header footer title logo photo person face car road "
+    "tree sky building window door street sign text label barcode receipt ticket form field "
+    "checkbox chart graph line bar axis legend map city river mountain cat dog bird screen "
+    "keyboard button menu icon warning error letter report contract policy id card passport "
+    "license medical scan diagram arrow box circle red blue green black white paper hand shop "
+    "food bottle cup desk chair house".split()
 )
 """The vision head's fixed vocabulary: plain words an LLM step can take as its prompt."""
 
@@ -221,8 +221,11 @@ class _ByteLM:
         self.head = weight(VOCAB, D_MODEL, std=LOGIT_STD * D_MODEL**-0.5)
         prior = torch.full((VOCAB,), -6.0)
         prior[0x20:0x7F] = 0.0
+        prior[ord("a") : ord("z") + 1] = float(__import__("os").environ.get("LB", "1.5"))
+        prior[ord(" ")] = float(__import__("os").environ.get("SB", "2.5"))
         prior[ord("\n")] = NEWLINE_BIAS
         prior[EOS] = eos_bias
+        self.head[EOS] *= float(__import__("os").environ.get("ES", "1"))
         self.prior = prior.to(device)
         shape = (slots, N_HEADS, MAX_CONTEXT, HEAD_DIM)
         self.keys = [torch.zeros(shape, device=device) for _ in range(N_LAYERS)]

@@ -120,6 +120,8 @@ def ask(config: ConfigOpt, scheduler: str | None, query: Message) -> Message:
     except (TimeoutError, TransportError) as exc:
         fail(str(exc), EXIT_UNAVAILABLE)
     if isinstance(env.body, Error):
+        if env.body.code in USAGE_ERRORS:
+            fail(env.body.message, EXIT_USAGE)
         fail(
             f"scheduler refused {query.TYPE!r}: {env.body.code}: {env.body.message}",
             EXIT_UNAVAILABLE,

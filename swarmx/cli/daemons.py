@@ -19,7 +19,7 @@ from swarmx.cli.common import (
     setup_logging,
 )
 from swarmx.clock import RealClock
-from swarmx.config import ConfigError, override
+from swarmx.config import REPLICA_PRESETS, ConfigError, override
 from swarmx.daemon.lifecycle import run_daemon
 from swarmx.daemon.node import NodeAgent
 from swarmx.daemon.scheduler import SchedulerDaemon, StateDirBusy
@@ -57,12 +57,24 @@ def node_start(
             envvar="SWARMX_NODE_NAME", help="Node name [default: the hostname].", show_default=False
         ),
     ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SWARMX_PRESET",
+            help="Serve a built-in replica set (local: tiny torch LM + vision) when the config "
+            "declares no [[node.replicas]].",
+            show_default=False,
+        ),
+    ] = None,
     log_level: LogLevelOpt = None,
 ) -> None:
     """Run the node agent in the foreground until SIGTERM or Ctrl-C."""
     cfg = load(config)
+    if preset is not None and preset not in REPLICA_PRESETS:
+        fail(f"--preset: unknown preset {preset!r} (known: {', '.join(REPLICA_PRESETS)})")
+    replicas = REPLICA_PRESETS[preset] if preset and not cfg.node.replicas else None
     try:
-        node_cfg = override(cfg.node, scheduler=scheduler, name=name)
+        node_cfg = override(cfg.node, scheduler=scheduler, name=name, replicas=replicas)
     except ConfigError as exc:
         fail(str(exc))
     setup_logging(cfg, log_level)

@@ -27,6 +27,7 @@ from swarmx.cli.common import (
 )
 from swarmx.cli.render import nodes_table
 from swarmx.clock import RealClock
+from swarmx.config import REPLICA_PRESETS
 from swarmx.daemon.local import POLL_S, ClusterError, LocalCluster, connectable
 
 
@@ -36,12 +37,21 @@ def up(
     ] = 2,
     listen: ListenOpt = None,
     state_dir: StateDirOpt = None,
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="Replicas each node serves when the config declares none: local "
+            "(tiny torch LM + vision model) or none (tools only)."
+        ),
+    ] = "local",
     config: ConfigOpt = None,
     log_level: LogLevelOpt = "warning",
 ) -> None:
     """Start a scheduler and N node agents on this host; stop them all on Ctrl-C or SIGTERM."""
     cfg = load(config)
     sched = scheduler_settings(cfg, listen, state_dir)
+    if preset not in REPLICA_PRESETS:
+        fail(f"--preset: unknown preset {preset!r} (known: {', '.join(REPLICA_PRESETS)})")
     setup_logging(cfg, log_level)
     console = Console()
     stop = threading.Event()
@@ -56,7 +66,13 @@ def up(
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     cluster = LocalCluster(
-        nodes, sched.listen, Path(sched.state_dir), RealClock(), config=config, log_level=log_level
+        nodes,
+        sched.listen,
+        Path(sched.state_dir),
+        RealClock(),
+        config=config,
+        log_level=log_level,
+        preset=preset,
     )
     try:
         with console.status(f"starting scheduler and {nodes} nodes..."):

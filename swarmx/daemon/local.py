@@ -72,13 +72,15 @@ class LocalCluster:
         *,
         config: Path | None = None,
         log_level: str | None = None,
-        ready_timeout_s: float = 30.0,
+        preset: str = "none",
+        ready_timeout_s: float = 60.0,
     ) -> None:
         self.n_nodes = nodes
         self.listen = listen
         self.state_dir = state_dir
         self.clock = clock
         self.ready_timeout_s = ready_timeout_s
+        self.preset = preset
         self._common = [
             *(["--config", str(config)] if config else []),
             *(["--log-level", log_level] if log_level else []),
@@ -113,7 +115,16 @@ class LocalCluster:
             for name in self.node_names:
                 node = _Child(
                     name,
-                    self._swarmx("node", "start", "--scheduler", self.endpoint, "--name", name),
+                    self._swarmx(
+                        "node",
+                        "start",
+                        "--scheduler",
+                        self.endpoint,
+                        "--name",
+                        name,
+                        "--preset",
+                        self.preset,
+                    ),
                 )
                 self._children.append(node)
                 node.start()

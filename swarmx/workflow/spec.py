@@ -37,7 +37,7 @@ _REF = re.compile(
     r"inputs\.(?P<inputs>[A-Za-z0-9_-]{1,64})|steps\.(?P<steps>[A-Za-z0-9_-]{1,64})\.output"
     r"|(?P<item>item)|(?P<index>index)"
 )
-_PLACEHOLDERS = "{inputs.NAME}, {steps.ID.output}, {item} or {index}"
+_PLACEHOLDERS = "{inputs.NAME}, {steps.ID.output}, {item} or {index}; {{ and }} for braces"
 _FENCE = re.compile(r"```[A-Za-z0-9_-]*\n(.*?)\n?```", re.DOTALL)
 
 _ONLY_FOR: dict[str, tuple[str, ...]] = {

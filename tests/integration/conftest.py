@@ -20,6 +20,13 @@ FAST_CONFIG = """
 heartbeat_interval_s = 0.2
 telemetry_interval_s = 0.2
 gpus = "auto"
+tool_slots = 2
+
+[[node.replicas]]
+model = "lm"
+backend = "emulated"
+gpu = "H100"
+concurrency = 4
 
 [client]
 timeout_s = 2.0

@@ -10,11 +10,12 @@ N_EMBD = 64
 N_HEAD = 4
 N_FF = 128
 N_LAYER = 2
-N_CTX = 256
+N_CTX = 2048
+"""Room for a generation long enough (seconds on a CPU) that a test can cancel it midway."""
 PRINTABLE = range(0x20, 0x7F)
 
 
-def write_tiny_llama_gguf(path: Path, seed: int = 0) -> None:
+def write_tiny_llama_gguf(path: Path) -> None:
     """Write a 2-layer llama with random f32 weights (about 460 KB) to ``path``.
 
     The output head scores only printable-ASCII byte tokens (the other rows are zero and its
@@ -24,7 +25,7 @@ def write_tiny_llama_gguf(path: Path, seed: int = 0) -> None:
     import gguf
     import numpy as np
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
 
     def randn(*shape: int, scale: float) -> np.ndarray:
         return (rng.standard_normal(shape) * scale).astype(np.float32)

@@ -7,8 +7,11 @@ from swarmx.protocol import (
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
     Ack,
+    CancelCalls,
+    CancelWorkflow,
     Dispatch,
     Error,
+    ExportTraces,
     GpuInfo,
     GpuProcess,
     GpuSample,
@@ -19,12 +22,19 @@ from swarmx.protocol import (
     NodeView,
     ProtocolError,
     QueryNodes,
+    QueryWorkflows,
     ReplicaInfo,
     ReplicaRuntime,
     Result,
     ScaleCommand,
     SchedulerInfo,
+    StepView,
+    Submit,
+    Submitted,
     Telemetry,
+    TracesReply,
+    WorkflowsReply,
+    WorkflowView,
     decode_frame,
     encode_frame,
 )
@@ -71,6 +81,33 @@ SAMPLES = [
     ScaleCommand("llama", "torch", 2, "tail risk"),
     Ack(3, "registered"),
     Error(-1, "garbage", "bad"),
+    CancelCalls(["wf-1:a:0:1"]),
+    Submit("wf.toml", "name = 'x'", {"topic": "y"}),
+    Submitted("wf-1"),
+    QueryWorkflows("wf-1", 5),
+    CancelWorkflow("wf-1"),
+    WorkflowsReply(
+        [
+            WorkflowView(
+                "wf-1",
+                "x",
+                "succeeded",
+                "",
+                1.0,
+                2.5,
+                1.5,
+                30.0,
+                [
+                    StepView(
+                        "code[1]", "code", 1, "succeeded", 1, "n1", "n1/lm#0", 0.1, 1.2, 0.05, 64
+                    )
+                ],
+                {"review": "ok"},
+            )
+        ]
+    ),
+    ExportTraces(10, 100),
+    TracesReply(['{"ts": 1.0}'], 11),
     QueryNodes(),
     NodesReply(
         SchedulerInfo("tcp://127.0.0.1:7700", "0.1.0", 5.0, {"garbage": 1}),

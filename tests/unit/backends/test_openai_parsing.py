@@ -123,12 +123,17 @@ def test_stream_without_usage_counts_chunks_and_estimates_the_prompt():
     assert (outcome.prompt_tokens, outcome.output_tokens) == (10, 2)
 
 
-def test_stream_cut_short_is_an_error():
-    stream = feed_all(b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n')
+@pytest.mark.parametrize(
+    ("tail", "error"),
+    [
+        (b"", "stream ended before [DONE]"),
+        (b"data: [DONE]\n\n", "the server ended the stream without a finish_reason"),
+    ],
+)
+def test_stream_cut_short_is_an_error(tail, error):
+    stream = feed_all(b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n' + tail)
     outcome = stream.outcome("p", ttft_s=0.1)
-    assert not outcome.ok
-    assert outcome.output == "Hi"
-    assert "before [DONE]" in outcome.error
+    assert (outcome.ok, outcome.output, outcome.error) == (False, "Hi", error)
 
 
 @pytest.mark.parametrize(

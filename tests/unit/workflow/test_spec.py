@@ -187,9 +187,9 @@ def error(text, overrides=None):
 
 
 def test_invalid_toml_names_the_file_and_keeps_tomllibs_position():
-    message = error('name = "w"\nsteps = [\n')
+    message = error('name = "w"\nx = = 1\n')
     assert message.startswith("wf.toml: invalid TOML: ")
-    assert "line 3" in message
+    assert message.endswith("(at line 2, column 5)")
 
 
 @pytest.mark.parametrize(
@@ -317,7 +317,7 @@ def test_step_field_errors(blocks, message):
                 tool("test", 'after = ["code"]'),
                 tool("review", 'after = ["test", "cod"]'),
             ],
-            "wf.toml:16: steps[2] (id 'review').after: unknown step 'cod'",
+            "wf.toml:15: steps[2] (id 'review').after: unknown step 'cod'",
         ),
         (
             [tool("a", 'after = ["a"]')],
@@ -325,7 +325,7 @@ def test_step_field_errors(blocks, message):
         ),
         (
             [tool("a"), tool("b", 'after = ["a", "a"]')],
-            "wf.toml:11: steps[1] (id 'b').after: 'a' listed twice",
+            "wf.toml:10: steps[1] (id 'b').after: 'a' listed twice",
         ),
         (
             [tool("a", 'after = ["b"]'), tool("b", 'after = ["a"]')],
@@ -376,7 +376,7 @@ def test_graph_errors(blocks, message):
 )
 def test_fan_out_errors(fan_out, message):
     text = wf(tool("plan"), tool("side"), tool("fan", 'after = ["plan"]', f"fan_out = {fan_out}"))
-    assert error(text) == f"wf.toml:16: steps[2] (id 'fan').{message}"
+    assert error(text) == f"wf.toml:15: steps[2] (id 'fan').{message}"
 
 
 def test_fan_out_from_may_be_an_indirect_dependency():
@@ -430,12 +430,12 @@ HEAD = 'name = "w"\n[inputs]\ntopic = "x"\ndoc = "y"'
         (
             'prompt = "Return {\\"a\\": 1}"',
             'prompt: {"a": 1}: unknown placeholder (use {inputs.NAME}, {steps.ID.output}, {item}'
-            " or {index})",
+            " or {index}; {{ and }} for braces)",
         ),
         (
             'prompt = "{ inputs.topic }"',
             "prompt: { inputs.topic }: unknown placeholder (use {inputs.NAME}, {steps.ID.output},"
-            " {item} or {index})",
+            " {item} or {index}; {{ and }} for braces)",
         ),
         (
             'prompt = "{inputs.topic and {inputs.doc}"',
@@ -451,7 +451,7 @@ def test_template_errors(extra, message):
         f'[[steps]]\nid = "gen"\nkind = "llm"\nmodel = "m"\nafter = ["plan"]\n{extra}',
         head=HEAD,
     )
-    assert error(text) == f"wf.toml:19: steps[2] (id 'gen').{message}"
+    assert error(text) == f"wf.toml:18: steps[2] (id 'gen').{message}"
 
 
 def test_template_errors_in_commands_and_model_inputs_name_the_element():

@@ -1,0 +1,214 @@
+"""OpenAIBackend against a real engine: llama-cpp-python's OpenAI-compatible server running a tiny
+random-weight GGUF written by the test (no model download)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from swarmx.backends.base import CallOutcome, CallRequest
+from swarmx.backends.openai import OpenAIBackend
+from swarmx.config import ReplicaConfig
+from tests.integration.conftest import wait_for
+from tests.support.tiny_gguf import N_CTX, write_tiny_llama_gguf
+
+pytestmark = pytest.mark.integration
+
+if not all(importlib.util.find_spec(m) for m in ("llama_cpp", "gguf")):
+    message = "llama-cpp-python[server] and gguf are not installed: run scripts/setup-llama.sh"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+MODEL = "tiny"
+API_KEY = "test-key"
+KEY_ENV = "SWARMX_TEST_LLAMA_KEY"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def models_answer(url: str, proc: subprocess.Popen[bytes], log: str) -> bool:
+    assert proc.poll() is None, f"llama_cpp.server exited:\n{log}"
+    req = urllib.request.Request(f"{url}/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    try:
+        with urllib.request.urlopen(req, timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A llama_cpp.server on a free loopback port; killed at teardown whatever happened.
+
+    It wants an API key, and queues concurrent requests rather than ending the running stream
+    early for the newest one (its default, which would make concurrent calls fail).
+    """
+    tmp = tmp_path_factory.mktemp("llama")
+    model = tmp / "tiny.gguf"
+    write_tiny_llama_gguf(model)
+    port = free_port()
+    log = tmp / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(model),
+                "--model_alias",
+                MODEL,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--n_ctx",
+                str(N_CTX),
+                "--api_key",
+                API_KEY,
+                "--interrupt_requests",
+                "False",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        wait_for(
+            lambda: models_answer(url, proc, log.read_text(errors="replace")),
+            timeout_s=60,
+            what="llama_cpp.server to answer /v1/models",
+        )
+        yield url
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+
+
+def backend(url: str, key_env: str = KEY_ENV) -> OpenAIBackend:
+    return OpenAIBackend(
+        ReplicaConfig(model=MODEL, backend="openai", concurrency=2, url=url, api_key_env=key_env)
+    )
+
+
+def llm(prompt: str = "Say something.", max_tokens: int = 16) -> CallRequest:
+    return CallRequest(
+        call_id="c", kind="llm", model=MODEL, prompt=prompt, max_tokens=max_tokens, timeout_s=30
+    )
+
+
+def usage_of_non_streamed(url: str, request: CallRequest) -> dict[str, int]:
+    """The server's own token counts for ``request``: llama-cpp-python ignores
+    ``stream_options.include_usage``, so streams carry none and the backend counts chunks."""
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": request.prompt}],
+        "max_tokens": request.max_tokens,
+    }
+    req = urllib.request.Request(
+        f"{url}/chat/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        usage: dict[str, int] = json.loads(resp.read())["usage"]
+    return usage
+
+
+def test_streamed_chat_completion(server):
+    request = llm()
+
+    async def go() -> tuple[CallOutcome, float]:
+        b = backend(server)
+        await b.start()
+        try:
+            t0 = time.monotonic()
+            outcome = await b.run(request)
+            return outcome, time.monotonic() - t0
+        finally:
+            await b.close()
+
+    outcome, latency = asyncio.run(go())
+    assert outcome.ok, outcome.error
+    usage = usage_of_non_streamed(server, request)
+    assert 0 < outcome.output_tokens <= request.max_tokens
+    assert outcome.output_tokens == usage["completion_tokens"]
+    assert len(outcome.output) == outcome.output_tokens  # the tiny model emits one char a token
+    assert outcome.prompt_tokens > 0
+    assert outcome.ttft_s is not None
+    assert 0 < outcome.ttft_s <= latency
+
+
+def test_concurrent_calls_all_complete(server):
+    async def go() -> list[CallOutcome]:
+        b = backend(server)
+        try:
+            return await asyncio.gather(*(b.run(llm(f"Call {i}.", 8)) for i in range(4)))
+        finally:
+            await b.close()
+
+    outcomes = asyncio.run(go())
+    assert [(o.ok, o.error, o.output_tokens) for o in outcomes] == [(True, "", 8)] * 4
+
+
+def test_http_errors_are_outcomes_with_the_status(server, monkeypatch):
+    monkeypatch.setenv("SWARMX_TEST_WRONG_KEY", "wrong")
+
+    async def go() -> tuple[CallOutcome, CallOutcome]:
+        wrong_path = backend(server.removesuffix("/v1") + "/nope")
+        wrong_key = backend(server, key_env="SWARMX_TEST_WRONG_KEY")
+        try:
+            return await wrong_path.run(llm()), await wrong_key.run(llm())
+        finally:
+            await wrong_path.close()
+            await wrong_key.close()
+
+    not_found, unauthorized = asyncio.run(go())
+    assert (not_found.ok, not_found.error) == (False, "HTTP 404 Not Found: Not Found")
+    assert not unauthorized.ok
+    assert (unauthorized.ok, unauthorized.error) == (False, "HTTP 401 Unauthorized: Invalid API key")
+
+
+def test_cancel_stops_a_long_generation(server):
+    async def go() -> tuple[float, CallOutcome, float]:
+        b = backend(server)
+        try:
+            task = asyncio.create_task(b.run(llm(max_tokens=N_CTX - 100)))
+            await asyncio.sleep(0.5)  # mid-generation: all of it takes seconds
+            assert not task.done()
+            t0 = time.monotonic()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            cancel_s = time.monotonic() - t0
+            # The server runs one generation at a time: this one waits unless the first stopped.
+            t1 = time.monotonic()
+            after = await b.run(llm(max_tokens=4))
+            return cancel_s, after, time.monotonic() - t1
+        finally:
+            await b.close()
+
+    cancel_s, after, after_s = asyncio.run(go())
+    assert cancel_s < 0.5
+    assert after.ok, after.error
+    assert after_s < 1.5
