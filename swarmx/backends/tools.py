@@ -18,9 +18,8 @@ MAX_OUTPUT_BYTES = 1 << 20
 
 
 class ToolRunner:
-    def __init__(self, env_passthrough: list[str], scratch_root: str | None = None) -> None:
+    def __init__(self, env_passthrough: list[str]) -> None:
         self._env = {k: os.environ[k] for k in env_passthrough if k in os.environ}
-        self._scratch_root = scratch_root
         self._running = 0
 
     async def start(self) -> None:
@@ -35,14 +34,16 @@ class ToolRunner:
     async def run(self, request: CallRequest) -> CallOutcome:
         if request.kind != "tool" or not request.command:
             return CallOutcome(False, "", "tool calls need a non-empty command")
-        scratch = tempfile.mkdtemp(prefix="swarmx-tool-", dir=self._scratch_root)
+        # argv cannot carry NUL bytes, and model output fed into a command may contain them
+        argv = [arg.replace("\0", "") for arg in request.command]
+        scratch = tempfile.mkdtemp(prefix="swarmx-tool-")
         env = {**self._env, "HOME": scratch, "TMPDIR": scratch, "SWARMX_CALL_ID": request.call_id}
         timeout = request.timeout_s or DEFAULT_TIMEOUT_S
         self._running += 1
         try:
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *request.command,
+                    *argv,
                     cwd=scratch,
                     env=env,
                     stdin=asyncio.subprocess.DEVNULL,
@@ -51,7 +52,7 @@ class ToolRunner:
                     start_new_session=True,  # its own process group, killed as a whole
                 )
             except OSError as exc:
-                return CallOutcome(False, "", f"cannot run {request.command[0]!r}: {exc.strerror}")
+                return CallOutcome(False, "", f"cannot run {argv[0]!r}: {exc.strerror}")
             try:
                 stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
             except (asyncio.TimeoutError, asyncio.CancelledError) as exc:

@@ -258,7 +258,7 @@ class _ByteLM:
             x = x + F.linear(attn.transpose(1, 2).reshape(batch, steps, D_MODEL), layer.out)
             hidden = F.gelu(F.linear(F.layer_norm(x, (D_MODEL,)), layer.up))
             x = x + F.linear(hidden, layer.down)
-        return F.linear(F.layer_norm(x[:, -1], (D_MODEL,)), self.head) + self.prior
+        return F.linear(F.layer_norm(x[:, -1], (D_MODEL,)), self.head)
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` cached positions of row ``src`` to row ``dst``."""
@@ -278,6 +278,7 @@ class _Seq(_Call):
     last: int = EOS
     done: bool = False
     t_first: float | None = None
+    eos_shift: float = 0.0
 
 
 class TorchLM(_Engine[_Seq]):
@@ -355,19 +356,22 @@ class TorchLM(_Engine[_Seq]):
             ids = torch.tensor([seq.ids], device=self._device)
             logits = model.forward(ids, [0], len(self._active) - 1)
             seq.cached = len(seq.ids)
-            self._sample([seq], logits)
+            seq.eos_shift = float(__import__("os").environ.get("VG", "0")) * float(logits[0, EOS])
+            self._sample(model, [seq], logits)
             self._retire(model)
         if self._active:
             ids = torch.tensor([[seq.last] for seq in self._active], device=self._device)
             logits = model.forward(ids, [seq.cached for seq in self._active], 0)
             for seq in self._active:
                 seq.cached += 1
-            self._sample(self._active, logits)
+            self._sample(model, self._active, logits)
             self._retire(model)
 
-    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+    def _sample(self, model: _ByteLM, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Draw each sequence's next token with its own prompt-seeded generator."""
-        probs = torch.softmax(logits.float() / TEMPERATURE, dim=-1).cpu()
+        logits = logits.float() + model.prior
+        logits[:, EOS] += torch.tensor([seq.eos_shift for seq in seqs], device=logits.device)
+        probs = torch.softmax(logits / TEMPERATURE, dim=-1).cpu()
         now = time.perf_counter()
         for seq, row in zip(seqs, probs, strict=True):
             token = int(torch.multinomial(row, 1, generator=seq.gen))

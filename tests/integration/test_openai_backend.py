@@ -25,7 +25,7 @@ from tests.support.tiny_gguf import N_CTX, write_tiny_llama_gguf
 pytestmark = pytest.mark.integration
 
 if not all(importlib.util.find_spec(m) for m in ("llama_cpp", "gguf")):
-    message = "llama-cpp-python[server] and gguf are not installed: run scripts/setup-llama.sh"
+    message = "llama-cpp-python[server] or gguf is not installed: run scripts/setup-llama.sh"
     if os.environ.get("CI") == "true":
         pytest.fail(message, pytrace=False)
     pytest.skip(message, allow_module_level=True)
@@ -186,7 +186,10 @@ def test_http_errors_are_outcomes_with_the_status(server, monkeypatch):
     not_found, unauthorized = asyncio.run(go())
     assert (not_found.ok, not_found.error) == (False, "HTTP 404 Not Found: Not Found")
     assert not unauthorized.ok
-    assert (unauthorized.ok, unauthorized.error) == (False, "HTTP 401 Unauthorized: Invalid API key")
+    assert (unauthorized.ok, unauthorized.error) == (
+        False,
+        "HTTP 401 Unauthorized: Invalid API key",
+    )
 
 
 def test_cancel_stops_a_long_generation(server):
