@@ -42,14 +42,14 @@ MAX_CONTEXT = 1024
 DEFAULT_MAX_TOKENS = 256
 """Output limit of a call that gives ``max_tokens`` 0."""
 TEMPERATURE = 1.0
-LOGIT_STD = float(__import__("os").environ.get("LS", "2.0"))
+LOGIT_STD = 1.5
 """Spread of the random model's logits: peaky enough that the context shapes what comes next."""
-EOS_BIAS = -4.5
-"""Added to the EOS logit: outputs end after a few dozen tokens on average, some much later, and
-how soon depends on the context (the model's own EOS logit), so output length varies by prompt."""
-NEWLINE_BIAS = 1.5
-"""Printable ASCII is the byte prior's default; newlines are a little likelier so outputs have
-lines, other bytes are rare."""
+EOS_BIAS = 2.0
+VERBOSITY = 1.5
+"""Each call's EOS logit is shifted by this times the model's EOS logit after the prompt, so
+how long an output runs depends on the prompt itself, not only on sampling luck. With EOS_BIAS,
+about half of the outputs (measured over varied prompts) end within 60 tokens and one in six
+runs past 256."""
 
 VISION_WORDS = tuple(
     "invoice total date amount customer name address phone email order "  # noqa: SIM905 - words
@@ -195,7 +195,8 @@ class _Layer(NamedTuple):
 
 
 class _ByteLM:
-    """A pre-LayerNorm decoder-only transformer over bytes with a KV cache of ``slots`` rows.
+    """A pre-LayerNorm decoder-only transformer over bytes with a KV cache of ``slots`` rows
+    (8 MiB each at MAX_CONTEXT).
 
     Active sequences occupy rows ``0..n-1`` of the cache, so a batched decode step reads one
     contiguous slice, padded to the longest sequence and masked per row.
@@ -219,13 +220,13 @@ class _ByteLM:
             for _ in range(N_LAYERS)
         ]
         self.head = weight(VOCAB, D_MODEL, std=LOGIT_STD * D_MODEL**-0.5)
+        # A byte prior so outputs look like text: lowercase words, some lines, rare other bytes.
         prior = torch.full((VOCAB,), -6.0)
         prior[0x20:0x7F] = 0.0
-        prior[ord("a") : ord("z") + 1] = float(__import__("os").environ.get("LB", "1.5"))
-        prior[ord(" ")] = float(__import__("os").environ.get("SB", "2.5"))
-        prior[ord("\n")] = NEWLINE_BIAS
+        prior[ord("a") : ord("z") + 1] = 2.0
+        prior[ord(" ")] = 3.5
+        prior[ord("\n")] = 1.5
         prior[EOS] = eos_bias
-        self.head[EOS] *= float(__import__("os").environ.get("ES", "1"))
         self.prior = prior.to(device)
         shape = (slots, N_HEADS, MAX_CONTEXT, HEAD_DIM)
         self.keys = [torch.zeros(shape, device=device) for _ in range(N_LAYERS)]
@@ -356,7 +357,7 @@ class TorchLM(_Engine[_Seq]):
             ids = torch.tensor([seq.ids], device=self._device)
             logits = model.forward(ids, [0], len(self._active) - 1)
             seq.cached = len(seq.ids)
-            seq.eos_shift = float(__import__("os").environ.get("VG", "0")) * float(logits[0, EOS])
+            seq.eos_shift = VERBOSITY * float(logits[0, EOS])
             self._sample(model, [seq], logits)
             self._retire(model)
         if self._active:

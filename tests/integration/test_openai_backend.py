@@ -215,3 +215,37 @@ def test_cancel_stops_a_long_generation(server):
     assert cancel_s < 0.5
     assert after.ok, after.error
     assert after_s < 1.5
+
+
+def test_a_workflow_runs_on_a_node_serving_the_real_engine(server, procs):
+    """The whole path: scheduler -> node agent -> OpenAI-compatible server -> trace."""
+    procs.config.write_text(
+        "[node]\nheartbeat_interval_s = 0.2\ntelemetry_interval_s = 0.2\ntool_slots = 0\n"
+        f'[[node.replicas]]\nmodel = "{MODEL}"\nbackend = "openai"\nurl = "{server}"\n'
+        f'api_key_env = "{KEY_ENV}"\nconcurrency = 2\ndevice = "cpu"\n'
+    )
+    _, endpoint = procs.scheduler()
+    procs.node(endpoint, "llama-host")
+    wait_for(
+        lambda: (n := procs.nodes(endpoint).get("llama-host")) and n["hello"]["replicas"],
+        what="the node to register its openai replica",
+    )
+    wf = procs.tmp / "ask.toml"
+    wf.write_text(
+        'name = "ask"\n[[steps]]\nid = "q"\nkind = "llm"\nafter = []\n'
+        f'model = "{MODEL}"\nprompt = "Say hi."\nmax_tokens = 12\n'
+        '[[steps]]\nid = "a"\nkind = "llm"\nafter = ["q"]\n'
+        f'model = "{MODEL}"\nprompt = "Answer: {{steps.q.output}}"\nmax_tokens = 12\n'
+    )
+    out = procs.cli("submit", str(wf), "--wait", "--json", "--scheduler", endpoint)
+    view = json.loads(out.stdout)
+    assert view["state"] == "succeeded"
+    assert [s["output_tokens"] for s in view["steps"]] == [12, 12]
+    rows = [
+        json.loads(r)
+        for r in procs.cli(
+            "traces", "export", "--out", "-", "--scheduler", endpoint
+        ).stdout.splitlines()
+    ]
+    assert [r["replica"] for r in rows] == ["llama-host/tiny#0"] * 2
+    assert all(0 < r["ttft_s"] < r["latency_s"] for r in rows)
