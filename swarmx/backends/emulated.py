@@ -198,16 +198,18 @@ class EmulatedServer:
 
     async def _steps(self) -> None:
         while self._active:
-            fresh = [s for s in self._active if s.waiting_prefill]
-            decoding = [s for s in self._active if not s.waiting_prefill]
+            # a sequence arriving during the step joins the next one (and pays its prefill there)
+            batch = list(self._active)
+            fresh = [s for s in batch if s.waiting_prefill]
             step = sum(prefill_s(self.gpu, self.model, s.prompt_tokens) for s in fresh)
-            if decoding or fresh:
-                step += decode_step_s(
-                    self.gpu, self.model, [s.prompt_tokens + s.generated for s in self._active]
-                )
+            step += decode_step_s(
+                self.gpu, self.model, [s.prompt_tokens + s.generated for s in batch]
+            )
             await self.clock.sleep(step)
             now = self.clock.monotonic()
-            for seq in list(self._active):
+            for seq in batch:
+                if seq not in self._active:  # cancelled during the step
+                    continue
                 seq.generated += 1
                 if seq.waiting_prefill:
                     seq.waiting_prefill, seq.ttft_s = False, now - seq.started
