@@ -3,7 +3,12 @@ simulator. Field names are a contract (docs/traces.md); add fields, never rename
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from swarmx.schema import SchemaError, decode, encode
 
 
 @dataclass(frozen=True)
@@ -57,3 +62,45 @@ class TraceRecord:
     """How many calls of the same workflow (the agent session) were dispatched before this one."""
     workflow_name: str = ""
     slo_s: float | None = None
+    session: str = ""
+    """The agent session the call belongs to; empty means the workflow is the session."""
+    input_kinds: list[str] = field(default_factory=list)
+    """What the input carries besides text: ``tool_result``, ``image``, ``model_output``..."""
+    prefix_share: float | None = None
+    """Share of the prompt that repeats the session's previous call (0..1), where known."""
+    pred: dict[str, float] | None = None
+    """The live predictor's quantiles for this call at dispatch (``{"0.9": s}``), if any."""
+    predictor: str = ""
+    """Version of the predictor that made ``pred``."""
+
+    @property
+    def session_id(self) -> str:
+        return self.session or self.workflow
+
+
+def read_traces(paths: Sequence[str | Path]) -> list[TraceRecord]:
+    """Records from JSONL files; a bad line is an error naming file and line."""
+    out: list[TraceRecord] = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    out.append(decode(TraceRecord, json.loads(line), strict=False))
+                except (ValueError, SchemaError) as exc:
+                    raise TraceError(f"{path}:{lineno}: {exc}") from None
+    return out
+
+
+def write_traces(path: str | Path, records: Iterable[TraceRecord]) -> int:
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(encode(rec)) + "\n")
+            n += 1
+    return n
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be read; one line naming the file and line."""

@@ -80,7 +80,7 @@ def _settle(future: asyncio.Future[CallOutcome], outcome: CallOutcome) -> None:
         future.set_result(outcome)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class _Call:
     """A call between ``run`` and its outcome; the engine thread owns it once queued."""
 
@@ -267,12 +267,13 @@ class _ByteLM:
             cache[dst, :, :length] = cache[src, :, :length]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class _Seq(_Call):
-    ids: list[int] = field(default_factory=list)
+    ids: list[int]
     """EOS then the prompt's bytes."""
-    max_new: int = 0
-    gen: torch.Generator = field(default_factory=torch.Generator)
+    max_new: int
+    gen: torch.Generator
+    """Seeded from the prompt, so the same prompt samples the same output."""
     out: list[int] = field(default_factory=list)
     cached: int = 0
     """Tokens in the KV cache: the position the next fed token takes."""
@@ -411,7 +412,11 @@ class TorchLM(_Engine[_Seq]):
 
 
 class _VisionNet:
-    """Diffusion-like denoising passes at full resolution, then a strided CNN and a word head."""
+    """Diffusion-like denoising passes at full resolution, then a strided CNN and a word head.
+
+    The head reads a 4x4 grid of features, each channel normalised over the grid: what differs
+    between images is their layout, and random filters respond to every image's average alike.
+    """
 
     def __init__(self, seed: int, device: torch.device) -> None:
         gen = torch.Generator().manual_seed(seed)
@@ -423,7 +428,7 @@ class _VisionNet:
         self.denoise = (weight(16, 3, 3, 3), weight(3, 16, 3, 3))
         self.encoder = [weight(32, 3, 3, 3), weight(64, 32, 3, 3), weight(128, 64, 3, 3)]
         self.encoder.append(weight(128, 128, 3, 3))
-        self.head = weight(len(VISION_WORDS), 128)
+        self.head = weight(len(VISION_WORDS), 128 * 4 * 4)
 
     def forward(self, images: torch.Tensor, steps: int) -> torch.Tensor:
         """Word scores [B, words] for images [B, 3, px, px]."""
@@ -433,14 +438,15 @@ class _VisionNet:
             x = x - 0.1 * F.conv2d(hidden, self.denoise[1], padding=1)
         for w in self.encoder:
             x = F.gelu(F.conv2d(x, w, stride=2, padding=1))
-        return F.linear(x.mean(dim=(2, 3)), self.head)
+        grid = F.instance_norm(F.adaptive_avg_pool2d(x, 4))
+        return F.linear(grid.flatten(1), self.head)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class _Image(_Call):
-    image_px: int = 224
-    steps: int = 1
-    seed: int = 0
+    image_px: int
+    steps: int
+    seed: int
 
 
 def _pseudo_image(seed: int, px: int) -> torch.Tensor:

@@ -147,11 +147,17 @@ def test_concurrent_calls_share_decode_steps():
     async def main() -> None:
         async with started(TorchLM(lm_cfg(concurrency=4), eos_bias=NO_EOS)) as lm:
             await lm.run(llm("warm up", 4))
-            lone = [await timed(lm.run(llm(TEXT[:30], 64))) for _ in range(3)]
-            batches = [await timed_batch(lm) for _ in range(3)]
-        lone_s = statistics.median(elapsed for elapsed, _ in lone)
-        four_s = statistics.median(elapsed for elapsed, _ in batches)
-        assert four_s < 2.5 * lone_s  # one after another would take 4x
+            lone, batches, lone_cpu, four_cpu = [], [], [], []
+            for _ in range(5):
+                cpu0 = time.process_time()
+                lone.append(await timed(lm.run(llm(TEXT[:30], 64))))
+                cpu1 = time.process_time()
+                batches.append(await timed_batch(lm))
+                lone_cpu.append(cpu1 - cpu0)
+                four_cpu.append(time.process_time() - cpu1)
+        # Compute (CPU time) rather than wall time: other processes on a busy 2-core machine
+        # stretch short wall-time windows unevenly. One call after another would take 4x.
+        assert statistics.median(four_cpu) < 2.5 * statistics.median(lone_cpu)
         lone_tok = statistics.median(per_token_s(*run) for run in lone)
         batched_tok = statistics.median(per_token_s(*run) for _, runs in batches for run in runs)
         assert batched_tok > 1.2 * lone_tok
@@ -168,7 +174,8 @@ def test_admission_is_bounded_by_concurrency():
     async def main() -> None:
         async with started(TorchLM(lm_cfg(concurrency=2), eos_bias=NO_EOS)) as lm:
             calls = [asyncio.create_task(lm.run(llm(f"call {i}", 96))) for i in range(4)]
-            await asyncio.sleep(0.05)
+            while not lm.metrics().kv_cache_usage:  # until the engine has prefilled a call
+                await asyncio.sleep(0.005)
             metrics = lm.metrics()
             assert (metrics.queued, metrics.running) == (2, 2)
             assert metrics.kv_cache_usage is not None
@@ -266,6 +273,7 @@ def test_vision_names_words_and_costs_grow_with_pixels_and_steps():
             assert out.prompt_tokens == len(b"scan of an invoice")
             assert out.ttft_s is None
             assert (await vm.run(vision())).output == out.output
+            assert (await vm.run(vision("photo of a street"))).output != out.output
             big = await vm.run(vision(image_px="512"))
             assert big.output_tokens > 8
             small_s = await median_s(lambda: vm.run(vision(image_px="224")))

@@ -1,0 +1,93 @@
+"""A forecast of one call's latency as a distribution, given by a few quantiles.
+
+Pure Python (no torch), because routers and scalers consume it in the scheduler's event loop and
+in the simulator. Between the known levels the quantile function is interpolated linearly in
+log-latency against the normal score of the level (exact for a lognormal, smooth elsewhere);
+beyond the extreme levels it is extrapolated along the same line, so tail queries such as p99.9
+stay finite and monotone.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+
+_NORMAL = NormalDist()
+_MIN_S = 1e-6
+
+
+def _z(p: float) -> float:
+    return _NORMAL.inv_cdf(min(max(p, 1e-9), 1 - 1e-9))
+
+
+@dataclass(frozen=True)
+class LatencyDist:
+    levels: tuple[float, ...]
+    """Increasing probability levels in (0, 1)."""
+    values_s: tuple[float, ...]
+    """Latency at each level, seconds; non-decreasing."""
+
+    def __post_init__(self) -> None:
+        if not self.levels or len(self.levels) != len(self.values_s):
+            raise ValueError("levels and values_s must be non-empty and of equal length")
+        if any(b <= a for a, b in zip(self.levels, self.levels[1:], strict=False)):
+            raise ValueError(f"levels must increase: {self.levels}")
+        if any(b < a for a, b in zip(self.values_s, self.values_s[1:], strict=False)):
+            raise ValueError(f"quantiles must not decrease: {self.values_s}")
+
+    @classmethod
+    def from_quantiles(cls, quantiles: dict[float, float]) -> LatencyDist:
+        levels = tuple(sorted(quantiles))
+        return cls(levels, tuple(quantiles[p] for p in levels))
+
+    @classmethod
+    def lognormal(cls, median_s: float, sigma: float, levels: Sequence[float]) -> LatencyDist:
+        mu = math.log(max(median_s, _MIN_S))
+        return cls(tuple(levels), tuple(math.exp(mu + sigma * _z(p)) for p in levels))
+
+    def quantile(self, p: float) -> float:
+        """Latency at level ``p`` (0 < p < 1)."""
+        zs = [_z(q) for q in self.levels]
+        logs = [math.log(max(v, _MIN_S)) for v in self.values_s]
+        z = _z(p)
+        if len(zs) == 1:
+            return self.values_s[0]
+        i = bisect.bisect_left(zs, z)
+        i = min(max(i, 1), len(zs) - 1)  # the segment to interpolate or extrapolate along
+        z0, z1, l0, l1 = zs[i - 1], zs[i], logs[i - 1], logs[i]
+        slope = max(0.0, (l1 - l0) / (z1 - z0))
+        return math.exp(l0 + slope * (z - z0))
+
+    def cdf(self, latency_s: float, tol: float = 1e-4) -> float:
+        """P(latency <= latency_s), by bisection on the quantile function."""
+        lo, hi = 1e-6, 1 - 1e-6
+        if self.quantile(lo) >= latency_s:
+            return 0.0
+        if self.quantile(hi) <= latency_s:
+            return 1.0
+        while hi - lo > tol:
+            mid = (lo + hi) / 2
+            if self.quantile(mid) <= latency_s:
+                lo = mid
+            else:
+                hi = mid
+        return (lo + hi) / 2
+
+    def mean(self, points: int = 200) -> float:
+        """E[latency] = integral of the quantile function over (0, 1), midpoint rule."""
+        return sum(self.quantile((i + 0.5) / points) for i in range(points)) / points
+
+    def sample(self, rng: random.Random, n: int = 1) -> list[float]:
+        """Draws by inverse transform."""
+        return [self.quantile(rng.random()) for _ in range(n)]
+
+    def scaled(self, factor: float) -> LatencyDist:
+        return LatencyDist(self.levels, tuple(v * factor for v in self.values_s))
+
+    def as_dict(self) -> dict[str, float]:
+        """``{"0.5": s, ...}``: the JSON shape of `swarmx predictor predict`."""
+        return {f"{p:g}": v for p, v in zip(self.levels, self.values_s, strict=True)}
