@@ -319,6 +319,32 @@ class TracesReply:
     last_id: int
 
 
+@dataclass(frozen=True)
+class QueryPredictor:
+    TYPE: ClassVar[str] = "query_predictor"
+
+
+@dataclass(frozen=True)
+class PredictorStatus:
+    """The scheduler's live latency predictor and how well it has done lately."""
+
+    TYPE: ClassVar[str] = "predictor_status"
+    version: str
+    kind: str
+    """``trained`` or ``fallback`` (per-model running quantiles before any model is trained)."""
+    levels: list[float]
+    calls_seen: int
+    buffer_calls: int
+    recent_coverage: dict[str, float]
+    recent_pinball_s: dict[str, float]
+    online_shift: dict[str, float]
+    """The conformal correction (log space, per level) applied on top of the model."""
+    training: bool
+    swaps: int
+    refused_swaps: int
+    last_trained_ts: float | None
+
+
 # --- client queries ---------------------------------------------------------------------------
 
 
@@ -371,6 +397,8 @@ Message = (
     | WorkflowsReply
     | ExportTraces
     | TracesReply
+    | QueryPredictor
+    | PredictorStatus
     | QueryNodes
     | NodesReply
 )
@@ -394,6 +422,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         WorkflowsReply,
         ExportTraces,
         TracesReply,
+        QueryPredictor,
+        PredictorStatus,
         QueryNodes,
         NodesReply,
     )

@@ -8,6 +8,7 @@ from swarmx import __version__
 from swarmx.cli.common import ConfigOpt, load
 from swarmx.cli.daemons import node_app, scheduler_app
 from swarmx.cli.nodes import nodes
+from swarmx.cli.predictor import predictor_app
 from swarmx.cli.up import up
 from swarmx.cli.workflows import cancel, result, status, submit, traces_app
 
@@ -21,6 +22,7 @@ app = typer.Typer(
 app.add_typer(scheduler_app, name="scheduler")
 app.add_typer(node_app, name="node")
 app.add_typer(traces_app, name="traces")
+app.add_typer(predictor_app, name="predictor")
 app.command()(nodes)
 app.command()(up)
 app.command()(submit)

@@ -172,3 +172,53 @@ def export(
             sink.close()
     if sink is not sys.stdout:
         typer.echo(f"{count} calls written to {out}", err=True)
+
+
+@traces_app.command("import")
+def import_(
+    path: Annotated[
+        Path,
+        typer.Argument(help="A public trace file, e.g. requests.csv.", exists=True, dir_okay=False),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="JSONL file to write.")],
+    format_: Annotated[str, typer.Option("--format", help="claude-code (requests.csv).")] = (
+        "claude-code"
+    ),
+) -> None:
+    """Convert a public trace into the trace format (claude-code: latency from api_time_s)."""
+    from swarmx.tracefmt import import_claude_code
+    from swarmx.traces import TraceError, write_traces
+
+    if format_ != "claude-code":
+        fail(f"--format: unknown format {format_!r} (known: claude-code)", EXIT_USAGE)
+    try:
+        records = import_claude_code(path)
+    except (OSError, TraceError) as exc:
+        fail(str(exc), EXIT_USAGE)
+    n = write_traces(out, records)
+    typer.echo(
+        f"{n} calls from {len({r.workflow for r in records})} traces written to {out}", err=True
+    )
+
+
+@traces_app.command("split")
+def split(
+    path: Annotated[Path, typer.Argument(help="Trace JSONL.", exists=True, dir_okay=False)],
+    train_out: Annotated[Path, typer.Option("--train", help="JSONL for the training part.")],
+    test_out: Annotated[Path, typer.Option("--test", help="JSONL for the test part.")],
+    test_frac: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.2,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Split by workflow (agent session with its sub-agents), never by row, so no session's
+    calls are on both sides."""
+    from swarmx.tracefmt import split_by_session
+    from swarmx.traces import TraceError, read_traces, write_traces
+
+    try:
+        records = read_traces([path])
+    except (OSError, TraceError) as exc:
+        fail(str(exc), EXIT_USAGE)
+    train, test = split_by_session(records, test_frac, seed)
+    write_traces(train_out, train)
+    write_traces(test_out, test)
+    typer.echo(f"{len(train)} calls to {train_out}, {len(test)} to {test_out}", err=True)

@@ -22,6 +22,7 @@ from swarmx.cluster import NodeTable
 from swarmx.config import SchedulerConfig
 from swarmx.daemon.lifecycle import SystemdNotifier, run_until_stopped
 from swarmx.daemon.workflows import WorkflowService
+from swarmx.models.online import OnlineLearner
 from swarmx.protocol import (
     Ack,
     CancelWorkflow,
@@ -32,7 +33,9 @@ from swarmx.protocol import (
     Hello,
     Message,
     NodesReply,
+    PredictorStatus,
     QueryNodes,
+    QueryPredictor,
     QueryWorkflows,
     Result,
     SchedulerInfo,
@@ -43,6 +46,7 @@ from swarmx.protocol import (
     WorkflowsReply,
 )
 from swarmx.sched.router import LeastOutstanding
+from swarmx.schema import decode
 from swarmx.store import Store
 from swarmx.transport import RouterChannel, bind_router
 from swarmx.workflow.spec import WorkflowError
@@ -82,6 +86,7 @@ class SchedulerDaemon:
         self._started_mono = clock.monotonic()
         self._channel: RouterChannel | None = None
         self.workflows: WorkflowService | None = None
+        self.learner: OnlineLearner | None = None
         self.handler_errors = 0
         self._handlers: dict[type[Message], Handler] = {
             Hello: self._on_hello,
@@ -93,6 +98,7 @@ class SchedulerDaemon:
             QueryWorkflows: self._on_query_workflows,
             CancelWorkflow: self._on_cancel_workflow,
             ExportTraces: self._on_export_traces,
+            QueryPredictor: self._on_query_predictor,
         }
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -102,8 +108,14 @@ class SchedulerDaemon:
         state_dir.mkdir(parents=True, exist_ok=True)
         with _exclusive(state_dir / "scheduler.lock"):
             store = Store(state_dir / DB_FILE)
+            self.learner = OnlineLearner(state_dir)
             self.workflows = WorkflowService(
-                store, LeastOutstanding(), self.nodes, self.clock, self._send_to_node
+                store,
+                LeastOutstanding(),
+                self.nodes,
+                self.clock,
+                self._send_to_node,
+                learner=self.learner,
             )
             resumed = await self.workflows.recover()
             if resumed:
@@ -172,6 +184,9 @@ class SchedulerDaemon:
                     await self.workflows.on_node_down(change.node)
             if self.workflows.pending:
                 await self.workflows.retry_pending()
+            if self.learner is not None:
+                self.learner.poll()
+                self.learner.maybe_retrain()
 
     async def _send_to_node(self, node: str, body: Message) -> bool:
         assert self._channel is not None
@@ -272,6 +287,10 @@ class SchedulerDaemon:
         rows = self.workflows.store.traces(q.after_id, min(max(q.limit, 1), 5000))
         last = rows[-1][0] if rows else q.after_id
         await self._reply(peer, TracesReply([r for _, r in rows], last))
+
+    async def _on_query_predictor(self, peer: bytes, env: Envelope) -> None:
+        assert self.learner is not None
+        await self._reply(peer, decode(PredictorStatus, self.learner.status()))
 
     async def _on_query_nodes(self, peer: bytes, env: Envelope) -> None:
         assert self._channel is not None

@@ -16,6 +16,9 @@ from dataclasses import dataclass, replace
 
 from swarmx.clock import Clock
 from swarmx.cluster import NodeTable
+from swarmx.models.dist import LatencyDist
+from swarmx.models.online import OnlineLearner
+from swarmx.models.query import Query
 from swarmx.protocol import (
     CancelCalls,
     Dispatch,
@@ -68,11 +71,22 @@ class _Inflight:
     device: DeviceAtDispatch
     runtime: RuntimeAtDispatch
     turn: int
+    input_kinds: list[str]
+    prefix_share: float
+    pred: LatencyDist | None
+    predictor: str
 
 
 class WorkflowService:
     def __init__(
-        self, store: Store, router: Router, nodes: NodeTable, clock: Clock, send: Send
+        self,
+        store: Store,
+        router: Router,
+        nodes: NodeTable,
+        clock: Clock,
+        send: Send,
+        *,
+        learner: OnlineLearner | None = None,
     ) -> None:
         self.store = store
         self.router = router
@@ -87,6 +101,11 @@ class WorkflowService:
         self.pending: collections.deque[CallSpec] = collections.deque()
         """Calls with no live replica for their model yet; retried as replicas come and go."""
         self.late_results = 0
+        self.learner = learner
+        self._last_prompt: dict[str, str] = {}
+        self._bytes_per_token: dict[str, float] = {}
+        """Per model, prompt bytes per token as its server counts them: estimates tokens at
+        dispatch on the same scale the traces record after the call."""
 
     # --- cluster membership -----------------------------------------------------------------
 
@@ -207,8 +226,10 @@ class WorkflowService:
         rep = self.replicas.get(f.replica)
         if rep is not None:
             rep.view = replace(rep.view, outstanding=max(0, rep.view.outstanding - 1))
-        trace = None if result is None else encode(self._trace(f, result))
-        self.store.call_done(done, result, trace)
+        record = None if result is None else self._trace(f, result)
+        self.store.call_done(done, result, None if record is None else encode(record))
+        if record is not None:
+            self._learn(record)
         run = self.runs.get(f.call.workflow_id)
         if run is not None:
             await self._execute(run, run.on_done(done))
@@ -242,7 +263,38 @@ class WorkflowService:
             turn=f.turn,
             workflow_name=run.spec.name if run else "",
             slo_s=run.spec.slo_s if run else None,
+            input_kinds=f.input_kinds,
+            prefix_share=f.prefix_share,
+            pred=f.pred.as_dict() if f.pred else None,
+            predictor=f.predictor,
         )
+
+    def _learn(self, rec: TraceRecord) -> None:
+        if rec.ok and rec.prompt_tokens > 0 and rec.kind != "tool":
+            ratio = max(1, len(rec.prompt.encode())) / rec.prompt_tokens
+            old = self._bytes_per_token.get(rec.model)
+            self._bytes_per_token[rec.model] = ratio if old is None else 0.9 * old + 0.1 * ratio
+        if self.learner is not None:
+            self.learner.observe(rec)
+
+    def _estimate_tokens(self, call: CallSpec) -> int:
+        if call.kind == "tool":
+            return 0
+        size = len(call.prompt.encode())
+        return max(1, round(size / self._bytes_per_token.get(call.model, 4.0)))
+
+    def _workflow_name(self, call: CallSpec) -> str:
+        run = self.runs.get(call.workflow_id)
+        return run.spec.name if run else ""
+
+    def _input_kinds(self, call: CallSpec) -> list[str]:
+        """What the call's input carries besides its own text: outputs of tools, of models."""
+        run = self.runs.get(call.workflow_id)
+        kinds = {"image"} if call.kind == "model" else set()
+        if run is not None:
+            for dep in call.deps:
+                kinds.add(_OUTPUT_KIND[run.spec.step(dep).kind])
+        return sorted(kinds)
 
     # --- executing engine instructions ------------------------------------------------------
 
@@ -260,6 +312,9 @@ class WorkflowService:
         self.store.finish_workflow(run.id, fin.state, fin.reason, self.clock.time())
         self.runs.pop(run.id, None)
         self._turns.pop(run.id, None)
+        self._last_prompt.pop(run.id, None)
+        if self.learner is not None:
+            self.learner.sessions.forget(run.id)
         self.pending = collections.deque(c for c in self.pending if c.workflow_id != run.id)
         log.info("workflow %s %s%s", run.id, fin.state, f": {fin.reason}" if fin.reason else "")
 
@@ -278,17 +333,49 @@ class WorkflowService:
             return
         view = self.router.choose(call, candidates)
         rep = self.replicas[view.replica]
+        device = self._device(rep)
+        runtime = RuntimeAtDispatch(
+            min(view.outstanding, view.concurrency), max(0, view.outstanding - view.concurrency)
+        )
+        turn = self._turns[call.workflow_id]
+        kinds = self._input_kinds(call)
+        share = _prefix_share(call.prompt, self._last_prompt.get(call.workflow_id, ""))
+        self._last_prompt[call.workflow_id] = call.prompt
+        pred, version = None, ""
+        if self.learner is not None:
+            query = Query(
+                call.model,
+                call.kind,
+                call.prompt,
+                self._estimate_tokens(call),
+                call.max_tokens,
+                self._workflow_name(call),
+                turn,
+                kinds,
+                share,
+                device.gpu,
+                device.gpu_util,
+                device.gpu_mem_frac,
+                device.cpu_util,
+                runtime.inflight,
+                runtime.queue_depth,
+                self.learner.sessions.context(call.workflow_id),
+            )
+            (pred,) = self.learner.forecast([query])
+            version = self.learner.live.version
         f = _Inflight(
             call,
             rep.node,
             view.replica,
             self._ready_ts.pop(call.call_id, self.clock.time()),
             self.clock.time(),
-            self._device(rep),
-            RuntimeAtDispatch(
-                min(view.outstanding, view.concurrency), max(0, view.outstanding - view.concurrency)
-            ),
-            self._turns[call.workflow_id],
+            device,
+            runtime,
+            turn,
+            kinds,
+            share,
+            pred,
+            version,
         )
         self._turns[call.workflow_id] += 1
         self._inflight[call.call_id] = f
@@ -410,6 +497,20 @@ class WorkflowService:
     def recent(self, limit: int) -> list[WorkflowView]:
         views = (self.view(r.id, detailed=False) for r in self.store.workflows(limit=limit))
         return [v for v in views if v is not None]
+
+
+_OUTPUT_KIND = {"tool": "tool_result", "model": "model_output", "llm": "llm_output"}
+
+
+def _prefix_share(prompt: str, previous: str) -> float:
+    """Share of ``prompt`` that repeats the start of the session's previous prompt."""
+    if not prompt or not previous:
+        return 0.0
+    n = next(
+        (i for i, (a, b) in enumerate(zip(prompt, previous, strict=False)) if a != b),
+        min(len(prompt), len(previous)),
+    )
+    return n / len(prompt)
 
 
 def _order(item: tuple[tuple[str, int | None], StepView]) -> tuple[str, int]:

@@ -1,0 +1,336 @@
+"""Online adaptation inside the scheduler: forecast at dispatch, learn from every result.
+
+- Every finished call feeds a replay buffer, the session tracker and the cold-start fallback.
+- A background thread retrains (by call count and by time, sooner when calibration drifts):
+  fine-tunes a copy of the live model on the buffer, or trains the first one once enough calls
+  have been seen. Routing never waits for it.
+- Guarded swap: the candidate replaces the live model only if its pinball loss on the most recent
+  calls, which it was not trained on, beats the live model's on the same calls.
+- Calibration monitor: the quantiles forecast at dispatch are checked against what happened over
+  a sliding window; when coverage drifts, a conformal correction (per level, in log space) applies
+  at once, before any retraining.
+- Versions live in ``<state_dir>/predictors/``; the live one is loaded again after a restart.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from swarmx.models.baselines import FallbackPredictor
+from swarmx.models.dist import LatencyDist
+from swarmx.models.query import Query, SessionTracker, queries
+from swarmx.traces import TraceRecord
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEVELS = (0.5, 0.9, 0.95, 0.99)
+
+
+class Predictor(Protocol):
+    version: str
+    kind: str
+
+    @property
+    def levels(self) -> tuple[float, ...]: ...
+
+    def predict(self, queries: Sequence[Query]) -> list[LatencyDist]: ...
+
+
+@dataclass
+class OnlineConfig:
+    levels: tuple[float, ...] = DEFAULT_LEVELS
+    buffer_calls: int = 20_000
+    min_calls_to_train: int = 300
+    retrain_every_calls: int = 1_000
+    retrain_every_s: float = 600.0
+    holdout_frac: float = 0.2
+    """The most recent share of the buffer, kept out of training to judge candidates."""
+    window_calls: int = 200
+    """Calls the calibration monitor looks at."""
+    fine_tune_epochs: int = 3
+    keep_versions: int = 5
+
+
+@dataclass
+class Monitor:
+    """Sliding-window coverage and pinball of the forecasts made at dispatch."""
+
+    levels: tuple[float, ...]
+    size: int
+    hits: dict[float, collections.deque[bool]] = field(default_factory=dict)
+    residuals: dict[float, collections.deque[float]] = field(default_factory=dict)
+    losses: dict[float, collections.deque[float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for p in self.levels:
+            self.hits[p] = collections.deque(maxlen=self.size)
+            self.residuals[p] = collections.deque(maxlen=self.size)
+            self.losses[p] = collections.deque(maxlen=self.size)
+
+    def add(self, pred: dict[float, float], actual_s: float) -> None:
+        for p in self.levels:
+            q = pred.get(p)
+            if q is None or q <= 0:
+                continue
+            self.hits[p].append(actual_s <= q)
+            self.residuals[p].append(math.log(max(actual_s, 1e-6)) - math.log(q))
+            diff = actual_s - q
+            self.losses[p].append(max(p * diff, (p - 1) * diff))
+
+    def coverage(self) -> dict[float, float]:
+        return {p: sum(h) / len(h) for p, h in self.hits.items() if h}
+
+    def pinball(self) -> dict[float, float]:
+        return {p: sum(v) / len(v) for p, v in self.losses.items() if v}
+
+    def drifted(self) -> bool:
+        """Coverage off by more than sampling noise (2 standard errors, at least 3 points)."""
+        for p, h in self.hits.items():
+            if len(h) < self.size:
+                continue
+            tol = max(0.03, 2 * math.sqrt(p * (1 - p) / len(h)))
+            if abs(sum(h) / len(h) - p) > tol:
+                return True
+        return False
+
+    def correction(self) -> dict[float, float]:
+        """Per level, the log-space shift that would have given nominal coverage in the window."""
+        out = {}
+        for p, res in self.residuals.items():
+            if res:
+                ordered = sorted(res)
+                k = min(len(ordered) - 1, max(0, math.ceil(p * (len(ordered) + 1)) - 1))
+                out[p] = ordered[k]
+        return out
+
+    def clear(self) -> None:
+        for table in (self.hits, self.residuals, self.losses):
+            for d in table.values():
+                d.clear()
+
+
+def _apply_shift(dist: LatencyDist, shift: dict[float, float]) -> LatencyDist:
+    values, floor = [], 0.0
+    for p, v in zip(dist.levels, dist.values_s, strict=True):
+        floor = max(floor, v * math.exp(shift.get(p, 0.0)))  # stays monotone
+        values.append(floor)
+    return LatencyDist(dist.levels, tuple(values))
+
+
+class OnlineLearner:
+    def __init__(self, state_dir: Path, cfg: OnlineConfig | None = None) -> None:
+        self.cfg = cfg or OnlineConfig()
+        self.dir = state_dir / "predictors"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.fallback = FallbackPredictor(self.cfg.levels)
+        self.sessions = SessionTracker()
+        self.live: Predictor = self.fallback
+        self.buffer: collections.deque[TraceRecord] = collections.deque(
+            maxlen=self.cfg.buffer_calls
+        )
+        self.monitor = Monitor(self.cfg.levels, self.cfg.window_calls)
+        self.shift: dict[float, float] = {}
+        self.calls_seen = 0
+        self.swaps = 0
+        self.refused = 0
+        self.last_trained_ts: float | None = None
+        self._since_train = 0
+        self._last_train_mono = time.monotonic()
+        self._hurry = False
+        self._lock = threading.Lock()
+        self._candidate: tuple[Predictor, float, float] | None = None
+        self._thread: threading.Thread | None = None
+        self._load_live()
+
+    # --- forecasting ------------------------------------------------------------------------
+
+    def forecast(self, queries: Sequence[Query]) -> list[LatencyDist]:
+        dists = self.live.predict(queries)
+        return [_apply_shift(d, self.shift) for d in dists] if self.shift else dists
+
+    # --- learning ---------------------------------------------------------------------------
+
+    def observe(self, rec: TraceRecord) -> None:
+        """A finished call. Cheap: the heavy work happens on the trainer thread."""
+        if not rec.ok or rec.latency_s <= 0:
+            return
+        self.calls_seen += 1
+        self._since_train += 1
+        self.buffer.append(rec)
+        self.fallback.observe(rec)
+        self.sessions.observe(rec.session_id, rec.output_tokens, rec.latency_s)
+        if rec.pred and rec.predictor == self.live.version:
+            self.monitor.add({float(k): v for k, v in rec.pred.items()}, rec.latency_s)
+            if self.monitor.drifted():
+                correction = self.monitor.correction()
+                self.shift = {p: self.shift.get(p, 0.0) + c for p, c in correction.items()}
+                log.warning(
+                    "predictor %s: coverage drifted (%s); conformal correction %s, "
+                    "retraining sooner",
+                    self.live.version,
+                    _fmt(self.monitor.coverage()),
+                    _fmt(self.shift),
+                )
+                self.monitor.clear()
+                self._hurry = True
+
+    def due(self) -> bool:
+        if self._thread is not None or len(self.buffer) < self.cfg.min_calls_to_train:
+            return False
+        if self.live is self.fallback or self._hurry:
+            return self._since_train >= min(self.cfg.min_calls_to_train, 100) or self._hurry
+        return (
+            self._since_train >= self.cfg.retrain_every_calls
+            or time.monotonic() - self._last_train_mono >= self.cfg.retrain_every_s
+        )
+
+    def maybe_retrain(self) -> bool:
+        """Start a background training run if one is due; True if started."""
+        if not self.due():
+            return False
+        records = list(self.buffer)
+        base = None if self.live is self.fallback else self.live
+        self._since_train, self._hurry = 0, False
+        self._last_train_mono = time.monotonic()
+        self._thread = threading.Thread(
+            target=self._train, args=(records, base), name="swarmx-trainer", daemon=True
+        )
+        self._thread.start()
+        return True
+
+    def poll(self) -> bool:
+        """Install a finished candidate if it beat the live model; True on a swap."""
+        with self._lock:
+            found, self._candidate = self._candidate, None
+        if self._thread is not None and not self._thread.is_alive():
+            self._thread = None
+        if found is None:
+            return False
+        candidate, cand_loss, live_loss = found
+        self.last_trained_ts = time.time()
+        if cand_loss >= live_loss:
+            self.refused += 1
+            log.info(
+                "predictor candidate %s refused: held-out pinball %.4f >= live %.4f",
+                candidate.version,
+                cand_loss,
+                live_loss,
+            )
+            return False
+        self._install(candidate)
+        log.info(
+            "predictor %s is live (held-out pinball %.4f < %.4f)",
+            candidate.version,
+            cand_loss,
+            live_loss,
+        )
+        return True
+
+    def _install(self, candidate: Predictor) -> None:
+        self.live = candidate
+        self.swaps += 1
+        self.shift = {}
+        self.monitor.clear()
+        self._save(candidate)
+
+    def _train(self, records: list[TraceRecord], base: Predictor | None) -> None:
+        from swarmx.models.predictor import QuantilePredictor
+        from swarmx.models.train import FeatureConfig, fine_tune, train
+
+        try:
+            cut = int(len(records) * (1 - self.cfg.holdout_frac))
+            fit = records[:cut]
+            held_q, held_s = queries(records)[cut:], [r.latency_s for r in records[cut:]]
+            if isinstance(base, QuantilePredictor):
+                cand: QuantilePredictor = fine_tune(base, fit, epochs=self.cfg.fine_tune_epochs)
+            else:
+                cand, _ = train(fit, FeatureConfig(levels=self.cfg.levels))
+            cand.version = f"v{int(time.time())}-{len(records)}"
+            live = base if base is not None else self.fallback
+            c_loss = held_out_pinball(cand, held_q, held_s)
+            l_loss = held_out_pinball(live, held_q, held_s)
+        except Exception:  # a failed training run must never take the scheduler down
+            log.exception("predictor training failed")
+            return
+        with self._lock:
+            self._candidate = (cand, c_loss, l_loss)
+
+    # --- persistence ------------------------------------------------------------------------
+
+    def _save(self, model: Predictor) -> None:
+        from swarmx.models.predictor import QuantilePredictor
+
+        if not isinstance(model, QuantilePredictor):
+            return
+        path = self.dir / f"{model.version}.pt"
+        model.save(path)
+        tmp = self.dir / "live.json.tmp"
+        tmp.write_text(json.dumps({"version": model.version, "file": path.name}))
+        tmp.replace(self.dir / "live.json")
+        versions = sorted(self.dir.glob("*.pt"), key=lambda p: p.stat().st_mtime)
+        for old in versions[: -self.cfg.keep_versions]:
+            if old != path:
+                old.unlink()
+
+    def _load_live(self) -> None:
+        pointer = self.dir / "live.json"
+        if not pointer.exists():
+            return
+        from swarmx.models.predictor import QuantilePredictor
+
+        try:
+            name = json.loads(pointer.read_text())["file"]
+            self.live = QuantilePredictor.load(self.dir / name)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            log.error(
+                "cannot load the live predictor from %s (%s); using the fallback", pointer, exc
+            )
+            return
+        log.info("predictor %s loaded from %s", self.live.version, self.dir)
+
+    def install(self, path: Path) -> None:
+        """Make a trained model file live (e.g. one from `swarmx predictor train`)."""
+        from swarmx.models.predictor import QuantilePredictor
+
+        self._install(QuantilePredictor.load(path))
+
+    def status(self) -> dict[str, object]:
+        return {
+            "version": self.live.version,
+            "kind": self.live.kind,
+            "levels": list(self.cfg.levels),
+            "calls_seen": self.calls_seen,
+            "buffer_calls": len(self.buffer),
+            "recent_coverage": {f"{p:g}": v for p, v in self.monitor.coverage().items()},
+            "recent_pinball_s": {f"{p:g}": v for p, v in self.monitor.pinball().items()},
+            "online_shift": {f"{p:g}": v for p, v in self.shift.items()},
+            "training": self._thread is not None,
+            "swaps": self.swaps,
+            "refused_swaps": self.refused,
+            "last_trained_ts": self.last_trained_ts,
+        }
+
+
+def held_out_pinball(model: Predictor, qs: Sequence[Query], actual_s: Sequence[float]) -> float:
+    """Mean pinball loss (seconds) over all levels."""
+    if not qs:
+        return math.inf
+    dists = model.predict(qs)
+    total = 0.0
+    for d, y in zip(dists, actual_s, strict=True):
+        for p, q in zip(d.levels, d.values_s, strict=True):
+            total += max(p * (y - q), (p - 1) * (y - q))
+    return total / (len(qs) * len(dists[0].levels))
+
+
+def _fmt(values: dict[float, float]) -> str:
+    return ", ".join(f"{p:g}: {v:.3f}" for p, v in values.items())

@@ -1,0 +1,638 @@
+"""The learned distributional latency predictor: quantiles of a call's service time from what is
+known at dispatch (prompt, target model, device, runtime load, the agent session so far).
+
+Why it is built this way:
+
+- Quantiles in log-latency space, monotone by construction (a base plus cumulative softplus
+  gaps) and trained with the pinball loss, so routers get a tail and not just a mean.
+- An ensemble whose disagreement widens the forecast, an "unknown" model row trained on random
+  calls (a marginal, hence wider, forecast for models never seen), and a novelty input (share of
+  the prompt's n-grams never seen in training, simulated in training by n-gram dropout) so
+  unfamiliar calls get wider tails instead of confident guesses.
+- Split-conformal shifts per load bucket, fitted on held-out sessions, so the tails hold where
+  the scheduler uses them; plus an online shift the runtime calibration monitor sets.
+- Device and runtime inputs join late in the network: scoring one call on many candidate
+  placements encodes the call once (`QuantilePredictor.predict_candidates`).
+
+This is the only module that runs torch for prediction; `swarmx.models.train` fits it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import hashlib
+import math
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from swarmx.models.dist import LatencyDist
+from swarmx.models.query import Query
+
+FORMAT = 1
+Candidate = tuple[str, float, float, float, int, int]
+"""A placement to score: (gpu, gpu_util, gpu_mem_frac, cpu_util, inflight, queue_depth)."""
+
+_WORD = re.compile(r"\w+")
+_CALL_FEATURES = 14
+_PLACE_FEATURES = 5
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Everything that shapes the features and the network; stored in the model file."""
+
+    levels: tuple[float, ...] = (0.5, 0.9, 0.95, 0.99)
+    hash_buckets: int = 1 << 15
+    """Buckets for the prompt's hashed word uni/bigrams and char trigrams."""
+    embed_dim: int = 32
+    """Width of the prompt and model embeddings (per ensemble member)."""
+    hidden: int = 128
+    ensemble: int = 3
+    small_dim: int = 8
+    """Width of the workflow-name and GPU embeddings."""
+    workflow_buckets: int = 1024
+    max_words: int = 256
+    """Words hashed per prompt: the first and last halves of this many (long agent prompts keep
+    the task at the head and the latest turn at the tail)."""
+    unknown_p: float = 0.1
+    """Training share of calls whose model (and GPU) is replaced by "unknown"."""
+    novelty_p: float = 0.5
+    """Training share of calls that lose a random fraction (uniform in 0..1) of their n-grams."""
+    spread: float = 1.0
+    """Ensemble std times the level's normal score is added to the members' mean quantile."""
+    load_edges: tuple[int, ...] = (1, 3, 8)
+    """Conformal load buckets by inflight + queue_depth: 0, 1-2, 3-7, 8+."""
+    min_bucket_calls: int = 50
+    """A load bucket with fewer calibration calls uses the global shift."""
+
+    def __post_init__(self) -> None:
+        levels = tuple(sorted(float(p) for p in self.levels))
+        if not levels or any(not 0 < p < 1 for p in levels) or len(set(levels)) != len(levels):
+            raise ValueError(f"levels must be distinct and in (0, 1): {self.levels}")
+        object.__setattr__(self, "levels", levels)
+        object.__setattr__(self, "load_edges", tuple(int(e) for e in self.load_edges))
+        if min(self.hash_buckets, self.embed_dim, self.hidden, self.ensemble) < 1:
+            raise ValueError("hash_buckets, embed_dim, hidden and ensemble must be positive")
+
+
+# --- feature encoding ------------------------------------------------------------------------
+
+
+def _crc(token: str, buckets: int) -> int:
+    """A hash that is the same in every process (Python's hash() is salted per run)."""
+    return zlib.crc32(token.encode()) % buckets
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _word_grams(word: str, buckets: int) -> tuple[int, ...]:
+    padded = f"<{word}>"
+    return (_crc("w:" + word, buckets),) + tuple(
+        _crc("c:" + padded[i : i + 3], buckets) for i in range(len(padded) - 2)
+    )
+
+
+def ngram_buckets(text: str, buckets: int, max_words: int) -> list[int]:
+    """Distinct hashed buckets of the text's word unigrams, bigrams and char trigrams."""
+    if len(text) > max_words * 16:
+        half = max_words * 8
+        text = text[:half] + " " + text[-half:]
+    words = _WORD.findall(text.lower())
+    if len(words) > max_words:
+        words = words[: max_words // 2] + words[-(max_words - max_words // 2) :]
+    out: dict[int, None] = {}
+    for w in words:
+        out.update(dict.fromkeys(_word_grams(w, buckets)))
+    for a, b in zip(words, words[1:], strict=False):
+        out[_crc(f"b:{a} {b}", buckets)] = None
+    return list(out)
+
+
+def _log1p(x: float | None) -> float:
+    return math.nan if x is None else math.log1p(max(x, 0.0))
+
+
+def _log(x: float | None) -> float:
+    return math.nan if x is None else math.log(max(x, 1e-6))
+
+
+def _call_row(q: Query, has_text: bool) -> list[float]:
+    s = q.session
+    return [
+        math.log1p(max(q.prompt_tokens, 0)),
+        math.log1p(max(q.max_tokens, 0)),
+        math.log1p(max(q.turn, 0)),
+        q.prefix_share,
+        math.log1p(max(s.prior_calls, 0)),
+        _log1p(s.last_output_tokens),
+        _log(s.last_latency_s),
+        math.nan if s.mean_log_latency is None else s.mean_log_latency,
+        _log1p(s.mean_output_tokens),
+        float(s.last_output_tokens is None),
+        float(s.last_latency_s is None),
+        float(s.mean_log_latency is None),
+        float(s.mean_output_tokens is None),
+        float(has_text),
+    ]
+
+
+def _place_row(c: Candidate) -> list[float]:
+    return [c[1], c[2], c[3], math.log1p(max(c[4], 0)), math.log1p(max(c[5], 0))]
+
+
+def _place_of(q: Query) -> Candidate:
+    return (q.gpu, q.gpu_util, q.gpu_mem_frac, q.cpu_util, q.inflight, q.queue_depth)
+
+
+@dataclass
+class Calls:
+    """The call-side inputs of N queries (everything but device and runtime)."""
+
+    ids: Tensor
+    """Flat n-gram buckets of all prompts, ``counts[i]`` of them for row i."""
+    counts: Tensor
+    model: Tensor
+    workflow: Tensor
+    kind: Tensor
+    inputs: Tensor
+    """[N, input-kind vocabulary] multi-hot (column 0: kinds not in the vocabulary)."""
+    num: Tensor
+    """[N, 14] standardised numeric features, missing values at the mean (0)."""
+
+    def take(self, idx: Tensor) -> Calls:
+        starts = torch.cumsum(self.counts, 0) - self.counts
+        lens = self.counts[idx]
+        first = torch.repeat_interleave(starts[idx], lens)
+        within = torch.arange(int(lens.sum())) - torch.repeat_interleave(
+            torch.cumsum(lens, 0) - lens, lens
+        )
+        return Calls(
+            self.ids[first + within],
+            lens,
+            self.model[idx],
+            self.workflow[idx],
+            self.kind[idx],
+            self.inputs[idx],
+            self.num[idx],
+        )
+
+
+@dataclass
+class Places:
+    """The device/runtime inputs of N placements."""
+
+    gpu: Tensor
+    num: Tensor
+    """[N, 5] standardised: gpu_util, gpu_mem_frac, cpu_util, log1p inflight, log1p queue."""
+    bucket: Tensor
+    """Conformal load bucket of each placement."""
+
+    def take(self, idx: Tensor) -> Places:
+        return Places(self.gpu[idx], self.num[idx], self.bucket[idx])
+
+
+def _standardise(raw: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    return torch.nan_to_num((raw - mean) / std, nan=0.0)
+
+
+def _moments(raw: Tensor) -> tuple[Tensor, Tensor]:
+    """Column mean and std over the non-missing (non-NaN) values; std 1 for constant columns."""
+    mean = torch.nan_to_num(torch.nanmean(raw, 0), nan=0.0)
+    std = torch.nan_to_num(torch.nanmean((raw - mean) ** 2, 0).sqrt(), nan=1.0)
+    return mean, torch.where(std > 1e-6, std, torch.ones_like(std))
+
+
+# --- the network -----------------------------------------------------------------------------
+
+
+def _uniform(*shape: int, fan_in: int) -> nn.Parameter:
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
+
+
+def _by_member(x: Tensor, n: int, members: int) -> Tensor:
+    """[N, E*d] (all members' embeddings side by side) -> [E, N, d]."""
+    return x.view(n, members, -1).transpose(0, 1)
+
+
+class QuantileNet(nn.Module):
+    """E independently initialised members, vectorised along a leading member dimension.
+
+    Call-side inputs go through a two-layer trunk; device/runtime inputs are added to its
+    output before the head, so many placements of one call reuse the trunk. Embedding tables
+    hold all members side by side ([rows, E*d]) so vocabularies grow by appending rows."""
+
+    def __init__(
+        self, cfg: FeatureConfig, n_models: int, n_gpus: int, n_kinds: int, n_inputs: int
+    ) -> None:
+        super().__init__()
+        e, d, h, k, s = cfg.ensemble, cfg.embed_dim, cfg.hidden, len(cfg.levels), cfg.small_dim
+        self.members = e
+        self.text = nn.Parameter(torch.randn(cfg.hash_buckets, e * d))
+        self.model = nn.Parameter(torch.randn(n_models, e * d))
+        self.workflow = nn.Parameter(torch.randn(cfg.workflow_buckets, e * s))
+        self.gpu = nn.Parameter(torch.randn(n_gpus, e * s))
+        n_in = 2 * d + s + _CALL_FEATURES + 1
+        self.kind = _uniform(n_kinds, e * h, fan_in=n_in)
+        self.inputs = _uniform(n_inputs, e * h, fan_in=n_in)
+        self.w1, self.b1 = _uniform(e, n_in, h, fan_in=n_in), _uniform(e, 1, h, fan_in=n_in)
+        self.w2, self.b2 = _uniform(e, h, h, fan_in=h), _uniform(e, 1, h, fan_in=h)
+        self.wp = _uniform(e, s + _PLACE_FEATURES, h, fan_in=s + _PLACE_FEATURES)
+        self.w3, self.b3 = _uniform(e, h, h, fan_in=h), _uniform(e, 1, h, fan_in=h)
+        self.w4, self.b4 = _uniform(e, h, k, fan_in=h), _uniform(e, 1, k, fan_in=h)
+
+    def call_part(
+        self, calls: Calls, ids: Tensor, offsets: Tensor, novelty: Tensor, model: Tensor
+    ) -> Tensor:
+        """[E, N, H]: the call's contribution to the head's first layer."""
+        e, n = self.members, calls.num.shape[0]
+        text = F.embedding_bag(ids, self.text, offsets, mode="mean")
+        x = torch.cat(
+            [
+                _by_member(text, n, e),
+                _by_member(F.embedding(model, self.model), n, e),
+                _by_member(F.embedding(calls.workflow, self.workflow), n, e),
+                calls.num.expand(e, n, -1),
+                novelty.view(1, n, 1).expand(e, n, 1),
+            ],
+            2,
+        )
+        pre = (
+            torch.baddbmm(self.b1, x, self.w1)
+            + _by_member(F.embedding(calls.kind, self.kind), n, e)
+            + _by_member(calls.inputs @ self.inputs, n, e)
+        )
+        return torch.baddbmm(self.b2, torch.relu(pre), self.w2)
+
+    def head(self, call: Tensor, gpu: Tensor, place_num: Tensor) -> Tensor:
+        """[E, N, K] monotone log quantiles; ``call`` is [E, N, H] or [E, 1, H] (broadcast)."""
+        e, n = self.members, place_num.shape[0]
+        p = torch.cat([_by_member(F.embedding(gpu, self.gpu), n, e), place_num.expand(e, n, -1)], 2)
+        z = torch.relu(call + torch.bmm(p, self.wp))
+        z = torch.relu(torch.baddbmm(self.b3, z, self.w3))
+        out = torch.baddbmm(self.b4, z, self.w4)
+        return torch.cumsum(torch.cat([out[..., :1], F.softplus(out[..., 1:])], 2), 2)
+
+
+# --- the predictor ---------------------------------------------------------------------------
+
+
+@dataclass
+class Vocab:
+    """Names seen in training; index 0 of each table is "unknown"."""
+
+    models: list[str] = field(default_factory=list)
+    gpus: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+
+    def index(self, table: str) -> dict[str, int]:
+        return {name: i + 1 for i, name in enumerate(getattr(self, table))}
+
+
+class QuantilePredictor:
+    """Batched quantile forecasts from a trained `QuantileNet`; see the module docstring."""
+
+    kind = "trained"
+
+    def __init__(
+        self,
+        cfg: FeatureConfig,
+        vocab: Vocab,
+        norm: dict[str, Tensor],
+        seen: Tensor,
+        net: QuantileNet,
+        *,
+        version: str = "untrained",
+        metrics: dict[str, Any] | None = None,
+        extras: dict[str, Any] | None = None,
+        cal_shift: Tensor | None = None,
+        online_shift: Tensor | None = None,
+    ) -> None:
+        k = len(cfg.levels)
+        self.cfg = cfg
+        self.vocab = vocab
+        self.norm = norm
+        self.seen = seen
+        """[hash_buckets] bool: the n-gram buckets the embeddings were trained on."""
+        self.net = net
+        self.version = version
+        self.metrics: dict[str, Any] = metrics if metrics is not None else {}
+        self.extras: dict[str, Any] = extras if extras is not None else {}
+        """Free-form plain data saved with the model (e.g. fitted baselines)."""
+        self.cal_shift = (
+            cal_shift if cal_shift is not None else torch.zeros(len(cfg.load_edges) + 1, k)
+        )
+        """[load buckets, K] conformal log-space shifts."""
+        self.online_shift = online_shift if online_shift is not None else torch.zeros(k)
+        self._z = torch.tensor([NormalDist().inv_cdf(p) for p in cfg.levels])
+        self._edges = torch.tensor(cfg.load_edges, dtype=torch.long)
+        self._reindex()
+
+    @property
+    def levels(self) -> tuple[float, ...]:
+        return self.cfg.levels
+
+    def _reindex(self) -> None:
+        self._models = self.vocab.index("models")
+        self._gpus = self.vocab.index("gpus")
+        self._kinds = self.vocab.index("kinds")
+        self._inputs = self.vocab.index("inputs")
+
+    # --- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def fresh(
+        cls, cfg: FeatureConfig, queries: Sequence[Query], log_latency: Tensor, seed: int
+    ) -> QuantilePredictor:
+        """An untrained predictor with vocabularies, normalisation and seen n-grams from
+        ``queries``, its output biases at the marginal quantiles of ``log_latency``."""
+        vocab = Vocab(
+            models=sorted({q.model for q in queries}),
+            gpus=sorted({q.gpu for q in queries}),
+            kinds=sorted({q.kind for q in queries}),
+            inputs=sorted({k for q in queries for k in q.input_kinds}),
+        )
+        torch.manual_seed(seed)
+        net = QuantileNet(
+            cfg, len(vocab.models) + 1, len(vocab.gpus) + 1, len(vocab.kinds) + 1,
+            len(vocab.inputs) + 1,
+        )  # fmt: skip
+        grams = [ngram_buckets(q.prompt, cfg.hash_buckets, cfg.max_words) for q in queries]
+        call_mean, call_std = _moments(
+            torch.tensor([_call_row(q, bool(g)) for q, g in zip(queries, grams, strict=True)])
+        )
+        place_mean, place_std = _moments(torch.tensor([_place_row(_place_of(q)) for q in queries]))
+        norm = {"call_mean": call_mean, "call_std": call_std}
+        norm |= {"place_mean": place_mean, "place_std": place_std}
+        seen = torch.zeros(cfg.hash_buckets, dtype=torch.bool)
+        seen[torch.tensor([i for g in grams for i in g], dtype=torch.long)] = True
+        model = cls(cfg, vocab, norm, seen, net)
+        model._init_output(log_latency)
+        return model
+
+    def _init_output(self, log_latency: Tensor) -> None:
+        """Start every member at the marginal quantiles, so training refines, not discovers."""
+        q = torch.quantile(log_latency.float(), torch.tensor(self.levels))
+        gaps = (q[1:] - q[:-1]).clamp(min=1e-3)
+        with torch.no_grad():
+            self.net.b4.copy_(
+                torch.cat([q[:1], gaps + torch.log(-torch.expm1(-gaps))]).view(1, 1, -1)
+            )
+            self.net.w4.mul_(0.1)
+
+    def grow(self, queries: Sequence[Query]) -> None:
+        """Add the models, GPUs, kinds and input kinds of ``queries`` not yet in the vocabularies
+        (new rows start as the "unknown" row; new input kinds with no effect) and mark their
+        n-grams seen: for fine-tuning on calls the model has not met."""
+        net = self.net
+        for table, names in (
+            ("models", {q.model for q in queries}),
+            ("gpus", {q.gpu for q in queries}),
+            ("kinds", {q.kind for q in queries}),
+            ("inputs", {k for q in queries for k in q.input_kinds}),
+        ):
+            new = sorted(names - set(getattr(self.vocab, table)))
+            if not new:
+                continue
+            getattr(self.vocab, table).extend(new)
+            param = {"models": "model", "gpus": "gpu", "kinds": "kind", "inputs": "inputs"}[table]
+            old: Tensor = getattr(net, param).detach()
+            rows = torch.zeros(len(new), old.shape[1]) if table == "inputs" else old[:1]
+            setattr(net, param, nn.Parameter(torch.cat([old, rows.expand(len(new), -1)])))
+        self._reindex()
+        cfg = self.cfg
+        grams = [
+            i for q in queries for i in ngram_buckets(q.prompt, cfg.hash_buckets, cfg.max_words)
+        ]
+        self.seen[torch.tensor(grams, dtype=torch.long)] = True
+
+    def copy(self) -> QuantilePredictor:
+        """An independent deep copy (for fine-tuning without touching the live model)."""
+        return copy.deepcopy(self)
+
+    # --- encoding ----------------------------------------------------------------------------
+
+    def encode_calls(self, queries: Sequence[Query]) -> Calls:
+        cfg = self.cfg
+        ids: list[int] = []
+        counts: list[int] = []
+        rows: list[list[float]] = []
+        input_rows: list[int] = []
+        input_cols: list[int] = []
+        for i, q in enumerate(queries):
+            grams = ngram_buckets(q.prompt, cfg.hash_buckets, cfg.max_words)
+            ids.extend(grams)
+            counts.append(len(grams))
+            rows.append(_call_row(q, bool(grams)))
+            for name in q.input_kinds:
+                input_rows.append(i)
+                input_cols.append(self._inputs.get(name, 0))
+        n = len(queries)
+        inputs = torch.zeros(n, len(self.vocab.inputs) + 1)
+        inputs[input_rows, input_cols] = 1.0
+        return Calls(
+            ids=torch.tensor(ids, dtype=torch.long),
+            counts=torch.tensor(counts, dtype=torch.long),
+            model=torch.tensor([self._models.get(q.model, 0) for q in queries], dtype=torch.long),
+            workflow=torch.tensor(
+                [_crc("wf:" + q.workflow_name, cfg.workflow_buckets) for q in queries],
+                dtype=torch.long,
+            ),
+            kind=torch.tensor([self._kinds.get(q.kind, 0) for q in queries], dtype=torch.long),
+            inputs=inputs,
+            num=_standardise(
+                torch.tensor(rows).view(n, _CALL_FEATURES),
+                self.norm["call_mean"],
+                self.norm["call_std"],
+            ),
+        )
+
+    def encode_places(self, places: Sequence[Candidate]) -> Places:
+        raw = torch.tensor([_place_row(c) for c in places]).view(len(places), _PLACE_FEATURES)
+        load = torch.tensor([max(c[4], 0) + max(c[5], 0) for c in places], dtype=torch.long)
+        return Places(
+            gpu=torch.tensor([self._gpus.get(c[0], 0) for c in places], dtype=torch.long),
+            num=_standardise(raw, self.norm["place_mean"], self.norm["place_std"]),
+            bucket=torch.bucketize(load, self._edges, right=True),
+        )
+
+    def encode(self, queries: Sequence[Query]) -> tuple[Calls, Places]:
+        return self.encode_calls(queries), self.encode_places([_place_of(q) for q in queries])
+
+    # --- forward -----------------------------------------------------------------------------
+
+    def _call_part(self, calls: Calls, gen: torch.Generator | None) -> Tensor:
+        """Drops n-grams (unseen ones at prediction; random ones in training, when ``gen`` is
+        given) and feeds the dropped share as novelty; in training also hides model ids."""
+        n = calls.counts.shape[0]
+        row = torch.repeat_interleave(torch.arange(n), calls.counts)
+        model = calls.model
+        if gen is None:
+            keep = self.seen[calls.ids]
+        else:
+            rate = torch.rand(n, generator=gen) * (
+                torch.rand(n, generator=gen) < self.cfg.novelty_p
+            )
+            keep = torch.rand(calls.ids.shape[0], generator=gen) >= rate[row]
+            hide = torch.rand(n, generator=gen) < self.cfg.unknown_p
+            model = torch.where(hide, torch.zeros_like(model), model)
+        kept = torch.bincount(row[keep], minlength=n)
+        novelty = (calls.counts - kept) / calls.counts.clamp(min=1)
+        offsets = torch.cumsum(kept, 0) - kept
+        return self.net.call_part(calls, calls.ids[keep], offsets, novelty.float(), model)
+
+    def members(self, calls: Calls, places: Places, gen: torch.Generator | None = None) -> Tensor:
+        """[E, N, K] each member's log quantiles; ``gen`` turns on the training noise."""
+        gpu = places.gpu
+        if gen is not None:
+            hide = torch.rand(gpu.shape[0], generator=gen) < self.cfg.unknown_p
+            gpu = torch.where(hide, torch.zeros_like(gpu), gpu)
+        return self.net.head(self._call_part(calls, gen), gpu, places.num)
+
+    def combine(self, members: Tensor) -> Tensor:
+        """[N, K] uncalibrated log quantiles: members' mean, widened by their disagreement."""
+        mean = members.mean(0)
+        if members.shape[0] == 1:
+            return mean
+        return mean + self.cfg.spread * self._z * members.std(0, correction=0)
+
+    def _calibrated(self, raw: Tensor, bucket: Tensor) -> Tensor:
+        out = raw + self.cal_shift[bucket] + self.online_shift
+        return torch.cummax(out, 1).values  # shifts differ per level; keep quantiles monotone
+
+    def raw_log(self, calls: Calls, places: Places) -> Tensor:
+        """[N, K] uncalibrated log quantiles of encoded calls."""
+        with torch.inference_mode():
+            return self.combine(self.members(calls, places))
+
+    def predict_encoded(self, calls: Calls, places: Places) -> Tensor:
+        """[N, K] calibrated log quantiles of encoded calls."""
+        return self._calibrated(self.raw_log(calls, places), places.bucket)
+
+    def predict_log(self, queries: Sequence[Query]) -> Tensor:
+        """[N, K] calibrated log-latency quantiles (log seconds)."""
+        return self.predict_encoded(*self.encode(queries))
+
+    def predict(self, queries: Sequence[Query]) -> list[LatencyDist]:
+        if not queries:
+            return []
+        return self._dists(self.predict_log(queries))
+
+    def predict_candidates(
+        self, query: Query, candidates: Sequence[Candidate]
+    ) -> list[LatencyDist]:
+        """``query`` placed on each candidate (gpu, gpu_util, gpu_mem_frac, cpu_util, inflight,
+        queue_depth): the call is encoded and run through the trunk once."""
+        if not candidates:
+            return []
+        calls = self.encode_calls([query])
+        places = self.encode_places(candidates)
+        with torch.inference_mode():
+            call = self._call_part(calls, None)
+            raw = self.combine(self.net.head(call, places.gpu, places.num))
+            return self._dists(self._calibrated(raw, places.bucket))
+
+    def _dists(self, log_q: Tensor) -> list[LatencyDist]:
+        levels = self.levels
+        return [LatencyDist(levels, tuple(row)) for row in torch.exp(log_q).tolist()]
+
+    # --- calibration -------------------------------------------------------------------------
+
+    def calibrate(self, queries: Sequence[Query], latency_s: Sequence[float]) -> None:
+        """Split-conformal shifts from held-out calls (see `calibrate_encoded`)."""
+        log_latency = torch.log(torch.tensor(latency_s, dtype=torch.float32).clamp(min=1e-6))
+        self.calibrate_encoded(*self.encode(queries), log_latency)
+
+    def calibrate_encoded(self, calls: Calls, places: Places, log_latency: Tensor) -> None:
+        """Per level, the finite-sample corrected quantile of log(actual) - forecast over
+        held-out calls, per load bucket; buckets with too few calls get the global one."""
+        if log_latency.shape[0] == 0:
+            raise ValueError("no calibration calls")
+        scores = log_latency.view(-1, 1) - self.raw_log(calls, places)
+        shift = self._conformal(scores).expand(len(self.cfg.load_edges) + 1, -1).clone()
+        for b in range(shift.shape[0]):
+            mask = places.bucket == b
+            if int(mask.sum()) >= self.cfg.min_bucket_calls:
+                shift[b] = self._conformal(scores[mask])
+        self.cal_shift = shift
+
+    def _conformal(self, scores: Tensor) -> Tensor:
+        n = scores.shape[0]
+        ordered = torch.sort(scores, 0).values
+        ranks = [min(n, math.ceil((n + 1) * p)) - 1 for p in self.levels]
+        return ordered[ranks, torch.arange(len(ranks))]
+
+    def set_online_shift(self, shifts: dict[float, float]) -> None:
+        """Extra per-level log-space shifts (the runtime calibration monitor's); levels not
+        named get 0."""
+        unknown = [p for p in shifts if not any(abs(p - q) < 1e-9 for q in self.levels)]
+        if unknown:
+            raise ValueError(f"no such levels {unknown}; the model has {self.levels}")
+        self.online_shift = torch.tensor(
+            [next((v for p, v in shifts.items() if abs(p - q) < 1e-9), 0.0) for q in self.levels]
+        )
+
+    # --- persistence -------------------------------------------------------------------------
+
+    def digest(self) -> str:
+        """A short hash of the weights and vocabularies, for version names."""
+        h = hashlib.blake2b(digest_size=6)
+        for t in self.net.state_dict().values():
+            h.update(t.detach().contiguous().numpy().tobytes())
+        h.update(repr(dataclasses.astuple(self.vocab)).encode())
+        return h.hexdigest()
+
+    def save(self, path: str | Path) -> None:
+        """One file, tensors and plain data only (loads with ``weights_only=True``)."""
+        torch.save(
+            {
+                "format": FORMAT,
+                "version": self.version,
+                "config": dataclasses.asdict(self.cfg),
+                "vocab": dataclasses.asdict(self.vocab),
+                "norm": self.norm,
+                "seen": self.seen,
+                "state": self.net.state_dict(),
+                "cal_shift": self.cal_shift,
+                "online_shift": self.online_shift,
+                "metrics": self.metrics,
+                "extras": self.extras,
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> QuantilePredictor:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a swarmx quantile predictor (format {FORMAT})")
+        cfg = FeatureConfig(**d["config"])
+        vocab = Vocab(**{k: list(v) for k, v in d["vocab"].items()})
+        net = QuantileNet(
+            cfg, len(vocab.models) + 1, len(vocab.gpus) + 1, len(vocab.kinds) + 1,
+            len(vocab.inputs) + 1,
+        )  # fmt: skip
+        net.load_state_dict(d["state"])
+        return cls(
+            cfg,
+            vocab,
+            dict(d["norm"]),
+            d["seen"],
+            net,
+            version=d["version"],
+            metrics=d["metrics"],
+            extras=d["extras"],
+            cal_shift=d["cal_shift"],
+            online_shift=d["online_shift"],
+        )
