@@ -185,6 +185,40 @@ class ClientConfig:
 
 
 @dataclass(frozen=True)
+class PredictorConfig:
+    """The scheduler's online latency predictor (see swarmx/models/online.py)."""
+
+    levels: list[float] = field(default_factory=lambda: [0.5, 0.9, 0.95, 0.99])
+    buffer_calls: int = 20_000
+    min_calls_to_train: int = 300
+    retrain_every_calls: int = 1_000
+    retrain_every_s: float = 600.0
+    holdout_frac: float = 0.2
+    window_calls: int = 200
+    fine_tune_epochs: int = 3
+    keep_versions: int = 5
+
+    def __post_init__(self) -> None:
+        if not self.levels or any(not 0 < p < 1 for p in self.levels):
+            raise SchemaError("levels", f"need levels in (0, 1), got {self.levels}")
+        if sorted(set(self.levels)) != list(self.levels):
+            raise SchemaError("levels", "must be distinct and increasing")
+        if not 0 < self.holdout_frac < 1:
+            raise SchemaError("holdout_frac", "must be in (0, 1)")
+        for name in (
+            "buffer_calls",
+            "min_calls_to_train",
+            "retrain_every_calls",
+            "window_calls",
+            "fine_tune_epochs",
+            "keep_versions",
+        ):
+            if getattr(self, name) < 1:
+                raise SchemaError(name, "must be >= 1")
+        _check_positive("retrain_every_s", self.retrain_every_s)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: LogLevel = "info"
 
@@ -194,6 +228,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from swarmx import __version__
 from swarmx.clock import Clock, ticks
 from swarmx.cluster import NodeTable
-from swarmx.config import SchedulerConfig
+from swarmx.config import PredictorConfig, SchedulerConfig
 from swarmx.daemon.lifecycle import SystemdNotifier, run_until_stopped
 from swarmx.daemon.workflows import WorkflowService
 from swarmx.models.online import OnlineLearner
@@ -77,9 +77,14 @@ def read_state_file(state_dir: str | Path) -> dict[str, Any] | None:
 
 class SchedulerDaemon:
     def __init__(
-        self, cfg: SchedulerConfig, clock: Clock, notifier: SystemdNotifier | None = None
+        self,
+        cfg: SchedulerConfig,
+        clock: Clock,
+        notifier: SystemdNotifier | None = None,
+        predictor: PredictorConfig | None = None,
     ) -> None:
         self.cfg = cfg
+        self.predictor_cfg = predictor or PredictorConfig()
         self.clock = clock
         self.notifier = notifier or SystemdNotifier()
         self.nodes = NodeTable(cfg.stale_after_missed, cfg.down_after_missed)
@@ -108,7 +113,7 @@ class SchedulerDaemon:
         state_dir.mkdir(parents=True, exist_ok=True)
         with _exclusive(state_dir / "scheduler.lock"):
             store = Store(state_dir / DB_FILE)
-            self.learner = OnlineLearner(state_dir)
+            self.learner = OnlineLearner(state_dir, self.predictor_cfg)
             self.workflows = WorkflowService(
                 store,
                 LeastOutstanding(),

@@ -25,14 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from swarmx.config import PredictorConfig
 from swarmx.models.baselines import FallbackPredictor
 from swarmx.models.dist import LatencyDist
 from swarmx.models.query import Query, SessionTracker, queries
 from swarmx.traces import TraceRecord
 
 log = logging.getLogger(__name__)
-
-DEFAULT_LEVELS = (0.5, 0.9, 0.95, 0.99)
 
 
 class Predictor(Protocol):
@@ -43,21 +42,6 @@ class Predictor(Protocol):
     def levels(self) -> tuple[float, ...]: ...
 
     def predict(self, queries: Sequence[Query]) -> list[LatencyDist]: ...
-
-
-@dataclass
-class OnlineConfig:
-    levels: tuple[float, ...] = DEFAULT_LEVELS
-    buffer_calls: int = 20_000
-    min_calls_to_train: int = 300
-    retrain_every_calls: int = 1_000
-    retrain_every_s: float = 600.0
-    holdout_frac: float = 0.2
-    """The most recent share of the buffer, kept out of training to judge candidates."""
-    window_calls: int = 200
-    """Calls the calibration monitor looks at."""
-    fine_tune_epochs: int = 3
-    keep_versions: int = 5
 
 
 @dataclass
@@ -127,17 +111,18 @@ def _apply_shift(dist: LatencyDist, shift: dict[float, float]) -> LatencyDist:
 
 
 class OnlineLearner:
-    def __init__(self, state_dir: Path, cfg: OnlineConfig | None = None) -> None:
-        self.cfg = cfg or OnlineConfig()
+    def __init__(self, state_dir: Path, cfg: PredictorConfig | None = None) -> None:
+        self.cfg = cfg or PredictorConfig()
+        self.levels = tuple(self.cfg.levels)
         self.dir = state_dir / "predictors"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.fallback = FallbackPredictor(self.cfg.levels)
+        self.fallback = FallbackPredictor(self.levels)
         self.sessions = SessionTracker()
         self.live: Predictor = self.fallback
         self.buffer: collections.deque[TraceRecord] = collections.deque(
             maxlen=self.cfg.buffer_calls
         )
-        self.monitor = Monitor(self.cfg.levels, self.cfg.window_calls)
+        self.monitor = Monitor(self.levels, self.cfg.window_calls)
         self.shift: dict[float, float] = {}
         self.calls_seen = 0
         self.swaps = 0
@@ -253,7 +238,7 @@ class OnlineLearner:
             if isinstance(base, QuantilePredictor):
                 cand: QuantilePredictor = fine_tune(base, fit, epochs=self.cfg.fine_tune_epochs)
             else:
-                cand, _ = train(fit, FeatureConfig(levels=self.cfg.levels))
+                cand, _ = train(fit, FeatureConfig(levels=self.levels))
             cand.version = f"v{int(time.time())}-{len(records)}"
             live = base if base is not None else self.fallback
             c_loss = held_out_pinball(cand, held_q, held_s)
@@ -307,7 +292,7 @@ class OnlineLearner:
         return {
             "version": self.live.version,
             "kind": self.live.kind,
-            "levels": list(self.cfg.levels),
+            "levels": list(self.levels),
             "calls_seen": self.calls_seen,
             "buffer_calls": len(self.buffer),
             "recent_coverage": {f"{p:g}": v for p, v in self.monitor.coverage().items()},
