@@ -325,6 +325,15 @@ class QueryPredictor:
 
 
 @dataclass(frozen=True)
+class InstallPredictor:
+    """Make a model file (from `swarmx predictor train`) the live predictor; the path is read by
+    the scheduler, on its host."""
+
+    TYPE: ClassVar[str] = "install_predictor"
+    path: str
+
+
+@dataclass(frozen=True)
 class PredictorStatus:
     """The scheduler's live latency predictor and how well it has done lately."""
 
@@ -398,6 +407,7 @@ Message = (
     | ExportTraces
     | TracesReply
     | QueryPredictor
+    | InstallPredictor
     | PredictorStatus
     | QueryNodes
     | NodesReply
@@ -423,6 +433,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         ExportTraces,
         TracesReply,
         QueryPredictor,
+        InstallPredictor,
         PredictorStatus,
         QueryNodes,
         NodesReply,

@@ -66,7 +66,7 @@ StateDirOpt = Annotated[
     ),
 ]
 
-USAGE_ERRORS = {"invalid_workflow", "not_found", "finished"}
+USAGE_ERRORS = {"invalid_workflow", "not_found", "finished", "invalid_model"}
 """Refusals caused by what the user asked for: exit 2, like other bad input."""
 
 err_console = Console(stderr=True)

@@ -23,9 +23,10 @@ from swarmx.cli.common import (
     SchedulerOpt,
     ask,
     fail,
+    load,
     print_json,
 )
-from swarmx.protocol import PredictorStatus, QueryPredictor
+from swarmx.protocol import Ack, InstallPredictor, PredictorStatus, QueryPredictor
 from swarmx.schema import encode
 from swarmx.traces import TraceError, TraceRecord, read_traces
 
@@ -83,6 +84,7 @@ def train_cmd(
     quantiles: Annotated[str, typer.Option(help="Levels to forecast.")] = "0.5,0.9,0.95,0.99",
     epochs: Annotated[int, typer.Option(help="At most this many epochs.", min=1)] = 30,
     seed: Annotated[int, typer.Option()] = 0,
+    config: ConfigOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Train a predictor on recorded calls (validation split by session, early stopping,
@@ -92,6 +94,7 @@ def train_cmd(
     from swarmx.models.predictor import FeatureConfig
     from swarmx.models.train import train
 
+    load(config)
     records = _read(traces)
     levels = _levels(quantiles)
     console = Console(stderr=True)
@@ -148,10 +151,11 @@ def train_cmd(
 
 
 @predictor_app.command("predict")
-def predict_cmd(traces: TracesOpt, model: ModelOpt) -> None:
+def predict_cmd(traces: TracesOpt, model: ModelOpt, config: ConfigOpt = None) -> None:
     """Forecast every call in the traces: JSONL on stdout, one line per call in input order."""
     from swarmx.models.query import queries
 
+    load(config)
     records = _read(traces)
     for dist in _load(model).predict(queries(records)):
         sys.stdout.write(json.dumps({"quantiles": dist.as_dict()}) + "\n")
@@ -167,6 +171,7 @@ def eval_cmd(
             help="Write a reliability diagram and a predicted-vs-actual scatter to this PNG."
         ),
     ] = None,
+    config: ConfigOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Pinball loss, coverage and median absolute error of the model and, in the same run, of
@@ -175,6 +180,7 @@ def eval_cmd(
     from swarmx.models.evaluate import evaluate, markdown_table, write_plot_png
     from swarmx.models.query import queries
 
+    load(config)
     records = [r for r in _read(traces) if r.ok and r.latency_s > 0]
     predictor = _load(model)
     qs = queries(records)
@@ -197,6 +203,19 @@ def eval_cmd(
         )
     else:
         Console().print(markdown_table(results, levels), markup=False, highlight=False)
+
+
+@predictor_app.command("install")
+def install_cmd(
+    model: Annotated[Path, typer.Argument(help="Model file; the scheduler reads this path.")],
+    config: ConfigOpt = None,
+    scheduler: SchedulerOpt = None,
+) -> None:
+    """Make a trained model the scheduler's live predictor (it keeps adapting it online)."""
+    reply = ask(config, scheduler, InstallPredictor(str(model.resolve())))
+    if not isinstance(reply, Ack):
+        fail(f"unexpected reply {reply.TYPE!r} from the scheduler", EXIT_UNAVAILABLE)
+    typer.echo(f"predictor {reply.detail} is live")
 
 
 @predictor_app.command("status")

@@ -18,6 +18,7 @@ from swarmx.cli.common import (
     SchedulerOpt,
     ask,
     fail,
+    load,
     print_json,
 )
 from swarmx.cli.render import workflow_table, workflows_table
@@ -184,11 +185,13 @@ def import_(
     format_: Annotated[str, typer.Option("--format", help="claude-code (requests.csv).")] = (
         "claude-code"
     ),
+    config: ConfigOpt = None,
 ) -> None:
     """Convert a public trace into the trace format (claude-code: latency from api_time_s)."""
     from swarmx.tracefmt import import_claude_code
     from swarmx.traces import TraceError, write_traces
 
+    load(config)
     if format_ != "claude-code":
         fail(f"--format: unknown format {format_!r} (known: claude-code)", EXIT_USAGE)
     try:
@@ -208,12 +211,14 @@ def split(
     test_out: Annotated[Path, typer.Option("--test", help="JSONL for the test part.")],
     test_frac: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.2,
     seed: Annotated[int, typer.Option()] = 0,
+    config: ConfigOpt = None,
 ) -> None:
     """Split by workflow (agent session with its sub-agents), never by row, so no session's
     calls are on both sides."""
     from swarmx.tracefmt import split_by_session
     from swarmx.traces import TraceError, read_traces, write_traces
 
+    load(config)
     try:
         records = read_traces([path])
     except (OSError, TraceError) as exc:

@@ -31,6 +31,7 @@ from swarmx.protocol import (
     ExportTraces,
     Heartbeat,
     Hello,
+    InstallPredictor,
     Message,
     NodesReply,
     PredictorStatus,
@@ -104,6 +105,7 @@ class SchedulerDaemon:
             CancelWorkflow: self._on_cancel_workflow,
             ExportTraces: self._on_export_traces,
             QueryPredictor: self._on_query_predictor,
+            InstallPredictor: self._on_install_predictor,
         }
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -175,9 +177,10 @@ class SchedulerDaemon:
                 continue
             try:
                 await handler(peer, env)
-            except Exception:  # the daemon outlives any one bad message
+            except Exception as exc:  # the daemon outlives any one bad message
                 self.handler_errors += 1
                 log.exception("handler for %r from %s failed", env.type, env.sender)
+                await channel.send(peer, Error(env.seq, "internal", f"{type(exc).__name__}: {exc}"))
 
     async def _sweep(self) -> None:
         assert self.workflows is not None
@@ -296,6 +299,20 @@ class SchedulerDaemon:
     async def _on_query_predictor(self, peer: bytes, env: Envelope) -> None:
         assert self.learner is not None
         await self._reply(peer, decode(PredictorStatus, self.learner.status()))
+
+    async def _on_install_predictor(self, peer: bytes, env: Envelope) -> None:
+        assert isinstance(env.body, InstallPredictor) and self.learner is not None
+        try:
+            version = self.learner.install(Path(env.body.path))
+        except Exception as exc:  # whatever torch.load raises on a file that is not a model
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            await self._reply(
+                peer,
+                Error(env.seq, "invalid_model", f"{env.body.path}: cannot load a predictor: {why}"),
+            )
+            return
+        log.info("predictor %s installed from %s", version, env.body.path)
+        await self._reply(peer, Ack(env.seq, version))
 
     async def _on_query_nodes(self, peer: bytes, env: Envelope) -> None:
         assert self._channel is not None

@@ -282,11 +282,15 @@ class OnlineLearner:
             return
         log.info("predictor %s loaded from %s", self.live.version, self.dir)
 
-    def install(self, path: Path) -> None:
-        """Make a trained model file live (e.g. one from `swarmx predictor train`)."""
+    def install(self, path: Path) -> str:
+        """Make a trained model file live (e.g. one from `swarmx predictor train`); its version."""
         from swarmx.models.predictor import QuantilePredictor
 
-        self._install(QuantilePredictor.load(path))
+        model = QuantilePredictor.load(path)
+        if tuple(model.levels) != self.levels:
+            raise ValueError(f"model forecasts levels {model.levels}, the scheduler {self.levels}")
+        self._install(model)
+        return model.version
 
     def status(self) -> dict[str, object]:
         return {

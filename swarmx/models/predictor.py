@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import itertools
 import math
 import re
 import zlib
@@ -44,7 +45,7 @@ Candidate = tuple[str, float, float, float, int, int]
 """A placement to score: (gpu, gpu_util, gpu_mem_frac, cpu_util, inflight, queue_depth)."""
 
 _WORD = re.compile(r"\w+")
-_CALL_FEATURES = 14
+_CALL_FEATURES = 17
 _PLACE_FEATURES = 5
 
 
@@ -69,6 +70,9 @@ class FeatureConfig:
     """Training share of calls whose model (and GPU) is replaced by "unknown"."""
     novelty_p: float = 0.5
     """Training share of calls that lose a random fraction (uniform in 0..1) of their n-grams."""
+    tail_weight: float = 0.5
+    """Each level's training loss is weighted by pdf(z_p) ** -tail_weight: pinball gradients
+    at tail levels are rare and small, so unweighted the tails learn last."""
     spread: float = 1.0
     """Ensemble std times the level's normal score is added to the members' mean quantile."""
     load_edges: tuple[int, ...] = (1, 3, 8)
@@ -97,9 +101,8 @@ def _crc(token: str, buckets: int) -> int:
 @functools.lru_cache(maxsize=1 << 16)
 def _word_grams(word: str, buckets: int) -> tuple[int, ...]:
     padded = f"<{word}>"
-    return (_crc("w:" + word, buckets),) + tuple(
-        _crc("c:" + padded[i : i + 3], buckets) for i in range(len(padded) - 2)
-    )
+    trigrams = (_crc("c:" + padded[i : i + 3], buckets) for i in range(len(padded) - 2))
+    return (_crc("w:" + word, buckets), *trigrams)
 
 
 def ngram_buckets(text: str, buckets: int, max_words: int) -> list[int]:
@@ -113,7 +116,7 @@ def ngram_buckets(text: str, buckets: int, max_words: int) -> list[int]:
     out: dict[int, None] = {}
     for w in words:
         out.update(dict.fromkeys(_word_grams(w, buckets)))
-    for a, b in zip(words, words[1:], strict=False):
+    for a, b in itertools.pairwise(words):
         out[_crc(f"b:{a} {b}", buckets)] = None
     return list(out)
 
@@ -128,16 +131,20 @@ def _log(x: float | None) -> float:
 
 def _call_row(q: Query, has_text: bool) -> list[float]:
     s = q.session
+    mean_log = math.nan if s.mean_log_latency is None else s.mean_log_latency
     return [
         math.log1p(max(q.prompt_tokens, 0)),
+        math.log1p(max(1.0 - q.prefix_share, 0.0) * max(q.prompt_tokens, 0)),  # new tokens
         math.log1p(max(q.max_tokens, 0)),
         math.log1p(max(q.turn, 0)),
         q.prefix_share,
         math.log1p(max(s.prior_calls, 0)),
         _log1p(s.last_output_tokens),
         _log(s.last_latency_s),
-        math.nan if s.mean_log_latency is None else s.mean_log_latency,
+        _log(s.last_latency_s) - _log1p(s.last_output_tokens),  # the service's recent pace
+        mean_log,
         _log1p(s.mean_output_tokens),
+        mean_log - _log1p(s.mean_output_tokens),
         float(s.last_output_tokens is None),
         float(s.last_latency_s is None),
         float(s.mean_log_latency is None),
@@ -146,8 +153,12 @@ def _call_row(q: Query, has_text: bool) -> list[float]:
     ]
 
 
-def _place_row(c: Candidate) -> list[float]:
-    return [c[1], c[2], c[3], math.log1p(max(c[4], 0)), math.log1p(max(c[5], 0))]
+def _place_raw(places: Sequence[Candidate]) -> tuple[Tensor, Tensor]:
+    """[N, 5] unstandardised placement features and each placement's load (inflight + queue)."""
+    raw = torch.tensor([c[1:] for c in places], dtype=torch.float32).view(-1, _PLACE_FEATURES)
+    counts = raw[:, 3:].clamp(min=0)
+    raw[:, 3:] = torch.log1p(counts)
+    return raw, counts.sum(1).long()
 
 
 def _place_of(q: Query) -> Candidate:
@@ -167,7 +178,7 @@ class Calls:
     inputs: Tensor
     """[N, input-kind vocabulary] multi-hot (column 0: kinds not in the vocabulary)."""
     num: Tensor
-    """[N, 14] standardised numeric features, missing values at the mean (0)."""
+    """[N, 17] standardised numeric features, missing values at the mean (0)."""
 
     def take(self, idx: Tensor) -> Calls:
         starts = torch.cumsum(self.counts, 0) - self.counts
@@ -212,6 +223,19 @@ def _moments(raw: Tensor) -> tuple[Tensor, Tensor]:
     return mean, torch.where(std > 1e-6, std, torch.ones_like(std))
 
 
+@dataclass
+class Vocab:
+    """Names seen in training; index 0 of each table is "unknown"."""
+
+    models: list[str] = field(default_factory=list)
+    gpus: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+
+    def index(self, table: str) -> dict[str, int]:
+        return {name: i + 1 for i, name in enumerate(getattr(self, table))}
+
+
 # --- the network -----------------------------------------------------------------------------
 
 
@@ -232,10 +256,14 @@ class QuantileNet(nn.Module):
     output before the head, so many placements of one call reuse the trunk. Embedding tables
     hold all members side by side ([rows, E*d]) so vocabularies grow by appending rows."""
 
-    def __init__(
-        self, cfg: FeatureConfig, n_models: int, n_gpus: int, n_kinds: int, n_inputs: int
-    ) -> None:
+    def __init__(self, cfg: FeatureConfig, vocab: Vocab) -> None:
         super().__init__()
+        n_models, n_gpus, n_kinds, n_inputs = (
+            len(vocab.models) + 1,
+            len(vocab.gpus) + 1,
+            len(vocab.kinds) + 1,
+            len(vocab.inputs) + 1,
+        )
         e, d, h, k, s = cfg.ensemble, cfg.embed_dim, cfg.hidden, len(cfg.levels), cfg.small_dim
         self.members = e
         self.text = nn.Parameter(torch.randn(cfg.hash_buckets, e * d))
@@ -250,6 +278,10 @@ class QuantileNet(nn.Module):
         self.wp = _uniform(e, s + _PLACE_FEATURES, h, fan_in=s + _PLACE_FEATURES)
         self.w3, self.b3 = _uniform(e, h, h, fan_in=h), _uniform(e, 1, h, fan_in=h)
         self.w4, self.b4 = _uniform(e, h, k, fan_in=h), _uniform(e, 1, k, fan_in=h)
+
+    def tables(self) -> list[nn.Parameter]:
+        """The vocabulary tables: a row of one is trained only by the calls that use it."""
+        return [self.model, self.gpu, self.kind, self.inputs, self.workflow]
 
     def call_part(
         self, calls: Calls, ids: Tensor, offsets: Tensor, novelty: Tensor, model: Tensor
@@ -285,19 +317,6 @@ class QuantileNet(nn.Module):
 
 
 # --- the predictor ---------------------------------------------------------------------------
-
-
-@dataclass
-class Vocab:
-    """Names seen in training; index 0 of each table is "unknown"."""
-
-    models: list[str] = field(default_factory=list)
-    gpus: list[str] = field(default_factory=list)
-    kinds: list[str] = field(default_factory=list)
-    inputs: list[str] = field(default_factory=list)
-
-    def index(self, table: str) -> dict[str, int]:
-        return {name: i + 1 for i, name in enumerate(getattr(self, table))}
 
 
 class QuantilePredictor:
@@ -364,15 +383,12 @@ class QuantilePredictor:
             inputs=sorted({k for q in queries for k in q.input_kinds}),
         )
         torch.manual_seed(seed)
-        net = QuantileNet(
-            cfg, len(vocab.models) + 1, len(vocab.gpus) + 1, len(vocab.kinds) + 1,
-            len(vocab.inputs) + 1,
-        )  # fmt: skip
+        net = QuantileNet(cfg, vocab)
         grams = [ngram_buckets(q.prompt, cfg.hash_buckets, cfg.max_words) for q in queries]
         call_mean, call_std = _moments(
             torch.tensor([_call_row(q, bool(g)) for q, g in zip(queries, grams, strict=True)])
         )
-        place_mean, place_std = _moments(torch.tensor([_place_row(_place_of(q)) for q in queries]))
+        place_mean, place_std = _moments(_place_raw([_place_of(q) for q in queries])[0])
         norm = {"call_mean": call_mean, "call_std": call_std}
         norm |= {"place_mean": place_mean, "place_std": place_std}
         seen = torch.zeros(cfg.hash_buckets, dtype=torch.bool)
@@ -459,8 +475,7 @@ class QuantilePredictor:
         )
 
     def encode_places(self, places: Sequence[Candidate]) -> Places:
-        raw = torch.tensor([_place_row(c) for c in places]).view(len(places), _PLACE_FEATURES)
-        load = torch.tensor([max(c[4], 0) + max(c[5], 0) for c in places], dtype=torch.long)
+        raw, load = _place_raw(places)
         return Places(
             gpu=torch.tensor([self._gpus.get(c[0], 0) for c in places], dtype=torch.long),
             num=_standardise(raw, self.norm["place_mean"], self.norm["place_std"]),
@@ -619,10 +634,7 @@ class QuantilePredictor:
             raise ValueError(f"{path}: not a swarmx quantile predictor (format {FORMAT})")
         cfg = FeatureConfig(**d["config"])
         vocab = Vocab(**{k: list(v) for k, v in d["vocab"].items()})
-        net = QuantileNet(
-            cfg, len(vocab.models) + 1, len(vocab.gpus) + 1, len(vocab.kinds) + 1,
-            len(vocab.inputs) + 1,
-        )  # fmt: skip
+        net = QuantileNet(cfg, vocab)
         net.load_state_dict(d["state"])
         return cls(
             cfg,

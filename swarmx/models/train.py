@@ -12,6 +12,8 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,6 +30,8 @@ __all__ = [
     "split_by_session",
     "train",
 ]
+
+DEFAULT_CONFIG = FeatureConfig()
 
 Progress = Callable[[int, int, float, float], None]
 """Called after each epoch with (epoch, max_epochs, train_loss, val_loss)."""
@@ -105,6 +109,7 @@ def _usable(records: Sequence[TraceRecord]) -> _Data:
 def _epoch(
     model: QuantilePredictor,
     opt: torch.optim.Optimizer,
+    *,
     calls: Calls,
     places: Places,
     log_latency: Tensor,
@@ -115,11 +120,16 @@ def _epoch(
     """One pass in random minibatches; each member's loss is weighted by its bootstrap weights
     (so members differ in data as well as initialisation). Returns the mean member loss."""
     n, total, steps = log_latency.shape[0], 0.0, 0
+    normal = NormalDist()
+    level_w = torch.tensor(
+        [normal.pdf(normal.inv_cdf(p)) ** -model.cfg.tail_weight for p in model.levels]
+    )
+    level_w /= level_w.mean()
     perm = torch.randperm(n, generator=gen)
     for start in range(0, n, batch_size):
         idx = perm[start : start + batch_size]
         q = model.members(calls.take(idx), places.take(idx), gen)  # [E, B, K]
-        per_call = pinball(log_latency[idx], q, model.levels).mean(2)  # [E, B]
+        per_call = (pinball(log_latency[idx], q, model.levels) * level_w).mean(2)  # [E, B]
         w = weights[idx].T
         loss = ((per_call * w).sum(1) / w.sum(1).clamp(min=1.0)).sum()
         opt.zero_grad()
@@ -138,7 +148,7 @@ def _bootstrap(n: int, members: int, gen: torch.Generator) -> Tensor:
 
 def train(
     records: Sequence[TraceRecord],
-    cfg: FeatureConfig = FeatureConfig(),
+    cfg: FeatureConfig = DEFAULT_CONFIG,
     *,
     seed: int = 0,
     max_epochs: int = 30,
@@ -168,15 +178,23 @@ def train(
         model = QuantilePredictor.fresh(cfg, [data.queries[i] for i in fit], y[fit], seed)
         calls, places = model.encode(data.queries)
         fit_t, val_t, cal_t = (torch.tensor(ix, dtype=torch.long) for ix in (fit, val, cal))
-        fit_c, fit_p, val_c, val_p = (
-            calls.take(fit_t), places.take(fit_t), calls.take(val_t), places.take(val_t)
-        )  # fmt: skip
+        fit_c, fit_p = calls.take(fit_t), places.take(fit_t)
+        val_c, val_p = calls.take(val_t), places.take(val_t)
         weights = _bootstrap(len(fit), cfg.ensemble, gen)
         opt = torch.optim.Adam(model.net.parameters(), lr=lr, fused=True)
         best, best_state, bad, epochs = math.inf, model.net.state_dict(), 0, 0
         for epoch in range(1, max_epochs + 1):
             epochs = epoch
-            loss = _epoch(model, opt, fit_c, fit_p, y[fit_t], weights, batch_size, gen)
+            loss = _epoch(
+                model,
+                opt,
+                calls=fit_c,
+                places=fit_p,
+                log_latency=y[fit_t],
+                weights=weights,
+                batch_size=batch_size,
+                gen=gen,
+            )
             val_loss = float(pinball(y[val_t], model.raw_log(val_c, val_p), model.levels).mean())
             if progress is not None:
                 progress(epoch, max_epochs, loss, val_loss)
@@ -216,13 +234,16 @@ def fine_tune(
     epochs: int = 3,
     lr: float = 1e-3,
     seed: int = 0,
-    batch_size: int = 128,
+    batch_size: int = 64,
     cal_frac: float = 0.25,
+    table_lr_mult: float = 30.0,
 ) -> QuantilePredictor:
     """A new predictor: a copy of ``model`` refitted on ``records`` (recent calls) and
     recalibrated on ``cal_frac`` of their sessions. Models, GPUs and input kinds first seen in
-    ``records`` get vocabulary rows (starting from "unknown") and are learned; the online shift
-    is reset, as the new calibration replaces it. With one session, calibration is kept."""
+    ``records`` get vocabulary rows (starting from "unknown") and are learned: the vocabulary
+    tables step ``table_lr_mult`` times faster, since a new row must travel from "unknown" to its
+    own value in a few epochs. The online shift is reset, as the new calibration replaces it.
+    With one session, calibration is kept."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -235,10 +256,25 @@ def fine_tune(
         fit_t = torch.tensor(fit, dtype=torch.long)
         gen = torch.Generator().manual_seed(seed)
         weights = _bootstrap(len(fit), new.cfg.ensemble, gen)
-        opt = torch.optim.Adam(new.net.parameters(), lr=lr, fused=True)
+        tables = new.net.tables()
+        rest = [p for p in new.net.parameters() if all(p is not t for t in tables)]
+        groups: list[dict[str, Any]] = [
+            {"params": rest},
+            {"params": tables, "lr": lr * table_lr_mult},
+        ]
+        opt = torch.optim.Adam(groups, lr=lr, fused=True)
         fit_c, fit_p = calls.take(fit_t), places.take(fit_t)
         losses = [
-            _epoch(new, opt, fit_c, fit_p, y[fit_t], weights, batch_size, gen)
+            _epoch(
+                new,
+                opt,
+                calls=fit_c,
+                places=fit_p,
+                log_latency=y[fit_t],
+                weights=weights,
+                batch_size=batch_size,
+                gen=gen,
+            )
             for _ in range(epochs)
         ]
         if cal:

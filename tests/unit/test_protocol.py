@@ -18,6 +18,7 @@ from swarmx.protocol import (
     Heartbeat,
     Hello,
     HostSample,
+    InstallPredictor,
     NodesReply,
     NodeView,
     PredictorStatus,
@@ -111,6 +112,7 @@ SAMPLES = [
     ExportTraces(10, 100),
     TracesReply(['{"ts": 1.0}'], 11),
     QueryPredictor(),
+    InstallPredictor("/var/lib/swarmx/m.pt"),
     PredictorStatus(
         "v1",
         "trained",

@@ -1,0 +1,276 @@
+"""The neural quantile predictor on synthetic agent traces with a known answer: latency grows with
+the prompt's size, its wording ("a detailed report" vs "one sentence"), the model and the
+replica's load, times a per-session factor and lognormal noise."""
+
+import dataclasses
+import math
+import random
+
+import pytest
+import torch
+
+from swarmx.models.predictor import FeatureConfig, QuantilePredictor
+from swarmx.models.query import Query, SessionContext, queries
+from swarmx.models.train import TrainReport, fine_tune, split_by_session, train
+from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
+
+CFG = FeatureConfig(hash_buckets=1 << 12, embed_dim=16, hidden=48, ensemble=3)
+BASE_S = {"small": 0.5, "large": 2.0, "huge": 6.0}
+TOPICS = ("databases", "compilers", "gardening", "tax law", "gpu kernels", "poetry", "networks")
+LOADS = (0, 0, 0, 1, 2, 4, 8, 12)
+
+
+def prompt(detailed: bool, topic: str) -> str:
+    if detailed:
+        return f"Write a detailed report about {topic}, covering every aspect."
+    return f"Explain {topic} in one sentence."
+
+
+def synth(
+    n_sessions: int, seed: int, models: tuple[str, ...] = ("small", "large")
+) -> list[TraceRecord]:
+    rng = random.Random(seed)
+    out = []
+    for s in range(n_sessions):
+        model, factor = rng.choice(models), math.exp(rng.gauss(0, 0.15))
+        ts = s * 1e4
+        for turn in range(rng.randint(4, 10)):
+            detailed, tokens, load = rng.random() < 0.5, rng.randint(50, 4000), rng.choice(LOADS)
+            latency = (
+                BASE_S[model]
+                * (1 + tokens / 2000)
+                * (4.0 if detailed else 1.0)
+                * (1 + 0.1 * load)
+                * factor
+                * math.exp(rng.gauss(0, 0.3))
+            )
+            out.append(
+                TraceRecord(
+                    ts=ts,
+                    workflow=f"wf{seed}-{s}",
+                    step=f"s{turn}",
+                    deps=[],
+                    kind="llm",
+                    model=model,
+                    prompt=prompt(detailed, rng.choice(TOPICS)),
+                    prompt_tokens=tokens,
+                    max_tokens=1024,
+                    output_tokens=int(40 * latency),
+                    latency_s=latency,
+                    queue_s=0.0,
+                    ttft_s=None,
+                    node="n",
+                    replica=f"n/{model}",
+                    device=DeviceAtDispatch("H100", 0.5, 0.3, 0.2),
+                    runtime=RuntimeAtDispatch(load, 0),
+                    turn=turn,
+                    workflow_name="chat",
+                    input_kinds=["text"],
+                )
+            )
+            ts += latency + 1.0
+    return out
+
+
+def query(**kw: object) -> Query:
+    base = Query(
+        model="large",
+        kind="llm",
+        prompt=prompt(False, "databases"),
+        prompt_tokens=1000,
+        max_tokens=1024,
+        workflow_name="chat",
+        input_kinds=["text"],
+        gpu="H100",
+    )
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[QuantilePredictor, TrainReport, list[TraceRecord]]:
+    records = synth(500, seed=1)
+    train_recs, test_recs = split_by_session(records, 0.2, seed=0)
+    model, report = train(train_recs, CFG, seed=0, max_epochs=40, batch_size=256, lr=1e-2)
+    return model, report, test_recs
+
+
+def test_quantiles_monotone_for_random_inputs(trained):
+    model = trained[0].copy()
+    model.set_online_shift({0.5: 2.0, 0.95: -1.0})  # shifts that would cross without the guard
+    rng = random.Random(3)
+    words = ["the", "a", "report", "sentence", "detailed", "brief", "zebra", "quantum", "42"]
+    busy = SessionContext(3, 400, 12.0, 1.0, 80.0)
+    qs = [
+        query(
+            model=rng.choice(["small", "large", "never-seen"]),
+            prompt=" ".join(rng.choices(words, k=rng.randint(0, 30))),
+            prompt_tokens=rng.randint(0, 100_000),
+            max_tokens=rng.randint(0, 8000),
+            turn=rng.randint(0, 50),
+            input_kinds=rng.sample(["text", "image", "tool_result"], rng.randint(0, 2)),
+            prefix_share=rng.random(),
+            gpu=rng.choice(["H100", "A10", "cpu"]),
+            gpu_util=rng.random(),
+            inflight=rng.randint(0, 40),
+            queue_depth=rng.randint(0, 40),
+            session=rng.choice([SessionContext(), busy]),
+        )
+        for _ in range(300)
+    ]
+    lq = model.predict_log(qs)
+    assert lq.shape == (300, 4)
+    assert bool(torch.isfinite(lq).all())
+    assert bool((lq[:, 1:] >= lq[:, :-1]).all())
+    assert all(d.levels == model.levels for d in model.predict(qs))  # LatencyDist checks order
+
+
+def test_members_are_monotone_by_construction(trained):
+    model = trained[0]
+    calls, places = model.encode([query(), query(model="x", prompt="")])
+    with torch.inference_mode():
+        members = model.members(calls, places)
+    assert members.shape == (CFG.ensemble, 2, 4)
+    assert bool((members[..., 1:] >= members[..., :-1]).all())
+
+
+def test_save_load_round_trip(trained, tmp_path):
+    model = trained[0].copy()
+    model.extras["baselines"] = {"empirical": {"overall": [1.0, 2.0]}}
+    model.set_online_shift({0.9: 0.1})
+    path = tmp_path / "m.pt"
+    model.save(path)
+    assert isinstance(torch.load(path, weights_only=True), dict)  # tensors and plain data only
+    back = QuantilePredictor.load(path)
+    qs = [*queries(trained[2])[:50], query(model="unseen", prompt="")]
+    assert torch.equal(back.predict_log(qs), model.predict_log(qs))
+    assert back.version == model.version and back.version.startswith("q-")
+    assert back.metrics == model.metrics and back.metrics["n_train"] > 0
+    assert back.extras == model.extras
+    assert back.cfg == model.cfg and back.kind == "trained"
+
+
+def test_unknown_model_and_empty_prompt(trained):
+    model = trained[0]
+    qs = [query(model="small"), query(model="large"), query(model="brand-new"), query(prompt="")]
+    dists = model.predict(qs)
+    assert all(0 < d.values_s[0] <= d.values_s[-1] < math.inf for d in dists)
+    width = model.predict_log(qs)
+    spread = width[:, 3] - width[:, 0]  # log(q99 / q50)
+    assert spread[2] > spread[0] and spread[2] > spread[1]
+    # its median lies between the known models' medians
+    assert width[0, 0] < width[2, 0] < width[1, 0]
+
+
+def test_wording_moves_the_forecast(trained):
+    model = trained[0]
+    lq = model.predict_log(
+        [query(prompt=prompt(False, "compilers")), query(prompt=prompt(True, "compilers"))]
+    )
+    # the truth is 4x (log 1.39) at every level
+    assert 0.8 < float(lq[1, 0] - lq[0, 0]) < 2.0
+    assert float(lq[1, 1] - lq[0, 1]) > 0.8
+
+
+def test_unfamiliar_wording_is_novel_and_widens(trained):
+    model = trained[0]
+    known, novel = query(), query(prompt="Zqx vlorp marmalade hyperboloid quintessence.")
+    calls = model.encode_calls([known, novel])
+    seen = model.seen[calls.ids]
+    assert bool(seen[: int(calls.counts[0])].all())
+    assert not bool(seen[int(calls.counts[0]) :].all())
+    lq = model.predict_log([known, novel])
+    assert float(lq[1, 3] - lq[1, 0]) > float(lq[0, 3] - lq[0, 0])
+
+
+def test_coverage_on_held_out_sessions(trained):
+    model, report, test_recs = trained
+    y = torch.log(torch.tensor([r.latency_s for r in test_recs])).unsqueeze(1)
+    coverage = (y <= model.predict_log(queries(test_recs))).float().mean(0)
+    for p, c in zip(model.levels, coverage.tolist(), strict=True):
+        assert abs(c - p) < (0.06 if p < 0.95 else 0.04), (p, c)
+    assert set(report.coverage) == set(model.levels)
+    assert report.n_train > report.n_cal > 0 and report.n_val > 0 and report.epochs >= 1
+
+
+def test_split_by_session_keeps_sessions_whole():
+    records = synth(60, seed=4)
+    for seed in range(3):
+        rest, held = split_by_session(records, 0.25, seed)
+        assert len(rest) + len(held) == len(records)
+        assert not {r.session_id for r in rest} & {r.session_id for r in held}
+        assert len({r.session_id for r in held}) == 15
+    assert split_by_session(records, 0.25, 0) == split_by_session(records, 0.25, 0)
+
+
+def test_fine_tune_learns_a_new_model(trained):
+    model = trained[0]
+    before_q = [query(model="huge"), query(model="large")]
+    before = model.predict_log(before_q)
+    recent = synth(120, seed=7, models=("huge", "large"))
+    tuned = fine_tune(model, recent, epochs=3, seed=1)
+    assert tuned is not model and tuned.version != model.version
+    assert "huge" in tuned.vocab.models and "huge" not in model.vocab.models
+    assert torch.equal(model.predict_log(before_q), before)  # the original is untouched
+    after = tuned.predict_log(before_q)
+    # "huge" is 3x "large": from the unknown (marginal) forecast towards that
+    assert float(after[0, 0] - after[1, 0]) > float(before[0, 0] - before[1, 0]) + 0.3
+    assert float(after[0, 0] - after[1, 0]) > 0.5
+    assert tuned.metrics["fine_tuned_from"] == model.version
+
+
+def test_predict_candidates_agrees_with_predict(trained):
+    model = trained[0]
+    q = query(session=SessionContext(2, 300, 4.0, 1.2, 250.0))
+    candidates = [
+        ("H100", 0.1, 0.2, 0.3, 0, 0),
+        ("H100", 0.9, 0.8, 0.7, 6, 3),
+        ("A10", 0.5, 0.5, 0.5, 1, 0),
+        ("cpu", 0.0, 0.0, 0.9, 12, 10),
+    ]
+    fast = model.predict_candidates(q, candidates)
+    slow = model.predict(
+        [
+            dataclasses.replace(
+                q, gpu=g, gpu_util=u, gpu_mem_frac=m, cpu_util=c, inflight=i, queue_depth=d
+            )
+            for g, u, m, c, i, d in candidates
+        ]
+    )
+    for a, b in zip(fast, slow, strict=True):
+        assert a.values_s == pytest.approx(b.values_s, rel=1e-5)
+    assert fast[3].values_s[0] > fast[0].values_s[0]  # load slows calls down
+
+
+def test_load_bucket_calibration(trained):
+    model = trained[0].copy()
+    light, heavy = query(inflight=0), query(inflight=9)
+    base = model.predict_log([light, heavy])
+    model.cal_shift[3] += 0.5  # bucket 8+
+    moved = model.predict_log([light, heavy])
+    assert torch.equal(moved[0], base[0])
+    assert torch.allclose(moved[1], base[1] + 0.5)
+    # calibrate(): a thin bucket falls back to the global shift, a full one gets its own
+    recs = [r for r in synth(200, seed=9) if r.runtime.inflight in (0, 12)]
+    thin = [r for r in recs if r.runtime.inflight == 12][:20]
+    calib = [r for r in recs if r.runtime.inflight == 0] + thin
+    model.calibrate(queries(calib), [r.latency_s for r in calib])
+    shift = model.cal_shift
+    assert torch.equal(shift[3], shift[1]) and torch.equal(shift[3], shift[2])  # global
+    assert not torch.equal(shift[0], shift[3])
+
+
+def test_online_shift(trained):
+    model = trained[0].copy()
+    q = [query()]
+    base = model.predict_log(q)
+    model.set_online_shift({0.99: 0.25})
+    assert torch.allclose(model.predict_log(q)[0, 3], base[0, 3] + 0.25)
+    assert torch.equal(model.predict_log(q)[0, :3], base[0, :3])
+    with pytest.raises(ValueError, match="no such levels"):
+        model.set_online_shift({0.42: 1.0})
+
+
+def test_feature_config_sorts_levels():
+    assert FeatureConfig(levels=(0.99, 0.5, 0.9)).levels == (0.5, 0.9, 0.99)
+    with pytest.raises(ValueError, match="levels"):
+        FeatureConfig(levels=(0.5, 1.0))
