@@ -192,6 +192,12 @@ class OnlineLearner:
         self._thread.start()
         return True
 
+    def wait_training(self, timeout_s: float | None = None) -> None:
+        """Block until the running training run (if any) ends: for tests and offline replays."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+
     def poll(self) -> bool:
         """Install a finished candidate if it beat the live model; True on a swap."""
         with self._lock:

@@ -19,10 +19,12 @@ This is the only module that runs torch for prediction; `swarmx.models.train` fi
 
 from __future__ import annotations
 
+import array
 import copy
 import dataclasses
 import functools
 import hashlib
+import io
 import itertools
 import math
 import re
@@ -59,6 +61,8 @@ class FeatureConfig:
     embed_dim: int = 32
     """Width of the prompt and model embeddings (per ensemble member)."""
     hidden: int = 128
+    head_hidden: int = 64
+    """Width of the head's last hidden layer, which runs once per candidate placement."""
     ensemble: int = 3
     small_dim: int = 8
     """Width of the workflow-name and GPU embeddings."""
@@ -69,7 +73,9 @@ class FeatureConfig:
     unknown_p: float = 0.1
     """Training share of calls whose model (and GPU) is replaced by "unknown"."""
     novelty_p: float = 0.5
-    """Training share of calls that lose a random fraction (uniform in 0..1) of their n-grams."""
+    """Training share of calls that lose n-grams: half of them all, half a uniform share. Mean
+    pooling hides a partial loss (a random half of the n-grams averages like all of them), so
+    only the complete losses teach what a prompt with no familiar wording costs."""
     tail_weight: float = 0.5
     """Each level's training loss is weighted by pdf(z_p) ** -tail_weight: pinball gradients
     at tail levels are rare and small, so unweighted the tails learn last."""
@@ -86,8 +92,9 @@ class FeatureConfig:
             raise ValueError(f"levels must be distinct and in (0, 1): {self.levels}")
         object.__setattr__(self, "levels", levels)
         object.__setattr__(self, "load_edges", tuple(int(e) for e in self.load_edges))
-        if min(self.hash_buckets, self.embed_dim, self.hidden, self.ensemble) < 1:
-            raise ValueError("hash_buckets, embed_dim, hidden and ensemble must be positive")
+        sizes = (self.hash_buckets, self.embed_dim, self.hidden, self.head_hidden, self.ensemble)
+        if min(sizes) < 1:
+            raise ValueError(f"sizes must be positive: {sizes}")
 
 
 # --- feature encoding ------------------------------------------------------------------------
@@ -155,10 +162,13 @@ def _call_row(q: Query, has_text: bool) -> list[float]:
 
 def _place_raw(places: Sequence[Candidate]) -> tuple[Tensor, Tensor]:
     """[N, 5] unstandardised placement features and each placement's load (inflight + queue)."""
-    raw = torch.tensor([c[1:] for c in places], dtype=torch.float32).view(-1, _PLACE_FEATURES)
+    if not places:
+        return torch.zeros(0, _PLACE_FEATURES), torch.zeros(0)
+    flat = array.array("f", [x for c in places for x in c[1:]])  # 2x faster than nested lists
+    raw = torch.frombuffer(flat, dtype=torch.float32).view(-1, _PLACE_FEATURES)
     counts = raw[:, 3:].clamp(min=0)
     raw[:, 3:] = torch.log1p(counts)
-    return raw, counts.sum(1).long()
+    return raw, counts.sum(1)
 
 
 def _place_of(q: Query) -> Candidate:
@@ -179,6 +189,8 @@ class Calls:
     """[N, input-kind vocabulary] multi-hot (column 0: kinds not in the vocabulary)."""
     num: Tensor
     """[N, 17] standardised numeric features, missing values at the mean (0)."""
+    novelty: Tensor
+    """[N] share of the prompt's n-grams never seen in training."""
 
     def take(self, idx: Tensor) -> Calls:
         starts = torch.cumsum(self.counts, 0) - self.counts
@@ -195,6 +207,7 @@ class Calls:
             self.kind[idx],
             self.inputs[idx],
             self.num[idx],
+            self.novelty[idx],
         )
 
 
@@ -239,9 +252,10 @@ class Vocab:
 # --- the network -----------------------------------------------------------------------------
 
 
-def _uniform(*shape: int, fan_in: int) -> nn.Parameter:
+def _uniform(*shape: int, fan_in: int, gen: torch.Generator | None) -> nn.Parameter:
+    """nn.Linear's default initialisation."""
     bound = 1.0 / math.sqrt(fan_in)
-    return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
+    return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound, generator=gen))
 
 
 def _by_member(x: Tensor, n: int, members: int) -> Tensor:
@@ -256,7 +270,9 @@ class QuantileNet(nn.Module):
     output before the head, so many placements of one call reuse the trunk. Embedding tables
     hold all members side by side ([rows, E*d]) so vocabularies grow by appending rows."""
 
-    def __init__(self, cfg: FeatureConfig, vocab: Vocab) -> None:
+    def __init__(
+        self, cfg: FeatureConfig, vocab: Vocab, gen: torch.Generator | None = None
+    ) -> None:
         super().__init__()
         n_models, n_gpus, n_kinds, n_inputs = (
             len(vocab.models) + 1,
@@ -266,18 +282,27 @@ class QuantileNet(nn.Module):
         )
         e, d, h, k, s = cfg.ensemble, cfg.embed_dim, cfg.hidden, len(cfg.levels), cfg.small_dim
         self.members = e
-        self.text = nn.Parameter(torch.randn(cfg.hash_buckets, e * d))
-        self.model = nn.Parameter(torch.randn(n_models, e * d))
-        self.workflow = nn.Parameter(torch.randn(cfg.workflow_buckets, e * s))
-        self.gpu = nn.Parameter(torch.randn(n_gpus, e * s))
+
+        def normal(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.randn(*shape, generator=gen))
+
+        def uniform(*shape: int, fan_in: int) -> nn.Parameter:
+            return _uniform(*shape, fan_in=fan_in, gen=gen)
+
+        self.text = nn.EmbeddingBag(cfg.hash_buckets, e * d, mode="mean")
+        nn.init.normal_(self.text.weight, generator=gen)
+        self.model = normal(n_models, e * d)
+        self.workflow = normal(cfg.workflow_buckets, e * s)
+        self.gpu = normal(n_gpus, e * s)
         n_in = 2 * d + s + _CALL_FEATURES + 1
-        self.kind = _uniform(n_kinds, e * h, fan_in=n_in)
-        self.inputs = _uniform(n_inputs, e * h, fan_in=n_in)
-        self.w1, self.b1 = _uniform(e, n_in, h, fan_in=n_in), _uniform(e, 1, h, fan_in=n_in)
-        self.w2, self.b2 = _uniform(e, h, h, fan_in=h), _uniform(e, 1, h, fan_in=h)
-        self.wp = _uniform(e, s + _PLACE_FEATURES, h, fan_in=s + _PLACE_FEATURES)
-        self.w3, self.b3 = _uniform(e, h, h, fan_in=h), _uniform(e, 1, h, fan_in=h)
-        self.w4, self.b4 = _uniform(e, h, k, fan_in=h), _uniform(e, 1, k, fan_in=h)
+        self.kind = uniform(n_kinds, e * h, fan_in=n_in)  # one-hot rows into the first layer
+        self.inputs = uniform(n_inputs, e * h, fan_in=n_in)  # multi-hot rows, likewise
+        self.w1, self.b1 = uniform(e, n_in, h, fan_in=n_in), uniform(e, 1, h, fan_in=n_in)
+        self.w2, self.b2 = uniform(e, h, h, fan_in=h), uniform(e, 1, h, fan_in=h)
+        self.wp = uniform(e, s + _PLACE_FEATURES, h, fan_in=s + _PLACE_FEATURES)
+        g = cfg.head_hidden
+        self.w3, self.b3 = uniform(e, h, g, fan_in=h), uniform(e, 1, g, fan_in=h)
+        self.w4, self.b4 = uniform(e, g, k, fan_in=g), uniform(e, 1, k, fan_in=g)
 
     def tables(self) -> list[nn.Parameter]:
         """The vocabulary tables: a row of one is trained only by the calls that use it."""
@@ -288,7 +313,7 @@ class QuantileNet(nn.Module):
     ) -> Tensor:
         """[E, N, H]: the call's contribution to the head's first layer."""
         e, n = self.members, calls.num.shape[0]
-        text = F.embedding_bag(ids, self.text, offsets, mode="mean")
+        text: Tensor = self.text(ids, offsets)  # an empty bag (no familiar n-gram) gives 0
         x = torch.cat(
             [
                 _by_member(text, n, e),
@@ -355,8 +380,9 @@ class QuantilePredictor:
         """[load buckets, K] conformal log-space shifts."""
         self.online_shift = online_shift if online_shift is not None else torch.zeros(k)
         self._z = torch.tensor([NormalDist().inv_cdf(p) for p in cfg.levels])
-        self._edges = torch.tensor(cfg.load_edges, dtype=torch.long)
+        self._edges = torch.tensor(cfg.load_edges, dtype=torch.float32)
         self._reindex()
+        self._seen_bytes = bytes(self.seen.to(torch.uint8).tolist())  # fast lookups in encoding
 
     @property
     def levels(self) -> tuple[float, ...]:
@@ -382,8 +408,7 @@ class QuantilePredictor:
             kinds=sorted({q.kind for q in queries}),
             inputs=sorted({k for q in queries for k in q.input_kinds}),
         )
-        torch.manual_seed(seed)
-        net = QuantileNet(cfg, vocab)
+        net = QuantileNet(cfg, vocab, torch.Generator().manual_seed(seed))
         grams = [ngram_buckets(q.prompt, cfg.hash_buckets, cfg.max_words) for q in queries]
         call_mean, call_std = _moments(
             torch.tensor([_call_row(q, bool(g)) for q, g in zip(queries, grams, strict=True)])
@@ -432,6 +457,7 @@ class QuantilePredictor:
             i for q in queries for i in ngram_buckets(q.prompt, cfg.hash_buckets, cfg.max_words)
         ]
         self.seen[torch.tensor(grams, dtype=torch.long)] = True
+        self._seen_bytes = bytes(self.seen.to(torch.uint8).tolist())
 
     def copy(self) -> QuantilePredictor:
         """An independent deep copy (for fine-tuning without touching the live model)."""
@@ -440,38 +466,45 @@ class QuantilePredictor:
     # --- encoding ----------------------------------------------------------------------------
 
     def encode_calls(self, queries: Sequence[Query]) -> Calls:
-        cfg = self.cfg
+        """N-grams never seen in training are dropped here (their embeddings are untrained
+        noise) and their share becomes the novelty input."""
+        cfg, seen = self.cfg, self._seen_bytes
+        n_inputs = len(self.vocab.inputs) + 1
         ids: list[int] = []
-        counts: list[int] = []
         rows: list[list[float]] = []
-        input_rows: list[int] = []
-        input_cols: list[int] = []
-        for i, q in enumerate(queries):
+        longs: list[list[int]] = []
+        for q in queries:
             grams = ngram_buckets(q.prompt, cfg.hash_buckets, cfg.max_words)
-            ids.extend(grams)
-            counts.append(len(grams))
-            rows.append(_call_row(q, bool(grams)))
+            kept = [g for g in grams if seen[g]]
+            ids.extend(kept)
+            hot = [0.0] * n_inputs
             for name in q.input_kinds:
-                input_rows.append(i)
-                input_cols.append(self._inputs.get(name, 0))
+                hot[self._inputs.get(name, 0)] = 1.0
+            rows.append(
+                [*_call_row(q, bool(grams)), (len(grams) - len(kept)) / max(len(grams), 1), *hot]
+            )
+            longs.append(
+                [
+                    len(kept),
+                    self._models.get(q.model, 0),
+                    _crc("wf:" + q.workflow_name, cfg.workflow_buckets),
+                    self._kinds.get(q.kind, 0),
+                ]
+            )
         n = len(queries)
-        inputs = torch.zeros(n, len(self.vocab.inputs) + 1)
-        inputs[input_rows, input_cols] = 1.0
+        floats = torch.tensor(rows, dtype=torch.float32).view(n, _CALL_FEATURES + 1 + n_inputs)
+        ints = torch.tensor(longs, dtype=torch.long).view(n, 4)
         return Calls(
             ids=torch.tensor(ids, dtype=torch.long),
-            counts=torch.tensor(counts, dtype=torch.long),
-            model=torch.tensor([self._models.get(q.model, 0) for q in queries], dtype=torch.long),
-            workflow=torch.tensor(
-                [_crc("wf:" + q.workflow_name, cfg.workflow_buckets) for q in queries],
-                dtype=torch.long,
-            ),
-            kind=torch.tensor([self._kinds.get(q.kind, 0) for q in queries], dtype=torch.long),
-            inputs=inputs,
+            counts=ints[:, 0],
+            model=ints[:, 1],
+            workflow=ints[:, 2],
+            kind=ints[:, 3],
+            inputs=floats[:, _CALL_FEATURES + 1 :],
             num=_standardise(
-                torch.tensor(rows).view(n, _CALL_FEATURES),
-                self.norm["call_mean"],
-                self.norm["call_std"],
+                floats[:, :_CALL_FEATURES], self.norm["call_mean"], self.norm["call_std"]
             ),
+            novelty=floats[:, _CALL_FEATURES],
         )
 
     def encode_places(self, places: Sequence[Candidate]) -> Places:
@@ -488,24 +521,23 @@ class QuantilePredictor:
     # --- forward -----------------------------------------------------------------------------
 
     def _call_part(self, calls: Calls, gen: torch.Generator | None) -> Tensor:
-        """Drops n-grams (unseen ones at prediction; random ones in training, when ``gen`` is
-        given) and feeds the dropped share as novelty; in training also hides model ids."""
-        n = calls.counts.shape[0]
-        row = torch.repeat_interleave(torch.arange(n), calls.counts)
-        model = calls.model
-        if gen is None:
-            keep = self.seen[calls.ids]
-        else:
-            rate = torch.rand(n, generator=gen) * (
-                torch.rand(n, generator=gen) < self.cfg.novelty_p
-            )
-            keep = torch.rand(calls.ids.shape[0], generator=gen) >= rate[row]
+        """With ``gen`` (training), drops a random share of some calls' n-grams and feeds it as
+        novelty, so the network learns what unfamiliar wording costs; and hides model ids."""
+        ids, counts, novelty, model = calls.ids, calls.counts, calls.novelty, calls.model
+        if gen is not None:
+            n = counts.shape[0]
+            row = torch.repeat_interleave(torch.arange(n), counts)
+            draw = torch.rand(n, generator=gen) / self.cfg.novelty_p  # < 1: loses n-grams
+            rate = torch.where(draw < 0.5, 1.0, torch.rand(n, generator=gen)) * (draw < 1)
+            keep = torch.rand(ids.shape[0], generator=gen) >= rate[row]
+            ids = ids[keep]
+            kept = torch.bincount(row[keep], minlength=n)
+            novelty = (counts - kept) / counts.clamp(min=1)
+            counts = kept
             hide = torch.rand(n, generator=gen) < self.cfg.unknown_p
             model = torch.where(hide, torch.zeros_like(model), model)
-        kept = torch.bincount(row[keep], minlength=n)
-        novelty = (calls.counts - kept) / calls.counts.clamp(min=1)
-        offsets = torch.cumsum(kept, 0) - kept
-        return self.net.call_part(calls, calls.ids[keep], offsets, novelty.float(), model)
+        offsets = torch.cumsum(counts, 0) - counts
+        return self.net.call_part(calls, ids, offsets, novelty, model)
 
     def members(self, calls: Calls, places: Places, gen: torch.Generator | None = None) -> Tensor:
         """[E, N, K] each member's log quantiles; ``gen`` turns on the training noise."""
@@ -520,7 +552,8 @@ class QuantilePredictor:
         mean = members.mean(0)
         if members.shape[0] == 1:
             return mean
-        return mean + self.cfg.spread * self._z * members.std(0, correction=0)
+        std = (members - mean).square().mean(0).sqrt()  # Tensor.std is slow on small inputs
+        return mean + self.cfg.spread * self._z * std
 
     def _calibrated(self, raw: Tensor, bucket: Tensor) -> Tensor:
         out = raw + self.cal_shift[bucket] + self.online_shift
@@ -559,8 +592,17 @@ class QuantilePredictor:
             return self._dists(self._calibrated(raw, places.bucket))
 
     def _dists(self, log_q: Tensor) -> list[LatencyDist]:
+        """LatencyDists built without re-checking their order, which costs more than the whole
+        network on the routing path: levels are sorted by `FeatureConfig` and values by the
+        running max taken here, after exp, so rounding cannot unsort them."""
         levels = self.levels
-        return [LatencyDist(levels, tuple(row)) for row in torch.exp(log_q).tolist()]
+        out = []
+        for row in torch.cummax(torch.exp(log_q), 1).values.tolist():
+            d = object.__new__(LatencyDist)
+            object.__setattr__(d, "levels", levels)
+            object.__setattr__(d, "values_s", tuple(row))
+            out.append(d)
+        return out
 
     # --- calibration -------------------------------------------------------------------------
 
@@ -602,11 +644,9 @@ class QuantilePredictor:
 
     def digest(self) -> str:
         """A short hash of the weights and vocabularies, for version names."""
-        h = hashlib.blake2b(digest_size=6)
-        for t in self.net.state_dict().values():
-            h.update(t.detach().contiguous().numpy().tobytes())
-        h.update(repr(dataclasses.astuple(self.vocab)).encode())
-        return h.hexdigest()
+        buf = io.BytesIO()
+        torch.save((self.net.state_dict(), dataclasses.asdict(self.vocab)), buf)
+        return hashlib.blake2b(buf.getvalue(), digest_size=6).hexdigest()
 
     def save(self, path: str | Path) -> None:
         """One file, tensors and plain data only (loads with ``weights_only=True``)."""

@@ -14,7 +14,9 @@ from swarmx.models.query import Query, SessionContext, queries
 from swarmx.models.train import TrainReport, fine_tune, split_by_session, train
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
 
-CFG = FeatureConfig(hash_buckets=1 << 12, embed_dim=16, hidden=48, ensemble=3)
+CFG = FeatureConfig(hash_buckets=1 << 12, embed_dim=16, hidden=48, ensemble=3, novelty_p=0.6)
+"""Small and fast; a little more n-gram dropout than the default, so that a model trained on
+a few thousand calls learns the novelty effect reliably."""
 BASE_S = {"small": 0.5, "large": 2.0, "huge": 6.0}
 TOPICS = ("databases", "compilers", "gardening", "tax law", "gpu kernels", "poetry", "networks")
 LOADS = (0, 0, 0, 1, 2, 4, 8, 12)
@@ -88,9 +90,9 @@ def query(**kw: object) -> Query:
 
 @pytest.fixture(scope="module")
 def trained() -> tuple[QuantilePredictor, TrainReport, list[TraceRecord]]:
-    records = synth(500, seed=1)
+    records = synth(800, seed=1)
     train_recs, test_recs = split_by_session(records, 0.2, seed=0)
-    model, report = train(train_recs, CFG, seed=0, max_epochs=40, batch_size=256, lr=1e-2)
+    model, report = train(train_recs, CFG, seed=0, max_epochs=40, batch_size=256)
     return model, report, test_recs
 
 
@@ -154,11 +156,11 @@ def test_unknown_model_and_empty_prompt(trained):
     qs = [query(model="small"), query(model="large"), query(model="brand-new"), query(prompt="")]
     dists = model.predict(qs)
     assert all(0 < d.values_s[0] <= d.values_s[-1] < math.inf for d in dists)
-    width = model.predict_log(qs)
-    spread = width[:, 3] - width[:, 0]  # log(q99 / q50)
+    lq = model.predict_log(qs)
+    spread = lq[:, 1] - lq[:, 0]  # log(q90 / q50)
     assert spread[2] > spread[0] and spread[2] > spread[1]
     # its median lies between the known models' medians
-    assert width[0, 0] < width[2, 0] < width[1, 0]
+    assert lq[0, 0] < lq[2, 0] < lq[1, 0]
 
 
 def test_wording_moves_the_forecast(trained):
@@ -173,13 +175,13 @@ def test_wording_moves_the_forecast(trained):
 
 def test_unfamiliar_wording_is_novel_and_widens(trained):
     model = trained[0]
-    known, novel = query(), query(prompt="Zqx vlorp marmalade hyperboloid quintessence.")
+    known, novel = query(), query(prompt="Zzyzx qwqw jjkv pfft")
     calls = model.encode_calls([known, novel])
-    seen = model.seen[calls.ids]
-    assert bool(seen[: int(calls.counts[0])].all())
-    assert not bool(seen[int(calls.counts[0]) :].all())
+    assert float(calls.novelty[0]) == 0.0 and float(calls.novelty[1]) > 0.5
+    assert bool(model.seen[calls.ids].all())  # unseen n-grams are dropped, not embedded
     lq = model.predict_log([known, novel])
-    assert float(lq[1, 3] - lq[1, 0]) > float(lq[0, 3] - lq[0, 0])
+    assert float(lq[1, 1] - lq[1, 0]) > float(lq[0, 1] - lq[0, 0])  # log(q90 / q50)
+    assert float(lq[1, 3] - lq[1, 0]) > float(lq[0, 3] - lq[0, 0])  # log(q99 / q50)
 
 
 def test_coverage_on_held_out_sessions(trained):
