@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import csv
 import logging
-import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceError, TraceRecord
+from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceError, TraceRecord, split_keys
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +123,5 @@ def split_by_session(
     The default groups by workflow, not by `TraceRecord.session_id`: a trace's sub-agents share
     its context (the task, files read, the parent's prompt), so splitting them apart would let
     the test side's sessions leak into training."""
-    if not 0.0 <= test_frac <= 1.0:
-        raise ValueError(f"test_frac must be in [0, 1], got {test_frac}")
-    groups = sorted({key(r) for r in records})
-    random.Random(seed).shuffle(groups)
-    n_test = round(test_frac * len(groups))
-    if 0 < test_frac < 1 and len(groups) >= 2:  # a requested split leaves both sides non-empty
-        n_test = min(max(n_test, 1), len(groups) - 1)
-    test_groups = set(groups[:n_test])
-    train = [r for r in records if key(r) not in test_groups]
-    test = [r for r in records if key(r) in test_groups]
-    return train, test
+    rest, held = split_keys([key(r) for r in records], test_frac, seed)
+    return [records[i] for i in rest], [records[i] for i in held]

@@ -4,6 +4,7 @@ simulator. Field names are a contract (docs/traces.md); add fields, never rename
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,22 @@ def write_traces(path: str | Path, records: Iterable[TraceRecord]) -> int:
             f.write(json.dumps(encode(rec)) + "\n")
             n += 1
     return n
+
+
+def split_keys(keys: Sequence[str], frac: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (rest, held) with ``frac`` of the distinct keys, chosen by ``seed``, held out
+    whole (at least one key on each side when there are two or more); input order kept."""
+    if not 0.0 <= frac <= 1.0:
+        raise ValueError(f"frac must be in [0, 1], got {frac}")
+    groups = sorted(set(keys))
+    random.Random(seed).shuffle(groups)
+    n_held = round(frac * len(groups))
+    if 0 < frac < 1 and len(groups) >= 2:
+        n_held = min(max(n_held, 1), len(groups) - 1)
+    held = set(groups[:n_held])
+    rest_idx = [i for i, k in enumerate(keys) if k not in held]
+    held_idx = [i for i, k in enumerate(keys) if k in held]
+    return rest_idx, held_idx
 
 
 class TraceError(ValueError):

@@ -8,7 +8,6 @@ calibration and make the tails look better calibrated than they are.
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -20,14 +19,13 @@ from torch import Tensor
 
 from swarmx.models.predictor import Calls, FeatureConfig, Places, QuantilePredictor
 from swarmx.models.query import Query, queries
-from swarmx.traces import TraceRecord
+from swarmx.traces import TraceRecord, split_keys
 
 __all__ = [
     "FeatureConfig",
     "TrainReport",
     "fine_tune",
     "pinball",
-    "split_by_session",
     "train",
 ]
 
@@ -53,30 +51,6 @@ class TrainReport:
     n_train: int
     n_val: int
     n_cal: int
-
-
-def _split_keys(keys: Sequence[str], frac: float, seed: int) -> tuple[list[int], list[int]]:
-    if not 0.0 <= frac <= 1.0:
-        raise ValueError(f"frac must be in [0, 1], got {frac}")
-    groups = sorted(set(keys))
-    random.Random(seed).shuffle(groups)
-    n_held = round(frac * len(groups))
-    if 0 < frac < 1 and len(groups) >= 2:
-        n_held = min(max(n_held, 1), len(groups) - 1)
-    held = set(groups[:n_held])
-    rest_idx = [i for i, k in enumerate(keys) if k not in held]
-    held_idx = [i for i, k in enumerate(keys) if k in held]
-    return rest_idx, held_idx
-
-
-def split_by_session(
-    records: Sequence[TraceRecord], frac: float, seed: int
-) -> tuple[list[TraceRecord], list[TraceRecord]]:
-    """(rest, held): ``frac`` of the sessions (`TraceRecord.session_id`), chosen by ``seed``,
-    go to ``held`` (at least one on each side when there are two or more); both keep the input
-    order."""
-    rest, held = _split_keys([r.session_id for r in records], frac, seed)
-    return [records[i] for i in rest], [records[i] for i in held]
 
 
 def pinball(log_latency: Tensor, log_q: Tensor, levels: Sequence[float]) -> Tensor:
@@ -173,8 +147,8 @@ def train(
     torch.set_num_threads(2)
     try:
         data = _usable(records)
-        rest, cal = _split_keys(data.sessions, cal_frac, seed)
-        fit_r, val_r = _split_keys(
+        rest, cal = split_keys(data.sessions, cal_frac, seed)
+        fit_r, val_r = split_keys(
             [data.sessions[i] for i in rest], val_frac / (1 - cal_frac), seed + 1
         )
         fit, val = [rest[i] for i in fit_r], [rest[i] for i in val_r]
@@ -256,7 +230,7 @@ def fine_tune(
     torch.set_num_threads(2)
     try:
         data = _usable(records)
-        fit, cal = _split_keys(data.sessions, cal_frac, seed)
+        fit, cal = split_keys(data.sessions, cal_frac, seed)
         new = model.copy()
         new.grow([data.queries[i] for i in fit])
         calls, places = new.encode(data.queries)

@@ -125,7 +125,7 @@ def test_split_keeps_workflows_whole_and_is_deterministic() -> None:
     assert len({r.session_id for r in by_session[1]}) == 30
     two = [_rec("a", "", 0), _rec("b", "", 1)]
     assert [len(side) for side in split_by_session(two, 0.01, seed=0)] == [1, 1]
-    with pytest.raises(ValueError, match="test_frac"):
+    with pytest.raises(ValueError, match="frac must be in"):
         split_by_session(recs, 1.5, seed=0)
 
 

@@ -11,7 +11,8 @@ import torch
 
 from swarmx.models.predictor import FeatureConfig, QuantilePredictor
 from swarmx.models.query import Query, SessionContext, queries
-from swarmx.models.train import TrainReport, fine_tune, split_by_session, train
+from swarmx.models.train import TrainReport, fine_tune, train
+from swarmx.tracefmt import split_by_session
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
 
 CFG = FeatureConfig(hash_buckets=1 << 12, embed_dim=16, hidden=48, ensemble=3, novelty_p=0.6)
