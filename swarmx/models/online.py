@@ -76,22 +76,29 @@ class Monitor:
     def pinball(self) -> dict[float, float]:
         return {p: sum(v) / len(v) for p, v in self.losses.items() if v}
 
-    def drifted(self) -> bool:
-        """Coverage off by more than sampling noise (2 standard errors, at least 3 points)."""
+    def _estimable(self, p: float, n: int) -> bool:
+        """Enough calls in the window to see this level's misses (at least 5 expected)."""
+        return n >= self.size and n * min(p, 1 - p) >= 5 - 1e-9
+
+    def drifted(self) -> list[float]:
+        """Levels whose coverage is off by more than sampling noise (2 standard errors, at least
+        3 points), among those the window can judge."""
+        out = []
         for p, h in self.hits.items():
-            if len(h) < self.size:
+            if not self._estimable(p, len(h)):
                 continue
             tol = max(0.03, 2 * math.sqrt(p * (1 - p) / len(h)))
             if abs(sum(h) / len(h) - p) > tol:
-                return True
-        return False
+                out.append(p)
+        return out
 
-    def correction(self) -> dict[float, float]:
-        """Per level, the log-space shift that would have given nominal coverage in the window."""
+    def correction(self, levels: list[float]) -> dict[float, float]:
+        """For ``levels``, the log-space shift that would have given nominal coverage in the
+        window (the finite-sample conformal quantile of the residuals)."""
         out = {}
-        for p, res in self.residuals.items():
-            if res:
-                ordered = sorted(res)
+        for p in levels:
+            ordered = sorted(self.residuals[p])
+            if ordered:
                 k = min(len(ordered) - 1, max(0, math.ceil(p * (len(ordered) + 1)) - 1))
                 out[p] = ordered[k]
         return out
@@ -155,8 +162,8 @@ class OnlineLearner:
         self.sessions.observe(rec.session_id, rec.output_tokens, rec.latency_s)
         if rec.pred and rec.predictor == self.live.version:
             self.monitor.add({float(k): v for k, v in rec.pred.items()}, rec.latency_s)
-            if self.monitor.drifted():
-                correction = self.monitor.correction()
+            if drifted := self.monitor.drifted():
+                correction = self.monitor.correction(drifted)
                 self.shift = {p: self.shift.get(p, 0.0) + c for p, c in correction.items()}
                 log.warning(
                     "predictor %s: coverage drifted (%s); conformal correction %s, "
