@@ -110,3 +110,36 @@ def test_held_out_pinball_prefers_the_sharper_right_forecast():
     good = type("P", (), {"predict": lambda self, q: [LatencyDist(LEVELS, (1.0, 1.2))] * len(q)})()
     bad = type("P", (), {"predict": lambda self, q: [LatencyDist(LEVELS, (3.0, 9.0))] * len(q)})()
     assert held_out_pinball(good, qs, actual) < held_out_pinball(bad, qs, actual)
+
+
+def test_guarded_swap_refuses_a_worse_candidate_and_keeps_versions(tmp_path, monkeypatch):
+    import swarmx.models.train as train_mod
+    from swarmx.models.predictor import FeatureConfig
+    from tests.unit.models.test_predictor import synth
+
+    model, _ = train_mod.train(synth(80, seed=3), FeatureConfig(levels=LEVELS), max_epochs=8)
+    model.save(tmp_path / "offline.pt")
+    cfg = PredictorConfig(levels=list(LEVELS), min_calls_to_train=50, retrain_every_calls=50)
+    learner = OnlineLearner(tmp_path, cfg)
+    version = learner.install(tmp_path / "offline.pt")
+    good = learner.live
+    assert (good.kind, good.version) == ("trained", version)
+    assert (tmp_path / "predictors" / "live.json").exists()
+
+    def broken(model, recs, **kw):  # a candidate whose forecasts are 20x too slow
+        worse = model.copy()
+        worse.set_online_shift({p: math.log(20) for p in LEVELS})
+        return worse
+
+    monkeypatch.setattr(train_mod, "fine_tune", broken)
+    for r in synth(60, seed=4):
+        learner.observe(r)
+    assert learner.maybe_retrain()
+    learner.wait_training()
+    assert not learner.poll()
+    assert learner.live is good
+    assert learner.refused == 1
+
+    again = OnlineLearner(tmp_path, cfg)  # a restarted scheduler loads the live version
+    assert again.live.kind == "trained"
+    assert again.live.version == good.version
