@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -83,8 +84,8 @@ class ReplicaSet:
                 info = ReplicaInfo(
                     f"{cfg.name}/{rc.model}#{i}", rc.model, rc.backend, device, rc.concurrency
                 )
-                self._configs.append((info, lambda rc=rc: make_backend(rc, clock)))  # type: ignore[misc]
-        slots = psutil.cpu_count() or 1 if cfg.tool_slots == -1 else cfg.tool_slots
+                self._configs.append((info, functools.partial(make_backend, rc, clock)))
+        slots = (psutil.cpu_count() or 1) if cfg.tool_slots == -1 else cfg.tool_slots
         if slots > 0:
             info = ReplicaInfo(f"{cfg.name}/{TOOL_MODEL}", TOOL_MODEL, "tool", "cpu", slots)
             self._configs.append((info, lambda: ToolRunner(cfg.tool_env)))
