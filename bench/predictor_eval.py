@@ -3,7 +3,7 @@ real agentic calls (claude-code, split by trace) and on calls recorded from the 
 (split by workflow), a distribution-shift run with online adaptation versus a frozen model,
 training time on 50,000 calls, and the cost of one routing decision over 64 candidates.
 
-    .venv/bin/python bench/predictor_eval.py            # writes bench/predictor_results.md
+    .venv/bin/python bench/predictor_eval.py     # rewrites its section of bench/RESULTS.md
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLAUDE = ROOT.parent / "shared" / "data" / "claude-code" / "requests.csv"
 EXAMPLES = ROOT / "bench" / "data" / "example_traces.jsonl"
 LEVELS = (0.5, 0.9, 0.95, 0.99)
+BEGIN, END = "<!-- predictor_eval.py: begin -->", "<!-- predictor_eval.py: end -->"
 
 
 def ok(records: Sequence[TraceRecord]) -> list[TraceRecord]:
@@ -158,7 +159,7 @@ def decision_timing(model: QuantilePredictor, query_records: list[TraceRecord]) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "predictor_results.md")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     out = [
@@ -240,8 +241,14 @@ def main() -> None:
         decision_timing(model_for_timing, sections[-1][2]),
         "",
     ]
-    args.out.write_text("\n".join(out))
-    print("\n".join(out))
+    section = "\n".join([BEGIN, *out, END])
+    text = args.out.read_text() if args.out.exists() else ""
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    args.out.write_text(text)
+    print(section)
 
 
 if __name__ == "__main__":

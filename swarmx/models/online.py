@@ -6,9 +6,10 @@
   have been seen. Routing never waits for it.
 - Guarded swap: the candidate replaces the live model only if its pinball loss on the most recent
   calls, which it was not trained on, beats the live model's on the same calls.
-- Calibration monitor: the quantiles forecast at dispatch are checked against what happened over
-  a sliding window; when coverage drifts, a conformal correction (per level, in log space) applies
-  at once, before any retraining.
+- Calibration: every quantile forecast at dispatch is checked against what happened. Each call
+  nudges a per-level log-space correction (adaptive conformal inference), and when coverage over
+  a sliding window drifts beyond sampling noise, the window's conformal correction applies at
+  once and retraining is brought forward.
 - Versions live in ``<state_dir>/predictors/``; the live one is loaded again after a restart.
 """
 
@@ -32,6 +33,10 @@ from swarmx.models.query import Query, SessionTracker, queries
 from swarmx.traces import TraceRecord
 
 log = logging.getLogger(__name__)
+
+
+ACI_GAIN = 0.02
+"""Log-space step of the per-call coverage tracking: a miss at p=0.99 widens that quantile by 2%."""
 
 
 class Predictor(Protocol):
@@ -161,7 +166,9 @@ class OnlineLearner:
         self.fallback.observe(rec)
         self.sessions.observe(rec.session_id, rec.output_tokens, rec.latency_s)
         if rec.pred and rec.predictor == self.live.version:
-            self.monitor.add({float(k): v for k, v in rec.pred.items()}, rec.latency_s)
+            pred = {float(k): v for k, v in rec.pred.items()}
+            self.monitor.add(pred, rec.latency_s)
+            self._track(pred, rec.latency_s)
             if drifted := self.monitor.drifted():
                 correction = self.monitor.correction(drifted)
                 self.shift = {p: self.shift.get(p, 0.0) + c for p, c in correction.items()}
@@ -174,6 +181,15 @@ class OnlineLearner:
                 )
                 self.monitor.clear()
                 self._hurry = True
+
+    def _track(self, pred: dict[float, float], actual_s: float) -> None:
+        """Adaptive conformal inference (Gibbs & Candes, 2021): after every call, move each
+        level's log-space shift up by ``gain * level`` on a miss and down by ``gain * (1 - level)``
+        on a hit, so long-run coverage converges to the level whatever the shift in traffic."""
+        for p, q in pred.items():
+            if p in self.levels and q > 0:
+                miss = actual_s > q
+                self.shift[p] = self.shift.get(p, 0.0) + ACI_GAIN * (miss - (1 - p))
 
     def due(self) -> bool:
         if self._thread is not None or len(self.buffer) < self.cfg.min_calls_to_train:
