@@ -188,10 +188,9 @@ class SchedulerDaemon:
             for change in self.nodes.sweep(now):
                 level = logging.WARNING if change.new != "live" else logging.INFO
                 log.log(level, "node %s: %s -> %s", change.node, change.old, change.new)
+                await self.workflows.on_node_state(change.node, change.new)
                 if change.new == "down":
                     await self.workflows.on_node_down(change.node)
-            if self.workflows.pending:
-                await self.workflows.retry_pending()
             if self.learner is not None:
                 self.learner.poll()
                 self.learner.maybe_retrain()
@@ -221,35 +220,37 @@ class SchedulerDaemon:
             "" if change is None or change.old is None else f", was {change.old}",
         )
         assert self.workflows is not None
-        self.workflows.on_hello(hello)
+        await self.workflows.on_hello(hello)
         await self._reply(peer, Ack(env.seq, "registered"))
 
-    def _seen(self, peer: bytes, env: Envelope) -> bool:
+    async def _seen(self, peer: bytes, env: Envelope) -> bool:
         if env.sender not in self.nodes:
             return False
         change = self.nodes.seen(env.sender, peer, self.clock.monotonic(), self.clock.time())
         if change is not None:
             log.info("node %s: %s -> %s", change.node, change.old, change.new)
+            assert self.workflows is not None
+            await self.workflows.on_node_state(change.node, change.new)
         return True
 
     async def _unregistered(self, peer: bytes, env: Envelope) -> None:
         await self._reply(peer, Error(env.seq, "unregistered", f"unknown node {env.sender!r}"))
 
     async def _on_heartbeat(self, peer: bytes, env: Envelope) -> None:
-        if not self._seen(peer, env):
+        if not await self._seen(peer, env):
             await self._unregistered(peer, env)
             return
         await self._reply(peer, Ack(env.seq))
 
     async def _on_telemetry(self, peer: bytes, env: Envelope) -> None:
-        if not self._seen(peer, env):
+        if not await self._seen(peer, env):
             await self._unregistered(peer, env)
             return
         assert isinstance(env.body, Telemetry)
         self.nodes.update_telemetry(env.sender, env.body)
 
     async def _on_result(self, peer: bytes, env: Envelope) -> None:
-        if not self._seen(peer, env):
+        if not await self._seen(peer, env):
             await self._unregistered(peer, env)
             return
         assert isinstance(env.body, Result) and self.workflows is not None

@@ -1,9 +1,9 @@
 """The scheduler's workflow service: submissions, dispatch of calls to replicas, results, cancel,
 recovery after a restart, and the trace of every finished call.
 
-Decisions are delegated to pure code: the workflow engine (what to run next) and the router (where
-to run it). This class keeps the books (replicas, outstanding calls, the SQLite journal) and turns
-engine instructions into messages to node agents.
+Decisions are delegated to pure code shared with the simulator: the workflow engine (what is
+ready) and the dispatcher (which ready call goes next, and where, through the router). This class
+keeps the journal, builds forecasts and traces, and turns instructions into messages to nodes.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ import collections
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from swarmx.clock import Clock
 from swarmx.cluster import NodeTable
+from swarmx.daemon.forecast import LiveForecaster, runtime_of
 from swarmx.models.dist import LatencyDist
 from swarmx.models.online import OnlineLearner
-from swarmx.models.query import Query
+from swarmx.models.query import Query, SessionContext
 from swarmx.protocol import (
     CancelCalls,
     Dispatch,
@@ -30,6 +31,7 @@ from swarmx.protocol import (
     Telemetry,
     WorkflowView,
 )
+from swarmx.sched.dispatch import TOOL_POOL, Assign, Dispatcher, QueueOrder, Ticket
 from swarmx.sched.router import ReplicaView, Router
 from swarmx.schema import encode
 from swarmx.store import Store, WorkflowRow
@@ -48,17 +50,8 @@ from swarmx.workflow.spec import WorkflowError, WorkflowSpec, parse_workflow
 
 log = logging.getLogger(__name__)
 
-TOOL_MODEL = "tool"
-
 Send = Callable[[str, Message], Awaitable[bool]]
 """Send a message to a node by name; False if it could not leave."""
-
-
-@dataclass
-class _Replica:
-    node: str
-    info_model: str
-    view: ReplicaView
 
 
 @dataclass
@@ -87,21 +80,25 @@ class WorkflowService:
         send: Send,
         *,
         learner: OnlineLearner | None = None,
+        order: QueueOrder = "fifo",
+        replica_queue: int = 0,
     ) -> None:
         self.store = store
-        self.router = router
         self.nodes = nodes
         self.clock = clock
         self._send = send
-        self.replicas: dict[str, _Replica] = {}
+        self.learner = learner
+        forecaster = (
+            LiveForecaster(learner, self._query, self._device) if learner is not None else None
+        )
+        self.dispatcher = Dispatcher(router, order, forecaster, replica_queue=replica_queue)
+        """Queued calls, replicas and what is outstanding on each (calls with no live replica
+        for their model wait there until one comes)."""
         self.runs: dict[str, WorkflowRun] = {}
         self._inflight: dict[str, _Inflight] = {}
         self._ready_ts: dict[str, float] = {}
         self._turns: collections.Counter[str] = collections.Counter()
-        self.pending: collections.deque[CallSpec] = collections.deque()
-        """Calls with no live replica for their model yet; retried as replicas come and go."""
         self.late_results = 0
-        self.learner = learner
         self._last_prompt: dict[str, str] = {}
         self._bytes_per_token: dict[str, float] = {}
         """Per model, prompt bytes per token as its server counts them: estimates tokens at
@@ -109,26 +106,33 @@ class WorkflowService:
 
     # --- cluster membership -----------------------------------------------------------------
 
-    def on_hello(self, hello: Hello) -> None:
-        """A node (re)registered: its replica list replaces what we knew of it."""
-        for rid in [r for r, rep in self.replicas.items() if rep.node == hello.node]:
-            if rid not in {i.replica for i in hello.replicas}:
-                del self.replicas[rid]
+    async def on_hello(self, hello: Hello) -> None:
+        """A node (re)registered: its replica list replaces what we knew of it. Calls booked to a
+        replica it no longer serves are re-run elsewhere."""
+        now = self.clock.time()
+        served = {i.replica for i in hello.replicas}
+        for view in self.dispatcher.views():
+            if view.node == hello.node and view.replica not in served:
+                await self._lost(self.dispatcher.remove_replica(view.replica), view.replica)
         for info in hello.replicas:
-            outstanding = sum(1 for f in self._inflight.values() if f.replica == info.replica)
-            self.replicas[info.replica] = _Replica(
+            view = ReplicaView(
+                info.replica,
                 hello.node,
                 info.model,
-                ReplicaView(
-                    info.replica,
-                    hello.node,
-                    info.model,
-                    info.backend,
-                    info.device,
-                    info.concurrency,
-                    outstanding,
-                ),
+                info.backend,
+                info.device,
+                info.concurrency,
+                0,
+                gpu=_gpu_type(info.device),
             )
+            await self._send_all(self.dispatcher.add_replica(view, now))
+
+    async def on_node_state(self, node: str, state: str) -> None:
+        """Only replicas on live nodes get new calls."""
+        now = self.clock.time()
+        for view in self.dispatcher.views():
+            if view.node == node:
+                await self._send_all(self.dispatcher.set_live(view.replica, state == "live", now))
 
     async def on_node_down(self, node: str) -> None:
         """Calls on a lost node are re-run elsewhere; this does not use up a step's retries."""
@@ -142,7 +146,17 @@ class WorkflowService:
             )
 
     def served_models(self) -> set[str]:
-        return {r.info_model for r in self.replicas.values()}
+        return {v.model for v in self.dispatcher.views()}
+
+    async def _lost(self, call_ids: list[str], replica: str) -> None:
+        for call_id in call_ids:
+            if call_id in self._inflight:
+                log.warning("call %s lost with replica %s; re-running it", call_id, replica)
+                await self._done(
+                    call_id,
+                    CallDone(call_id, False, "", f"{replica} gone", replica, infra=True),
+                    None,
+                )
 
     # --- client requests --------------------------------------------------------------------
 
@@ -151,14 +165,14 @@ class WorkflowService:
         spec = parse_workflow(msg.text, msg.source, msg.overrides)
         served = self.served_models()
         for step in spec.steps:
-            model = TOOL_MODEL if step.kind == "tool" else step.model
+            model = TOOL_POOL if step.kind == "tool" else step.model
             if model not in served:
                 if step.kind == "tool":
                     raise WorkflowError(
                         f"{spec.source}:{step.line}: steps (id '{step.id}'): "
                         "no node in the cluster runs tools"
                     )
-                known = ", ".join(sorted(served - {TOOL_MODEL})) or "none"
+                known = ", ".join(sorted(served - {TOOL_POOL})) or "none"
                 raise WorkflowError(
                     f"{spec.source}:{step.line}: steps (id '{step.id}').model: "
                     f"unknown model {step.model!r} (served: {known})"
@@ -204,10 +218,8 @@ class WorkflowService:
                 continue
             run = replay(row.id, spec, self.store.outcomes(row.id))
             self.runs[row.id] = run
-            now = self.clock.time()
             for call in run.outstanding():
-                self._ready_ts[call.call_id] = now
-                self.pending.append(call)
+                await self._submit_call(call)
             log.info("workflow %s resumed: %d calls to re-run", row.id, len(run.outstanding()))
         return len(rows)
 
@@ -223,9 +235,7 @@ class WorkflowService:
 
     async def _done(self, call_id: str, done: CallDone, result: Result | None) -> None:
         f = self._inflight.pop(call_id)
-        rep = self.replicas.get(f.replica)
-        if rep is not None:
-            rep.view = replace(rep.view, outstanding=max(0, rep.view.outstanding - 1))
+        await self._send_all(self.dispatcher.finished(call_id, self.clock.time()))
         record = None if result is None else self._trace(f, result)
         self.store.call_done(done, result, None if record is None else encode(record))
         if record is not None:
@@ -301,8 +311,7 @@ class WorkflowService:
     async def _execute(self, run: WorkflowRun, instructions: list[Instruction]) -> None:
         for ins in instructions:
             if isinstance(ins, RunCall):
-                self._ready_ts[ins.call.call_id] = self.clock.time()
-                await self._dispatch(ins.call)
+                await self._submit_call(ins.call)
             elif isinstance(ins, EngineCancel):
                 await self._cancel_calls(ins.call_ids)
             elif isinstance(ins, Finished):
@@ -315,72 +324,62 @@ class WorkflowService:
         self._last_prompt.pop(run.id, None)
         if self.learner is not None:
             self.learner.sessions.forget(run.id)
-        self.pending = collections.deque(c for c in self.pending if c.workflow_id != run.id)
+        queued = [t.call.call_id for t in self.dispatcher.queued_tickets()]
+        self.dispatcher.cancel([c for c in queued if c.startswith(f"{run.id}:")], self.clock.time())
         log.info("workflow %s %s%s", run.id, fin.state, f": {fin.reason}" if fin.reason else "")
 
-    def _candidates(self, call: CallSpec) -> list[ReplicaView]:
-        model = TOOL_MODEL if call.kind == "tool" else call.model
-        return [
-            r.view
-            for r in self.replicas.values()
-            if r.info_model == model and r.node in self.nodes and self.nodes.state(r.node) == "live"
-        ]
+    async def _submit_call(self, call: CallSpec) -> None:
+        now = self.clock.time()
+        self._ready_ts[call.call_id] = now
+        await self._send_all(self.dispatcher.submit(Ticket(call, now), now))
 
-    async def _dispatch(self, call: CallSpec) -> None:
-        candidates = self._candidates(call)
-        if not candidates:
-            self.pending.append(call)
-            return
-        view = self.router.choose(call, candidates)
-        rep = self.replicas[view.replica]
-        device = self._device(rep)
-        runtime = RuntimeAtDispatch(
-            min(view.outstanding, view.concurrency), max(0, view.outstanding - view.concurrency)
+    def _query(self, call: CallSpec) -> Query:
+        """What the predictor knows of the call before placing it (the replica's device and load
+        are filled in per candidate)."""
+        return Query(
+            call.model,
+            call.kind,
+            call.prompt,
+            self._estimate_tokens(call),
+            call.max_tokens,
+            self._workflow_name(call),
+            self._turns[call.workflow_id],
+            self._input_kinds(call),
+            _prefix_share(call.prompt, self._last_prompt.get(call.workflow_id, "")),
+            session=self.learner.sessions.context(call.workflow_id)
+            if self.learner is not None
+            else SessionContext(),
         )
+
+    async def _send_all(self, assigns: list[Assign]) -> None:
+        for a in assigns:
+            await self._send_assign(a)
+
+    async def _send_assign(self, a: Assign) -> None:
+        call, view = a.ticket.call, a.replica
+        device = self._device(view)
         turn = self._turns[call.workflow_id]
         kinds = self._input_kinds(call)
         share = _prefix_share(call.prompt, self._last_prompt.get(call.workflow_id, ""))
         self._last_prompt[call.workflow_id] = call.prompt
-        pred, version = None, ""
-        if self.learner is not None:
-            query = Query(
-                call.model,
-                call.kind,
-                call.prompt,
-                self._estimate_tokens(call),
-                call.max_tokens,
-                self._workflow_name(call),
-                turn,
-                kinds,
-                share,
-                device.gpu,
-                device.gpu_util,
-                device.gpu_mem_frac,
-                device.cpu_util,
-                runtime.inflight,
-                runtime.queue_depth,
-                self.learner.sessions.context(call.workflow_id),
-            )
-            (pred,) = self.learner.forecast([query])
-            version = self.learner.live.version
+        now = self.clock.time()
         f = _Inflight(
             call,
-            rep.node,
+            view.node,
             view.replica,
-            self._ready_ts.pop(call.call_id, self.clock.time()),
-            self.clock.time(),
+            self._ready_ts.pop(call.call_id, a.ticket.arrived_s),
+            now,
             device,
-            runtime,
+            runtime_of(view),
             turn,
             kinds,
             share,
-            pred,
-            version,
+            a.service,
+            self.learner.live.version if self.learner is not None and a.service else "",
         )
         self._turns[call.workflow_id] += 1
         self._inflight[call.call_id] = f
-        rep.view = replace(rep.view, outstanding=rep.view.outstanding + 1)
-        self.store.call_dispatched(call, rep.node, view.replica, f.dispatched_ts)
+        self.store.call_dispatched(call, view.node, view.replica, now)
         msg = Dispatch(
             call.call_id,
             call.workflow_id,
@@ -394,44 +393,35 @@ class WorkflowService:
             call.command,
             call.timeout_s,
         )
-        if not await self._send(rep.node, msg):
+        if not await self._send(view.node, msg):
             await self._done(
                 call.call_id,
                 CallDone(
                     call.call_id,
                     False,
                     "",
-                    f"node {rep.node} unreachable",
+                    f"node {view.node} unreachable",
                     view.replica,
                     infra=True,
                 ),
                 None,
             )
 
-    async def retry_pending(self) -> None:
-        waiting, self.pending = self.pending, collections.deque()
-        for call in waiting:
-            if call.workflow_id in self.runs:
-                await self._dispatch(call)
-
     async def _cancel_calls(self, call_ids: list[str]) -> None:
         by_node: dict[str, list[str]] = collections.defaultdict(list)
         for call_id in call_ids:
             f = self._inflight.pop(call_id, None)
-            if f is None:
-                continue
-            by_node[f.node].append(call_id)
-            rep = self.replicas.get(f.replica)
-            if rep is not None:
-                rep.view = replace(rep.view, outstanding=max(0, rep.view.outstanding - 1))
+            if f is not None:
+                by_node[f.node].append(call_id)
         self.store.calls_cancelled(call_ids)
         for node, ids in by_node.items():
             await self._send(node, CancelCalls(ids))
+        await self._send_all(self.dispatcher.cancel(call_ids, self.clock.time()))
 
-    def _device(self, rep: _Replica) -> DeviceAtDispatch:
-        tel: Telemetry | None = self.nodes.telemetry(rep.node)
+    def _device(self, view: ReplicaView) -> DeviceAtDispatch:
+        tel: Telemetry | None = self.nodes.telemetry(view.node)
         cpu = tel.host.cpu_percent / 100 if tel else 0.0
-        device = rep.view.device
+        device = view.device
         if device.startswith("emulated:"):
             return DeviceAtDispatch(device.split(":", 1)[1], 0.0, 0.0, cpu)
         if device.startswith("cuda") and tel and tel.gpus:
@@ -497,6 +487,11 @@ class WorkflowService:
     def recent(self, limit: int) -> list[WorkflowView]:
         views = (self.view(r.id, detailed=False) for r in self.store.workflows(limit=limit))
         return [v for v in views if v is not None]
+
+
+def _gpu_type(device: str) -> str:
+    """``emulated:H100`` -> ``H100``; real devices are named from telemetry at dispatch."""
+    return device.split(":", 1)[1] if device.startswith("emulated:") else device
 
 
 _OUTPUT_KIND = {"tool": "tool_result", "model": "model_output", "llm": "llm_output"}

@@ -1,0 +1,251 @@
+"""The dispatcher: which call runs next, and where. Shared by the scheduler daemon and the
+simulator, so both make exactly the same decisions.
+
+A pure state machine (dask's scheduler-state style): callers feed it events (a call is ready, a
+call finished, a replica came or went) with the time, and get back `Assign` instructions to carry
+out. It keeps one queue per model, ordered FIFO or by least slack; a call leaves the queue only
+when some replica of its model has room (``concurrency`` running plus ``replica_queue`` waiting
+there), so the queue order decides who goes first under load, and the router decides where.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from swarmx.models.dist import LatencyDist
+from swarmx.sched.router import Forecaster, ReplicaView, RouteInput, Router, Work
+from swarmx.workflow.engine import CallSpec
+
+QueueOrder = Literal["fifo", "slack"]
+
+TOOL_POOL = "tool"
+"""The model name under which nodes announce their tool-run slots."""
+
+
+def pool_of(call: CallSpec) -> str:
+    """The replicas a call can run on are those announcing this model name."""
+    return TOOL_POOL if call.kind == "tool" else call.model
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A call ready to run, with what the queue order and the router need to know about it."""
+
+    call: CallSpec
+    arrived_s: float
+    deadline_s: float | None = None
+    """When this call should finish to keep its workflow on schedule (for deadline routing)."""
+    slack_s: float | None = None
+    """The workflow's slack at arrival: deadline - arrival - predicted remaining critical path.
+    The slack order runs the smallest ``arrived_s + slack_s`` (latest start time) first, which
+    is the same as least slack now, for every ``now``."""
+
+
+@dataclass(frozen=True)
+class Assign:
+    """Send ``ticket.call`` to ``replica``."""
+
+    ticket: Ticket
+    replica: ReplicaView
+    """The replica as it was when chosen (before this call was added to it)."""
+    service: LatencyDist | None
+    """The call's predicted service time on that replica, where a forecast was made."""
+    completion: LatencyDist | None
+    """The router's predicted completion time (wait + service), where it made one."""
+
+
+@dataclass
+class _Replica:
+    view: ReplicaView
+    live: bool = True
+    work: dict[str, Work] = field(default_factory=dict)
+
+    def current(self) -> ReplicaView:
+        return replace(self.view, outstanding=len(self.work), work=tuple(self.work.values()))
+
+
+@dataclass
+class PoolStats:
+    """Per model, since the scaler last looked."""
+
+    arrivals: int = 0
+    service_log_q: list[float] | None = None
+    """EWMA of the log-quantiles of recent service forecasts (a typical call's distribution)."""
+    levels: tuple[float, ...] = ()
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        router: Router,
+        order: QueueOrder = "fifo",
+        forecaster: Forecaster | None = None,
+        *,
+        replica_queue: int = 0,
+    ) -> None:
+        if router.forecast != "none" and forecaster is None:
+            raise ValueError(f"router {router.name!r} needs a forecaster")
+        self.router = router
+        self.order = order
+        self.forecaster = forecaster
+        self.replica_queue = replica_queue
+        self.replicas: dict[str, _Replica] = {}
+        self._queues: dict[str, list[tuple[float, int, Ticket]]] = {}
+        self._seq = itertools.count()
+        self._where: dict[str, str] = {}
+        """call id -> replica, for calls assigned and not finished."""
+        self.pools: dict[str, PoolStats] = {}
+
+    # --- replicas ---------------------------------------------------------------------------
+
+    def add_replica(self, view: ReplicaView, now_s: float) -> list[Assign]:
+        """A replica is ready (or re-registered with new figures); queued calls may go to it."""
+        old = self.replicas.get(view.replica)
+        self.replicas[view.replica] = _Replica(view, True, old.work if old else {})
+        return self._drain(view.model, now_s)
+
+    def remove_replica(self, replica: str) -> list[str]:
+        """A replica is gone; returns the ids of the calls that were on it (the caller re-runs
+        them)."""
+        rep = self.replicas.pop(replica, None)
+        if rep is None:
+            return []
+        for call_id in rep.work:
+            self._where.pop(call_id, None)
+        return list(rep.work)
+
+    def set_live(self, replica: str, live: bool, now_s: float) -> list[Assign]:
+        """Stale nodes get nothing new; their outstanding calls stay booked to them."""
+        rep = self.replicas.get(replica)
+        if rep is None or rep.live == live:
+            return []
+        rep.live = live
+        return self._drain(rep.view.model, now_s) if live else []
+
+    def views(self, model: str | None = None) -> list[ReplicaView]:
+        return [
+            r.current() for r in self.replicas.values() if model is None or r.view.model == model
+        ]
+
+    # --- calls ------------------------------------------------------------------------------
+
+    def submit(self, ticket: Ticket, now_s: float) -> list[Assign]:
+        model = pool_of(ticket.call)
+        self.pools.setdefault(model, PoolStats()).arrivals += 1
+        heapq.heappush(
+            self._queues.setdefault(model, []), (self._key(ticket), next(self._seq), ticket)
+        )
+        return self._drain(model, now_s)
+
+    def finished(self, call_id: str, now_s: float) -> list[Assign]:
+        """A call ended (any outcome): its slot frees and queued calls of that model may go."""
+        replica = self._where.pop(call_id, None)
+        rep = self.replicas.get(replica) if replica else None
+        if rep is None:
+            return []
+        rep.work.pop(call_id, None)
+        return self._drain(rep.view.model, now_s)
+
+    def cancel(self, call_ids: Sequence[str], now_s: float) -> list[Assign]:
+        """Drop calls, queued or assigned; frees their slots."""
+        drop = set(call_ids)
+        models: set[str] = set()
+        for model, queue in self._queues.items():
+            kept = [e for e in queue if e[2].call.call_id not in drop]
+            if len(kept) != len(queue):
+                heapq.heapify(kept)
+                self._queues[model] = kept
+        for call_id in drop:
+            replica = self._where.pop(call_id, None)
+            rep = self.replicas.get(replica) if replica else None
+            if rep is not None:
+                rep.work.pop(call_id, None)
+                models.add(rep.view.model)
+        out: list[Assign] = []
+        for model in models:
+            out += self._drain(model, now_s)
+        return out
+
+    def queued(self, model: str | None = None) -> int:
+        if model is not None:
+            return len(self._queues.get(model, ()))
+        return sum(len(q) for q in self._queues.values())
+
+    def queued_tickets(self) -> list[Ticket]:
+        return [e[2] for q in self._queues.values() for e in sorted(q)]
+
+    def drain_all(self, now_s: float) -> list[Assign]:
+        out: list[Assign] = []
+        for model in list(self._queues):
+            out += self._drain(model, now_s)
+        return out
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _key(self, t: Ticket) -> float:
+        if self.order == "slack" and t.slack_s is not None:
+            return t.arrived_s + t.slack_s
+        if self.order == "slack":
+            return math.inf  # no deadline: after every call that has one, FIFO among themselves
+        return t.arrived_s
+
+    def _room(self, rep: _Replica) -> bool:
+        return rep.live and len(rep.work) < rep.view.concurrency + self.replica_queue
+
+    def _drain(self, model: str, now_s: float) -> list[Assign]:
+        queue = self._queues.get(model)
+        out: list[Assign] = []
+        while queue:
+            open_ = [r for r in self.replicas.values() if r.view.model == model and self._room(r)]
+            if not open_:
+                break
+            _, _, ticket = heapq.heappop(queue)
+            out.append(self._assign(ticket, [r.current() for r in open_], now_s))
+        return out
+
+    def _assign(self, ticket: Ticket, cands: list[ReplicaView], now_s: float) -> Assign:
+        call, fc, kind = ticket.call, self.forecaster, self.router.forecast
+        forecasts: list[LatencyDist] | None = None
+        if fc is not None and kind == "service":
+            forecasts = fc.service(call, cands)
+        elif fc is not None and kind == "load_only":
+            forecasts = fc.load_only(call, cands)
+        decision = self.router.choose(RouteInput(call, cands, now_s, forecasts, ticket.deadline_s))
+        chosen = cands[decision.index]
+        service: LatencyDist | None = None
+        if fc is not None:  # the full forecast on the chosen replica is recorded, whatever ranked
+            service = forecasts[decision.index] if forecasts and kind == "service" else None
+            service = service or fc.service(call, [chosen])[0]
+            self._note_service(pool_of(call), service)
+        rep = self.replicas[chosen.replica]
+        rep.work[call.call_id] = Work(call.call_id, now_s, service)
+        self._where[call.call_id] = chosen.replica
+        return Assign(ticket, chosen, service, decision.completion)
+
+    def _note_service(self, model: str, dist: LatencyDist, alpha: float = 0.05) -> None:
+        stats = self.pools.setdefault(model, PoolStats())
+        logs = [math.log(max(v, 1e-6)) for v in dist.values_s]
+        if stats.service_log_q is None or stats.levels != dist.levels:
+            stats.service_log_q, stats.levels = logs, dist.levels
+        else:
+            stats.service_log_q = [
+                (1 - alpha) * a + alpha * b for a, b in zip(stats.service_log_q, logs, strict=True)
+            ]
+
+    def typical_service(self, model: str) -> LatencyDist | None:
+        """The recent forecasts of this model's calls, averaged quantile by quantile."""
+        stats = self.pools.get(model)
+        if stats is None or stats.service_log_q is None:
+            return None
+        return LatencyDist(stats.levels, tuple(math.exp(v) for v in stats.service_log_q))
+
+    def take_arrivals(self, model: str) -> int:
+        """Calls of ``model`` that arrived since the last call of this (for the scaler)."""
+        stats = self.pools.setdefault(model, PoolStats())
+        n, stats.arrivals = stats.arrivals, 0
+        return n
