@@ -9,6 +9,7 @@ from swarmx.cli.common import ConfigOpt, load
 from swarmx.cli.daemons import node_app, scheduler_app
 from swarmx.cli.nodes import nodes
 from swarmx.cli.predictor import predictor_app
+from swarmx.cli.sim import sim
 from swarmx.cli.up import up
 from swarmx.cli.workflows import cancel, result, status, submit, traces_app
 
@@ -29,6 +30,7 @@ app.command()(submit)
 app.command()(status)
 app.command()(result)
 app.command()(cancel)
+app.command()(sim)
 
 
 @app.command()

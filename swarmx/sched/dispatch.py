@@ -64,9 +64,22 @@ class _Replica:
     view: ReplicaView
     live: bool = True
     work: dict[str, Work] = field(default_factory=dict)
+    _current: ReplicaView | None = None
 
     def current(self) -> ReplicaView:
-        return replace(self.view, outstanding=len(self.work), work=tuple(self.work.values()))
+        """The view routers see; rebuilt only after the replica's work changed."""
+        if self._current is None:
+            work = tuple(self.work.values())
+            self._current = replace(self.view, outstanding=len(work), work=work)
+        return self._current
+
+    def add(self, w: Work) -> None:
+        self.work[w.call_id] = w
+        self._current = None
+
+    def drop(self, call_id: str) -> None:
+        if self.work.pop(call_id, None) is not None:
+            self._current = None
 
 
 @dataclass
@@ -95,6 +108,7 @@ class Dispatcher:
         self.forecaster = forecaster
         self.replica_queue = replica_queue
         self.replicas: dict[str, _Replica] = {}
+        self._by_model: dict[str, list[_Replica]] = {}
         self._queues: dict[str, list[tuple[float, int, Ticket]]] = {}
         self._seq = itertools.count()
         self._where: dict[str, str] = {}
@@ -105,8 +119,12 @@ class Dispatcher:
 
     def add_replica(self, view: ReplicaView, now_s: float) -> list[Assign]:
         """A replica is ready (or re-registered with new figures); queued calls may go to it."""
-        old = self.replicas.get(view.replica)
-        self.replicas[view.replica] = _Replica(view, True, old.work if old else {})
+        old = self.replicas.pop(view.replica, None)
+        if old is not None:
+            self._by_model[old.view.model].remove(old)
+        rep = _Replica(view, True, old.work if old else {})
+        self.replicas[view.replica] = rep
+        self._by_model.setdefault(view.model, []).append(rep)
         return self._drain(view.model, now_s)
 
     def remove_replica(self, replica: str) -> list[str]:
@@ -115,6 +133,7 @@ class Dispatcher:
         rep = self.replicas.pop(replica, None)
         if rep is None:
             return []
+        self._by_model[rep.view.model].remove(rep)
         for call_id in rep.work:
             self._where.pop(call_id, None)
         return list(rep.work)
@@ -148,7 +167,7 @@ class Dispatcher:
         rep = self.replicas.get(replica) if replica else None
         if rep is None:
             return []
-        rep.work.pop(call_id, None)
+        rep.drop(call_id)
         return self._drain(rep.view.model, now_s)
 
     def cancel(self, call_ids: Sequence[str], now_s: float) -> list[Assign]:
@@ -164,7 +183,7 @@ class Dispatcher:
             replica = self._where.pop(call_id, None)
             rep = self.replicas.get(replica) if replica else None
             if rep is not None:
-                rep.work.pop(call_id, None)
+                rep.drop(call_id)
                 models.add(rep.view.model)
         out: list[Assign] = []
         for model in models:
@@ -200,8 +219,9 @@ class Dispatcher:
     def _drain(self, model: str, now_s: float) -> list[Assign]:
         queue = self._queues.get(model)
         out: list[Assign] = []
+        pool = self._by_model.get(model, [])
         while queue:
-            open_ = [r for r in self.replicas.values() if r.view.model == model and self._room(r)]
+            open_ = [r for r in pool if self._room(r)]
             if not open_:
                 break
             _, _, ticket = heapq.heappop(queue)
@@ -223,7 +243,7 @@ class Dispatcher:
             service = service or fc.service(call, [chosen])[0]
             self._note_service(pool_of(call), service)
         rep = self.replicas[chosen.replica]
-        rep.work[call.call_id] = Work(call.call_id, now_s, service)
+        rep.add(Work(call.call_id, now_s, service))
         self._where[call.call_id] = chosen.replica
         return Assign(ticket, chosen, service, decision.completion)
 

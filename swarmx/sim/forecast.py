@@ -1,0 +1,243 @@
+"""Forecasters for the simulator: the trained predictor (the very model the live scheduler runs),
+and reference forecasters that bound what prediction can buy.
+
+- ``oracle``: knows each call's true output tokens (or tool work) and computes its service time
+  from the emulated timing model at the replica's current batch; a point forecast.
+- ``noisy:SIGMA``: the oracle times lognormal noise of that sigma, drawn once per call, with the
+  matching lognormal spread (an honest forecaster of that accuracy).
+- ``shuffled``: the oracle of another, random call of the same model: the right marginal with no
+  per-call information.
+- ``constant``: one forecast per model whatever the call and the replica.
+- ``point``: the oracle's median only, with no spread (what a point-estimate router sees).
+- a model file path: the trained `QuantilePredictor`, fed the same features as live; with the
+  suffix ``:noload`` its load features are zeroed (the ablation without load features).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from swarmx.backends.emulated import GpuProfile, vision_s
+from swarmx.models.baselines import MeanConformal
+from swarmx.models.dist import LatencyDist
+from swarmx.models.query import Query, SessionTracker
+from swarmx.sched.router import ReplicaView
+from swarmx.sim.servers import LlmServer, SharedServer
+from swarmx.sim.workload import CallTruth
+from swarmx.traces import TraceRecord
+from swarmx.workflow.engine import CallSpec
+
+LEVELS = (0.5, 0.9, 0.95, 0.99)
+GPU_MEMORY_BYTES = 80e9
+
+
+@dataclass
+class Replica:
+    """A simulated replica: its server, what it is, and its lifecycle."""
+
+    name: str
+    model: str
+    gpu: str
+    profile: GpuProfile | None
+    """Timing profile of the GPU (None for CPU tool hosts)."""
+    kind: str
+    """``llm``, ``vision`` or ``tool``."""
+    server: LlmServer | SharedServer
+    slots: int
+    created_s: float
+    ready_s: float
+    retired_s: float | None = None
+    draining: bool = False
+
+
+class CallInfo(Protocol):
+    def truth(self, call: CallSpec) -> CallTruth: ...
+
+    def workflow_name(self, call: CallSpec) -> str: ...
+
+
+def oracle_s(call: CallSpec, truth: CallTruth, rep: Replica) -> float:
+    """Service time if the replica's load stayed as it is now."""
+    s = rep.server
+    if isinstance(s, LlmServer):
+        return s.solo_s(truth.prompt_tokens, truth.output_tokens, s.batch, s.kv_tokens())
+    if rep.kind == "vision":
+        px = int(call.inputs.get("image_px", "224"))
+        steps = int(call.inputs.get("steps", "1"))
+        assert rep.profile is not None
+        return vision_s(rep.profile, px, steps) / s.rate(s.outstanding + 1)
+    return truth.work_s / s.rate(s.outstanding + 1)
+
+
+def _point(v: float) -> LatencyDist:
+    return LatencyDist(LEVELS, (v,) * len(LEVELS))
+
+
+class SimForecaster:
+    def __init__(
+        self,
+        spec: str,
+        replicas: dict[str, Replica],
+        info: CallInfo,
+        sessions: SessionTracker,
+        seed: int = 0,
+    ) -> None:
+        self.spec = spec
+        self.replicas = replicas
+        self.info = info
+        self.sessions = sessions
+        self._rng = random.Random(seed)
+        self._noise: dict[str, float] = {}
+        self._shuffle: dict[str, list[CallTruth]] = {}
+        self._constant: dict[str, LatencyDist] = {}
+        self._const_logs: dict[str, list[float]] = {}
+        self._recent: list[TraceRecord] = []
+        self._seen = 0
+        self.wants_load_only = False
+        """Set when the router ranks by the load-only baseline, which is then fitted."""
+        self._load_model: MeanConformal | None = None
+        self.sigma = 0.0
+        self._model = None
+        self._noload = False
+        kind, _, arg = spec.partition(":")
+        if kind == "noisy":
+            self.sigma = float(arg)
+            if not self.sigma >= 0:
+                raise ValueError(f"noisy:SIGMA needs SIGMA >= 0, got {arg!r}")
+        elif kind not in ("oracle", "shuffled", "constant", "point"):
+            from swarmx.models.predictor import QuantilePredictor  # torch, only for this path
+
+            self._noload = spec.endswith(":noload")
+            self._model = QuantilePredictor.load(spec.removesuffix(":noload"))
+        self._service = self._pick()
+        self.wants_constant = spec == "constant"
+
+    def _pick(self) -> Callable[[CallSpec, Sequence[ReplicaView]], list[LatencyDist]]:
+        kind = self.spec.partition(":")[0]
+        if self._model is not None:
+            return self._predicted
+        return {
+            "oracle": self._oracle,
+            "noisy": self._noisy,
+            "shuffled": self._shuffled,
+            "constant": self._constant_of,
+            "point": self._oracle,
+        }[kind]
+
+    def observe(self, call: CallSpec, rec: Callable[[], TraceRecord], service_s: float) -> None:
+        """A finished call. The constant forecaster and the load-only baseline are fitted on the
+        calls seen so far, refreshed as they accumulate (as a live deployment would); each only
+        when something asks for it."""
+        self._seen += 1
+        if self.wants_constant:
+            logs = self._const_logs.setdefault(call.model, [])
+            logs.append(math.log(max(service_s, 1e-6)))
+            if len(logs) in (10, 100, 1000) or len(logs) % 5000 == 0:
+                xs = sorted(logs[-20000:])
+                self._constant[call.model] = LatencyDist(
+                    LEVELS, tuple(math.exp(xs[min(len(xs) - 1, int(p * len(xs)))]) for p in LEVELS)
+                )
+        if self.wants_load_only:
+            self._recent.append(rec())
+            if len(self._recent) > 20000:
+                del self._recent[:10000]
+            if self._seen in (200, 1000) or self._seen % 5000 == 0:
+                self._load_model = MeanConformal.fit(self._recent, LEVELS)
+
+    def service(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
+        return self._service(call, candidates)
+
+    def load_only(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
+        """llm-d's predicted-latency approach: a mean regressor on load and input length plus a
+        conformal shift (`MeanConformal`, fitted on the calls seen so far); no prompt text, no
+        device speed. Before it is fitted: the model's typical service scaled by the load."""
+        truth = self.info.truth(call)
+        if self._load_model is None:
+            return [_point(1 + v.outstanding / max(1, v.concurrency)) for v in candidates]
+        qs = [
+            Query(
+                call.model,
+                call.kind,
+                "",
+                truth.prompt_tokens,
+                call.max_tokens,
+                inflight=min(v.outstanding, v.concurrency),
+                queue_depth=max(0, v.outstanding - v.concurrency),
+            )
+            for v in candidates
+        ]
+        return self._load_model.predict(qs)
+
+    def _oracle(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
+        truth = self.info.truth(call)
+        return [_point(oracle_s(call, truth, self.replicas[v.replica])) for v in candidates]
+
+    def _noisy(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
+        z = self._noise.get(call.call_id)
+        if z is None:
+            z = self._noise[call.call_id] = self._rng.gauss(0.0, 1.0)
+            if len(self._noise) > 100_000:
+                self._noise.clear()
+        truth = self.info.truth(call)
+        out = []
+        for v in candidates:
+            true_s = oracle_s(call, truth, self.replicas[v.replica])
+            # the forecaster's median is off by exp(sigma z); its spread says so
+            out.append(LatencyDist.lognormal(true_s * math.exp(self.sigma * z), self.sigma, LEVELS))
+        return out
+
+    def _shuffled(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
+        pool = self._shuffle.setdefault(call.model, [])
+        truth = self.info.truth(call)
+        pool.append(truth)
+        if len(pool) > 1000:
+            pool.pop(0)
+        other = self._rng.choice(pool)
+        return [_point(oracle_s(call, other, self.replicas[v.replica])) for v in candidates]
+
+    def _constant_of(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
+        dist = self._constant.get(call.model) or LatencyDist.lognormal(1.0, 1.0, LEVELS)
+        return [dist] * len(candidates)
+
+    def _predicted(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
+        assert self._model is not None
+        truth = self.info.truth(call)
+        keys: dict[tuple[str, int, int], int] = {}
+        qs: list[Query] = []
+        slot: list[int] = []
+        for v in candidates:
+            rep = self.replicas[v.replica]
+            s = rep.server
+            kv = s.kv_tokens() if isinstance(s, LlmServer) else 0.0
+            inflight = 0 if self._noload else min(v.outstanding, v.concurrency)
+            queued = 0 if self._noload else max(0, v.outstanding - v.concurrency)
+            key = (rep.gpu, inflight, queued)
+            if key not in keys:
+                keys[key] = len(qs)
+                qs.append(
+                    Query(
+                        call.model,
+                        call.kind,
+                        call.prompt,
+                        truth.prompt_tokens,
+                        call.max_tokens,
+                        self.info.workflow_name(call),
+                        0,
+                        [],
+                        0.0,
+                        rep.gpu,
+                        0.0 if self._noload else inflight / max(1, rep.slots),
+                        0.0 if self._noload else kv * 131072.0 / GPU_MEMORY_BYTES,
+                        0.0,
+                        inflight,
+                        queued,
+                        self.sessions.context(call.workflow_id),
+                    )
+                )
+            slot.append(keys[key])
+        dists = self._model.predict(qs)
+        return [dists[i] for i in slot]

@@ -1,0 +1,75 @@
+"""The simulator against queueing theory, and its bookkeeping on the built-in workloads."""
+
+import random
+
+import pytest
+
+from swarmx.sched.router import LeastOutstanding, make_router
+from swarmx.sched.scaler import NoScaler
+from swarmx.sim.engine import SimConfig, Simulation, offered_load, summary
+from swarmx.sim.workload import CallTruth, SimWorkflow
+from swarmx.sim.workloads import generate
+from swarmx.workflow.spec import StepSpec, WorkflowSpec
+
+TOOL = WorkflowSpec("mm1", None, {}, [StepSpec(id="t", kind="tool", after=[], command=["x"])], "-")
+
+
+def poisson_tool_jobs(n: int, lam: float, mu: float, seed: int = 1) -> list[SimWorkflow]:
+    rng, t, out = random.Random(seed), 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(lam)
+        truth = {("t", None): CallTruth(0, work_s=rng.expovariate(mu))}
+        out.append(SimWorkflow(t, TOOL, truth, name="mm1"))
+    return out
+
+
+@pytest.mark.parametrize(("lam", "servers"), [(0.5, 1), (0.7, 1)])
+def test_mm1_mean_latency_within_5_percent(lam, servers):
+    jobs = poisson_tool_jobs(60_000, lam, 1.0)
+    cfg = SimConfig(replicas=0, tool_hosts=servers, tool_cores=1, tool_slots=1)
+    result = Simulation(cfg, jobs, router=LeastOutstanding(), order="fifo", scaler=NoScaler()).run()
+    expected = 1 / (1.0 - lam)  # M/M/1: E[T] = 1 / (mu - lambda)
+    assert summary(result)["workflow_latency_s"]["mean"] == pytest.approx(expected, rel=0.05)
+
+
+def test_processor_sharing_host_has_the_same_mean_as_fifo():
+    jobs = poisson_tool_jobs(60_000, 0.7, 1.0, seed=3)
+    cfg = SimConfig(replicas=0, tool_hosts=1, tool_cores=1, tool_slots=1000)  # M/M/1-PS
+    result = Simulation(cfg, jobs, router=LeastOutstanding(), order="fifo", scaler=NoScaler()).run()
+    assert summary(result)["workflow_latency_s"]["mean"] == pytest.approx(1 / 0.3, rel=0.05)
+
+
+def run(kind: str, policy: str, load: float = 0.5, seed: int = 0, n: int = 150):
+    wfs = generate(kind, workflows=n, rate_per_s=1.0, seed=seed)
+    stretch = offered_load(wfs, 8, 32) / load
+    wfs = [SimWorkflow(w.arrival_s * stretch, w.spec, w.truth, w.release_s, w.name) for w in wfs]
+    sim = Simulation(
+        SimConfig(replicas=8, gpu="mixed", seed=seed),
+        wfs,
+        router=make_router(policy, seed=seed),
+        order="fifo",
+        scaler=NoScaler(),
+    )
+    return wfs, sim.run()
+
+
+@pytest.mark.parametrize("kind", ["codegen", "research", "multimodal", "mixed"])
+def test_every_workflow_finishes_and_every_call_is_counted(kind):
+    wfs, result = run(kind, "least_outstanding")
+    assert result.workflows == len(wfs) == len(result.workflow_latency_s)
+    assert result.failed == 0
+    assert result.calls == len(result.call_latency_s) >= len(wfs)
+    assert all(x > 0 for x in result.workflow_latency_s)
+    assert result.replica_seconds > 0
+
+
+def test_a_run_is_deterministic_for_a_seed():
+    _, a = run("mixed", "tail", seed=4, n=80)
+    _, b = run("mixed", "tail", seed=4, n=80)
+    assert a.workflow_latency_s == b.workflow_latency_s
+
+
+def test_heavier_load_means_longer_workflows():
+    _, light = run("research", "least_outstanding", load=0.2)
+    _, heavy = run("research", "least_outstanding", load=1.2)
+    assert summary(heavy)["workflow_latency_s"]["p95"] > summary(light)["workflow_latency_s"]["p95"]

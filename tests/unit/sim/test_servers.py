@@ -1,0 +1,99 @@
+"""The fluid LLM server against token-by-token stepping, and processor sharing against its
+closed forms."""
+
+import math
+
+import pytest
+
+from swarmx.backends.emulated import GPUS, ModelProfile, decode_step_s, prefill_s
+from swarmx.sim.servers import LlmServer, SharedServer
+
+
+def stepped(gpu: str, calls: list[tuple[str, int, int]]) -> dict[str, float]:
+    """Token-by-token: all calls join at t=0, one prefill stall, then decode steps."""
+    profile, model = GPUS[gpu], ModelProfile()
+    t = sum(prefill_s(profile, model, p) for _, p, _ in calls)
+    active = {cid: [p, 0, out] for cid, p, out in calls}
+    done: dict[str, float] = {}
+    while active:
+        t += decode_step_s(profile, model, [p + g for p, g, _ in active.values()])
+        for cid in list(active):
+            active[cid][1] += 1
+            if active[cid][1] >= active[cid][2]:
+                done[cid] = t
+                del active[cid]
+    return done
+
+
+def drain(server: LlmServer | SharedServer) -> dict[str, float]:
+    done: dict[str, float] = {}
+    while (t := server.next_event_s()) < math.inf:
+        for f in server.advance(t):
+            done[f.call_id] = t
+    return done
+
+
+@pytest.mark.parametrize("gpu", ["H100", "A100", "L40S"])
+def test_fluid_batching_matches_token_stepping(gpu):
+    calls = [("a", 2000, 50), ("b", 500, 300), ("c", 8000, 120), ("d", 100, 600)]
+    server = LlmServer(GPUS[gpu], ModelProfile(), slots=8)
+    for cid, prompt, out in calls:
+        server.admit(cid, prompt, out, 0.0)
+    fluid, exact = drain(server), stepped(gpu, calls)
+    assert fluid.keys() == exact.keys()
+    for cid in exact:
+        assert fluid[cid] == pytest.approx(exact[cid], rel=0.01)
+
+
+def test_batching_slows_each_call_but_raises_throughput():
+    alone = LlmServer(GPUS["A100"], ModelProfile(), slots=32)
+    alone.admit("x", 1000, 200, 0.0)
+    t_alone = drain(alone)["x"]
+    busy = LlmServer(GPUS["A100"], ModelProfile(), slots=32)
+    for i in range(16):
+        busy.admit(f"x{i}", 1000, 200, 0.0)
+    t_busy = max(drain(busy).values())
+    assert t_busy > t_alone  # each call is slower in a big batch...
+    assert t_busy < 16 * t_alone / 4  # ...but the batch finishes far sooner than one by one
+
+
+def test_calls_beyond_the_slots_wait_for_one():
+    server = LlmServer(GPUS["H100"], ModelProfile(), slots=1)
+    server.admit("first", 100, 100, 0.0)
+    server.admit("second", 100, 100, 0.0)
+    done = drain(server)
+    assert done["second"] == pytest.approx(2 * done["first"], rel=0.02)
+
+
+def test_a_late_joiner_stalls_the_batch_for_its_prefill():
+    server = LlmServer(GPUS["A100"], ModelProfile(), slots=8)
+    server.admit("early", 100, 400, 0.0)
+    reference = LlmServer(GPUS["A100"], ModelProfile(), slots=8)
+    reference.admit("early", 100, 400, 0.0)
+    t_ref = drain(reference)["early"]
+    server.advance(0.5)
+    server.admit("late", 16000, 10, 0.5)
+    done = drain(server)
+    assert done["early"] > t_ref + 0.9 * prefill_s(GPUS["A100"], ModelProfile(), 16000)
+
+
+def test_processor_sharing_splits_the_cores():
+    host = SharedServer(cores=2)
+    for i in range(4):
+        host.admit(f"j{i}", 1.0, 0.0)  # four 1-second jobs on two cores: all end at 2 s
+    assert all(t == pytest.approx(2.0) for t in drain(host).values())
+    host2 = SharedServer(cores=4)
+    host2.admit("a", 1.0, 0.0)
+    host2.admit("b", 3.0, 0.0)
+    done = drain(host2)
+    assert done == {"a": pytest.approx(1.0), "b": pytest.approx(3.0)}  # no contention
+
+
+def test_cancel_frees_the_slot():
+    server = LlmServer(GPUS["H100"], ModelProfile(), slots=1)
+    server.admit("a", 100, 1000, 0.0)
+    server.admit("b", 100, 10, 0.0)
+    server.cancel("a", 0.1)
+    server.advance(0.1)
+    done = drain(server)
+    assert set(done) == {"b"} and done["b"] < 1.0
