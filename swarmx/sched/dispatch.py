@@ -14,7 +14,7 @@ import heapq
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 from swarmx.models.dist import LatencyDist
@@ -69,17 +69,22 @@ class _Replica:
     def current(self) -> ReplicaView:
         """The view routers see; rebuilt only after the replica's work changed."""
         if self._current is None:
-            work = tuple(self.work.values())
-            self._current = replace(self.view, outstanding=len(work), work=work)
+            v, work = self.view, tuple(self.work.values())
+            self._current = ReplicaView(  # not dataclasses.replace: this is the hot path
+                v.replica,
+                v.node,
+                v.model,
+                v.backend,
+                v.device,
+                v.concurrency,
+                len(work),
+                v.gpu,
+                work,
+            )
         return self._current
 
-    def add(self, w: Work) -> None:
-        self.work[w.call_id] = w
+    def changed(self) -> None:
         self._current = None
-
-    def drop(self, call_id: str) -> None:
-        if self.work.pop(call_id, None) is not None:
-            self._current = None
 
 
 @dataclass
@@ -108,7 +113,9 @@ class Dispatcher:
         self.forecaster = forecaster
         self.replica_queue = replica_queue
         self.replicas: dict[str, _Replica] = {}
-        self._by_model: dict[str, list[_Replica]] = {}
+        self._open: dict[str, dict[str, ReplicaView]] = {}
+        """Per model, the current views of the replicas with room: the candidates, kept up to
+        date as replicas change so a decision never scans the full ones."""
         self._queues: dict[str, list[tuple[float, int, Ticket]]] = {}
         self._seq = itertools.count()
         self._where: dict[str, str] = {}
@@ -121,10 +128,10 @@ class Dispatcher:
         """A replica is ready (or re-registered with new figures); queued calls may go to it."""
         old = self.replicas.pop(view.replica, None)
         if old is not None:
-            self._by_model[old.view.model].remove(old)
+            self._open.get(old.view.model, {}).pop(view.replica, None)
         rep = _Replica(view, True, old.work if old else {})
         self.replicas[view.replica] = rep
-        self._by_model.setdefault(view.model, []).append(rep)
+        self._refresh(rep)
         return self._drain(view.model, now_s)
 
     def remove_replica(self, replica: str) -> list[str]:
@@ -133,7 +140,7 @@ class Dispatcher:
         rep = self.replicas.pop(replica, None)
         if rep is None:
             return []
-        self._by_model[rep.view.model].remove(rep)
+        self._open.get(rep.view.model, {}).pop(replica, None)
         for call_id in rep.work:
             self._where.pop(call_id, None)
         return list(rep.work)
@@ -144,6 +151,7 @@ class Dispatcher:
         if rep is None or rep.live == live:
             return []
         rep.live = live
+        self._refresh(rep)
         return self._drain(rep.view.model, now_s) if live else []
 
     def views(self, model: str | None = None) -> list[ReplicaView]:
@@ -167,7 +175,8 @@ class Dispatcher:
         rep = self.replicas.get(replica) if replica else None
         if rep is None:
             return []
-        rep.drop(call_id)
+        rep.work.pop(call_id, None)
+        self._refresh(rep)
         return self._drain(rep.view.model, now_s)
 
     def cancel(self, call_ids: Sequence[str], now_s: float) -> list[Assign]:
@@ -183,7 +192,8 @@ class Dispatcher:
             replica = self._where.pop(call_id, None)
             rep = self.replicas.get(replica) if replica else None
             if rep is not None:
-                rep.drop(call_id)
+                rep.work.pop(call_id, None)
+                self._refresh(rep)
                 models.add(rep.view.model)
         out: list[Assign] = []
         for model in models:
@@ -213,19 +223,21 @@ class Dispatcher:
             return math.inf  # no deadline: after every call that has one, FIFO among themselves
         return t.arrived_s
 
-    def _room(self, rep: _Replica) -> bool:
-        return rep.live and len(rep.work) < rep.view.concurrency + self.replica_queue
+    def _refresh(self, rep: _Replica) -> None:
+        rep.changed()
+        open_ = self._open.setdefault(rep.view.model, {})
+        if rep.live and len(rep.work) < rep.view.concurrency + self.replica_queue:
+            open_[rep.view.replica] = rep.current()
+        else:
+            open_.pop(rep.view.replica, None)
 
     def _drain(self, model: str, now_s: float) -> list[Assign]:
         queue = self._queues.get(model)
         out: list[Assign] = []
-        pool = self._by_model.get(model, [])
-        while queue:
-            open_ = [r for r in pool if self._room(r)]
-            if not open_:
-                break
+        open_ = self._open.get(model, {})
+        while queue and open_:
             _, _, ticket = heapq.heappop(queue)
-            out.append(self._assign(ticket, [r.current() for r in open_], now_s))
+            out.append(self._assign(ticket, list(open_.values()), now_s))
         return out
 
     def _assign(self, ticket: Ticket, cands: list[ReplicaView], now_s: float) -> Assign:
@@ -243,7 +255,8 @@ class Dispatcher:
             service = service or fc.service(call, [chosen])[0]
             self._note_service(pool_of(call), service)
         rep = self.replicas[chosen.replica]
-        rep.add(Work(call.call_id, now_s, service))
+        rep.work[call.call_id] = Work(call.call_id, now_s, service)
+        self._refresh(rep)
         self._where[call.call_id] = chosen.replica
         return Assign(ticket, chosen, service, decision.completion)
 

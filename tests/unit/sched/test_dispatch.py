@@ -1,0 +1,162 @@
+"""The dispatcher: calls wait until a replica has room, leave in queue order, go where the router
+says, and every slot is given back."""
+
+from collections.abc import Sequence
+
+import pytest
+
+from swarmx.models.dist import LatencyDist
+from swarmx.sched.dispatch import Dispatcher, Ticket
+from swarmx.sched.router import LeastOutstanding, ReplicaView
+from swarmx.workflow.engine import CallSpec
+
+
+def call(cid: str, model: str = "lm", kind: str = "llm") -> CallSpec:
+    return CallSpec(cid, cid.partition(":")[0], "s", None, 0, kind, model, "p", 8, {}, [], None, [])
+
+
+def replica(name: str, model: str = "lm", slots: int = 1) -> ReplicaView:
+    return ReplicaView(name, name.partition("/")[0], model, "emulated", "emulated:A100", slots, 0)
+
+
+class Fixed:
+    """Forecasts a fixed service time per replica, and counts what it was asked."""
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds = seconds
+        self.asked: list[int] = []
+
+    def service(self, c: CallSpec, cands: Sequence[ReplicaView]) -> list[LatencyDist]:
+        self.asked.append(len(cands))
+        return [LatencyDist.lognormal(self.seconds[v.replica], 0.1, (0.5, 0.9)) for v in cands]
+
+    def load_only(self, c: CallSpec, cands: Sequence[ReplicaView]) -> list[LatencyDist]:
+        return self.service(c, cands)
+
+
+def ids(assigns) -> list[str]:
+    return [a.ticket.call.call_id for a in assigns]
+
+
+def test_a_call_waits_for_room_and_goes_when_a_slot_frees():
+    d = Dispatcher(LeastOutstanding())
+    d.add_replica(replica("a/lm"), 0.0)
+    assert ids(d.submit(Ticket(call("w1:x"), 0.0), 0.0)) == ["w1:x"]
+    assert d.submit(Ticket(call("w2:x"), 1.0), 1.0) == []  # the only slot is taken
+    assert d.queued("lm") == 1
+    after = d.finished("w1:x", 2.0)
+    assert ids(after) == ["w2:x"] and after[0].replica.replica == "a/lm"
+    assert d.queued() == 0
+
+
+def test_fifo_runs_in_arrival_order_and_slack_runs_least_slack_first():
+    for order, expected in (
+        ("fifo", ["w1:x", "w2:x", "w3:x"]),
+        ("slack", ["w3:x", "w1:x", "w2:x"]),
+    ):
+        d = Dispatcher(LeastOutstanding(), order)
+        d.add_replica(replica("a/lm"), 0.0)
+        d.submit(Ticket(call("w0:x"), 0.0), 0.0)  # occupies the slot
+        d.submit(Ticket(call("w1:x"), 1.0, slack_s=10.0), 1.0)  # latest start 11
+        d.submit(Ticket(call("w2:x"), 2.0, slack_s=50.0), 2.0)  # 52
+        d.submit(Ticket(call("w3:x"), 3.0, slack_s=1.0), 3.0)  # 4: most urgent
+        got = ids(d.finished("w0:x", 4.0))
+        for _ in expected[:-1]:
+            got += ids(d.finished(got[-1], 5.0))
+        assert got == expected, order
+
+
+def test_calls_without_a_deadline_go_after_deadline_calls_in_slack_order():
+    d = Dispatcher(LeastOutstanding(), "slack")
+    d.add_replica(replica("a/lm"), 0.0)
+    d.submit(Ticket(call("w0:x"), 0.0), 0.0)
+    d.submit(Ticket(call("w1:x"), 1.0), 1.0)
+    d.submit(Ticket(call("w2:x"), 2.0, slack_s=100.0), 2.0)
+    assert ids(d.finished("w0:x", 3.0)) == ["w2:x"]
+
+
+def test_models_queue_separately():
+    d = Dispatcher(LeastOutstanding())
+    d.add_replica(replica("a/lm"), 0.0)
+    d.add_replica(replica("b/vit", "vit"), 0.0)
+    d.submit(Ticket(call("w0:x"), 0.0), 0.0)
+    d.submit(Ticket(call("w1:x"), 0.0), 0.0)  # waits for the lm slot
+    assert ids(d.submit(Ticket(call("w2:x", "vit", "model"), 0.0), 0.0)) == ["w2:x"]
+    tool = call("w3:t", "", "tool")
+    assert d.submit(Ticket(tool, 0.0), 0.0) == [] and d.queued("tool") == 1
+    assert ids(d.add_replica(replica("c/tool", "tool", 2), 1.0)) == ["w3:t"]
+
+
+def test_a_stale_replica_gets_nothing_until_live_again():
+    d = Dispatcher(LeastOutstanding())
+    d.add_replica(replica("a/lm"), 0.0)
+    d.set_live("a/lm", False, 0.0)
+    assert d.submit(Ticket(call("w1:x"), 0.0), 0.0) == []
+    assert ids(d.set_live("a/lm", True, 1.0)) == ["w1:x"]
+
+
+def test_removing_a_replica_hands_back_its_calls_and_cancel_frees_slots():
+    d = Dispatcher(LeastOutstanding())
+    d.add_replica(replica("a/lm", slots=2), 0.0)
+    d.submit(Ticket(call("w1:x"), 0.0), 0.0)
+    d.submit(Ticket(call("w2:x"), 0.0), 0.0)
+    d.submit(Ticket(call("w3:x"), 0.0), 0.0)  # queued
+    assert ids(d.cancel(["w1:x"], 1.0)) == ["w3:x"]  # its slot goes to the queued call
+    d.submit(Ticket(call("w4:x"), 1.0), 1.0)
+    d.cancel(["w4:x"], 1.0)  # a queued call is simply dropped
+    assert d.queued() == 0
+    assert sorted(d.remove_replica("a/lm")) == ["w2:x", "w3:x"]
+    assert d.finished("w2:x", 2.0) == []  # nothing booked any more
+
+
+def test_replica_queue_lets_calls_wait_at_the_replica():
+    d = Dispatcher(LeastOutstanding(), replica_queue=2)
+    d.add_replica(replica("a/lm"), 0.0)
+    sent = [d.submit(Ticket(call(f"w{i}:x"), 0.0), 0.0) for i in range(4)]
+    assert [len(s) for s in sent] == [1, 1, 1, 0]  # 1 running + 2 waiting there
+    assert d.views("lm")[0].outstanding == 3
+
+
+def test_every_candidate_is_forecast_for_a_forecasting_router_and_the_choice_recorded():
+    class Fastest:
+        name, forecast = "fastest", "service"
+
+        def choose(self, inp):
+            from swarmx.sched.router import Decision
+
+            best = min(range(len(inp.candidates)), key=lambda i: inp.forecasts[i].quantile(0.5))
+            return Decision(best, inp.forecasts[best])
+
+    fc = Fixed({"a/lm": 5.0, "b/lm": 1.0, "c/lm": 3.0})
+    d = Dispatcher(Fastest(), forecaster=fc)
+    for name in ("a/lm", "b/lm", "c/lm"):
+        d.add_replica(replica(name), 0.0)
+    (a,) = d.submit(Ticket(call("w1:x"), 0.0), 0.0)
+    assert a.replica.replica == "b/lm"
+    assert a.service.quantile(0.5) == pytest.approx(1.0)
+    assert fc.asked == [3]
+    assert d.typical_service("lm").quantile(0.5) == pytest.approx(1.0)
+    (b,) = d.submit(Ticket(call("w2:x"), 0.0), 0.0)  # b is full now: c is the fastest left
+    assert b.replica.replica == "c/lm"
+    assert d.views("lm")[1].work[0].call_id == "w1:x"
+
+
+def test_a_router_that_needs_no_forecast_still_records_one_for_its_choice():
+    fc = Fixed({"a/lm": 2.0, "b/lm": 4.0})
+    d = Dispatcher(LeastOutstanding(), forecaster=fc)
+    d.add_replica(replica("a/lm"), 0.0)
+    d.add_replica(replica("b/lm"), 0.0)
+    (a,) = d.submit(Ticket(call("w1:x"), 0.0), 0.0)
+    assert fc.asked == [1]  # only the chosen replica, after the choice
+    assert a.service is not None
+
+
+def test_a_forecasting_router_without_a_forecaster_is_refused():
+    class Needy:
+        name, forecast = "needy", "service"
+
+        def choose(self, inp):
+            raise AssertionError
+
+    with pytest.raises(ValueError, match="needs a forecaster"):
+        Dispatcher(Needy())
