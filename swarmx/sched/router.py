@@ -1,13 +1,38 @@
-"""Routers choose the replica for each call. The interface is what the daemon and the simulator
-call; policies differ only in how they rank candidates."""
+"""Routers choose the replica for each call. The interface is what the dispatcher (shared by the
+daemon and the simulator) calls; policies differ only in how they rank candidates.
+
+Pure code: no I/O, no wall clock. Time arrives as ``now_s`` in the `RouteInput`, forecasts as
+distributions computed by the caller's `Forecaster` (the live predictor, or the simulator's oracle).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
+from swarmx.models.dist import LatencyDist
+from swarmx.sched.tailmath import (
+    LogNormal,
+    Moments,
+    fit,
+    log_quantile,
+    residuals,
+    z_score,
+)
 from swarmx.workflow.engine import CallSpec
+
+
+@dataclass(frozen=True)
+class Work:
+    """A call outstanding on a replica, as the scheduler forecast it when it was sent."""
+
+    call_id: str
+    dispatched_s: float
+    service: LatencyDist | None
+    """Predicted service time of that call on that replica (None: no forecast was made)."""
 
 
 @dataclass(frozen=True)
@@ -22,32 +47,360 @@ class ReplicaView:
     concurrency: int
     outstanding: int
     """Calls the scheduler has sent to this replica that have not finished."""
+    gpu: str = "cpu"
+    """Device type as the predictor knows it (``H100``, ``A100``, ``cpu``, ...)."""
+    work: tuple[Work, ...] = ()
+    """The outstanding calls, oldest first (``len(work) == outstanding`` when the dispatcher
+    builds the view)."""
+
+
+ForecastKind = Literal["none", "service", "load_only"]
+"""What a router needs from the forecaster: nothing; the full predictor's service-time
+distribution per candidate; or the llm-d-style point predictor on load and input length only."""
+
+
+@dataclass(frozen=True)
+class RouteInput:
+    call: CallSpec
+    candidates: Sequence[ReplicaView]
+    """Never empty; all serve the call's model and have room for it."""
+    now_s: float
+    forecasts: Sequence[LatencyDist] | None = None
+    """This call's service-time distribution on each candidate (aligned with ``candidates``),
+    present when the router's ``forecast`` is not ``none``."""
+    deadline_s: float | None = None
+    """Absolute time by which this call should finish to keep its workflow on schedule."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    index: int
+    """Position of the chosen replica in ``RouteInput.candidates``."""
+    completion: LatencyDist | None = None
+    """Predicted completion time (wait + service) on the chosen replica, where the router made
+    one; recorded with the call so predicted-vs-actual can be shown."""
 
 
 class Router(Protocol):
     name: str
+    forecast: ForecastKind
 
-    def choose(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> ReplicaView:
-        """Pick one of ``candidates`` (never empty; all serve the call's model)."""
+    def choose(self, inp: RouteInput) -> Decision: ...
 
 
-def usable(call: CallSpec, candidates: Sequence[ReplicaView]) -> Sequence[ReplicaView]:
-    """Candidates other than those this call already failed on, unless that leaves none."""
-    fresh = [c for c in candidates if c.replica not in call.avoid]
-    return fresh or candidates
+class Forecaster(Protocol):
+    """Service-time distributions of one call on each of several candidate replicas."""
+
+    def service(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]: ...
+
+    def load_only(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]: ...
+
+
+def usable(call: CallSpec, candidates: Sequence[ReplicaView]) -> list[int]:
+    """Indices of candidates other than those this call already failed on, unless that leaves
+    none."""
+    fresh = [i for i, c in enumerate(candidates) if c.replica not in call.avoid]
+    return fresh or list(range(len(candidates)))
+
+
+_SAME = 1e-9
+"""Relative difference under which two scores tie (float noise between identical replicas)."""
+_SAME_PROBABILITY = 1e-6
+"""On-time probabilities this close tie: chasing a millionth of a chance is not worth a worse
+tail."""
+
+
+class _Rotation:
+    """Round-robin among tied candidates in replica-name order, so identical replicas share the
+    load whatever order the candidates come in."""
+
+    def __init__(self) -> None:
+        self._turn = 0
+
+    def pick(self, cands: Sequence[ReplicaView], tied: list[int]) -> int:
+        if len(tied) == 1:
+            return tied[0]
+        tied.sort(key=lambda i: cands[i].replica)
+        self._turn += 1
+        return tied[self._turn % len(tied)]
+
+
+def _lowest(pool: Sequence[int], score: Sequence[float]) -> list[int]:
+    best = min(score[i] for i in pool)
+    return [i for i in pool if score[i] <= best + _SAME * abs(best)]
+
+
+def _by_name(cands: Sequence[ReplicaView], pool: list[int]) -> list[int]:
+    return sorted(pool, key=lambda i: cands[i].replica)
+
+
+def _forecasts(inp: RouteInput, router: str) -> Sequence[LatencyDist]:
+    if inp.forecasts is None or len(inp.forecasts) != len(inp.candidates):
+        raise ValueError(f"router {router!r} needs one forecast per candidate")
+    return inp.forecasts
+
+
+class RoundRobin:
+    """Each call to the replica after the previous one, in name order: the load-blind
+    baseline."""
+
+    name = "round_robin"
+    forecast: ForecastKind = "none"
+
+    def __init__(self) -> None:
+        self._last: str | None = None
+
+    def choose(self, inp: RouteInput) -> Decision:
+        cands = inp.candidates
+        pool = _by_name(cands, usable(inp.call, cands))
+        last = self._last
+        index = next((i for i in pool if last is None or cands[i].replica > last), pool[0])
+        self._last = cands[index].replica
+        return Decision(index)
+
+
+class RandomChoice:
+    """A uniformly random replica (seeded, so runs repeat)."""
+
+    name = "random"
+    forecast: ForecastKind = "none"
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+
+    def choose(self, inp: RouteInput) -> Decision:
+        return Decision(
+            self._rng.choice(_by_name(inp.candidates, usable(inp.call, inp.candidates)))
+        )
 
 
 class LeastOutstanding:
     """Fewest outstanding calls; ties go round-robin so equal replicas share the load."""
 
     name = "least_outstanding"
+    forecast: ForecastKind = "none"
 
     def __init__(self) -> None:
-        self._turn = 0
+        self._ties = _Rotation()
 
-    def choose(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> ReplicaView:
-        pool = usable(call, candidates)
-        least = min(c.outstanding for c in pool)
-        tied = sorted((c for c in pool if c.outstanding == least), key=lambda c: c.replica)
-        self._turn += 1
-        return tied[self._turn % len(tied)]
+    def choose(self, inp: RouteInput) -> Decision:
+        cands = inp.candidates
+        pool = usable(inp.call, cands)
+        least = min(cands[i].outstanding for i in pool)
+        return Decision(self._ties.pick(cands, [i for i in pool if cands[i].outstanding == least]))
+
+
+class PowerOfTwo:
+    """The less loaded of two random replicas (Mitzenmacher): nearly least-outstanding's balance
+    without scanning every replica's state, and no herding onto one momentarily idle replica."""
+
+    name = "power_of_two"
+    forecast: ForecastKind = "none"
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+
+    def choose(self, inp: RouteInput) -> Decision:
+        cands = inp.candidates
+        pool = _by_name(cands, usable(inp.call, cands))
+        if len(pool) == 1:
+            return Decision(pool[0])
+        a, b = self._rng.sample(pool, 2)
+        return Decision(b if cands[b].outstanding < cands[a].outstanding else a)
+
+
+def _has_slot(view: ReplicaView) -> bool:
+    return view.outstanding < max(view.concurrency, 1)
+
+
+class _Completion:
+    """Predicted completion time (wait for a slot + service) of a call on each candidate.
+
+    A call joining a replica with a free slot starts at once (calls in flight slow each other,
+    but the service forecast already says by how much, through its runtime features). Otherwise
+    the work ahead (what is left of the ``concurrency`` oldest calls given how long they have
+    run, plus the whole service of those queued behind them) drains through ``concurrency``
+    slots at once: a fluid approximation, exact for one slot. Calls without a forecast, or
+    counted without being listed, are taken to be like this one.
+    """
+
+    _CACHE_SIZE = 4096
+
+    def __init__(self, hi: float) -> None:
+        self.hi = hi
+        """The upper level the lognormal fits go through (besides the median)."""
+        self._fits: dict[int, tuple[LatencyDist, Moments]] = {}
+        """id -> (forecast, its fit) of calls in flight, which every decision rescans (the
+        dispatcher keeps one `LatencyDist` per call; holding it keeps the id from being reused
+        while cached)."""
+
+    def _moments(self, dist: LatencyDist) -> Moments:
+        hit = self._fits.get(id(dist))
+        if hit is not None and hit[0] is dist:
+            return hit[1]
+        if len(self._fits) >= self._CACHE_SIZE:
+            self._fits.clear()
+        moments = Moments.of(fit(dist, self.hi))
+        self._fits[id(dist)] = (dist, moments)
+        return moments
+
+    def _wait(self, view: ReplicaView, own: Moments, now_s: float) -> tuple[float, float]:
+        """Mean and variance of the wait for a slot on a full replica."""
+        slots = max(view.concurrency, 1)
+        fits, moments = self._fits, self._moments
+        running: list[tuple[Moments, float]] = []
+        queued_mean = queued_var = 0.0
+        for k, work in enumerate(view.work):
+            dist = work.service
+            if dist is None:
+                m = own
+            else:  # the cache hit inline: this loop runs for every call on every candidate
+                hit = fits.get(id(dist))
+                m = hit[1] if hit is not None and hit[0] is dist else moments(dist)
+            if k < slots:
+                running.append((m, now_s - work.dispatched_s))
+            else:
+                queued_mean += m.mean_s
+                queued_var += m.var_s2
+        unlisted = view.outstanding - len(view.work)
+        if unlisted > 0:
+            queued_mean += unlisted * own.mean_s
+            queued_var += unlisted * own.var_s2
+        mean, var = residuals(running)
+        return (mean + queued_mean) / slots, (var + queued_var) / (slots * slots)
+
+    def completions(
+        self, inp: RouteInput, forecasts: Sequence[LatencyDist], pool: list[int]
+    ) -> dict[int, tuple[LogNormal, LogNormal]]:
+        """Per candidate in ``pool``: ``(completion, service)`` fits. With a slot free the
+        completion is the service; else wait + service by Fenton-Wilkinson, which scorers floor
+        at the service's own figures (moment matching can thin a far tail below the service's,
+        and waiting never makes a call faster)."""
+        now_s, hi = inp.now_s, self.hi
+        out: dict[int, tuple[LogNormal, LogNormal]] = {}
+        for i in pool:
+            service = fit(forecasts[i], hi)
+            if _has_slot(inp.candidates[i]):
+                out[i] = (service, service)
+                continue
+            own = Moments.of(service)
+            wait = self._wait(inp.candidates[i], own, now_s)
+            out[i] = (LogNormal.from_moments(wait[0] + own.mean_s, wait[1] + own.var_s2), service)
+        return out
+
+    @staticmethod
+    def decision(
+        inp: RouteInput, forecasts: Sequence[LatencyDist], index: int, completion: LogNormal
+    ) -> Decision:
+        """With a slot free, the forecast itself: no approximation to add. Else the completion
+        fit at the forecast's levels, floored at the forecast."""
+        forecast = forecasts[index]
+        if _has_slot(inp.candidates[index]):
+            return Decision(index, forecast)
+        waited = completion.dist(forecast.levels).values_s
+        return Decision(
+            index,
+            LatencyDist(forecast.levels, tuple(map(max, waited, forecast.values_s))),
+        )
+
+
+class MeanPredicted(_Completion):
+    """Shortest expected delay: the least predicted mean wait + service. The tail router's
+    model scored by its mean, so comparing the two isolates what scoring the tail buys."""
+
+    name = "mean_predicted"
+    forecast: ForecastKind = "service"
+
+    def __init__(self) -> None:
+        super().__init__(hi=0.95)
+        self._ties = _Rotation()
+
+    def choose(self, inp: RouteInput) -> Decision:
+        pool = usable(inp.call, inp.candidates)
+        forecasts = _forecasts(inp, self.name)
+        preds = self.completions(inp, forecasts, pool)
+        score = [math.inf] * len(inp.candidates)
+        for i, (done, _) in preds.items():
+            score[i] = done.mean_s  # exact: means add
+        index = self._ties.pick(inp.candidates, _lowest(pool, score))
+        return self.decision(inp, forecasts, index, preds[index][0])
+
+
+class P90Load:
+    """The llm-d predicted-latency scorer as a baseline: the least point p90 of a forecast from
+    load and input length only, with no model of the work already on the replica."""
+
+    name = "p90_load"
+    forecast: ForecastKind = "load_only"
+
+    def __init__(self) -> None:
+        self._ties = _Rotation()
+
+    def choose(self, inp: RouteInput) -> Decision:
+        forecasts = _forecasts(inp, self.name)
+        pool = usable(inp.call, inp.candidates)
+        score = [log_quantile(f, 0.9) for f in forecasts]
+        index = self._ties.pick(inp.candidates, _lowest(pool, score))
+        return Decision(index, forecasts[index])
+
+
+class TailRouter(_Completion):
+    """The least predicted tail (quantile at ``level``) of completion time = wait for a slot +
+    service; with a deadline, the best chance of finishing by it (ties: the smaller tail).
+
+    A mean hides what agentic workflows suffer from: one slow call holds up a whole fan-out, so
+    a replica whose typical latency is good but whose tail is long (a long call in flight, a
+    slow device for a long prompt) is the wrong choice.
+    """
+
+    name = "tail"
+    forecast: ForecastKind = "service"
+
+    def __init__(self, level: float = 0.95) -> None:
+        if not 0.5 < level < 1:
+            raise ValueError(f"tail level must be in (0.5, 1), got {level}")
+        super().__init__(hi=max(level, 0.9))
+        self.level = level
+        self._ties = _Rotation()
+
+    def choose(self, inp: RouteInput) -> Decision:
+        cands = inp.candidates
+        pool = usable(inp.call, cands)
+        forecasts = _forecasts(inp, self.name)
+        preds = self.completions(inp, forecasts, pool)
+        z = z_score(self.level)
+        tail = [math.inf] * len(cands)  # log quantile
+        for i, (done, service) in preds.items():
+            tail[i] = done.mu + done.sigma * z
+            if done is not service:
+                tail[i] = max(tail[i], service.mu + service.sigma * z)
+        if inp.deadline_s is not None:
+            left_s = inp.deadline_s - inp.now_s
+            on_time = [0.0] * len(cands)
+            for i, (done, service) in preds.items():
+                on_time[i] = done.cdf(left_s)
+                if done is not service:
+                    on_time[i] = min(on_time[i], service.cdf(left_s))
+            best = max(on_time[i] for i in pool)
+            pool = [i for i in pool if on_time[i] >= best - _SAME_PROBABILITY]
+        index = self._ties.pick(cands, _lowest(pool, tail))
+        return self.decision(inp, forecasts, index, preds[index][0])
+
+
+ROUTERS: dict[str, Callable[[int, float], Router]] = {
+    "round_robin": lambda seed, level: RoundRobin(),
+    "random": lambda seed, level: RandomChoice(seed),
+    "least_outstanding": lambda seed, level: LeastOutstanding(),
+    "power_of_two": lambda seed, level: PowerOfTwo(seed),
+    "mean_predicted": lambda seed, level: MeanPredicted(),
+    "p90_load": lambda seed, level: P90Load(),
+    "tail": lambda seed, level: TailRouter(level),
+}
+"""Router name -> factory taking ``(seed, level)``."""
+
+
+def make_router(name: str, *, seed: int = 0, level: float = 0.95) -> Router:
+    factory = ROUTERS.get(name)
+    if factory is None:
+        raise ValueError(f"unknown router {name!r} (known: {', '.join(ROUTERS)})")
+    return factory(seed, level)

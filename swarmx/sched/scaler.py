@@ -5,11 +5,14 @@ their start-up delay)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from swarmx.models.dist import LatencyDist
+from swarmx.sched import tailmath
 
 
 @dataclass(frozen=True)
@@ -57,3 +60,258 @@ class NoScaler:
 
     def decide(self, now_s: float, pools: Sequence[PoolState]) -> dict[str, int]:
         return {}
+
+
+class _Stabiliser:
+    """Per model, the recommendations of the last ``window_s``: scaling up follows the newest at
+    once, scaling down only to the highest of the window, so one quiet interval between bursts
+    does not tear down replicas that take a while to come back (the HPA's stabilisation window).
+    A model seen for the first time starts with its current count on record."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._history: dict[str, deque[tuple[float, int]]] = {}
+
+    def target(self, pool: PoolState, now_s: float, wanted: int, floor: int = 0) -> int | None:
+        """The new target for ``pool`` (ready + starting), or None to keep the current one;
+        ``floor``: never scale down below it."""
+        current = pool.ready + pool.starting
+        history = self._history.setdefault(pool.model, deque([(now_s, current)]))
+        history.append((now_s, wanted))
+        while history[0][0] < now_s - self.window_s:
+            history.popleft()
+        if wanted > current:
+            target = wanted
+        else:
+            target = max(min(current, max(n for _, n in history)), min(floor, current))
+        target = min(max(target, pool.min_replicas), pool.max_replicas)
+        return None if target == current else target
+
+
+class ThresholdScaler:
+    """Kubernetes HPA on utilisation: ``desired = ceil(ready * metric / target)`` with
+    ``metric = (busy + waiting) / (ready * concurrency)``, left alone within ``tolerance`` of the
+    target, scale-down stabilised over ``down_window_s``. The reactive baseline: it sees load
+    only once it is there, and knows nothing of latency."""
+
+    name = "threshold"
+
+    def __init__(
+        self, target: float = 0.7, tolerance: float = 0.1, down_window_s: float = 300.0
+    ) -> None:
+        if not 0 < target <= 1:
+            raise ValueError(f"target utilisation must be in (0, 1], got {target}")
+        self.target = target
+        self.tolerance = tolerance
+        self._stable = _Stabiliser(down_window_s)
+
+    def decide(self, now_s: float, pools: Sequence[PoolState]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for pool in pools:
+            target = self._stable.target(pool, now_s, self._wanted(pool))
+            if target is not None:
+                out[pool.model] = target
+        return out
+
+    def _wanted(self, pool: PoolState) -> int:
+        current = pool.ready + pool.starting
+        demand = pool.busy + pool.waiting
+        if pool.ready == 0:  # no metric yet: start one replica for demand, as KEDA does from 0
+            return max(current, 1) if demand > 0 else current
+        ratio = demand / (pool.ready * pool.concurrency) / self.target
+        if abs(ratio - 1) <= self.tolerance:
+            return current
+        return math.ceil(pool.ready * ratio - 1e-9)  # 2 * 2.5000000000000004 is 5 replicas
+
+
+@dataclass
+class _Holt:
+    """Holt's linear (double exponential) smoothing of the arrival rate, trend per second."""
+
+    rate: float
+    trend: float = 0.0
+
+
+class TailScaler:
+    """The fewest replicas whose predicted tail latency of a call meets the budget.
+
+    Arrival rate: Holt's linear smoothing of ``arrivals / interval_s`` (so a rising rate is
+    extrapolated ``horizon_s`` ahead, about a replica's start-up), plus ``expected_calls``
+    spread over ``horizon_s`` (fan-outs known or predicted but not submitted yet).
+
+    Latency: the pool as an M/G/c queue with ``c = n * concurrency`` servers. Erlang C gives the
+    chance a call waits; Allen-Cunneen scales the wait by ``(1 + cs2) / 2`` (``cs2``: the
+    service's squared coefficient of variation) and it is exponential:
+    ``P(W > w) = C e^(-theta w)``, ``theta = 2 (c / E[S] - lambda) / (1 + cs2)``. Calls beyond
+    the slots now (``busy + waiting - c``) are a backlog a new call waits ``backlog E[S] / c``
+    behind. With S the forecast itself,
+    ``P(W + S <= y) = (1 - C) F(y) + C E[F(y - W) | W > 0]``. The smallest n with
+    ``P(latency <= headroom * budget) >= level`` and utilisation under ``cap`` wins; exact for
+    M/M/c.
+
+    Without a budget, the budget is ``no_budget_factor`` times the service's own tail.
+    """
+
+    name = "tail"
+
+    def __init__(
+        self,
+        *,
+        level: float = 0.95,
+        headroom: float = 0.8,
+        cap: float = 0.9,
+        hysteresis_s: float = 120.0,
+        horizon_s: float = 30.0,
+        alpha: float = 0.5,
+        beta: float = 0.3,
+        no_budget_factor: float = 2.0,
+    ) -> None:
+        if not 0.5 < level < 1:
+            raise ValueError(f"level must be in (0.5, 1), got {level}")
+        if not 0 < cap < 1:
+            raise ValueError(f"utilisation cap must be in (0, 1), got {cap}")
+        self.level = level
+        self.headroom = headroom
+        self.cap = cap
+        self.horizon_s = horizon_s
+        self.alpha = alpha
+        self.beta = beta
+        self.no_budget_factor = no_budget_factor
+        self._stable = _Stabiliser(hysteresis_s)
+        self._rates: dict[str, _Holt] = {}
+
+    def decide(self, now_s: float, pools: Sequence[PoolState]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for pool in pools:
+            rate = self.rate(pool)
+            demand = pool.busy + pool.waiting
+            floor = math.ceil(demand / max(pool.concurrency, 1))
+            target = self._stable.target(pool, now_s, self.needed(pool, rate), floor)
+            if target is not None:
+                out[pool.model] = target
+        return out
+
+    def rate(self, pool: PoolState) -> float:
+        """Update the model's smoothed arrival rate; the rate to provision for, calls/s."""
+        holt = self._rates.get(pool.model)
+        if pool.interval_s > 0:
+            seen = pool.arrivals / pool.interval_s
+            if holt is None:
+                holt = self._rates[pool.model] = _Holt(seen)
+            else:
+                level = self.alpha * seen + (1 - self.alpha) * (
+                    holt.rate + holt.trend * pool.interval_s
+                )
+                trend = (level - holt.rate) / pool.interval_s
+                holt.trend = self.beta * trend + (1 - self.beta) * holt.trend
+                holt.rate = level
+        smoothed = 0.0 if holt is None else max(holt.rate, holt.rate + holt.trend * self.horizon_s)
+        return max(smoothed, 0.0) + pool.expected_calls / self.horizon_s
+
+    def needed(self, pool: PoolState, rate: float) -> int:
+        """The fewest replicas meeting the budget at this arrival rate (calls/s)."""
+        conc = max(pool.concurrency, 1)
+        demand = pool.busy + pool.waiting
+        if pool.service is None:  # no forecast yet: keep utilisation under the cap
+            return math.ceil(demand / (conc * self.cap))
+        if rate <= 0 and demand == 0:
+            return 0
+        model = _Queue.of(pool.service, self._target(pool.service, pool.budget_s))
+
+        def ok(n: int) -> bool:
+            return model.meets(n * conc, rate, demand, self.level, self.cap)
+
+        lo = max(1, math.ceil(rate * model.mean_s / (conc * self.cap)))
+        hi = lo
+        while not ok(hi):  # met eventually: the target is above the service's own tail
+            if hi >= pool.max_replicas:
+                return pool.max_replicas
+            lo, hi = hi + 1, min(hi * 2, pool.max_replicas)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
+        return hi
+
+    def _target(self, service: LatencyDist, budget_s: float | None) -> float:
+        own_s = service.quantile(self.level)
+        budget = self.no_budget_factor * own_s if budget_s is None else budget_s
+        return max(self.headroom * budget, _MIN_WAIT_SHARE * own_s)
+
+
+_MIN_WAIT_SHARE = 1.1
+"""A budget the service alone (nearly) misses is raised to this multiple of the service's own
+tail: scaling cannot shorten service, only remove waiting, and squeezing out the last few
+percent of waiting would take without bound more replicas."""
+
+
+def erlang_c(servers: int, load: float) -> float:
+    """Probability that a call waits in an M/M/c queue with ``load = lambda / mu`` Erlangs,
+    by the Erlang B recursion (stable for thousands of servers)."""
+    if load <= 0:
+        return 0.0
+    if load >= servers:
+        return 1.0
+    b = 1.0
+    for k in range(1, servers + 1):
+        b = load * b / (k + load * b)
+    return servers * b / (servers - load * (1 - b))
+
+
+@dataclass(frozen=True)
+class _Queue:
+    """The M/G/c latency model of one pool for one decision (see `TailScaler`)."""
+
+    service: LatencyDist
+    mean_s: float
+    cs2: float
+    """Squared coefficient of variation of the service time."""
+    target_s: float
+    points: int = 64
+    """Quadrature points over the wait."""
+
+    @classmethod
+    def of(cls, service: LatencyDist, target_s: float) -> _Queue:
+        mean, second = tailmath.moments(service)
+        return cls(service, mean, max(second / (mean * mean) - 1, 0.0), target_s)
+
+    def on_time(self, servers: int, rate: float, backlog: int) -> float:
+        """``P(latency <= target_s)`` of a call arriving now at ``servers`` slots."""
+        y = self.target_s - backlog * self.mean_s / servers
+        if y <= 0:
+            return 0.0
+        service_ok = tailmath.cdf(self.service, y)
+        wait = erlang_c(servers, rate * self.mean_s)
+        if wait == 0:
+            return service_ok
+        theta = 2 * (servers / self.mean_s - rate) / (1 + self.cs2)
+        # E[F(y - W) | W > 0], W ~ Exp(theta): substitute v = 1 - e^(-theta w) so the midpoint
+        # rule needs no more points for short waits than for long ones
+        span = -math.expm1(-theta * y)
+        step = span / self.points
+        waited = step * sum(
+            tailmath.cdf(self.service, y + math.log1p(-(k + 0.5) * step) / theta)
+            for k in range(self.points)
+        )
+        return (1 - wait) * service_ok + wait * waited
+
+    def meets(self, servers: int, rate: float, demand: int, level: float, cap: float) -> bool:
+        if servers <= 0:
+            return rate <= 0 and demand == 0
+        if rate * self.mean_s >= cap * servers:
+            return False
+        return self.on_time(servers, rate, max(demand - servers, 0)) >= level
+
+
+SCALERS: dict[str, Callable[..., Scaler]] = {
+    "none": NoScaler,
+    "threshold": ThresholdScaler,
+    "tail": TailScaler,
+}
+"""Scaler name -> constructor taking the scaler's options as keywords."""
+
+
+def make_scaler(name: str, **options: Any) -> Scaler:
+    factory = SCALERS.get(name)
+    if factory is None:
+        raise ValueError(f"unknown scaler {name!r} (known: {', '.join(SCALERS)})")
+    return factory(**options)

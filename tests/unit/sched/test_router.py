@@ -1,9 +1,33 @@
-"""LeastOutstanding: fewest outstanding calls wins, ties rotate, failed-on replicas avoided."""
+"""Routers: hand-made cases where the right replica is known."""
 
+import math
+import random
+import statistics
 from collections import Counter
 
-from swarmx.sched.router import LeastOutstanding, ReplicaView, usable
+import pytest
+
+from swarmx.models.dist import LatencyDist
+from swarmx.sched.router import (
+    ROUTERS,
+    Decision,
+    LeastOutstanding,
+    MeanPredicted,
+    P90Load,
+    PowerOfTwo,
+    RandomChoice,
+    ReplicaView,
+    RoundRobin,
+    RouteInput,
+    TailRouter,
+    Work,
+    make_router,
+    usable,
+)
 from swarmx.workflow.engine import CallSpec
+
+LEVELS = (0.5, 0.9, 0.95, 0.99)
+NOW = 100.0
 
 
 def call(avoid=(), call_id="c") -> CallSpec:
@@ -12,84 +36,282 @@ def call(avoid=(), call_id="c") -> CallSpec:
     )
 
 
-def view(replica: str, outstanding: int = 0) -> ReplicaView:
+def view(
+    replica: str, outstanding: int = 0, concurrency: int = 4, work: tuple[Work, ...] = ()
+) -> ReplicaView:
     node = replica.split("/", maxsplit=1)[0]
-    return ReplicaView(replica, node, "lm", "emulated", "emulated:H100", 4, outstanding)
+    return ReplicaView(
+        replica, node, "lm", "emulated", "emulated:H100", concurrency, outstanding, "H100", work
+    )
 
 
-def test_picks_the_replica_with_fewest_outstanding():
-    router = LeastOutstanding()
+def dist(median_s: float, sigma: float = 0.3) -> LatencyDist:
+    return LatencyDist.lognormal(median_s, sigma, LEVELS)
+
+
+def running(started_s: float, median_s: float, sigma: float = 0.3, name: str = "w") -> Work:
+    return Work(name, started_s, dist(median_s, sigma))
+
+
+def route(router, pool, forecasts=None, deadline_s=None, c=None) -> Decision:
+    return router.choose(RouteInput(c or call(), pool, NOW, forecasts, deadline_s))
+
+
+def picks(router, pool, n, forecasts=None) -> list[str]:
+    return [pool[route(router, pool, forecasts).index].replica for _ in range(n)]
+
+
+# --- least outstanding ----------------------------------------------------------------------
+
+
+def test_least_outstanding_picks_the_replica_with_fewest_outstanding():
     pool = [view("a/lm#0", 3), view("b/lm#0", 1), view("c/lm#0", 2)]
-    for i in range(5):  # no tie: always the same one
-        assert router.choose(call(call_id=f"c{i}"), pool).replica == "b/lm#0"
+    assert set(picks(LeastOutstanding(), pool, 5)) == {"b/lm#0"}
+    assert route(LeastOutstanding(), [view("a/lm#0", 7), view("b/lm#0", 0)]).index == 1
 
 
-def test_zero_outstanding_beats_any_load():
-    pool = [view("a/lm#0", 7), view("b/lm#0", 0), view("c/lm#0", 1)]
-    assert LeastOutstanding().choose(call(), pool).replica == "b/lm#0"
-
-
-def test_ties_rotate_round_robin_across_calls():
-    router = LeastOutstanding()
+def test_least_outstanding_ties_rotate_round_robin_across_calls():
     pool = [view("c/lm#0", 1), view("a/lm#0", 1), view("b/lm#0", 1), view("d/lm#0", 5)]
-    picks = [router.choose(call(call_id=f"c{i}"), pool).replica for i in range(9)]
-    assert Counter(picks) == {"a/lm#0": 3, "b/lm#0": 3, "c/lm#0": 3}
-    # a full rotation before any repeat, in the same order every round
-    assert len(set(picks[:3])) == 3
-    assert picks[3:6] == picks[:3]
-    assert picks[6:9] == picks[:3]
+    got = picks(LeastOutstanding(), pool, 9)
+    assert Counter(got) == {"a/lm#0": 3, "b/lm#0": 3, "c/lm#0": 3}
+    assert len(set(got[:3])) == 3
+    assert got[3:6] == got[:3]
+    assert got[6:9] == got[:3]
 
 
 def test_rotation_does_not_depend_on_candidate_order():
     pool = [view("a/lm#0"), view("b/lm#0"), view("c/lm#0")]
-    first, second = LeastOutstanding(), LeastOutstanding()
-    picks1 = [first.choose(call(), pool).replica for _ in range(6)]
-    picks2 = [second.choose(call(), list(reversed(pool))).replica for _ in range(6)]
-    assert picks1 == picks2
+    assert picks(LeastOutstanding(), pool, 6) == picks(LeastOutstanding(), pool[::-1], 6)
 
 
 def test_following_outstanding_counts_spreads_load_evenly():
     router = LeastOutstanding()
     load = {"a/lm#0": 0, "b/lm#0": 0, "c/lm#0": 0}
-    for i in range(30):
+    for _ in range(30):
         pool = [view(r, n) for r, n in load.items()]
-        load[router.choose(call(call_id=f"c{i}"), pool).replica] += 1
+        load[pool[route(router, pool).index].replica] += 1
     assert set(load.values()) == {10}
 
 
-def test_avoided_replicas_are_skipped():
-    router = LeastOutstanding()
+def test_avoided_replicas_are_skipped_unless_nothing_else_is_left():
     pool = [view("a/lm#0", 0), view("b/lm#0", 4), view("c/lm#0", 6)]
+    router = LeastOutstanding()
+    assert route(router, pool, c=call(avoid=["a/lm#0"])).index == 1
+    assert route(router, pool, c=call(avoid=["a/lm#0", "b/lm#0"])).index == 2
+    everyone = call(avoid=["a/lm#0", "b/lm#0", "c/lm#0"])
+    assert usable(everyone, pool) == [0, 1, 2]
+    assert route(router, pool, c=everyone).index == 0
+    assert usable(call(avoid=["zzz/lm#9"]), pool) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_every_router_honours_avoid(name):
+    pool = [view("a/lm#0", 0), view("b/lm#0", 2), view("c/lm#0", 1)]
+    forecasts = [dist(0.5), dist(2.0), dist(3.0)]  # a is best by every measure
+    router = make_router(name, seed=5)
     retry = call(avoid=["a/lm#0"])
-    for _ in range(4):
-        assert router.choose(retry, pool).replica == "b/lm#0"
-    assert router.choose(call(avoid=["a/lm#0", "b/lm#0"]), pool).replica == "c/lm#0"
+    chosen = {route(router, pool, forecasts, c=retry).index for _ in range(12)}
+    assert chosen and 0 not in chosen
+    single = [view("a/lm#0", 3)]
+    assert route(router, single, [dist(1.0)], c=retry).index == 0
 
 
-def test_avoided_ties_are_left_out_of_the_rotation():
-    router = LeastOutstanding()
+# --- load-blind baselines -------------------------------------------------------------------
+
+
+def test_round_robin_cycles_in_name_order_whatever_the_candidate_order():
+    router = RoundRobin()
+    pool = [view("c/lm#0", 0), view("a/lm#0", 9), view("b/lm#0", 2)]
+    assert picks(router, pool, 6) == ["a/lm#0", "b/lm#0", "c/lm#0"] * 2
+    shuffled = [pool[2], pool[0], pool[1]]
+    assert picks(RoundRobin(), shuffled, 3) == ["a/lm#0", "b/lm#0", "c/lm#0"]
+
+
+def test_round_robin_continues_after_the_last_pick_when_candidates_change():
+    router = RoundRobin()
+    full = [view("a/lm#0"), view("b/lm#0"), view("c/lm#0"), view("d/lm#0")]
+    assert picks(router, full, 2) == ["a/lm#0", "b/lm#0"]
+    assert picks(router, [full[0], full[1], full[3]], 1) == ["d/lm#0"]  # c is full: skip it
+    assert picks(router, full, 2) == ["a/lm#0", "b/lm#0"]
+
+
+def test_random_is_seeded_and_covers_every_replica():
+    pool = [view(f"n{i}/lm#0", i) for i in range(4)]
+    first = picks(RandomChoice(seed=7), pool, 400)
+    assert first == picks(RandomChoice(seed=7), pool, 400)
+    assert first != picks(RandomChoice(seed=8), pool, 400)
+    assert first == picks(RandomChoice(seed=7), pool[::-1], 400)  # by name, not position
+    assert all(80 < n < 120 for n in Counter(first).values())
+
+
+def test_power_of_two_never_picks_the_worse_of_its_two():
+    pool = [view(f"n{i}/lm#0", outstanding=i) for i in range(5)]
+    got = picks(PowerOfTwo(seed=3), pool, 300)
+    shadow = random.Random(3)  # the same draws: the two sampled, by name
+    for replica in got:
+        a, b = shadow.sample(range(5), 2)
+        assert replica == f"n{min(a, b)}/lm#0"
+    assert "n4/lm#0" not in got  # the most loaded loses every comparison
+    assert got == picks(PowerOfTwo(seed=3), pool, 300)
+    assert set(picks(PowerOfTwo(), pool[3:], 10)) == {"n3/lm#0"}
+
+
+# --- forecast-driven ------------------------------------------------------------------------
+
+
+def test_p90_load_picks_the_smallest_point_p90_and_needs_forecasts():
     pool = [view("a/lm#0"), view("b/lm#0"), view("c/lm#0")]
-    picks = {router.choose(call(avoid=["b/lm#0"]), pool).replica for _ in range(6)}
-    assert picks == {"a/lm#0", "c/lm#0"}
+    forecasts = [dist(1.0, 0.9), dist(1.5, 0.1), dist(2.0, 0.1)]  # a: best median, worst p90
+    decision = route(P90Load(), pool, forecasts)
+    assert decision.index == 1
+    assert decision.completion is forecasts[1]
+    with pytest.raises(ValueError, match="p90_load"):
+        route(P90Load(), pool)
 
 
-def test_all_avoided_falls_back_to_every_candidate():
-    router = LeastOutstanding()
-    pool = [view("a/lm#0", 2), view("b/lm#0", 1)]
-    everyone = call(avoid=["a/lm#0", "b/lm#0"])
-    assert router.choose(everyone, pool).replica == "b/lm#0"
-    assert usable(everyone, pool) == pool
+def test_mean_predicted_picks_the_shortest_expected_delay():
+    pool = [view("a/lm#0"), view("b/lm#0")]
+    # same median; a's long tail makes its mean longer
+    assert route(MeanPredicted(), pool, [dist(1.0, 1.2), dist(1.0, 0.2)]).index == 1
+    # a full replica adds the expected wait: b is faster but waits ~3 s for its running call
+    busy = [view("a/lm#0"), view("b/lm#0", 1, 1, (running(NOW - 1, 4.0),))]
+    assert route(MeanPredicted(), busy, [dist(2.0), dist(1.0)]).index == 0
 
 
-def test_avoiding_an_unknown_replica_changes_nothing():
-    pool = [view("a/lm#0", 2), view("b/lm#0", 1)]
-    assert list(usable(call(avoid=["zzz/lm#9"]), pool)) == pool
-    assert LeastOutstanding().choose(call(avoid=["zzz/lm#9"]), pool).replica == "b/lm#0"
+def test_tail_avoids_a_long_residual_even_with_fewer_outstanding():
+    long_call = running(NOW - 1.0, median_s=10.0, name="long")  # ~9 s still to go
+    almost_done = running(NOW - 0.9, median_s=1.0, name="short")
+    queued = running(NOW - 0.1, median_s=0.5, name="queued")
+    pool = [
+        view("a/lm#0", outstanding=1, concurrency=1, work=(long_call,)),
+        view("b/lm#0", outstanding=2, concurrency=1, work=(almost_done, queued)),
+    ]
+    forecasts = [dist(1.0), dist(1.0)]
+    assert route(LeastOutstanding(), pool).index == 0
+    decision = route(TailRouter(), pool, forecasts)
+    assert decision.index == 1
+    assert decision.completion is not None
+    assert decision.completion.quantile(0.5) > 1.0  # the wait is in the prediction
 
 
-def test_single_candidate():
-    only = view("a/lm#0", 9)
-    router = LeastOutstanding()
-    assert router.choose(call(), [only]) is only
-    assert router.choose(call(avoid=["a/lm#0"]), [only]) is only
-    assert router.name == "least_outstanding"
+def test_tail_waits_for_a_fast_gpu_for_a_long_call_but_not_for_a_short_one():
+    h100 = view("h100/lm#0", 1, 1, (running(NOW - 0.5, 1.0, name="other"),))  # ~0.5 s left
+    a100 = view("a100/lm#0")  # free but slower
+    assert route(TailRouter(), [h100, a100], [dist(5.0), dist(8.0)]).index == 0
+    assert route(TailRouter(), [h100, a100], [dist(0.3), dist(0.5)]).index == 1
+
+
+def test_tail_with_a_deadline_picks_the_best_chance_of_making_it():
+    pool = [view("x/lm#0"), view("y/lm#0")]
+    fast_wide, slow_tight = dist(1.0, 1.0), dist(3.0, 0.05)  # p95: 5.2 s and 3.3 s
+    router = TailRouter()
+    assert route(router, pool, [fast_wide, slow_tight]).index == 1  # smaller tail
+    # 2 s left: y cannot make it, x has a 76% chance
+    assert route(router, pool, [fast_wide, slow_tight], deadline_s=NOW + 2).index == 0
+    # 4 s left: y (worse median) is all but sure, x only 92%
+    assert route(router, pool, [fast_wide, slow_tight], deadline_s=NOW + 4).index == 1
+
+
+def test_tail_with_an_impossible_deadline_falls_back_to_the_smaller_tail():
+    pool = [view("x/lm#0"), view("y/lm#0")]
+    forecasts = [dist(3.0, 0.3), dist(2.0, 0.6)]  # y: better median, worse p95
+    assert route(TailRouter(), pool, forecasts, deadline_s=NOW - 1).index == 0
+
+
+def test_tail_level_changes_the_choice():
+    pool = [view("x/lm#0"), view("y/lm#0")]
+    forecasts = [dist(1.0, 0.8), dist(1.6, 0.1)]  # x: p60 1.2 s, p95 3.7 s; y ~1.6-1.9 s
+    assert route(TailRouter(level=0.6), pool, forecasts).index == 0
+    assert route(TailRouter(level=0.95), pool, forecasts).index == 1
+    with pytest.raises(ValueError, match="level"):
+        TailRouter(level=0.4)
+
+
+def test_identical_replicas_share_the_load():
+    pool = [view(f"n{i}/lm#0", 1) for i in range(3)]
+    for name in ("tail", "mean_predicted", "p90_load"):
+        got = picks(make_router(name), pool, 6, [dist(1.0)] * 3)
+        assert Counter(got) == {r.replica: 2 for r in pool}, name
+
+
+def test_tail_completion_is_the_forecast_when_a_slot_is_free():
+    forecast = dist(2.0)
+    decision = route(TailRouter(), [view("a/lm#0", 3)], [forecast])
+    assert decision == Decision(0, forecast)
+
+
+def test_tail_completion_matches_monte_carlo_of_its_model():
+    """One slot, a call in flight for 1 s: completion = residual + this call's service."""
+    inflight, service = dist(2.0, 0.5), dist(1.0, 0.4)
+    pool = [view("a/lm#0", 1, 1, (Work("w", NOW - 1.0, inflight),))]
+    decision = route(TailRouter(), pool, [service])
+    assert decision.completion is not None
+    assert decision.completion.levels == LEVELS
+    rng = random.Random(11)
+    samples = []
+    while len(samples) < 50_000:
+        left = rng.lognormvariate(math.log(2.0), 0.5) - 1.0
+        if left > 0:
+            samples.append(left + rng.lognormvariate(0.0, 0.4))
+    samples.sort()
+    assert decision.completion.quantile(0.5) == pytest.approx(statistics.median(samples), rel=0.05)
+    assert decision.completion.quantile(0.95) == pytest.approx(samples[47_500], rel=0.05)
+
+
+def test_unlisted_and_unforecast_work_counts_like_this_call():
+    forecasts = [dist(1.0), dist(1.0)]
+    unknown = view("a/lm#0", outstanding=2, concurrency=1)  # counted, not listed
+    listed = view("b/lm#0", 2, 1, (Work("w1", NOW, None), Work("w2", NOW, None)))
+    both = route(TailRouter(), [unknown, listed], forecasts).completion
+    alone = route(TailRouter(), [unknown], forecasts[:1]).completion
+    assert both is not None and alone is not None
+    assert both.quantile(0.95) == pytest.approx(alone.quantile(0.95))  # same prediction
+    assert alone.quantile(0.5) > 2.5  # two calls of ~1 s ahead, then its own
+
+
+def test_forecast_routers_need_one_forecast_per_candidate():
+    pool = [view("a/lm#0"), view("b/lm#0")]
+    with pytest.raises(ValueError, match="tail"):
+        route(TailRouter(), pool, [dist(1.0)])
+
+
+# --- registry -------------------------------------------------------------------------------
+
+
+def test_make_router_knows_every_policy():
+    kinds = {name: make_router(name).forecast for name in ROUTERS}
+    assert kinds == {
+        "round_robin": "none",
+        "random": "none",
+        "least_outstanding": "none",
+        "power_of_two": "none",
+        "mean_predicted": "service",
+        "p90_load": "load_only",
+        "tail": "service",
+    }
+    assert all(make_router(name).name == name for name in ROUTERS)
+    tail = make_router("tail", level=0.99)
+    assert isinstance(tail, TailRouter)
+    assert tail.level == 0.99
+    with pytest.raises(ValueError, match="known: round_robin, random"):
+        make_router("fastest")
+
+
+def test_seeded_routers_repeat_their_choices():
+    pool = [view(f"n{i}/lm#0", i % 3) for i in range(6)]
+    for name in ROUTERS:
+        runs = [picks(make_router(name, seed=4), pool, 20, [dist(1.0)] * 6) for _ in range(2)]
+        assert runs[0] == runs[1], name
+
+
+def test_tail_completion_is_never_faster_than_the_service_alone():
+    """Moment matching thins a far tail: a heavy-tailed call behind a steady 3 s one would get a
+    p99.9 below its own; the prediction is floored at the service's."""
+    levels = (0.5, 0.9, 0.99, 0.999)
+    service = LatencyDist.lognormal(math.exp(-1.125), 1.5, levels)
+    steady = Work("w", NOW, LatencyDist.lognormal(3.0, 0.01, levels))
+    decision = route(TailRouter(level=0.999), [view("a/lm#0", 1, 1, (steady,))], [service])
+    assert decision.completion is not None
+    assert decision.completion.quantile(0.5) > 3.0
+    assert all(c >= s for c, s in zip(decision.completion.values_s, service.values_s, strict=True))
+    assert decision.completion.quantile(0.999) == pytest.approx(service.quantile(0.999))

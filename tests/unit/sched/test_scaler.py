@@ -1,0 +1,229 @@
+"""Scalers: HPA-style threshold and the tail-latency scaler, against known answers."""
+
+import heapq
+import math
+import random
+from dataclasses import replace
+
+import pytest
+
+from swarmx.models.dist import LatencyDist
+from swarmx.sched.scaler import (
+    SCALERS,
+    NoScaler,
+    PoolState,
+    TailScaler,
+    ThresholdScaler,
+    erlang_c,
+    make_scaler,
+)
+
+_PS = sorted({k / 200 for k in range(1, 200)} | {0.001, 0.0025, 0.996, 0.998, 0.999, 0.9995})
+EXP_1S = LatencyDist(tuple(_PS), tuple(-math.log(1 - p) for p in _PS))
+"""Exponential service, mean 1 s: the pool is then an M/M/c queue."""
+
+
+def pool(**changes) -> PoolState:
+    base = PoolState(
+        model="lm",
+        ready=2,
+        starting=0,
+        concurrency=4,
+        busy=0,
+        waiting=0,
+        arrivals=0,
+        interval_s=10.0,
+        service=None,
+        budget_s=None,
+    )
+    return replace(base, **changes)
+
+
+def mmc_latencies(servers: int, rate: float, calls: int = 60_000, seed: int = 1) -> list[float]:
+    """Brute force: FIFO over ``servers`` with Poisson arrivals and exponential service."""
+    rng = random.Random(seed)
+    free, now, out = [0.0] * servers, 0.0, []
+    for _ in range(calls):
+        now += rng.expovariate(rate)
+        start = max(now, heapq.heappop(free))
+        end = start + rng.expovariate(1.0)
+        heapq.heappush(free, end)
+        out.append(end - now)
+    return sorted(out)
+
+
+def test_no_scaler_changes_nothing():
+    assert NoScaler().decide(0.0, [pool(busy=100, waiting=50)]) == {}
+
+
+# --- threshold ------------------------------------------------------------------------------
+
+
+def test_threshold_scales_up_at_once():
+    # 16 calls on 2 x 4 slots: utilisation 2.0, target 0.7 -> ceil(2 * 2.0 / 0.7) = 6
+    assert ThresholdScaler().decide(0.0, [pool(busy=8, waiting=8)]) == {"lm": 6}
+
+
+def test_threshold_leaves_utilisation_within_tolerance_alone():
+    scaler = ThresholdScaler()
+    assert scaler.decide(0.0, [pool(busy=6)]) == {}  # 0.75 / 0.7: within 10%
+    assert scaler.decide(1.0, [pool(busy=7)]) == {"lm": 3}  # 0.875 / 0.7 = 1.25
+
+
+def test_threshold_rounds_exact_ratios_exactly():
+    # 14 / 8 / 0.7 is 2.5000000000000004 in floating point: still 5 replicas, not 6
+    assert ThresholdScaler().decide(0.0, [pool(busy=14)]) == {"lm": 5}
+
+
+def test_threshold_scales_down_only_after_the_window():
+    scaler = ThresholdScaler(down_window_s=300.0)
+    assert scaler.decide(0.0, [pool(busy=8, waiting=8)]) == {"lm": 6}
+    quiet = pool(ready=6, busy=2)  # wants ceil(6 * (2 / 24) / 0.7) = 1
+    for t in (10.0, 100.0, 299.0):
+        assert scaler.decide(t, [quiet]) == {}
+    assert scaler.decide(301.0, [quiet]) == {"lm": 1}
+
+
+def test_threshold_down_uses_the_highest_recommendation_in_the_window():
+    scaler = ThresholdScaler(down_window_s=300.0)
+    scaler.decide(0.0, [pool(ready=6, busy=24)])  # 24 / 24 / 0.7: wants 9
+    scaler.decide(0.0, [pool(ready=9, busy=24)])
+    scaler.decide(200.0, [pool(ready=9, busy=12)])  # wants ceil(9 * 12/36 / 0.7) = 5
+    assert scaler.decide(310.0, [pool(ready=9, busy=2)]) == {"lm": 5}  # not 1: 5 is on record
+    assert scaler.decide(510.0, [pool(ready=5, busy=2)]) == {"lm": 1}
+
+
+def test_threshold_starts_from_zero_and_counts_starting_replicas():
+    scaler = ThresholdScaler()
+    assert scaler.decide(0.0, [pool(ready=0, waiting=5)]) == {"lm": 1}
+    assert scaler.decide(5.0, [pool(ready=0, starting=1, waiting=5)]) == {}
+    # 2 ready + 4 starting already cover a demand that wants 6
+    assert scaler.decide(6.0, [pool(ready=2, starting=4, busy=8, waiting=8)]) == {}
+    assert scaler.decide(7.0, [pool(ready=0, starting=0)]) == {}
+
+
+def test_threshold_respects_min_and_max_replicas():
+    scaler = ThresholdScaler()
+    assert scaler.decide(0.0, [pool(busy=8, waiting=80, max_replicas=4)]) == {"lm": 4}
+    assert scaler.decide(0.0, [pool(model="b", ready=1, min_replicas=3)]) == {"b": 3}
+
+
+# --- tail -----------------------------------------------------------------------------------
+
+
+def test_erlang_c_known_values():
+    assert erlang_c(1, 0.5) == pytest.approx(0.5)  # M/M/1: P(wait) = rho
+    assert erlang_c(2, 1.0) == pytest.approx(1 / 3)
+    assert erlang_c(3, 0.0) == 0.0
+    assert erlang_c(2, 2.0) == 1.0
+
+
+def test_tail_picks_the_fewest_replicas_meeting_the_budget_as_brute_force_mm_c_does():
+    # 6 calls/s of 1 s each on one-slot replicas; p95 must stay under 0.8 * 4.375 = 3.5 s
+    scaler = TailScaler()
+    state = pool(ready=1, concurrency=1, arrivals=60, service=EXP_1S, budget_s=4.375)
+    assert scaler.decide(0.0, [state]) == {"lm": 8}
+    p95 = {n: mmc_latencies(n, 6.0)[int(0.95 * 60_000)] for n in (7, 8)}
+    assert p95[7] > 3.5 > p95[8]
+
+
+@pytest.mark.parametrize(("rate", "fewest"), [(2.0, 4), (12.0, 14)])
+def test_tail_pool_size_agrees_with_brute_force_mm_c(rate, fewest):
+    target_s = 3.4 if rate == 2.0 else 3.5
+    state = pool(concurrency=1, service=EXP_1S, budget_s=target_s / 0.8)
+    assert TailScaler().needed(state, rate) == fewest
+    on_time = {
+        n: sum(x <= target_s for x in mmc_latencies(n, rate)) / 60_000 for n in (fewest - 1, fewest)
+    }
+    assert on_time[fewest - 1] < 0.95 <= on_time[fewest]
+
+
+def test_tail_keeps_utilisation_under_the_cap():
+    # a loose budget alone would allow near-saturation; 0.9 cap needs 60 / (4 * 0.9) -> 17
+    loose = pool(service=LatencyDist.lognormal(1.0, 0.1, (0.5, 0.9, 0.95)), budget_s=1000.0)
+    assert TailScaler().needed(loose, 60 / 1.0) == 17
+
+
+def test_tail_scales_ahead_of_expected_calls():
+    state = pool(ready=1, concurrency=1, arrivals=30, service=EXP_1S, budget_s=4.375)
+    plain = TailScaler().decide(0.0, [state])["lm"]
+    ahead = TailScaler(horizon_s=30.0).decide(0.0, [replace(state, expected_calls=120)])["lm"]
+    assert ahead > plain  # 120 calls over 30 s: +4 calls/s
+
+
+def test_tail_extrapolates_a_rising_arrival_rate():
+    holt, level_only = TailScaler(horizon_s=30.0), TailScaler(beta=0.0)
+    for k in range(1, 9):
+        seen = pool(arrivals=10 * k, interval_s=10.0)  # k calls/s, rising
+        ahead, behind = holt.rate(seen), level_only.rate(seen)
+        assert behind <= k  # plain smoothing lags a ramp
+        assert ahead > k or k < 3  # the trend, once learnt, projects past it
+    steady = TailScaler()
+    for _ in range(5):
+        flat = steady.rate(pool(arrivals=30, interval_s=10.0))
+    assert flat == pytest.approx(3.0)
+
+
+def test_tail_scales_up_at_once_and_down_after_hysteresis():
+    scaler = TailScaler(hysteresis_s=120.0)
+    busy = pool(ready=1, concurrency=1, arrivals=60, service=EXP_1S, budget_s=4.375)
+    assert scaler.decide(0.0, [busy]) == {"lm": 8}
+    idle = replace(busy, ready=8, arrivals=0)
+    for t in (10.0, 60.0, 110.0):
+        assert scaler.decide(t, [idle]) == {}
+    down = scaler.decide(130.0, [idle])
+    assert down["lm"] < 8
+
+
+def test_tail_never_scales_below_the_calls_in_hand():
+    scaler = TailScaler(hysteresis_s=10.0)
+    # no arrivals, but 10 calls running on 4-slot replicas: keep 3
+    state = pool(ready=5, busy=10, service=EXP_1S, budget_s=100.0)
+    assert scaler.decide(0.0, [state]) == {}  # the current count is on record
+    assert scaler.decide(11.0, [state]) == {"lm": 3}
+
+
+def test_tail_counts_starting_replicas_and_the_backlog():
+    scaler = TailScaler()
+    base = pool(ready=1, concurrency=1, arrivals=60, service=EXP_1S, budget_s=4.375)
+    assert scaler.decide(0.0, [replace(base, starting=7)]) == {}  # 8 asked for already
+    backlog = TailScaler().decide(0.0, [replace(base, waiting=40)])["lm"]
+    assert backlog > 8  # 40 queued calls must clear within the budget too
+
+
+def test_tail_without_a_budget_uses_twice_the_services_own_tail():
+    state = pool(concurrency=1, service=EXP_1S)
+    p95 = EXP_1S.quantile(0.95)
+    scaler = TailScaler()
+    assert scaler.needed(state, 6.0) == scaler.needed(replace(state, budget_s=2 * p95), 6.0)
+
+
+def test_tail_with_an_unreachable_budget_still_asks_for_a_finite_pool():
+    state = pool(concurrency=1, service=EXP_1S, budget_s=1.0)  # p95 of service alone: 3 s
+    n = TailScaler().needed(state, 6.0)
+    assert 8 <= n < 30
+
+
+def test_tail_without_a_forecast_keeps_utilisation_under_the_cap():
+    assert TailScaler().needed(pool(busy=18), 0.0) == 5  # ceil(18 / (4 * 0.9))
+    assert TailScaler().needed(pool(), 0.0) == 0
+
+
+def test_tail_idle_pool_goes_down_to_min_replicas():
+    scaler = TailScaler(hysteresis_s=10.0)
+    idle = pool(service=EXP_1S, min_replicas=1)
+    scaler.decide(0.0, [idle])
+    assert scaler.decide(11.0, [idle]) == {"lm": 1}
+
+
+def test_make_scaler_names_and_options():
+    assert isinstance(make_scaler("none"), NoScaler)
+    threshold = make_scaler("threshold", target=0.5)
+    assert isinstance(threshold, ThresholdScaler)
+    assert threshold.target == 0.5
+    tail = make_scaler("tail", level=0.99, hysteresis_s=30.0)
+    assert isinstance(tail, TailScaler)
+    assert tail.level == 0.99
+    assert {make_scaler(name).name for name in SCALERS} == {"none", "threshold", "tail"}
+    with pytest.raises(ValueError, match="known: none, threshold, tail"):
+        make_scaler("hpa")
