@@ -118,8 +118,8 @@ class Dispatcher:
         date as replicas change so a decision never scans the full ones."""
         self._queues: dict[str, list[tuple[float, int, Ticket]]] = {}
         self._seq = itertools.count()
-        self._where: dict[str, str] = {}
-        """call id -> replica, for calls assigned and not finished."""
+        self._where: dict[str, tuple[str, Ticket]] = {}
+        """call id -> (replica, ticket), for calls assigned and not finished."""
         self.pools: dict[str, PoolStats] = {}
 
     # --- replicas ---------------------------------------------------------------------------
@@ -171,8 +171,8 @@ class Dispatcher:
 
     def finished(self, call_id: str, now_s: float) -> list[Assign]:
         """A call ended (any outcome): its slot frees and queued calls of that model may go."""
-        replica = self._where.pop(call_id, None)
-        rep = self.replicas.get(replica) if replica else None
+        where = self._where.pop(call_id, None)
+        rep = self.replicas.get(where[0]) if where else None
         if rep is None:
             return []
         rep.work.pop(call_id, None)
@@ -189,8 +189,8 @@ class Dispatcher:
                 heapq.heapify(kept)
                 self._queues[model] = kept
         for call_id in drop:
-            replica = self._where.pop(call_id, None)
-            rep = self.replicas.get(replica) if replica else None
+            where = self._where.pop(call_id, None)
+            rep = self.replicas.get(where[0]) if where else None
             if rep is not None:
                 rep.work.pop(call_id, None)
                 self._refresh(rep)
@@ -207,6 +207,14 @@ class Dispatcher:
 
     def queued_tickets(self) -> list[Ticket]:
         return [e[2] for q in self._queues.values() for e in sorted(q)]
+
+    def budget_s(self, pool: str) -> float | None:
+        """The tightest time allowed (deadline - arrival) to this pool's calls waiting or
+        running: the latency target a scaler sizes the pool for; None without deadlines."""
+        tickets = [e[2] for e in self._queues.get(pool, ())]
+        tickets += [t for _, t in self._where.values() if pool_of(t.call) == pool]
+        budgets = [t.deadline_s - t.arrived_s for t in tickets if t.deadline_s is not None]
+        return max(min(budgets), 1e-3) if budgets else None
 
     def drain_all(self, now_s: float) -> list[Assign]:
         out: list[Assign] = []
@@ -257,7 +265,7 @@ class Dispatcher:
         rep = self.replicas[chosen.replica]
         rep.work[call.call_id] = Work(call.call_id, now_s, service)
         self._refresh(rep)
-        self._where[call.call_id] = chosen.replica
+        self._where[call.call_id] = (chosen.replica, ticket)
         return Assign(ticket, chosen, service, decision.completion)
 
     def _note_service(self, model: str, dist: LatencyDist, alpha: float = 0.05) -> None:

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swarmx.backends.emulated import GPUS, ModelProfile, prefill_s, vision_s
+from swarmx.models.dist import LatencyDist
 from swarmx.models.query import SessionTracker
-from swarmx.sched.dispatch import TOOL_POOL, Assign, Dispatcher, QueueOrder, Ticket
+from swarmx.sched.dispatch import TOOL_POOL, Assign, Dispatcher, QueueOrder
+from swarmx.sched.outlook import Outlook
 from swarmx.sched.router import ReplicaView, Router
 from swarmx.sched.scaler import PoolState, Scaler
 from swarmx.sim.forecast import Replica, SimForecaster
@@ -33,8 +35,10 @@ from swarmx.workflow.engine import (
     WorkflowRun,
 )
 from swarmx.workflow.engine import CancelCalls as EngineCancel
+from swarmx.workflow.spec import StepSpec
 
 MIXED = ("H100", "A100", "L40S")
+_ONE_SECOND = LatencyDist((0.5, 0.9), (1.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -79,8 +83,6 @@ class _Flow:
     sw: SimWorkflow
     run: WorkflowRun
     deadline_s: float | None
-    depth: int = 1
-    """Calls on the longest dependency chain."""
 
 
 @dataclass
@@ -110,13 +112,12 @@ class Simulation:
         scaler: Scaler,
         predictor: str = "oracle",
         record: Callable[[TraceRecord], None] | None = None,
-        critical_path: Callable[[WorkflowRun, CallSpec, Dispatcher], float] | None = None,
     ) -> None:
         self.cfg = cfg
         self.workflows = sorted(workflows, key=lambda w: w.arrival_s)
         self.scaler = scaler
         self.record = record
-        self.critical_path = critical_path
+        self.outlook = Outlook(self._step_service)
         self.now = 0.0
         self.replicas: dict[str, Replica] = {}
         self.sessions = SessionTracker()
@@ -257,7 +258,6 @@ class Simulation:
         self._to_arrive -= 1
         slo = sw.spec.slo_s if sw.spec.slo_s is not None else self.cfg.slo_s
         flow = _Flow(sw, WorkflowRun(wf_id, sw.spec), self.now + slo if slo else None)
-        flow.depth = _depth(sw)
         self._flows[wf_id] = flow
         self._execute(flow, flow.run.start())
 
@@ -280,14 +280,14 @@ class Simulation:
                 self._finish(flow, ins)
 
     def _submit(self, c: _Call) -> None:
-        deadline, slack = c.wf.deadline_s, None
-        if deadline is not None and self.critical_path is not None:
-            slack = deadline - self.now - self.critical_path(c.wf.run, c.call, self.dispatcher)
-        elif deadline is not None:
-            slack = deadline - self.now
-        self._assign_all(
-            self.dispatcher.submit(Ticket(c.call, self.now, deadline, slack), self.now)
-        )
+        flow = c.wf
+        ticket = self.outlook.ticket(flow.run, c.call, flow.sw.arrival_s, self.now, self.cfg.slo_s)
+        self._assign_all(self.dispatcher.submit(ticket, self.now))
+
+    def _step_service(self, run: WorkflowRun, step: StepSpec) -> LatencyDist:
+        """A typical call of the step: the recent forecasts for its pool (none yet: 1 s)."""
+        pool = TOOL_POOL if step.kind == "tool" else step.model
+        return self.dispatcher.typical_service(pool) or _ONE_SECOND
 
     def _assign_all(self, assigns: list[Assign]) -> None:
         for a in assigns:
@@ -422,7 +422,10 @@ class Simulation:
                     arrivals=self.dispatcher.take_arrivals(model),
                     interval_s=interval,
                     service=self.dispatcher.typical_service(model),
-                    budget_s=self._call_budget(model),
+                    budget_s=self.dispatcher.budget_s(model),
+                    expected_calls=self.outlook.expected_calls(
+                        (f.run for f in self._flows.values()), model
+                    ),
                     min_replicas=1,
                     max_replicas=cap,
                 )
@@ -455,15 +458,6 @@ class Simulation:
             rep.retired_s = self.now
             self.dispatcher.remove_replica(rep.name)
 
-    def _call_budget(self, model: str) -> float | None:
-        """Per-call latency target: the SLO shared over the longest chain of calls."""
-        budgets = [
-            (f.deadline_s - f.sw.arrival_s) / f.depth
-            for f in self._flows.values()
-            if f.deadline_s is not None
-        ]
-        return min(budgets) if budgets else None
-
 
 def demand_s(workflows: Sequence[SimWorkflow], llm_slots: int) -> dict[str, float]:
     """GPU-seconds the workflows need per model on an A100, LLM calls batched at half the
@@ -493,13 +487,6 @@ def offered_load(workflows: Sequence[SimWorkflow], replicas: int, llm_slots: int
         return 0.0
     span = workflows[-1].arrival_s - workflows[0].arrival_s
     return sum(demand_s(workflows, llm_slots).values()) / max(span, 1e-9) / replicas
-
-
-def _depth(sw: SimWorkflow) -> int:
-    level: dict[str, int] = {}
-    for step in sw.spec.steps:
-        level[step.id] = 1 + max((level[d] for d in step.after), default=0)
-    return max(level.values(), default=1)
 
 
 def summary(result: SimResult) -> dict[str, Any]:
