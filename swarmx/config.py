@@ -114,6 +114,14 @@ class ReplicaConfig:
     """openai: Prometheus endpoint of a vLLM/SGLang server, scraped for queue and KV-cache use."""
     gpu: str = "A100"
     """emulated: which GPU's timing profile to emulate."""
+    max_count: int | None = None
+    """Most replicas of this model the scaler may run on this node: ``4 * count`` by default;
+    openai replicas are endpoints of servers started elsewhere, so they only vary between 0 and
+    ``count``."""
+    startup_delay_s: float = 0.0
+    """Extra time a replica started by the scaler waits, once its backend is up, before the node
+    announces it ready (emulates a model server's load time; the backend's own start-up always
+    counts)."""
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}", self.model):
@@ -130,6 +138,22 @@ class ReplicaConfig:
             )
         if self.backend == "torch" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise SchemaError("device", f"must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.max_count is not None and self.max_count < self.count:
+            raise SchemaError("max_count", f"must be >= count ({self.count}), got {self.max_count}")
+        if self.backend == "openai" and self.max_count is not None and self.max_count > self.count:
+            raise SchemaError(
+                "max_count",
+                "openai replicas cannot be started by the node: max_count must not exceed count",
+            )
+        if self.startup_delay_s < 0:
+            raise SchemaError("startup_delay_s", f"must be >= 0, got {self.startup_delay_s}")
+
+    @property
+    def scale_max(self) -> int:
+        """The effective ``max_count``."""
+        if self.max_count is not None:
+            return self.max_count
+        return self.count if self.backend == "openai" else 4 * self.count
 
 
 @dataclass(frozen=True)
@@ -218,6 +242,90 @@ class PredictorConfig:
         _check_positive("retrain_every_s", self.retrain_every_s)
 
 
+RouterPolicy = Literal[
+    "round_robin",
+    "random",
+    "least_outstanding",
+    "power_of_two",
+    "mean_predicted",
+    "p90_load",
+    "tail",
+]
+ScalerPolicy = Literal["none", "threshold", "tail"]
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How the scheduler orders the calls waiting for a replica and picks one for each
+    (docs/scheduling.md)."""
+
+    policy: RouterPolicy = "tail"
+    queue: Literal["fifo", "slack"] = "slack"
+    """``slack``: the call whose workflow has the least slack to its SLO goes first (calls of
+    workflows without an SLO after them, first come first served); ``fifo``: arrival order."""
+    level: float = 0.95
+    """The tail router's quantile."""
+    replica_queue: int = 0
+    """Calls sent to a replica beyond its ``concurrency`` (waiting on the node); 0 keeps every
+    waiting call at the scheduler, where the queue order and the router still decide."""
+    seed: int = 0
+    """For the random and power_of_two routers."""
+
+    def __post_init__(self) -> None:
+        if not 0.5 < self.level < 1:
+            raise SchemaError("level", f"must be in (0.5, 1), got {self.level}")
+        if self.replica_queue < 0:
+            raise SchemaError("replica_queue", f"must be >= 0, got {self.replica_queue}")
+
+
+@dataclass(frozen=True)
+class ScalerConfig:
+    """How many replicas of each model run: the scheduler decides every ``interval_s`` and
+    asks node agents to start or stop replicas (docs/scheduling.md)."""
+
+    policy: ScalerPolicy = "tail"
+    interval_s: float = 5.0
+    min_replicas: dict[str, int] = field(default_factory=dict)
+    """Per model; default: the replicas the live nodes declare (``count``), so the scaler never
+    goes below the configured floor."""
+    max_replicas: dict[str, int] = field(default_factory=dict)
+    """Per model; default: the sum of the live nodes' ``max_count`` for it."""
+    options: dict[str, bool | int | float | str] = field(default_factory=dict)
+    """Options of the chosen policy (see docs/scheduling.md)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("interval_s", self.interval_s)
+        for name in ("min_replicas", "max_replicas"):
+            for model, n in getattr(self, name).items():
+                if n < 0:
+                    raise SchemaError(f"{name}.{model}", f"must be >= 0, got {n}")
+        for model, hi in self.max_replicas.items():
+            lo = self.min_replicas.get(model, 0)
+            if hi < max(lo, 1):
+                raise SchemaError(
+                    f"max_replicas.{model}",
+                    f"must be >= 1 and >= min_replicas ({lo}), got {hi}",
+                )
+        if self.options:
+            check_scaler_options(self.policy, self.options)
+
+
+def check_scaler_options(policy: str, options: dict[str, bool | int | float | str]) -> None:
+    """Build the scaler once so a bad option fails at load time, naming the key."""
+    from swarmx.sched.scaler import make_scaler  # pure code, no torch
+
+    try:
+        make_scaler(policy, **options)
+    except (TypeError, ValueError) as exc:
+        text = str(exc)
+        unknown = re.search(r"unexpected keyword argument '([^']+)'", text)
+        if unknown or "takes no arguments" in text:
+            key = unknown.group(1) if unknown else next(iter(options))
+            raise SchemaError(f"options.{key}", f"not an option of the {policy!r} scaler") from None
+        key = next((k for k in options if re.search(rf"\b{re.escape(k)}\b", text)), "")
+        raise SchemaError(f"options.{key}" if key else "options", text) from None
+
+
 @dataclass(frozen=True)
 class LogConfig:
     level: LogLevel = "info"
@@ -229,6 +337,8 @@ class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    scaler: ScalerConfig = field(default_factory=ScalerConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

@@ -46,13 +46,33 @@ class GpuInfo:
 
 @dataclass(frozen=True)
 class ReplicaInfo:
-    """A model server instance a node serves (declared in the node's config)."""
+    """A model server instance a node serves, ready for calls."""
 
     replica: str
     model: str
     backend: str
     device: str
     concurrency: int
+    draining: bool = False
+    """Being stopped by a scale-down: it finishes the calls it has and takes no new ones."""
+
+
+@dataclass(frozen=True)
+class ReplicaPool:
+    """A model a node can scale: one per model and backend in its ``[[node.replicas]]``, whose
+    first entry is the template of the replicas it starts."""
+
+    model: str
+    backend: str
+    device: str
+    concurrency: int
+    declared: int
+    """Replicas the node's config declares (``count``): what it starts with."""
+    max_count: int
+    """Most replicas of it this node will run."""
+    target: int
+    """Replicas running (not draining) or starting now: the node's latest scale target."""
+    startup_delay_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +93,9 @@ class Hello:
     telemetry_interval_s: float
     started_ts: float
     labels: dict[str, str] = field(default_factory=dict)
+    pools: list[ReplicaPool] = field(default_factory=list)
+    """What the node can scale. A node sends ``hello`` again whenever its replica list changes
+    (a replica started by a scale command is ready, a drained one has stopped)."""
 
 
 @dataclass(frozen=True)
@@ -202,13 +225,19 @@ class CancelCalls:
 
 @dataclass(frozen=True)
 class ScaleCommand:
-    """Scheduler -> node: run ``target_replicas`` replicas of ``model`` on this node."""
+    """Scheduler -> node: run ``target_replicas`` replicas of ``model`` on this node (running
+    or starting, draining ones not counted). Acknowledged (or refused with an `Error`) at once;
+    the node announces the replicas it starts and stops with a new `Hello` when they are ready
+    or gone."""
 
     TYPE: ClassVar[str] = "scale"
     model: str
     backend: str
     target_replicas: int
     reason: str = ""
+    remove: list[str] = field(default_factory=list)
+    """For a scale-down: the replicas to stop (the scheduler no longer routes to them); each
+    finishes its calls before it closes. Replicas still starting are cancelled first."""
 
 
 @dataclass(frozen=True)
@@ -279,6 +308,11 @@ class StepView:
     output_tokens: int | None
     error: str = ""
     output: str = ""
+    pred: dict[str, float] | None = None
+    """The predicted service-time quantiles of the call on its replica (``{"0.9": s}``)."""
+    pred_completion: dict[str, float] | None = None
+    """The router's predicted completion time (queue wait + service) at dispatch, if it made
+    one."""
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,13 @@ class TraceRecord:
     """The live predictor's quantiles for this call at dispatch (``{"0.9": s}``), if any."""
     predictor: str = ""
     """Version of the predictor that made ``pred``."""
+    pred_completion: dict[str, float] | None = None
+    """The router's predicted completion time at dispatch (``{"0.95": s}``): waiting for a slot
+    on the chosen replica plus service, to compare with ``queue_s + latency_s``; None when the
+    router made no forecast."""
+    budget_s: float | None = None
+    """Seconds from ``ts`` by which the call had to finish to keep its workflow within its SLO
+    (the predicted remaining critical path subtracted), as the scheduler saw it at arrival."""
 
     @property
     def session_id(self) -> str:

@@ -40,7 +40,9 @@ def scheduler_start(
     cfg = load(config)
     sched = scheduler_settings(cfg, listen, state_dir)
     setup_logging(cfg, log_level)
-    daemon = SchedulerDaemon(sched, RealClock(), predictor=cfg.predictor)
+    daemon = SchedulerDaemon(
+        sched, RealClock(), predictor=cfg.predictor, router=cfg.router, scaler=cfg.scaler
+    )
     try:
         run_daemon(daemon.run)
     except (TransportError, StateDirBusy, OSError) as exc:

@@ -9,6 +9,7 @@ register again, so the cluster heals by itself after a scheduler restart.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -20,7 +21,7 @@ from swarmx import __version__
 from swarmx.clock import Clock, ticks
 from swarmx.config import NodeConfig
 from swarmx.daemon.lifecycle import SystemdNotifier, run_until_stopped
-from swarmx.daemon.replicas import ReplicaSet
+from swarmx.daemon.replicas import ReplicaSet, ScaleError
 from swarmx.protocol import (
     Ack,
     CancelCalls,
@@ -31,6 +32,7 @@ from swarmx.protocol import (
     Hello,
     Message,
     Result,
+    ScaleCommand,
     Telemetry,
 )
 from swarmx.telemetry.gpu import NvmlGpus
@@ -69,7 +71,9 @@ class NodeAgent:
         self._latest: Telemetry | None = None
         """Last sample, sent the moment registration is acknowledged so the scheduler never
         shows a registered node without telemetry for a whole interval."""
-        self.replicas = ReplicaSet(cfg, clock)
+        self.replicas = ReplicaSet(cfg, clock, on_change=self._announce)
+        self._hello_base: Hello | None = None
+        """Registration without the replica lists (host facts collected once)."""
         self._unacked: dict[int, tuple[float, Result]] = {}
         """Results sent but not yet acknowledged, by frame seq, with the time sent."""
         self._unsent_keys = itertools.count(-1, -1)
@@ -78,6 +82,7 @@ class NodeAgent:
             Error: self._on_error,
             Dispatch: self._on_dispatch,
             CancelCalls: self._on_cancel_calls,
+            ScaleCommand: self._on_scale,
         }
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -86,7 +91,8 @@ class NodeAgent:
         self._channel = channel = connect_dealer(self.cfg.scheduler, self.cfg.name, self.clock)
         try:
             await self.replicas.start()
-            hello = await loop.run_in_executor(executor, self._hello)
+            self._hello_base = await loop.run_in_executor(executor, self._hello)
+            hello = self.hello()
             log.info(
                 "node agent %s (%s) reporting to %s every %gs: %d cores, %d GPUs",
                 self.cfg.name,
@@ -99,7 +105,7 @@ class NodeAgent:
             self.notifier.notify("READY=1", f"STATUS=reporting to {self.cfg.scheduler}")
             tasks = [
                 asyncio.create_task(self._receive(channel), name="receive"),
-                asyncio.create_task(self._heartbeats(channel, hello), name="heartbeat"),
+                asyncio.create_task(self._heartbeats(channel), name="heartbeat"),
                 asyncio.create_task(self._telemetry(channel, executor), name="telemetry"),
                 *self.notifier.start_watchdog(self.clock),
             ]
@@ -124,12 +130,26 @@ class NodeAgent:
             cpu_cores_physical=info.cpu_cores_physical,
             mem_total_bytes=info.mem_total_bytes,
             gpus=self.gpus.inventory() if self.gpus is not None else [],
-            replicas=self.replicas.infos(),
+            replicas=[],
             heartbeat_interval_s=self.cfg.heartbeat_interval_s,
             telemetry_interval_s=self.cfg.telemetry_interval_s,
             started_ts=self._started_ts,
             labels=dict(self.cfg.labels),
         )
+
+    def hello(self) -> Hello:
+        """Registration with the replicas as they are now."""
+        assert self._hello_base is not None
+        return dataclasses.replace(
+            self._hello_base, replicas=self.replicas.infos(), pools=self.replicas.pools()
+        )
+
+    async def _announce(self) -> None:
+        """The replica list changed: registered agents say so with a new hello (an agent not
+        registered sends the current one with its next heartbeat anyway)."""
+        if self._channel is None or self._hello_base is None or not self.registered:
+            return
+        self._hello_seq = await self._channel.send(self.hello())
 
     def _collect(self) -> Telemetry:
         start = self.clock.monotonic()
@@ -143,7 +163,7 @@ class NodeAgent:
 
     # --- loops ------------------------------------------------------------------------------
 
-    async def _heartbeats(self, channel: DealerChannel, hello: Hello) -> None:
+    async def _heartbeats(self, channel: DealerChannel) -> None:
         interval = self.cfg.heartbeat_interval_s
         async for now in ticks(self.clock, interval):
             silent_s = now - self._last_answer_mono
@@ -156,7 +176,7 @@ class NodeAgent:
                 await channel.send(Heartbeat(now - self._started_mono, channel.stats.unsent))
                 await self._resend_results(now)
             else:
-                self._hello_seq = await channel.send(hello)
+                self._hello_seq = await channel.send(self.hello())
 
     async def _telemetry(self, channel: DealerChannel, executor: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
@@ -205,6 +225,26 @@ class NodeAgent:
         assert isinstance(env.body, CancelCalls)
         n = self.replicas.cancel(env.body.call_ids)
         log.info("cancelled %d of %d calls on request", n, len(env.body.call_ids))
+
+    async def _on_scale(self, env: Envelope) -> None:
+        cmd = env.body
+        assert isinstance(cmd, ScaleCommand) and self._channel is not None
+        try:
+            detail = self.replicas.scale(cmd.model, cmd.backend, cmd.target_replicas, cmd.remove)
+        except ScaleError as exc:
+            log.warning("scale %s to %d refused: %s", cmd.model, cmd.target_replicas, exc)
+            await self._channel.send(Error(env.seq, exc.code, str(exc)))
+            return
+        log.info(
+            "scale %s (%s) to %d%s: %s",
+            cmd.model,
+            cmd.backend,
+            cmd.target_replicas,
+            f" ({cmd.reason})" if cmd.reason else "",
+            detail,
+        )
+        await self._channel.send(Ack(env.seq, detail))
+        await self._announce()  # the new target (and any replica now draining)
 
     async def _on_ack(self, env: Envelope) -> None:
         assert isinstance(env.body, Ack)

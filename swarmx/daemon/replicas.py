@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
+import itertools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import psutil
@@ -20,7 +22,7 @@ from swarmx.backends.base import Backend, CallOutcome, CallRequest
 from swarmx.backends.tools import ToolRunner
 from swarmx.clock import Clock
 from swarmx.config import NodeConfig, ReplicaConfig
-from swarmx.protocol import Dispatch, ReplicaInfo, ReplicaRuntime, Result
+from swarmx.protocol import Dispatch, ReplicaInfo, ReplicaPool, ReplicaRuntime, Result
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,22 @@ def make_backend(cfg: ReplicaConfig, clock: Clock) -> Backend:
     return EmulatedServer(cfg, clock)
 
 
+def _device(rc: ReplicaConfig) -> str:
+    return f"emulated:{rc.gpu}" if rc.backend == "emulated" else rc.device
+
+
+def _finished(replica: Replica) -> None:
+    replica.pending -= 1
+    if replica.pending == 0:
+        replica.idle.set()
+
+
+def _index(replica: str) -> int:
+    """``node/model#3`` -> 3."""
+    tail = replica.rpartition("#")[2]
+    return int(tail) if tail.isdigit() else -1
+
+
 @dataclass
 class Replica:
     info: ReplicaInfo
@@ -55,6 +73,13 @@ class Replica:
     recent_latencies_s: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=RECENT_LATENCIES)
     )
+    pending: int = 0
+    """Calls submitted and not finished (counted from submission, before they queue)."""
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set while ``pending`` is 0 (a drain waits on it)."""
+
+    def __post_init__(self) -> None:
+        self.idle.set()
 
     def runtime(self) -> ReplicaRuntime:
         m = self.backend.metrics()
@@ -72,18 +97,63 @@ class Replica:
         )
 
 
+class ScaleError(ValueError):
+    """A scale command this node cannot carry out; ``code`` goes into the `Error` reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class _Pool:
+    """The replicas of one model and backend: what the node may scale."""
+
+    template: ReplicaConfig
+    device: str
+    declared: int
+    max_count: int
+    starting: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.template.model, self.template.backend
+
+
+Changed = Callable[[], Awaitable[object]]
+
+
 class ReplicaSet:
-    def __init__(self, cfg: NodeConfig, clock: Clock) -> None:
+    def __init__(self, cfg: NodeConfig, clock: Clock, on_change: Changed | None = None) -> None:
+        self.node = cfg.name
         self.clock = clock
+        self.on_change = on_change
+        """Awaited after a replica started by `scale` is ready or a drained one has closed (the
+        node announces its new replica list)."""
         self.replicas: dict[str, Replica] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._configs: list[tuple[ReplicaInfo, Callable[[], Backend]]] = []
+        self._pools: dict[tuple[str, str], _Pool] = {}
+        self._lifecycle: set[asyncio.Task[None]] = set()
+        """Replica start and drain tasks (cancelled on close)."""
+        per_model: collections.Counter[str] = collections.Counter()
         for rc in cfg.replicas:
-            device = f"emulated:{rc.gpu}" if rc.backend == "emulated" else rc.device
-            for i in range(rc.count):
+            device = _device(rc)
+            pool = self._pools.get((rc.model, rc.backend))
+            if pool is None:
+                self._pools[(rc.model, rc.backend)] = _Pool(rc, device, rc.count, rc.scale_max)
+            else:  # a second entry for the same model and backend adds to the first's pool
+                pool.declared += rc.count
+                pool.max_count += rc.scale_max
+            for _ in range(rc.count):
                 info = ReplicaInfo(
-                    f"{cfg.name}/{rc.model}#{i}", rc.model, rc.backend, device, rc.concurrency
+                    f"{cfg.name}/{rc.model}#{per_model[rc.model]}",
+                    rc.model,
+                    rc.backend,
+                    device,
+                    rc.concurrency,
                 )
+                per_model[rc.model] += 1
                 self._configs.append((info, functools.partial(make_backend, rc, clock)))
         slots = (psutil.cpu_count() or 1) if cfg.tool_slots == -1 else cfg.tool_slots
         if slots > 0:
@@ -100,18 +170,144 @@ class ReplicaSet:
             except Exception as exc:  # any backend's start failure: keep the node serving
                 log.error("replica %s (%s) failed to start: %s", info.replica, info.backend, exc)
                 return
-            self.replicas[info.replica] = Replica(
-                info, backend, asyncio.Semaphore(info.concurrency)
-            )
-            log.info(
-                "replica %s ready (%s on %s, %d slots)",
-                info.replica,
-                info.backend,
-                info.device,
-                info.concurrency,
-            )
+            self._add(info, backend)
 
         await asyncio.gather(*(one(info, factory) for info, factory in self._configs))
+
+    def _add(self, info: ReplicaInfo, backend: Backend) -> None:
+        self.replicas[info.replica] = Replica(info, backend, asyncio.Semaphore(info.concurrency))
+        log.info(
+            "replica %s ready (%s on %s, %d slots)",
+            info.replica,
+            info.backend,
+            info.device,
+            info.concurrency,
+        )
+
+    # --- scaling ----------------------------------------------------------------------------
+
+    def _serving(self, pool: _Pool) -> list[Replica]:
+        """The pool's ready replicas that are not draining."""
+        return [
+            r
+            for r in self.replicas.values()
+            if (r.info.model, r.info.backend) == pool.key and not r.info.draining
+        ]
+
+    def _target(self, pool: _Pool) -> int:
+        return len(self._serving(pool)) + len(pool.starting)
+
+    def pools(self) -> list[ReplicaPool]:
+        return [
+            ReplicaPool(
+                pool.template.model,
+                pool.template.backend,
+                pool.device,
+                pool.template.concurrency,
+                pool.declared,
+                pool.max_count,
+                self._target(pool),
+                pool.template.startup_delay_s,
+            )
+            for _, pool in sorted(self._pools.items())
+        ]
+
+    def scale(self, model: str, backend: str, target: int, remove: Sequence[str] = ()) -> str:
+        """Start or stop replicas of ``model`` until ``target`` run or are starting; returns
+        what it does, in words. Scale-down cancels replicas still starting (newest first), then
+        drains ``remove``, then the least busy; a drained replica closes once its calls are
+        done. Raises `ScaleError` for a model this node cannot scale or a target out of range."""
+        pool = self._pools.get((model, backend))
+        if pool is None:
+            known = ", ".join(f"{m} ({b})" for m, b in sorted(self._pools)) or "none"
+            raise ScaleError(
+                "unknown_model",
+                f"node {self.node} declares no {backend} replicas of {model!r}"
+                f" (scalable here: {known})",
+            )
+        if not 0 <= target <= pool.max_count:
+            raise ScaleError(
+                "out_of_range",
+                f"{model}: target {target} outside 0..{pool.max_count} (max_count) on {self.node}",
+            )
+        current = self._target(pool)
+        if target > current:
+            names = self._new_names(model, target - current)
+            for name in names:
+                task = asyncio.create_task(self._start_one(pool, name), name=f"start {name}")
+                pool.starting[name] = task
+                self._track(task)
+            return f"starting {', '.join(names)}"
+        excess = current - target
+        done: list[str] = []
+        for name in sorted(pool.starting, key=_index, reverse=True)[:excess]:
+            pool.starting.pop(name).cancel()
+            done.append(f"cancelled {name}")
+        excess -= len(done)
+        serving = {r.info.replica: r for r in self._serving(pool)}
+        chosen = [serving[n] for n in dict.fromkeys(remove) if n in serving][:excess]
+        rest = sorted(
+            (r for n, r in serving.items() if r not in chosen),
+            key=lambda r: (r.pending, -_index(r.info.replica)),
+        )
+        chosen += rest[: excess - len(chosen)]
+        for replica in chosen:
+            replica.info = dataclasses.replace(replica.info, draining=True)
+            self._track(asyncio.create_task(self._drain(replica), name=f"drain {replica.info}"))
+            done.append(f"draining {replica.info.replica} ({replica.pending} calls left)")
+        return "; ".join(done) or "nothing to do"
+
+    def _new_names(self, model: str, n: int) -> list[str]:
+        taken = {_index(r) for r in self.replicas if r.startswith(f"{self.node}/{model}#")}
+        for pool in self._pools.values():
+            if pool.template.model == model:
+                taken |= {_index(r) for r in pool.starting}
+        free = (i for i in itertools.count() if i not in taken)
+        return [f"{self.node}/{model}#{next(free)}" for _ in range(n)]
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._lifecycle.add(task)
+        task.add_done_callback(self._lifecycle.discard)
+
+    async def _changed(self) -> None:
+        if self.on_change is not None:
+            await self.on_change()
+
+    async def _start_one(self, pool: _Pool, name: str) -> None:
+        rc = pool.template
+        info = ReplicaInfo(name, rc.model, rc.backend, pool.device, rc.concurrency)
+        backend: Backend | None = None
+        try:
+            backend = make_backend(rc, self.clock)
+            await backend.start()
+            if rc.startup_delay_s > 0:
+                await self.clock.sleep(rc.startup_delay_s)
+        except asyncio.CancelledError:
+            if backend is not None:
+                await backend.close()
+            log.info("replica %s: start cancelled", name)
+            raise
+        except Exception as exc:  # a failed start lowers the target; the scheduler sees it
+            log.error("replica %s (%s) failed to start: %s", name, rc.backend, exc)
+            pool.starting.pop(name, None)
+            if backend is not None:
+                await backend.close()
+            await self._changed()
+            return
+        pool.starting.pop(name, None)
+        self._add(info, backend)
+        await self._changed()
+
+    async def _drain(self, replica: Replica) -> None:
+        name = replica.info.replica
+        log.info("replica %s draining: %d calls to finish", name, replica.pending)
+        await replica.idle.wait()
+        self.replicas.pop(name, None)
+        await replica.backend.close()
+        log.info("replica %s stopped", name)
+        await self._changed()
+
+    # --- calls ------------------------------------------------------------------------------
 
     def infos(self) -> list[ReplicaInfo]:
         return [r.info for r in sorted(self.replicas.values(), key=lambda r: r.info.replica)]
@@ -121,9 +317,14 @@ class ReplicaSet:
 
     def submit(self, dispatch: Dispatch, reply: Callable[[Result], Awaitable[object]]) -> None:
         """Run the call in the background and ``reply`` with its result (unless cancelled)."""
-        task = asyncio.create_task(self._run(dispatch, reply), name=dispatch.call_id)
+        replica = self.replicas.get(dispatch.replica)
+        task = asyncio.create_task(self._run(dispatch, reply, replica), name=dispatch.call_id)
         self._tasks[dispatch.call_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(dispatch.call_id, None))
+        if replica is not None:  # counted now, so a drain that starts next waits for it
+            replica.pending += 1
+            replica.idle.clear()
+            task.add_done_callback(lambda _: _finished(replica))
 
     def cancel(self, call_ids: list[str]) -> int:
         cancelled = 0
@@ -134,8 +335,12 @@ class ReplicaSet:
                 cancelled += 1
         return cancelled
 
-    async def _run(self, d: Dispatch, reply: Callable[[Result], Awaitable[object]]) -> None:
-        replica = self.replicas.get(d.replica)
+    async def _run(
+        self,
+        d: Dispatch,
+        reply: Callable[[Result], Awaitable[object]],
+        replica: Replica | None,
+    ) -> None:
         if replica is None:
             await reply(
                 Result(
@@ -204,9 +409,9 @@ class ReplicaSet:
             return CallOutcome(False, "", f"{type(exc).__name__}: {exc}")
 
     async def close(self) -> None:
-        for task in list(self._tasks.values()):
+        for task in [*self._tasks.values(), *self._lifecycle]:
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*self._tasks.values(), *self._lifecycle, return_exceptions=True)
         await asyncio.gather(
             *(r.backend.close() for r in self.replicas.values()), return_exceptions=True
         )

@@ -19,8 +19,9 @@ from typing import Any
 from swarmx import __version__
 from swarmx.clock import Clock, ticks
 from swarmx.cluster import NodeTable
-from swarmx.config import PredictorConfig, SchedulerConfig
+from swarmx.config import PredictorConfig, RouterConfig, ScalerConfig, SchedulerConfig
 from swarmx.daemon.lifecycle import SystemdNotifier, run_until_stopped
+from swarmx.daemon.scaling import ScaleController
 from swarmx.daemon.workflows import WorkflowService
 from swarmx.models.online import OnlineLearner
 from swarmx.protocol import (
@@ -46,7 +47,8 @@ from swarmx.protocol import (
     TracesReply,
     WorkflowsReply,
 )
-from swarmx.sched.router import LeastOutstanding
+from swarmx.sched.router import make_router
+from swarmx.sched.scaler import Scaler, make_scaler
 from swarmx.schema import decode
 from swarmx.store import Store
 from swarmx.transport import RouterChannel, bind_router
@@ -59,6 +61,8 @@ STATE_FILE = "scheduler.json"
 """Written to the state directory once bound: the real endpoint (useful with port 0) and pid."""
 
 SWEEP_INTERVAL_S = 0.1
+SCALE_REFUSALS = {"unknown_model", "out_of_range"}
+"""Error codes a node answers a scale command it cannot carry out with."""
 
 Handler = Callable[[bytes, Envelope], Awaitable[None]]
 
@@ -83,19 +87,27 @@ class SchedulerDaemon:
         clock: Clock,
         notifier: SystemdNotifier | None = None,
         predictor: PredictorConfig | None = None,
+        *,
+        router: RouterConfig | None = None,
+        scaler: ScalerConfig | None = None,
     ) -> None:
         self.cfg = cfg
         self.predictor_cfg = predictor or PredictorConfig()
+        self.router_cfg = router or RouterConfig()
+        self.scaler_cfg = scaler or ScalerConfig()
         self.clock = clock
         self.notifier = notifier or SystemdNotifier()
         self.nodes = NodeTable(cfg.stale_after_missed, cfg.down_after_missed)
         self._started_mono = clock.monotonic()
         self._channel: RouterChannel | None = None
         self.workflows: WorkflowService | None = None
+        self.scaling: ScaleController | None = None
         self.learner: OnlineLearner | None = None
         self.handler_errors = 0
         self._handlers: dict[type[Message], Handler] = {
             Hello: self._on_hello,
+            Ack: self._on_node_ack,
+            Error: self._on_node_error,
             Heartbeat: self._on_heartbeat,
             Telemetry: self._on_telemetry,
             Result: self._on_result,
@@ -116,13 +128,30 @@ class SchedulerDaemon:
         with _exclusive(state_dir / "scheduler.lock"):
             store = Store(state_dir / DB_FILE)
             self.learner = OnlineLearner(state_dir, self.predictor_cfg)
+            rc = self.router_cfg
             self.workflows = WorkflowService(
                 store,
-                LeastOutstanding(),
+                make_router(rc.policy, seed=rc.seed, level=rc.level),
                 self.nodes,
                 self.clock,
                 self._send_to_node,
                 learner=self.learner,
+                order=rc.queue,
+                replica_queue=rc.replica_queue,
+            )
+            self.scaling = ScaleController(
+                self.scaler_cfg,
+                build_scaler(self.scaler_cfg),
+                self.workflows,
+                self.clock,
+                self._send_to_node,
+            )
+            log.info(
+                "router %s (queue %s), scaler %s every %gs",
+                rc.policy,
+                rc.queue,
+                self.scaling.scaler.name,
+                self.scaler_cfg.interval_s,
             )
             resumed = await self.workflows.recover()
             if resumed:
@@ -156,6 +185,8 @@ class SchedulerDaemon:
                     asyncio.create_task(self._sweep(), name="sweep"),
                     *self.notifier.start_watchdog(self.clock),
                 ]
+                if self.scaler_cfg.policy != "none":
+                    tasks.append(asyncio.create_task(self._scale(), name="scale"))
                 await run_until_stopped(stop, tasks)
             finally:
                 self.notifier.notify("STOPPING=1")
@@ -195,6 +226,18 @@ class SchedulerDaemon:
                 self.learner.poll()
                 self.learner.maybe_retrain()
 
+    async def _scale(self) -> None:
+        assert self.scaling is not None
+        first = True
+        async for _ in ticks(self.clock, self.scaler_cfg.interval_s):
+            if first:  # nothing has happened yet to decide on
+                first = False
+                continue
+            try:
+                await self.scaling.tick()
+            except Exception:  # a bad decision must not stop scaling for good
+                log.exception("scaling decision failed")
+
     async def _send_to_node(self, node: str, body: Message) -> bool:
         assert self._channel is not None
         return await self._channel.send(self.nodes.peer(node), body)
@@ -208,18 +251,29 @@ class SchedulerDaemon:
     async def _on_hello(self, peer: bytes, env: Envelope) -> None:
         hello = env.body
         assert isinstance(hello, Hello)
+        known = self.nodes.views(self.clock.monotonic()) if hello.node in self.nodes else []
+        before = next((v.hello for v in known if v.name == hello.node), None)
         change = self.nodes.register(hello, peer, self.clock.monotonic(), self.clock.time())
-        log.info(
-            "node %s registered (%s, pid %d, %d cores, %d GPUs, %d replicas)%s",
-            hello.node,
-            hello.host,
-            hello.pid,
-            hello.cpu_cores_logical,
-            len(hello.gpus),
-            len(hello.replicas),
-            "" if change is None or change.old is None else f", was {change.old}",
-        )
-        assert self.workflows is not None
+        if before is not None and (before.pid, before.started_ts) == (hello.pid, hello.started_ts):
+            log.info(
+                "node %s replicas: %s",
+                hello.node,
+                ", ".join(i.replica + (" (draining)" if i.draining else "") for i in hello.replicas)
+                or "none",
+            )
+        else:
+            log.info(
+                "node %s registered (%s, pid %d, %d cores, %d GPUs, %d replicas)%s",
+                hello.node,
+                hello.host,
+                hello.pid,
+                hello.cpu_cores_logical,
+                len(hello.gpus),
+                len(hello.replicas),
+                "" if change is None or change.old is None else f", was {change.old}",
+            )
+        assert self.workflows is not None and self.scaling is not None
+        self.scaling.on_hello(hello)
         await self.workflows.on_hello(hello)
         await self._reply(peer, Ack(env.seq, "registered"))
 
@@ -235,6 +289,27 @@ class SchedulerDaemon:
 
     async def _unregistered(self, peer: bytes, env: Envelope) -> None:
         await self._reply(peer, Error(env.seq, "unregistered", f"unknown node {env.sender!r}"))
+
+    async def _on_node_ack(self, peer: bytes, env: Envelope) -> None:
+        """A node accepted a command (a scale command: what it does, in words)."""
+        if await self._seen(peer, env):
+            assert isinstance(env.body, Ack)
+            if env.body.detail:
+                log.debug("node %s: %s", env.sender, env.body.detail)
+
+    async def _on_node_error(self, peer: bytes, env: Envelope) -> None:
+        """A node refused a frame; nothing is answered (an error never answers an error)."""
+        assert isinstance(env.body, Error)
+        if await self._seen(peer, env):
+            log.warning(
+                "node %s refused frame %d: %s: %s",
+                env.sender,
+                env.body.ref_seq,
+                env.body.code,
+                env.body.message,
+            )
+            if env.body.code in SCALE_REFUSALS and self.scaling is not None:
+                await self.scaling.on_refused(env.sender)
 
     async def _on_heartbeat(self, peer: bytes, env: Envelope) -> None:
         if not await self._seen(peer, env):
@@ -324,6 +399,11 @@ class SchedulerDaemon:
             bad_frames=dict(self._channel.stats.dropped),
         )
         await self._reply(peer, NodesReply(info, self.nodes.views(self.clock.monotonic())))
+
+
+def build_scaler(cfg: ScalerConfig) -> Scaler:
+    """The configured policy (its options were checked when the config was loaded)."""
+    return make_scaler(cfg.policy, **cfg.options)
 
 
 @contextlib.contextmanager

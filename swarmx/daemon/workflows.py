@@ -9,10 +9,13 @@ keeps the journal, builds forecasts and traces, and turns instructions into mess
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
+import math
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from swarmx.clock import Clock
 from swarmx.cluster import NodeTable
@@ -25,6 +28,7 @@ from swarmx.protocol import (
     Dispatch,
     Hello,
     Message,
+    ReplicaPool,
     Result,
     StepView,
     Submit,
@@ -33,6 +37,7 @@ from swarmx.protocol import (
 )
 from swarmx.sched.dispatch import TOOL_POOL, Assign, Dispatcher, QueueOrder, Ticket
 from swarmx.sched.router import ReplicaView, Router
+from swarmx.sched.slack import critical_paths, finish_by_s, slack_s
 from swarmx.schema import encode
 from swarmx.store import Store, WorkflowRow
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
@@ -46,9 +51,16 @@ from swarmx.workflow.engine import (
     replay,
 )
 from swarmx.workflow.engine import CancelCalls as EngineCancel
-from swarmx.workflow.spec import WorkflowError, WorkflowSpec, parse_workflow
+from swarmx.workflow.spec import (
+    StepSpec,
+    WorkflowError,
+    WorkflowSpec,
+    parse_workflow,
+    split_items,
+)
 
 log = logging.getLogger(__name__)
+K = TypeVar("K")
 
 Send = Callable[[str, Message], Awaitable[bool]]
 """Send a message to a node by name; False if it could not leave."""
@@ -68,6 +80,10 @@ class _Inflight:
     prefix_share: float
     pred: LatencyDist | None
     predictor: str
+    completion: LatencyDist | None = None
+    """The router's predicted completion time (wait + service), where it made one."""
+    budget_s: float | None = None
+    """Deadline of the call minus its arrival, for calls of workflows with an SLO."""
 
 
 class WorkflowService:
@@ -103,18 +119,45 @@ class WorkflowService:
         self._bytes_per_token: dict[str, float] = {}
         """Per model, prompt bytes per token as its server counts them: estimates tokens at
         dispatch on the same scale the traces record after the call."""
+        self.draining: dict[str, str] = {}
+        """Replicas being stopped by a scale-down (-> their node): they finish the calls they
+        have and get no new ones."""
+        self.pools: dict[str, list[ReplicaPool]] = {}
+        """Per node, the models it can scale (from its latest hello)."""
+        self._submitted: dict[str, float] = {}
+        """Submission time of each running workflow (its SLO counts from there)."""
+        self._step_s: dict[tuple[str, str], float] = {}
+        """EWMA of the service time of each (workflow name, step), from finished calls."""
+        self._model_s: dict[str, float] = {}
+        """EWMA of the service time of each pool's calls."""
+        self._step_forecasts: dict[tuple[str, str], tuple[float, LatencyDist]] = {}
+        """(workflow name, step) -> (when, the step's service forecast), see `step_service`."""
+        self._fan: dict[tuple[str, str], float] = {}
+        """EWMA of how many instances each dynamic fan-out (workflow name, step) expanded to."""
+        self._preds: collections.OrderedDict[
+            str, tuple[dict[str, float] | None, dict[str, float] | None]
+        ] = collections.OrderedDict()
+        """Recent calls' forecasts (service, completion) for the step views; bounded."""
 
     # --- cluster membership -----------------------------------------------------------------
 
     async def on_hello(self, hello: Hello) -> None:
-        """A node (re)registered: its replica list replaces what we knew of it. Calls booked to a
-        replica it no longer serves are re-run elsewhere."""
+        """A node (re)registered, or its replicas changed: its replica list replaces what we knew
+        of it. Calls booked to a replica it no longer serves are re-run elsewhere; replicas that
+        are draining (`draining`) stay booked but get nothing new."""
         now = self.clock.time()
+        self.pools[hello.node] = list(hello.pools)
         served = {i.replica for i in hello.replicas}
         for view in self.dispatcher.views():
             if view.node == hello.node and view.replica not in served:
+                self.draining.pop(view.replica, None)
                 await self._lost(self.dispatcher.remove_replica(view.replica), view.replica)
+        known = {v.replica for v in self.dispatcher.views()}
         for info in hello.replicas:
+            if info.replica in self.draining:
+                if info.replica in known:
+                    self.dispatcher.set_live(info.replica, False, now)
+                continue  # a draining replica we never routed to: nothing will go there
             view = ReplicaView(
                 info.replica,
                 hello.node,
@@ -127,12 +170,25 @@ class WorkflowService:
             )
             await self._send_all(self.dispatcher.add_replica(view, now))
 
+    def refresh_live(self, replica: str) -> list[Assign]:
+        """Route new calls to a replica or not, as its node's state and `draining` say; returns
+        the assignments that allows (carry them out with `send_all`)."""
+        view = next((v for v in self.dispatcher.views() if v.replica == replica), None)
+        if view is None:
+            return []
+        live = replica not in self.draining and self.nodes.state(view.node) == "live"
+        return self.dispatcher.set_live(replica, live, self.clock.time())
+
+    async def send_all(self, assigns: list[Assign]) -> None:
+        await self._send_all(assigns)
+
     async def on_node_state(self, node: str, state: str) -> None:
         """Only replicas on live nodes get new calls."""
         now = self.clock.time()
         for view in self.dispatcher.views():
             if view.node == node:
-                await self._send_all(self.dispatcher.set_live(view.replica, state == "live", now))
+                live = state == "live" and view.replica not in self.draining
+                await self._send_all(self.dispatcher.set_live(view.replica, live, now))
 
     async def on_node_down(self, node: str) -> None:
         """Calls on a lost node are re-run elsewhere; this does not use up a step's retries."""
@@ -146,7 +202,9 @@ class WorkflowService:
             )
 
     def served_models(self) -> set[str]:
-        return {v.model for v in self.dispatcher.views()}
+        """Models some replica serves, or some node can start replicas of."""
+        scalable = {p.model for pools in self.pools.values() for p in pools if p.max_count > 0}
+        return {v.model for v in self.dispatcher.views()} | scalable
 
     async def _lost(self, call_ids: list[str], replica: str) -> None:
         for call_id in call_ids:
@@ -195,6 +253,7 @@ class WorkflowService:
         log.info("workflow %s (%s) submitted: %d steps", wf_id, spec.name, len(spec.steps))
         run = WorkflowRun(wf_id, spec)
         self.runs[wf_id] = run
+        self._submitted[wf_id] = self.clock.time()
         await self._execute(run, run.start())
         return wf_id
 
@@ -218,6 +277,7 @@ class WorkflowService:
                 continue
             run = replay(row.id, spec, self.store.outcomes(row.id))
             self.runs[row.id] = run
+            self._submitted[row.id] = row.submitted_ts
             for call in run.outstanding():
                 await self._submit_call(call)
             log.info("workflow %s resumed: %d calls to re-run", row.id, len(run.outstanding()))
@@ -277,9 +337,14 @@ class WorkflowService:
             prefix_share=f.prefix_share,
             pred=f.pred.as_dict() if f.pred else None,
             predictor=f.predictor,
+            pred_completion=f.completion.as_dict() if f.completion else None,
+            budget_s=f.budget_s,
         )
 
     def _learn(self, rec: TraceRecord) -> None:
+        if rec.ok:
+            _ewma(self._step_s, (rec.workflow_name, rec.step), rec.latency_s)
+            _ewma(self._model_s, TOOL_POOL if rec.kind == "tool" else rec.model, rec.latency_s)
         if rec.ok and rec.prompt_tokens > 0 and rec.kind != "tool":
             ratio = max(1, len(rec.prompt.encode())) / rec.prompt_tokens
             old = self._bytes_per_token.get(rec.model)
@@ -320,6 +385,7 @@ class WorkflowService:
     def _finished(self, run: WorkflowRun, fin: Finished) -> None:
         self.store.finish_workflow(run.id, fin.state, fin.reason, self.clock.time())
         self.runs.pop(run.id, None)
+        self._submitted.pop(run.id, None)
         self._turns.pop(run.id, None)
         self._last_prompt.pop(run.id, None)
         if self.learner is not None:
@@ -331,7 +397,134 @@ class WorkflowService:
     async def _submit_call(self, call: CallSpec) -> None:
         now = self.clock.time()
         self._ready_ts[call.call_id] = now
-        await self._send_all(self.dispatcher.submit(Ticket(call, now), now))
+        await self._send_all(self.dispatcher.submit(self._ticket(call, now), now))
+
+    # --- deadlines, slack and demand --------------------------------------------------------
+
+    def _ticket(self, call: CallSpec, now: float) -> Ticket:
+        """The call with its deadline and its workflow's slack, for workflows with an SLO.
+
+        The workflow must end by submission + ``slo_s``. What is predicted to run after this
+        call's step (the longest chain of unfinished steps waiting for it) must fit after the
+        call, so the call's deadline is the workflow's less that chain; the slack is the time to
+        spare if the remaining critical path, this step included, started now
+        (`swarmx.sched.slack`)."""
+        run = self.runs.get(call.workflow_id)
+        if run is None:
+            return Ticket(call, now)
+        self._note_fan_out(run, call)
+        slo = run.spec.slo_s
+        submitted = self._submitted.get(run.id)
+        if slo is None or submitted is None:
+            return Ticket(call, now)
+        end = submitted + slo
+        paths = self.critical_paths(run)
+        deadline = finish_by_s(run.spec, paths, call.step_id, end)
+        own = paths.get(call.step_id, 0.0)
+        return Ticket(call, now, deadline, slack_s(end, now, own))
+
+    def critical_paths(self, run: WorkflowRun) -> dict[str, float]:
+        """Per unfinished step, the predicted time from its start to the end of the workflow."""
+        return critical_paths(
+            run.spec,
+            run.outputs.keys(),
+            lambda step: self.step_service(run, step),
+            lambda step: math.ceil(self.fan_estimate(run, step)),
+        )
+
+    def step_service(self, run: WorkflowRun, step: StepSpec) -> LatencyDist:
+        """The predicted service time of a typical call of a step: the live predictor asked
+        about the step (its prompt template as the prompt) on an idle replica of its model,
+        cached for a few seconds; else the recent forecasts of its model's calls; else what its
+        calls took; else nothing (0 s)."""
+        key = (run.spec.name, step.id)
+        now = self.clock.monotonic()
+        hit = self._step_forecasts.get(key)
+        if hit is not None and now - hit[0] < STEP_FORECAST_TTL_S:
+            return hit[1]
+        pool = TOOL_POOL if step.kind == "tool" else step.model
+        dist = self._forecast_step(run, step, pool) or self.dispatcher.typical_service(pool)
+        if dist is None:
+            seen = self._step_s.get(key, self._model_s.get(pool))
+            dist = _NOTHING if seen is None else LatencyDist.lognormal(seen, 0.5, (0.5, 0.9, 0.99))
+        self._step_forecasts[key] = (now, dist)
+        return dist
+
+    def _forecast_step(self, run: WorkflowRun, step: StepSpec, pool: str) -> LatencyDist | None:
+        forecaster = self.dispatcher.forecaster
+        views = self.dispatcher.views(pool)
+        if forecaster is None or not views:
+            return None
+        idle = dataclasses.replace(min(views, key=lambda v: v.outstanding), outstanding=0, work=())
+        call = CallSpec(  # the step as a call of this workflow, its prompt still a template
+            f"{run.id}:{step.id}:~",
+            run.id,
+            step.id,
+            None,
+            1,
+            step.kind,
+            step.model,
+            step.prompt if step.kind != "tool" else " ".join(step.command),
+            step.max_tokens if step.kind == "llm" else 0,
+            dict(step.inputs),
+            list(step.command),
+            step.timeout_s,
+            list(step.after),
+        )
+        try:
+            return forecaster.service(call, [idle])[0]
+        except Exception:  # a forecast is an estimate: never let it stop a submission
+            log.exception("forecast of step %s failed", step.id)
+            return None
+
+    def fan_estimate(self, run: WorkflowRun, step: StepSpec) -> float:
+        """Calls a step makes: 1, its fixed fan-out, the expansion once known; for a dynamic
+        fan-out not expanded yet, the average of its past expansions, else its ``max``."""
+        fan = step.fan_out
+        if fan is None:
+            return 1.0
+        if step.id in run.instances:
+            return float(len(run.instances[step.id]))
+        if fan.source is None:
+            return float(fan.count or 1)
+        if fan.source in run.outputs:
+            return float(len(split_items(run.outputs[fan.source], fan)))
+        return self._fan.get((run.spec.name, step.id), float(fan.max))
+
+    def _note_fan_out(self, run: WorkflowRun, call: CallSpec) -> None:
+        fan = run.spec.step(call.step_id).fan_out
+        if fan is not None and fan.source is not None and call.index == 0 and call.attempt == 1:
+            n = len(run.instances.get(call.step_id, ()))
+            _ewma(self._fan, (run.spec.name, call.step_id), float(n), alpha=0.2)
+
+    def budget(self, model: str) -> float | None:
+        """The tightest time allowed (deadline - arrival) to this model's calls waiting or in
+        flight: the tail latency target the scaler sizes the pool for; None without SLOs."""
+        budgets = [
+            t.deadline_s - t.arrived_s
+            for t in self.dispatcher.queued_tickets()
+            if t.deadline_s is not None and _pool(t.call) == model
+        ]
+        budgets += [
+            f.budget_s
+            for f in self._inflight.values()
+            if f.budget_s is not None and _pool(f.call) == model
+        ]
+        return max(min(budgets), 1e-3) if budgets else None
+
+    def expected_calls(self, model: str) -> int:
+        """Calls of this model the running workflows will release next: steps not started whose
+        dependencies have started, at their fan-out estimate."""
+        total = 0.0
+        for run in self.runs.values():
+            for step in run.spec.steps:
+                if step.id in run.instances or (step.kind == "tool") != (model == TOOL_POOL):
+                    continue
+                if step.kind != "tool" and step.model != model:
+                    continue
+                if all(d in run.instances for d in step.after):
+                    total += self.fan_estimate(run, step)
+        return round(total)
 
     def _query(self, call: CallSpec) -> Query:
         """What the predictor knows of the call before placing it (the replica's device and load
@@ -376,7 +569,10 @@ class WorkflowService:
             share,
             a.service,
             self.learner.live.version if self.learner is not None and a.service else "",
+            a.completion,
+            None if a.ticket.deadline_s is None else a.ticket.deadline_s - a.ticket.arrived_s,
         )
+        self._remember_preds(call.call_id, f)
         self._turns[call.workflow_id] += 1
         self._inflight[call.call_id] = f
         self.store.call_dispatched(call, view.node, view.replica, now)
@@ -406,6 +602,14 @@ class WorkflowService:
                 ),
                 None,
             )
+
+    def _remember_preds(self, call_id: str, f: _Inflight) -> None:
+        self._preds[call_id] = (
+            f.pred.as_dict() if f.pred else None,
+            f.completion.as_dict() if f.completion else None,
+        )
+        while len(self._preds) > MAX_REMEMBERED_PREDS:
+            self._preds.popitem(last=False)
 
     async def _cancel_calls(self, call_ids: list[str]) -> None:
         by_node: dict[str, list[str]] = collections.defaultdict(list)
@@ -444,6 +648,7 @@ class WorkflowService:
         latest: dict[tuple[str, int | None], StepView] = {}
         for c in calls:
             label = c.step_id if c.idx is None else f"{c.step_id}[{c.idx}]"
+            pred, completion = self._preds.get(c.call_id, (None, None))
             latest[(c.step_id, c.idx)] = StepView(
                 label,
                 c.step_id,
@@ -458,6 +663,8 @@ class WorkflowService:
                 c.output_tokens,
                 c.error,
                 c.output if detailed else "",
+                pred,
+                completion,
             )
         steps: list[StepView] = []
         for step in spec.steps if spec else []:
@@ -487,6 +694,21 @@ class WorkflowService:
     def recent(self, limit: int) -> list[WorkflowView]:
         views = (self.view(r.id, detailed=False) for r in self.store.workflows(limit=limit))
         return [v for v in views if v is not None]
+
+
+STEP_FORECAST_TTL_S = 5.0
+_NOTHING = LatencyDist((0.5,), (0.0,))
+MAX_REMEMBERED_PREDS = 20_000
+"""Calls whose forecasts the step views show (older ones: see the traces)."""
+
+
+def _pool(call: CallSpec) -> str:
+    return TOOL_POOL if call.kind == "tool" else call.model
+
+
+def _ewma(table: dict[K, float], key: K, value: float, alpha: float = 0.1) -> None:
+    old = table.get(key)
+    table[key] = value if old is None else (1 - alpha) * old + alpha * value
 
 
 def _gpu_type(device: str) -> str:

@@ -4,6 +4,7 @@ from swarmx.config import (
     DEFAULT_SCHEDULER,
     Config,
     ConfigError,
+    ReplicaConfig,
     check_address,
     load_config,
     override,
@@ -84,6 +85,58 @@ level = "debug"
         ("[scheduler]\ndown_after_missed = 2\n", r"scheduler.down_after_missed: must be greater"),
         ('[log]\nlevel = "loud"\n', r"log.level: must be one of"),
         ("[scheduler\n", r"swarmx.toml: invalid TOML"),
+        ('[router]\npolicy = "fastest"\n', r"swarmx.toml:2: router.policy: must be one of"),
+        ('[router]\nqueue = "lifo"\n', r"swarmx.toml:2: router.queue: must be one of 'fifo'"),
+        ("[router]\n\nlevel = 1.5\n", r"swarmx.toml:3: router.level: must be in \(0.5, 1\)"),
+        ("[router]\nreplica_queue = -1\n", r"swarmx.toml:2: router.replica_queue: must be >= 0"),
+        ("[router]\npolcy = 1\n", r"swarmx.toml:2: router.polcy: unknown key"),
+        ('[scaler]\npolicy = "magic"\n', r"swarmx.toml:2: scaler.policy: must be one of 'none'"),
+        ("[scaler]\ninterval_s = 0\n", r"swarmx.toml:2: scaler.interval_s: must be > 0"),
+        (
+            "[scaler]\nmin_replicas = { lm = -1 }\n",
+            r"swarmx.toml:2: scaler.min_replicas.lm: must be >= 0",
+        ),
+        (
+            "[scaler]\nmin_replicas = { lm = 3 }\nmax_replicas = { lm = 2 }\n",
+            r"swarmx.toml:3: scaler.max_replicas.lm: must be >= 1 and >= min_replicas \(3\)",
+        ),
+        (
+            "[scaler]\nmax_replicas = { lm = 0 }\n",
+            r"swarmx.toml:2: scaler.max_replicas.lm: must be >= 1",
+        ),
+        (
+            '[scaler]\nmin_replicas = { lm = "two" }\n',
+            r"swarmx.toml:2: scaler.min_replicas.lm: expected an integer, got str",
+        ),
+        (
+            '[[node.replicas]]\nmodel = "lm"\nbackend = "emulated"\ncount = 2\nmax_count = 1\n',
+            r"swarmx.toml:5: node.replicas\[0\].max_count: must be >= count \(2\), got 1",
+        ),
+        (
+            '[[node.replicas]]\nmodel = "lm"\nbackend = "openai"\nurl = "http://h/v1"\n'
+            "max_count = 2\n",
+            r"node.replicas\[0\].max_count: openai replicas cannot be started by the node",
+        ),
+        (
+            '[scaler]\npolicy = "threshold"\noptions = { target = 0.5, tolerence = 0.1 }\n',
+            r"swarmx.toml:3: scaler.options.tolerence: not an option of the 'threshold' scaler",
+        ),
+        (
+            '[scaler]\npolicy = "tail"\n\noptions = { level = 2.0 }\n',
+            r"swarmx.toml:4: scaler.options.level: level must be in \(0.5, 1\), got 2.0",
+        ),
+        (
+            '[scaler]\npolicy = "none"\noptions = { level = 0.9 }\n',
+            r"swarmx.toml:3: scaler.options.level: not an option of the 'none' scaler",
+        ),
+        (
+            "[scaler]\noptions = { level = [1] }\n",
+            r"swarmx.toml:2: scaler.options.level: expected",
+        ),
+        (
+            '[[node.replicas]]\nmodel = "lm"\nbackend = "emulated"\nstartup_delay_s = -1\n',
+            r"node.replicas\[0\].startup_delay_s: must be >= 0",
+        ),
         ("scheduler = 3\n", r"swarmx.toml:1: scheduler: expected a table, got int"),
     ],
 )
@@ -91,6 +144,70 @@ def test_errors_are_one_line_and_name_the_place(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_config(write(tmp_path, text))
     assert "\n" not in str(info.value)
+
+
+def test_router_and_scaler_sections(tmp_path):
+    cfg = load_config(
+        write(
+            tmp_path,
+            """
+[router]
+policy = "power_of_two"
+queue = "fifo"
+level = 0.9
+replica_queue = 2
+seed = 7
+
+[scaler]
+policy = "threshold"
+interval_s = 1.5
+min_replicas = { "tiny-lm" = 1 }
+max_replicas = { "tiny-lm" = 6, vision = 2 }
+options = { target = 0.5, down_window_s = 30 }
+
+[[node.replicas]]
+model = "tiny-lm"
+backend = "emulated"
+count = 2
+max_count = 5
+startup_delay_s = 0.5
+""",
+        )
+    )
+    r, s = cfg.router, cfg.scaler
+    assert (r.policy, r.queue, r.level, r.replica_queue, r.seed) == (
+        "power_of_two",
+        "fifo",
+        0.9,
+        2,
+        7,
+    )
+    assert (s.policy, s.interval_s) == ("threshold", 1.5)
+    assert s.min_replicas == {"tiny-lm": 1}
+    assert s.max_replicas == {"tiny-lm": 6, "vision": 2}
+    assert s.options == {"target": 0.5, "down_window_s": 30}
+    [rc] = cfg.node.replicas
+    assert (rc.max_count, rc.scale_max, rc.startup_delay_s) == (5, 5, 0.5)
+
+
+def test_routing_and_scaling_defaults():
+    cfg = Config()
+    assert (cfg.router.policy, cfg.router.queue, cfg.router.level) == ("tail", "slack", 0.95)
+    assert (cfg.router.replica_queue, cfg.scaler.policy, cfg.scaler.interval_s) == (0, "tail", 5.0)
+    assert cfg.scaler.min_replicas == cfg.scaler.max_replicas == cfg.scaler.options == {}
+
+
+@pytest.mark.parametrize(
+    ("backend", "extra", "count", "expected"),
+    [
+        ("emulated", {}, 2, 8),
+        ("torch", {}, 1, 4),
+        ("openai", {"url": "http://h/v1"}, 3, 3),
+    ],
+)
+def test_max_count_defaults(backend, extra, count, expected):
+    rc = ReplicaConfig("lm", backend, count=count, **extra)
+    assert rc.scale_max == expected
 
 
 def test_missing_file(tmp_path):

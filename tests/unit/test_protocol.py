@@ -27,6 +27,7 @@ from swarmx.protocol import (
     QueryPredictor,
     QueryWorkflows,
     ReplicaInfo,
+    ReplicaPool,
     ReplicaRuntime,
     Result,
     ScaleCommand,
@@ -66,11 +67,15 @@ HELLO = Hello(
     cpu_cores_physical=None,
     mem_total_bytes=1 << 34,
     gpus=[GpuInfo(0, "NVIDIA H100", "GPU-1", 80 << 30)],
-    replicas=[ReplicaInfo("r1", "llama", "torch", "cpu", 4)],
+    replicas=[
+        ReplicaInfo("r1", "llama", "torch", "cpu", 4),
+        ReplicaInfo("r2", "llama", "torch", "cpu", 4, draining=True),
+    ],
     heartbeat_interval_s=1.0,
     telemetry_interval_s=1.0,
     started_ts=1.5,
     labels={"zone": "a"},
+    pools=[ReplicaPool("llama", "torch", "cpu", 4, 1, 4, 2, 0.5)],
 )
 TELEMETRY = Telemetry(HOST, [GPU], [ReplicaRuntime("r1", "llama", 1, 2, 3, 0, [0.5])], 0.002)
 
@@ -82,6 +87,7 @@ SAMPLES = [
     Dispatch("c2", "w1", "t", "cpu", "tool", "", command=["pytest", "-q"], timeout_s=30.0),
     Result("c1", "r1", True, "out", "", 0.1, 1.2, 0.05, 3, 16),
     ScaleCommand("llama", "torch", 2, "tail risk"),
+    ScaleCommand("llama", "torch", 1, "idle", ["n1/llama#1"]),
     Ack(3, "registered"),
     Error(-1, "garbage", "bad"),
     CancelCalls(["wf-1:a:0:1"]),
@@ -103,7 +109,22 @@ SAMPLES = [
                 [
                     StepView(
                         "code[1]", "code", 1, "succeeded", 1, "n1", "n1/lm#0", 0.1, 1.2, 0.05, 64
-                    )
+                    ),
+                    StepView(
+                        "code[2]",
+                        "code",
+                        2,
+                        "running",
+                        1,
+                        "n1",
+                        "n1/lm#1",
+                        None,
+                        None,
+                        None,
+                        None,
+                        pred={"0.5": 1.0, "0.95": 2.5},
+                        pred_completion={"0.5": 1.4, "0.95": 3.0},
+                    ),
                 ],
                 {"review": "ok"},
             )
@@ -169,6 +190,21 @@ def _reason(data, **kw):
     with pytest.raises(ProtocolError) as info:
         decode_frame(data, **kw)
     return info.value.reason
+
+
+def test_an_older_peer_without_the_scaling_fields_still_decodes():
+    """Hellos and scale commands from before scaling: the new fields take their defaults."""
+    hello = encode_frame("n1", 1, 0.0, HELLO)
+    raw = msgpack.unpackb(hello)
+    del raw["body"]["pools"]
+    for r in raw["body"]["replicas"]:
+        del r["draining"]
+    body = decode_frame(msgpack.packb(raw)).body
+    assert body.pools == []
+    assert [r.draining for r in body.replicas] == [False, False]
+    raw = msgpack.unpackb(encode_frame("s", 2, 0.0, ScaleCommand("llama", "torch", 2)))
+    del raw["body"]["remove"]
+    assert decode_frame(msgpack.packb(raw)).body == ScaleCommand("llama", "torch", 2)
 
 
 def test_version_mismatch_is_refused():

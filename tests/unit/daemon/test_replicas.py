@@ -298,3 +298,188 @@ def test_close_cancels_calls_and_closes_backends():
     assert results == {}
     assert slow.closed
     assert (rt.queued, rt.inflight, rt.completed) == (0, 0, 0)
+
+
+# --- scaling ------------------------------------------------------------------------------------
+
+
+def scalable_config(count: int = 1, max_count: int | None = 3, delay_s: float = 0.0) -> NodeConfig:
+    lm = ReplicaConfig(
+        model="lm",
+        backend="emulated",
+        gpu="H100",
+        concurrency=1,
+        count=count,
+        max_count=max_count,
+        startup_delay_s=delay_s,
+    )
+    return NodeConfig(name="node", replicas=[lm], tool_slots=0, gpus="off")
+
+
+def serve_scaling(test, cfg: NodeConfig):
+    """Like `serve`, counting the replica-list changes the set announces."""
+
+    async def main():
+        changes = []
+
+        async def changed():
+            changes.append([(i.replica, i.draining) for i in rs.infos()])
+
+        rs = ReplicaSet(cfg, RealClock(), on_change=changed)
+        await rs.start()
+        try:
+            return await test(Node(rs), changes)
+        finally:
+            await rs.close()
+
+    return asyncio.run(main())
+
+
+def test_pools_describe_what_the_node_can_scale():
+    async def test(node, changes):
+        return node.rs.pools()
+
+    [pool] = serve_scaling(test, scalable_config(count=2, max_count=None))
+    assert (pool.model, pool.backend, pool.device, pool.concurrency) == (
+        "lm",
+        "emulated",
+        "emulated:H100",
+        1,
+    )
+    assert (pool.declared, pool.max_count, pool.target) == (2, 8, 2)  # max_count: 4 x count
+
+
+def test_scale_up_announces_a_new_replica_only_once_it_is_ready():
+    async def test(node, changes):
+        detail = node.rs.scale("lm", "emulated", 3)
+        starting = ([i.replica for i in node.rs.infos()], node.rs.pools()[0].target)
+        await asyncio.sleep(0.1)
+        not_yet = [i.replica for i in node.rs.infos()]
+        await node.until(lambda: len(changes) == 2, within_s=3)
+        node.submit(llm("c1", "node/lm#2"))
+        await node.until(lambda: "c1" in node.results)
+        return detail, starting, not_yet, changes, node.results["c1"], node.rs.pools()[0]
+
+    detail, starting, not_yet, changes, result, pool = serve_scaling(
+        test, scalable_config(delay_s=0.3)
+    )
+    assert detail == "starting node/lm#1, node/lm#2"
+    assert starting == (["node/lm#0"], 3)  # counted as starting, not listed
+    assert not_yet == ["node/lm#0"]  # the start-up delay holds the announcement back
+    assert sorted(changes[-1]) == [("node/lm#0", False), ("node/lm#1", False), ("node/lm#2", False)]
+    assert result.ok, result.error
+    assert pool.target == 3
+
+
+def test_scale_down_drains_the_named_replica_before_closing_it():
+    async def test(node, changes):
+        node.rs.scale("lm", "emulated", 2)
+        await node.until(lambda: len(node.rs.infos()) == 2)
+        slow = Slow()
+        node.rs.replicas[LM1].backend = slow
+        node.submit(llm("busy", LM1))
+        await node.until(lambda: slow.started == ["busy"])
+        changes.clear()
+        detail = node.rs.scale("lm", "emulated", 1, remove=[LM1])
+        during = [(i.replica, i.draining) for i in node.rs.infos()]
+        target = node.rs.pools()[0].target
+        await node.until(lambda: changes)
+        return detail, during, target, changes, node.results, slow
+
+    detail, during, target, changes, results, slow = serve_scaling(test, scalable_config())
+    assert detail == f"draining {LM1} (1 calls left)"
+    assert during == [(LM0, False), (LM1, True)]  # still listed, marked, while its call runs
+    assert target == 1
+    assert results["busy"].ok  # the call in flight finished: nothing lost
+    assert slow.closed
+    assert changes == [[(LM0, False)]]  # announced once it closed
+
+
+def test_scale_down_cancels_replicas_still_starting_first():
+    async def test(node, changes):
+        node.rs.scale("lm", "emulated", 3)
+        detail = node.rs.scale("lm", "emulated", 2)
+        await asyncio.sleep(0.5)
+        return detail, [i.replica for i in node.rs.infos()], node.rs.pools()[0].target
+
+    detail, listed, target = serve_scaling(test, scalable_config(delay_s=0.2))
+    assert detail == "cancelled node/lm#2"
+    assert listed == [LM0, LM1]
+    assert target == 2
+
+
+def test_scale_down_without_names_drains_the_least_busy():
+    async def test(node, changes):
+        node.rs.scale("lm", "emulated", 2)
+        await node.until(lambda: len(node.rs.infos()) == 2)
+        slow = Slow()
+        node.rs.replicas[LM0].backend = slow
+        node.submit(llm("busy", LM0))
+        await node.until(lambda: slow.started == ["busy"])
+        detail = node.rs.scale("lm", "emulated", 1)
+        await node.until(lambda: len(node.rs.infos()) == 1)
+        return detail, [i.replica for i in node.rs.infos()]
+
+    detail, listed = serve_scaling(test, scalable_config())
+    assert detail == f"draining {LM1} (0 calls left)"
+    assert listed == [LM0]
+
+
+@pytest.mark.parametrize(
+    ("model", "backend", "target", "code", "message"),
+    [
+        ("gpt", "emulated", 1, "unknown_model", "declares no emulated replicas of 'gpt'"),
+        ("lm", "torch", 1, "unknown_model", "scalable here: lm (emulated)"),
+        ("lm", "emulated", 4, "out_of_range", "target 4 outside 0..3 (max_count)"),
+        ("lm", "emulated", -1, "out_of_range", "target -1 outside 0..3"),
+    ],
+)
+def test_scale_commands_the_node_cannot_carry_out_are_refused(
+    model, backend, target, code, message
+):
+    async def test(node, changes):
+        with pytest.raises(replicas_mod.ScaleError) as info:
+            node.rs.scale(model, backend, target)
+        return info.value
+
+    err = serve_scaling(test, scalable_config())
+    assert err.code == code
+    assert message in str(err)
+
+
+def test_a_replica_that_fails_to_start_lowers_the_target(monkeypatch):
+    real = replicas_mod.make_backend
+    made = []
+
+    def make(cfg, clock):
+        made.append(cfg.model)
+        if len(made) > 1:
+            raise RuntimeError("out of memory")
+        return real(cfg, clock)
+
+    monkeypatch.setattr(replicas_mod, "make_backend", make)
+
+    async def test(node, changes):
+        node.rs.scale("lm", "emulated", 2)
+        await node.until(lambda: changes)
+        return node.rs.pools()[0].target, [i.replica for i in node.rs.infos()]
+
+    assert serve_scaling(test, scalable_config()) == (1, [LM0])
+
+
+def test_the_torch_backend_scales_too():
+    lm = ReplicaConfig(model="tiny", backend="torch", concurrency=1, max_count=2)
+    cfg = NodeConfig(name="node", replicas=[lm], tool_slots=0, gpus="off")
+
+    async def test(node, changes):
+        node.rs.scale("tiny", "torch", 2)
+        await node.until(lambda: changes, within_s=30)
+        node.submit(Dispatch("c1", "wf", "s", "node/tiny#1", "llm", "tiny", "hello", 4))
+        await node.until(lambda: "c1" in node.results, within_s=30)
+        node.rs.scale("tiny", "torch", 1, remove=["node/tiny#1"])
+        await node.until(lambda: len(changes) == 2, within_s=30)
+        return node.results["c1"], [i.replica for i in node.rs.infos()]
+
+    result, listed = serve_scaling(test, cfg)
+    assert result.ok, result.error
+    assert listed == ["node/tiny#0"]
