@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import math
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,8 +35,8 @@ from swarmx.protocol import (
     WorkflowView,
 )
 from swarmx.sched.dispatch import TOOL_POOL, Assign, Dispatcher, QueueOrder, Ticket
+from swarmx.sched.outlook import Outlook
 from swarmx.sched.router import ReplicaView, Router
-from swarmx.sched.slack import critical_paths, finish_by_s, slack_s
 from swarmx.schema import encode
 from swarmx.store import Store, WorkflowRow
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
@@ -56,7 +55,6 @@ from swarmx.workflow.spec import (
     WorkflowError,
     WorkflowSpec,
     parse_workflow,
-    split_items,
 )
 
 log = logging.getLogger(__name__)
@@ -132,8 +130,8 @@ class WorkflowService:
         """EWMA of the service time of each pool's calls."""
         self._step_forecasts: dict[tuple[str, str], tuple[float, LatencyDist]] = {}
         """(workflow name, step) -> (when, the step's service forecast), see `step_service`."""
-        self._fan: dict[tuple[str, str], float] = {}
-        """EWMA of how many instances each dynamic fan-out (workflow name, step) expanded to."""
+        self.outlook = Outlook(self.step_service)
+        """Deadlines, slack and fan-out estimates of the running workflows."""
         self._preds: collections.OrderedDict[
             str, tuple[dict[str, float] | None, dict[str, float] | None]
         ] = collections.OrderedDict()
@@ -402,35 +400,12 @@ class WorkflowService:
     # --- deadlines, slack and demand --------------------------------------------------------
 
     def _ticket(self, call: CallSpec, now: float) -> Ticket:
-        """The call with its deadline and its workflow's slack, for workflows with an SLO.
-
-        The workflow must end by submission + ``slo_s``. What is predicted to run after this
-        call's step (the longest chain of unfinished steps waiting for it) must fit after the
-        call, so the call's deadline is the workflow's less that chain; the slack is the time to
-        spare if the remaining critical path, this step included, started now
-        (`swarmx.sched.slack`)."""
+        """The call with its deadline and its workflow's slack (`swarmx.sched.outlook`)."""
         run = self.runs.get(call.workflow_id)
-        if run is None:
+        submitted = self._submitted.get(call.workflow_id)
+        if run is None or submitted is None:
             return Ticket(call, now)
-        self._note_fan_out(run, call)
-        slo = run.spec.slo_s
-        submitted = self._submitted.get(run.id)
-        if slo is None or submitted is None:
-            return Ticket(call, now)
-        end = submitted + slo
-        paths = self.critical_paths(run)
-        deadline = finish_by_s(run.spec, paths, call.step_id, end)
-        own = paths.get(call.step_id, 0.0)
-        return Ticket(call, now, deadline, slack_s(end, now, own))
-
-    def critical_paths(self, run: WorkflowRun) -> dict[str, float]:
-        """Per unfinished step, the predicted time from its start to the end of the workflow."""
-        return critical_paths(
-            run.spec,
-            run.outputs.keys(),
-            lambda step: self.step_service(run, step),
-            lambda step: math.ceil(self.fan_estimate(run, step)),
-        )
+        return self.outlook.ticket(run, call, submitted, now)
 
     def step_service(self, run: WorkflowRun, step: StepSpec) -> LatencyDist:
         """The predicted service time of a typical call of a step: the live predictor asked
@@ -477,54 +452,11 @@ class WorkflowService:
             log.exception("forecast of step %s failed", step.id)
             return None
 
-    def fan_estimate(self, run: WorkflowRun, step: StepSpec) -> float:
-        """Calls a step makes: 1, its fixed fan-out, the expansion once known; for a dynamic
-        fan-out not expanded yet, the average of its past expansions, else its ``max``."""
-        fan = step.fan_out
-        if fan is None:
-            return 1.0
-        if step.id in run.instances:
-            return float(len(run.instances[step.id]))
-        if fan.source is None:
-            return float(fan.count or 1)
-        if fan.source in run.outputs:
-            return float(len(split_items(run.outputs[fan.source], fan)))
-        return self._fan.get((run.spec.name, step.id), float(fan.max))
-
-    def _note_fan_out(self, run: WorkflowRun, call: CallSpec) -> None:
-        fan = run.spec.step(call.step_id).fan_out
-        if fan is not None and fan.source is not None and call.index == 0 and call.attempt == 1:
-            n = len(run.instances.get(call.step_id, ()))
-            _ewma(self._fan, (run.spec.name, call.step_id), float(n), alpha=0.2)
-
     def budget(self, model: str) -> float | None:
-        """The tightest time allowed (deadline - arrival) to this model's calls waiting or in
-        flight: the tail latency target the scaler sizes the pool for; None without SLOs."""
-        budgets = [
-            t.deadline_s - t.arrived_s
-            for t in self.dispatcher.queued_tickets()
-            if t.deadline_s is not None and _pool(t.call) == model
-        ]
-        budgets += [
-            f.budget_s
-            for f in self._inflight.values()
-            if f.budget_s is not None and _pool(f.call) == model
-        ]
-        return max(min(budgets), 1e-3) if budgets else None
+        return self.dispatcher.budget_s(model)
 
     def expected_calls(self, model: str) -> int:
-        """Calls of this model the running workflows will release next: steps not started whose
-        dependencies have started, at their fan-out estimate."""
-        total = 0.0
-        for run in self.runs.values():
-            for step in run.spec.steps:
-                if step.id in run.instances or (step.kind == "tool") != (model == TOOL_POOL):
-                    continue
-                if step.kind != "tool" and step.model != model:
-                    continue
-                if all(d in run.instances for d in step.after):
-                    total += self.fan_estimate(run, step)
-        return round(total)
+        return self.outlook.expected_calls(self.runs.values(), model)
 
     def _query(self, call: CallSpec) -> Query:
         """What the predictor knows of the call before placing it (the replica's device and load

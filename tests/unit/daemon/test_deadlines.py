@@ -155,12 +155,12 @@ def test_dynamic_fan_outs_are_estimated_from_their_max_then_their_history(tmp_pa
         wf = await c.submit(FAN)
         run = c.service.runs[wf]
         step = run.spec.step("each")
-        first = (c.service.fan_estimate(run, step), c.service.expected_calls("lm"))
+        first = (c.service.outlook.fan_estimate(run, step), c.service.expected_calls("lm"))
         await c.finish(c.sent[0].call_id, "x\ny")
-        known = c.service.fan_estimate(run, step)
+        known = c.service.outlook.fan_estimate(run, step)
         wf2 = await c.submit(FAN)
         run2 = c.service.runs[wf2]
-        return first, known, c.service.fan_estimate(run2, run2.spec.step("each"))
+        return first, known, c.service.outlook.fan_estimate(run2, run2.spec.step("each"))
 
     (unexpanded, expected), known, learned = asyncio.run(main())
     assert unexpanded == 5  # nothing known yet: the cap
