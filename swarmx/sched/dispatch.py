@@ -95,6 +95,8 @@ class PoolStats:
     service_log_q: list[float] | None = None
     """EWMA of the log-quantiles of recent service forecasts (a typical call's distribution)."""
     levels: tuple[float, ...] = ()
+    typical: LatencyDist | None = None
+    """``service_log_q`` as a distribution, built on demand (cleared by each update)."""
 
 
 class Dispatcher:
@@ -277,13 +279,17 @@ class Dispatcher:
             stats.service_log_q = [
                 (1 - alpha) * a + alpha * b for a, b in zip(stats.service_log_q, logs, strict=True)
             ]
+        stats.typical = None
 
     def typical_service(self, model: str) -> LatencyDist | None:
         """The recent forecasts of this model's calls, averaged quantile by quantile."""
         stats = self.pools.get(model)
         if stats is None or stats.service_log_q is None:
             return None
-        return LatencyDist(stats.levels, tuple(math.exp(v) for v in stats.service_log_q))
+        if stats.typical is None:
+            values = tuple(math.exp(v) for v in stats.service_log_q)
+            stats.typical = LatencyDist(stats.levels, values)
+        return stats.typical
 
     def take_arrivals(self, model: str) -> int:
         """Calls of ``model`` that arrived since the last call of this (for the scaler)."""

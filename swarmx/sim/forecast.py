@@ -74,7 +74,7 @@ def oracle_s(call: CallSpec, truth: CallTruth, rep: Replica) -> float:
 
 
 def _point(v: float) -> LatencyDist:
-    return LatencyDist(LEVELS, (v,) * len(LEVELS))
+    return LatencyDist.point(v, LEVELS)
 
 
 class SimForecaster:
