@@ -4,8 +4,14 @@
 - A background thread retrains (by call count and by time, sooner when calibration drifts):
   fine-tunes a copy of the live model on the buffer, or trains the first one once enough calls
   have been seen. Routing never waits for it.
+- After a shift (calibration drift detected), the learner adapts to the calls since it began:
+  it retrains at once, then every ``window_calls`` calls until ``retrain_every_calls`` of them
+  have been seen; a fine-tune fits those calls (all but the newest) plus as many older ones
+  (whole sessions drawn at random, so the old traffic is not forgotten), and is recalibrated on
+  the newest of the shift's calls it did not fit.
 - Guarded swap: the candidate replaces the live model only if its pinball loss on the most recent
-  calls, which it was not trained on, beats the live model's on the same calls.
+  calls, which it was not trained on, beats the live model's as served (with its online shift)
+  on the same calls.
 - Calibration: every quantile forecast at dispatch is checked against what happened. Each call
   nudges a per-level log-space correction (adaptive conformal inference), and when coverage over
   a sliding window drifts beyond sampling noise, the window's conformal correction applies at
@@ -19,6 +25,7 @@ import collections
 import json
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Sequence
@@ -37,6 +44,10 @@ log = logging.getLogger(__name__)
 
 ACI_GAIN = 0.02
 """Log-space step of the per-call coverage tracking: a miss at p=0.99 widens that quantile by 2%."""
+
+SHIFT_CAL_FRAC = 0.25
+"""After a shift, the newest share of its calls (before the held-out ones) that recalibrates a
+candidate instead of training it: the newest, as the traffic may still be moving."""
 
 
 class Predictor(Protocol):
@@ -74,6 +85,10 @@ class Monitor:
             self.residuals[p].append(math.log(max(actual_s, 1e-6)) - math.log(q))
             diff = actual_s - q
             self.losses[p].append(max(p * diff, (p - 1) * diff))
+
+    def calls(self) -> int:
+        """Calls in the window (of the level with the most)."""
+        return max((len(h) for h in self.hits.values()), default=0)
 
     def coverage(self) -> dict[float, float]:
         return {p: sum(h) / len(h) for p, h in self.hits.items() if h}
@@ -122,6 +137,39 @@ def _apply_shift(dist: LatencyDist, shift: dict[float, float]) -> LatencyDist:
     return LatencyDist(dist.levels, tuple(values))
 
 
+class _Served:
+    """A predictor with an online shift applied, as `OnlineLearner.forecast` serves it."""
+
+    def __init__(self, model: Predictor, shift: dict[float, float]) -> None:
+        self.model, self.shift = model, shift
+        self.version, self.kind = model.version, model.kind
+
+    @property
+    def levels(self) -> tuple[float, ...]:
+        return self.model.levels
+
+    def predict(self, queries: Sequence[Query]) -> list[LatencyDist]:
+        return [_apply_shift(d, self.shift) for d in self.model.predict(queries)]
+
+
+def _replay(records: Sequence[TraceRecord], n: int, seed: int) -> list[TraceRecord]:
+    """About ``n`` of ``records`` (at least ``n`` where there are that many): whole sessions drawn
+    at random, so each call keeps the session context it had; arrival order kept."""
+    if len(records) <= n:
+        return list(records)
+    sizes = collections.Counter(r.session_id for r in records)
+    sessions = sorted(sizes)
+    random.Random(seed).shuffle(sessions)
+    chosen: set[str] = set()
+    total = 0
+    for s in sessions:
+        if total >= n:
+            break
+        chosen.add(s)
+        total += sizes[s]
+    return [r for r in records if r.session_id in chosen]
+
+
 class OnlineLearner:
     def __init__(self, state_dir: Path, cfg: PredictorConfig | None = None) -> None:
         self.cfg = cfg or PredictorConfig()
@@ -143,6 +191,11 @@ class OnlineLearner:
         self._since_train = 0
         self._last_train_mono = time.monotonic()
         self._hurry = False
+        self._regime: int | None = None
+        """Calls observed since the current shift was detected; None when there is none (or it
+        has filled the buffer, which then holds nothing older)."""
+        self._regime_trained = 0
+        """``_regime`` when the last training run started."""
         self._lock = threading.Lock()
         self._candidate: tuple[Predictor, float, float] | None = None
         self._thread: threading.Thread | None = None
@@ -162,6 +215,10 @@ class OnlineLearner:
             return
         self.calls_seen += 1
         self._since_train += 1
+        if self._regime is not None:
+            self._regime += 1
+            if self._regime >= self.cfg.buffer_calls:
+                self._regime = None
         self.buffer.append(rec)
         self.fallback.observe(rec)
         self.sessions.observe(rec.session_id, rec.output_tokens, rec.latency_s)
@@ -170,6 +227,8 @@ class OnlineLearner:
             self.monitor.add(pred, rec.latency_s)
             self._track(pred, rec.latency_s)
             if drifted := self.monitor.drifted():
+                if self._regime is None:  # a new shift: its calls are the window's
+                    self._regime, self._regime_trained = self.monitor.calls(), 0
                 correction = self.monitor.correction(drifted)
                 self.shift = {p: self.shift.get(p, 0.0) + c for p, c in correction.items()}
                 log.warning(
@@ -191,15 +250,23 @@ class OnlineLearner:
                 miss = actual_s > q
                 self.shift[p] = self.shift.get(p, 0.0) + ACI_GAIN * (miss - (1 - p))
 
+    def _adapting(self) -> bool:
+        """Early in a shift: fewer of its calls than the regular retraining cadence, so it retrains
+        every ``window_calls`` calls."""
+        return self._regime is not None and self._regime < self.cfg.retrain_every_calls
+
     def due(self) -> bool:
         if self._thread is not None or len(self.buffer) < self.cfg.min_calls_to_train:
             return False
         if self.live is self.fallback or self._hurry:
             return self._since_train >= min(self.cfg.min_calls_to_train, 100) or self._hurry
-        return (
-            self._since_train >= self.cfg.retrain_every_calls
-            or time.monotonic() - self._last_train_mono >= self.cfg.retrain_every_s
-        )
+        regime = self._regime
+        if regime is not None and self._adapting():
+            return regime >= self._regime_trained + self.cfg.window_calls or self._time_due()
+        return self._since_train >= self.cfg.retrain_every_calls or self._time_due()
+
+    def _time_due(self) -> bool:
+        return time.monotonic() - self._last_train_mono >= self.cfg.retrain_every_s
 
     def maybe_retrain(self) -> bool:
         """Start a background training run if one is due; True if started."""
@@ -207,10 +274,15 @@ class OnlineLearner:
             return False
         records = list(self.buffer)
         base = None if self.live is self.fallback else self.live
+        recent = len(records) if self._regime is None else min(self._regime, len(records))
+        self._regime_trained = self._regime or 0
         self._since_train, self._hurry = 0, False
         self._last_train_mono = time.monotonic()
         self._thread = threading.Thread(
-            target=self._train, args=(records, base), name="swarmx-trainer", daemon=True
+            target=self._train,
+            args=(records, base, recent, dict(self.shift)),
+            name="swarmx-trainer",
+            daemon=True,
         )
         self._thread.start()
         return True
@@ -256,20 +328,41 @@ class OnlineLearner:
         self.monitor.clear()
         self._save(candidate)
 
-    def _train(self, records: list[TraceRecord], base: Predictor | None) -> None:
+    def _train(
+        self,
+        records: list[TraceRecord],
+        base: Predictor | None,
+        recent: int,
+        live_shift: dict[float, float],
+    ) -> None:
+        """Train a candidate on ``records`` (the buffer, oldest first) and judge it on the newest
+        ``holdout_frac`` of the ``recent`` calls (those of the current shift, if any)."""
         from swarmx.models.predictor import QuantilePredictor
         from swarmx.models.train import FeatureConfig, fine_tune, train
 
         try:
-            cut = int(len(records) * (1 - self.cfg.holdout_frac))
-            fit = records[:cut]
-            held_q, held_s = queries(records)[cut:], [r.latency_s for r in records[cut:]]
-            if isinstance(base, QuantilePredictor):
-                cand: QuantilePredictor = fine_tune(base, fit, epochs=self.cfg.fine_tune_epochs)
+            cut = len(records) - recent + int(recent * (1 - self.cfg.holdout_frac))
+            qs = queries(records)  # session contexts from the whole buffer
+            held_q, held_s = qs[cut:], [r.latency_s for r in records[cut:]]
+            older = len(records) - recent
+            fresh = records[older:cut]
+            if isinstance(base, QuantilePredictor) and older > 0 and fresh:
+                # A shift: fit its calls and as many older ones; calibrate on its newest.
+                split = older + max(1, int(len(fresh) * (1 - SHIFT_CAL_FRAC)))
+                fit = _replay(records[:older], split - older, self.calls_seen)
+                fit += records[older:split]
+                cand: QuantilePredictor = fine_tune(
+                    base, fit, epochs=self.cfg.fine_tune_epochs, cal_frac=0.0
+                )
+                if split < cut:
+                    cand.calibrate(qs[split:cut], [r.latency_s for r in records[split:cut]])
+            elif isinstance(base, QuantilePredictor):
+                cand = fine_tune(base, records[:cut], epochs=self.cfg.fine_tune_epochs)
             else:
-                cand, _ = train(fit, FeatureConfig(levels=self.levels))
-            cand.version = f"v{int(time.time())}-{len(records)}"
-            live = base if base is not None else self.fallback
+                cand, _ = train(records[:cut], FeatureConfig(levels=self.levels))
+            digest = cand.version.removeprefix("q-")[:6]
+            cand.version = f"v{int(time.time())}-{len(records)}-{digest}"
+            live = _Served(base if base is not None else self.fallback, live_shift)
             c_loss = held_out_pinball(cand, held_q, held_s)
             l_loss = held_out_pinball(live, held_q, held_s)
         except Exception:  # a failed training run must never take the scheduler down
