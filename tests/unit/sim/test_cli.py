@@ -1,0 +1,84 @@
+"""`swarmx sim` from the command line: the JSON the issue names, traces out, clear errors."""
+
+import json
+
+from typer.testing import CliRunner
+
+from swarmx.cli.main import app
+from swarmx.traces import read_traces
+
+runner = CliRunner()
+KEYS = {
+    "policy",
+    "scaler",
+    "replicas",
+    "calls",
+    "workflows",
+    "workflow_latency_s",
+    "call_latency_s",
+    "slo_attainment",
+    "goodput_wps",
+    "replica_seconds",
+}
+
+
+def sim(*args: str):
+    return runner.invoke(app, ["sim", *args])
+
+
+def test_json_has_every_named_key_and_traces_can_be_written(tmp_path):
+    out = tmp_path / "sim.jsonl"
+    result = sim(
+        "--workload",
+        "research",
+        "--workflows",
+        "30",
+        "--replicas",
+        "4",
+        "--gpu",
+        "mixed",
+        "--policy",
+        "tail",
+        "--queue",
+        "slack",
+        "--scaler",
+        "threshold",
+        "--traces-out",
+        str(out),
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data.keys() >= KEYS
+    assert data["policy"] == "tail" and data["scaler"] == "threshold" and data["workflows"] == 30
+    for key in ("workflow_latency_s", "call_latency_s"):
+        assert set(data[key]) == {"p50", "p95", "p99", "mean"}
+        assert 0 < data[key]["p50"] <= data[key]["p99"]
+    records = read_traces([out])
+    assert len(records) == data["calls"]
+    assert {r.workflow_name for r in records} == {"research"}
+    assert all(r.latency_s > 0 for r in records)
+
+
+def test_a_trace_file_replays(tmp_path):
+    trace = tmp_path / "azure.csv"
+    rows = [f"2023-11-16 18:15:{i:02d}.0000000,{300 + 10 * i},{20 + i}" for i in range(40)]
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "\n".join(rows) + "\n")
+    result = sim("--trace", str(trace), "--slo-s", "30", "--replicas", "2", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["calls"] == data["workflows"] == 40
+    assert data["slo_attainment"] is not None
+
+
+def test_bad_options_fail_with_one_line():
+    for args, message in (
+        (["--workload", "research", "--queue", "lifo"], "--queue"),
+        (["--workload", "research", "--policy", "fastest"], "fastest"),
+        (["--workload", "poetry"], "poetry"),
+        ([], "exactly one of --workload and --trace"),
+    ):
+        result = sim(*args)
+        assert result.exit_code == 2, args
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, lines)
