@@ -40,3 +40,24 @@ async def ticks(clock: Clock, interval_s: float) -> AsyncIterator[float]:
         deadline += interval_s
         if deadline <= now:
             deadline = now + interval_s
+
+
+class ManualClock:
+    """Virtual time for tests and simulations: it moves only when slept on or set. ``sleep``
+    still yields to the event loop, as a real sleep would."""
+
+    def __init__(self, now: float = 100.0, epoch: float = 1.7e9) -> None:
+        self.now = now
+        self.epoch = epoch
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.epoch + self.now
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError(f"negative sleep: {seconds}")
+        self.now += seconds
+        await asyncio.sleep(0)

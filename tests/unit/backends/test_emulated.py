@@ -16,36 +16,19 @@ from swarmx.backends.emulated import (
     prompt_tokens,
     vision_s,
 )
+from swarmx.clock import ManualClock
 from swarmx.config import ReplicaConfig
 
 H100, A100, L40S = GPUS["H100"], GPUS["A100"], GPUS["L40S"]
 M = ModelProfile()
 
 
-class FakeClock:
-    """Virtual time: sleep advances it at once (and yields, as a real sleep would)."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return 1.7e9 + self.now
-
-    async def sleep(self, seconds: float) -> None:
-        assert seconds >= 0
-        self.now += seconds
-        await asyncio.sleep(0)
-
-
 def llm(prompt: str, max_tokens: int = 64, call_id: str = "c") -> CallRequest:
     return CallRequest(call_id, "llm", "lm", prompt=prompt, max_tokens=max_tokens)
 
 
-def server(gpu: str = "H100") -> tuple[EmulatedServer, FakeClock]:
-    clock = FakeClock()
+def server(gpu: str = "H100") -> tuple[EmulatedServer, ManualClock]:
+    clock = ManualClock(100.0)
     return EmulatedServer(ReplicaConfig("lm", "emulated", gpu=gpu), clock), clock
 
 
@@ -279,7 +262,7 @@ def test_bad_model_inputs_fail_the_call():
 
 def test_unknown_gpu_raises():
     with pytest.raises(ValueError, match="unknown GPU 'TPU'"):
-        EmulatedServer(ReplicaConfig("lm", "emulated", gpu="TPU"), FakeClock())
+        EmulatedServer(ReplicaConfig("lm", "emulated", gpu="TPU"), ManualClock(100.0))
 
 
 def test_tool_calls_are_refused():

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+from swarmx.clock import ManualClock
 from swarmx.cluster import NodeTable
 from swarmx.daemon.workflows import WorkflowService
 from swarmx.protocol import Dispatch, Hello, ReplicaInfo, Result, Submit
@@ -61,23 +62,9 @@ fan_out = { from = "plan", max = 5 }
 """
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return 1.7e9 + self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-
 class Cluster:
     def __init__(self, tmp_path) -> None:
-        self.clock = Clock()
+        self.clock = ManualClock(100.0)
         self.sent: list[Dispatch] = []
         self.nodes = NodeTable(3, 10)
         self.service = WorkflowService(

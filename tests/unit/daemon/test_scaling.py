@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+from swarmx.clock import ManualClock
 from swarmx.cluster import NodeTable
 from swarmx.config import ScalerConfig
 from swarmx.daemon import scaling
@@ -17,20 +18,6 @@ from swarmx.sched.router import LeastOutstanding
 from swarmx.sched.scaler import NoScaler, PoolState
 from swarmx.store import Store
 from swarmx.workflow.engine import CallSpec
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return 1.7e9 + self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Fixed:
@@ -65,7 +52,7 @@ def call(n: int) -> CallSpec:
 
 class Cluster:
     def __init__(self, tmp_path, scaler, cfg: ScalerConfig | None = None) -> None:
-        self.clock = Clock()
+        self.clock = ManualClock(1000.0)
         self.sent: list[tuple[str, object]] = []
         self.nodes = NodeTable(3, 10)
         self.store = Store(tmp_path / "swarmx.db")
