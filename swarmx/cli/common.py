@@ -107,16 +107,19 @@ def setup_logging(cfg: Config, flag: str | None) -> LogLevel:
     return level  # type: ignore[return-value]
 
 
-def ask(config: ConfigOpt, scheduler: str | None, query: Message) -> Message:
+def ask(
+    config: ConfigOpt, scheduler: str | None, query: Message, *, min_timeout_s: float = 0.0
+) -> Message:
     """One request to the scheduler named by flag, env or config; exits with a clear line if it
-    cannot be reached or refuses."""
+    cannot be reached or refuses. ``min_timeout_s``: for requests whose answer takes a while."""
     cfg = load(config)
     try:
         client = override(cfg.client, scheduler=scheduler)
     except ConfigError as exc:
         fail(str(exc))
     try:
-        env = request(client.scheduler, query, "cli", RealClock(), client.timeout_s)
+        timeout_s = max(client.timeout_s, min_timeout_s)
+        env = request(client.scheduler, query, "cli", RealClock(), timeout_s)
     except (TimeoutError, TransportError) as exc:
         fail(str(exc), EXIT_UNAVAILABLE)
     if isinstance(env.body, Error):

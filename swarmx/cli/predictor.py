@@ -212,7 +212,8 @@ def install_cmd(
     scheduler: SchedulerOpt = None,
 ) -> None:
     """Make a trained model the scheduler's live predictor (it keeps adapting it online)."""
-    reply = ask(config, scheduler, InstallPredictor(str(model.resolve())))
+    # the scheduler loads the file (and torch, the first time): allow it more than a query
+    reply = ask(config, scheduler, InstallPredictor(str(model.resolve())), min_timeout_s=60.0)
     if not isinstance(reply, Ack):
         fail(f"unexpected reply {reply.TYPE!r} from the scheduler", EXIT_UNAVAILABLE)
     typer.echo(f"predictor {reply.detail} is live")

@@ -23,7 +23,7 @@ from swarmx.config import PredictorConfig, RouterConfig, ScalerConfig, Scheduler
 from swarmx.daemon.lifecycle import SystemdNotifier, run_until_stopped
 from swarmx.daemon.scaling import ScaleController
 from swarmx.daemon.workflows import WorkflowService
-from swarmx.models.online import OnlineLearner
+from swarmx.models.online import OnlineLearner, load_model
 from swarmx.protocol import (
     Ack,
     CancelWorkflow,
@@ -379,7 +379,9 @@ class SchedulerDaemon:
     async def _on_install_predictor(self, peer: bytes, env: Envelope) -> None:
         assert isinstance(env.body, InstallPredictor) and self.learner is not None
         try:
-            version = self.learner.install(Path(env.body.path))
+            # loading imports torch and reads the file: seconds, so off the event loop
+            model = await asyncio.to_thread(load_model, Path(env.body.path))
+            version = self.learner.install_model(model)
         except Exception as exc:  # whatever torch.load raises on a file that is not a model
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             await self._reply(

@@ -406,9 +406,10 @@ class OnlineLearner:
 
     def install(self, path: Path) -> str:
         """Make a trained model file live (e.g. one from `swarmx predictor train`); its version."""
-        from swarmx.models.predictor import QuantilePredictor
+        return self.install_model(load_model(path))
 
-        model = QuantilePredictor.load(path)
+    def install_model(self, model: Predictor) -> str:
+        """Make a loaded model live (the daemon loads it off its event loop first)."""
         if tuple(model.levels) != self.levels:
             raise ValueError(f"model forecasts levels {model.levels}, the scheduler {self.levels}")
         self._install(model)
@@ -429,6 +430,13 @@ class OnlineLearner:
             "refused_swaps": self.refused,
             "last_trained_ts": self.last_trained_ts,
         }
+
+
+def load_model(path: Path) -> Predictor:
+    """A model file as saved by `swarmx predictor train` (reading it imports torch)."""
+    from swarmx.models.predictor import QuantilePredictor
+
+    return QuantilePredictor.load(path)
 
 
 def held_out_pinball(model: Predictor, qs: Sequence[Query], actual_s: Sequence[float]) -> float:
