@@ -90,6 +90,8 @@ class SimResult:
     calls: int
     workflows: int
     workflow_latency_s: list[float]
+    finish_s: list[float]
+    """When each workflow ended, in the order they ended."""
     call_latency_s: list[float]
     met_slo: int
     with_slo: int
@@ -143,7 +145,7 @@ class Simulation:
             for s in w.spec.steps
             if s.kind != "tool"
         }
-        self.result = SimResult(0, 0, [], [], 0, 0, 0, 0.0, 0.0, 0, 0, {})
+        self.result = SimResult(0, 0, [], [], [], 0, 0, 0, 0.0, 0.0, 0, 0, {})
 
     # --- the world the forecasters may ask about (CallInfo) --------------------------------
 
@@ -214,6 +216,7 @@ class Simulation:
             )
             self.replicas[rep.name] = rep
             self._announce(rep)
+        self.result.peak_replicas = len(self._gpu_replicas())
 
     # --- events -----------------------------------------------------------------------------
 
@@ -382,6 +385,7 @@ class Simulation:
         if fin.state != "succeeded":
             r.failed += 1
         r.workflow_latency_s.append(latency)
+        r.finish_s.append(self.now)
         r.by_class.setdefault(flow.sw.name, []).append(latency)
         if flow.deadline_s is not None:
             r.with_slo += 1
