@@ -494,49 +494,32 @@ def _throughput_at_slo(
     ]
     best: dict[str, float] = {}
     for scaler in ("threshold", "tail"):
+
+        def at(load: float, scaler: str = scaler) -> Run:
+            return Run(
+                w,
+                "tail",
+                "slack",
+                scaler,
+                predictor=model,
+                rate=load * cap,
+                n=n,
+                replicas=max(1, budget // 4),
+                max_replicas=budget,
+            )
+
         lo, hi, rs = 0.0, 1.5, 0.0  # loads, as fractions of the full budget's capacity
         for _ in range(4):  # two probes per round, run side by side: the interval shrinks 3x
             mids = [lo + (hi - lo) / 3, lo + 2 * (hi - lo) / 3]
-            runs = [
-                Run(
-                    w,
-                    "tail",
-                    "slack",
-                    scaler,
-                    predictor=model,
-                    rate=m * cap,
-                    n=n,
-                    replicas=max(1, budget // 4),
-                    max_replicas=budget,
-                )
-                for m in mids
-            ]
-            met = [(r["slo_attainment"] or 0) >= 0.99 for r in run_all(runs, procs)]
+            res = run_all([at(m) for m in mids], procs)
+            met = [(r["slo_attainment"] or 0) >= 0.99 for r in res]
             if met[1]:
-                lo = mids[1]
+                lo, rs = mids[1], res[1]["replica_seconds"]
             elif met[0]:
-                lo, hi = mids[0], mids[1]
+                lo, hi, rs = mids[0], mids[1], res[0]["replica_seconds"]
             else:
                 hi = mids[0]
         best[scaler] = lo
-        if lo > 0:
-            (probe,) = run_all(
-                [
-                    Run(
-                        w,
-                        "tail",
-                        "slack",
-                        scaler,
-                        predictor=model,
-                        rate=lo * cap,
-                        n=n,
-                        replicas=max(1, budget // 4),
-                        max_replicas=budget,
-                    )
-                ],
-                procs,
-            )
-            rs = probe["replica_seconds"]
         out.append(f"| {scaler} | {100 * lo:.0f}% | {lo * cap:.2f} | {rs:,.0f} |")
     ratio = best["tail"] / best["threshold"] if best["threshold"] > 0 else math.inf
     out += [
