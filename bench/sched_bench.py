@@ -275,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - one repor
     args = ap.parse_args(argv)
     quick = args.quick
     n, reps = (300, 32) if quick else (2000, 128)
+    n_long = 2000 if quick else 8000  # runs with a scaler: many start-ups and down-windows long
     loads = (0.7, 0.95) if quick else LOADS
     names = [*BUILT_IN, *(t for t in TRACES if TRACES[t][0].exists())]
     started = time.monotonic()
@@ -420,13 +421,14 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - one repor
     ]
     stack_runs = [
         dataclasses.replace(
-            r, rate=0.85 * cap_mixed, n=n, replicas=budget // 2, max_replicas=budget
+            r, rate=0.85 * cap_mixed, n=n_long, replicas=budget // 2, max_replicas=budget
         )
         for _, r in stacks
     ]
     stack_out = run_all(stack_runs, args.procs)
     lines += [
-        f"### Full stacks ({stack_w}, 85% of the {budget}-replica capacity; scalers start "
+        f"### Full stacks ({stack_w}, {n_long} workflows, 85% of the {budget}-replica "
+        "capacity; scalers start "
         f"at {budget // 2} replicas, may use up to {budget})",
         "",
         "| stack | p50 (s) | p95 (s) | p99 (s) | SLO met (%) | replica-seconds | peak replicas |",
@@ -454,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - one repor
     ]
 
     # 4. throughput at SLO: tail scaler vs threshold, same router, same replica budget
-    lines += _throughput_at_slo(stack_w, cap_mixed, n, budget, model=model, procs=args.procs)
+    lines += _throughput_at_slo(stack_w, cap_mixed, n_long, budget, model=model, procs=args.procs)
 
     # 5. scale: 1,000 replicas (skipped in --quick)
     if not quick:
@@ -485,7 +487,8 @@ def _throughput_at_slo(
     """The highest arrival rate (found by bisection, in units of the budget's capacity) at
     which 99% of workflows meet their SLO, for each scaler with the same router and queue."""
     out = [
-        f"### Throughput at SLO: `tail` scaler against `threshold` ({w}, up to {budget} "
+        f"### Throughput at SLO: `tail` scaler against `threshold` ({w}, {n} workflows, "
+        f"up to {budget} "
         "replicas, router `tail` + `slack` for both)",
         "",
         "| scaler | highest load with >= 99% of workflows on time | workflows/s | "
