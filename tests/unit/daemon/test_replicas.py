@@ -371,14 +371,20 @@ def test_scale_up_announces_a_new_replica_only_once_it_is_ready():
     assert pool.target == 3
 
 
+async def two_replicas_one_busy(node, busy: str) -> Slow:
+    """Scale to two replicas and keep ``busy`` serving a slow call."""
+    node.rs.scale("lm", "emulated", 2)
+    await node.until(lambda: len(node.rs.infos()) == 2)
+    slow = Slow()
+    node.rs.replicas[busy].backend = slow
+    node.submit(llm("busy", busy))
+    await node.until(lambda: slow.started == ["busy"])
+    return slow
+
+
 def test_scale_down_drains_the_named_replica_before_closing_it():
     async def test(node, changes):
-        node.rs.scale("lm", "emulated", 2)
-        await node.until(lambda: len(node.rs.infos()) == 2)
-        slow = Slow()
-        node.rs.replicas[LM1].backend = slow
-        node.submit(llm("busy", LM1))
-        await node.until(lambda: slow.started == ["busy"])
+        slow = await two_replicas_one_busy(node, LM1)
         changes.clear()
         detail = node.rs.scale("lm", "emulated", 1, remove=[LM1])
         during = [(i.replica, i.draining) for i in node.rs.infos()]
@@ -410,12 +416,7 @@ def test_scale_down_cancels_replicas_still_starting_first():
 
 def test_scale_down_without_names_drains_the_least_busy():
     async def test(node, changes):
-        node.rs.scale("lm", "emulated", 2)
-        await node.until(lambda: len(node.rs.infos()) == 2)
-        slow = Slow()
-        node.rs.replicas[LM0].backend = slow
-        node.submit(llm("busy", LM0))
-        await node.until(lambda: slow.started == ["busy"])
+        await two_replicas_one_busy(node, LM0)
         detail = node.rs.scale("lm", "emulated", 1)
         await node.until(lambda: len(node.rs.infos()) == 1)
         return detail, [i.replica for i in node.rs.infos()]
