@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import random
 import statistics
 import tempfile
 import time
@@ -29,8 +30,10 @@ from swarmx.models.online import OnlineLearner
 from swarmx.models.predictor import FeatureConfig, QuantilePredictor
 from swarmx.models.query import Query, queries
 from swarmx.models.train import train
+from swarmx.sched.router import ReplicaView, RouteInput, Work, make_router
 from swarmx.tracefmt import import_claude_code, split_by_session
 from swarmx.traces import TraceRecord, read_traces, split_keys
+from swarmx.workflow.engine import CallSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 CLAUDE = ROOT.parent / "shared" / "data" / "claude-code" / "requests.csv"
@@ -371,20 +374,72 @@ def shift_sections(
     return out
 
 
-def decision_timing(model: QuantilePredictor, query_records: list[TraceRecord]) -> str:
+def decision_timing(model: QuantilePredictor, records: list[TraceRecord]) -> list[str]:
+    """Routing decisions over 64 candidate replicas, as the scheduler makes them: each one for a
+    different held-out call (its prompt encoded afresh), on replicas of mixed GPUs, loads and
+    work in flight. Timed twice: the forecast alone (`predict_candidates`), and the forecast
+    plus the `tail` router's choice."""
     torch.set_num_threads(1)
-    q = queries(query_records[:1])[0]
-    cands = [("H100" if i % 2 else "A100", 0.5, 0.4, 0.2, i % 8, i % 3) for i in range(64)]
-    for _ in range(50):
-        model.predict_candidates(q, cands)
-    times = []
-    for _ in range(2000):
-        t0 = time.perf_counter()
-        model.predict_candidates(q, cands)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    p50, p99 = times[len(times) // 2] * 1e3, times[int(len(times) * 0.99)] * 1e3
-    return f"p50 {p50:.3f} ms, p99 {p99:.3f} ms (2,000 decisions, torch on 1 thread)"
+    rng = random.Random(0)
+    recs = [r for r in records if r.kind != "tool"] or records
+    qs = queries(recs)
+    router = make_router("tail")
+    gpus = ("H100", "A100", "L40S")
+    pools = []
+    for _ in range(4):  # the work in flight changes a little from one decision to the next
+        views, places = [], []
+        for i in range(64):
+            inflight, queued = rng.randint(0, 8), rng.choice((0, 0, 0, 1, 2, 5))
+            gpu = gpus[i % 3]
+            util, mem, cpu = rng.random(), rng.random(), rng.random() * 0.5
+            work = tuple(
+                Work(f"w{i}-{k}", -rng.random() * 2, LatencyDist.lognormal(1.0, 0.6, LEVELS))
+                for k in range(inflight + queued)
+            )
+            views.append(
+                ReplicaView(
+                    f"r{i}", f"n{i}", "m", "emulated", "cuda:0", 8, len(work), gpu=gpu, work=work
+                )
+            )
+            places.append((gpu, util, mem, cpu, inflight, queued))
+        pools.append((views, places))
+    calls = [
+        CallSpec(f"c{i}", "wf", "s", None, 1, "llm", "m", r.prompt, r.max_tokens, {}, [], None, [])
+        for i, r in enumerate(recs)
+    ]
+
+    def forecast(i: int) -> None:
+        model.predict_candidates(qs[i % len(qs)], pools[i % 4][1])
+
+    def decide(i: int) -> None:
+        views, places = pools[i % 4]
+        dists = model.predict_candidates(qs[i % len(qs)], places)
+        router.choose(RouteInput(calls[i % len(qs)], views, 0.0, dists))
+
+    rows = []
+    for name, fn in (
+        ("forecast (`predict_candidates`)", forecast),
+        ("forecast + `tail` router", decide),
+    ):
+        for i in range(100):
+            fn(i)
+        times = []
+        for i in range(2000):
+            t0 = time.perf_counter()
+            fn(i)
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        p50, p99, top = (times[k] * 1e3 for k in (1000, 1980, -1))
+        rows.append(f"| {name} | {p50:.3f} | {p99:.3f} | {top:.3f} |")
+    words = sorted(len(q.prompt.split()) for q in qs)
+    return [
+        f"2,000 decisions in a row, each for a different held-out call (prompts of "
+        f"{words[len(words) // 2]} words at the median, {words[-1]} at most); torch on 1 thread.",
+        "",
+        "| per decision | p50 ms | p99 ms | max ms |",
+        "|---|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def main() -> None:
@@ -416,11 +471,11 @@ def main() -> None:
     sections.append(
         ("Calls recorded from the example workflows (split by workflow, 80/20)", tr, te)
     )
-    model_for_timing = None
+    model_for_timing = None  # the one trained on prompts with text: the examples'
     for i, (title, tr, te) in enumerate(sections):
         plot = ROOT / "bench" / f"predictor_eval_{i}.png"
         results, model, took = compare(tr, te, plot, args.seed)
-        model_for_timing = model_for_timing or model
+        model_for_timing = model
         out += [
             f"### {title}",
             "",
@@ -450,7 +505,7 @@ def main() -> None:
     out += [
         "### One routing decision over 64 candidate replicas",
         "",
-        decision_timing(model_for_timing, sections[-1][2]),
+        *decision_timing(model_for_timing, sections[-1][2]),
         "",
     ]
     section = "\n".join([BEGIN, *out, END])

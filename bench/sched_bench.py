@@ -398,13 +398,13 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - one repor
         "| pool | forecasts | p50 (s) | p95 (s) | p99 (s) | SLO met (%) |",
         "|---|---|---|---|---|---|",
     ]
-    for r, out in zip(abl, abl_out, strict=True):
+    for run, out in zip(abl, abl_out, strict=True):
         what = (
-            names_v.get(r.predictor, r.predictor)
-            if r.policy == "tail"
+            names_v.get(run.predictor, run.predictor)
+            if run.policy == "tail"
             else "least_outstanding (baseline, no forecasts)"
         )
-        lines.append(latency_row(f"{r.gpu} | {what}", out))
+        lines.append(latency_row(f"{run.gpu} | {what}", out))
     lines.append("")
 
     # 3. queue order and the full stack at equal budgets

@@ -3,13 +3,12 @@ candidate replicas at once, each seen with its own device and load."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 
 from swarmx.models.baselines import MeanConformal, baseline_from_dict
 from swarmx.models.dist import LatencyDist
 from swarmx.models.online import OnlineLearner, Predictor
-from swarmx.models.query import Query
+from swarmx.models.query import Candidate, Query
 from swarmx.sched.router import ReplicaView
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch
 from swarmx.workflow.engine import CallSpec
@@ -22,16 +21,15 @@ def runtime_of(view: ReplicaView) -> RuntimeAtDispatch:
     )
 
 
-def placed(q: Query, device: DeviceAtDispatch, runtime: RuntimeAtDispatch) -> Query:
-    """The call's query as it would be on one replica."""
-    return dataclasses.replace(
-        q,
-        gpu=device.gpu,
-        gpu_util=device.gpu_util,
-        gpu_mem_frac=device.gpu_mem_frac,
-        cpu_util=device.cpu_util,
-        inflight=runtime.inflight,
-        queue_depth=runtime.queue_depth,
+def candidate(device: DeviceAtDispatch, runtime: RuntimeAtDispatch) -> Candidate:
+    """A replica as a placement for the predictor."""
+    return (
+        device.gpu,
+        device.gpu_util,
+        device.gpu_mem_frac,
+        device.cpu_util,
+        runtime.inflight,
+        runtime.queue_depth,
     )
 
 
@@ -47,12 +45,11 @@ class LiveForecaster:
         self._device_of = device_of
         self._load_only: tuple[Predictor, MeanConformal] | None = None
 
-    def _queries(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[Query]:
-        base = self._query_of(call)
-        return [placed(base, self._device_of(v), runtime_of(v)) for v in candidates]
+    def _placements(self, candidates: Sequence[ReplicaView]) -> list[Candidate]:
+        return [candidate(self._device_of(v), runtime_of(v)) for v in candidates]
 
     def service(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
-        return self.learner.forecast(self._queries(call, candidates))
+        return self.learner.forecast_candidates(self._query_of(call), self._placements(candidates))
 
     def load_only(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
         """The llm-d-style baseline fitted with the live model, else the cold-start fallback."""
@@ -68,4 +65,4 @@ class LiveForecaster:
             )
             self._load_only = (live, fitted) if fitted is not None else None
         model = self._load_only[1] if self._load_only else self.learner.fallback
-        return model.predict(self._queries(call, candidates))
+        return model.predict_candidates(self._query_of(call), self._placements(candidates))

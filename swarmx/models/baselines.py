@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from swarmx.models.dist import LatencyDist
-from swarmx.models.query import Query
+from swarmx.models.query import Candidate, Query, place
 from swarmx.traces import TraceRecord
 
 if TYPE_CHECKING:
@@ -72,6 +72,19 @@ class Baseline(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
+class PerPlacement:
+    """`predict_candidates` for predictors that see each placed query on its own (the learned
+    predictor instead encodes the call once for all placements)."""
+
+    def predict(self, queries: Sequence[Query]) -> list[LatencyDist]:
+        raise NotImplementedError
+
+    def predict_candidates(
+        self, query: Query, candidates: Sequence[Candidate]
+    ) -> list[LatencyDist]:
+        return self.predict([place(query, c) for c in candidates])
+
+
 class BaselineType(Protocol):
     """A baseline class: how to fit one, or load one from ``to_dict``."""
 
@@ -82,7 +95,7 @@ class BaselineType(Protocol):
     def from_dict(self, d: dict[str, Any]) -> Baseline: ...
 
 
-class EmpiricalPerModel:
+class EmpiricalPerModel(PerPlacement):
     """Per-model empirical quantiles from the training data; the global ones for unknown models.
     Ignores everything about the call but its model: the floor any predictor must clear."""
 
@@ -140,7 +153,7 @@ def _smooth_pinball(r: torch.Tensor, tau: torch.Tensor, width: float) -> torch.T
     return tau * r + width * torch.nn.functional.softplus(-r / width)
 
 
-class LinearQuantile:
+class LinearQuantile(PerPlacement):
     """Linear quantile regression on token counts: per level, log latency ~ a + b*log1p(prompt)
     + c*log1p(max_tokens), fitted by the pinball loss. Latency grows with prompt and output
     length roughly as a power law, which is linear in logs."""
@@ -222,7 +235,7 @@ def _load_features(q: Query | TraceRecord) -> tuple[float, float, float, float]:
     return (1.0, q.inflight, q.queue_depth, q.prompt_tokens)
 
 
-class MeanConformal:
+class MeanConformal(PerPlacement):
     """A mean regressor plus one constant conformal shift per level, in the manner of llm-d's
     latency predictor: least squares of latency (seconds) on [1, inflight, queue depth, prompt
     tokens], and as the level-p quantile the mean plus the split-conformal p-quantile of the
@@ -299,7 +312,7 @@ def baseline_from_dict(d: dict[str, Any]) -> Baseline:
     raise ValueError(f"unknown baseline {d.get('name')!r}")
 
 
-class FallbackPredictor:
+class FallbackPredictor(PerPlacement):
     """What the live scheduler uses before any model is trained: per model, the running empirical
     quantiles of the last ``window`` latencies once there are ``min_observations``; before that a
     lognormal prior from token counts.

@@ -36,7 +36,7 @@ from typing import Protocol
 from swarmx.config import PredictorConfig
 from swarmx.models.baselines import FallbackPredictor
 from swarmx.models.dist import LatencyDist
-from swarmx.models.query import Query, SessionTracker, queries
+from swarmx.models.query import Candidate, Query, SessionTracker, queries
 from swarmx.traces import TraceRecord
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,12 @@ class Predictor(Protocol):
     def levels(self) -> tuple[float, ...]: ...
 
     def predict(self, queries: Sequence[Query]) -> list[LatencyDist]: ...
+
+    def predict_candidates(
+        self, query: Query, candidates: Sequence[Candidate]
+    ) -> list[LatencyDist]:
+        """``query`` on each placement: a routing decision's forecasts."""
+        ...
 
 
 @dataclass
@@ -151,6 +157,12 @@ class _Served:
     def predict(self, queries: Sequence[Query]) -> list[LatencyDist]:
         return [_apply_shift(d, self.shift) for d in self.model.predict(queries)]
 
+    def predict_candidates(
+        self, query: Query, candidates: Sequence[Candidate]
+    ) -> list[LatencyDist]:
+        dists = self.model.predict_candidates(query, candidates)
+        return [_apply_shift(d, self.shift) for d in dists]
+
 
 def _replay(records: Sequence[TraceRecord], n: int, seed: int) -> list[TraceRecord]:
     """About ``n`` of ``records`` (at least ``n`` where there are that many): whole sessions drawn
@@ -204,7 +216,15 @@ class OnlineLearner:
     # --- forecasting ------------------------------------------------------------------------
 
     def forecast(self, queries: Sequence[Query]) -> list[LatencyDist]:
-        dists = self.live.predict(queries)
+        return self._shifted(self.live.predict(queries))
+
+    def forecast_candidates(
+        self, query: Query, candidates: Sequence[Candidate]
+    ) -> list[LatencyDist]:
+        """``query`` on each placement, as the live model (and calibration monitor) see it."""
+        return self._shifted(self.live.predict_candidates(query, candidates))
+
+    def _shifted(self, dists: list[LatencyDist]) -> list[LatencyDist]:
         return [_apply_shift(d, self.shift) for d in dists] if self.shift else dists
 
     # --- learning ---------------------------------------------------------------------------

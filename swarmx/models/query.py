@@ -7,6 +7,7 @@ finished when it arrived: nothing from the future leaks into a forecast.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -44,6 +45,28 @@ class Query:
     inflight: int = 0
     queue_depth: int = 0
     session: SessionContext = field(default_factory=SessionContext)
+
+
+Candidate = tuple[str, float, float, float, int, int]
+"""A placement to score a call on: (gpu, gpu_util, gpu_mem_frac, cpu_util, inflight,
+queue_depth), the device and runtime fields of a `Query`."""
+
+
+def place_of(q: Query) -> Candidate:
+    return (q.gpu, q.gpu_util, q.gpu_mem_frac, q.cpu_util, q.inflight, q.queue_depth)
+
+
+def place(q: Query, c: Candidate) -> Query:
+    """The query as it would be on placement ``c``."""
+    return dataclasses.replace(
+        q,
+        gpu=c[0],
+        gpu_util=c[1],
+        gpu_mem_frac=c[2],
+        cpu_util=c[3],
+        inflight=c[4],
+        queue_depth=c[5],
+    )
 
 
 def query_from_record(rec: TraceRecord, ctx: SessionContext) -> Query:

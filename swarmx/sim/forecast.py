@@ -24,7 +24,7 @@ from typing import Protocol
 from swarmx.backends.emulated import GpuProfile, vision_s
 from swarmx.models.baselines import MeanConformal
 from swarmx.models.dist import LatencyDist
-from swarmx.models.query import Query, SessionTracker
+from swarmx.models.query import Candidate, Query, SessionTracker
 from swarmx.sched.router import ReplicaView
 from swarmx.sim.servers import LlmServer, SharedServer
 from swarmx.sim.workload import CallTruth
@@ -158,19 +158,19 @@ class SimForecaster:
         truth = self.info.truth(call)
         if self._load_model is None:
             return [_point(1 + v.outstanding / max(1, v.concurrency)) for v in candidates]
-        qs = [
-            Query(
-                call.model,
-                call.kind,
-                "",
-                truth.prompt_tokens,
-                call.max_tokens,
-                inflight=min(v.outstanding, v.concurrency),
-                queue_depth=max(0, v.outstanding - v.concurrency),
+        query = Query(call.model, call.kind, "", truth.prompt_tokens, call.max_tokens)
+        places: list[Candidate] = [
+            (
+                "cpu",
+                0.0,
+                0.0,
+                0.0,
+                min(v.outstanding, v.concurrency),
+                max(0, v.outstanding - v.concurrency),
             )
             for v in candidates
         ]
-        return self._load_model.predict(qs)
+        return self._load_model.predict_candidates(query, places)
 
     def _oracle(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
         truth = self.info.truth(call)
@@ -207,7 +207,7 @@ class SimForecaster:
         assert self._model is not None
         truth = self.info.truth(call)
         keys: dict[tuple[str, int, int], int] = {}
-        qs: list[Query] = []
+        places: list[Candidate] = []
         slot: list[int] = []
         for v in candidates:
             rep = self.replicas[v.replica]
@@ -217,27 +217,26 @@ class SimForecaster:
             queued = 0 if self._noload else max(0, v.outstanding - v.concurrency)
             key = (rep.gpu, inflight, queued)
             if key not in keys:
-                keys[key] = len(qs)
-                qs.append(
-                    Query(
-                        call.model,
-                        call.kind,
-                        call.prompt,
-                        truth.prompt_tokens,
-                        call.max_tokens,
-                        self.info.workflow_name(call),
-                        0,
-                        [],
-                        0.0,
+                keys[key] = len(places)
+                places.append(
+                    (
                         rep.gpu,
                         0.0 if self._noload else inflight / max(1, rep.slots),
                         0.0 if self._noload else kv * 131072.0 / GPU_MEMORY_BYTES,
                         0.0,
                         inflight,
                         queued,
-                        self.sessions.context(call.workflow_id),
                     )
                 )
             slot.append(keys[key])
-        dists = self._model.predict(qs)
+        query = Query(
+            call.model,
+            call.kind,
+            call.prompt,
+            truth.prompt_tokens,
+            call.max_tokens,
+            self.info.workflow_name(call),
+            session=self.sessions.context(call.workflow_id),
+        )
+        dists = self._model.predict_candidates(query, places)
         return [dists[i] for i in slot]

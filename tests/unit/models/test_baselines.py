@@ -17,7 +17,7 @@ from swarmx.models.baselines import (
     empirical_quantile,
 )
 from swarmx.models.dist import LatencyDist
-from swarmx.models.query import Query, queries
+from swarmx.models.query import Query, place, queries
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
 
 LEVELS = (0.5, 0.9, 0.95, 0.99)
@@ -189,3 +189,13 @@ def test_fallback_moves_from_prior_to_observations() -> None:
     assert fb.predict([q])[0].values_s == (114.0, 126.0, 128.0, 129.0)
     (other,) = fb.predict([Query("other", "llm", "", 1000, 0)])
     assert other == prior
+
+
+def test_load_only_scores_each_placement() -> None:
+    """`predict_candidates` (what routers call) is `predict` on the call placed on each replica."""
+    model = MeanConformal.fit(load_data(), LEVELS)
+    q = queries(load_data(1))[0]
+    places = [("H100", 0.2, 0.1, 0.1, 0, 0), ("H100", 0.9, 0.8, 0.5, 4, 2)]
+    quiet, busy = model.predict_candidates(q, places)
+    assert quiet == model.predict([place(q, places[0])])[0]
+    assert busy.values_s[0] == pytest.approx(quiet.values_s[0] + 4 * 0.3 + 2 * 0.2, abs=0.15)

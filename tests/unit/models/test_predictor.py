@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from swarmx.models.predictor import FeatureConfig, QuantilePredictor
-from swarmx.models.query import Query, SessionContext, queries
+from swarmx.models.query import Query, SessionContext, place, queries
 from swarmx.models.train import TrainReport, fine_tune, train
 from swarmx.tracefmt import split_by_session
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
@@ -221,27 +221,50 @@ def test_fine_tune_learns_a_new_model(trained):
     assert tuned.metrics["fine_tuned_from"] == model.version
 
 
-def test_predict_candidates_agrees_with_predict(trained):
-    model = trained[0]
-    q = query(session=SessionContext(2, 300, 4.0, 1.2, 250.0))
-    candidates = [
-        ("H100", 0.1, 0.2, 0.3, 0, 0),
-        ("H100", 0.9, 0.8, 0.7, 6, 3),
-        ("A10", 0.5, 0.5, 0.5, 1, 0),
-        ("cpu", 0.0, 0.0, 0.9, 12, 10),
-    ]
-    fast = model.predict_candidates(q, candidates)
-    slow = model.predict(
-        [
-            dataclasses.replace(
-                q, gpu=g, gpu_util=u, gpu_mem_frac=m, cpu_util=c, inflight=i, queue_depth=d
-            )
-            for g, u, m, c, i, d in candidates
-        ]
-    )
+CANDIDATES = [
+    ("H100", 0.1, 0.2, 0.3, 0, 0),
+    ("H100", 0.9, 0.8, 0.7, 6, 3),
+    ("A10", 0.5, 0.5, 0.5, 1, 0),
+    ("cpu", 0.0, 0.0, 0.9, 12, 10),
+]
+
+
+def assert_candidates_agree(model: QuantilePredictor, q: Query) -> list:
+    """The routing path (the folded net, call encoded once) gives the training path's numbers."""
+    fast = model.predict_candidates(q, CANDIDATES)
+    slow = model.predict([place(q, c) for c in CANDIDATES])
     for a, b in zip(fast, slow, strict=True):
         assert a.values_s == pytest.approx(b.values_s, rel=1e-5)
+    return fast
+
+
+@pytest.mark.parametrize(
+    "q",
+    [
+        query(session=SessionContext(2, 300, 4.0, 1.2, 250.0)),
+        query(prompt=""),  # no n-grams at all
+        query(prompt="zyzzyva quux frobnicate", model="never-seen"),  # unfamiliar everything
+        dataclasses.replace(query(), input_kinds=["image", "tool_result", "new-kind"]),
+    ],
+)
+def test_predict_candidates_agrees_with_predict(trained, q):
+    fast = assert_candidates_agree(trained[0], q)
     assert fast[3].values_s[0] > fast[0].values_s[0]  # load slows calls down
+
+
+def test_predict_candidates_follows_weight_changes(trained):
+    """The folded net is a cache: in-place training steps and grown vocabularies must show."""
+    model = trained[0].copy()
+    q = query(model="huge")
+    before = model.predict_candidates(q, CANDIDATES)
+    with torch.no_grad():
+        model.net.b4.add_(0.5)  # as an optimiser step would, in place
+    after = assert_candidates_agree(model, q)
+    assert after[0].values_s[0] == pytest.approx(before[0].values_s[0] * math.exp(0.5), rel=1e-4)
+    model.grow([q])  # replaces the model table
+    with torch.no_grad():
+        model.net.model[-1].add_(1.0)
+    assert_candidates_agree(model, q)
 
 
 def test_load_bucket_calibration(trained):
