@@ -10,6 +10,7 @@ stay finite and monotone.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import random
 from collections.abc import Sequence
@@ -20,8 +21,15 @@ _NORMAL = NormalDist()
 _MIN_S = 1e-6
 
 
+@functools.lru_cache(maxsize=4096)
 def _z(p: float) -> float:
     return _NORMAL.inv_cdf(min(max(p, 1e-9), 1 - 1e-9))
+
+
+@functools.lru_cache(maxsize=256)
+def _zs(levels: tuple[float, ...]) -> tuple[float, ...]:
+    """Normal scores of a level grid: forecasts share a handful of grids."""
+    return tuple(map(_z, levels))
 
 
 def trusted_dists(levels: tuple[float, ...], rows: list[list[float]]) -> list[LatencyDist]:
@@ -74,11 +82,12 @@ class LatencyDist:
 
     def quantile(self, p: float) -> float:
         """Latency at level ``p`` (0 < p < 1)."""
-        zs = [_z(q) for q in self.levels]
-        logs = [math.log(max(v, _MIN_S)) for v in self.values_s]
+        values = self.values_s
+        if values[0] == values[-1]:  # one value (a point forecast): every quantile is it
+            return values[0] if len(values) == 1 else max(values[0], _MIN_S)
+        zs = _zs(self.levels)
+        logs = [math.log(max(v, _MIN_S)) for v in values]
         z = _z(p)
-        if len(zs) == 1:
-            return self.values_s[0]
         i = bisect.bisect_left(zs, z)
         i = min(max(i, 1), len(zs) - 1)  # the segment to interpolate or extrapolate along
         z0, z1, l0, l1 = zs[i - 1], zs[i], logs[i - 1], logs[i]

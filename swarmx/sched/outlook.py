@@ -24,6 +24,8 @@ class Outlook:
         self.fan_alpha = fan_alpha
         self._fan: dict[tuple[str, str], float] = {}
         """(workflow name, step id) -> running average of a dynamic fan-out's width."""
+        self._last: tuple[tuple[str, float, int, int], dict[str, float]] | None = None
+        """The last critical paths worked out: the calls of a fan-out arrive together."""
 
     def ticket(
         self,
@@ -44,7 +46,10 @@ class Outlook:
         if slo is None:
             return Ticket(call, now_s)
         end = submitted_s + slo
-        paths = self.critical_paths(run)
+        key = (run.id, now_s, len(run.outputs), len(run.instances))
+        if self._last is None or self._last[0] != key:
+            self._last = (key, self.critical_paths(run))
+        paths = self._last[1]
         deadline = finish_by_s(run.spec, paths, call.step_id, end)
         return Ticket(call, now_s, deadline, slack_s(end, now_s, paths.get(call.step_id, 0.0)))
 

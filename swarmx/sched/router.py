@@ -99,8 +99,11 @@ class Forecaster(Protocol):
 def usable(call: CallSpec, candidates: Sequence[ReplicaView]) -> list[int]:
     """Indices of candidates other than those this call already failed on, unless that leaves
     none."""
-    fresh = [i for i, c in enumerate(candidates) if c.replica not in call.avoid]
-    return fresh or list(range(len(candidates)))
+    if call.avoid:
+        fresh = [i for i, c in enumerate(candidates) if c.replica not in call.avoid]
+        if fresh:
+            return fresh
+    return list(range(len(candidates)))
 
 
 _SAME = 1e-9
@@ -186,8 +189,9 @@ class LeastOutstanding:
     def choose(self, inp: RouteInput) -> Decision:
         cands = inp.candidates
         pool = usable(inp.call, cands)
-        least = min(cands[i].outstanding for i in pool)
-        return Decision(self._ties.pick(cands, [i for i in pool if cands[i].outstanding == least]))
+        loads = [c.outstanding for c in cands]
+        least = min([loads[i] for i in pool])
+        return Decision(self._ties.pick(cands, [i for i in pool if loads[i] == least]))
 
 
 class PowerOfTwo:

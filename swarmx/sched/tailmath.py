@@ -174,8 +174,10 @@ def fit(dist: LatencyDist, hi: float = 0.95) -> LogNormal:
     """
     if not hi > 0.5:
         raise ValueError(f"fit level must be above the median, got {hi}")
-    i, k, w, i_hi, k_hi, w_hi = _fit_plan(dist.levels, hi)
     v = dist.values_s
+    if v[0] == v[-1]:  # a point forecast (the simulator's oracle): no spread to fit
+        return LogNormal(_log_s(v[0]), 0.0)
+    i, k, w, i_hi, k_hi, w_hi = _fit_plan(dist.levels, hi)
     mu = _log_s(v[i])
     if w:
         mu += w * (_log_s(v[k]) - mu)

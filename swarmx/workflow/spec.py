@@ -8,6 +8,7 @@ The format is documented for operators in docs/workflows.md.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 import math
@@ -237,8 +238,10 @@ def _json_items(output: str) -> list[str] | None:
     return [v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in value]
 
 
-def _parse_template(template: str) -> list[str | _Ref]:
-    """Literal text and references in order; a syntax error raises `WorkflowError`."""
+@functools.lru_cache(maxsize=1024)
+def _parse_template(template: str) -> tuple[str | _Ref, ...]:
+    """Literal text and references in order; a syntax error raises `WorkflowError`. Cached:
+    every call of a step renders the same template."""
     parts: list[str | _Ref] = []
     pos = 0
     for m in _TOKEN.finditer(template):
@@ -258,7 +261,7 @@ def _parse_template(template: str) -> list[str | _Ref]:
                 raise WorkflowError(f"{token}: unknown placeholder (use {_PLACEHOLDERS})")
             parts.extend(_Ref(k, v, token) for k, v in ref.groupdict().items() if v is not None)
     parts.append(template[pos:])
-    return parts
+    return tuple(parts)
 
 
 def _scalar(value: object) -> str | None:
