@@ -220,6 +220,7 @@ class ScaleController:
             arrivals=dispatcher.take_arrivals(model),
             interval_s=interval_s,
             service=dispatcher.typical_service(model),
+            service_by_load=dispatcher.service_by_load(model),
             budget_s=self.service.budget(model),
             expected_calls=self.service.expected_calls(model),
             min_replicas=lo,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -87,16 +88,71 @@ class _Replica:
         self._current = None
 
 
+LOAD_BANDS = 4
+"""Occupancy bands (share of a replica's slots taken when a call was placed on it) in which
+service forecasts are also averaged: a batching server serves each call slower the fuller it
+is, and the tail scaler must know by how much to see what another replica buys."""
+MIN_BAND_CALLS = 20
+"""Forecasts a band needs before the scaler trusts its average."""
+
+
+MIX_POINTS = (0.1, 0.3, 0.5, 0.7, 0.9)
+"""Equiprobable points one call's forecast stands for in its pool's service mixture."""
+MIX_CALLS = 512
+"""Recent forecasts a pool's service mixture is made of."""
+OUTCOME_LEVELS = (0.5, 0.9, 0.95, 0.99)
+"""Levels the mixture of actual service times is read at."""
+
+
+@dataclass
+class ServiceMix:
+    """Recent calls' service forecasts as one distribution, the mixture over calls: a pool
+    serves short and long calls, and averaging their quantiles (a geometric mean) would hide
+    the long ones that queueing is made of."""
+
+    levels: tuple[float, ...]
+    samples: deque[tuple[float, ...]] = field(default_factory=lambda: deque(maxlen=MIX_CALLS))
+    _dist: LatencyDist | None = None
+
+    def add(self, dist: LatencyDist) -> None:
+        v = dist.values_s
+        point = v[0] == v[-1]
+        self.samples.append(
+            (v[0],) * len(MIX_POINTS) if point else tuple(map(dist.quantile, MIX_POINTS))
+        )
+        self.levels = dist.levels
+        self._dist = None
+
+    def add_seconds(self, took_s: float) -> None:
+        """A call's actual service time (no spread: it is known)."""
+        self.samples.append((took_s,) * len(MIX_POINTS))
+        self._dist = None
+
+    @property
+    def calls(self) -> int:
+        return len(self.samples)
+
+    def dist(self) -> LatencyDist:
+        if self._dist is None:
+            xs = sorted(itertools.chain.from_iterable(self.samples))
+            n = len(xs)
+            self._dist = LatencyDist(
+                self.levels, tuple(xs[min(n - 1, int(p * n))] for p in self.levels)
+            )
+        return self._dist
+
+
 @dataclass
 class PoolStats:
     """Per model, since the scaler last looked."""
 
     arrivals: int = 0
-    service_log_q: list[float] | None = None
-    """EWMA of the log-quantiles of recent service forecasts (a typical call's distribution)."""
-    levels: tuple[float, ...] = ()
-    typical: LatencyDist | None = None
-    """``service_log_q`` as a distribution, built on demand (cleared by each update)."""
+    service: ServiceMix | None = None
+    """Recent service forecasts (a typical call's distribution)."""
+    by_load: dict[int, ServiceMix] = field(default_factory=dict)
+    """What recent calls actually took, per `LOAD_BANDS` band of their replica's occupancy
+    when they were placed: how much batching and the calls that joined later slowed them, which
+    forecasts made at placement cannot see."""
 
 
 class Dispatcher:
@@ -121,6 +177,8 @@ class Dispatcher:
         self._queues: dict[str, list[tuple[float, int, Ticket]]] = {}
         self._seq = itertools.count()
         self._where: dict[str, tuple[str, Ticket]] = {}
+        self._band: dict[str, int] = {}
+        """call id -> `LOAD_BANDS` band of its replica's occupancy when it was placed."""
         """call id -> (replica, ticket), for calls assigned and not finished."""
         self.pools: dict[str, PoolStats] = {}
 
@@ -145,6 +203,7 @@ class Dispatcher:
         self._open.get(rep.view.model, {}).pop(replica, None)
         for call_id in rep.work:
             self._where.pop(call_id, None)
+            self._band.pop(call_id, None)
         return list(rep.work)
 
     def set_live(self, replica: str, live: bool, now_s: float) -> list[Assign]:
@@ -177,7 +236,12 @@ class Dispatcher:
         rep = self.replicas.get(where[0]) if where else None
         if rep is None:
             return []
-        rep.work.pop(call_id, None)
+        work = rep.work.pop(call_id, None)
+        band = self._band.pop(call_id, None)
+        if work is not None and band is not None:
+            stats = self.pools.setdefault(pool_of(where[1].call), PoolStats())
+            mix = stats.by_load.setdefault(band, ServiceMix(OUTCOME_LEVELS))
+            mix.add_seconds(now_s - work.dispatched_s)
         self._refresh(rep)
         return self._drain(rep.view.model, now_s)
 
@@ -191,6 +255,7 @@ class Dispatcher:
                 heapq.heapify(kept)
                 self._queues[model] = kept
         for call_id in drop:
+            self._band.pop(call_id, None)
             where = self._where.pop(call_id, None)
             rep = self.replicas.get(where[0]) if where else None
             if rep is not None:
@@ -263,33 +328,38 @@ class Dispatcher:
         if fc is not None:  # the full forecast on the chosen replica is recorded, whatever ranked
             service = forecasts[decision.index] if forecasts and kind == "service" else None
             service = service or fc.service(call, [chosen])[0]
-            self._note_service(pool_of(call), service)
         rep = self.replicas[chosen.replica]
+        if service is not None:
+            self._note_service(pool_of(call), service)
+        occupancy = len(rep.work) / max(1, chosen.concurrency)
+        self._band[call.call_id] = min(LOAD_BANDS - 1, int(occupancy * LOAD_BANDS))
         rep.work[call.call_id] = Work(call.call_id, now_s, service)
         self._refresh(rep)
         self._where[call.call_id] = (chosen.replica, ticket)
         return Assign(ticket, chosen, service, decision.completion)
 
-    def _note_service(self, model: str, dist: LatencyDist, alpha: float = 0.05) -> None:
+    def _note_service(self, model: str, dist: LatencyDist) -> None:
         stats = self.pools.setdefault(model, PoolStats())
-        logs = [math.log(max(v, 1e-6)) for v in dist.values_s]
-        if stats.service_log_q is None or stats.levels != dist.levels:
-            stats.service_log_q, stats.levels = logs, dist.levels
-        else:
-            stats.service_log_q = [
-                (1 - alpha) * a + alpha * b for a, b in zip(stats.service_log_q, logs, strict=True)
-            ]
-        stats.typical = None
+        if stats.service is None:
+            stats.service = ServiceMix(dist.levels)
+        stats.service.add(dist)
 
     def typical_service(self, model: str) -> LatencyDist | None:
-        """The recent forecasts of this model's calls, averaged quantile by quantile."""
+        """The recent forecasts of this model's calls, as one distribution (their mixture)."""
         stats = self.pools.get(model)
-        if stats is None or stats.service_log_q is None:
-            return None
-        if stats.typical is None:
-            values = tuple(math.exp(v) for v in stats.service_log_q)
-            stats.typical = LatencyDist(stats.levels, values)
-        return stats.typical
+        return None if stats is None or stats.service is None else stats.service.dist()
+
+    def service_by_load(self, model: str) -> list[tuple[float, LatencyDist]]:
+        """(occupancy, what the calls placed at it took) per `LOAD_BANDS` band with enough
+        calls, the band's middle as its occupancy."""
+        stats = self.pools.get(model)
+        if stats is None:
+            return []
+        return [
+            ((band + 0.5) / LOAD_BANDS, avg.dist())
+            for band, avg in sorted(stats.by_load.items())
+            if avg.calls >= MIN_BAND_CALLS
+        ]
 
     def take_arrivals(self, model: str) -> int:
         """Calls of ``model`` that arrived since the last call of this (for the scaler)."""

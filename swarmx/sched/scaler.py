@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from swarmx.models.dist import LatencyDist
 from swarmx.sched import tailmath
+from swarmx.sched.dispatch import LOAD_BANDS
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class PoolState:
     """Tail latency target for this model's calls (from the workflows' SLOs), if any."""
     expected_calls: int = 0
     """Calls predicted to arrive soon from fan-outs already known or predicted."""
+    service_by_load: Sequence[tuple[float, LatencyDist]] = ()
+    """(occupancy, what recent calls placed on replicas that full actually took), by
+    increasing occupancy (`Dispatcher.service_by_load`): how load slows calls down."""
     min_replicas: int = 0
     max_replicas: int = 1 << 30
 
@@ -126,10 +130,20 @@ class ThresholdScaler:
 
 @dataclass
 class _Holt:
-    """Holt's linear (double exponential) smoothing of the arrival rate, trend per second."""
+    """Holt's linear (double exponential) smoothing of the arrival rate, trend per second; and
+    the burstiness of arrivals (index of dispersion of the per-interval counts)."""
 
     rate: float
     trend: float = 0.0
+    count_mean: float = 0.0
+    count_var: float = 0.0
+
+    def burstiness(self) -> float:
+        """``Var(N) / E[N]`` of arrivals per interval: 1 for Poisson arrivals, about the mean
+        burst size where calls come in bursts (fan-outs), as the arrival SCV of a GI/G/c."""
+        if self.count_mean <= 0:
+            return 1.0
+        return min(max(self.count_var / self.count_mean, 1.0), _MAX_BURSTINESS)
 
 
 class TailScaler:
@@ -139,15 +153,17 @@ class TailScaler:
     extrapolated ``horizon_s`` ahead, about a replica's start-up), plus ``expected_calls``
     spread over ``horizon_s`` (fan-outs known or predicted but not submitted yet).
 
-    Latency: the pool as an M/G/c queue with ``c = n * concurrency`` servers. Erlang C gives the
-    chance a call waits; Allen-Cunneen scales the wait by ``(1 + cs2) / 2`` (``cs2``: the
-    service's squared coefficient of variation) and it is exponential:
-    ``P(W > w) = C e^(-theta w)``, ``theta = 2 (c / E[S] - lambda) / (1 + cs2)``. Calls beyond
+    Latency: the pool as a GI/G/c queue with ``c = n * concurrency`` servers. Erlang C gives the
+    chance a call waits; Allen-Cunneen scales the wait by ``(ca2 + cs2) / 2`` (``cs2``: the
+    service's squared coefficient of variation; ``ca2``: the arrivals', read off the dispersion
+    of the arrival counts, large where fan-outs arrive in bursts) and it is exponential:
+    ``P(W > w) = C e^(-theta w)``, ``theta = 2 (c / E[S] - lambda) / (ca2 + cs2)``. Calls beyond
     the slots now (``busy + waiting - c``) are a backlog a new call waits ``backlog E[S] / c``
-    behind. With S the forecast itself,
+    behind. S is the forecast at the occupancy n replicas would run at (batching servers serve
+    each call slower the fuller they are; `service_at`), and
     ``P(W + S <= y) = (1 - C) F(y) + C E[F(y - W) | W > 0]``. The smallest n with
     ``P(latency <= headroom * budget) >= level`` and utilisation under ``cap`` wins; exact for
-    M/M/c.
+    M/M/c. Scaling down halves a pool at most per decision, on top of the hysteresis.
 
     Without a budget, the budget is ``no_budget_factor`` times the service's own tail.
     """
@@ -165,6 +181,7 @@ class TailScaler:
         alpha: float = 0.5,
         beta: float = 0.3,
         no_budget_factor: float = 2.0,
+        max_down: float = 0.5,
     ) -> None:
         if not 0.5 < level < 1:
             raise ValueError(f"level must be in (0.5, 1), got {level}")
@@ -177,6 +194,8 @@ class TailScaler:
         self.alpha = alpha
         self.beta = beta
         self.no_budget_factor = no_budget_factor
+        self.max_down = max_down
+        """Share of a pool a scale-down keeps at least."""
         self._stable = _Stabiliser(hysteresis_s)
         self._rates: dict[str, _Holt] = {}
 
@@ -186,6 +205,8 @@ class TailScaler:
             rate = self.rate(pool)
             demand = pool.busy + pool.waiting
             floor = math.ceil(demand / max(pool.concurrency, 1))
+            current = pool.ready + pool.starting
+            floor = max(floor, math.ceil(current * self.max_down))
             target = self._stable.target(pool, now_s, self.needed(pool, rate), floor)
             if target is not None:
                 out[pool.model] = target
@@ -197,8 +218,13 @@ class TailScaler:
         if pool.interval_s > 0:
             seen = pool.arrivals / pool.interval_s
             if holt is None:
-                holt = self._rates[pool.model] = _Holt(seen)
+                holt = self._rates[pool.model] = _Holt(seen, count_mean=pool.arrivals)
             else:
+                gap = pool.arrivals - holt.count_mean
+                holt.count_mean += _DISPERSION_ALPHA * gap
+                holt.count_var = (1 - _DISPERSION_ALPHA) * (
+                    holt.count_var + _DISPERSION_ALPHA * gap * gap
+                )
                 level = self.alpha * seen + (1 - self.alpha) * (
                     holt.rate + holt.trend * pool.interval_s
                 )
@@ -216,12 +242,22 @@ class TailScaler:
             return math.ceil(demand / (conc * self.cap))
         if rate <= 0 and demand == 0:
             return 0
-        model = _Queue.of(pool.service, self._target(pool.service, pool.budget_s))
+        # the service can get no faster than on the emptiest replicas: the budget's floor
+        fastest = pool.service_by_load[0][1] if pool.service_by_load else pool.service
+        target = self._target(fastest, pool.budget_s)
+
+        holt = self._rates.get(pool.model)
+        ca2 = 1.0 if holt is None else holt.burstiness()
 
         def ok(n: int) -> bool:
-            return model.meets(n * conc, rate, demand, self.level, self.cap)
+            service = self.service_at(pool, rate, n)
+            if service is None:  # fuller than any replica was seen: its speed is unknown
+                return False
+            return _Queue.of(service, target, ca2).meets(
+                n * conc, rate, demand, self.level, self.cap
+            )
 
-        lo = max(1, math.ceil(rate * model.mean_s / (conc * self.cap)))
+        lo = max(1, math.ceil(rate * tailmath.moments(fastest)[0] / (conc * self.cap)))
         hi = lo
         while not ok(hi):  # met eventually: the target is above the service's own tail
             if hi >= pool.max_replicas:
@@ -232,12 +268,37 @@ class TailScaler:
             lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
         return hi
 
+    @staticmethod
+    def service_at(pool: PoolState, rate: float, replicas: int) -> LatencyDist | None:
+        """The service forecast at the occupancy ``replicas`` would run at: by Little's law
+        ``rate * E[S] / (replicas * concurrency)``, with E[S] itself read at that occupancy
+        (two rounds of the fixed point; the band at or above it, so as not to flatter). None
+        past the fullest band seen: how slow calls get there is unknown, so a pool is shrunk
+        only as far as the evidence goes, and learns the next band on the way."""
+        assert pool.service is not None
+        bands = pool.service_by_load
+        if not bands:
+            return pool.service
+        slots = replicas * max(pool.concurrency, 1)
+        top = bands[-1][0] + 0.5 / LOAD_BANDS  # the fullest band's upper edge
+        dist: LatencyDist | None = pool.service
+        for _ in range(2):
+            assert dist is not None
+            occupancy = rate * tailmath.moments(dist)[0] / slots
+            if occupancy > top and top < 1:
+                return None
+            dist = next((d for o, d in bands if o >= occupancy), bands[-1][1])
+        return dist
+
     def _target(self, service: LatencyDist, budget_s: float | None) -> float:
         own_s = service.quantile(self.level)
         budget = self.no_budget_factor * own_s if budget_s is None else budget_s
         return max(self.headroom * budget, _MIN_WAIT_SHARE * own_s)
 
 
+_MAX_BURSTINESS = 50.0
+_DISPERSION_ALPHA = 0.1
+"""Smoothing of the arrival counts' mean and variance: burstiness is a slow property."""
 _MIN_WAIT_SHARE = 1.1
 """A budget the service alone (nearly) misses is raised to this multiple of the service's own
 tail: scaling cannot shorten service, only remove waiting, and squeezing out the last few
@@ -266,13 +327,15 @@ class _Queue:
     cs2: float
     """Squared coefficient of variation of the service time."""
     target_s: float
+    ca2: float = 1.0
+    """Squared coefficient of variation of the arrivals (1: Poisson)."""
     points: int = 64
     """Quadrature points over the wait."""
 
     @classmethod
-    def of(cls, service: LatencyDist, target_s: float) -> _Queue:
+    def of(cls, service: LatencyDist, target_s: float, ca2: float = 1.0) -> _Queue:
         mean, second = tailmath.moments(service)
-        return cls(service, mean, max(second / (mean * mean) - 1, 0.0), target_s)
+        return cls(service, mean, max(second / (mean * mean) - 1, 0.0), target_s, ca2)
 
     def on_time(self, servers: int, rate: float, backlog: int) -> float:
         """``P(latency <= target_s)`` of a call arriving now at ``servers`` slots."""
@@ -283,7 +346,7 @@ class _Queue:
         wait = erlang_c(servers, rate * self.mean_s)
         if wait == 0:
             return service_ok
-        theta = 2 * (servers / self.mean_s - rate) / (1 + self.cs2)
+        theta = 2 * (servers / self.mean_s - rate) / (self.ca2 + self.cs2)
         # E[F(y - W) | W > 0], W ~ Exp(theta): substitute v = 1 - e^(-theta w) so the midpoint
         # rule needs no more points for short waits than for long ones
         span = -math.expm1(-theta * y)

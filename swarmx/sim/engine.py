@@ -426,6 +426,7 @@ class Simulation:
                     arrivals=self.dispatcher.take_arrivals(model),
                     interval_s=interval,
                     service=self.dispatcher.typical_service(model),
+                    service_by_load=self.dispatcher.service_by_load(model),
                     budget_s=self.dispatcher.budget_s(model),
                     expected_calls=self.outlook.expected_calls(
                         (f.run for f in self._flows.values()), model

@@ -160,3 +160,36 @@ def test_a_forecasting_router_without_a_forecaster_is_refused():
 
     with pytest.raises(ValueError, match="needs a forecaster"):
         Dispatcher(Needy())
+
+
+def test_typical_service_is_the_mixture_of_calls_not_their_average():
+    """Nine 1 s calls and one 20 s call: the pool's p90 is the long call, which queueing is made
+    of; averaging log-quantiles would have given about 1.35 s."""
+    fc = Fixed({"a/lm": 1.0, "b/lm": 20.0})
+    d = Dispatcher(LeastOutstanding(), forecaster=fc)
+    d.add_replica(replica("a/lm", slots=100), 0.0)
+    d.add_replica(replica("b/lm", slots=0), 0.0)
+    for k in range(9):
+        d.submit(Ticket(call(f"w{k}:x"), 0.0), 0.0)
+    fc.seconds["a/lm"] = 20.0
+    d.submit(Ticket(call("w9:x"), 0.0), 0.0)
+    mix = d.typical_service("lm")
+    assert mix.quantile(0.5) == pytest.approx(1.0, rel=0.2)
+    assert mix.quantile(0.9) == pytest.approx(20.0, rel=0.2)
+
+
+def test_service_by_load_records_what_calls_took_by_occupancy_at_placement():
+    d = Dispatcher(LeastOutstanding())
+    d.add_replica(replica("a/lm", slots=8), 0.0)
+    for k in range(40):  # one at a time on an empty replica: 1 s each
+        d.submit(Ticket(call(f"e{k}:x"), 0.0), 10.0 * k)
+        d.finished(f"e{k}:x", 10.0 * k + 1.0)
+    ((occupancy, took),) = d.service_by_load("lm")
+    assert occupancy == 0.125 and took.values_s == pytest.approx((1.0,) * len(took.levels))
+    for k in range(8):  # eight together: the late ones were placed on a fuller replica
+        d.submit(Ticket(call(f"f{k}:x"), 0.0), 1000.0)
+    for k in range(8):
+        d.finished(f"f{k}:x", 1004.0)
+    bands = dict(d.service_by_load("lm"))
+    assert list(bands) == [0.125]  # 2 calls per band is too few to trust
+    assert bands[0.125].quantile(0.5) == pytest.approx(1.0)

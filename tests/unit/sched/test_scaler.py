@@ -227,3 +227,44 @@ def test_make_scaler_names_and_options():
     assert {make_scaler(name).name for name in SCALERS} == {"none", "threshold", "tail"}
     with pytest.raises(ValueError, match="known: none, threshold, tail"):
         make_scaler("hpa")
+
+
+def test_tail_reads_the_service_at_the_occupancy_a_pool_size_implies():
+    """Calls placed on full replicas took 4x longer: packing the pool tight is not free."""
+    fast, slow = LatencyDist.point(1.0, (0.5, 0.9)), LatencyDist.point(4.0, (0.5, 0.9))
+    bands = [(0.125, fast), (0.375, fast), (0.625, slow), (0.875, slow)]
+    state = pool(concurrency=8, service=fast, budget_s=3.0)
+    # 16 Erlangs on 8-slot replicas: 6 run a third full (a fast band), 5 over the middle of
+    # the second band, read pessimistically as the next (slow), and slow calls pile up more
+    banded = replace(state, service_by_load=bands)
+    assert TailScaler.service_at(banded, 16.0, 6) is fast
+    assert TailScaler.service_at(banded, 16.0, 5) is slow
+    plain, aware = TailScaler().needed(state, 16.0), TailScaler().needed(banded, 16.0)
+    assert plain == 3  # utilisation under the cap is all a 1 s call needs for a 3 s budget
+    assert aware == 6
+
+
+def test_tail_shrinks_a_pool_only_as_full_as_it_has_seen_replicas_run():
+    seen = [(0.125, LatencyDist.point(1.0, (0.5, 0.9)))]  # only ever a quarter full
+    state = pool(concurrency=8, service=seen[0][1], budget_s=30.0, service_by_load=seen)
+    assert TailScaler.service_at(state, 8.0, 2) is None  # half full: unknown speed
+    assert TailScaler().needed(state, 8.0) == 4  # 8 Erlangs within a quarter of 32 slots
+
+
+def test_tail_provisions_more_for_bursty_arrivals():
+    """Same mean rate, calls arriving in bursts (fan-outs): the wait grows, so does the pool."""
+    steady, bursty = TailScaler(), TailScaler()
+    base = pool(concurrency=4, service=EXP_1S, budget_s=3.0)
+    for k in range(40):
+        steady.rate(replace(base, arrivals=60))
+        bursty.rate(replace(base, arrivals=240 if k % 4 == 0 else 0))
+    assert steady._rates["lm"].burstiness() == pytest.approx(1.0)
+    assert bursty._rates["lm"].burstiness() > 20
+    assert bursty.needed(base, 6.0) > steady.needed(base, 6.0)
+
+
+def test_tail_scale_down_keeps_half_the_pool_per_decision():
+    scaler = TailScaler(hysteresis_s=10.0)
+    idle = pool(ready=16, service=EXP_1S, min_replicas=1)
+    scaler.decide(0.0, [idle])
+    assert scaler.decide(11.0, [idle]) == {"lm": 8}
