@@ -488,8 +488,7 @@ def _throughput_at_slo(
     which 99% of workflows meet their SLO, for each scaler with the same router and queue."""
     out = [
         f"### Throughput at SLO: `tail` scaler against `threshold` ({w}, {n} workflows, "
-        f"up to {budget} "
-        "replicas, router `tail` + `slack` for both)",
+        f"start at {budget // 2} replicas, up to {budget}, router `tail` + `slack` for both)",
         "",
         "| scaler | highest load with >= 99% of workflows on time | workflows/s | "
         "replica-seconds there |",
@@ -507,7 +506,7 @@ def _throughput_at_slo(
                 predictor=model,
                 rate=load * cap,
                 n=n,
-                replicas=max(1, budget // 4),
+                replicas=max(1, budget // 2),  # as the full stacks: steady state, not ramp-up
                 max_replicas=budget,
             )
 

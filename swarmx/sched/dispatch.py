@@ -100,8 +100,6 @@ MIX_POINTS = (0.1, 0.3, 0.5, 0.7, 0.9)
 """Equiprobable points one call's forecast stands for in its pool's service mixture."""
 MIX_CALLS = 512
 """Recent forecasts a pool's service mixture is made of."""
-OUTCOME_LEVELS = (0.5, 0.9, 0.95, 0.99)
-"""Levels the mixture of actual service times is read at."""
 
 
 @dataclass
@@ -121,11 +119,6 @@ class ServiceMix:
             (v[0],) * len(MIX_POINTS) if point else tuple(map(dist.quantile, MIX_POINTS))
         )
         self.levels = dist.levels
-        self._dist = None
-
-    def add_seconds(self, took_s: float) -> None:
-        """A call's actual service time (no spread: it is known)."""
-        self.samples.append((took_s,) * len(MIX_POINTS))
         self._dist = None
 
     @property
@@ -149,10 +142,11 @@ class PoolStats:
     arrivals: int = 0
     service: ServiceMix | None = None
     """Recent service forecasts (a typical call's distribution)."""
-    by_load: dict[int, ServiceMix] = field(default_factory=dict)
-    """What recent calls actually took, per `LOAD_BANDS` band of their replica's occupancy
-    when they were placed: how much batching and the calls that joined later slowed them, which
-    forecasts made at placement cannot see."""
+    slowdown: dict[int, deque[float]] = field(default_factory=dict)
+    """Recent calls' actual service over their forecast median, per `LOAD_BANDS` band of their
+    replica's occupancy when they were placed: how much batching and the calls that joined
+    later slowed them, which forecasts made at placement cannot see. A ratio, not seconds: which
+    calls go to emptier replicas (routers send long calls there) must not read as speed."""
 
 
 class Dispatcher:
@@ -177,8 +171,9 @@ class Dispatcher:
         self._queues: dict[str, list[tuple[float, int, Ticket]]] = {}
         self._seq = itertools.count()
         self._where: dict[str, tuple[str, Ticket]] = {}
-        self._band: dict[str, int] = {}
-        """call id -> `LOAD_BANDS` band of its replica's occupancy when it was placed."""
+        self._band: dict[str, tuple[int, float]] = {}
+        """call id -> (`LOAD_BANDS` band of its replica's occupancy when it was placed, the
+        median of its service forecast there)."""
         """call id -> (replica, ticket), for calls assigned and not finished."""
         self.pools: dict[str, PoolStats] = {}
 
@@ -237,11 +232,11 @@ class Dispatcher:
         if rep is None:
             return []
         work = rep.work.pop(call_id, None)
-        band = self._band.pop(call_id, None)
-        if work is not None and band is not None:
+        placed = self._band.pop(call_id, None)
+        if work is not None and placed is not None and placed[1] > 0:
             stats = self.pools.setdefault(pool_of(where[1].call), PoolStats())
-            mix = stats.by_load.setdefault(band, ServiceMix(OUTCOME_LEVELS))
-            mix.add_seconds(now_s - work.dispatched_s)
+            ratios = stats.slowdown.setdefault(placed[0], deque(maxlen=MIX_CALLS))
+            ratios.append((now_s - work.dispatched_s) / placed[1])
         self._refresh(rep)
         return self._drain(rep.view.model, now_s)
 
@@ -331,8 +326,10 @@ class Dispatcher:
         rep = self.replicas[chosen.replica]
         if service is not None:
             self._note_service(pool_of(call), service)
-        occupancy = len(rep.work) / max(1, chosen.concurrency)
-        self._band[call.call_id] = min(LOAD_BANDS - 1, int(occupancy * LOAD_BANDS))
+        if service is not None:
+            occupancy = len(rep.work) / max(1, chosen.concurrency)
+            band = min(LOAD_BANDS - 1, int(occupancy * LOAD_BANDS))
+            self._band[call.call_id] = (band, service.quantile(0.5))
         rep.work[call.call_id] = Work(call.call_id, now_s, service)
         self._refresh(rep)
         self._where[call.call_id] = (chosen.replica, ticket)
@@ -350,16 +347,20 @@ class Dispatcher:
         return None if stats is None or stats.service is None else stats.service.dist()
 
     def service_by_load(self, model: str) -> list[tuple[float, LatencyDist]]:
-        """(occupancy, what the calls placed at it took) per `LOAD_BANDS` band with enough
-        calls, the band's middle as its occupancy."""
+        """(occupancy, the typical service there) per `LOAD_BANDS` band with enough calls, the
+        band's middle as its occupancy: the forecast mixture times what calls placed at that
+        occupancy actually took over their forecasts, on average."""
         stats = self.pools.get(model)
-        if stats is None:
+        if stats is None or stats.service is None:
             return []
-        return [
-            ((band + 0.5) / LOAD_BANDS, avg.dist())
-            for band, avg in sorted(stats.by_load.items())
-            if avg.calls >= MIN_BAND_CALLS
-        ]
+        typical = stats.service.dist()
+        out = []
+        for band, ratios in sorted(stats.slowdown.items()):
+            if len(ratios) >= MIN_BAND_CALLS:
+                factor = sum(ratios) / len(ratios)
+                scaled = tuple(v * factor for v in typical.values_s)
+                out.append(((band + 0.5) / LOAD_BANDS, LatencyDist(typical.levels, scaled)))
+        return out
 
     def take_arrivals(self, model: str) -> int:
         """Calls of ``model`` that arrived since the last call of this (for the scaler)."""

@@ -42,8 +42,9 @@ class PoolState:
     expected_calls: int = 0
     """Calls predicted to arrive soon from fan-outs already known or predicted."""
     service_by_load: Sequence[tuple[float, LatencyDist]] = ()
-    """(occupancy, what recent calls placed on replicas that full actually took), by
-    increasing occupancy (`Dispatcher.service_by_load`): how load slows calls down."""
+    """(occupancy, the typical service on replicas that full: the forecasts times what calls
+    placed there actually took over theirs), by increasing occupancy
+    (`Dispatcher.service_by_load`): how load slows calls down."""
     min_replicas: int = 0
     max_replicas: int = 1 << 30
 
@@ -163,7 +164,7 @@ class TailScaler:
     each call slower the fuller they are; `service_at`), and
     ``P(W + S <= y) = (1 - C) F(y) + C E[F(y - W) | W > 0]``. The smallest n with
     ``P(latency <= headroom * budget) >= level`` and utilisation under ``cap`` wins; exact for
-    M/M/c. Scaling down halves a pool at most per decision, on top of the hysteresis.
+    M/M/c. Scaling down halves a pool at most per ``hysteresis_s``, on top of the hysteresis.
 
     Without a budget, the budget is ``no_budget_factor`` times the service's own tail.
     """
@@ -195,7 +196,8 @@ class TailScaler:
         self.beta = beta
         self.no_budget_factor = no_budget_factor
         self.max_down = max_down
-        """Share of a pool a scale-down keeps at least."""
+        """Share of its largest size over the hysteresis window a pool keeps at least."""
+        self._counts: dict[str, deque[tuple[float, int]]] = {}
         self._stable = _Stabiliser(hysteresis_s)
         self._rates: dict[str, _Holt] = {}
 
@@ -206,7 +208,11 @@ class TailScaler:
             demand = pool.busy + pool.waiting
             floor = math.ceil(demand / max(pool.concurrency, 1))
             current = pool.ready + pool.starting
-            floor = max(floor, math.ceil(current * self.max_down))
+            counts = self._counts.setdefault(pool.model, deque())
+            counts.append((now_s, current))
+            while counts[0][0] < now_s - self._stable.window_s:
+                counts.popleft()
+            floor = max(floor, math.ceil(max(n for _, n in counts) * self.max_down))
             target = self._stable.target(pool, now_s, self.needed(pool, rate), floor)
             if target is not None:
                 out[pool.model] = target
@@ -243,7 +249,11 @@ class TailScaler:
         if rate <= 0 and demand == 0:
             return 0
         # the service can get no faster than on the emptiest replicas: the budget's floor
-        fastest = pool.service_by_load[0][1] if pool.service_by_load else pool.service
+        fastest = min(
+            (d for _, d in pool.service_by_load),
+            key=lambda d: tailmath.moments(d)[0],
+            default=pool.service,
+        )
         target = self._target(fastest, pool.budget_s)
 
         holt = self._rates.get(pool.model)

@@ -178,18 +178,26 @@ def test_typical_service_is_the_mixture_of_calls_not_their_average():
     assert mix.quantile(0.9) == pytest.approx(20.0, rel=0.2)
 
 
-def test_service_by_load_records_what_calls_took_by_occupancy_at_placement():
-    d = Dispatcher(LeastOutstanding())
-    d.add_replica(replica("a/lm", slots=8), 0.0)
-    for k in range(40):  # one at a time on an empty replica: 1 s each
+def test_service_by_load_is_the_forecast_times_what_calls_placed_that_full_took_over_theirs():
+    fc = Fixed({"a/lm": 1.0})
+    d = Dispatcher(LeastOutstanding(), forecaster=fc)
+    d.add_replica(replica("a/lm", slots=4), 0.0)
+    for r in range(20):  # four calls at once; the k-th placed (occupancy k/4) takes k + 1 s
+        t = 100.0 * r
+        for k in range(4):
+            d.submit(Ticket(call(f"r{r}-{k}:x"), 0.0), t)
+        for k in range(4):
+            d.finished(f"r{r}-{k}:x", t + k + 1.0)
+    bands = d.service_by_load("lm")
+    assert [o for o, _ in bands] == [0.125, 0.375, 0.625, 0.875]
+    for k, (_, dist) in enumerate(bands):
+        assert dist.quantile(0.5) == pytest.approx((k + 1) * 1.0, rel=1e-6)
+
+
+def test_service_by_load_waits_for_enough_calls_per_band():
+    d = Dispatcher(LeastOutstanding(), forecaster=Fixed({"a/lm": 1.0}))
+    d.add_replica(replica("a/lm", slots=4), 0.0)
+    for k in range(19):
         d.submit(Ticket(call(f"e{k}:x"), 0.0), 10.0 * k)
-        d.finished(f"e{k}:x", 10.0 * k + 1.0)
-    ((occupancy, took),) = d.service_by_load("lm")
-    assert occupancy == 0.125 and took.values_s == pytest.approx((1.0,) * len(took.levels))
-    for k in range(8):  # eight together: the late ones were placed on a fuller replica
-        d.submit(Ticket(call(f"f{k}:x"), 0.0), 1000.0)
-    for k in range(8):
-        d.finished(f"f{k}:x", 1004.0)
-    bands = dict(d.service_by_load("lm"))
-    assert list(bands) == [0.125]  # 2 calls per band is too few to trust
-    assert bands[0.125].quantile(0.5) == pytest.approx(1.0)
+        d.finished(f"e{k}:x", 10.0 * k + 2.0)
+    assert d.service_by_load("lm") == []
