@@ -7,7 +7,7 @@ import pytest
 
 from swarmx.models.dist import LatencyDist
 from swarmx.sched.dispatch import Dispatcher, Ticket
-from swarmx.sched.router import LeastOutstanding, ReplicaView
+from swarmx.sched.router import LeastOutstanding, ReplicaView, make_router
 from swarmx.workflow.engine import CallSpec
 
 
@@ -201,3 +201,14 @@ def test_service_by_load_waits_for_enough_calls_per_band():
         d.submit(Ticket(call(f"e{k}:x"), 0.0), 10.0 * k)
         d.finished(f"e{k}:x", 10.0 * k + 2.0)
     assert d.service_by_load("lm") == []
+
+
+def test_a_forecasting_router_scores_only_the_least_loaded_candidates():
+    """r0 is the fastest, but once it holds a call eight idle replicas are the candidates."""
+    fc = Fixed({f"r{i:02d}/lm": 1.0 + i for i in range(100)})
+    d = Dispatcher(make_router("mean_predicted"), forecaster=fc, max_candidates=8)
+    for i in range(100):
+        d.add_replica(replica(f"r{i:02d}/lm", slots=4), 0.0)
+    chosen = [d.submit(Ticket(call(f"w{k}:x"), 0.0), 0.0)[0].replica.replica for k in range(20)]
+    assert set(fc.asked) == {8}
+    assert chosen == [f"r{i:02d}/lm" for i in range(20)]
