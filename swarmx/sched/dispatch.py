@@ -242,7 +242,7 @@ class Dispatcher:
         work = rep.work.pop(call_id, None)
         placed = self._band.pop(call_id, None)
         if work is not None and placed is not None and placed[1] > 0:
-            stats = self.pools.setdefault(pool_of(where[1].call), PoolStats())
+            stats = self.pools.setdefault(rep.view.model, PoolStats())
             ratios = stats.slowdown.setdefault(placed[0], deque(maxlen=MIX_CALLS))
             ratios.append((now_s - work.dispatched_s) / placed[1])
         self._refresh(rep)
