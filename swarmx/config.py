@@ -26,6 +26,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 DEFAULT_SCHEDULER = "tcp://127.0.0.1:7700"
 LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
 T = TypeVar("T")
 
 
@@ -62,6 +63,13 @@ def _check_positive(name: str, value: float) -> None:
         raise SchemaError(name, f"must be > 0, got {value}")
 
 
+def _check_metrics(port: int, addr: str) -> None:
+    if not 0 <= port <= 65535:
+        raise SchemaError("metrics_port", f"must be 0 (off) or a port up to 65535, got {port}")
+    if not addr or any(c.isspace() for c in addr):
+        raise SchemaError("metrics_addr", f"must be a host name or address, got {addr!r}")
+
+
 def default_state_dir() -> str:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return str(Path(base) / "swarmx")
@@ -75,12 +83,17 @@ class SchedulerConfig:
     """Heartbeats a node may miss before it shows as ``stale``."""
     down_after_missed: int = 10
     max_frame_bytes: int = 4 * 1024 * 1024
+    metrics_port: int = 0
+    """Serve Prometheus metrics over HTTP on this port; 0 means off (docs/metrics.md)."""
+    metrics_addr: str = "127.0.0.1"
+    """Interface the metrics server binds (``0.0.0.0`` for a Prometheus on another host)."""
 
     def __post_init__(self) -> None:
         try:
             check_address(self.listen, bind=True)
         except SchemaError as exc:
             raise SchemaError("listen", exc.message) from None
+        _check_metrics(self.metrics_port, self.metrics_addr)
         if self.stale_after_missed < 1:
             raise SchemaError("stale_after_missed", "must be >= 1")
         if self.down_after_missed <= self.stale_after_missed:
@@ -170,8 +183,12 @@ class NodeConfig:
     """Tool runs at once on this node; -1 means one per CPU core, 0 means no tools here."""
     tool_env: list[str] = field(default_factory=lambda: ["PATH", "LANG", "LC_ALL", "TZ"])
     """Environment variables passed through to tool processes; nothing else leaks in."""
+    metrics_port: int = 0
+    """Serve this agent's Prometheus metrics on this port; 0 means off (docs/metrics.md)."""
+    metrics_addr: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
+        _check_metrics(self.metrics_port, self.metrics_addr)
         if self.tool_slots < -1:
             raise SchemaError("tool_slots", "must be -1 (one per core), 0 (none) or more")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", self.name):
@@ -329,6 +346,8 @@ def check_scaler_options(policy: str, options: dict[str, bool | int | float | st
 @dataclass(frozen=True)
 class LogConfig:
     level: LogLevel = "info"
+    format: LogFormat = "text"
+    """``text`` for people (the default), ``json`` for log shippers: one object a line."""
 
 
 @dataclass(frozen=True)

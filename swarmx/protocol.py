@@ -423,6 +423,136 @@ class NodesReply:
     nodes: list[NodeView]
 
 
+# --- swarmx top -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueryTop:
+    """Client -> scheduler: everything `swarmx top` shows, in one round trip."""
+
+    TYPE: ClassVar[str] = "query_top"
+    workflows: int = 50
+    """At most this many workflows: the running ones first, then the most recently finished."""
+    decisions: int = 50
+    """The most recent route and scale decisions."""
+
+
+ReplicaState = Literal["serving", "draining", "unroutable"]
+
+
+@dataclass(frozen=True)
+class ReplicaStats:
+    """One replica as the scheduler sees it: what it booked there, what the node reports, and
+    the recent calls' service times next to what was forecast for them."""
+
+    replica: str
+    node: str
+    model: str
+    device: str
+    concurrency: int
+    state: ReplicaState
+    """``unroutable``: its node is stale or down."""
+    outstanding: int
+    """Calls the scheduler has sent there and not seen finish."""
+    queued: int | None
+    """Waiting for a slot on the node, from the node's latest telemetry (None before any)."""
+    inflight: int | None
+    completed: int | None
+    failed: int | None
+    calls: int
+    """Recent finished calls the figures below are over."""
+    actual_s: dict[str, float]
+    """Quantiles of those calls' service times, by level (``{"0.95": s}``)."""
+    pred_s: dict[str, float]
+    """Mean of those calls' forecast quantiles, by level."""
+    covered: dict[str, float]
+    """Share of those calls that finished within their forecast quantile, by level."""
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    model: str
+    replicas: int
+    """Replicas taking calls (serving, on live nodes)."""
+    queued: int
+    """Calls waiting at the scheduler for a replica of this model."""
+    calls: int
+    actual_s: dict[str, float]
+    pred_s: dict[str, float]
+    covered: dict[str, float]
+
+
+@dataclass(frozen=True)
+class WorkflowBrief:
+    id: str
+    name: str
+    state: str
+    submitted_ts: float
+    age_s: float
+    """Time since submission (running), or the end-to-end latency (finished)."""
+    slo_s: float | None
+    slack_s: float | None
+    """Running workflows with an SLO: the time to spare if the predicted remaining critical
+    path started now (negative: predicted late)."""
+    steps_done: int | None
+    steps_total: int | None
+    """Progress of running workflows (None for finished ones)."""
+    calls_running: int = 0
+
+
+@dataclass(frozen=True)
+class WorkflowSummary:
+    running: int
+    finished: int
+    """Workflows finished since the scheduler started."""
+    window_s: float
+    window_finished: int
+    """Finished (succeeded or failed) in the last ``window_s``."""
+    window_slo_total: int
+    """Of those, the ones with an SLO."""
+    window_slo_met: int
+    """...that succeeded within it."""
+    latency_p50_s: float | None
+    latency_p95_s: float | None
+    latency_p99_s: float | None
+    """Of the workflows that succeeded in the window."""
+
+
+@dataclass(frozen=True)
+class DecisionView:
+    """A routing or scaling decision, with the forecast it was made on."""
+
+    ts: float
+    kind: Literal["route", "scale"]
+    model: str
+    target: str
+    """route: the replica chosen; scale: ``before -> after`` replicas."""
+    detail: str
+    """route: the call; scale: the reason."""
+    pred_s: dict[str, float] | None = None
+    """route: the call's service forecast there; scale: the model's typical service forecast."""
+    completion_s: dict[str, float] | None = None
+    """route: the router's predicted completion (wait + service), where it made one."""
+
+
+@dataclass(frozen=True)
+class TopReply:
+    TYPE: ClassVar[str] = "top"
+    ts: float
+    """The scheduler's clock when the snapshot was taken (ages are relative to it)."""
+    scheduler: SchedulerInfo
+    router: str
+    scaler: str
+    nodes: list[NodeView]
+    models: list[ModelStats]
+    replicas: list[ReplicaStats]
+    workflows: list[WorkflowBrief]
+    summary: WorkflowSummary
+    predictor: PredictorStatus
+    decisions: list[DecisionView]
+    """Newest first."""
+
+
 Message = (
     Hello
     | Telemetry
@@ -445,6 +575,8 @@ Message = (
     | PredictorStatus
     | QueryNodes
     | NodesReply
+    | QueryTop
+    | TopReply
 )
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -471,6 +603,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         PredictorStatus,
         QueryNodes,
         NodesReply,
+        QueryTop,
+        TopReply,
     )
 }
 

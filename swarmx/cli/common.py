@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -11,8 +10,9 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 
+from swarmx import logs
 from swarmx.clock import RealClock
-from swarmx.config import Config, ConfigError, LogLevel, SchedulerConfig, load_config, override
+from swarmx.config import Config, ConfigError, SchedulerConfig, load_config, override
 from swarmx.protocol import Error, Message
 from swarmx.transport import TransportError, request
 
@@ -44,6 +44,24 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 LogLevelOpt = Annotated[
     str | None,
     typer.Option("--log-level", envvar="SWARMX_LOG_LEVEL", help="debug, info, warning or error."),
+]
+LogFormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format",
+        envvar="SWARMX_LOG_FORMAT",
+        help="text (for people) or json (one object a line) [default: text, or the config's].",
+        show_default=False,
+    ),
+]
+MetricsPortOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        envvar="SWARMX_METRICS_PORT",
+        help="Serve Prometheus metrics on this port; 0 = off [default: the config's, else off].",
+        show_default=False,
+    ),
 ]
 
 ListenOpt = Annotated[
@@ -85,26 +103,28 @@ def load(path: Path | None) -> Config:
         fail(str(exc))
 
 
-def scheduler_settings(cfg: Config, listen: str | None, state_dir: Path | None) -> SchedulerConfig:
-    """The config's [scheduler] section with --listen / --state-dir applied (exit 2 if bad)."""
+def scheduler_settings(
+    cfg: Config, listen: str | None, state_dir: Path | None, metrics_port: int | None = None
+) -> SchedulerConfig:
+    """The config's [scheduler] section with --listen / --state-dir / --metrics-port applied
+    (exit 2 if bad)."""
     try:
         return override(
-            cfg.scheduler, listen=listen, state_dir=str(state_dir) if state_dir else None
+            cfg.scheduler,
+            listen=listen,
+            state_dir=str(state_dir) if state_dir else None,
+            metrics_port=metrics_port,
         )
     except ConfigError as exc:
         fail(str(exc))
 
 
-def setup_logging(cfg: Config, flag: str | None) -> LogLevel:
-    level = (flag or cfg.log.level).lower()
-    if level not in ("debug", "info", "warning", "error"):
-        fail(f"--log-level: must be debug, info, warning or error, got {flag!r}")
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
-    return level  # type: ignore[return-value]
+def setup_logging(cfg: Config, level: str | None, fmt: str | None) -> None:
+    """Flags over the config's [log] section; one line and exit 2 for a bad value."""
+    try:
+        logs.setup_logging((level or cfg.log.level).lower(), (fmt or cfg.log.format).lower())
+    except ValueError as exc:
+        fail(str(exc))
 
 
 def ask(

@@ -10,7 +10,9 @@ from swarmx.cli.common import (
     EXIT_UNAVAILABLE,
     ConfigOpt,
     ListenOpt,
+    LogFormatOpt,
     LogLevelOpt,
+    MetricsPortOpt,
     SchedulerOpt,
     StateDirOpt,
     fail,
@@ -23,6 +25,7 @@ from swarmx.config import REPLICA_PRESETS, ConfigError, override
 from swarmx.daemon.lifecycle import run_daemon
 from swarmx.daemon.node import NodeAgent
 from swarmx.daemon.scheduler import SchedulerDaemon, StateDirBusy
+from swarmx.metrics import MetricsError
 from swarmx.transport import TransportError
 
 scheduler_app = typer.Typer(help="The central scheduler daemon.", no_args_is_help=True)
@@ -34,12 +37,14 @@ def scheduler_start(
     config: ConfigOpt = None,
     listen: ListenOpt = None,
     state_dir: StateDirOpt = None,
+    metrics_port: MetricsPortOpt = None,
     log_level: LogLevelOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run the scheduler in the foreground until SIGTERM or Ctrl-C."""
     cfg = load(config)
-    sched = scheduler_settings(cfg, listen, state_dir)
-    setup_logging(cfg, log_level)
+    sched = scheduler_settings(cfg, listen, state_dir, metrics_port)
+    setup_logging(cfg, log_level, log_format)
     daemon = SchedulerDaemon(
         sched, RealClock(), predictor=cfg.predictor, router=cfg.router, scaler=cfg.scaler
     )
@@ -68,7 +73,9 @@ def node_start(
             show_default=False,
         ),
     ] = None,
+    metrics_port: MetricsPortOpt = None,
     log_level: LogLevelOpt = None,
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run the node agent in the foreground until SIGTERM or Ctrl-C."""
     cfg = load(config)
@@ -76,12 +83,18 @@ def node_start(
         fail(f"--preset: unknown preset {preset!r} (known: {', '.join(REPLICA_PRESETS)})")
     replicas = REPLICA_PRESETS[preset] if preset and not cfg.node.replicas else None
     try:
-        node_cfg = override(cfg.node, scheduler=scheduler, name=name, replicas=replicas)
+        node_cfg = override(
+            cfg.node,
+            scheduler=scheduler,
+            name=name,
+            replicas=replicas,
+            metrics_port=metrics_port,
+        )
     except ConfigError as exc:
         fail(str(exc))
-    setup_logging(cfg, log_level)
+    setup_logging(cfg, log_level, log_format)
     agent = NodeAgent(node_cfg, RealClock())
     try:
         run_daemon(agent.run)
-    except TransportError as exc:
+    except (TransportError, MetricsError) as exc:
         fail(str(exc), EXIT_UNAVAILABLE)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import typer
 
 from swarmx import __version__
-from swarmx.cli.common import ConfigOpt, load
+from swarmx.cli.common import ConfigOpt, JsonOpt, load, print_json
 from swarmx.cli.daemons import node_app, scheduler_app
 from swarmx.cli.nodes import nodes
 from swarmx.cli.predictor import predictor_app
 from swarmx.cli.sim import sim
+from swarmx.cli.top import top
 from swarmx.cli.up import up
 from swarmx.cli.workflows import cancel, result, status, submit, traces_app
 
@@ -25,6 +26,7 @@ app.add_typer(node_app, name="node")
 app.add_typer(traces_app, name="traces")
 app.add_typer(predictor_app, name="predictor")
 app.command()(nodes)
+app.command()(top)
 app.command()(up)
 app.command()(submit)
 app.command()(status)
@@ -34,10 +36,13 @@ app.command()(sim)
 
 
 @app.command()
-def version(config: ConfigOpt = None) -> None:
+def version(config: ConfigOpt = None, json: JsonOpt = False) -> None:
     """Print the SwarmX version (and check the config file, if one is given)."""
     load(config)
-    typer.echo(__version__)
+    if json:
+        print_json({"version": __version__})
+    else:
+        typer.echo(__version__)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from swarmx.cli.common import (
     EXIT_UNAVAILABLE,
     ConfigOpt,
     ListenOpt,
+    LogFormatOpt,
     LogLevelOpt,
     StateDirOpt,
     fail,
@@ -44,15 +45,28 @@ def up(
             "(tiny torch LM + vision model) or none (tools only)."
         ),
     ] = "local",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            envvar="SWARMX_METRICS_PORT",
+            help="Serve Prometheus metrics: the scheduler on this port, node-i on this port + i "
+            "[default: the config's [scheduler] metrics_port, else off].",
+            show_default=False,
+        ),
+    ] = None,
     config: ConfigOpt = None,
     log_level: LogLevelOpt = "warning",
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Start a scheduler and N node agents on this host; stop them all on Ctrl-C or SIGTERM."""
     cfg = load(config)
-    sched = scheduler_settings(cfg, listen, state_dir)
+    sched = scheduler_settings(cfg, listen, state_dir, metrics_port)
+    if sched.metrics_port and sched.metrics_port + nodes > 65535:
+        fail(f"--metrics-port: {sched.metrics_port} + {nodes} nodes runs past port 65535")
     if preset not in REPLICA_PRESETS:
         fail(f"--preset: unknown preset {preset!r} (known: {', '.join(REPLICA_PRESETS)})")
-    setup_logging(cfg, log_level)
+    setup_logging(cfg, log_level, log_format)
     console = Console()
     stop = threading.Event()
 
@@ -72,7 +86,9 @@ def up(
         RealClock(),
         config=config,
         log_level=log_level,
+        log_format=log_format,
         preset=preset,
+        metrics_port=sched.metrics_port,
     )
     try:
         with console.status(f"starting scheduler and {nodes} nodes..."):
@@ -83,8 +99,16 @@ def up(
         hint = "" if endpoint == connectable("tcp://127.0.0.1:7700") else f" --scheduler {endpoint}"
         console.print(
             f"[green]SwarmX local cluster up[/] at {endpoint} with {nodes} nodes. "
-            f"Try [bold]swarmx nodes{hint}[/]. Ctrl-C stops it."
+            f"Try [bold]swarmx top{hint}[/]. Ctrl-C stops it."
         )
+        if sched.metrics_port:
+            port = sched.metrics_port
+            console.print(
+                f"metrics: http://{sched.metrics_addr}:{port}/metrics (scheduler), "
+                f"http://{cfg.node.metrics_addr}:{port + 1}..{port + nodes}/metrics "
+                f"(node-1..node-{nodes})",
+                highlight=False,
+            )
         while not stop.is_set():
             cluster.supervise_once()
             time.sleep(POLL_S)

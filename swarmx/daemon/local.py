@@ -3,6 +3,10 @@
 Children are real daemons (the same commands systemd runs), so a local cluster exercises the same
 code as a real one. They get SIGTERM if the supervisor dies (PR_SET_PDEATHSIG on Linux), a crashed
 child is restarted with backoff, and `stop()` leaves no orphans: SIGTERM, wait, then SIGKILL.
+
+Metrics: with ``metrics_port`` N the scheduler serves on N and node ``node-i`` on N + i; without,
+every child is told 0 (off), so a config's ``[node] metrics_port`` cannot make local agents
+fight over one port.
 """
 
 from __future__ import annotations
@@ -72,7 +76,9 @@ class LocalCluster:
         *,
         config: Path | None = None,
         log_level: str | None = None,
+        log_format: str | None = None,
         preset: str = "none",
+        metrics_port: int = 0,
         ready_timeout_s: float = 60.0,
     ) -> None:
         self.n_nodes = nodes
@@ -81,9 +87,11 @@ class LocalCluster:
         self.clock = clock
         self.ready_timeout_s = ready_timeout_s
         self.preset = preset
+        self.metrics_port = metrics_port
         self._common = [
             *(["--config", str(config)] if config else []),
             *(["--log-level", log_level] if log_level else []),
+            *(["--log-format", log_format] if log_format else []),
         ]
         self.endpoint = ""
         self.node_names = [f"node-{i}" for i in range(1, nodes + 1)]
@@ -105,6 +113,8 @@ class LocalCluster:
                     self.listen,
                     "--state-dir",
                     str(self.state_dir),
+                    "--metrics-port",
+                    str(self.metrics_port),
                 ),
             )
             self._children.append(scheduler)
@@ -112,7 +122,7 @@ class LocalCluster:
             self.endpoint = connectable(self._wait_for_endpoint(scheduler))
             # Restarts must come back on the same port, even if the first bind asked for port 0.
             scheduler.argv[scheduler.argv.index("--listen") + 1] = self.endpoint
-            for name in self.node_names:
+            for i, name in enumerate(self.node_names, 1):
                 node = _Child(
                     name,
                     self._swarmx(
@@ -124,6 +134,8 @@ class LocalCluster:
                         name,
                         "--preset",
                         self.preset,
+                        "--metrics-port",
+                        str(self.metrics_port + i if self.metrics_port else 0),
                     ),
                 )
                 self._children.append(node)

@@ -22,6 +22,7 @@ from swarmx.clock import Clock, ticks
 from swarmx.config import NodeConfig
 from swarmx.daemon.lifecycle import SystemdNotifier, run_until_stopped
 from swarmx.daemon.replicas import ReplicaSet, ScaleError
+from swarmx.metrics import NodeMetrics, serve
 from swarmx.protocol import (
     Ack,
     CancelCalls,
@@ -77,6 +78,7 @@ class NodeAgent:
         self._unacked: dict[int, tuple[float, Result]] = {}
         """Results sent but not yet acknowledged, by frame seq, with the time sent."""
         self._unsent_keys = itertools.count(-1, -1)
+        self.metrics = NodeMetrics(cfg.name)
         self._handlers: dict[type[Message], Handler] = {
             Ack: self._on_ack,
             Error: self._on_error,
@@ -87,8 +89,16 @@ class NodeAgent:
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
+        metrics = serve(self.metrics.registry, self.cfg.metrics_port, self.cfg.metrics_addr)
+        if metrics is not None:
+            log.info("metrics on %s", metrics.url, extra={"metrics_url": metrics.url})
+        try:
+            self._channel = channel = connect_dealer(self.cfg.scheduler, self.cfg.name, self.clock)
+        except BaseException:
+            if metrics is not None:
+                metrics.close()
+            raise
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarmx-collect")
-        self._channel = channel = connect_dealer(self.cfg.scheduler, self.cfg.name, self.clock)
         try:
             await self.replicas.start()
             self._hello_base = await loop.run_in_executor(executor, self._hello)
@@ -115,6 +125,8 @@ class NodeAgent:
             await self.replicas.close()
             channel.close()
             executor.shutdown(wait=True, cancel_futures=True)
+            if metrics is not None:
+                metrics.close()
             if self.gpus is not None:
                 self.gpus.close()
         log.info("node agent %s stopped", self.cfg.name)
@@ -183,6 +195,7 @@ class NodeAgent:
         async for _ in ticks(self.clock, self.cfg.telemetry_interval_s):
             sample = await loop.run_in_executor(executor, self._collect)
             self._latest = self._with_runtime(sample)
+            self.metrics.publish(self._latest, self.registered)
             if self.registered:
                 await channel.send(self._latest)
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from swarmx.clock import Clock
 from swarmx.config import ScalerConfig
 from swarmx.daemon.workflows import WorkflowService
+from swarmx.models.dist import LatencyDist
 from swarmx.protocol import Hello, Message, ReplicaPool, ScaleCommand
 from swarmx.sched.dispatch import TOOL_POOL
 from swarmx.sched.router import ReplicaView
@@ -70,6 +71,8 @@ class Decision:
     reason: str
     commands: dict[str, int]
     """Node -> its new target for the model."""
+    service: dict[str, float] | None = None
+    """The model's typical service-time forecast the decision was made on (``{"0.5": s}``)."""
 
 
 class ScaleController:
@@ -158,7 +161,9 @@ class ScaleController:
             if target == current:
                 continue
             reason = _reason(self.scaler.name, state, current, target, model not in targets)
-            decision = await self._apply(model, slots[model], current, target, reason)
+            decision = await self._apply(
+                model, slots[model], current, target, reason, service=state.service
+            )
             if decision is not None:
                 out.append(decision)
         return out
@@ -230,7 +235,14 @@ class ScaleController:
     # --- carrying out -----------------------------------------------------------------------
 
     async def _apply(
-        self, model: str, slots: list[_Slot], current: int, target: int, reason: str
+        self,
+        model: str,
+        slots: list[_Slot],
+        current: int,
+        target: int,
+        reason: str,
+        *,
+        service: LatencyDist | None,
     ) -> Decision | None:
         before = {id(s): s.target for s in slots}
         if target > current:
@@ -266,7 +278,15 @@ class ScaleController:
                 self._set_draining(s.node)
                 await self._undrain_freed(s.node)
         commands = {s.node: s.target for s in changed}
-        decision = Decision(self.clock.time(), model, current, target, reason, commands)
+        decision = Decision(
+            self.clock.time(),
+            model,
+            current,
+            target,
+            reason,
+            commands,
+            service.as_dict() if service is not None else None,
+        )
         self.decisions = [*self.decisions[-99:], decision]
         return decision
 

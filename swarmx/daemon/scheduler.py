@@ -21,8 +21,10 @@ from swarmx.clock import Clock, ticks
 from swarmx.cluster import NodeTable
 from swarmx.config import PredictorConfig, RouterConfig, ScalerConfig, SchedulerConfig
 from swarmx.daemon.lifecycle import SystemdNotifier, run_until_stopped
+from swarmx.daemon.observe import Observer
 from swarmx.daemon.scaling import ScaleController
 from swarmx.daemon.workflows import WorkflowService
+from swarmx.metrics import MetricsServer, SchedulerMetrics, serve
 from swarmx.models.online import OnlineLearner, load_model
 from swarmx.protocol import (
     Ack,
@@ -38,6 +40,7 @@ from swarmx.protocol import (
     PredictorStatus,
     QueryNodes,
     QueryPredictor,
+    QueryTop,
     QueryWorkflows,
     Result,
     SchedulerInfo,
@@ -61,6 +64,8 @@ STATE_FILE = "scheduler.json"
 """Written to the state directory once bound: the real endpoint (useful with port 0) and pid."""
 
 SWEEP_INTERVAL_S = 0.1
+PUBLISH_INTERVAL_S = 1.0
+"""How often the snapshot the metrics read is rebuilt (only while metrics are served)."""
 SCALE_REFUSALS = {"unknown_model", "out_of_range"}
 """Error codes a node answers a scale command it cannot carry out with."""
 
@@ -103,6 +108,8 @@ class SchedulerDaemon:
         self.workflows: WorkflowService | None = None
         self.scaling: ScaleController | None = None
         self.learner: OnlineLearner | None = None
+        self.observer: Observer | None = None
+        self.metrics = SchedulerMetrics()
         self.handler_errors = 0
         self._handlers: dict[type[Message], Handler] = {
             Hello: self._on_hello,
@@ -118,6 +125,7 @@ class SchedulerDaemon:
             ExportTraces: self._on_export_traces,
             QueryPredictor: self._on_query_predictor,
             InstallPredictor: self._on_install_predictor,
+            QueryTop: self._on_query_top,
         }
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -146,6 +154,15 @@ class SchedulerDaemon:
                 self.clock,
                 self._send_to_node,
             )
+            self.observer = Observer(
+                self.workflows,
+                self.nodes,
+                self.learner,
+                self.clock,
+                self.metrics,
+                router=rc.policy,
+                scaler=self.scaling.scaler.name,
+            )
             log.info(
                 "router %s (queue %s), scaler %s every %gs",
                 rc.policy,
@@ -163,7 +180,11 @@ class SchedulerDaemon:
             except BaseException:
                 store.close()
                 raise
+            metrics: MetricsServer | None = None
             try:
+                metrics = serve(self.metrics.registry, self.cfg.metrics_port, self.cfg.metrics_addr)
+                if metrics is not None:
+                    log.info("metrics on %s", metrics.url, extra={"metrics_url": metrics.url})
                 _write_json(
                     state_dir / STATE_FILE,
                     {
@@ -187,9 +208,13 @@ class SchedulerDaemon:
                 ]
                 if self.scaler_cfg.policy != "none":
                     tasks.append(asyncio.create_task(self._scale(), name="scale"))
+                if metrics is not None:
+                    tasks.append(asyncio.create_task(self._publish(), name="metrics"))
                 await run_until_stopped(stop, tasks)
             finally:
                 self.notifier.notify("STOPPING=1")
+                if metrics is not None:
+                    metrics.close()
                 channel.close()
                 store.close()
                 with contextlib.suppress(OSError):
@@ -218,7 +243,14 @@ class SchedulerDaemon:
         async for now in ticks(self.clock, SWEEP_INTERVAL_S):
             for change in self.nodes.sweep(now):
                 level = logging.WARNING if change.new != "live" else logging.INFO
-                log.log(level, "node %s: %s -> %s", change.node, change.old, change.new)
+                log.log(
+                    level,
+                    "node %s: %s -> %s",
+                    change.node,
+                    change.old,
+                    change.new,
+                    extra={"node": change.node, "state": change.new},
+                )
                 await self.workflows.on_node_state(change.node, change.new)
                 if change.new == "down":
                     await self.workflows.on_node_down(change.node)
@@ -234,9 +266,22 @@ class SchedulerDaemon:
                 first = False
                 continue
             try:
-                await self.scaling.tick()
+                decisions = await self.scaling.tick()
             except Exception:  # a bad decision must not stop scaling for good
                 log.exception("scaling decision failed")
+                continue
+            if self.observer is not None:
+                for decision in decisions:
+                    self.observer.scaled(decision)
+
+    async def _publish(self) -> None:
+        """Rebuild the snapshot the metrics server reads (on its own thread) once a second."""
+        assert self.observer is not None
+        async for _ in ticks(self.clock, PUBLISH_INTERVAL_S):
+            try:
+                self.metrics.publish(self.observer.snapshot(self._info()))
+            except Exception:  # a metrics bug must not take scheduling down with it
+                log.exception("building the metrics snapshot failed")
 
     async def _send_to_node(self, node: str, body: Message) -> bool:
         assert self._channel is not None
@@ -282,7 +327,13 @@ class SchedulerDaemon:
             return False
         change = self.nodes.seen(env.sender, peer, self.clock.monotonic(), self.clock.time())
         if change is not None:
-            log.info("node %s: %s -> %s", change.node, change.old, change.new)
+            log.info(
+                "node %s: %s -> %s",
+                change.node,
+                change.old,
+                change.new,
+                extra={"node": change.node, "state": change.new},
+            )
             assert self.workflows is not None
             await self.workflows.on_node_state(change.node, change.new)
         return True
@@ -392,15 +443,21 @@ class SchedulerDaemon:
         log.info("predictor %s installed from %s", version, env.body.path)
         await self._reply(peer, Ack(env.seq, version))
 
-    async def _on_query_nodes(self, peer: bytes, env: Envelope) -> None:
+    def _info(self) -> SchedulerInfo:
         assert self._channel is not None
-        info = SchedulerInfo(
+        return SchedulerInfo(
             endpoint=self._channel.endpoint,
             version=__version__,
             uptime_s=self.clock.monotonic() - self._started_mono,
             bad_frames=dict(self._channel.stats.dropped),
         )
-        await self._reply(peer, NodesReply(info, self.nodes.views(self.clock.monotonic())))
+
+    async def _on_query_nodes(self, peer: bytes, env: Envelope) -> None:
+        await self._reply(peer, NodesReply(self._info(), self.nodes.views(self.clock.monotonic())))
+
+    async def _on_query_top(self, peer: bytes, env: Envelope) -> None:
+        assert isinstance(env.body, QueryTop) and self.observer is not None
+        await self._reply(peer, self.observer.snapshot(self._info(), env.body))
 
 
 def build_scaler(cfg: ScalerConfig) -> Scaler:

@@ -14,7 +14,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from swarmx.clock import Clock
 from swarmx.cluster import NodeTable
@@ -56,6 +56,9 @@ from swarmx.workflow.spec import (
     WorkflowSpec,
     parse_workflow,
 )
+
+if TYPE_CHECKING:
+    from swarmx.daemon.observe import Observer
 
 log = logging.getLogger(__name__)
 K = TypeVar("K")
@@ -136,6 +139,8 @@ class WorkflowService:
             str, tuple[dict[str, float] | None, dict[str, float] | None]
         ] = collections.OrderedDict()
         """Recent calls' forecasts (service, completion) for the step views; bounded."""
+        self.observer: Observer | None = None
+        """Told of every route, finished call and finished workflow (`swarmx top`, metrics)."""
 
     # --- cluster membership -----------------------------------------------------------------
 
@@ -298,6 +303,8 @@ class WorkflowService:
         self.store.call_done(done, result, None if record is None else encode(record))
         if record is not None:
             self._learn(record)
+            if self.observer is not None:
+                self.observer.call_done(record)
         run = self.runs.get(f.call.workflow_id)
         if run is not None:
             await self._execute(run, run.on_done(done))
@@ -381,7 +388,11 @@ class WorkflowService:
                 self._finished(run, ins)
 
     def _finished(self, run: WorkflowRun, fin: Finished) -> None:
-        self.store.finish_workflow(run.id, fin.state, fin.reason, self.clock.time())
+        now = self.clock.time()
+        self.store.finish_workflow(run.id, fin.state, fin.reason, now)
+        if self.observer is not None:
+            latency = now - self._submitted.get(run.id, now)
+            self.observer.workflow_finished(fin.state, latency, run.spec.slo_s)
         self.runs.pop(run.id, None)
         self._submitted.pop(run.id, None)
         self._turns.pop(run.id, None)
@@ -452,6 +463,13 @@ class WorkflowService:
             log.exception("forecast of step %s failed", step.id)
             return None
 
+    def running(self) -> list[tuple[WorkflowRun, float]]:
+        """Each running workflow with its submission time, oldest first."""
+        return sorted(
+            ((run, self._submitted.get(wf_id, 0.0)) for wf_id, run in self.runs.items()),
+            key=lambda item: item[1],
+        )
+
     def budget(self, model: str) -> float | None:
         return self.dispatcher.budget_s(model)
 
@@ -505,6 +523,8 @@ class WorkflowService:
             None if a.ticket.deadline_s is None else a.ticket.deadline_s - a.ticket.arrived_s,
         )
         self._remember_preds(call.call_id, f)
+        if self.observer is not None:
+            self.observer.routed(a, now)
         self._turns[call.workflow_id] += 1
         self._inflight[call.call_id] = f
         self.store.call_dispatched(call, view.node, view.replica, now)

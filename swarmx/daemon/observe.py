@@ -1,0 +1,319 @@
+"""What the scheduler has seen lately, for `swarmx top` and the Prometheus metrics.
+
+The workflow service and the scaling loop tell the `Observer` of every route, finished call,
+finished workflow and scale decision (cheap appends and counter increments on the event loop). It
+keeps the recent calls of each replica and model (service time next to the forecast made at
+dispatch), the workflows finished within the last five minutes and a bounded decision log, and
+builds the one snapshot (`TopReply`) that `swarmx top` asks for and the metrics read.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from swarmx.clock import Clock
+from swarmx.cluster import NodeTable
+from swarmx.daemon.scaling import Decision
+from swarmx.daemon.workflows import WorkflowService
+from swarmx.metrics import SchedulerMetrics
+from swarmx.models.online import OnlineLearner
+from swarmx.protocol import (
+    DecisionView,
+    ModelStats,
+    PredictorStatus,
+    QueryTop,
+    ReplicaRuntime,
+    ReplicaState,
+    ReplicaStats,
+    SchedulerInfo,
+    TopReply,
+    WorkflowBrief,
+    WorkflowSummary,
+)
+from swarmx.sched.dispatch import TOOL_POOL, Assign, pool_of
+from swarmx.schema import decode
+from swarmx.traces import TraceRecord
+from swarmx.workflow.engine import WorkflowRun
+
+WINDOW_S = 300.0
+"""SLO attainment and workflow latency quantiles are over workflows finished this recently."""
+RECENT_CALLS = 200
+"""Finished calls kept per replica and per model for actual-versus-forecast figures."""
+DECISIONS = 500
+"""Route and scale decisions kept for the log."""
+MAX_LISTED = 1000
+"""Most workflows or decisions one snapshot carries, whatever a client asks."""
+
+
+def quantile(ordered: Sequence[float], p: float) -> float:
+    """The ``p`` quantile of sorted values, interpolating between closest ranks."""
+    pos = p * (len(ordered) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+@dataclass
+class Recent:
+    """The last finished calls of one replica or model: service time and forecast."""
+
+    calls: collections.deque[tuple[float, dict[str, float] | None]] = field(
+        default_factory=lambda: collections.deque(maxlen=RECENT_CALLS)
+    )
+
+    def add(self, latency_s: float, pred: dict[str, float] | None) -> None:
+        self.calls.append((latency_s, pred))
+
+    def figures(
+        self, levels: Sequence[str]
+    ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        """(actual quantiles, mean forecast quantiles, share within forecast), by level; a
+        forecast figure only for levels some call was forecast at."""
+        ordered = sorted(latency for latency, _ in self.calls)
+        actual = {p: quantile(ordered, float(p)) for p in levels} if ordered else {}
+        pred: dict[str, float] = {}
+        covered: dict[str, float] = {}
+        for p in levels:
+            pairs = [(lat, f[p]) for lat, f in self.calls if f is not None and p in f]
+            if pairs:
+                pred[p] = sum(q for _, q in pairs) / len(pairs)
+                covered[p] = sum(lat <= q for lat, q in pairs) / len(pairs)
+        return actual, pred, covered
+
+
+@dataclass(frozen=True)
+class _Finished:
+    mono: float
+    state: str
+    latency_s: float
+    slo_s: float | None
+
+
+class Observer:
+    """Hooks itself into the workflow service (``service.observer``) on construction; the
+    scheduler tells it of scale decisions."""
+
+    def __init__(
+        self,
+        service: WorkflowService,
+        nodes: NodeTable,
+        learner: OnlineLearner,
+        clock: Clock,
+        metrics: SchedulerMetrics,
+        *,
+        router: str,
+        scaler: str,
+        window_s: float = WINDOW_S,
+    ) -> None:
+        self.service = service
+        self.nodes = nodes
+        self.learner = learner
+        self.clock = clock
+        self.metrics = metrics
+        self.router = router
+        self.scaler = scaler
+        self.window_s = window_s
+        self.levels = [f"{p:g}" for p in learner.levels]
+        self.replicas: dict[str, Recent] = {}
+        self.models: dict[str, Recent] = {}
+        self.decisions: collections.deque[DecisionView] = collections.deque(maxlen=DECISIONS)
+        self.finished = 0
+        self._window: collections.deque[_Finished] = collections.deque()
+        service.observer = self
+
+    # --- events -----------------------------------------------------------------------------
+
+    def routed(self, a: Assign, now_s: float) -> None:
+        call, view = a.ticket.call, a.replica
+        model = pool_of(call)
+        self.decisions.append(
+            DecisionView(
+                now_s,
+                "route",
+                model,
+                view.replica,
+                call.call_id,
+                a.service.as_dict() if a.service is not None else None,
+                a.completion.as_dict() if a.completion is not None else None,
+            )
+        )
+        self.metrics.routes.labels(model, view.node, self.router).inc()
+
+    def call_done(self, rec: TraceRecord) -> None:
+        model = TOOL_POOL if rec.kind == "tool" else rec.model
+        self.metrics.calls.labels(model, "ok" if rec.ok else "error").inc()
+        if not rec.ok:
+            return
+        self.metrics.call_latency.labels(model).observe(rec.latency_s)
+        self.metrics.call_queue.labels(model).observe(rec.queue_s)
+        self.replicas.setdefault(rec.replica, Recent()).add(rec.latency_s, rec.pred)
+        self.models.setdefault(model, Recent()).add(rec.latency_s, rec.pred)
+
+    def workflow_finished(self, state: str, latency_s: float, slo_s: float | None) -> None:
+        self.finished += 1
+        self.metrics.workflows.labels(state).inc()
+        if state == "cancelled":  # the user's doing: neither a latency nor an SLO outcome
+            return
+        if state == "succeeded":
+            self.metrics.workflow_latency.observe(latency_s)
+        if slo_s is not None:
+            met = state == "succeeded" and latency_s <= slo_s
+            self.metrics.slo.labels("met" if met else "missed").inc()
+        self._window.append(_Finished(self.clock.monotonic(), state, latency_s, slo_s))
+
+    def scaled(self, d: Decision) -> None:
+        self.decisions.append(
+            DecisionView(d.ts, "scale", d.model, f"{d.before} -> {d.target}", d.reason, d.service)
+        )
+        self.metrics.scales.labels(d.model, "up" if d.target > d.before else "down").inc()
+
+    # --- the snapshot -----------------------------------------------------------------------
+
+    def summary(self) -> WorkflowSummary:
+        now = self.clock.monotonic()
+        while self._window and now - self._window[0].mono > self.window_s:
+            self._window.popleft()
+        recent = list(self._window)
+        with_slo = [f for f in recent if f.slo_s is not None]
+        met = [f for f in with_slo if f.state == "succeeded" and f.latency_s <= (f.slo_s or 0)]
+        ok = sorted(f.latency_s for f in recent if f.state == "succeeded")
+        return WorkflowSummary(
+            running=len(self.service.runs),
+            finished=self.finished,
+            window_s=self.window_s,
+            window_finished=len(recent),
+            window_slo_total=len(with_slo),
+            window_slo_met=len(met),
+            latency_p50_s=quantile(ok, 0.5) if ok else None,
+            latency_p95_s=quantile(ok, 0.95) if ok else None,
+            latency_p99_s=quantile(ok, 0.99) if ok else None,
+        )
+
+    def snapshot(self, info: SchedulerInfo, query: QueryTop | None = None) -> TopReply:
+        """Everything `swarmx top` shows, as of now."""
+        q = query or QueryTop()
+        now_mono, now = self.clock.monotonic(), self.clock.time()
+        replicas = self._replica_stats()
+        self._forget({r.replica for r in replicas})
+        return TopReply(
+            ts=now,
+            scheduler=info,
+            router=self.router,
+            scaler=self.scaler,
+            nodes=self.nodes.views(now_mono),
+            models=self._model_stats(replicas),
+            replicas=replicas,
+            workflows=self._workflows(min(max(q.workflows, 0), MAX_LISTED), now),
+            summary=self.summary(),
+            predictor=decode(PredictorStatus, self.learner.status()),
+            decisions=list(reversed(self.decisions))[: min(max(q.decisions, 0), MAX_LISTED)],
+        )
+
+    def _replica_stats(self) -> list[ReplicaStats]:
+        runtime: dict[str, ReplicaRuntime] = {}
+        out: list[ReplicaStats] = []
+        views = sorted(self.service.dispatcher.views(), key=lambda v: v.replica)
+        for node in {v.node for v in views}:
+            tel = self.nodes.telemetry(node)
+            runtime.update({r.replica: r for r in tel.replicas} if tel else {})
+        for v in views:
+            rt = runtime.get(v.replica)
+            recent = self.replicas.get(v.replica, Recent())
+            actual, pred, covered = recent.figures(self.levels)
+            state: ReplicaState = (
+                "draining"
+                if v.replica in self.service.draining
+                else "serving"
+                if v.node in self.nodes and self.nodes.state(v.node) == "live"
+                else "unroutable"
+            )
+            out.append(
+                ReplicaStats(
+                    replica=v.replica,
+                    node=v.node,
+                    model=v.model,
+                    device=v.device,
+                    concurrency=v.concurrency,
+                    state=state,
+                    outstanding=v.outstanding,
+                    queued=rt.queued if rt else None,
+                    inflight=rt.inflight if rt else None,
+                    completed=rt.completed if rt else None,
+                    failed=rt.failed if rt else None,
+                    calls=len(recent.calls),
+                    actual_s=actual,
+                    pred_s=pred,
+                    covered=covered,
+                )
+            )
+        return out
+
+    def _model_stats(self, replicas: list[ReplicaStats]) -> list[ModelStats]:
+        dispatcher = self.service.dispatcher
+        names = {r.model for r in replicas} | {pool_of(t.call) for t in dispatcher.queued_tickets()}
+        out = []
+        for model in sorted(names):
+            recent = self.models.get(model, Recent())
+            actual, pred, covered = recent.figures(self.levels)
+            out.append(
+                ModelStats(
+                    model=model,
+                    replicas=sum(r.model == model and r.state == "serving" for r in replicas),
+                    queued=dispatcher.queued(model),
+                    calls=len(recent.calls),
+                    actual_s=actual,
+                    pred_s=pred,
+                    covered=covered,
+                )
+            )
+        return out
+
+    def _forget(self, replicas: set[str]) -> None:
+        """Drop the recent calls of replicas that are gone (scaled down, node lost)."""
+        for name in [r for r in self.replicas if r not in replicas]:
+            del self.replicas[name]
+
+    def _workflows(self, limit: int, now: float) -> list[WorkflowBrief]:
+        running = self.service.running()[:limit]
+        out = [self._running(run, submitted, now) for run, submitted in running]
+        if len(out) < limit:
+            for row in self.service.store.workflows(limit=limit):
+                if row.state == "running" or len(out) >= limit:
+                    continue
+                latency = (row.finished_ts or now) - row.submitted_ts
+                out.append(
+                    WorkflowBrief(
+                        row.id,
+                        row.name,
+                        row.state,
+                        row.submitted_ts,
+                        latency,
+                        row.slo_s,
+                        None,
+                        None,
+                        None,
+                    )
+                )
+        return out
+
+    def _running(self, run: WorkflowRun, submitted: float, now: float) -> WorkflowBrief:
+        steps = run.spec.steps
+        slack = None
+        if run.spec.slo_s is not None:
+            paths = self.service.outlook.critical_paths(run)
+            slack = submitted + run.spec.slo_s - now - max(paths.values(), default=0.0)
+        return WorkflowBrief(
+            run.id,
+            run.spec.name,
+            run.state,
+            submitted,
+            now - submitted,
+            run.spec.slo_s,
+            slack,
+            sum(run.step_state(s.id) == "succeeded" for s in steps),
+            len(steps),
+            len(run.outstanding()),
+        )

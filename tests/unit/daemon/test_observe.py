@@ -1,0 +1,234 @@
+"""What the scheduler shows `swarmx top` and the metrics: recent calls against their forecasts,
+the five-minute workflow window, running workflows' slack and progress, and the decision log,
+driven through the real workflow service with a fake node and a hand-driven clock."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+
+import pytest
+
+from swarmx.clock import ManualClock
+from swarmx.cluster import NodeTable
+from swarmx.daemon.observe import Observer, Recent, quantile
+from swarmx.daemon.scaling import Decision
+from swarmx.daemon.workflows import WorkflowService
+from swarmx.metrics import SchedulerMetrics
+from swarmx.models.online import OnlineLearner
+from swarmx.protocol import (
+    Dispatch,
+    Hello,
+    QueryTop,
+    ReplicaInfo,
+    ReplicaRuntime,
+    Result,
+    SchedulerInfo,
+    Submit,
+    Telemetry,
+)
+from swarmx.sched.router import LeastOutstanding
+from swarmx.store import Store
+from tests.unit.test_protocol import HOST
+
+FAN = """
+name = "fan"
+slo_s = 10
+
+[[steps]]
+id = "write"
+kind = "llm"
+after = []
+model = "lm"
+prompt = "part {index}"
+fan_out = 3
+
+[[steps]]
+id = "join"
+kind = "llm"
+after = ["write"]
+model = "lm"
+prompt = "join {steps.write.output}"
+"""
+INFO = SchedulerInfo("tcp://127.0.0.1:7700", "0.1.0", 1.0, {})
+
+
+class Cluster:
+    """One node with two replicas of ``lm``, the real workflow service and an observer."""
+
+    def __init__(self, tmp_path) -> None:
+        self.clock = ManualClock(100.0)
+        self.sent: list[tuple[str, Dispatch]] = []
+        self.nodes = NodeTable(3, 10)
+        self.learner = OnlineLearner(tmp_path)
+        self.service = WorkflowService(
+            Store(tmp_path / "swarmx.db"),
+            LeastOutstanding(),
+            self.nodes,
+            self.clock,
+            self.send,
+            learner=self.learner,
+        )
+        self.metrics = SchedulerMetrics()
+        self.observer = Observer(
+            self.service,
+            self.nodes,
+            self.learner,
+            self.clock,
+            self.metrics,
+            router="least_outstanding",
+            scaler="tail",
+        )
+
+    async def send(self, node, body) -> bool:
+        if isinstance(body, Dispatch):
+            self.sent.append((node, body))
+        return True
+
+    async def start(self) -> None:
+        infos = [ReplicaInfo(f"n/lm#{i}", "lm", "emulated", "emulated:H100", 4) for i in (0, 1)]
+        hello = Hello("n", "h", 1, "0", 2, 1, 1 << 30, [], infos, 1.0, 1.0, 0.0)
+        self.nodes.register(hello, b"n", self.clock.monotonic(), self.clock.time())
+        runtime = [ReplicaRuntime("n/lm#0", "lm", 1, 2, 7, 1)]
+        self.nodes.update_telemetry("n", Telemetry(HOST, [], runtime, 0.001))
+        await self.service.on_hello(hello)
+
+    async def submit(self, slo_s: float = 10) -> str:
+        text = textwrap.dedent(FAN).replace("slo_s = 10", f"slo_s = {slo_s}")
+        return await self.service.submit(Submit("wf.toml", text))
+
+    async def finish_all(self, latency_s: float) -> None:
+        """Every dispatched call so far ends now, taking ``latency_s``."""
+        sent, self.sent = self.sent, []
+        for node, d in sent:
+            result = Result(d.call_id, d.replica, True, "ok", "", 0.0, latency_s, None, 3, 3)
+            await self.service.on_result(node, result)
+
+    def top(self, **query):
+        return self.observer.snapshot(INFO, QueryTop(**query))
+
+
+def test_quantiles_interpolate_between_ranks():
+    assert quantile([1.0], 0.99) == 1.0
+    assert quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
+    assert quantile([0.0, 10.0], 0.95) == pytest.approx(9.5)
+    recent = Recent()
+    for latency, pred in ((1.0, {"0.5": 2.0}), (3.0, {"0.5": 2.0}), (2.0, None)):
+        recent.add(latency, pred)
+    actual, mean_pred, covered = recent.figures(["0.5", "0.9"])
+    assert actual == {"0.5": 2.0, "0.9": pytest.approx(2.8)}
+    assert mean_pred == {"0.5": 2.0}  # only the calls forecast at a level count for it
+    assert covered == {"0.5": 0.5}
+
+
+def test_calls_routes_and_workflows_are_seen(tmp_path):
+    async def main():
+        c = Cluster(tmp_path)
+        await c.start()
+        fast = await c.submit()
+        await c.finish_all(1.0)  # the three "write" calls
+        during = c.top()
+        c.clock.now += 2
+        await c.finish_all(2.0)  # "join": the workflow took 2 s of its 10
+        slow = await c.submit(slo_s=1)
+        c.clock.now += 5
+        await c.finish_all(1.0)
+        c.clock.now += 1
+        await c.finish_all(1.0)  # took 6 s of its 1
+        return c, fast, slow, during, c.top()
+
+    c, fast, slow, during, after = asyncio.run(main())
+    running = during.workflows[0]
+    assert (running.id, running.state, running.steps_done, running.steps_total) == (
+        fast,
+        "running",
+        1,
+        2,
+    )
+    assert running.calls_running == 1
+    assert running.slack_s is not None and running.slack_s < 10  # "join" is still to run
+    s = after.summary
+    assert (s.running, s.finished, s.window_finished) == (0, 2, 2)
+    assert (s.window_slo_total, s.window_slo_met) == (2, 1)
+    assert s.latency_p50_s == pytest.approx(4.0)
+    assert [w.id for w in after.workflows] == [slow, fast]  # newest first
+    assert [w.age_s for w in after.workflows] == [pytest.approx(6.0), pytest.approx(2.0)]
+
+    routes = [d for d in after.decisions if d.kind == "route"]
+    assert len(routes) == 8
+    assert all(d.pred_s and set(d.pred_s) == {"0.5", "0.9", "0.95", "0.99"} for d in routes)
+    assert routes[0].detail.startswith(f"{slow}:join:")  # newest first
+    by_replica = {r.replica: r for r in after.replicas}
+    assert set(by_replica) == {"n/lm#0", "n/lm#1"}
+    r0 = by_replica["n/lm#0"]
+    assert (r0.state, r0.queued, r0.inflight, r0.completed) == ("serving", 1, 2, 7)
+    assert by_replica["n/lm#1"].queued is None  # no telemetry about it yet
+    assert sum(r.calls for r in after.replicas) == 8
+    [model] = after.models
+    assert (model.model, model.replicas, model.queued, model.calls) == ("lm", 2, 0, 8)
+    assert model.actual_s["0.5"] == 1.0
+    assert set(model.pred_s) == set(model.covered) == {"0.5", "0.9", "0.95", "0.99"}
+    assert after.predictor.kind == "fallback"
+
+    value = c.metrics.registry.get_sample_value
+    assert value("swarmx_calls_total", {"model": "lm", "outcome": "ok"}) == 8
+    assert (
+        value(
+            "swarmx_route_decisions_total",
+            {"model": "lm", "node": "n", "policy": "least_outstanding"},
+        )
+        == 8
+    )
+    assert value("swarmx_call_latency_seconds_count", {"model": "lm"}) == 8
+    assert value("swarmx_workflows_finished_total", {"state": "succeeded"}) == 2
+    assert value("swarmx_workflow_slo_total", {"outcome": "met"}) == 1
+    assert value("swarmx_workflow_slo_total", {"outcome": "missed"}) == 1
+
+
+def test_the_window_forgets_old_workflows_and_the_log_keeps_scaling(tmp_path):
+    async def main():
+        c = Cluster(tmp_path)
+        await c.start()
+        await c.submit()
+        await c.finish_all(1.0)
+        await c.finish_all(1.0)
+        c.clock.now += 301
+        c.observer.scaled(
+            Decision(c.clock.time(), "lm", 2, 3, "tail: 9 waiting", {"n": 3}, {"0.5": 1.5})
+        )
+        return c.top(decisions=2)
+
+    top = asyncio.run(main())
+    s = top.summary
+    assert (s.finished, s.window_finished, s.window_slo_total) == (1, 0, 0)
+    assert s.latency_p95_s is None
+    scale, route = top.decisions
+    assert (scale.kind, scale.target, scale.detail, scale.pred_s) == (
+        "scale",
+        "2 -> 3",
+        "tail: 9 waiting",
+        {"0.5": 1.5},
+    )
+    assert route.kind == "route"
+
+
+def test_replicas_that_leave_are_shown_unroutable_then_forgotten(tmp_path):
+    async def main():
+        c = Cluster(tmp_path)
+        await c.start()
+        await c.submit()
+        await c.finish_all(1.0)
+        c.clock.now += 5
+        for change in c.nodes.sweep(c.clock.monotonic()):
+            await c.service.on_node_state(change.node, change.new)
+        stale = c.top()
+        hello = Hello("n", "h", 1, "0", 2, 1, 1 << 30, [], [], 1.0, 1.0, 0.0)
+        c.nodes.register(hello, b"n", c.clock.monotonic(), c.clock.time())
+        await c.service.on_hello(hello)
+        return stale, c.top(), c.observer
+
+    stale, gone, observer = asyncio.run(main())
+    assert {r.state for r in stale.replicas} == {"unroutable"}
+    assert stale.models[0].replicas == 0
+    assert gone.replicas == []
+    assert observer.replicas == {}
