@@ -149,7 +149,10 @@ class LlmServer:
 
     def advance(self, now_s: float) -> list[Finished]:
         """Run to ``now_s``; return the calls that finished by then."""
+        due = self.next_event_s()
         self._advance(now_s)
+        if now_s >= due:  # woken for this finish: rounding must not leave it a hair short
+            self.k = max(self.k, self._active[0][0])
         done: list[Finished] = []
         while self._active and self._active[0][0] <= self.k + 1e-9:
             _, _, call_id = heapq.heappop(self._active)
@@ -210,7 +213,10 @@ class SharedServer:
         return self.now_s + (self._active[0][0] - self.v) / self.rate(len(self._jobs))
 
     def advance(self, now_s: float) -> list[Finished]:
+        due = self.next_event_s()
         self._advance(now_s)
+        if now_s >= due:  # as `LlmServer.advance`: the finish woken for is reached
+            self.v = max(self.v, self._active[0][0])
         done: list[Finished] = []
         while self._active and self._active[0][0] <= self.v + 1e-9:
             _, _, call_id = heapq.heappop(self._active)

@@ -97,3 +97,28 @@ def test_cancel_frees_the_slot():
     server.advance(0.1)
     done = drain(server)
     assert set(done) == {"b"} and done["b"] < 1.0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_every_wake_at_the_next_event_finishes_a_call(seed):
+    """Late in a long run (large clock values, long-running step counters) the next finish's
+    time and the progress made by it can round apart: a server woken at ``next_event_s`` must
+    still finish something, or the simulator wakes it at the same instant forever."""
+    import random
+
+    rng = random.Random(seed)
+    llm = LlmServer(GPUS[rng.choice(["A100", "H100", "L40S"])], ModelProfile(), slots=8)
+    shared = SharedServer(cores=rng.choice([1, 4, 16]))
+    now = 1e7 + rng.random()  # a clock where one ulp is about 2 ns
+    for k in range(60):
+        llm.admit(f"c{k}", rng.randint(1, 4000), rng.randint(1, 600), now)
+        shared.admit(f"c{k}", rng.expovariate(1.0), now)
+        now += rng.expovariate(5.0)
+    for server in (llm, shared):
+        left = 60 - len(server.advance(now))
+        while left:
+            due = server.next_event_s()
+            assert due < math.inf
+            done = server.advance(due)
+            assert done, "woken for a finish that did not happen"
+            left -= len(done)
