@@ -287,8 +287,13 @@ class RouterConfig:
     waiting call at the scheduler, where the queue order and the router still decide."""
     seed: int = 0
     """For the random and power_of_two routers."""
+    max_candidates: int = 64
+    """Replicas a forecasting router scores per call, the least loaded: each costs a forecast,
+    and among many replicas the least loaded hold the choice."""
 
     def __post_init__(self) -> None:
+        if self.max_candidates < 1:
+            raise SchemaError("max_candidates", f"must be >= 1, got {self.max_candidates}")
         if not 0.5 < self.level < 1:
             raise SchemaError("level", f"must be in (0.5, 1), got {self.level}")
         if self.replica_queue < 0:

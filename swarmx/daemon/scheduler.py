@@ -146,6 +146,7 @@ class SchedulerDaemon:
                 learner=self.learner,
                 order=rc.queue,
                 replica_queue=rc.replica_queue,
+                max_candidates=rc.max_candidates,
             )
             self.scaling = ScaleController(
                 self.scaler_cfg,

@@ -99,6 +99,7 @@ class WorkflowService:
         learner: OnlineLearner | None = None,
         order: QueueOrder = "fifo",
         replica_queue: int = 0,
+        max_candidates: int = 64,
     ) -> None:
         self.store = store
         self.nodes = nodes
@@ -108,7 +109,13 @@ class WorkflowService:
         forecaster = (
             LiveForecaster(learner, self._query, self._device) if learner is not None else None
         )
-        self.dispatcher = Dispatcher(router, order, forecaster, replica_queue=replica_queue)
+        self.dispatcher = Dispatcher(
+            router,
+            order,
+            forecaster,
+            replica_queue=replica_queue,
+            max_candidates=max_candidates,
+        )
         """Queued calls, replicas and what is outstanding on each (calls with no live replica
         for their model wait there until one comes)."""
         self.runs: dict[str, WorkflowRun] = {}

@@ -157,6 +157,7 @@ queue = "fifo"
 level = 0.9
 replica_queue = 2
 seed = 7
+max_candidates = 16
 
 [scaler]
 policy = "threshold"
@@ -175,12 +176,13 @@ startup_delay_s = 0.5
         )
     )
     r, s = cfg.router, cfg.scaler
-    assert (r.policy, r.queue, r.level, r.replica_queue, r.seed) == (
+    assert (r.policy, r.queue, r.level, r.replica_queue, r.seed, r.max_candidates) == (
         "power_of_two",
         "fifo",
         0.9,
         2,
         7,
+        16,
     )
     assert (s.policy, s.interval_s) == ("threshold", 1.5)
     assert s.min_replicas == {"tiny-lm": 1}
