@@ -198,22 +198,30 @@ class TailScaler:
         self.max_down = max_down
         """Share of its largest size over the hysteresis window a pool keeps at least."""
         self._counts: dict[str, deque[tuple[float, int]]] = {}
+        self._bursts: dict[str, deque[tuple[float, int]]] = {}
+        """Per model, the calls in hand (running and waiting) at each decision of the hysteresis
+        window: fan-outs come in bursts, and a pool sized for the mean rate queues a burst for
+        a replica start-up, so it keeps slots for the largest recent one (under ``cap``)."""
         self._stable = _Stabiliser(hysteresis_s)
         self._rates: dict[str, _Holt] = {}
 
     def decide(self, now_s: float, pools: Sequence[PoolState]) -> dict[str, int]:
         out: dict[str, int] = {}
+        window = self._stable.window_s
         for pool in pools:
             rate = self.rate(pool)
-            demand = pool.busy + pool.waiting
-            floor = math.ceil(demand / max(pool.concurrency, 1))
+            conc, demand = max(pool.concurrency, 1), pool.busy + pool.waiting
+            floor = math.ceil(demand / conc)
             current = pool.ready + pool.starting
-            counts = self._counts.setdefault(pool.model, deque())
-            counts.append((now_s, current))
-            while counts[0][0] < now_s - self._stable.window_s:
-                counts.popleft()
-            floor = max(floor, math.ceil(max(n for _, n in counts) * self.max_down))
-            target = self._stable.target(pool, now_s, self.needed(pool, rate), floor)
+            peak = _windowed_max(self._counts, pool.model, now_s, window, current)
+            floor = max(floor, math.ceil(peak * self.max_down))
+            # calls arriving within one interval overlap for at most a service time of it
+            mean_s = tailmath.moments(pool.service)[0] if pool.service is not None else 0.0
+            overlap = min(1.0, mean_s / pool.interval_s) if pool.interval_s > 0 else 1.0
+            together = max(demand, math.ceil(pool.arrivals * overlap))
+            burst = _windowed_max(self._bursts, pool.model, now_s, window, together)
+            wanted = max(self.needed(pool, rate), math.ceil(burst / (conc * self.cap)))
+            target = self._stable.target(pool, now_s, min(wanted, pool.max_replicas), floor)
             if target is not None:
                 out[pool.model] = target
         return out
@@ -304,6 +312,21 @@ class TailScaler:
         own_s = service.quantile(self.level)
         budget = self.no_budget_factor * own_s if budget_s is None else budget_s
         return max(self.headroom * budget, _MIN_WAIT_SHARE * own_s)
+
+
+def _windowed_max(
+    history: dict[str, deque[tuple[float, int]]],
+    key: str,
+    now_s: float,
+    window_s: float,
+    value: int,
+) -> int:
+    """Record ``value`` at ``now_s``; the largest recorded over the last ``window_s``."""
+    kept = history.setdefault(key, deque())
+    kept.append((now_s, value))
+    while kept[0][0] < now_s - window_s:
+        kept.popleft()
+    return max(v for _, v in kept)
 
 
 _MAX_BURSTINESS = 50.0

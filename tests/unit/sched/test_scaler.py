@@ -268,3 +268,16 @@ def test_tail_scale_down_keeps_half_the_pool_per_decision():
     idle = pool(ready=16, service=EXP_1S, min_replicas=1)
     scaler.decide(0.0, [idle])
     assert scaler.decide(11.0, [idle]) == {"lm": 8}
+
+
+def test_tail_keeps_slots_for_the_largest_recent_burst():
+    """A fan-out burst of 60 calls came and went: until it leaves the hysteresis window the
+    pool keeps room for another like it to start at once, whatever the mean rate says."""
+    scaler = TailScaler(hysteresis_s=60.0)
+    burst = pool(ready=20, concurrency=4, busy=60, service=EXP_1S, budget_s=30.0)
+    scaler.decide(0.0, [burst])
+    quiet = replace(burst, busy=0, arrivals=10)
+    for t in (10.0, 20.0, 30.0, 40.0, 50.0):
+        target = scaler.decide(t, [quiet]).get("lm", 20)
+        assert target >= math.ceil(60 / (4 * 0.9))
+    assert scaler.decide(200.0, [replace(quiet, ready=17)]).get("lm", 17) < 17
