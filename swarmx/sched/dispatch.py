@@ -90,16 +90,19 @@ class _Replica:
 
 LOAD_BANDS = 4
 """Occupancy bands (share of a replica's slots taken when a call was placed on it) in which
-service forecasts are also averaged: a batching server serves each call slower the fuller it
-is, and the tail scaler must know by how much to see what another replica buys."""
+what calls took over their forecasts is kept: a batching server serves each call slower the
+fuller it is, and the tail scaler must know by how much to see what another replica buys."""
 MIN_BAND_CALLS = 20
-"""Forecasts a band needs before the scaler trusts its average."""
+"""Calls a band needs before the scaler trusts it."""
 
 
 MIX_POINTS = (0.1, 0.3, 0.5, 0.7, 0.9)
 """Equiprobable points one call's forecast stands for in its pool's service mixture."""
 MIX_CALLS = 512
 """Recent forecasts a pool's service mixture is made of."""
+MIX_REFRESH = 16
+"""New forecasts (or an eighth of the mixture, while it is small) before its quantiles are read
+again: one call barely moves a mixture of 512, and the slack queue asks for it at every call."""
 
 
 @dataclass
@@ -111,6 +114,7 @@ class ServiceMix:
     levels: tuple[float, ...]
     samples: deque[tuple[float, ...]] = field(default_factory=lambda: deque(maxlen=MIX_CALLS))
     _dist: LatencyDist | None = None
+    _new: int = 0
 
     def add(self, dist: LatencyDist) -> None:
         v = dist.values_s
@@ -118,15 +122,17 @@ class ServiceMix:
         self.samples.append(
             (v[0],) * len(MIX_POINTS) if point else tuple(map(dist.quantile, MIX_POINTS))
         )
-        self.levels = dist.levels
-        self._dist = None
+        if dist.levels != self.levels:
+            self.levels, self._dist = dist.levels, None
+        self._new += 1
 
     @property
     def calls(self) -> int:
         return len(self.samples)
 
     def dist(self) -> LatencyDist:
-        if self._dist is None:
+        if self._dist is None or self._new >= min(MIX_REFRESH, 1 + len(self.samples) // 8):
+            self._new = 0
             xs = sorted(itertools.chain.from_iterable(self.samples))
             n = len(xs)
             self._dist = LatencyDist(
@@ -336,7 +342,6 @@ class Dispatcher:
         rep = self.replicas[chosen.replica]
         if service is not None:
             self._note_service(pool_of(call), service)
-        if service is not None:
             occupancy = len(rep.work) / max(1, chosen.concurrency)
             band = min(LOAD_BANDS - 1, int(occupancy * LOAD_BANDS))
             self._band[call.call_id] = (band, service.quantile(0.5))
