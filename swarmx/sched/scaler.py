@@ -164,7 +164,8 @@ class TailScaler:
     each call slower the fuller they are; `service_at`), and
     ``P(W + S <= y) = (1 - C) F(y) + C E[F(y - W) | W > 0]``. The smallest n with
     ``P(latency <= headroom * budget) >= level`` and utilisation under ``cap`` wins; exact for
-    M/M/c. Scaling down halves a pool at most per ``hysteresis_s``, on top of the hysteresis.
+    M/M/c. Scaling down halves a pool at most per ``hysteresis_s``, on top of the hysteresis,
+    and the pool keeps slots for the largest burst of calls in that window.
 
     Without a budget, the budget is ``no_budget_factor`` times the service's own tail.
     """
