@@ -10,6 +10,7 @@ there), so the queue order decides who goes first under load, and the router dec
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
@@ -100,41 +101,42 @@ MIX_POINTS = (0.1, 0.3, 0.5, 0.7, 0.9)
 """Equiprobable points one call's forecast stands for in its pool's service mixture."""
 MIX_CALLS = 512
 """Recent forecasts a pool's service mixture is made of."""
-MIX_REFRESH = 16
-"""New forecasts (or an eighth of the mixture, while it is small) before its quantiles are read
-again: one call barely moves a mixture of 512, and the slack queue asks for it at every call."""
 
 
 @dataclass
 class ServiceMix:
     """Recent calls' service forecasts as one distribution, the mixture over calls: a pool
     serves short and long calls, and averaging their quantiles (a geometric mean) would hide
-    the long ones that queueing is made of."""
+    the long ones that queueing is made of. The points are kept sorted as they come and go
+    (the slack queue reads the mixture at every call), so reading a quantile is an index."""
 
     levels: tuple[float, ...]
-    samples: deque[tuple[float, ...]] = field(default_factory=lambda: deque(maxlen=MIX_CALLS))
+    samples: deque[tuple[float, ...]] = field(default_factory=deque)
+    _sorted: list[float] = field(default_factory=list)
     _dist: LatencyDist | None = None
-    _new: int = 0
 
     def add(self, dist: LatencyDist) -> None:
         v = dist.values_s
         point = v[0] == v[-1]
-        self.samples.append(
-            (v[0],) * len(MIX_POINTS) if point else tuple(map(dist.quantile, MIX_POINTS))
-        )
+        new = (v[0],) * len(MIX_POINTS) if point else tuple(map(dist.quantile, MIX_POINTS))
+        xs = self._sorted
+        if len(self.samples) >= MIX_CALLS:
+            for x in self.samples.popleft():
+                del xs[bisect.bisect_left(xs, x)]
+        self.samples.append(new)
+        for x in new:
+            bisect.insort(xs, x)
         if dist.levels != self.levels:
-            self.levels, self._dist = dist.levels, None
-        self._new += 1
+            self.levels = dist.levels
+        self._dist = None
 
     @property
     def calls(self) -> int:
         return len(self.samples)
 
     def dist(self) -> LatencyDist:
-        if self._dist is None or self._new >= min(MIX_REFRESH, 1 + len(self.samples) // 8):
-            self._new = 0
-            xs = sorted(itertools.chain.from_iterable(self.samples))
-            n = len(xs)
+        if self._dist is None:
+            xs, n = self._sorted, len(self._sorted)
             self._dist = LatencyDist(
                 self.levels, tuple(xs[min(n - 1, int(p * n))] for p in self.levels)
             )

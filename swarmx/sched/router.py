@@ -188,10 +188,15 @@ class LeastOutstanding:
 
     def choose(self, inp: RouteInput) -> Decision:
         cands = inp.candidates
-        pool = usable(inp.call, cands)
-        loads = [c.outstanding for c in cands]
-        least = min([loads[i] for i in pool])
-        return Decision(self._ties.pick(cands, [i for i in pool if loads[i] == least]))
+        pool = usable(inp.call, cands) if inp.call.avoid else range(len(cands))
+        least, tied = math.inf, []
+        for i in pool:  # one pass: this runs for every call on every open replica
+            load = cands[i].outstanding
+            if load < least:
+                least, tied = load, [i]
+            elif load == least:
+                tied.append(i)
+        return Decision(self._ties.pick(cands, tied))
 
 
 class PowerOfTwo:

@@ -64,7 +64,7 @@ def oracle_s(call: CallSpec, truth: CallTruth, rep: Replica) -> float:
     """Service time if the replica's load stayed as it is now."""
     s = rep.server
     if isinstance(s, LlmServer):
-        return s.solo_s(truth.prompt_tokens, truth.output_tokens, s.batch, s.kv_tokens())
+        return s.solo_now_s(truth.prompt_tokens, truth.output_tokens)
     if rep.kind == "vision":
         px = int(call.inputs.get("image_px", "224"))
         steps = int(call.inputs.get("steps", "1"))

@@ -68,11 +68,18 @@ class LlmServer:
         return max(self._w + kv_tokens * self._kv, self._flop * batch) + self.gpu.step_overhead_s
 
     def solo_s(self, prompt_tokens: int, output_tokens: int, batch: int, kv_tokens: float) -> float:
-        """A call's service time if the batch it joins stayed as it is (the oracle's estimate)."""
+        """A call's service time if the batch it joins stayed as it is (the oracle's estimate):
+        its prefill (``_flop`` per prompt token, as `prefill_s`) and its decode steps at the
+        batch's mid-call KV cache."""
         n = batch + 1
         mid_kv = kv_tokens + prompt_tokens + n * output_tokens / 2
-        return prefill_s(self.gpu, self.model, prompt_tokens) + output_tokens * self.step_s(
-            n, mid_kv
+        step = max(self._w + mid_kv * self._kv, self._flop * n) + self.gpu.step_overhead_s
+        return self._flop * prompt_tokens + output_tokens * step
+
+    def solo_now_s(self, prompt_tokens: int, output_tokens: int) -> float:
+        """`solo_s` joining the batch as it is now (the oracle asks this of every candidate)."""
+        return self.solo_s(
+            prompt_tokens, output_tokens, len(self._info), self._ctx0 + len(self._info) * self.k
         )
 
     # --- fluid integration ------------------------------------------------------------------
