@@ -62,6 +62,11 @@ class _Channel:
         self._seq = 0
         self.stats = FrameStats()
 
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last frame this channel numbered, sent or not (0 before any)."""
+        return self._seq
+
     def _frame(self, body: Message) -> tuple[int, bytes]:
         self._seq += 1
         return self._seq, encode_frame(self.sender, self._seq, self._clock.time(), body)

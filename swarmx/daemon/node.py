@@ -9,6 +9,7 @@ register again, so the cluster heals by itself after a scheduler restart.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import logging
@@ -46,6 +47,8 @@ SCHEDULER_SILENT_AFTER_MISSED = 3
 """Heartbeats without any answer before the agent treats the scheduler as lost."""
 RESEND_RESULT_AFTER_S = 2.0
 """A result the scheduler has not acknowledged is sent again (it may have restarted)."""
+RECENT_HELLOS = 16
+"""Hellos remembered for their acknowledgement (which confirms the drains waiting on it)."""
 
 Handler = Callable[[Envelope], Awaitable[None]]
 
@@ -65,6 +68,8 @@ class NodeAgent:
         self.gpus = gpus if gpus is not None else (NvmlGpus() if cfg.gpus == "auto" else None)
         self.registered = False
         self._hello_seq: int | None = None
+        self._hellos: collections.deque[int] = collections.deque(maxlen=RECENT_HELLOS)
+        """Seqs of the hellos sent last (an acknowledgement of any confirms drains)."""
         self._last_answer_mono = clock.monotonic()
         self._started_mono = clock.monotonic()
         self._started_ts = clock.time()
@@ -72,7 +77,12 @@ class NodeAgent:
         self._latest: Telemetry | None = None
         """Last sample, sent the moment registration is acknowledged so the scheduler never
         shows a registered node without telemetry for a whole interval."""
-        self.replicas = ReplicaSet(cfg, clock, on_change=self._announce)
+        self.replicas = ReplicaSet(
+            cfg, clock, on_change=self._announce, confirm_drain=self._scheduler_told
+        )
+        self._told: list[tuple[int, asyncio.Future[None]]] = []
+        """Drains waiting for the scheduler to acknowledge a hello numbered above the seq they
+        hold (see `_scheduler_told`)."""
         self._hello_base: Hello | None = None
         """Registration without the replica lists (host facts collected once)."""
         self._unacked: dict[int, tuple[float, Result]] = {}
@@ -161,7 +171,26 @@ class NodeAgent:
         registered sends the current one with its next heartbeat anyway)."""
         if self._channel is None or self._hello_base is None or not self.registered:
             return
-        self._hello_seq = await self._channel.send(self.hello())
+        await self._send_hello(self._channel)
+
+    async def _send_hello(self, channel: DealerChannel) -> None:
+        self._hello_seq = await channel.send(self.hello())
+        if self._hello_seq is not None:
+            self._hellos.append(self._hello_seq)
+
+    def _scheduler_told(self) -> asyncio.Future[None]:
+        """Done once the scheduler has acknowledged a hello sent from now on (so one saying which
+        replicas drain now). The scheduler applies a hello before it answers and sends to this
+        node over one ordered socket, so by then every call it routed to a draining replica has
+        arrived, and it routes none there any more: a replica the node picked to drain itself
+        (the scheduler only asked for fewer) is closed with no call on its way to it. `_on_scale`
+        announces right after scaling; while a drain waits, every heartbeat sends a hello too."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._channel is None:  # not connected: nothing can have been routed here
+            done.set_result(None)
+        else:
+            self._told.append((self._channel.last_seq, done))
+        return done
 
     def _collect(self) -> Telemetry:
         start = self.clock.monotonic()
@@ -187,8 +216,8 @@ class NodeAgent:
             if self.registered:
                 await channel.send(Heartbeat(now - self._started_mono, channel.stats.unsent))
                 await self._resend_results(now)
-            else:
-                self._hello_seq = await channel.send(self.hello())
+            if not self.registered or self._told:  # a drain waits for one (`_scheduler_told`)
+                await self._send_hello(channel)
 
     async def _telemetry(self, channel: DealerChannel, executor: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
@@ -262,6 +291,11 @@ class NodeAgent:
     async def _on_ack(self, env: Envelope) -> None:
         assert isinstance(env.body, Ack)
         self._unacked.pop(env.body.ref_seq, None)
+        if env.body.ref_seq in self._hellos:
+            for mark, done in self._told:
+                if mark < env.body.ref_seq and not done.done():
+                    done.set_result(None)
+            self._told = [(mark, done) for mark, done in self._told if not done.done()]
         if not self.registered and env.body.ref_seq == self._hello_seq:
             self.registered = True
             log.info("registered with scheduler %s", self.cfg.scheduler)

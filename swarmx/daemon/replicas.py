@@ -121,15 +121,27 @@ class _Pool:
 
 
 Changed = Callable[[], Awaitable[object]]
+Confirm = Callable[[], asyncio.Future[None]]
 
 
 class ReplicaSet:
-    def __init__(self, cfg: NodeConfig, clock: Clock, on_change: Changed | None = None) -> None:
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        clock: Clock,
+        on_change: Changed | None = None,
+        confirm_drain: Confirm | None = None,
+    ) -> None:
         self.node = cfg.name
         self.clock = clock
         self.on_change = on_change
         """Awaited after a replica started by `scale` is ready or a drained one has closed (the
         node announces its new replica list)."""
+        self.confirm_drain = confirm_drain
+        """Called the moment `scale` marks replicas draining; a drained replica closes only once
+        the future it returns is done, and then once its calls are. The node agent's is done
+        when the scheduler has seen the mark (see `NodeAgent`): a replica the node picked
+        itself may have calls on their way to it until then, which must find it open."""
         self.replicas: dict[str, Replica] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._configs: list[tuple[ReplicaInfo, Callable[[], Backend]]] = []
@@ -251,9 +263,11 @@ class ReplicaSet:
             key=lambda r: (r.pending, -_index(r.info.replica)),
         )
         chosen += rest[: excess - len(chosen)]
+        confirmed = self.confirm_drain() if chosen and self.confirm_drain is not None else None
         for replica in chosen:
             replica.info = dataclasses.replace(replica.info, draining=True)
-            self._track(asyncio.create_task(self._drain(replica), name=f"drain {replica.info}"))
+            drain = self._drain(replica, confirmed)
+            self._track(asyncio.create_task(drain, name=f"drain {replica.info}"))
             done.append(f"draining {replica.info.replica} ({replica.pending} calls left)")
         return "; ".join(done) or "nothing to do"
 
@@ -298,9 +312,11 @@ class ReplicaSet:
         self._add(info, backend)
         await self._changed()
 
-    async def _drain(self, replica: Replica) -> None:
+    async def _drain(self, replica: Replica, confirmed: asyncio.Future[None] | None) -> None:
         name = replica.info.replica
         log.info("replica %s draining: %d calls to finish", name, replica.pending)
+        if confirmed is not None:  # calls routed here before the mark was seen count as pending
+            await asyncio.shield(confirmed)
         await replica.idle.wait()
         self.replicas.pop(name, None)
         await replica.backend.close()

@@ -7,8 +7,9 @@ Placement: a node can scale a model it declares in its ``[[node.replicas]]`` (it
 of the model (then the lowest CPU use); a scale-down first cancels replicas still starting, then
 drains replicas from the node with the most idle ones, the least busy first. A draining replica
 gets no new calls from the moment the decision is made; the node closes it once the calls it has
-are done, then announces its new replica list (a new hello), and only then does the replica leave
-the dispatcher, so no call is lost.
+are done (and the scheduler has acknowledged the hello marking it draining, in case the node picked
+it itself), then announces its new replica list (a new hello), and only then does the replica
+leave the dispatcher, so no call is lost.
 
 The node is the truth about its replicas: each hello carries its targets and which replicas are
 draining. A command the node has not applied yet (its hello still shows the old target) keeps its

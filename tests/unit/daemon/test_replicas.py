@@ -316,7 +316,7 @@ def scalable_config(count: int = 1, max_count: int | None = 3, delay_s: float = 
     return NodeConfig(name="node", replicas=[lm], tool_slots=0, gpus="off")
 
 
-def serve_scaling(test, cfg: NodeConfig):
+def serve_scaling(test, cfg: NodeConfig, confirm_drain=None):
     """Like `serve`, counting the replica-list changes the set announces."""
 
     async def main():
@@ -325,7 +325,7 @@ def serve_scaling(test, cfg: NodeConfig):
         async def changed():
             changes.append([(i.replica, i.draining) for i in rs.infos()])
 
-        rs = ReplicaSet(cfg, RealClock(), on_change=changed)
+        rs = ReplicaSet(cfg, RealClock(), on_change=changed, confirm_drain=confirm_drain)
         await rs.start()
         try:
             return await test(Node(rs), changes)
@@ -424,6 +424,40 @@ def test_scale_down_without_names_drains_the_least_busy():
     detail, listed = serve_scaling(test, scalable_config())
     assert detail == f"draining {LM1} (0 calls left)"
     assert listed == [LM0]
+
+
+def test_a_drained_replica_stays_open_for_calls_until_the_drain_is_confirmed():
+    """The node picked the replica itself (no names): calls the scheduler routed to it before it
+    heard of the drain still arrive, and must find it open, however idle it was."""
+    confirms = []
+
+    def confirm_drain():
+        confirms.append(asyncio.get_running_loop().create_future())
+        return confirms[-1]
+
+    async def test(node, changes):
+        await two_replicas_one_busy(node, LM0)
+        changes.clear()
+        detail = node.rs.scale("lm", "emulated", 1)
+        await asyncio.sleep(0.1)
+        idle_but_unconfirmed = [(i.replica, i.draining) for i in node.rs.infos()]
+        late = Slow()
+        node.rs.replicas[LM1].backend = late
+        node.submit(llm("late", LM1))  # routed before the scheduler saw the mark
+        await node.until(lambda: late.started == ["late"])
+        confirms[0].set_result(None)
+        await node.until(lambda: changes)
+        return detail, idle_but_unconfirmed, node.results, late, changes
+
+    detail, unconfirmed, results, late, changes = serve_scaling(
+        test, scalable_config(), confirm_drain
+    )
+    assert detail == f"draining {LM1} (0 calls left)"
+    assert len(confirms) == 1
+    assert unconfirmed == [(LM0, False), (LM1, True)]  # idle, yet kept open
+    assert results["late"].ok, results["late"].error  # not "no replica": nothing re-run
+    assert late.closed
+    assert changes == [[(LM0, False)]]  # closed once confirmed and its call was done
 
 
 @pytest.mark.parametrize(
