@@ -228,6 +228,7 @@ class ScaleController:
             service=dispatcher.typical_service(model),
             service_by_load=dispatcher.service_by_load(model),
             budget_s=self.service.budget(model),
+            risk=dispatcher.take_risk(model),
             expected_calls=self.service.expected_calls(model),
             min_replicas=lo,
             max_replicas=hi,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from swarmx.models.dist import LatencyDist
+from swarmx.sched import tailmath
 from swarmx.sched.router import Forecaster, ReplicaView, RouteInput, Router, Work
 from swarmx.workflow.engine import CallSpec
 
@@ -155,6 +156,9 @@ class PoolStats:
     replica's occupancy when they were placed: how much batching and the calls that joined
     later slowed them, which forecasts made at placement cannot see. A ratio, not seconds: which
     calls go to emptier replicas (routers send long calls there) must not read as speed."""
+    missed: float = 0.0
+    """Sum over the calls placed with a deadline of their predicted chance of missing it."""
+    with_deadline: int = 0
 
 
 def _outstanding(view: ReplicaView) -> int:
@@ -344,6 +348,8 @@ class Dispatcher:
         rep = self.replicas[chosen.replica]
         if service is not None:
             self._note_service(pool_of(call), service)
+            if ticket.deadline_s is not None:
+                self._note_risk(pool_of(call), decision.completion or service, ticket, now_s)
             occupancy = len(rep.work) / max(1, chosen.concurrency)
             band = min(LOAD_BANDS - 1, int(occupancy * LOAD_BANDS))
             self._band[call.call_id] = (band, service.quantile(0.5))
@@ -357,6 +363,25 @@ class Dispatcher:
         if stats.service is None:
             stats.service = ServiceMix(dist.levels)
         stats.service.add(dist)
+
+    def _note_risk(self, model: str, done: LatencyDist, ticket: Ticket, now_s: float) -> None:
+        assert ticket.deadline_s is not None
+        left_s = ticket.deadline_s - now_s
+        stats = self.pools.setdefault(model, PoolStats())
+        stats.missed += 1.0 - tailmath.cdf(done, left_s) if left_s > 0 else 1.0
+        stats.with_deadline += 1
+
+    def take_risk(self, model: str) -> float | None:
+        """The mean predicted chance that the calls of ``model`` placed since the last call of
+        this miss their deadlines, as forecast where they were placed (their wait in the queue
+        and the replica they got included); None if none had a deadline. The tail scaler's
+        measure of tail risk against the SLO."""
+        stats = self.pools.setdefault(model, PoolStats())
+        if not stats.with_deadline:
+            return None
+        risk = stats.missed / stats.with_deadline
+        stats.missed, stats.with_deadline = 0.0, 0
+        return risk
 
     def typical_service(self, model: str) -> LatencyDist | None:
         """The recent forecasts of this model's calls, as one distribution (their mixture)."""

@@ -41,6 +41,9 @@ class PoolState:
     """Tail latency target for this model's calls (from the workflows' SLOs), if any."""
     expected_calls: int = 0
     """Calls predicted to arrive soon from fan-outs already known or predicted."""
+    risk: float | None = None
+    """The mean predicted chance that the calls placed since the previous decision miss their
+    deadlines, as forecast where they went (`Dispatcher.take_risk`); None: none had one."""
     service_by_load: Sequence[tuple[float, LatencyDist]] = ()
     """(occupancy, the typical service on replicas that full: the forecasts times what calls
     placed there actually took over theirs), by increasing occupancy
@@ -184,6 +187,9 @@ class TailScaler:
         beta: float = 0.3,
         no_budget_factor: float = 2.0,
         max_down: float = 0.5,
+        risk_target: float = 0.002,
+        risk_gain: float = 1.0,
+        risk_alpha: float = 0.3,
     ) -> None:
         if not 0.5 < level < 1:
             raise ValueError(f"level must be in (0.5, 1), got {level}")
@@ -197,6 +203,16 @@ class TailScaler:
         self.beta = beta
         self.no_budget_factor = no_budget_factor
         self.max_down = max_down
+        if not 0 < risk_target < 1:
+            raise ValueError(f"risk_target must be in (0, 1), got {risk_target}")
+        self.risk_target = risk_target
+        """The mean predicted chance of a call missing its deadline above which a pool grows
+        (and at half of which it may shrink): a call's deadline is its workflow's less the
+        predicted rest of the workflow, so a workflow of ten calls at 0.2% each misses its SLO
+        about 1% of the time."""
+        self.risk_gain = risk_gain
+        self.risk_alpha = risk_alpha
+        self._risk: dict[str, float] = {}
         """Share of its largest size over the hysteresis window a pool keeps at least."""
         self._counts: dict[str, deque[tuple[float, int]]] = {}
         self._bursts: dict[str, deque[tuple[float, int]]] = {}
@@ -222,10 +238,26 @@ class TailScaler:
             together = max(demand, math.ceil(pool.arrivals * overlap))
             burst = _windowed_max(self._bursts, pool.model, now_s, window, together)
             wanted = max(self.needed(pool, rate), math.ceil(burst / (conc * self.cap)))
+            risk = self._smoothed_risk(pool)
+            if risk is not None and risk > self.risk_target / 2:
+                floor = max(floor, current)  # tail risk near the target: no shrinking
+                if risk > self.risk_target and pool.starting == 0 and current > 0:
+                    step = min(1.0, self.risk_gain * (risk / self.risk_target - 1))
+                    wanted = max(wanted, math.ceil(current * (1 + step)))
             target = self._stable.target(pool, now_s, min(wanted, pool.max_replicas), floor)
             if target is not None:
                 out[pool.model] = target
         return out
+
+    def _smoothed_risk(self, pool: PoolState) -> float | None:
+        """The pool's predicted deadline-miss chance, smoothed over decisions (one interval's
+        calls are few); unchanged by an interval that placed no call with a deadline."""
+        old = self._risk.get(pool.model)
+        if pool.risk is None:
+            return old
+        new = pool.risk if old is None else old + self.risk_alpha * (pool.risk - old)
+        self._risk[pool.model] = new
+        return new
 
     def rate(self, pool: PoolState) -> float:
         """Update the model's smoothed arrival rate; the rate to provision for, calls/s."""

@@ -428,6 +428,7 @@ class Simulation:
                     service=self.dispatcher.typical_service(model),
                     service_by_load=self.dispatcher.service_by_load(model),
                     budget_s=self.dispatcher.budget_s(model),
+                    risk=self.dispatcher.take_risk(model),
                     expected_calls=self.outlook.expected_calls(
                         (f.run for f in self._flows.values()), model
                     ),

@@ -212,3 +212,17 @@ def test_a_forecasting_router_scores_only_the_least_loaded_candidates():
     chosen = [d.submit(Ticket(call(f"w{k}:x"), 0.0), 0.0)[0].replica.replica for k in range(20)]
     assert set(fc.asked) == {8}
     assert chosen == [f"r{i:02d}/lm" for i in range(20)]
+
+
+def test_take_risk_is_the_mean_predicted_chance_of_missing_the_deadline_where_calls_went():
+    """Service lognormal, median 1 s: a call with its median left has a 0.5 chance of missing;
+    one placed after its deadline passed (it waited in the queue) certainly misses."""
+    d = Dispatcher(LeastOutstanding(), forecaster=Fixed({"a/lm": 1.0}))
+    d.add_replica(replica("a/lm", slots=1), 0.0)
+    assert d.take_risk("lm") is None  # no call with a deadline yet
+    d.submit(Ticket(call("w1:x"), 0.0, deadline_s=1.0), 0.0)  # placed at once: median left
+    d.submit(Ticket(call("w2:x"), 0.0, deadline_s=2.0), 0.0)  # waits for the slot
+    d.finished("w1:x", 3.0)  # w2 placed at 3.0, a second after its deadline
+    d.submit(Ticket(call("w3:x"), 0.0), 3.0)  # no deadline: not counted
+    assert d.take_risk("lm") == pytest.approx((0.5 + 1.0) / 2, abs=1e-3)
+    assert d.take_risk("lm") is None  # taken: counts start again

@@ -281,3 +281,37 @@ def test_tail_keeps_slots_for_the_largest_recent_burst():
         target = scaler.decide(t, [quiet]).get("lm", 20)
         assert target >= math.ceil(60 / (4 * 0.9))
     assert scaler.decide(200.0, [replace(quiet, ready=17)]).get("lm", 17) < 17
+
+
+def test_tail_grows_a_pool_whose_calls_are_predicted_to_miss_their_deadlines():
+    """The queue model is content (no arrivals), but the calls placed lately were forecast to
+    miss their deadlines 4x as often as the target: the pool doubles (gain 1, capped at 2x)."""
+    scaler = TailScaler(risk_target=0.002, risk_gain=1.0)
+    late = pool(ready=4, busy=4, service=EXP_1S, budget_s=100.0, risk=0.008)
+    assert scaler.decide(0.0, [late]) == {"lm": 8}
+    # a little over the target: one step of (risk / target - 1) * gain, at least one replica
+    mild = TailScaler(risk_target=0.002, risk_gain=1.0)
+    assert mild.decide(0.0, [replace(late, risk=0.0022)]) == {"lm": 5}
+
+
+def test_tail_waits_for_starting_replicas_before_growing_again_on_risk():
+    scaler = TailScaler(risk_target=0.002)
+    state = pool(ready=4, starting=4, busy=4, service=EXP_1S, budget_s=100.0, risk=0.01)
+    assert scaler.decide(0.0, [state]) == {}
+
+
+def test_tail_does_not_shrink_while_risk_is_near_the_target():
+    scaler = TailScaler(hysteresis_s=10.0, risk_target=0.002)
+    idle = pool(ready=16, service=EXP_1S, min_replicas=1, risk=0.0015)
+    scaler.decide(0.0, [idle])
+    assert scaler.decide(11.0, [idle]) == {}  # smoothed risk 0.0015 > half the target
+    calm = TailScaler(hysteresis_s=10.0, risk_target=0.002)
+    calm.decide(0.0, [replace(idle, risk=0.0)])
+    assert calm.decide(11.0, [replace(idle, risk=0.0)]) == {"lm": 8}
+
+
+def test_tail_smooths_risk_over_decisions_and_keeps_it_through_quiet_intervals():
+    scaler = TailScaler(risk_alpha=0.5)
+    assert scaler._smoothed_risk(pool(risk=0.01)) == pytest.approx(0.01)
+    assert scaler._smoothed_risk(pool(risk=None)) == pytest.approx(0.01)
+    assert scaler._smoothed_risk(pool(risk=0.0)) == pytest.approx(0.005)
