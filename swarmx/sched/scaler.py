@@ -251,11 +251,13 @@ class TailScaler:
 
     def _smoothed_risk(self, pool: PoolState) -> float | None:
         """The pool's predicted deadline-miss chance, smoothed over decisions (one interval's
-        calls are few); unchanged by an interval that placed no call with a deadline."""
+        calls are few); an interval that placed no call with a deadline counts as no risk
+        (nothing waited, nothing was late), so an idle pool can shrink."""
         old = self._risk.get(pool.model)
-        if pool.risk is None:
-            return old
-        new = pool.risk if old is None else old + self.risk_alpha * (pool.risk - old)
+        if old is None and pool.risk is None:
+            return None
+        seen = pool.risk or 0.0
+        new = seen if old is None else old + self.risk_alpha * (seen - old)
         self._risk[pool.model] = new
         return new
 

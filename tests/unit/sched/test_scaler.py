@@ -310,8 +310,9 @@ def test_tail_does_not_shrink_while_risk_is_near_the_target():
     assert calm.decide(11.0, [replace(idle, risk=0.0)]) == {"lm": 8}
 
 
-def test_tail_smooths_risk_over_decisions_and_keeps_it_through_quiet_intervals():
+def test_tail_smooths_risk_over_decisions_and_an_idle_interval_counts_as_none():
     scaler = TailScaler(risk_alpha=0.5)
+    assert scaler._smoothed_risk(pool(risk=None)) is None  # nothing placed with a deadline yet
     assert scaler._smoothed_risk(pool(risk=0.01)) == pytest.approx(0.01)
-    assert scaler._smoothed_risk(pool(risk=None)) == pytest.approx(0.01)
-    assert scaler._smoothed_risk(pool(risk=0.0)) == pytest.approx(0.005)
+    assert scaler._smoothed_risk(pool(risk=None)) == pytest.approx(0.005)
+    assert scaler._smoothed_risk(pool(risk=0.005)) == pytest.approx(0.005)
