@@ -46,6 +46,8 @@ TRACES = {  # name: (file, SLO for its one-call workflows, seconds)
 }
 BASELINES = ("round_robin", "random", "least_outstanding", "power_of_two", "p90_load")
 LOADS = (0.5, 0.7, 0.85, 0.95)
+SWEEP = (0.3, 0.5, 0.9)
+"""Utilisation targets of the baseline stack's threshold scaler besides its default 0.7."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -428,9 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - one repor
         )
         for _, r in stacks
     ]
-    # the baseline stack again with other utilisation targets: its p99 against replica-seconds,
-    # to read it at the SwarmX stack's replica-seconds (the target is at equal replica-seconds)
-    sweep = [dataclasses.replace(stack_runs[0], scaler_opts=(("target", t),)) for t in (0.5, 0.9)]
+    # the baseline stack again with the utilisation targets of `SWEEP`: its p99 against
+    # replica-seconds, read at the SwarmX stack's (the target is at equal replica-seconds)
+    sweep = [dataclasses.replace(stack_runs[0], scaler_opts=(("target", t),)) for t in SWEEP]
     stack_out = run_all([*stack_runs, *sweep], args.procs)
     stack_out, sweep_out = stack_out[: len(stack_runs)], stack_out[len(stack_runs) :]
     lines += [
@@ -444,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - one repor
     rows = [(name, out) for (name, _), out in zip(stacks, stack_out, strict=True)]
     rows[1:1] = [
         (f"least_outstanding + fifo + threshold (target {t})", out)
-        for t, out in zip((0.5, 0.9), sweep_out, strict=True)
+        for t, out in zip(SWEEP, sweep_out, strict=True)
     ]
     for name, out in rows:
         w = out["workflow_latency_s"]
