@@ -123,9 +123,9 @@ class _Rotation:
     def pick(self, cands: Sequence[ReplicaView], tied: list[int]) -> int:
         if len(tied) == 1:
             return tied[0]
-        tied.sort(key=lambda i: cands[i].replica)
         self._turn += 1
-        return tied[self._turn % len(tied)]
+        # names are unique: sorting (name, index) pairs is the name order, without a key call
+        return sorted([(cands[i].replica, i) for i in tied])[self._turn % len(tied)][1]
 
 
 def _lowest(pool: Sequence[int], score: Sequence[float]) -> list[int]:
