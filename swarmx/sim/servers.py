@@ -5,7 +5,7 @@ An LLM replica runs continuous batching with the emulated backend's timing model
 ``max(memory time, compute time) + overhead``, where memory time grows with the batch's KV cache.
 Steps are treated as a fluid (fractional steps), so the time to run from step K1 to K2 with a fixed
 batch is a closed-form integral and the simulator only wakes when a sequence finishes or joins:
-that is what makes 20,000 calls per second of wall time possible. A joining sequence's prefill
+that keeps a simulated call to a few events whatever its length. A joining sequence's prefill
 stalls the batch for its prefill time (no chunked prefill), as in the emulated backend.
 
 Vision replicas and CPU tool hosts are processor-sharing servers: ``n`` jobs on ``cores`` cores
