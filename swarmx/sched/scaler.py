@@ -203,6 +203,7 @@ class TailScaler:
         self.beta = beta
         self.no_budget_factor = no_budget_factor
         self.max_down = max_down
+        """Share of its largest size over the hysteresis window a pool keeps at least."""
         if not 0 < risk_target < 1:
             raise ValueError(f"risk_target must be in (0, 1), got {risk_target}")
         self.risk_target = risk_target
@@ -213,7 +214,6 @@ class TailScaler:
         self.risk_gain = risk_gain
         self.risk_alpha = risk_alpha
         self._risk: dict[str, float] = {}
-        """Share of its largest size over the hysteresis window a pool keeps at least."""
         self._counts: dict[str, deque[tuple[float, int]]] = {}
         self._bursts: dict[str, deque[tuple[float, int]]] = {}
         """Per model, the calls in hand (running and waiting) at each decision of the hysteresis
