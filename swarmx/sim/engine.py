@@ -53,7 +53,9 @@ class SimConfig:
     """Sequences an LLM replica batches at once (its ``concurrency``)."""
     vision_slots: int = 4
     tool_hosts: int | None = None
-    """CPU hosts for tool steps (default: one per 8 GPU replicas, at least 1)."""
+    """CPU hosts for tool steps (default: one per 8 GPU replicas of the budget, ``max_replicas``
+    where given, at least 1: scalers size GPU pools only, so the CPU hosts are there for the
+    largest pool a scaler may build, and tools never decide a scaler comparison)."""
     tool_cores: int = 16
     tool_slots: int | None = None
     """Tool runs a host takes at once (default: twice its cores; more wait in the queue)."""
@@ -201,7 +203,7 @@ class Simulation:
         for model, n in self._split(self.cfg.replicas).items():
             for _ in range(n):
                 self._announce(self._new_replica(model, 0.0))
-        hosts = self.cfg.tool_hosts or max(1, self.cfg.replicas // 8)
+        hosts = self.cfg.tool_hosts or max(1, (self.cfg.max_replicas or self.cfg.replicas) // 8)
         for i in range(hosts):
             rep = Replica(
                 f"cpu-{i}/tool",

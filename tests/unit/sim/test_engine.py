@@ -73,3 +73,18 @@ def test_heavier_load_means_longer_workflows():
     _, light = run("research", "least_outstanding", load=0.2)
     _, heavy = run("research", "least_outstanding", load=1.2)
     assert summary(heavy)["workflow_latency_s"]["p95"] > summary(light)["workflow_latency_s"]["p95"]
+
+
+def test_tool_hosts_are_sized_for_the_replica_budget_not_the_starting_pool():
+    """Scalers grow GPU pools only: CPU hosts for tools come with the budget, so a run that
+    starts small is not held up by tool hosts a full pool would have had."""
+    wfs = generate("codegen", workflows=1, rate_per_s=1.0, seed=0)
+    sim = Simulation(
+        SimConfig(replicas=16, max_replicas=64),
+        wfs,
+        router=LeastOutstanding(),
+        order="fifo",
+        scaler=NoScaler(),
+    )
+    sim.run()
+    assert sum(r.kind == "tool" for r in sim.replicas.values()) == 8
