@@ -54,8 +54,8 @@ def sim(
     predictor: Annotated[
         str,
         typer.Option(
-            help="Forecasts for policies: a model file, oracle, constant, point, shuffled or "
-            "noisy:SIGMA (MODEL:noload drops load features)."
+            help="Forecasts for policies: a model file, oracle, constant, shuffled or noisy:SIGMA "
+            "(MODEL:noload drops load features, MODEL:point keeps only the median)."
         ),
     ] = "oracle",
     slots: Annotated[int, typer.Option(help="Sequences an LLM replica batches.")] = 32,

@@ -391,15 +391,19 @@ class Dispatcher:
     def service_by_load(self, model: str) -> list[tuple[float, LatencyDist]]:
         """(occupancy, the typical service there) per `LOAD_BANDS` band with enough calls, the
         band's middle as its occupancy: the forecast mixture times what calls placed at that
-        occupancy actually took over their forecasts, on average."""
+        occupancy actually took over their forecasts, on average, and never less than at an
+        emptier band. A fuller replica does not serve faster; where the ratios say so (a call
+        mix that differs by load, few calls), trusting them would make the emptiest pool look
+        slowest and the tail scaler ask for every replica it may have."""
         stats = self.pools.get(model)
         if stats is None or stats.service is None:
             return []
         typical = stats.service.dist()
-        out = []
+        out: list[tuple[float, LatencyDist]] = []
+        factor = 0.0
         for band, ratios in sorted(stats.slowdown.items()):
             if len(ratios) >= MIN_BAND_CALLS:
-                factor = sum(ratios) / len(ratios)
+                factor = max(factor, sum(ratios) / len(ratios))
                 scaled = tuple(v * factor for v in typical.values_s)
                 out.append(((band + 0.5) / LOAD_BANDS, LatencyDist(typical.levels, scaled)))
         return out

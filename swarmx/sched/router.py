@@ -133,6 +133,28 @@ def _lowest(pool: Sequence[int], score: Sequence[float]) -> list[int]:
     return [i for i in pool if score[i] <= best + _SAME * abs(best)]
 
 
+NEAR = 0.1
+"""Forecasts within this share of the best are within their own error: among such candidates a
+forecasting router takes the least loaded (`_near_best`)."""
+
+
+def _near_best(
+    cands: Sequence[ReplicaView], pool: Sequence[int], score: Sequence[float], margin: float
+) -> list[int]:
+    """The candidates scoring within ``margin`` of the best, then the least loaded of them,
+    then the best scoring of those.
+
+    A forecast made now cannot see the calls that will join a replica after this one, and
+    every call that joins a batch slows the others; forecasts alike (the fast GPUs, for calls
+    whose length nothing predicts) would send every call to the same few replicas by a hair's
+    difference, and their batches would then run slower than anyone forecast. Load breaks the
+    near-tie: that spreads the interference the forecasts cannot see."""
+    best = min(score[i] for i in pool)
+    near = [i for i in pool if score[i] <= best + margin]
+    least = min(cands[i].outstanding for i in near)
+    return _lowest([i for i in near if cands[i].outstanding == least], score)
+
+
 def _by_name(cands: Sequence[ReplicaView], pool: list[int]) -> list[int]:
     return sorted(pool, key=lambda i: cands[i].replica)
 
@@ -320,8 +342,10 @@ class MeanPredicted(_Completion):
     name = "mean_predicted"
     forecast: ForecastKind = "service"
 
-    def __init__(self) -> None:
+    def __init__(self, near: float = NEAR) -> None:
         super().__init__(hi=0.95)
+        self.near = near
+        """Relative margin within which means count as alike (`_near_best`)."""
         self._ties = _Rotation()
 
     def choose(self, inp: RouteInput) -> Decision:
@@ -330,8 +354,9 @@ class MeanPredicted(_Completion):
         preds = self.completions(inp, forecasts, pool)
         score = [math.inf] * len(inp.candidates)
         for i, (done, _) in preds.items():
-            score[i] = done.mean_s  # exact: means add
-        index = self._ties.pick(inp.candidates, _lowest(pool, score))
+            score[i] = math.log(done.mean_s)  # exact: means add; logs, so the margin is relative
+        near = _near_best(inp.candidates, pool, score, math.log1p(self.near))
+        index = self._ties.pick(inp.candidates, near)
         return self.decision(inp, forecasts, index, preds[index][0])
 
 
@@ -356,6 +381,10 @@ class P90Load:
 class TailRouter(_Completion):
     """The least predicted tail (quantile at ``level``) of completion time = wait for a slot +
     service; with a deadline, the best chance of finishing by it (ties: the smaller tail).
+    Chances above the forecast's top level tie: beyond its last quantile a forecast is an
+    extrapolation, and ranking 99.9% against 99.99% there herds calls onto the replicas whose
+    fitted far tail happens to be thinnest. Tails within ``near`` of the best go to the least
+    loaded of them (`_near_best`).
 
     A mean hides what agentic workflows suffer from: one slow call holds up a whole fan-out, so
     a replica whose typical latency is good but whose tail is long (a long call in flight, a
@@ -365,11 +394,13 @@ class TailRouter(_Completion):
     name = "tail"
     forecast: ForecastKind = "service"
 
-    def __init__(self, level: float = 0.95) -> None:
+    def __init__(self, level: float = 0.95, near: float = NEAR) -> None:
         if not 0.5 < level < 1:
             raise ValueError(f"tail level must be in (0.5, 1), got {level}")
         super().__init__(hi=max(level, 0.9))
         self.level = level
+        self.near = near
+        """Relative margin within which tails count as alike (`_near_best`)."""
         self._ties = _Rotation()
 
     def choose(self, inp: RouteInput) -> Decision:
@@ -387,12 +418,12 @@ class TailRouter(_Completion):
             left_s = inp.deadline_s - inp.now_s
             on_time = [0.0] * len(cands)
             for i, (done, service) in preds.items():
-                on_time[i] = done.cdf(left_s)
+                on_time[i] = min(done.cdf(left_s), forecasts[i].levels[-1])
                 if done is not service:
                     on_time[i] = min(on_time[i], service.cdf(left_s))
             best = max(on_time[i] for i in pool)
             pool = [i for i in pool if on_time[i] >= best - _SAME_PROBABILITY]
-        index = self._ties.pick(cands, _lowest(pool, tail))
+        index = self._ties.pick(cands, _near_best(cands, pool, tail, math.log1p(self.near)))
         return self.decision(inp, forecasts, index, preds[index][0])
 
 

@@ -8,9 +8,13 @@ and reference forecasters that bound what prediction can buy.
 - ``shuffled``: the oracle of another, random call of the same model: the right marginal with no
   per-call information.
 - ``constant``: one forecast per model whatever the call and the replica.
-- ``point``: the oracle's median only, with no spread (what a point-estimate router sees).
 - a model file path: the trained `QuantilePredictor`, fed the same features as live; with the
-  suffix ``:noload`` its load features are zeroed (the ablation without load features).
+  suffix ``:noload`` its load features are zeroed (the ablation without load features), with
+  ``:point`` only its median is passed on, with no spread (what a point-estimate router sees).
+
+Per-call noise (``noisy``) scales a call's forecast on every candidate alike, so it cannot change
+which replica looks best while slots are free; it acts through the work ahead on full replicas,
+the deadlines and the scaler's risk.
 """
 
 from __future__ import annotations
@@ -102,17 +106,20 @@ class SimForecaster:
         self._load_model: MeanConformal | None = None
         self.sigma = 0.0
         self._model = None
-        self._noload = False
+        self._noload = self._median_only = False
         kind, _, arg = spec.partition(":")
         if kind == "noisy":
             self.sigma = float(arg)
             if not self.sigma >= 0:
                 raise ValueError(f"noisy:SIGMA needs SIGMA >= 0, got {arg!r}")
-        elif kind not in ("oracle", "shuffled", "constant", "point"):
+        elif kind not in ("oracle", "shuffled", "constant"):
             from swarmx.models.predictor import QuantilePredictor  # torch, only for this path
 
-            self._noload = spec.endswith(":noload")
-            self._model = QuantilePredictor.load(spec.removesuffix(":noload"))
+            path, _, variant = spec.rpartition(":")
+            if variant not in ("noload", "point"):
+                path = spec
+            self._noload, self._median_only = variant == "noload", variant == "point"
+            self._model = QuantilePredictor.load(path)
         self._service = self._pick()
         self.wants_constant = spec == "constant"
 
@@ -125,7 +132,6 @@ class SimForecaster:
             "noisy": self._noisy,
             "shuffled": self._shuffled,
             "constant": self._constant_of,
-            "point": self._oracle,
         }[kind]
 
     def observe(self, call: CallSpec, rec: Callable[[], TraceRecord], service_s: float) -> None:
@@ -239,4 +245,6 @@ class SimForecaster:
             session=self.sessions.context(call.workflow_id),
         )
         dists = self._model.predict_candidates(query, places)
+        if self._median_only:
+            dists = [_point(d.quantile(0.5)) for d in dists]
         return [dists[i] for i in slot]

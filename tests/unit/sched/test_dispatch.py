@@ -194,6 +194,22 @@ def test_service_by_load_is_the_forecast_times_what_calls_placed_that_full_took_
         assert dist.quantile(0.5) == pytest.approx((k + 1) * 1.0, rel=1e-6)
 
 
+def test_service_by_load_never_has_a_fuller_band_serve_faster():
+    """Calls placed on a busier replica took less than forecast (the forecast over-priced the
+    load): the fuller bands keep the emptiest band's speed rather than look faster."""
+    fc = Fixed({"a/lm": 1.0})
+    d = Dispatcher(LeastOutstanding(), forecaster=fc)
+    d.add_replica(replica("a/lm", slots=4), 0.0)
+    for r in range(20):  # the k-th placed (occupancy k/4) takes 4 - k s: 4, 3, 2, 1
+        t = 100.0 * r
+        for k in range(4):
+            d.submit(Ticket(call(f"r{r}-{k}:x"), 0.0), t)
+        for k in range(4):
+            d.finished(f"r{r}-{k}:x", t + 4.0 - k)
+    medians = [dist.quantile(0.5) for _, dist in d.service_by_load("lm")]
+    assert medians == pytest.approx([4.0, 4.0, 4.0, 4.0], rel=1e-6)
+
+
 def test_service_by_load_waits_for_enough_calls_per_band():
     d = Dispatcher(LeastOutstanding(), forecaster=Fixed({"a/lm": 1.0}))
     d.add_replica(replica("a/lm", slots=4), 0.0)

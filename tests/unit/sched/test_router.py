@@ -212,6 +212,28 @@ def test_tail_with_a_deadline_picks_the_best_chance_of_making_it():
     assert route(router, pool, [fast_wide, slow_tight], deadline_s=NOW + 4).index == 1
 
 
+def test_tail_chances_beyond_the_forecasts_top_level_tie():
+    """x is 99.99...% sure, y 99.97%: both past the forecast's last quantile (p99), where the
+    lognormal is only extrapolated; the smaller tail (y's p95 1.93 s against 2.17 s) decides."""
+    pool = [view("x/lm#0"), view("y/lm#0")]
+    tight_slow, wide_fast = dist(2.0, 0.05), dist(1.0, 0.4)
+    assert route(TailRouter(), pool, [tight_slow, wide_fast], deadline_s=NOW + 4).index == 1
+    # with 2.4 s left the difference is inside the forecast (y 98.6%, x past 99%): x
+    assert route(TailRouter(), pool, [tight_slow, wide_fast], deadline_s=NOW + 2.4).index == 0
+
+
+@pytest.mark.parametrize("name", ["tail", "mean_predicted"])
+def test_forecasts_alike_go_to_the_less_loaded_replica_and_a_clear_lead_wins(name):
+    busy, idle = view("a/lm#0", outstanding=3, concurrency=8), view("b/lm#0", concurrency=8)
+    # a forecast 5% faster on the busier replica: within the forecasts' error
+    assert route(make_router(name), [busy, idle], [dist(1.0), dist(1.05)]).index == 1
+    # 30% faster: a real difference, whatever the load
+    assert route(make_router(name), [busy, idle], [dist(1.0), dist(1.3)]).index == 0
+    # no margin: the smallest forecast, however close
+    exact = TailRouter(near=0.0) if name == "tail" else MeanPredicted(near=0.0)
+    assert route(exact, [busy, idle], [dist(1.0), dist(1.05)]).index == 0
+
+
 def test_tail_with_an_impossible_deadline_falls_back_to_the_smaller_tail():
     pool = [view("x/lm#0"), view("y/lm#0")]
     forecasts = [dist(3.0, 0.3), dist(2.0, 0.6)]  # y: better median, worse p95

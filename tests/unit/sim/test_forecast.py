@@ -1,0 +1,139 @@
+"""The simulator's forecasters: what each variant of ``--predictor`` tells the policies, on one
+call and candidates whose true service times are known."""
+
+import math
+
+import pytest
+
+from swarmx.backends.emulated import GPUS, ModelProfile
+from swarmx.models.predictor import FeatureConfig
+from swarmx.models.query import SessionTracker
+from swarmx.models.train import train
+from swarmx.sched.router import ReplicaView
+from swarmx.sim.forecast import Replica, SimForecaster, oracle_s
+from swarmx.sim.servers import LlmServer
+from swarmx.sim.workload import CallTruth
+from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
+from swarmx.workflow.engine import CallSpec
+
+TRUTH = CallTruth(prompt_tokens=800, output_tokens=200)
+
+
+class Info:
+    def truth(self, call: CallSpec) -> CallTruth:
+        return TRUTH
+
+    def workflow_name(self, call: CallSpec) -> str:
+        return "chat"
+
+
+def call(i: int = 0) -> CallSpec:
+    return CallSpec(f"c{i}", "wf", "s", None, 1, "llm", "m", "hello there", 512, {}, [], None, [])
+
+
+def pool() -> tuple[dict[str, Replica], list[ReplicaView]]:
+    """An idle H100, and an L40S with four calls in its batch."""
+    reps, views = {}, []
+    for name, gpu, busy in (("h/m", "H100", 0), ("l/m", "L40S", 4)):
+        server = LlmServer(GPUS[gpu], ModelProfile(), 32)
+        for k in range(busy):
+            server.admit(f"x{k}", 1000, 300, 0.0)
+        reps[name] = Replica(name, "m", gpu, GPUS[gpu], "llm", server, 32, 0.0, 0.0)
+        views.append(ReplicaView(name, name[0], "m", "emulated", gpu, 32, busy, gpu=gpu))
+    return reps, views
+
+
+def forecaster(spec: str) -> tuple[SimForecaster, list[ReplicaView], list[float]]:
+    reps, views = pool()
+    truth = [oracle_s(call(), TRUTH, reps[v.replica]) for v in views]
+    return SimForecaster(spec, reps, Info(), SessionTracker(), seed=1), views, truth
+
+
+def test_oracle_is_the_true_service_at_each_candidates_batch():
+    f, views, truth = forecaster("oracle")
+    dists = f.service(call(), views)
+    assert [d.quantile(0.5) for d in dists] == pytest.approx(truth)
+    assert all(d.quantile(0.99) == d.quantile(0.5) for d in dists)
+    assert truth[0] < truth[1]  # the idle H100 is the right choice
+
+
+def test_noisy_scales_every_candidate_by_one_draw_per_call_and_states_its_spread():
+    f, views, truth = forecaster("noisy:0.5")
+    first = f.service(call(0), views)
+    again = f.service(call(0), views)
+    ratios = [d.quantile(0.5) / t for d, t in zip(first, truth, strict=True)]
+    assert ratios[0] == pytest.approx(ratios[1])  # the ranking of candidates survives the noise
+    assert [d.values_s for d in again] == [d.values_s for d in first]  # drawn once per call
+    spread = math.log(first[0].quantile(0.9) / first[0].quantile(0.5))
+    assert spread == pytest.approx(0.5 * 1.2816, rel=1e-3)
+    draws = {round(f.service(call(i), views)[0].quantile(0.5) / truth[0], 6) for i in range(1, 30)}
+    assert len(draws) == 29
+
+
+def test_constant_gives_every_candidate_the_same_forecast():
+    f, views, _ = forecaster("constant")
+    a, b = f.service(call(), views)
+    assert a.values_s == b.values_s
+
+
+def synth_records(n: int) -> list[TraceRecord]:
+    """Latency grows with load, on a fast and a slow GPU."""
+    out = []
+    for i in range(n):
+        gpu, load = ("H100", "L40S")[i % 2], (i // 2) % 8
+        latency = (1.0 if gpu == "H100" else 3.0) * (1 + 0.2 * load) * (1 + (i % 7) / 10)
+        out.append(
+            TraceRecord(
+                ts=float(i),
+                workflow=f"wf{i}",
+                step="s",
+                deps=[],
+                kind="llm",
+                model="m",
+                prompt="hello there",
+                prompt_tokens=800,
+                max_tokens=512,
+                output_tokens=200,
+                latency_s=latency,
+                queue_s=0.0,
+                ttft_s=None,
+                node="n",
+                replica=f"n/{gpu}",
+                device=DeviceAtDispatch(gpu, load / 32, 0.0, 0.0),
+                runtime=RuntimeAtDispatch(load, 0),
+                workflow_name="chat",
+            )
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    cfg = FeatureConfig(hash_buckets=1 << 8, embed_dim=8, hidden=16, ensemble=1)
+    model, _ = train(synth_records(600), cfg, seed=0, max_epochs=15, batch_size=128)
+    path = tmp_path_factory.mktemp("model") / "m.pt"
+    model.save(path)
+    return str(path)
+
+
+def test_a_trained_model_its_median_only_and_without_load(model_file):
+    full = forecaster(model_file)
+    point = forecaster(f"{model_file}:point")
+    noload = forecaster(f"{model_file}:noload")
+    dists = full[0].service(call(), full[1])
+    assert all(d.quantile(0.99) > d.quantile(0.5) for d in dists)  # a spread, not a point
+    medians = point[0].service(call(), point[1])
+    for d, m in zip(dists, medians, strict=True):
+        assert m.quantile(0.99) == m.quantile(0.5) == pytest.approx(d.quantile(0.5))
+    # without load features the busy L40S is forecast as if idle: what an idle one would get
+    idle_reps, idle_views = pool()
+    idle_views[1] = ReplicaView("l/m", "l", "m", "emulated", "L40S", 32, 0, gpu="L40S")
+    idle = SimForecaster(f"{model_file}:noload", idle_reps, Info(), SessionTracker())
+    assert noload[0].service(call(), noload[1])[1].values_s == pytest.approx(
+        idle.service(call(), idle_views)[1].values_s
+    )
+
+
+def test_an_unknown_model_file_fails():
+    with pytest.raises((FileNotFoundError, OSError, ValueError)):
+        forecaster("/nonexistent/model.pt:point")
