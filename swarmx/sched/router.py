@@ -134,25 +134,35 @@ def _lowest(pool: Sequence[int], score: Sequence[float]) -> list[int]:
 
 
 NEAR = 0.1
-"""Forecasts within this share of the best are within their own error: among such candidates a
-forecasting router takes the least loaded (`_near_best`)."""
+"""Log-scores within this many of the best forecast's own log standard deviations of the best
+are alike: among such candidates a forecasting router takes the least loaded (`_near_best`)."""
 
 
 def _near_best(
-    cands: Sequence[ReplicaView], pool: Sequence[int], score: Sequence[float], margin: float
+    cands: Sequence[ReplicaView],
+    pool: Sequence[int],
+    score: Sequence[float],
+    spread: Callable[[int], float],
+    near: float,
 ) -> list[int]:
-    """The candidates scoring within ``margin`` of the best, then the least loaded of them,
-    then the best scoring of those.
+    """The candidates whose log-score is within ``near`` times the best one's log spread
+    (``spread(i)``: the sigma of its forecast) of the best, then the least loaded of them, then
+    the best scoring of those.
 
     A forecast made now cannot see the calls that will join a replica after this one, and
-    every call that joins a batch slows the others; forecasts alike (the fast GPUs, for calls
-    whose length nothing predicts) would send every call to the same few replicas by a hair's
-    difference, and their batches would then run slower than anyone forecast. Load breaks the
-    near-tie: that spreads the interference the forecasts cannot see."""
-    best = min(score[i] for i in pool)
-    near = [i for i in pool if score[i] <= best + margin]
-    least = min(cands[i].outstanding for i in near)
-    return _lowest([i for i in near if cands[i].outstanding == least], score)
+    every call that joins a batch slows the others. Forecasts that differ by a small share of
+    their own uncertainty (the fast GPUs, for calls whose length nothing predicts) would send
+    every call to the same few replicas by a hair's difference, and their batches would then
+    run slower than anyone forecast. Load breaks such near-ties: it spreads the interference the
+    forecasts cannot see. A certain forecast (the simulator's oracle) has no margin."""
+    best_i = min(pool, key=score.__getitem__)
+    best = score[best_i]
+    margin = near * spread(best_i)
+    if margin <= 0:
+        return _lowest(pool, score)
+    close = [i for i in pool if score[i] <= best + margin]
+    least = min(cands[i].outstanding for i in close)
+    return _lowest([i for i in close if cands[i].outstanding == least], score)
 
 
 def _by_name(cands: Sequence[ReplicaView], pool: list[int]) -> list[int]:
@@ -345,7 +355,7 @@ class MeanPredicted(_Completion):
     def __init__(self, near: float = NEAR) -> None:
         super().__init__(hi=0.95)
         self.near = near
-        """Relative margin within which means count as alike (`_near_best`)."""
+        """Margin within which means count as alike, in forecast log spreads (`_near_best`)."""
         self._ties = _Rotation()
 
     def choose(self, inp: RouteInput) -> Decision:
@@ -355,7 +365,7 @@ class MeanPredicted(_Completion):
         score = [math.inf] * len(inp.candidates)
         for i, (done, _) in preds.items():
             score[i] = math.log(done.mean_s)  # exact: means add; logs, so the margin is relative
-        near = _near_best(inp.candidates, pool, score, math.log1p(self.near))
+        near = _near_best(inp.candidates, pool, score, lambda i: preds[i][0].sigma, self.near)
         index = self._ties.pick(inp.candidates, near)
         return self.decision(inp, forecasts, index, preds[index][0])
 
@@ -383,8 +393,8 @@ class TailRouter(_Completion):
     service; with a deadline, the best chance of finishing by it (ties: the smaller tail).
     Chances above the forecast's top level tie: beyond its last quantile a forecast is an
     extrapolation, and ranking 99.9% against 99.99% there herds calls onto the replicas whose
-    fitted far tail happens to be thinnest. Tails within ``near`` of the best go to the least
-    loaded of them (`_near_best`).
+    fitted far tail happens to be thinnest. Tails within ``near`` log spreads of the best go to
+    the least loaded of them (`_near_best`).
 
     A mean hides what agentic workflows suffer from: one slow call holds up a whole fan-out, so
     a replica whose typical latency is good but whose tail is long (a long call in flight, a
@@ -400,7 +410,7 @@ class TailRouter(_Completion):
         super().__init__(hi=max(level, 0.9))
         self.level = level
         self.near = near
-        """Relative margin within which tails count as alike (`_near_best`)."""
+        """Margin within which tails count as alike, in forecast log spreads (`_near_best`)."""
         self._ties = _Rotation()
 
     def choose(self, inp: RouteInput) -> Decision:
@@ -423,7 +433,8 @@ class TailRouter(_Completion):
                     on_time[i] = min(on_time[i], service.cdf(left_s))
             best = max(on_time[i] for i in pool)
             pool = [i for i in pool if on_time[i] >= best - _SAME_PROBABILITY]
-        index = self._ties.pick(cands, _near_best(cands, pool, tail, math.log1p(self.near)))
+        near = _near_best(cands, pool, tail, lambda i: preds[i][0].sigma, self.near)
+        index = self._ties.pick(cands, near)
         return self.decision(inp, forecasts, index, preds[index][0])
 
 

@@ -225,13 +225,16 @@ def test_tail_chances_beyond_the_forecasts_top_level_tie():
 @pytest.mark.parametrize("name", ["tail", "mean_predicted"])
 def test_forecasts_alike_go_to_the_less_loaded_replica_and_a_clear_lead_wins(name):
     busy, idle = view("a/lm#0", outstanding=3, concurrency=8), view("b/lm#0", concurrency=8)
-    # a forecast 5% faster on the busier replica: within the forecasts' error
-    assert route(make_router(name), [busy, idle], [dist(1.0), dist(1.05)]).index == 1
-    # 30% faster: a real difference, whatever the load
-    assert route(make_router(name), [busy, idle], [dist(1.0), dist(1.3)]).index == 0
+    router = make_router(name)
+    # uncertain forecasts (sigma 1) 5% apart: alike, so the idle replica
+    assert route(router, [busy, idle], [dist(1.0, 1.0), dist(1.05, 1.0)]).index == 1
+    # 30% apart: a real difference, whatever the load
+    assert route(router, [busy, idle], [dist(1.0, 1.0), dist(1.3, 1.0)]).index == 0
+    # sure forecasts (sigma 0.02) 5% apart: a real difference too
+    assert route(router, [busy, idle], [dist(1.0, 0.02), dist(1.05, 0.02)]).index == 0
     # no margin: the smallest forecast, however close
     exact = TailRouter(near=0.0) if name == "tail" else MeanPredicted(near=0.0)
-    assert route(exact, [busy, idle], [dist(1.0), dist(1.05)]).index == 0
+    assert route(exact, [busy, idle], [dist(1.0, 1.0), dist(1.05, 1.0)]).index == 0
 
 
 def test_tail_with_an_impossible_deadline_falls_back_to_the_smaller_tail():
