@@ -7,13 +7,12 @@ import pytest
 
 from swarmx.tracefmt import TRACE_EPOCH_S, import_claude_code, split_by_session
 from swarmx.traces import (
-    DeviceAtDispatch,
-    RuntimeAtDispatch,
     TraceError,
     TraceRecord,
     read_traces,
     write_traces,
 )
+from tests.support.records import trace_record
 
 REAL = Path("/work/shared/data/claude-code/requests.csv")
 HEADER = (
@@ -90,26 +89,7 @@ def test_wrong_columns_is_a_trace_error(tmp_path: Path) -> None:
 
 
 def _rec(workflow: str, session: str, i: int) -> TraceRecord:
-    return TraceRecord(
-        ts=float(i),
-        workflow=workflow,
-        step=f"s{i}",
-        deps=[],
-        kind="llm",
-        model="m",
-        prompt="",
-        prompt_tokens=1,
-        max_tokens=0,
-        output_tokens=1,
-        latency_s=1.0,
-        queue_s=0.0,
-        ttft_s=None,
-        node="n",
-        replica="n/m",
-        device=DeviceAtDispatch("cpu", 0.0, 0.0, 0.0),
-        runtime=RuntimeAtDispatch(0, 0),
-        session=session,
-    )
+    return trace_record(ts=float(i), workflow=workflow, step=f"s{i}", session=session)
 
 
 def test_split_keeps_workflows_whole_and_is_deterministic() -> None:

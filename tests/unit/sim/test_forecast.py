@@ -15,6 +15,7 @@ from swarmx.sim.servers import LlmServer
 from swarmx.sim.workload import CallTruth
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
 from swarmx.workflow.engine import CallSpec
+from tests.support.records import trace_record
 
 TRUTH = CallTruth(prompt_tokens=800, output_tokens=200)
 
@@ -83,21 +84,14 @@ def synth_records(n: int) -> list[TraceRecord]:
         gpu, load = ("H100", "L40S")[i % 2], (i // 2) % 8
         latency = (1.0 if gpu == "H100" else 3.0) * (1 + 0.2 * load) * (1 + (i % 7) / 10)
         out.append(
-            TraceRecord(
+            trace_record(
                 ts=float(i),
                 workflow=f"wf{i}",
-                step="s",
-                deps=[],
-                kind="llm",
-                model="m",
                 prompt="hello there",
                 prompt_tokens=800,
                 max_tokens=512,
                 output_tokens=200,
                 latency_s=latency,
-                queue_s=0.0,
-                ttft_s=None,
-                node="n",
                 replica=f"n/{gpu}",
                 device=DeviceAtDispatch(gpu, load / 32, 0.0, 0.0),
                 runtime=RuntimeAtDispatch(load, 0),
