@@ -118,6 +118,8 @@ class SimForecaster:
             path, _, variant = spec.rpartition(":")
             if variant not in ("noload", "point"):
                 path = spec
+            elif not path:
+                raise ValueError(f"{spec!r} needs a model file before it: MODEL:{variant}")
             self._noload, self._median_only = variant == "noload", variant == "point"
             self._model = QuantilePredictor.load(path)
         self._service = self._pick()

@@ -128,6 +128,8 @@ def test_a_trained_model_its_median_only_and_without_load(model_file):
     )
 
 
-def test_an_unknown_model_file_fails():
-    with pytest.raises((FileNotFoundError, OSError, ValueError)):
+def test_an_unknown_model_file_or_a_bare_variant_fails_clearly():
+    with pytest.raises(FileNotFoundError, match="nonexistent"):
         forecaster("/nonexistent/model.pt:point")
+    with pytest.raises(ValueError, match="MODEL:point"):
+        forecaster("point")
