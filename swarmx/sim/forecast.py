@@ -13,8 +13,9 @@ and reference forecasters that bound what prediction can buy.
   ``:point`` only its median is passed on, with no spread (what a point-estimate router sees).
 
 Per-call noise (``noisy``) scales a call's forecast on every candidate alike, so it cannot change
-which replica looks best while slots are free; it acts through the work ahead on full replicas,
-the deadlines and the scaler's risk.
+the order of the candidates while slots are free; it acts through the work ahead on full
+replicas, the deadlines, the scaler's risk, and the routers' near-tie margin, which grows with
+the spread a forecast states.
 """
 
 from __future__ import annotations
