@@ -80,19 +80,50 @@ class LatencyDist:
         mu = math.log(max(median_s, _MIN_S))
         return cls(tuple(levels), tuple(math.exp(mu + sigma * _z(p)) for p in levels))
 
+    def log_values(self) -> list[float]:
+        """``log`` of each value (floored at 1 us), worked out once per forecast and kept
+        beside the fields: a routed call's forecast is read at several levels and its CDF at
+        the deadline, each of which needs them."""
+        logs: list[float] | None = self.__dict__.get("_logs")
+        if logs is None:
+            logs = self.__dict__["_logs"] = [math.log(max(v, _MIN_S)) for v in self.values_s]
+        return logs
+
     def quantile(self, p: float) -> float:
         """Latency at level ``p`` (0 < p < 1)."""
         values = self.values_s
         if values[0] == values[-1]:  # one value (a point forecast): every quantile is it
             return values[0] if len(values) == 1 else max(values[0], _MIN_S)
+        known: dict[float, float] | None = self.__dict__.get("_quantiles")
+        if known is None:
+            known = self.__dict__["_quantiles"] = {}
+        elif p in known:  # a pool's service mixture is read at the same levels at every call
+            return known[p]
         zs = _zs(self.levels)
-        logs = [math.log(max(v, _MIN_S)) for v in values]
+        logs = self.log_values()
         z = _z(p)
         i = bisect.bisect_left(zs, z)
         i = min(max(i, 1), len(zs) - 1)  # the segment to interpolate or extrapolate along
         z0, z1, l0, l1 = zs[i - 1], zs[i], logs[i - 1], logs[i]
         slope = max(0.0, (l1 - l0) / (z1 - z0))
-        return math.exp(l0 + slope * (z - z0))
+        known[p] = out = math.exp(l0 + slope * (z - z0))
+        return out
+
+    def quantiles(self, ps: Sequence[float]) -> tuple[float, ...]:
+        """`quantile` at each of ``ps``, the log-latencies taken once (the service mixture asks
+        for five at every routed call)."""
+        values = self.values_s
+        if values[0] == values[-1]:
+            return tuple(self.quantile(p) for p in ps)
+        zs = _zs(self.levels)
+        logs = self.log_values()
+        last, out = len(zs) - 1, []
+        for p in ps:
+            z = _z(p)
+            i = min(max(bisect.bisect_left(zs, z), 1), last)
+            z0, l0 = zs[i - 1], logs[i - 1]
+            out.append(math.exp(l0 + max(0.0, (logs[i] - l0) / (zs[i] - z0)) * (z - z0)))
+        return tuple(out)
 
     def cdf(self, latency_s: float, tol: float = 1e-4) -> float:
         """P(latency <= latency_s), by bisection on the quantile function."""

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from swarmx.models.dist import LatencyDist
+from swarmx.models.dist import LatencyDist, trusted_dists
 from swarmx.sched import tailmath
 from swarmx.sched.router import Forecaster, ReplicaView, RouteInput, Router, Work
 from swarmx.workflow.engine import CallSpec
@@ -72,18 +72,13 @@ class _Replica:
     def current(self) -> ReplicaView:
         """The view routers see; rebuilt only after the replica's work changed."""
         if self._current is None:
-            v, work = self.view, tuple(self.work.values())
-            self._current = ReplicaView(  # not dataclasses.replace: this is the hot path
-                v.replica,
-                v.node,
-                v.model,
-                v.backend,
-                v.device,
-                v.concurrency,
-                len(work),
-                v.gpu,
-                work,
-            )
+            # a copy of the announced view's fields with this replica's work: written straight
+            # into a new instance's dict, as neither replace() nor the frozen __init__ would
+            # (this runs twice per routed call)
+            work = tuple(self.work.values())
+            cur = object.__new__(ReplicaView)
+            cur.__dict__.update(self.view.__dict__, outstanding=len(work), work=work)
+            self._current = cur
         return self._current
 
     def changed(self) -> None:
@@ -115,11 +110,13 @@ class ServiceMix:
     samples: deque[tuple[float, ...]] = field(default_factory=deque)
     _sorted: list[float] = field(default_factory=list)
     _dist: LatencyDist | None = None
+    _stale: int = 0
+    """Calls added since ``_dist`` was read."""
 
     def add(self, dist: LatencyDist) -> None:
         v = dist.values_s
         point = v[0] == v[-1]
-        new = (v[0],) * len(MIX_POINTS) if point else tuple(map(dist.quantile, MIX_POINTS))
+        new = (v[0],) * len(MIX_POINTS) if point else dist.quantiles(MIX_POINTS)
         xs = self._sorted
         if len(self.samples) >= MIX_CALLS:
             for x in self.samples.popleft():
@@ -128,19 +125,23 @@ class ServiceMix:
         for x in new:
             bisect.insort(xs, x)
         if dist.levels != self.levels:
-            self.levels = dist.levels
-        self._dist = None
+            self.levels, self._dist = dist.levels, None
+        self._stale += 1
 
     @property
     def calls(self) -> int:
         return len(self.samples)
 
     def dist(self) -> LatencyDist:
-        if self._dist is None:
+        """The mixture, read again once more than 1/32 of its calls are new since the last
+        read: it moves slowly once full, and a mixture that stays the same object while it
+        does lets the slack queue's critical paths reuse the quantiles they read of it."""
+        if self._dist is None or self._stale * 32 > len(self.samples):
             xs, n = self._sorted, len(self._sorted)
-            self._dist = LatencyDist(
-                self.levels, tuple(xs[min(n - 1, int(p * n))] for p in self.levels)
+            (self._dist,) = trusted_dists(  # sorted points: its quantiles increase
+                self.levels, [[xs[min(n - 1, int(p * n))] for p in self.levels]]
             )
+            self._stale = 0
         return self._dist
 
 

@@ -115,17 +115,20 @@ tail."""
 
 class _Rotation:
     """Round-robin among tied candidates in replica-name order, so identical replicas share the
-    load whatever order the candidates come in."""
+    load whatever order the candidates come in: each pick is the first tied name after the
+    previous pick's, wrapping around."""
 
     def __init__(self) -> None:
-        self._turn = 0
+        self._last = ""
 
     def pick(self, cands: Sequence[ReplicaView], tied: list[int]) -> int:
         if len(tied) == 1:
             return tied[0]
-        self._turn += 1
-        # names are unique: sorting (name, index) pairs is the name order, without a key call
-        return sorted([(cands[i].replica, i) for i in tied])[self._turn % len(tied)][1]
+        names = [cands[i].replica for i in tied]  # no sort: this runs at every routed call
+        last = self._last
+        later = [n for n in names if n > last]
+        self._last = name = min(later) if later else min(names)
+        return tied[names.index(name)]
 
 
 def _lowest(pool: Sequence[int], score: Sequence[float]) -> list[int]:
@@ -220,14 +223,11 @@ class LeastOutstanding:
 
     def choose(self, inp: RouteInput) -> Decision:
         cands = inp.candidates
+        # comprehensions, not one loop: this runs for every call over every open replica
+        load = [c.outstanding for c in cands]
         pool = usable(inp.call, cands) if inp.call.avoid else range(len(cands))
-        least, tied = math.inf, []
-        for i in pool:  # one pass: this runs for every call on every open replica
-            load = cands[i].outstanding
-            if load < least:
-                least, tied = load, [i]
-            elif load == least:
-                tied.append(i)
+        least = min(load[i] for i in pool) if inp.call.avoid else min(load)
+        tied = [i for i in pool if load[i] == least]
         return Decision(self._ties.pick(cands, tied))
 
 

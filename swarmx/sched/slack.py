@@ -41,10 +41,7 @@ def critical_paths(
     of instances (1 for a plain step, the count for a fixed fan-out, a prediction for a dynamic
     one not expanded yet).
     """
-    dependents: dict[str, list[str]] = {step.id: [] for step in spec.steps}
-    for step in spec.steps:
-        for dep in step.after:
-            dependents[dep].append(step.id)
+    dependents = spec.dependents
     paths: dict[str, float] = {}
     for step in reversed(spec.steps):  # a topological order: dependents come first
         if step.id in finished:
@@ -59,9 +56,7 @@ def finish_by_s(
 ) -> float:
     """When ``step_id`` must finish for the rest of the workflow to make ``deadline_s``: the
     deadline less the longest predicted path among the unfinished steps that wait for it."""
-    after_s = max(
-        (paths[s.id] for s in spec.steps if step_id in s.after and s.id in paths), default=0.0
-    )
+    after_s = max((paths[d] for d in spec.dependents[step_id] if d in paths), default=0.0)
     return deadline_s - after_s
 
 

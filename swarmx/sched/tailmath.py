@@ -73,9 +73,8 @@ def log_quantile(dist: LatencyDist, p: float) -> float:
 
 def cdf(dist: LatencyDist, latency_s: float) -> float:
     """``dist.cdf(latency_s)`` exactly (no bisection): invert the log-linear interpolation."""
-    values = dist.values_s
     x = math.log(max(latency_s, _MIN_S))
-    logs = [math.log(max(v, _MIN_S)) for v in values]
+    logs = dist.log_values()
     if len(logs) == 1 or logs[0] == logs[-1]:
         return 1.0 if x >= logs[0] else 0.0
     zs = _grid(dist.levels)
@@ -106,7 +105,7 @@ def moments(dist: LatencyDist) -> tuple[float, float]:
     """``(E[L], E[L^2])`` of a forecast as `LatencyDist` defines it (log-latency piecewise
     linear in the normal score): the trapezoid rule over the normal score, accurate to about
     1e-6 where `LatencyDist.mean`'s midpoint rule in probability misses the tail."""
-    logs = [_log_s(v) for v in dist.values_s]
+    logs = dist.log_values()
     if len(logs) == 1:
         return math.exp(logs[0]), math.exp(2 * logs[0])
     zs = _grid(dist.levels)

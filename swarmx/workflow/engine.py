@@ -8,6 +8,8 @@ scheduler crash rebuilds exactly the same state, and the calls still outstanding
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -100,6 +102,8 @@ class WorkflowRun:
         """Per step, created when the step is released (fan-out is known only then)."""
         self.outputs: dict[str, str] = {}
         self._by_call: dict[str, tuple[str, Instance]] = {}
+        self._left: dict[str, int] = {}
+        """Per released step, its instances not succeeded yet."""
 
     # --- queries ----------------------------------------------------------------------------
 
@@ -130,7 +134,7 @@ class WorkflowRun:
     # --- transitions ------------------------------------------------------------------------
 
     def start(self) -> list[Instruction]:
-        return self._release()
+        return self._release(s.id for s in self.spec.steps)
 
     def on_done(self, done: CallDone) -> list[Instruction]:
         entry = self._by_call.pop(done.call_id, None)
@@ -173,31 +177,30 @@ class WorkflowRun:
         return [*out, Finished(state, reason)]
 
     def _step_progress(self, step: StepSpec) -> list[Instruction]:
-        instances = self.instances[step.id]
-        if any(i.state != "succeeded" for i in instances):
+        self._left[step.id] -= 1
+        if self._left[step.id]:
             return []
-        self.outputs[step.id] = "\n".join(i.output for i in instances)
-        return self._release()
+        self.outputs[step.id] = "\n".join(i.output for i in self.instances[step.id])
+        return self._release(self.spec.dependents[step.id])
 
-    def _release(self) -> list[Instruction]:
-        """Start every step whose dependencies have all succeeded; finish when none is left."""
+    def _release(self, candidates: Iterable[str]) -> list[Instruction]:
+        """Start each of ``candidates`` (the steps waiting for one that just finished; all of
+        them at the start) whose dependencies have all succeeded; finish when none is left.
+        A step's fan-out source is one of its ancestors, so it has finished by then too."""
         out: list[Instruction] = []
-        progressed = True
-        while progressed:
-            progressed = False
-            for step in self.spec.steps:
-                if step.id in self.instances or not all(d in self.outputs for d in step.after):
-                    continue
-                source = step.fan_out.source if step.fan_out else None
-                if source is not None and source not in self.outputs:
-                    continue
-                instances = self._expand(step)
-                self.instances[step.id] = instances
-                if not instances:  # a dynamic fan-out over nothing: done, with empty output
-                    self.outputs[step.id] = ""
-                    progressed = True
-                    continue
-                out.extend(self._issue(step, inst) for inst in instances)
+        todo = deque(candidates)
+        while todo:
+            step = self.spec.step(todo.popleft())
+            if step.id in self.instances or not all(d in self.outputs for d in step.after):
+                continue
+            instances = self._expand(step)
+            self.instances[step.id] = instances
+            self._left[step.id] = len(instances)
+            if not instances:  # a dynamic fan-out over nothing: done, with empty output
+                self.outputs[step.id] = ""
+                todo.extend(self.spec.dependents[step.id])
+                continue
+            out.extend(self._issue(step, inst) for inst in instances)
         if len(self.outputs) == len(self.spec.steps):
             out.extend(self._finish("succeeded", ""))
         return out

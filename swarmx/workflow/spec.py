@@ -101,11 +101,22 @@ class WorkflowSpec:
     """A topological order: file order wherever the dependencies allow it."""
     source: str
 
-    def step(self, step_id: str) -> StepSpec:
+    @functools.cached_property
+    def _by_id(self) -> dict[str, StepSpec]:
+        return {step.id: step for step in self.steps}
+
+    @functools.cached_property
+    def dependents(self) -> dict[str, tuple[str, ...]]:
+        """Per step, the steps that wait for it (a spec never changes: worked out once, as the
+        scheduler asks at every call)."""
+        out: dict[str, list[str]] = {step.id: [] for step in self.steps}
         for step in self.steps:
-            if step.id == step_id:
-                return step
-        raise KeyError(step_id)
+            for dep in step.after:
+                out[dep].append(step.id)
+        return {k: tuple(v) for k, v in out.items()}
+
+    def step(self, step_id: str) -> StepSpec:
+        return self._by_id[step_id]
 
     def models(self) -> set[str]:
         """Models some replica must serve for this workflow to run."""
@@ -193,17 +204,22 @@ def render(
     For templates `parse_workflow` accepted, this fails (`WorkflowError`) only if the caller
     passes no value a reference needs: an output not produced yet, no item or index.
     """
+    parts = _parse_template(template)
+    if len(parts) == 1 and isinstance(parts[0], str):  # no placeholder (most tool arguments)
+        return parts[0]
     out: list[str] = []
-    for part in _parse_template(template):
+    for part in parts:
         if isinstance(part, str):
             out.append(part)
             continue
-        value = {
-            "inputs": inputs.get(part.name),
-            "steps": outputs.get(part.name),
-            "item": item,
-            "index": None if index is None else str(index),
-        }[part.kind]
+        if part.kind == "inputs":
+            value = inputs.get(part.name)
+        elif part.kind == "steps":
+            value = outputs.get(part.name)
+        elif part.kind == "item":
+            value = item
+        else:
+            value = None if index is None else str(index)
         if value is None:
             raise WorkflowError(f"{part.text}: no value to fill in")
         out.append(value)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import pytest
 
 from swarmx.models.dist import LatencyDist
-from swarmx.sched.dispatch import Dispatcher, Ticket
+from swarmx.sched.dispatch import MIX_CALLS, Dispatcher, ServiceMix, Ticket
 from swarmx.sched.router import LeastOutstanding, ReplicaView, make_router
 from swarmx.workflow.engine import CallSpec
 
@@ -242,3 +242,19 @@ def test_take_risk_is_the_mean_predicted_chance_of_missing_the_deadline_where_ca
     d.submit(Ticket(call("w3:x"), 0.0), 3.0)  # no deadline: not counted
     assert d.take_risk("lm") == pytest.approx((0.5 + 1.0) / 2, abs=1e-3)
     assert d.take_risk("lm") is None  # taken: counts start again
+
+
+def test_a_full_service_mixture_is_read_again_once_a_32nd_of_it_is_new():
+    """The slack queue reads the mixture at every call; it stays one object (whose quantiles
+    are kept) until more than 1/32 of its calls are new, and then shows them."""
+    mix = ServiceMix((0.5, 0.99))
+    one, five = (LatencyDist.lognormal(s, 0.1, (0.5, 0.99)) for s in (1.0, 5.0))
+    for _ in range(MIX_CALLS):
+        mix.add(one)
+    before = mix.dist()
+    for _ in range(MIX_CALLS // 32):
+        mix.add(five)
+        assert mix.dist() is before
+    mix.add(five)
+    assert mix.dist() is not before
+    assert mix.dist().quantile(0.99) > 4 * before.quantile(0.99)

@@ -167,6 +167,10 @@ command = ["x"]
     spec = parse_workflow(text)
     assert [s.id for s in spec.steps] == ["a", "b", "c", "d"]
     assert [s.line for s in spec.steps] == [7, 2, 11, 15]
+    assert spec.dependents == {"a": ("b",), "b": ("d",), "c": ("d",), "d": ()}
+    assert spec.step("c") is spec.steps[2]
+    with pytest.raises(KeyError):
+        spec.step("e")
 
 
 def tool(step_id, *extra):
