@@ -293,8 +293,11 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - one repor
     # 1. routers x loads x workloads, mixed pool
     policies = [(p, "oracle") for p in BASELINES]  # baselines rank without forecasts
     policies += [("mean_predicted", model), ("tail", model), ("tail", "oracle")]
+    # a trace's workflows are single calls: four times as many put as many calls behind a
+    # p99 as the built-in workloads' multi-call workflows do, where the room is seconds
+    n_of = {w: 4 * n if w in TRACES else n for w in names}
     matrix = [
-        Run(w, policy=p, predictor=pred, rate=ld * cap[w], n=n, replicas=reps)
+        Run(w, policy=p, predictor=pred, rate=ld * cap[w], n=n_of[w], replicas=reps)
         for w in names
         for ld in loads
         for p, pred in policies
@@ -316,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - one repor
         f"`.venv/bin/python bench/sched_bench.py{' --quick' if quick else ''}`: the simulator "
         f"(`swarmx sim`'s engine) with {reps} emulated GPU replicas (a mixed pool: equal parts "
         "H100, A100 and L40S), the scheduler's own routers, queue orders, scalers and predictor. "
-        f"{n} workflows per run (trace workloads: the first {n} calls, one workflow each). "
+        f"{n} workflows per run (trace workloads: the first {4 * n} calls, one workflow each, "
+        "so that their p99 rests on enough calls). "
         f"The predictor behind `tail` and `mean_predicted` was trained on {trained} recorded "
         "by the simulator at 70% load under the `random` router; `tail + oracle` is the same "
         "router told each call's true output length (the room routing has). Baseline routers "
