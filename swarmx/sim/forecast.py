@@ -2,7 +2,8 @@
 and reference forecasters that bound what prediction can buy.
 
 - ``oracle``: knows each call's true output tokens (or tool work) and computes its service time
-  from the emulated timing model at the replica's current batch; a point forecast.
+  from the emulated timing model at the replica's current batch, behind the prefills already
+  under way there; a point forecast.
 - ``noisy:SIGMA``: the oracle times lognormal noise of that sigma, drawn once per call, with the
   matching lognormal spread (an honest forecaster of that accuracy).
 - ``shuffled``: the oracle of another, random call of the same model: the right marginal with no
@@ -64,12 +65,17 @@ class CallInfo(Protocol):
 
     def workflow_name(self, call: CallSpec) -> str: ...
 
+    @property
+    def now(self) -> float:
+        """Simulated time, seconds."""
+        ...
 
-def oracle_s(call: CallSpec, truth: CallTruth, rep: Replica) -> float:
+
+def oracle_s(call: CallSpec, truth: CallTruth, rep: Replica, now_s: float) -> float:
     """Service time if the replica's load stayed as it is now."""
     s = rep.server
     if isinstance(s, LlmServer):
-        return s.solo_now_s(truth.prompt_tokens, truth.output_tokens)
+        return s.solo_now_s(truth.prompt_tokens, truth.output_tokens, now_s)
     if rep.kind == "vision":
         px = int(call.inputs.get("image_px", "224"))
         steps = int(call.inputs.get("steps", "1"))
@@ -182,8 +188,8 @@ class SimForecaster:
         return self._load_model.predict_candidates(query, places)
 
     def _oracle(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
-        truth = self.info.truth(call)
-        return [_point(oracle_s(call, truth, self.replicas[v.replica])) for v in candidates]
+        truth, now_s = self.info.truth(call), self.info.now
+        return [_point(oracle_s(call, truth, self.replicas[v.replica], now_s)) for v in candidates]
 
     def _noisy(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
         z = self._noise.get(call.call_id)
@@ -191,10 +197,10 @@ class SimForecaster:
             z = self._noise[call.call_id] = self._rng.gauss(0.0, 1.0)
             if len(self._noise) > 100_000:
                 self._noise.clear()
-        truth = self.info.truth(call)
+        truth, now_s = self.info.truth(call), self.info.now
         out = []
         for v in candidates:
-            true_s = oracle_s(call, truth, self.replicas[v.replica])
+            true_s = oracle_s(call, truth, self.replicas[v.replica], now_s)
             # the forecaster's median is off by exp(sigma z); its spread says so
             out.append(LatencyDist.lognormal(true_s * math.exp(self.sigma * z), self.sigma, LEVELS))
         return out
@@ -205,8 +211,8 @@ class SimForecaster:
         pool.append(truth)
         if len(pool) > 1000:
             pool.pop(0)
-        other = self._rng.choice(pool)
-        return [_point(oracle_s(call, other, self.replicas[v.replica])) for v in candidates]
+        other, now_s = self._rng.choice(pool), self.info.now
+        return [_point(oracle_s(call, other, self.replicas[v.replica], now_s)) for v in candidates]
 
     def _constant_of(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
         dist = self._constant.get(call.model) or LatencyDist.lognormal(1.0, 1.0, LEVELS)

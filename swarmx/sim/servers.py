@@ -76,11 +76,14 @@ class LlmServer:
         step = max(self._w + mid_kv * self._kv, self._flop * n) + self.gpu.step_overhead_s
         return self._flop * prompt_tokens + output_tokens * step
 
-    def solo_now_s(self, prompt_tokens: int, output_tokens: int) -> float:
-        """`solo_s` joining the batch as it is now (the oracle asks this of every candidate)."""
-        return self.solo_s(
-            prompt_tokens, output_tokens, len(self._info), self._ctx0 + len(self._info) * self.k
-        )
+    def solo_now_s(self, prompt_tokens: int, output_tokens: int, now_s: float) -> float:
+        """`solo_s` joining the batch as it is now (the oracle asks this of every candidate),
+        behind the prefills already under way: without chunked prefill they run one after
+        another, so a call sent to a replica that has just taken long prompts waits for them
+        before its own prefill starts."""
+        backlog_s = max(0.0, self.stall_until_s - now_s)
+        n = len(self._info)
+        return backlog_s + self.solo_s(prompt_tokens, output_tokens, n, self._ctx0 + n * self.k)
 
     # --- fluid integration ------------------------------------------------------------------
 

@@ -21,6 +21,8 @@ TRUTH = CallTruth(prompt_tokens=800, output_tokens=200)
 
 
 class Info:
+    now = 0.0
+
     def truth(self, call: CallSpec) -> CallTruth:
         return TRUTH
 
@@ -46,7 +48,7 @@ def pool() -> tuple[dict[str, Replica], list[ReplicaView]]:
 
 def forecaster(spec: str) -> tuple[SimForecaster, list[ReplicaView], list[float]]:
     reps, views = pool()
-    truth = [oracle_s(call(), TRUTH, reps[v.replica]) for v in views]
+    truth = [oracle_s(call(), TRUTH, reps[v.replica], 0.0) for v in views]
     return SimForecaster(spec, reps, Info(), SessionTracker(), seed=1), views, truth
 
 

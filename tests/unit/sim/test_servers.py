@@ -77,6 +77,22 @@ def test_a_late_joiner_stalls_the_batch_for_its_prefill():
     assert done["early"] > t_ref + 0.9 * prefill_s(GPUS["A100"], ModelProfile(), 16000)
 
 
+def test_the_oracle_estimate_waits_behind_the_prefills_under_way():
+    """A call sent just after a long prompt starts its prefill once that one's is done: the
+    oracle's 'load as it is now' includes that backlog, and it is what a solo call really
+    takes."""
+    gpu, model = GPUS["A100"], ModelProfile()
+    server = LlmServer(gpu, model, slots=8)
+    server.admit("long", 8000, 1, 0.0)
+    backlog_s = prefill_s(gpu, model, 8000)
+    at_once = server.solo_now_s(1000, 1, 0.0)
+    later = server.solo_now_s(1000, 1, backlog_s / 2)
+    assert at_once - later == pytest.approx(backlog_s / 2)
+    assert server.solo_now_s(1000, 1, backlog_s + 1.0) < later
+    server.admit("next", 1000, 1, 0.0)
+    assert drain(server)["next"] == pytest.approx(at_once, rel=0.05)
+
+
 def test_processor_sharing_splits_the_cores():
     host = SharedServer(cores=2)
     for i in range(4):
