@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from swarmx.frozen import frozen
 from swarmx.schema import SchemaError, decode, encode
 
 
@@ -23,7 +24,7 @@ class DeviceAtDispatch:
     """0..1, the node's CPU use."""
 
 
-@dataclass(frozen=True)
+@frozen
 class RuntimeAtDispatch:
     inflight: int
     """Calls running on the replica when this one was dispatched."""

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from swarmx.frozen import frozen
 from swarmx.models.dist import LatencyDist, trusted_dists
 from swarmx.sched import tailmath
 from swarmx.sched.router import Forecaster, ReplicaView, RouteInput, Router, Work
@@ -35,7 +36,7 @@ def pool_of(call: CallSpec) -> str:
     return TOOL_POOL if call.kind == "tool" else call.model
 
 
-@dataclass(frozen=True)
+@frozen
 class Ticket:
     """A call ready to run, with what the queue order and the router need to know about it."""
 
@@ -49,7 +50,7 @@ class Ticket:
     is the same as least slack now, for every ``now``."""
 
 
-@dataclass(frozen=True)
+@frozen
 class Assign:
     """Send ``ticket.call`` to ``replica``."""
 
@@ -117,13 +118,22 @@ class ServiceMix:
         v = dist.values_s
         point = v[0] == v[-1]
         new = (v[0],) * len(MIX_POINTS) if point else dist.quantiles(MIX_POINTS)
-        xs = self._sorted
+        xs, k = self._sorted, len(MIX_POINTS)
         if len(self.samples) >= MIX_CALLS:
-            for x in self.samples.popleft():
-                del xs[bisect.bisect_left(xs, x)]
+            old = self.samples.popleft()
+            if old[0] == old[-1]:  # a point: its copies sit side by side, one cut removes them
+                i = bisect.bisect_left(xs, old[0])
+                del xs[i : i + k]
+            else:
+                for x in old:
+                    del xs[bisect.bisect_left(xs, x)]
         self.samples.append(new)
-        for x in new:
-            bisect.insort(xs, x)
+        if point:
+            i = bisect.bisect_left(xs, new[0])
+            xs[i:i] = new
+        else:
+            for x in new:
+                bisect.insort(xs, x)
         if dist.levels != self.levels:
             self.levels, self._dist = dist.levels, None
         self._stale += 1

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from swarmx.frozen import frozen
 from swarmx.models.dist import LatencyDist
 from swarmx.sched.tailmath import (
     LogNormal,
@@ -25,7 +26,7 @@ from swarmx.sched.tailmath import (
 from swarmx.workflow.engine import CallSpec
 
 
-@dataclass(frozen=True)
+@frozen
 class Work:
     """A call outstanding on a replica, as the scheduler forecast it when it was sent."""
 
@@ -59,7 +60,7 @@ ForecastKind = Literal["none", "service", "load_only"]
 distribution per candidate; or the llm-d-style point predictor on load and input length only."""
 
 
-@dataclass(frozen=True)
+@frozen
 class RouteInput:
     call: CallSpec
     candidates: Sequence[ReplicaView]
@@ -72,7 +73,7 @@ class RouteInput:
     """Absolute time by which this call should finish to keep its workflow on schedule."""
 
 
-@dataclass(frozen=True)
+@frozen
 class Decision:
     index: int
     """Position of the chosen replica in ``RouteInput.candidates``."""
@@ -225,9 +226,13 @@ class LeastOutstanding:
         cands = inp.candidates
         # comprehensions, not one loop: this runs for every call over every open replica
         load = [c.outstanding for c in cands]
-        pool = usable(inp.call, cands) if inp.call.avoid else range(len(cands))
-        least = min(load[i] for i in pool) if inp.call.avoid else min(load)
-        tied = [i for i in pool if load[i] == least]
+        if inp.call.avoid:
+            pool = usable(inp.call, cands)
+            least = min(load[i] for i in pool)
+            tied = [i for i in pool if load[i] == least]
+        else:
+            least = min(load)
+            tied = [i for i, n in enumerate(load) if n == least]
         return Decision(self._ties.pick(cands, tied))
 
 

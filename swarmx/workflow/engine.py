@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from swarmx.frozen import frozen
 from swarmx.workflow.spec import StepSpec, WorkflowSpec, render, split_items
 
 WorkflowState = Literal["running", "succeeded", "failed", "cancelled"]
@@ -22,7 +23,7 @@ MAX_INFRA_RETRIES = 5
 """Re-runs after a node was lost mid-call; they do not use up the step's own ``retries``."""
 
 
-@dataclass(frozen=True)
+@frozen
 class CallSpec:
     """One model call or tool run the engine wants executed."""
 
@@ -43,7 +44,7 @@ class CallSpec:
     """Replicas where this instance already failed: routers pick another one when they can."""
 
 
-@dataclass(frozen=True)
+@frozen
 class CallDone:
     call_id: str
     ok: bool
@@ -54,7 +55,7 @@ class CallDone:
     """The call was lost with its node (not the call's own failure)."""
 
 
-@dataclass(frozen=True)
+@frozen
 class RunCall:
     call: CallSpec
 
@@ -64,7 +65,7 @@ class CancelCalls:
     call_ids: list[str]
 
 
-@dataclass(frozen=True)
+@frozen
 class Finished:
     state: WorkflowState
     reason: str
