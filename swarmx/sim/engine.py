@@ -19,7 +19,7 @@ from typing import Any
 from swarmx.backends.emulated import GPUS, ModelProfile, prefill_s, vision_s
 from swarmx.models.dist import LatencyDist
 from swarmx.models.query import SessionTracker
-from swarmx.sched.dispatch import TOOL_POOL, Assign, Dispatcher, QueueOrder
+from swarmx.sched.dispatch import TOOL_POOL, Assign, Dispatcher, QueueOrder, Ticket
 from swarmx.sched.outlook import Outlook
 from swarmx.sched.router import ReplicaView, Router
 from swarmx.sched.scaler import PoolState, Scaler
@@ -129,8 +129,17 @@ class Simulation:
         self.sessions = SessionTracker()
         self.forecaster = SimForecaster(predictor, self.replicas, self, self.sessions, cfg.seed)
         self.forecaster.wants_load_only = router.forecast == "load_only"
+        self._plain = (
+            router.forecast == "none" and order == "fifo" and scaler.name == "none" and not record
+        )
+        """Nothing reads a forecast or a deadline: no forecasting router, slack queue, scaler
+        or recorded trace. The decisions are the same without them, so none are made (the
+        live scheduler still forecasts every call, to show predicted next to actual)."""
         self.dispatcher = Dispatcher(
-            router, order, self.forecaster, replica_queue=cfg.replica_queue
+            router,
+            order,
+            None if self._plain else self.forecaster,
+            replica_queue=cfg.replica_queue,
         )
         self._events: list[tuple[float, int, int, Any]] = []
         self._seq = itertools.count()
@@ -303,7 +312,12 @@ class Simulation:
 
     def _submit(self, c: _Call) -> None:
         flow = c.wf
-        ticket = self.outlook.ticket(flow.run, c.call, flow.sw.arrival_s, self.now, self.cfg.slo_s)
+        if self._plain:
+            ticket = Ticket(c.call, self.now)
+        else:
+            ticket = self.outlook.ticket(
+                flow.run, c.call, flow.sw.arrival_s, self.now, self.cfg.slo_s
+            )
         self._assign_all(self.dispatcher.submit(ticket, self.now))
 
     def _step_service(self, run: WorkflowRun, step: StepSpec) -> LatencyDist:

@@ -8,7 +8,7 @@ from swarmx.sched.router import LeastOutstanding, make_router
 from swarmx.sched.scaler import NoScaler
 from swarmx.sim.engine import SimConfig, Simulation, offered_load, summary
 from swarmx.sim.workload import CallTruth, SimWorkflow
-from swarmx.sim.workloads import generate
+from swarmx.sim.workloads import LLM_MODEL, generate
 from swarmx.workflow.spec import StepSpec, WorkflowSpec
 
 TOOL = WorkflowSpec("mm1", None, {}, [StepSpec(id="t", kind="tool", after=[], command=["x"])], "-")
@@ -88,3 +88,26 @@ def test_tool_hosts_are_sized_for_the_replica_budget_not_the_starting_pool():
     )
     sim.run()
     assert sum(r.kind == "tool" for r in sim.replicas.values()) == 8
+
+
+def test_a_run_that_reads_no_forecast_makes_none_and_decides_the_same():
+    """Baseline router, FIFO, no scaler: no forecasts or deadlines are worked out (nothing reads
+    them), and every call goes where it went with them."""
+    wfs = generate("mixed", workflows=120, rate_per_s=2.0, seed=3)
+
+    def sim(record: bool) -> Simulation:
+        return Simulation(
+            SimConfig(replicas=8, gpu="mixed", seed=3),
+            wfs,
+            router=LeastOutstanding(),
+            order="fifo",
+            scaler=NoScaler(),
+            record=(lambda rec: None) if record else None,
+        )
+
+    plain, recorded = sim(False), sim(True)
+    assert plain.dispatcher.forecaster is None and recorded.dispatcher.forecaster is not None
+    a, b = plain.run(), recorded.run()
+    assert a.workflow_latency_s == b.workflow_latency_s and a.calls == b.calls
+    assert plain.dispatcher.typical_service(LLM_MODEL) is None
+    assert recorded.dispatcher.typical_service(LLM_MODEL) is not None
