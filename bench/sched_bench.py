@@ -234,9 +234,8 @@ def capacities(
 
 
 def train_predictor(
-    names: Sequence[str],
+    n_of: dict[str, int],
     cap: dict[str, float],
-    n: int,
     replicas: int,
     *,
     procs: int,
@@ -246,7 +245,10 @@ def train_predictor(
     trains on its own traces. They are recorded under the `random` router: a router that places
     calls by load (least outstanding) confounds load with everything else in its traces, and a
     model fitted there learns that busy replicas are fast; random placement is the exploration
-    that lets the load features mean what they say."""
+    that lets the load features mean what they say. ``n_of``: workflows recorded per workload
+    (a trace's are single calls, so it records more of them: with as few as the built-in
+    workloads' multi-call workflows, Azure code was 2.5% of the training calls, and the model
+    took its long prompts' queueing on the L40S for the device's own speed)."""
     from swarmx.models.predictor import FeatureConfig
     from swarmx.models.train import train
     from swarmx.traces import read_traces
@@ -261,7 +263,7 @@ def train_predictor(
             seed=7,
             traces_out=str(workdir / f"{w}.jsonl"),
         )
-        for w in names
+        for w, n in n_of.items()
     ]
     run_all(runs, procs)
     records = read_traces([r.traces_out for r in runs if r.traces_out])
@@ -287,15 +289,15 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - one repor
     lines: list[str] = []
     workdir = Path(tempfile.mkdtemp(prefix="swarmx-bench-"))
 
+    # a trace's workflows are single calls: four times as many put as many calls behind a
+    # p99 as the built-in workloads' multi-call workflows do, where the room is seconds
+    n_of = {w: 4 * n if w in TRACES else n for w in names}
     cap = capacities(names, n, reps, "mixed", args.procs)
-    model, trained = train_predictor(names, cap, n, reps, procs=args.procs, workdir=workdir)
+    model, trained = train_predictor(n_of, cap, reps, procs=args.procs, workdir=workdir)
 
     # 1. routers x loads x workloads, mixed pool
     policies = [(p, "oracle") for p in BASELINES]  # baselines rank without forecasts
     policies += [("mean_predicted", model), ("tail", model), ("tail", "oracle")]
-    # a trace's workflows are single calls: four times as many put as many calls behind a
-    # p99 as the built-in workloads' multi-call workflows do, where the room is seconds
-    n_of = {w: 4 * n if w in TRACES else n for w in names}
     matrix = [
         Run(w, policy=p, predictor=pred, rate=ld * cap[w], n=n_of[w], replicas=reps)
         for w in names
@@ -322,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - one repor
         f"{n} workflows per run (trace workloads: the first {4 * n} calls, one workflow each, "
         "so that their p99 rests on enough calls). "
         f"The predictor behind `tail` and `mean_predicted` was trained on {trained} recorded "
-        "by the simulator at 70% load under the `random` router; `tail + oracle` is the same "
+        "by the simulator at 70% load under the `random` router (as many workflows of each "
+        "workload as a run has); `tail + oracle` is the same "
         "router told each call's true output length (the room routing has). Baseline routers "
         "need no forecast, except `p90_load`, which gets the llm-d-style load-only regressor.",
         "",
