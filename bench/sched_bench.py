@@ -71,6 +71,21 @@ class Run:
     """Options for the scaler (the threshold sweep of the equal-replica-seconds comparison)."""
 
 
+def workloads_here() -> list[str]:
+    """The built-in workloads, then the traces whose files are in ../shared."""
+    return [*BUILT_IN, *(t for t in TRACES if TRACES[t][0].exists())]
+
+
+def router_policies(model: str) -> list[tuple[str, str]]:
+    """(router, forecasts) of the router comparisons: the baselines rank without forecasts,
+    the forecasting routers get the trained ``model``, and `tail` + oracle is the reference."""
+    return [(p, "oracle") for p in BASELINES] + [
+        ("mean_predicted", model),
+        ("tail", model),
+        ("tail", "oracle"),
+    ]
+
+
 def workflows(name: str, n: int, seed: int) -> list[SimWorkflow]:
     if name in BUILT_IN or name == "mixed":
         return generate(name, workflows=n, rate_per_s=1.0, seed=seed)
@@ -289,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - one repor
     n, reps = (300, 32) if quick else (2000, 128)
     n_long = 2000 if quick else 8000  # runs with a scaler: many start-ups and down-windows long
     loads = (0.7, 0.95) if quick else LOADS
-    names = [*BUILT_IN, *(t for t in TRACES if TRACES[t][0].exists())]
+    names = workloads_here()
     started = time.monotonic()
     lines: list[str] = []
     workdir = Path(tempfile.mkdtemp(prefix="swarmx-bench-"))
@@ -301,8 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - one repor
     model, trained = train_predictor(n_of, cap, reps, procs=args.procs, workdir=workdir)
 
     # 1. routers x loads x workloads, mixed pool
-    policies = [(p, "oracle") for p in BASELINES]  # baselines rank without forecasts
-    policies += [("mean_predicted", model), ("tail", model), ("tail", "oracle")]
+    policies = router_policies(model)
     matrix = [
         Run(w, policy=p, predictor=pred, rate=ld * cap[w], n=n_of[w], replicas=reps)
         for w in names
@@ -616,11 +630,10 @@ def _thousand(model: str, procs: int) -> list[str]:
     """Every workload and router at 1,000 replicas, 85% load: whether the routers' standing
     holds when a decision has twenty times the candidates (the forecasting routers score the
     64 least loaded) and the traces are stretched over a pool eight times the size."""
-    names = ["mixed", *BUILT_IN, *(t for t in TRACES if TRACES[t][0].exists())]
+    names = ["mixed", *workloads_here()]
     n_of = {w: WHOLE_TRACE if w in TRACES else 6000 for w in names}
     caps = capacities(names, n_of, 1000, "mixed", procs)
-    policies = [(p, "oracle") for p in BASELINES]
-    policies += [("mean_predicted", model), ("tail", model), ("tail", "oracle")]
+    policies = router_policies(model)
     runs = [
         Run(w, p, predictor=pred, rate=0.85 * caps[w], n=n_of[w], replicas=1000)
         for w in names
