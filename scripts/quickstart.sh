@@ -17,6 +17,7 @@ bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 export SWARMX_SCHEDULER=${SWARMX_SCHEDULER:-tcp://127.0.0.1:7700}
 state=$(mktemp -d)
+export SWARMX_STATE_DIR=$state  # the CLI finds the cluster's keys there
 swarmx up --nodes 2 --listen "$SWARMX_SCHEDULER" --state-dir "$state" &
 up=$!
 trap 'kill -TERM $up 2>/dev/null; wait $up 2>/dev/null; rm -rf "$state"' EXIT

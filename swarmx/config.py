@@ -7,6 +7,7 @@ by ``--config`` / ``SWARMX_CONFIG``, the defaults below. Errors name the file, l
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import socket
@@ -58,6 +59,20 @@ def check_address(url: str, *, bind: bool = False) -> str:
     return url.rstrip("/")
 
 
+def is_loopback(url: str) -> bool:
+    """Only this host can reach the address: ``ipc://``, or tcp on 127.0.0.0/8, ``localhost``
+    or ``[::1]``."""
+    if url.startswith("ipc://"):
+        return True
+    host = urlsplit(url).netloc.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _check_positive(name: str, value: float) -> None:
     if value <= 0:
         raise SchemaError(name, f"must be > 0, got {value}")
@@ -87,6 +102,19 @@ class SchedulerConfig:
     """Serve Prometheus metrics over HTTP on this port; 0 means off (docs/metrics.md)."""
     metrics_addr: str = "127.0.0.1"
     """Interface the metrics server binds (``0.0.0.0`` for a Prometheus on another host)."""
+    max_workflow_bytes: int = 1 << 20
+    """Largest workflow file (TOML text) a submit may carry."""
+    max_steps: int = 10_000
+    """Most steps one workflow file may declare."""
+    max_fan_out: int = 1024
+    """Most instances one fan-out step may expand to (fixed ``count`` or dynamic items)."""
+    max_prompt_bytes: int = 1 << 20
+    """Largest rendered prompt (or tool argument list) of one call."""
+    max_queued_workflows_per_client: int = 1000
+    """Unfinished workflows one client key (or, without keys, all clients together) may hold."""
+    workflow_timeout_s: float = 86_400.0
+    """Hard deadline of every workflow, SLO or not: past it, it fails and its calls are
+    cancelled, so nothing stays ``running`` for ever."""
 
     def __post_init__(self) -> None:
         try:
@@ -94,6 +122,15 @@ class SchedulerConfig:
         except SchemaError as exc:
             raise SchemaError("listen", exc.message) from None
         _check_metrics(self.metrics_port, self.metrics_addr)
+        for name in (
+            "max_workflow_bytes",
+            "max_steps",
+            "max_fan_out",
+            "max_prompt_bytes",
+            "max_queued_workflows_per_client",
+            "workflow_timeout_s",
+        ):
+            _check_positive(name, getattr(self, name))
         if self.stale_after_missed < 1:
             raise SchemaError("stale_after_missed", "must be >= 1")
         if self.down_after_missed <= self.stale_after_missed:
@@ -170,6 +207,25 @@ class ReplicaConfig:
 
 
 @dataclass(frozen=True)
+class ToolLimits:
+    """Resource limits of every tool process (``[node.tool_limits]``); 0 means no limit."""
+
+    memory_bytes: int = 4 << 30
+    """Address space of each process (RLIMIT_AS)."""
+    cpu_time_s: int = 600
+    """CPU seconds of each process (RLIMIT_CPU)."""
+    file_bytes: int = 1 << 30
+    """Largest file a tool may write (RLIMIT_FSIZE)."""
+    open_files: int = 1024
+    """Open file descriptors of each process (RLIMIT_NOFILE)."""
+
+    def __post_init__(self) -> None:
+        for name in ("memory_bytes", "cpu_time_s", "file_bytes", "open_files"):
+            if getattr(self, name) < 0:
+                raise SchemaError(name, f"must be >= 0 (0: no limit), got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     name: str = field(default_factory=socket.gethostname)
     scheduler: str = DEFAULT_SCHEDULER
@@ -183,6 +239,12 @@ class NodeConfig:
     """Tool runs at once on this node; -1 means one per CPU core, 0 means no tools here."""
     tool_env: list[str] = field(default_factory=lambda: ["PATH", "LANG", "LC_ALL", "TZ"])
     """Environment variables passed through to tool processes; nothing else leaks in."""
+    tool_commands: list[str] = field(default_factory=list)
+    """Executables this node runs for tool steps (names looked up on ``PATH``, or absolute
+    paths); ``["*"]`` runs any, the default ``[]`` none (`swarmx up` uses ``["*"]``)."""
+    tool_limits: ToolLimits = field(default_factory=ToolLimits)
+    tool_user: str = ""
+    """Run tools as this user (the agent must be root to switch); empty: the agent's own."""
     metrics_port: int = 0
     """Serve this agent's Prometheus metrics on this port; 0 means off (docs/metrics.md)."""
     metrics_addr: str = "127.0.0.1"
@@ -199,6 +261,9 @@ class NodeConfig:
             raise SchemaError("scheduler", exc.message) from None
         _check_positive("telemetry_interval_s", self.telemetry_interval_s)
         _check_positive("heartbeat_interval_s", self.heartbeat_interval_s)
+        for i, command in enumerate(self.tool_commands):
+            if not command or "\0" in command or (command != "*" and command.startswith("-")):
+                raise SchemaError(f"tool_commands[{i}]", f"not an executable: {command!r}")
 
 
 REPLICA_PRESETS: dict[str, list[ReplicaConfig]] = {
@@ -356,6 +421,29 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """CURVE keys (docs/security.md). Empty: no encryption or authentication, which the
+    scheduler accepts only on a loopback address (or with ``--insecure``)."""
+
+    key: str = ""
+    """This process's own key pair: the secret key file (``NAME.key_secret``)."""
+    scheduler_key: str = ""
+    """Nodes and clients: the scheduler's public key file (``scheduler.key``)."""
+    authorized_keys: str = ""
+    """Scheduler: a directory whose ``nodes/``, ``clients/`` and ``admins/`` hold the public
+    keys (``*.key``) allowed in, each with that role; rescanned on SIGHUP and every
+    ``rescan_s``."""
+    rescan_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        _check_positive("rescan_s", self.rescan_s)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.key)
+
+
+@dataclass(frozen=True)
 class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
@@ -364,6 +452,7 @@ class Config:
     router: RouterConfig = field(default_factory=RouterConfig)
     scaler: ScalerConfig = field(default_factory=ScalerConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:

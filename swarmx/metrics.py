@@ -350,6 +350,18 @@ def scheduler_families(reply: TopReply) -> list[Metric]:
     )
     for reason, count in sorted(info_s.bad_frames.items()):
         bad.add_metric([reason], count)
+    refused = CounterMetricFamily(
+        "swarmx_auth_refused",
+        "Connections and frames refused by the security checks, by reason (docs/security.md).",
+        labels=["reason"],
+    )
+    for reason, count in sorted(info_s.auth_refused.items()):
+        refused.add_metric([reason], count)
+    errors = CounterMetricFamily(
+        "swarmx_scheduler_handler_errors",
+        "Frames whose handler raised (answered 'internal'; the scheduler went on).",
+    )
+    errors.add_metric([], info_s.handler_errors)
     return [
         nodes,
         seen,
@@ -370,4 +382,6 @@ def scheduler_families(reply: TopReply) -> list[Metric]:
         swaps,
         uptime,
         bad,
+        refused,
+        errors,
     ]

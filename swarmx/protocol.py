@@ -5,19 +5,24 @@ Every frame is one msgpack map, the *envelope*::
     {"v": PROTOCOL_VERSION, "type": "telemetry", "sender": "node-1", "seq": 42, "ts": 1.7e9,
      "body": {...}}
 
-Bodies are frozen dataclasses registered by their ``TYPE``; decoding checks the size limit, the
-version, the type and every field, and raises `ProtocolError` (with a short ``reason`` that daemons
-count) instead of letting bad input reach a handler. Units live in field names.
+Bodies are frozen dataclasses registered by their ``TYPE``. Decoding is msgspec's compiled,
+validating codec: it checks the size limit, the version, the type and every field, including the
+ranges below (intervals > 0, counts, list and string lengths bounded, no NaN or infinity where a
+peer sends a number), and raises `ProtocolError` (with a short ``reason`` that daemons count)
+instead of letting bad input reach a handler. Units live in field names.
+
+Only the messages a daemon accepts from a peer carry ranges; the replies the scheduler sends its
+clients (views of its own state) are checked for type only.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-import msgpack
-
-from swarmx.schema import SchemaError, decode, encode
+import msgspec
+from msgspec import Meta
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 4 * 1024 * 1024
@@ -33,26 +38,58 @@ class ProtocolError(ValueError):
         self.message = message
 
 
+# --- value ranges of what peers send ------------------------------------------------------------
+
+NodeName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+"""The names `[node] name` accepts: they become log fields and metric labels."""
+Name = Annotated[str, Meta(max_length=256)]
+"""Ids, model and replica names, labels."""
+Note = Annotated[str, Meta(max_length=16_384)]
+"""Error messages, reasons, details."""
+Count = Annotated[int, Meta(ge=0, le=1 << 40)]
+Size = Annotated[int, Meta(ge=0, le=1 << 62)]
+"""Bytes."""
+Seq = Annotated[int, Meta(ge=-1, le=1 << 62)]
+"""A frame number (-1: a frame that could not be read)."""
+Seconds = Annotated[float, Meta(ge=0, le=1e9)]
+"""A duration (finite, not negative)."""
+Interval = Annotated[float, Meta(gt=0, le=86_400)]
+"""A period a peer promises (heartbeats): zero would divide the node sweep by zero."""
+Timestamp = Annotated[float, Meta(ge=0, le=1e11)]
+Number = Annotated[float, Meta(ge=-1e15, le=1e15)]
+"""A finite reading (percentages, loads, rates, temperatures)."""
+Fraction = Annotated[float, Meta(ge=0, le=1)]
+Replicas = Annotated[int, Meta(ge=0, le=4096)]
+"""Replicas of one model on one node."""
+Slots = Annotated[int, Meta(ge=0, le=1 << 20)]
+
+MAX_GPUS = 256
+MAX_REPLICAS = 4096
+MAX_CORES = 16_384
+MAX_LIST = 1 << 20
+"""Call ids, latencies, inputs, command arguments: far above any real frame's."""
+
+
 # --- registration and telemetry ---------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class GpuInfo:
-    index: int
-    name: str
-    uuid: str
-    mem_total_bytes: int
+    index: Count
+    name: Name
+    uuid: Name
+    mem_total_bytes: Size
 
 
 @dataclass(frozen=True)
 class ReplicaInfo:
     """A model server instance a node serves, ready for calls."""
 
-    replica: str
-    model: str
-    backend: str
-    device: str
-    concurrency: int
+    replica: Name
+    model: Name
+    backend: Name
+    device: Name
+    concurrency: Slots
     draining: bool = False
     """Being stopped by a scale-down: it finishes the calls it has and takes no new ones."""
 
@@ -62,17 +99,17 @@ class ReplicaPool:
     """A model a node can scale: one per model and backend in its ``[[node.replicas]]``, whose
     first entry is the template of the replicas it starts."""
 
-    model: str
-    backend: str
-    device: str
-    concurrency: int
-    declared: int
+    model: Name
+    backend: Name
+    device: Name
+    concurrency: Slots
+    declared: Replicas
     """Replicas the node's config declares (``count``): what it starts with."""
-    max_count: int
+    max_count: Replicas
     """Most replicas of it this node will run."""
-    target: int
+    target: Replicas
     """Replicas running (not draining) or starting now: the node's latest scale target."""
-    startup_delay_s: float = 0.0
+    startup_delay_s: Seconds = 0.0
 
 
 @dataclass(frozen=True)
@@ -80,82 +117,84 @@ class Hello:
     """Registration: who the node is and what it has. Sent until acknowledged."""
 
     TYPE: ClassVar[str] = "hello"
-    node: str
-    host: str
-    pid: int
-    version: str
-    cpu_cores_logical: int
-    cpu_cores_physical: int | None
-    mem_total_bytes: int
-    gpus: list[GpuInfo]
-    replicas: list[ReplicaInfo]
-    heartbeat_interval_s: float
-    telemetry_interval_s: float
-    started_ts: float
-    labels: dict[str, str] = field(default_factory=dict)
-    pools: list[ReplicaPool] = field(default_factory=list)
+    node: NodeName
+    host: Name
+    pid: Count
+    version: Name
+    cpu_cores_logical: Annotated[int, Meta(ge=0, le=MAX_CORES)]
+    cpu_cores_physical: Annotated[int, Meta(ge=0, le=MAX_CORES)] | None
+    mem_total_bytes: Size
+    gpus: Annotated[list[GpuInfo], Meta(max_length=MAX_GPUS)]
+    replicas: Annotated[list[ReplicaInfo], Meta(max_length=MAX_REPLICAS)]
+    heartbeat_interval_s: Interval
+    telemetry_interval_s: Interval
+    started_ts: Timestamp
+    labels: Annotated[dict[Name, Name], Meta(max_length=256)] = field(default_factory=dict)
+    pools: Annotated[list[ReplicaPool], Meta(max_length=MAX_REPLICAS)] = field(default_factory=list)
     """What the node can scale. A node sends ``hello`` again whenever its replica list changes
     (a replica started by a scale command is ready, a drained one has stopped)."""
 
 
 @dataclass(frozen=True)
 class HostSample:
-    cpu_percent: float
-    cpu_percent_per_core: list[float]
-    load_1m: float
-    load_5m: float
-    load_15m: float
-    mem_total_bytes: int
-    mem_used_bytes: int
-    mem_available_bytes: int
-    swap_total_bytes: int
-    swap_used_bytes: int
-    disk_read_bytes_per_s: float
-    disk_write_bytes_per_s: float
-    net_recv_bytes_per_s: float
-    net_sent_bytes_per_s: float
+    cpu_percent: Number
+    cpu_percent_per_core: Annotated[list[Number], Meta(max_length=MAX_CORES)]
+    load_1m: Number
+    load_5m: Number
+    load_15m: Number
+    mem_total_bytes: Size
+    mem_used_bytes: Size
+    mem_available_bytes: Size
+    swap_total_bytes: Size
+    swap_used_bytes: Size
+    disk_read_bytes_per_s: Number
+    disk_write_bytes_per_s: Number
+    net_recv_bytes_per_s: Number
+    net_sent_bytes_per_s: Number
 
 
 @dataclass(frozen=True)
 class GpuProcess:
-    pid: int
-    name: str
-    mem_used_bytes: int | None
+    pid: Count
+    name: Name
+    mem_used_bytes: Size | None
 
 
 @dataclass(frozen=True)
 class GpuSample:
     """One GPU's state; a field NVML cannot report on this device is None, not an error."""
 
-    index: int
-    name: str
-    uuid: str
-    util_percent: float | None
-    mem_util_percent: float | None
-    mem_used_bytes: int | None
-    mem_total_bytes: int | None
-    power_w: float | None
-    power_limit_w: float | None
-    temperature_c: float | None
-    sm_clock_mhz: int | None
-    processes: list[GpuProcess] = field(default_factory=list)
+    index: Count
+    name: Name
+    uuid: Name
+    util_percent: Number | None
+    mem_util_percent: Number | None
+    mem_used_bytes: Size | None
+    mem_total_bytes: Size | None
+    power_w: Number | None
+    power_limit_w: Number | None
+    temperature_c: Number | None
+    sm_clock_mhz: Count | None
+    processes: Annotated[list[GpuProcess], Meta(max_length=4096)] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class ReplicaRuntime:
     """What the scheduler needs to know about a replica's load between its own dispatches."""
 
-    replica: str
-    model: str
-    queued: int
-    inflight: int
-    completed: int
-    failed: int
-    recent_latencies_s: list[float] = field(default_factory=list)
-    engine_queued: int | None = None
+    replica: Name
+    model: Name
+    queued: Count
+    inflight: Count
+    completed: Count
+    failed: Count
+    recent_latencies_s: Annotated[list[Seconds], Meta(max_length=MAX_LIST)] = field(
+        default_factory=list
+    )
+    engine_queued: Count | None = None
     """The model server's own queue (e.g. vLLM's waiting requests), where it reports one."""
-    engine_running: int | None = None
-    kv_cache_usage: float | None = None
+    engine_running: Count | None = None
+    kv_cache_usage: Fraction | None = None
     """Fraction of the server's KV cache in use (0..1), where it reports it."""
 
 
@@ -163,17 +202,17 @@ class ReplicaRuntime:
 class Telemetry:
     TYPE: ClassVar[str] = "telemetry"
     host: HostSample
-    gpus: list[GpuSample]
-    replicas: list[ReplicaRuntime]
-    collect_s: float
+    gpus: Annotated[list[GpuSample], Meta(max_length=MAX_GPUS)]
+    replicas: Annotated[list[ReplicaRuntime], Meta(max_length=MAX_REPLICAS)]
+    collect_s: Seconds
     """Wall time the agent spent collecting this sample (its own overhead, visible centrally)."""
 
 
 @dataclass(frozen=True)
 class Heartbeat:
     TYPE: ClassVar[str] = "heartbeat"
-    uptime_s: float
-    unsent_frames: int = 0
+    uptime_s: Seconds
+    unsent_frames: Count = 0
     """Frames the agent could not send (scheduler unreachable) since it started."""
 
 
@@ -185,17 +224,17 @@ class Dispatch:
     """Scheduler -> node: run one call on one replica."""
 
     TYPE: ClassVar[str] = "dispatch"
-    call_id: str
-    workflow_id: str
-    step_id: str
-    replica: str
+    call_id: Name
+    workflow_id: Name
+    step_id: Name
+    replica: Name
     kind: Literal["llm", "model", "tool"]
-    model: str
+    model: Name
     prompt: str = ""
-    max_tokens: int = 0
-    inputs: dict[str, str] = field(default_factory=dict)
-    command: list[str] = field(default_factory=list)
-    timeout_s: float | None = None
+    max_tokens: Count = 0
+    inputs: Annotated[dict[Name, str], Meta(max_length=MAX_LIST)] = field(default_factory=dict)
+    command: Annotated[list[str], Meta(max_length=MAX_LIST)] = field(default_factory=list)
+    timeout_s: Seconds | None = None
 
 
 @dataclass(frozen=True)
@@ -203,16 +242,16 @@ class Result:
     """Node -> scheduler: how a dispatched call ended, with its timings."""
 
     TYPE: ClassVar[str] = "result"
-    call_id: str
-    replica: str
+    call_id: Name
+    replica: Name
     ok: bool
     output: str
     error: str
-    queue_s: float
-    latency_s: float
-    ttft_s: float | None
-    prompt_tokens: int
-    output_tokens: int
+    queue_s: Seconds
+    latency_s: Seconds
+    ttft_s: Seconds | None
+    prompt_tokens: Count
+    output_tokens: Count
 
 
 @dataclass(frozen=True)
@@ -220,7 +259,7 @@ class CancelCalls:
     """Scheduler -> node: stop these calls (queued or running); no results are expected."""
 
     TYPE: ClassVar[str] = "cancel_calls"
-    call_ids: list[str]
+    call_ids: Annotated[list[Name], Meta(max_length=MAX_LIST)]
 
 
 @dataclass(frozen=True)
@@ -231,11 +270,11 @@ class ScaleCommand:
     or gone."""
 
     TYPE: ClassVar[str] = "scale"
-    model: str
-    backend: str
-    target_replicas: int
-    reason: str = ""
-    remove: list[str] = field(default_factory=list)
+    model: Name
+    backend: Name
+    target_replicas: Replicas
+    reason: Note = ""
+    remove: Annotated[list[Name], Meta(max_length=MAX_REPLICAS)] = field(default_factory=list)
     """For a scale-down: the replicas to stop (the scheduler no longer routes to them); each
     finishes its calls before it closes. Replicas still starting are cancelled first."""
 
@@ -243,8 +282,8 @@ class ScaleCommand:
 @dataclass(frozen=True)
 class Ack:
     TYPE: ClassVar[str] = "ack"
-    ref_seq: int
-    detail: str = ""
+    ref_seq: Seq
+    detail: Note = ""
 
 
 @dataclass(frozen=True)
@@ -252,9 +291,9 @@ class Error:
     """A refusal of the frame numbered ``ref_seq`` (-1 when it could not be read)."""
 
     TYPE: ClassVar[str] = "error"
-    ref_seq: int
-    code: str
-    message: str
+    ref_seq: Seq
+    code: Name
+    message: Note
 
 
 # --- client requests --------------------------------------------------------------------------
@@ -265,9 +304,9 @@ class Submit:
     """Client -> scheduler: a workflow file's text; the scheduler parses and validates it again."""
 
     TYPE: ClassVar[str] = "submit"
-    source: str
+    source: Annotated[str, Meta(max_length=4096)]
     text: str
-    overrides: dict[str, str] = field(default_factory=dict)
+    overrides: Annotated[dict[Name, str], Meta(max_length=4096)] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -281,14 +320,14 @@ class QueryWorkflows:
     """One workflow in detail (with outputs), or the most recent ``limit`` without them."""
 
     TYPE: ClassVar[str] = "query_workflows"
-    workflow_id: str = ""
-    limit: int = 50
+    workflow_id: Name = ""
+    limit: Annotated[int, Meta(ge=1, le=10_000)] = 50
 
 
 @dataclass(frozen=True)
 class CancelWorkflow:
     TYPE: ClassVar[str] = "cancel_workflow"
-    workflow_id: str
+    workflow_id: Name
 
 
 @dataclass(frozen=True)
@@ -341,8 +380,8 @@ class ExportTraces:
     """Page through the trace store: rows with id > ``after_id``, at most ``limit``."""
 
     TYPE: ClassVar[str] = "export_traces"
-    after_id: int = 0
-    limit: int = 1000
+    after_id: Count = 0
+    limit: Annotated[int, Meta(ge=1, le=5000)] = 1000
 
 
 @dataclass(frozen=True)
@@ -364,7 +403,7 @@ class InstallPredictor:
     the scheduler, on its host."""
 
     TYPE: ClassVar[str] = "install_predictor"
-    path: str
+    path: Annotated[str, Meta(max_length=4096)]
 
 
 @dataclass(frozen=True)
@@ -414,6 +453,10 @@ class SchedulerInfo:
     version: str
     uptime_s: float
     bad_frames: dict[str, int]
+    auth_refused: dict[str, int] = field(default_factory=dict)
+    """Handshakes and frames refused by the security checks, by reason (docs/security.md)."""
+    handler_errors: int = 0
+    """Frames whose handler failed (answered ``internal``; the daemon went on)."""
 
 
 @dataclass(frozen=True)
@@ -431,9 +474,9 @@ class QueryTop:
     """Client -> scheduler: everything `swarmx top` shows, in one round trip."""
 
     TYPE: ClassVar[str] = "query_top"
-    workflows: int = 50
+    workflows: Annotated[int, Meta(ge=0, le=10_000)] = 50
     """At most this many workflows: the running ones first, then the most recently finished."""
-    decisions: int = 50
+    decisions: Annotated[int, Meta(ge=0, le=10_000)] = 50
     """The most recent route and scale decisions."""
 
 
@@ -622,47 +665,74 @@ class Envelope:
         return self.body.TYPE
 
 
-def encode_frame(sender: str, seq: int, ts: float, body: Message) -> bytes:
-    envelope = {
-        "v": PROTOCOL_VERSION,
-        "type": body.TYPE,
-        "sender": sender,
-        "seq": seq,
-        "ts": ts,
-        "body": encode(body),
-    }
-    data: bytes = msgpack.packb(envelope, use_bin_type=True)
-    return data
+class _Head(msgspec.Struct):
+    """The envelope around the body, which stays raw until its type is known."""
+
+    v: Any = None
+    type: str = ""
+    sender: Name = ""
+    seq: Seq = 0
+    ts: Timestamp = 0.0
+    body: msgspec.Raw = msgspec.Raw(b"")
 
 
-def decode_frame(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
-    """Parse and validate one frame; every failure is a `ProtocolError`."""
-    if len(data) > max_bytes:
-        raise ProtocolError("oversized", f"frame of {len(data)} bytes exceeds {max_bytes}")
-    try:
-        raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-        raise ProtocolError("garbage", f"not a msgpack frame ({type(e).__name__})") from None
-    if not isinstance(raw, dict):
-        raise ProtocolError("garbage", f"envelope must be a map, got {type(raw).__name__}")
-    version = raw.get("v")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            "version", f"protocol version {version!r}, this build speaks {PROTOCOL_VERSION}"
-        )
-    cls = MESSAGE_TYPES.get(raw.get("type"))  # type: ignore[arg-type]
-    if cls is None:
-        raise ProtocolError("unknown_type", f"unknown message type {raw.get('type')!r}")
-    try:
-        head = decode(_Head, {k: raw.get(k) for k in ("sender", "seq", "ts")}, "envelope")
-        body: Message = decode(cls, raw.get("body"), "body", strict=False)
-    except SchemaError as exc:
-        raise ProtocolError("schema", f"{cls.TYPE}: {exc}") from None
-    return Envelope(sender=head.sender, seq=head.seq, ts=head.ts, body=body)
-
-
-@dataclass(frozen=True)
-class _Head:
+class _Out(msgspec.Struct):
+    v: int
+    type: str
     sender: str
     seq: int
     ts: float
+    body: Any
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_HEAD = msgspec.msgpack.Decoder(_Head)
+_BODIES = {name: msgspec.msgpack.Decoder(cls) for name, cls in MESSAGE_TYPES.items()}
+_MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
+"""The first byte of a msgpack map (fixmap, map16, map32)."""
+_AT = re.compile(r"(.*) - at `\$(.*)`", re.S)
+_MISSING = re.compile(r"Object missing required field `(.*)`")
+
+
+def encode_frame(sender: str, seq: int, ts: float, body: Message) -> bytes:
+    return _ENCODER.encode(_Out(PROTOCOL_VERSION, body.TYPE, sender, seq, ts, body))
+
+
+def decode_frame(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Envelope:
+    """Parse and validate one frame; every failure, whatever the bytes, is a `ProtocolError`."""
+    if len(data) > max_bytes:
+        raise ProtocolError("oversized", f"frame of {len(data)} bytes exceeds {max_bytes}")
+    if not data or data[0] not in _MAP_MARKERS:
+        raise ProtocolError("garbage", "not a msgpack frame (the envelope must be a map)")
+    try:
+        head = _HEAD.decode(data)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError("schema", _where(exc, "envelope")) from None
+    except (msgspec.DecodeError, ValueError, TypeError, RecursionError) as exc:
+        raise ProtocolError("garbage", f"not a msgpack frame ({type(exc).__name__})") from None
+    if head.v != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "version", f"protocol version {head.v!r:.40}, this build speaks {PROTOCOL_VERSION}"
+        )
+    decoder = _BODIES.get(head.type)
+    if decoder is None:
+        raise ProtocolError("unknown_type", f"unknown message type {head.type!r:.60}")
+    try:
+        body: Message = decoder.decode(head.body)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError("schema", f"{head.type}: {_where(exc, 'body')}") from None
+    except (msgspec.DecodeError, ValueError, TypeError, RecursionError) as exc:
+        raise ProtocolError("garbage", f"{head.type}: bad body ({type(exc).__name__})") from None
+    return Envelope(sender=head.sender, seq=head.seq, ts=head.ts, body=body)
+
+
+def _where(exc: msgspec.ValidationError, root: str) -> str:
+    """msgspec's ``Expected `int` - at `$.gpus[0].index``` as ``body.gpus[0].index: expected
+    `int```: the place first, like every other error SwarmX prints."""
+    text = str(exc)
+    match = _AT.fullmatch(text)
+    message, path = match.groups() if match is not None else (text, "")
+    missing = _MISSING.fullmatch(message)
+    if missing is not None:
+        return f"{root}{path}.{missing.group(1)}: missing"
+    return f"{root}{path}: {message[:1].lower()}{message[1:300]}"

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from swarmx import logs
 from swarmx.clock import RealClock
 from swarmx.config import Config, ConfigError, SchedulerConfig, load_config, override
+from swarmx.daemon.scheduler import read_state_file
 from swarmx.protocol import Error, Message
-from swarmx.transport import TransportError, request
+from swarmx.security import client_curve, local_client_curve
+from swarmx.transport import ClientCurve, TransportError, request
 
 EXIT_USAGE = 2
 """Bad input: config, flags, workflow files."""
@@ -84,7 +88,7 @@ StateDirOpt = Annotated[
     ),
 ]
 
-USAGE_ERRORS = {"invalid_workflow", "not_found", "finished", "invalid_model"}
+USAGE_ERRORS = {"invalid_workflow", "not_found", "finished", "invalid_model", "forbidden"}
 """Refusals caused by what the user asked for: exit 2, like other bad input."""
 
 err_console = Console(stderr=True)
@@ -92,7 +96,7 @@ err_console = Console(stderr=True)
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """One line on stderr, then exit; never a traceback for bad input."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -127,6 +131,21 @@ def setup_logging(cfg: Config, level: str | None, fmt: str | None) -> None:
         fail(str(exc))
 
 
+def curve_for(cfg: Config) -> ClientCurve | None:
+    """The keys this client connects with: the config's ``[security]``, else those of a
+    `swarmx up` cluster in the state directory (``SWARMX_STATE_DIR``, or the config's), else
+    none. Exits 2 naming the file if a key cannot be read."""
+    try:
+        curve = client_curve(cfg.security)
+        if curve is not None:
+            return curve
+        state_dir = Path(os.environ.get("SWARMX_STATE_DIR") or cfg.scheduler.state_dir)
+        state = read_state_file(state_dir) or {}
+        return local_client_curve(state_dir, str(state.get("public_key") or ""))
+    except TransportError as exc:
+        fail(str(exc))
+
+
 def ask(
     config: ConfigOpt, scheduler: str | None, query: Message, *, min_timeout_s: float = 0.0
 ) -> Message:
@@ -139,7 +158,7 @@ def ask(
         fail(str(exc))
     try:
         timeout_s = max(client.timeout_s, min_timeout_s)
-        env = request(client.scheduler, query, "cli", RealClock(), timeout_s)
+        env = request(client.scheduler, query, "cli", RealClock(), timeout_s, curve=curve_for(cfg))
     except (TimeoutError, TransportError) as exc:
         fail(str(exc), EXIT_UNAVAILABLE)
     if isinstance(env.body, Error):

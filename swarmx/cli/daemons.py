@@ -21,12 +21,23 @@ from swarmx.cli.common import (
     setup_logging,
 )
 from swarmx.clock import RealClock
-from swarmx.config import REPLICA_PRESETS, ConfigError, override
+from swarmx.config import REPLICA_PRESETS, ConfigError, is_loopback, override
 from swarmx.daemon.lifecycle import run_daemon
 from swarmx.daemon.node import NodeAgent
 from swarmx.daemon.scheduler import SchedulerDaemon, StateDirBusy
 from swarmx.metrics import MetricsError
+from swarmx.security import client_curve
 from swarmx.transport import TransportError
+
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        envvar="SWARMX_KEY",
+        help="This daemon's secret key file (NAME.key_secret) [default: [security] key].",
+        show_default=False,
+    ),
+]
 
 scheduler_app = typer.Typer(help="The central scheduler daemon.", no_args_is_help=True)
 node_app = typer.Typer(help="The per-node agent.", no_args_is_help=True)
@@ -38,18 +49,52 @@ def scheduler_start(
     listen: ListenOpt = None,
     state_dir: StateDirOpt = None,
     metrics_port: MetricsPortOpt = None,
+    key: KeyOpt = None,
+    authorized_keys: Annotated[
+        str | None,
+        typer.Option(
+            "--authorized-keys",
+            envvar="SWARMX_AUTHORIZED_KEYS",
+            help="Directory of nodes/, clients/ and admins/ public keys "
+            "[default: [security] authorized_keys].",
+            show_default=False,
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            envvar="SWARMX_INSECURE",
+            help="Listen on a non-loopback address without keys: anyone who reaches the port "
+            "can run tool commands on every node.",
+        ),
+    ] = False,
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
 ) -> None:
     """Run the scheduler in the foreground until SIGTERM or Ctrl-C."""
     cfg = load(config)
     sched = scheduler_settings(cfg, listen, state_dir, metrics_port)
+    try:
+        security = override(cfg.security, key=key, authorized_keys=authorized_keys)
+    except ConfigError as exc:
+        fail(str(exc))
+    if not security.enabled and not insecure and not is_loopback(sched.listen):
+        fail(
+            f"refusing to listen on {sched.listen} without keys: make them with "
+            "`swarmx keys generate` and set [security] (docs/security.md), or pass --insecure"
+        )
     setup_logging(cfg, log_level, log_format)
     daemon = SchedulerDaemon(
-        sched, RealClock(), predictor=cfg.predictor, router=cfg.router, scaler=cfg.scaler
+        sched,
+        RealClock(),
+        predictor=cfg.predictor,
+        router=cfg.router,
+        scaler=cfg.scaler,
+        security=security,
     )
     try:
-        run_daemon(daemon.run)
+        run_daemon(daemon.run, on_hangup=daemon.rescan_keys)
     except (TransportError, StateDirBusy, OSError) as exc:
         fail(str(exc), EXIT_UNAVAILABLE)
 
@@ -74,6 +119,26 @@ def node_start(
         ),
     ] = None,
     metrics_port: MetricsPortOpt = None,
+    key: KeyOpt = None,
+    scheduler_key: Annotated[
+        str | None,
+        typer.Option(
+            "--scheduler-key",
+            envvar="SWARMX_SCHEDULER_KEY",
+            help="The scheduler's public key file [default: [security] scheduler_key].",
+            show_default=False,
+        ),
+    ] = None,
+    tool_commands: Annotated[
+        str | None,
+        typer.Option(
+            "--tool-commands",
+            envvar="SWARMX_TOOL_COMMANDS",
+            help="Comma-separated executables tool steps may run here; * for any "
+            "[default: [node] tool_commands, else none].",
+            show_default=False,
+        ),
+    ] = None,
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
 ) -> None:
@@ -89,11 +154,19 @@ def node_start(
             name=name,
             replicas=replicas,
             metrics_port=metrics_port,
+            tool_commands=None
+            if tool_commands is None
+            else [c.strip() for c in tool_commands.split(",") if c.strip()],
         )
+        security = override(cfg.security, key=key, scheduler_key=scheduler_key)
     except ConfigError as exc:
         fail(str(exc))
+    try:
+        curve = client_curve(security)
+    except TransportError as exc:
+        fail(str(exc))
     setup_logging(cfg, log_level, log_format)
-    agent = NodeAgent(node_cfg, RealClock())
+    agent = NodeAgent(node_cfg, RealClock(), curve=curve)
     try:
         run_daemon(agent.run)
     except (TransportError, MetricsError) as exc:

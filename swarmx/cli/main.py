@@ -7,6 +7,7 @@ import typer
 from swarmx import __version__
 from swarmx.cli.common import ConfigOpt, JsonOpt, load, print_json
 from swarmx.cli.daemons import node_app, scheduler_app
+from swarmx.cli.keys import keys_app
 from swarmx.cli.nodes import nodes
 from swarmx.cli.predictor import predictor_app
 from swarmx.cli.sim import sim
@@ -25,6 +26,7 @@ app.add_typer(scheduler_app, name="scheduler")
 app.add_typer(node_app, name="node")
 app.add_typer(traces_app, name="traces")
 app.add_typer(predictor_app, name="predictor")
+app.add_typer(keys_app, name="keys")
 app.command()(nodes)
 app.command()(top)
 app.command()(up)

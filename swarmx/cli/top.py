@@ -31,6 +31,7 @@ from swarmx.cli.common import (
     ConfigOpt,
     JsonOpt,
     SchedulerOpt,
+    curve_for,
     fail,
     load,
     print_json,
@@ -40,7 +41,7 @@ from swarmx.clock import RealClock
 from swarmx.config import ClientConfig, ConfigError, override
 from swarmx.protocol import Error, QueryTop, TopReply
 from swarmx.schema import encode
-from swarmx.transport import TransportError, request
+from swarmx.transport import ClientCurve, TransportError, request
 
 LIVE_QUERY = QueryTop(workflows=200, decisions=200)
 KEY_POLL_S = 0.05
@@ -52,10 +53,10 @@ class TopError(RuntimeError):
     """No snapshot: the scheduler is unreachable or refused; the message says which."""
 
 
-def fetch(client: ClientConfig, query: QueryTop) -> TopReply:
+def fetch(client: ClientConfig, query: QueryTop, curve: ClientCurve | None = None) -> TopReply:
     """The one scheduler query behind every frame."""
     try:
-        env = request(client.scheduler, query, "top", RealClock(), client.timeout_s)
+        env = request(client.scheduler, query, "top", RealClock(), client.timeout_s, curve=curve)
     except (TimeoutError, TransportError) as exc:
         raise TopError(str(exc)) from None
     if isinstance(env.body, Error):
@@ -83,9 +84,10 @@ def top(
         fail(str(exc))
     if not interval > 0:
         fail(f"--interval: must be > 0, got {interval:g}")
+    curve = curve_for(cfg)
     if once or json:
         try:
-            reply = fetch(client, ONCE_QUERY if once and not json else QueryTop())
+            reply = fetch(client, ONCE_QUERY if once and not json else QueryTop(), curve)
         except TopError as exc:
             fail(str(exc), EXIT_UNAVAILABLE)
         if json:
@@ -95,16 +97,17 @@ def top(
         return
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         fail("swarmx top needs a terminal; use --once or --json in scripts")
-    _run(client, interval)
+    _run(client, interval, curve)
 
 
 class _Fetcher(threading.Thread):
     """Fetches a snapshot every ``interval_s`` unless paused; ``fresh`` is set on each answer or
     failure, so the main loop redraws at once."""
 
-    def __init__(self, client: ClientConfig, interval_s: float) -> None:
+    def __init__(self, client: ClientConfig, interval_s: float, curve: ClientCurve | None) -> None:
         super().__init__(name="swarmx-top-fetch", daemon=True)
         self.client = client
+        self.curve = curve
         self.interval_s = interval_s
         self.paused = threading.Event()
         self.stopped = threading.Event()
@@ -118,7 +121,7 @@ class _Fetcher(threading.Thread):
         while not self.stopped.is_set():
             if not self.paused.is_set():
                 try:
-                    reply, error = fetch(self.client, LIVE_QUERY), ""
+                    reply, error = fetch(self.client, LIVE_QUERY, self.curve), ""
                 except TopError as exc:
                     reply, error = None, str(exc)
                 with self._lock:
@@ -153,9 +156,9 @@ def _terminal() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run(client: ClientConfig, interval_s: float) -> None:
+def _run(client: ClientConfig, interval_s: float, curve: ClientCurve | None) -> None:
     """Redraw on a new snapshot, a key, a resize, or every ``interval_s`` (ages move on)."""
-    fetcher = _Fetcher(client, interval_s)
+    fetcher = _Fetcher(client, interval_s, curve)
     console = Console()
     view = View()
     frozen: Screen | None = None

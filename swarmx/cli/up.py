@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from swarmx.cli.common import (
     EXIT_UNAVAILABLE,
@@ -28,7 +29,7 @@ from swarmx.cli.common import (
 )
 from swarmx.cli.render import nodes_table
 from swarmx.clock import RealClock
-from swarmx.config import REPLICA_PRESETS
+from swarmx.config import REPLICA_PRESETS, default_state_dir
 from swarmx.daemon.local import POLL_S, ClusterError, LocalCluster, connectable
 
 
@@ -97,9 +98,14 @@ def up(
         if reply is not None:
             console.print(nodes_table(reply))
         hint = "" if endpoint == connectable("tcp://127.0.0.1:7700") else f" --scheduler {endpoint}"
+        env = (
+            "" if sched.state_dir == default_state_dir() else f"SWARMX_STATE_DIR={sched.state_dir} "
+        )
         console.print(
-            f"[green]SwarmX local cluster up[/] at {endpoint} with {nodes} nodes. "
-            f"Try [bold]swarmx top{hint}[/]. Ctrl-C stops it."
+            f"[green]SwarmX local cluster up[/] at {endpoint} with {nodes} nodes "
+            f"(CURVE keys in {sched.state_dir}/keys). "
+            f"Try [bold]{escape(env)}swarmx top{hint}[/]. Ctrl-C stops it.",
+            highlight=False,
         )
         if sched.metrics_port:
             port = sched.metrics_port

@@ -65,7 +65,23 @@ class SystemdNotifier:
         return [asyncio.create_task(ping(), name="watchdog")]
 
 
-def install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+def install_stop_signals(
+    loop: asyncio.AbstractEventLoop,
+    stop: asyncio.Event,
+    on_hangup: Callable[[], None] | None = None,
+) -> None:
+    """SIGTERM and SIGINT stop the daemon (twice: at once); SIGHUP calls ``on_hangup`` (reload
+    what can be reloaded) and never kills it."""
+
+    def on_hup() -> None:
+        if on_hangup is None:
+            log.info("SIGHUP: nothing to reload")
+            return
+        log.info("SIGHUP: reloading")
+        on_hangup()
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+
     def on_signal(signum: int) -> None:
         if stop.is_set():
             log.warning("second %s: exiting now", signal.Signals(signum).name)
@@ -77,12 +93,14 @@ def install_stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -
         loop.add_signal_handler(signum, on_signal, signum)
 
 
-def run_daemon(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+def run_daemon(
+    main: Callable[[asyncio.Event], Awaitable[None]], on_hangup: Callable[[], None] | None = None
+) -> None:
     """Run ``main(stop)`` on a fresh event loop with stop signals wired to ``stop``."""
 
     async def runner() -> None:
         stop = asyncio.Event()
-        install_stop_signals(asyncio.get_running_loop(), stop)
+        install_stop_signals(asyncio.get_running_loop(), stop, on_hangup)
         await main(stop)
 
     asyncio.run(runner())

@@ -23,7 +23,14 @@ from pathlib import Path
 from swarmx.clock import Clock
 from swarmx.daemon.scheduler import read_state_file
 from swarmx.protocol import NodesReply, QueryNodes
-from swarmx.transport import TransportError, request
+from swarmx.security import LOCAL_ADMIN_KEY, make_local_keys
+from swarmx.transport import (
+    ClientCurve,
+    TransportError,
+    load_keypair,
+    load_public_key,
+    request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +103,8 @@ class LocalCluster:
         self.endpoint = ""
         self.node_names = [f"node-{i}" for i in range(1, nodes + 1)]
         self._children: list[_Child] = []
+        self.curve: ClientCurve | None = None
+        """The CLI's (admin) keys for this cluster, once `start` has made them."""
 
     def _swarmx(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "swarmx", *args, *self._common]
@@ -104,6 +113,12 @@ class LocalCluster:
         """Start everything and wait until every node is registered; returns the scheduler's
         address. Raises ClusterError (after stopping what it started) if that does not happen."""
         try:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            keys = make_local_keys(self.state_dir, self.node_names)
+            self.curve = ClientCurve(
+                load_keypair(keys.secret(LOCAL_ADMIN_KEY)),
+                load_public_key(keys.public("scheduler")),
+            )
             scheduler = _Child(
                 "scheduler",
                 self._swarmx(
@@ -115,6 +130,10 @@ class LocalCluster:
                     str(self.state_dir),
                     "--metrics-port",
                     str(self.metrics_port),
+                    "--key",
+                    str(keys.secret("scheduler")),
+                    "--authorized-keys",
+                    str(keys.authorized),
                 ),
             )
             self._children.append(scheduler)
@@ -136,6 +155,12 @@ class LocalCluster:
                         self.preset,
                         "--metrics-port",
                         str(self.metrics_port + i if self.metrics_port else 0),
+                        "--key",
+                        str(keys.secret(name)),
+                        "--scheduler-key",
+                        str(keys.public("scheduler")),
+                        "--tool-commands",
+                        "*",
                     ),
                 )
                 self._children.append(node)
@@ -169,7 +194,9 @@ class LocalCluster:
 
     def query_nodes(self, timeout_s: float = 2.0) -> NodesReply | None:
         try:
-            env = request(self.endpoint, QueryNodes(), "up", self.clock, timeout_s)
+            env = request(
+                self.endpoint, QueryNodes(), "up", self.clock, timeout_s, curve=self.curve
+            )
         except (TimeoutError, TransportError):
             return None
         return env.body if isinstance(env.body, NodesReply) else None

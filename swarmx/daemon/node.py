@@ -37,9 +37,10 @@ from swarmx.protocol import (
     ScaleCommand,
     Telemetry,
 )
+from swarmx.security import RateLimitedLog
 from swarmx.telemetry.gpu import NvmlGpus
 from swarmx.telemetry.host import HostCollector
-from swarmx.transport import DealerChannel, connect_dealer
+from swarmx.transport import ClientCurve, DealerChannel, connect_dealer
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,12 @@ class NodeAgent:
         clock: Clock,
         notifier: SystemdNotifier | None = None,
         gpus: NvmlGpus | None = None,
+        curve: ClientCurve | None = None,
     ) -> None:
         self.cfg = cfg
+        self.curve = curve
+        self.handler_errors = 0
+        self._refusal_log = RateLimitedLog(clock.monotonic)
         self.clock = clock
         self.notifier = notifier or SystemdNotifier()
         self.host = HostCollector(clock.monotonic)
@@ -103,7 +108,9 @@ class NodeAgent:
         if metrics is not None:
             log.info("metrics on %s", metrics.url, extra={"metrics_url": metrics.url})
         try:
-            self._channel = channel = connect_dealer(self.cfg.scheduler, self.cfg.name, self.clock)
+            self._channel = channel = connect_dealer(
+                self.cfg.scheduler, self.cfg.name, self.clock, curve=self.curve
+            )
         except BaseException:
             if metrics is not None:
                 metrics.close()
@@ -127,6 +134,9 @@ class NodeAgent:
                 asyncio.create_task(self._receive(channel), name="receive"),
                 asyncio.create_task(self._heartbeats(channel), name="heartbeat"),
                 asyncio.create_task(self._telemetry(channel, executor), name="telemetry"),
+                asyncio.create_task(
+                    channel.watch_handshakes(self._handshake_refused), name="handshakes"
+                ),
                 *self.notifier.start_watchdog(self.clock),
             ]
             await run_until_stopped(stop, tasks)
@@ -228,21 +238,36 @@ class NodeAgent:
             if self.registered:
                 await channel.send(self._latest)
 
+    def _handshake_refused(self, reason: str) -> None:
+        self._refusal_log.warning(
+            reason,
+            "the scheduler at %s refused this node's connection (%s): check [security] key "
+            "(is its public key in the scheduler's authorized_keys/nodes/?) and scheduler_key",
+            self.cfg.scheduler,
+            reason,
+        )
+
     async def _receive(self, channel: DealerChannel) -> None:
         while True:
             env = await channel.recv()
             self._last_answer_mono = self.clock.monotonic()
             handler = self._handlers.get(type(env.body))
             if handler is None:
-                await channel.send(
-                    Error(
-                        env.seq,
-                        "unsupported",
-                        f"node agent {__version__} does not handle {env.type!r}",
+                if not isinstance(env.body, Error):  # an error never answers an error
+                    await channel.send(
+                        Error(
+                            env.seq,
+                            "unsupported",
+                            f"node agent {__version__} does not handle {env.type!r}",
+                        )
                     )
-                )
                 continue
-            await handler(env)
+            try:
+                await handler(env)
+            except Exception as exc:  # the agent outlives any one bad message
+                self.handler_errors += 1
+                log.exception("handler for %r failed", env.type)
+                await channel.send(Error(env.seq, "internal", f"{type(exc).__name__}: {exc}"))
 
     # --- handlers ---------------------------------------------------------------------------
 

@@ -170,7 +170,15 @@ class ReplicaSet:
         slots = (psutil.cpu_count() or 1) if cfg.tool_slots == -1 else cfg.tool_slots
         if slots > 0:
             info = ReplicaInfo(f"{cfg.name}/{TOOL_MODEL}", TOOL_MODEL, "tool", "cpu", slots)
-            self._configs.append((info, lambda: ToolRunner(cfg.tool_env)))
+            tools = functools.partial(
+                ToolRunner,
+                cfg.tool_env,
+                cfg.tool_commands,
+                node=cfg.name,
+                limits=cfg.tool_limits,
+                user=cfg.tool_user,
+            )
+            self._configs.append((info, tools))
 
     async def start(self) -> None:
         """Start every backend; one that fails is logged and left out, the others serve."""

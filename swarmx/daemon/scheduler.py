@@ -7,6 +7,7 @@ and update pure state (`NodeTable`). Later layers (workflow engine, routers, sca
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import json
@@ -19,7 +20,13 @@ from typing import Any
 from swarmx import __version__
 from swarmx.clock import Clock, ticks
 from swarmx.cluster import NodeTable
-from swarmx.config import PredictorConfig, RouterConfig, ScalerConfig, SchedulerConfig
+from swarmx.config import (
+    PredictorConfig,
+    RouterConfig,
+    ScalerConfig,
+    SchedulerConfig,
+    SecurityConfig,
+)
 from swarmx.daemon.lifecycle import SystemdNotifier, run_until_stopped
 from swarmx.daemon.observe import Observer
 from swarmx.daemon.scaling import ScaleController
@@ -53,9 +60,24 @@ from swarmx.protocol import (
 from swarmx.sched.router import make_router
 from swarmx.sched.scaler import Scaler, make_scaler
 from swarmx.schema import decode
+from swarmx.security import (
+    ANYONE,
+    KeyRing,
+    NodeNames,
+    Peer,
+    RateLimitedLog,
+    may_send,
+    sees_everything,
+)
 from swarmx.store import Store
-from swarmx.transport import RouterChannel, bind_router
-from swarmx.workflow.spec import WorkflowError
+from swarmx.transport import (
+    RouterChannel,
+    ServerCurve,
+    TransportError,
+    bind_router,
+    load_keypair,
+)
+from swarmx.workflow.spec import WorkflowError, WorkflowLimits
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +91,17 @@ PUBLISH_INTERVAL_S = 1.0
 SCALE_REFUSALS = {"unknown_model", "out_of_range"}
 """Error codes a node answers a scale command it cannot carry out with."""
 
-Handler = Callable[[bytes, Envelope], Awaitable[None]]
+Handler = Callable[[bytes, Envelope, Peer], Awaitable[None]]
+NODE_NAMES_FILE = "node_keys.json"
+"""Which node name each node key registered with (see `NodeNames`)."""
+
+
+class Refused(Exception):
+    """A frame the sender's key may not send: answered ``forbidden`` and counted by ``reason``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class StateDirBusy(RuntimeError):
@@ -95,8 +127,15 @@ class SchedulerDaemon:
         *,
         router: RouterConfig | None = None,
         scaler: ScalerConfig | None = None,
+        security: SecurityConfig | None = None,
     ) -> None:
         self.cfg = cfg
+        self.security = security or SecurityConfig()
+        self.keys: KeyRing | None = None
+        self.node_names: NodeNames | None = None
+        self.auth_refused: collections.Counter[str] = collections.Counter()
+        """Frames and handshakes refused, by reason (``swarmx_auth_refused_total``)."""
+        self._refusal_log = RateLimitedLog(clock.monotonic)
         self.predictor_cfg = predictor or PredictorConfig()
         self.router_cfg = router or RouterConfig()
         self.scaler_cfg = scaler or ScalerConfig()
@@ -132,7 +171,9 @@ class SchedulerDaemon:
 
     async def run(self, stop: asyncio.Event) -> None:
         state_dir = Path(self.cfg.state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        state_dir.chmod(0o700)  # the journal holds prompts and outputs: the owner's only
+        curve = self._curve(state_dir)
         with _exclusive(state_dir / "scheduler.lock"):
             store = Store(state_dir / DB_FILE)
             self.learner = OnlineLearner(state_dir, self.predictor_cfg)
@@ -147,6 +188,7 @@ class SchedulerDaemon:
                 order=rc.queue,
                 replica_queue=rc.replica_queue,
                 max_candidates=rc.max_candidates,
+                limits=WorkflowLimits.of(self.cfg),
             )
             self.scaling = ScaleController(
                 self.scaler_cfg,
@@ -176,7 +218,7 @@ class SchedulerDaemon:
                 log.info("resuming %d unfinished workflows from %s", resumed, store.path)
             try:
                 self._channel = channel = bind_router(
-                    self.cfg.listen, "scheduler", self.clock, self.cfg.max_frame_bytes
+                    self.cfg.listen, "scheduler", self.clock, self.cfg.max_frame_bytes, curve
                 )
             except BaseException:
                 store.close()
@@ -193,20 +235,29 @@ class SchedulerDaemon:
                         "pid": os.getpid(),
                         "version": __version__,
                         "started_ts": self.clock.time(),
+                        "public_key": "" if curve is None else curve.keys.public.decode(),
                     },
                 )
                 log.info(
-                    "scheduler %s listening on %s (state %s)",
+                    "scheduler %s listening on %s (state %s, %s)",
                     __version__,
                     channel.endpoint,
                     state_dir,
+                    "no keys"
+                    if self.keys is None
+                    else f"CURVE, {len(self.keys)} authorized keys in {self.keys.directory}",
                 )
                 self.notifier.notify("READY=1", f"STATUS=listening on {channel.endpoint}")
                 tasks = [
                     asyncio.create_task(self._receive(channel), name="receive"),
                     asyncio.create_task(self._sweep(), name="sweep"),
+                    asyncio.create_task(
+                        channel.watch_handshakes(self._handshake_refused), name="handshakes"
+                    ),
                     *self.notifier.start_watchdog(self.clock),
                 ]
+                if self.keys is not None:
+                    tasks.append(asyncio.create_task(self._rescan_keys(), name="keys"))
                 if self.scaler_cfg.policy != "none":
                     tasks.append(asyncio.create_task(self._scale(), name="scale"))
                 if metrics is not None:
@@ -222,18 +273,96 @@ class SchedulerDaemon:
                     (state_dir / STATE_FILE).unlink()
         log.info("scheduler stopped")
 
+    def _curve(self, state_dir: Path) -> ServerCurve | None:
+        """Keys, when configured: ours, the authorized ones, and the node name bindings."""
+        sec = self.security
+        if not sec.enabled:
+            return None
+        if not sec.authorized_keys:
+            raise TransportError("[security] authorized_keys: the scheduler needs a directory")
+        self.keys = KeyRing(Path(sec.authorized_keys))
+        self.keys.scan()
+        self.node_names = NodeNames(state_dir / NODE_NAMES_FILE)
+        return ServerCurve(load_keypair(sec.key), self.keys.allow)
+
+    def rescan_keys(self) -> None:
+        """Pick up keys added to or removed from the directory (SIGHUP, and every rescan_s)."""
+        if self.keys is None:
+            return
+        try:
+            added, removed = self.keys.scan()
+        except TransportError as exc:
+            log.error("cannot rescan keys: %s", exc)
+            return
+        if added or removed:
+            log.info(
+                "authorized keys: %d added, %d removed (%d now)", added, removed, len(self.keys)
+            )
+
+    async def _rescan_keys(self) -> None:
+        async for _ in ticks(self.clock, self.security.rescan_s):
+            await asyncio.to_thread(self.rescan_keys)
+
+    def _handshake_refused(self, reason: str) -> None:
+        self.auth_refused[reason] += 1
+        self._refusal_log.warning(reason, "refused a connection at the handshake: %s", reason)
+
+    def _peer(self, key: bytes) -> Peer | None:
+        if self.keys is None:
+            return ANYONE
+        return self.keys.peer(key)
+
+    def _check(self, who: Peer | None, env: Envelope) -> Peer:
+        """Who sent ``env``, if their key may send it (raises `Refused` otherwise)."""
+        if who is None:
+            raise Refused("unknown_key", "this key is no longer authorized")
+        if not may_send(who, type(env.body)):
+            raise Refused(
+                "role", f"a {who.role} key ({who.name}) may not send {env.type!r} messages"
+            )
+        if isinstance(env.body, Hello):
+            hello = env.body
+            if hello.node != env.sender:
+                raise Refused("node_name", f"hello for {hello.node!r} sent as {env.sender!r}")
+            prefix = f"{hello.node}/"
+            foreign = next(
+                (r.replica for r in hello.replicas if not r.replica.startswith(prefix)), None
+            )
+            if foreign is not None:
+                raise Refused("node_name", f"replica {foreign!r} is not named {prefix}...")
+        if who.role == "node" and self.node_names is not None:
+            if isinstance(env.body, Hello):
+                why = self.node_names.claim(who.name, env.body.node)
+                if why is not None:
+                    raise Refused("node_name", why)
+            elif self.node_names.node_of(who.name) != env.sender:
+                raise Refused(
+                    "node_name", f"key {who.name!r} has not registered as node {env.sender!r}"
+                )
+        return who
+
     async def _receive(self, channel: RouterChannel) -> None:
         while True:
-            peer, env = await channel.recv()
+            peer, env, key = await channel.recv()
             handler = self._handlers.get(type(env.body))
-            if handler is None:
-                await channel.send(
-                    peer,
-                    Error(env.seq, "unsupported", f"the scheduler does not accept {env.type!r}"),
-                )
-                continue
             try:
-                await handler(peer, env)
+                who = self._check(self._peer(key), env)
+                if handler is None:
+                    await channel.send(
+                        peer,
+                        Error(
+                            env.seq, "unsupported", f"the scheduler does not accept {env.type!r}"
+                        ),
+                    )
+                    continue
+                await handler(peer, env, who)
+            except Refused as exc:
+                self.auth_refused[exc.reason] += 1
+                self._refusal_log.warning(
+                    exc.reason, "refused %r from %s: %s", env.type, env.sender, exc
+                )
+                if not isinstance(env.body, Error):  # an error never answers an error
+                    await channel.send(peer, Error(env.seq, "forbidden", str(exc)))
             except Exception as exc:  # the daemon outlives any one bad message
                 self.handler_errors += 1
                 log.exception("handler for %r from %s failed", env.type, env.sender)
@@ -294,7 +423,7 @@ class SchedulerDaemon:
         assert self._channel is not None
         return self._channel.send(peer, body)
 
-    async def _on_hello(self, peer: bytes, env: Envelope) -> None:
+    async def _on_hello(self, peer: bytes, env: Envelope, who: Peer) -> None:
         hello = env.body
         assert isinstance(hello, Hello)
         known = self.nodes.views(self.clock.monotonic()) if hello.node in self.nodes else []
@@ -342,14 +471,14 @@ class SchedulerDaemon:
     async def _unregistered(self, peer: bytes, env: Envelope) -> None:
         await self._reply(peer, Error(env.seq, "unregistered", f"unknown node {env.sender!r}"))
 
-    async def _on_node_ack(self, peer: bytes, env: Envelope) -> None:
+    async def _on_node_ack(self, peer: bytes, env: Envelope, who: Peer) -> None:
         """A node accepted a command (a scale command: what it does, in words)."""
         if await self._seen(peer, env):
             assert isinstance(env.body, Ack)
             if env.body.detail:
                 log.debug("node %s: %s", env.sender, env.body.detail)
 
-    async def _on_node_error(self, peer: bytes, env: Envelope) -> None:
+    async def _on_node_error(self, peer: bytes, env: Envelope, who: Peer) -> None:
         """A node refused a frame; nothing is answered (an error never answers an error)."""
         assert isinstance(env.body, Error)
         if await self._seen(peer, env):
@@ -363,20 +492,20 @@ class SchedulerDaemon:
             if env.body.code in SCALE_REFUSALS and self.scaling is not None:
                 await self.scaling.on_refused(env.sender)
 
-    async def _on_heartbeat(self, peer: bytes, env: Envelope) -> None:
+    async def _on_heartbeat(self, peer: bytes, env: Envelope, who: Peer) -> None:
         if not await self._seen(peer, env):
             await self._unregistered(peer, env)
             return
         await self._reply(peer, Ack(env.seq))
 
-    async def _on_telemetry(self, peer: bytes, env: Envelope) -> None:
+    async def _on_telemetry(self, peer: bytes, env: Envelope, who: Peer) -> None:
         if not await self._seen(peer, env):
             await self._unregistered(peer, env)
             return
         assert isinstance(env.body, Telemetry)
         self.nodes.update_telemetry(env.sender, env.body)
 
-    async def _on_result(self, peer: bytes, env: Envelope) -> None:
+    async def _on_result(self, peer: bytes, env: Envelope, who: Peer) -> None:
         if not await self._seen(peer, env):
             await self._unregistered(peer, env)
             return
@@ -384,30 +513,35 @@ class SchedulerDaemon:
         await self._reply(peer, Ack(env.seq))  # the node stops re-sending it
         await self.workflows.on_result(env.sender, env.body)
 
-    async def _on_submit(self, peer: bytes, env: Envelope) -> None:
+    async def _on_submit(self, peer: bytes, env: Envelope, who: Peer) -> None:
         assert isinstance(env.body, Submit) and self.workflows is not None
         try:
-            wf_id = await self.workflows.submit(env.body)
+            wf_id = await self.workflows.submit(env.body, client=who.name)
         except WorkflowError as exc:
             await self._reply(peer, Error(env.seq, "invalid_workflow", str(exc)))
             return
         await self._reply(peer, Submitted(wf_id))
 
-    async def _on_query_workflows(self, peer: bytes, env: Envelope) -> None:
+    async def _on_query_workflows(self, peer: bytes, env: Envelope, who: Peer) -> None:
         q = env.body
         assert isinstance(q, QueryWorkflows) and self.workflows is not None
         if not q.workflow_id:
-            await self._reply(peer, WorkflowsReply(self.workflows.recent(q.limit)))
+            views = self.workflows.recent(q.limit)
+            if not sees_everything(who):
+                views = [v for v in views if self.workflows.client_of(v.id) == who.name]
+            await self._reply(peer, WorkflowsReply(views))
             return
+        self._check_owner(who, q.workflow_id)
         view = self.workflows.view(q.workflow_id, detailed=True)
         if view is None:
             await self._reply(peer, Error(env.seq, "not_found", f"no workflow {q.workflow_id!r}"))
             return
         await self._reply(peer, WorkflowsReply([view]))
 
-    async def _on_cancel_workflow(self, peer: bytes, env: Envelope) -> None:
+    async def _on_cancel_workflow(self, peer: bytes, env: Envelope, who: Peer) -> None:
         q = env.body
         assert isinstance(q, CancelWorkflow) and self.workflows is not None
+        self._check_owner(who, q.workflow_id)
         if await self.workflows.cancel(q.workflow_id):
             await self._reply(peer, Ack(env.seq, "cancelled"))
         elif self.workflows.store.workflow(q.workflow_id) is None:
@@ -417,18 +551,27 @@ class SchedulerDaemon:
                 peer, Error(env.seq, "finished", f"workflow {q.workflow_id} has already finished")
             )
 
-    async def _on_export_traces(self, peer: bytes, env: Envelope) -> None:
+    def _check_owner(self, who: Peer, wf_id: str) -> None:
+        """Clients act on their own workflows only (an unknown id is left to the handler)."""
+        assert self.workflows is not None
+        if sees_everything(who):
+            return
+        owner = self.workflows.client_of(wf_id)
+        if owner is not None and owner != who.name:
+            raise Refused("not_owner", f"workflow {wf_id} belongs to another client")
+
+    async def _on_export_traces(self, peer: bytes, env: Envelope, who: Peer) -> None:
         q = env.body
         assert isinstance(q, ExportTraces) and self.workflows is not None
         rows = self.workflows.store.traces(q.after_id, min(max(q.limit, 1), 5000))
         last = rows[-1][0] if rows else q.after_id
         await self._reply(peer, TracesReply([r for _, r in rows], last))
 
-    async def _on_query_predictor(self, peer: bytes, env: Envelope) -> None:
+    async def _on_query_predictor(self, peer: bytes, env: Envelope, who: Peer) -> None:
         assert self.learner is not None
         await self._reply(peer, decode(PredictorStatus, self.learner.status()))
 
-    async def _on_install_predictor(self, peer: bytes, env: Envelope) -> None:
+    async def _on_install_predictor(self, peer: bytes, env: Envelope, who: Peer) -> None:
         assert isinstance(env.body, InstallPredictor) and self.learner is not None
         try:
             # loading imports torch and reads the file: seconds, so off the event loop
@@ -451,12 +594,14 @@ class SchedulerDaemon:
             version=__version__,
             uptime_s=self.clock.monotonic() - self._started_mono,
             bad_frames=dict(self._channel.stats.dropped),
+            auth_refused=dict(self.auth_refused),
+            handler_errors=self.handler_errors,
         )
 
-    async def _on_query_nodes(self, peer: bytes, env: Envelope) -> None:
+    async def _on_query_nodes(self, peer: bytes, env: Envelope, who: Peer) -> None:
         await self._reply(peer, NodesReply(self._info(), self.nodes.views(self.clock.monotonic())))
 
-    async def _on_query_top(self, peer: bytes, env: Envelope) -> None:
+    async def _on_query_top(self, peer: bytes, env: Envelope, who: Peer) -> None:
         assert isinstance(env.body, QueryTop) and self.observer is not None
         await self._reply(peer, self.observer.snapshot(self._info(), env.body))
 

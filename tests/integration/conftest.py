@@ -21,6 +21,7 @@ heartbeat_interval_s = 0.2
 telemetry_interval_s = 0.2
 gpus = "auto"
 tool_slots = 2
+tool_commands = ["*"]
 
 [[node.replicas]]
 model = "lm"

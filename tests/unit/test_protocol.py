@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import msgpack
@@ -269,7 +270,7 @@ def test_version_mismatch_is_refused():
     ],
 )
 def test_garbage_is_refused(data):
-    assert _reason(data) in {"garbage", "version"}
+    assert _reason(data) in {"garbage", "version", "schema"}
 
 
 def test_oversized_is_refused_before_parsing():
@@ -313,7 +314,7 @@ def test_nested_field_errors_name_the_path():
         "kind": "shell",
         "model": "m",
     }
-    with pytest.raises(ProtocolError, match=r"body\.kind: must be one of"):
+    with pytest.raises(ProtocolError, match=r"body\.kind: invalid enum value 'shell'"):
         decode_frame(_raw(type="dispatch", body=dispatch))
 
 
@@ -328,6 +329,47 @@ def test_integers_are_accepted_as_floats_but_not_the_reverse():
         decode_frame(_raw(body={"uptime_s": 1.0, "unsent_frames": 1.5}))
 
 
-def test_nan_survives_the_wire():
-    env = decode_frame(encode_frame("n", 1, 0.0, Heartbeat(math.nan)))
-    assert math.isnan(env.body.uptime_s)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -1.0])
+def test_numbers_out_of_range_are_refused_at_decode(value):
+    with pytest.raises(ProtocolError, match=r"body\.uptime_s") as info:
+        decode_frame(encode_frame("n", 1, 0.0, Heartbeat(value)))
+    assert info.value.reason == "schema"
+
+
+def _hello_with(**changes):
+    return encode_frame("n1", 1, 0.0, dataclasses.replace(HELLO, **changes))
+
+
+@pytest.mark.parametrize(
+    ("changes", "where"),
+    [
+        ({"heartbeat_interval_s": 0.0}, "body.heartbeat_interval_s"),
+        ({"telemetry_interval_s": math.nan}, "body.telemetry_interval_s"),
+        ({"node": "x" * 3_000_000}, "body.node"),
+        ({"node": "../etc"}, "body.node"),
+        ({"replicas": [HELLO.replicas[0]] * 50_000}, "body.replicas"),
+        ({"labels": {"k": "v" * 1000}}, "body.labels"),
+    ],
+)
+def test_hello_fields_have_ranges(changes, where):
+    """The frames that stopped the scheduler (a zero heartbeat interval divided its node sweep)
+    or would bloat it are refused at decode, naming the field."""
+    with pytest.raises(ProtocolError) as info:
+        decode_frame(_hello_with(**changes), max_bytes=64 << 20)
+    assert info.value.reason == "schema"
+    assert where in str(info.value)
+
+
+def test_an_unhashable_type_is_a_protocol_error():
+    """`{"type": [1]}` once raised TypeError (unhashable) out of the decoder and stopped both
+    daemons."""
+    assert _reason(_raw(type=[1])) == "schema"
+    assert _reason(_raw(type={"a": 1})) == "schema"
+
+
+@pytest.mark.parametrize("depth", [100, 3000])
+def test_deep_nesting_is_a_protocol_error(depth):
+    frame = _raw(body=[7])
+    assert frame.count(b"\x91\x07") == 1
+    nested = b"\x91" * depth + b"\x07"  # [[[...7...]]] as the body
+    assert _reason(frame.replace(b"\x91\x07", nested)) in {"schema", "garbage"}

@@ -19,7 +19,9 @@ SLOW_S = 0.2
 
 def node_config(tool_slots: int = 1, count: int = 2) -> NodeConfig:
     lm = ReplicaConfig(model="lm", backend="emulated", gpu="H100", concurrency=1, count=count)
-    return NodeConfig(name="node", replicas=[lm], tool_slots=tool_slots, gpus="off")
+    return NodeConfig(
+        name="node", replicas=[lm], tool_slots=tool_slots, gpus="off", tool_commands=["echo"]
+    )
 
 
 def llm(call_id: str, replica: str = LM0, prompt: str = "hello", max_tokens: int = 4) -> Dispatch:

@@ -1,0 +1,41 @@
+"""`swarmx keys generate`: CURVE key pairs for the scheduler, nodes and clients."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from swarmx.cli.common import JsonOpt, fail, print_json
+from swarmx.transport import TransportError, generate_keys
+
+keys_app = typer.Typer(help="CURVE keys for the control plane (docs/security.md).")
+
+
+@keys_app.command("generate")
+def generate(
+    out: Annotated[
+        Path, typer.Option("--out", help="Directory to write the key pair in.", file_okay=False)
+    ],
+    name: Annotated[
+        str,
+        typer.Option(
+            "--name", help="Key name: the node's name for node keys (node-7), a client's name."
+        ),
+    ],
+    json: JsonOpt = False,
+) -> None:
+    """Write NAME.key (public: give it to the peer) and NAME.key_secret (0600: keep it)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", name):
+        fail(f"--name: must be 1-63 of A-Z a-z 0-9 . _ -, got {name!r}")
+    try:
+        public, secret = generate_keys(out, name)
+    except (TransportError, OSError) as exc:
+        fail(str(exc))
+    if json:
+        print_json({"public": str(public), "secret": str(secret)})
+        return
+    typer.echo(f"public key: {public}")
+    typer.echo(f"secret key: {secret} (mode 0600)")
