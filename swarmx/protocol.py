@@ -5,7 +5,7 @@ Every frame is one msgpack map, the *envelope*::
     {"v": PROTOCOL_VERSION, "type": "telemetry", "sender": "node-1", "seq": 42, "ts": 1.7e9,
      "body": {...}}
 
-Bodies are frozen dataclasses registered by their ``TYPE``. Decoding is msgspec's compiled,
+Bodies are frozen msgspec Structs registered by their ``TYPE``. Decoding is msgspec's compiled,
 validating codec: it checks the size limit, the version, the type and every field, including the
 ranges below (intervals > 0, counts, list and string lengths bounded, no NaN or infinity where a
 peer sends a number), and raises `ProtocolError` (with a short ``reason`` that daemons count)
@@ -18,8 +18,8 @@ clients (views of its own state) are checked for type only.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -27,6 +27,10 @@ from msgspec import Meta
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 4 * 1024 * 1024
 """Default decode limit; a dispatch carrying a long prompt still fits comfortably."""
+
+
+M = TypeVar("M", bound=msgspec.Struct)
+_field = msgspec.field
 
 
 class ProtocolError(ValueError):
@@ -73,16 +77,14 @@ MAX_LIST = 1 << 20
 # --- registration and telemetry ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GpuInfo:
+class GpuInfo(msgspec.Struct, frozen=True):
     index: Count
     name: Name
     uuid: Name
     mem_total_bytes: Size
 
 
-@dataclass(frozen=True)
-class ReplicaInfo:
+class ReplicaInfo(msgspec.Struct, frozen=True):
     """A model server instance a node serves, ready for calls."""
 
     replica: Name
@@ -94,8 +96,7 @@ class ReplicaInfo:
     """Being stopped by a scale-down: it finishes the calls it has and takes no new ones."""
 
 
-@dataclass(frozen=True)
-class ReplicaPool:
+class ReplicaPool(msgspec.Struct, frozen=True):
     """A model a node can scale: one per model and backend in its ``[[node.replicas]]``, whose
     first entry is the template of the replicas it starts."""
 
@@ -112,8 +113,7 @@ class ReplicaPool:
     startup_delay_s: Seconds = 0.0
 
 
-@dataclass(frozen=True)
-class Hello:
+class Hello(msgspec.Struct, frozen=True):
     """Registration: who the node is and what it has. Sent until acknowledged."""
 
     TYPE: ClassVar[str] = "hello"
@@ -129,14 +129,15 @@ class Hello:
     heartbeat_interval_s: Interval
     telemetry_interval_s: Interval
     started_ts: Timestamp
-    labels: Annotated[dict[Name, Name], Meta(max_length=256)] = field(default_factory=dict)
-    pools: Annotated[list[ReplicaPool], Meta(max_length=MAX_REPLICAS)] = field(default_factory=list)
+    labels: Annotated[dict[Name, Name], Meta(max_length=256)] = _field(default_factory=dict)
+    pools: Annotated[list[ReplicaPool], Meta(max_length=MAX_REPLICAS)] = msgspec.field(
+        default_factory=list
+    )
     """What the node can scale. A node sends ``hello`` again whenever its replica list changes
     (a replica started by a scale command is ready, a drained one has stopped)."""
 
 
-@dataclass(frozen=True)
-class HostSample:
+class HostSample(msgspec.Struct, frozen=True):
     cpu_percent: Number
     cpu_percent_per_core: Annotated[list[Number], Meta(max_length=MAX_CORES)]
     load_1m: Number
@@ -153,15 +154,13 @@ class HostSample:
     net_sent_bytes_per_s: Number
 
 
-@dataclass(frozen=True)
-class GpuProcess:
+class GpuProcess(msgspec.Struct, frozen=True):
     pid: Count
     name: Name
     mem_used_bytes: Size | None
 
 
-@dataclass(frozen=True)
-class GpuSample:
+class GpuSample(msgspec.Struct, frozen=True):
     """One GPU's state; a field NVML cannot report on this device is None, not an error."""
 
     index: Count
@@ -175,11 +174,12 @@ class GpuSample:
     power_limit_w: Number | None
     temperature_c: Number | None
     sm_clock_mhz: Count | None
-    processes: Annotated[list[GpuProcess], Meta(max_length=4096)] = field(default_factory=list)
+    processes: Annotated[list[GpuProcess], Meta(max_length=4096)] = msgspec.field(
+        default_factory=list
+    )
 
 
-@dataclass(frozen=True)
-class ReplicaRuntime:
+class ReplicaRuntime(msgspec.Struct, frozen=True):
     """What the scheduler needs to know about a replica's load between its own dispatches."""
 
     replica: Name
@@ -188,7 +188,7 @@ class ReplicaRuntime:
     inflight: Count
     completed: Count
     failed: Count
-    recent_latencies_s: Annotated[list[Seconds], Meta(max_length=MAX_LIST)] = field(
+    recent_latencies_s: Annotated[list[Seconds], Meta(max_length=MAX_LIST)] = msgspec.field(
         default_factory=list
     )
     engine_queued: Count | None = None
@@ -198,8 +198,7 @@ class ReplicaRuntime:
     """Fraction of the server's KV cache in use (0..1), where it reports it."""
 
 
-@dataclass(frozen=True)
-class Telemetry:
+class Telemetry(msgspec.Struct, frozen=True):
     TYPE: ClassVar[str] = "telemetry"
     host: HostSample
     gpus: Annotated[list[GpuSample], Meta(max_length=MAX_GPUS)]
@@ -208,8 +207,7 @@ class Telemetry:
     """Wall time the agent spent collecting this sample (its own overhead, visible centrally)."""
 
 
-@dataclass(frozen=True)
-class Heartbeat:
+class Heartbeat(msgspec.Struct, frozen=True):
     TYPE: ClassVar[str] = "heartbeat"
     uptime_s: Seconds
     unsent_frames: Count = 0
@@ -219,8 +217,7 @@ class Heartbeat:
 # --- work -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Dispatch:
+class Dispatch(msgspec.Struct, frozen=True):
     """Scheduler -> node: run one call on one replica."""
 
     TYPE: ClassVar[str] = "dispatch"
@@ -232,13 +229,14 @@ class Dispatch:
     model: Name
     prompt: str = ""
     max_tokens: Count = 0
-    inputs: Annotated[dict[Name, str], Meta(max_length=MAX_LIST)] = field(default_factory=dict)
-    command: Annotated[list[str], Meta(max_length=MAX_LIST)] = field(default_factory=list)
+    inputs: Annotated[dict[Name, str], Meta(max_length=MAX_LIST)] = msgspec.field(
+        default_factory=dict
+    )
+    command: Annotated[list[str], Meta(max_length=MAX_LIST)] = _field(default_factory=list)
     timeout_s: Seconds | None = None
 
 
-@dataclass(frozen=True)
-class Result:
+class Result(msgspec.Struct, frozen=True):
     """Node -> scheduler: how a dispatched call ended, with its timings."""
 
     TYPE: ClassVar[str] = "result"
@@ -254,16 +252,14 @@ class Result:
     output_tokens: Count
 
 
-@dataclass(frozen=True)
-class CancelCalls:
+class CancelCalls(msgspec.Struct, frozen=True):
     """Scheduler -> node: stop these calls (queued or running); no results are expected."""
 
     TYPE: ClassVar[str] = "cancel_calls"
     call_ids: Annotated[list[Name], Meta(max_length=MAX_LIST)]
 
 
-@dataclass(frozen=True)
-class ScaleCommand:
+class ScaleCommand(msgspec.Struct, frozen=True):
     """Scheduler -> node: run ``target_replicas`` replicas of ``model`` on this node (running
     or starting, draining ones not counted). Acknowledged (or refused with an `Error`) at once;
     the node announces the replicas it starts and stops with a new `Hello` when they are ready
@@ -274,20 +270,20 @@ class ScaleCommand:
     backend: Name
     target_replicas: Replicas
     reason: Note = ""
-    remove: Annotated[list[Name], Meta(max_length=MAX_REPLICAS)] = field(default_factory=list)
+    remove: Annotated[list[Name], Meta(max_length=MAX_REPLICAS)] = msgspec.field(
+        default_factory=list
+    )
     """For a scale-down: the replicas to stop (the scheduler no longer routes to them); each
     finishes its calls before it closes. Replicas still starting are cancelled first."""
 
 
-@dataclass(frozen=True)
-class Ack:
+class Ack(msgspec.Struct, frozen=True):
     TYPE: ClassVar[str] = "ack"
     ref_seq: Seq
     detail: Note = ""
 
 
-@dataclass(frozen=True)
-class Error:
+class Error(msgspec.Struct, frozen=True):
     """A refusal of the frame numbered ``ref_seq`` (-1 when it could not be read)."""
 
     TYPE: ClassVar[str] = "error"
@@ -299,39 +295,36 @@ class Error:
 # --- client requests --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Submit:
+class Submit(msgspec.Struct, frozen=True):
     """Client -> scheduler: a workflow file's text; the scheduler parses and validates it again."""
 
     TYPE: ClassVar[str] = "submit"
     source: Annotated[str, Meta(max_length=4096)]
     text: str
-    overrides: Annotated[dict[Name, str], Meta(max_length=4096)] = field(default_factory=dict)
+    overrides: Annotated[dict[Name, str], Meta(max_length=4096)] = msgspec.field(
+        default_factory=dict
+    )
 
 
-@dataclass(frozen=True)
-class Submitted:
+class Submitted(msgspec.Struct, frozen=True):
     TYPE: ClassVar[str] = "submitted"
     workflow_id: str
 
 
-@dataclass(frozen=True)
-class QueryWorkflows:
+class QueryWorkflows(msgspec.Struct, frozen=True):
     """One workflow in detail (with outputs), or the most recent ``limit`` without them."""
 
     TYPE: ClassVar[str] = "query_workflows"
     workflow_id: Name = ""
-    limit: Annotated[int, Meta(ge=1, le=10_000)] = 50
+    limit: Annotated[int, Meta(ge=0, le=10_000)] = 50
 
 
-@dataclass(frozen=True)
-class CancelWorkflow:
+class CancelWorkflow(msgspec.Struct, frozen=True):
     TYPE: ClassVar[str] = "cancel_workflow"
     workflow_id: Name
 
 
-@dataclass(frozen=True)
-class StepView:
+class StepView(msgspec.Struct, frozen=True):
     """One execution of a step: ``id`` is the step id, with ``[i]`` for a fan-out instance."""
 
     id: str
@@ -354,8 +347,7 @@ class StepView:
     one."""
 
 
-@dataclass(frozen=True)
-class WorkflowView:
+class WorkflowView(msgspec.Struct, frozen=True):
     id: str
     name: str
     state: str
@@ -365,40 +357,35 @@ class WorkflowView:
     latency_s: float | None
     slo_s: float | None
     steps: list[StepView]
-    outputs: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, str] = _field(default_factory=dict)
     """Outputs of the final steps (detailed queries only)."""
 
 
-@dataclass(frozen=True)
-class WorkflowsReply:
+class WorkflowsReply(msgspec.Struct, frozen=True):
     TYPE: ClassVar[str] = "workflows"
     workflows: list[WorkflowView]
 
 
-@dataclass(frozen=True)
-class ExportTraces:
+class ExportTraces(msgspec.Struct, frozen=True):
     """Page through the trace store: rows with id > ``after_id``, at most ``limit``."""
 
     TYPE: ClassVar[str] = "export_traces"
     after_id: Count = 0
-    limit: Annotated[int, Meta(ge=1, le=5000)] = 1000
+    limit: Annotated[int, Meta(ge=0, le=5000)] = 1000
 
 
-@dataclass(frozen=True)
-class TracesReply:
+class TracesReply(msgspec.Struct, frozen=True):
     TYPE: ClassVar[str] = "traces"
     rows: list[str]
     """One JSON object per finished call, in the trace format (docs/traces.md)."""
     last_id: int
 
 
-@dataclass(frozen=True)
-class QueryPredictor:
+class QueryPredictor(msgspec.Struct, frozen=True):
     TYPE: ClassVar[str] = "query_predictor"
 
 
-@dataclass(frozen=True)
-class InstallPredictor:
+class InstallPredictor(msgspec.Struct, frozen=True):
     """Make a model file (from `swarmx predictor train`) the live predictor; the path is read by
     the scheduler, on its host."""
 
@@ -406,8 +393,7 @@ class InstallPredictor:
     path: Annotated[str, Meta(max_length=4096)]
 
 
-@dataclass(frozen=True)
-class PredictorStatus:
+class PredictorStatus(msgspec.Struct, frozen=True):
     """The scheduler's live latency predictor and how well it has done lately."""
 
     TYPE: ClassVar[str] = "predictor_status"
@@ -430,13 +416,11 @@ class PredictorStatus:
 # --- client queries ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class QueryNodes:
+class QueryNodes(msgspec.Struct, frozen=True):
     TYPE: ClassVar[str] = "query_nodes"
 
 
-@dataclass(frozen=True)
-class NodeView:
+class NodeView(msgspec.Struct, frozen=True):
     name: str
     state: Literal["live", "stale", "down"]
     last_seen_ts: float
@@ -447,20 +431,18 @@ class NodeView:
     telemetry: Telemetry | None
 
 
-@dataclass(frozen=True)
-class SchedulerInfo:
+class SchedulerInfo(msgspec.Struct, frozen=True):
     endpoint: str
     version: str
     uptime_s: float
     bad_frames: dict[str, int]
-    auth_refused: dict[str, int] = field(default_factory=dict)
+    auth_refused: dict[str, int] = _field(default_factory=dict)
     """Handshakes and frames refused by the security checks, by reason (docs/security.md)."""
     handler_errors: int = 0
     """Frames whose handler failed (answered ``internal``; the daemon went on)."""
 
 
-@dataclass(frozen=True)
-class NodesReply:
+class NodesReply(msgspec.Struct, frozen=True):
     TYPE: ClassVar[str] = "nodes"
     scheduler: SchedulerInfo
     nodes: list[NodeView]
@@ -469,8 +451,7 @@ class NodesReply:
 # --- swarmx top -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class QueryTop:
+class QueryTop(msgspec.Struct, frozen=True):
     """Client -> scheduler: everything `swarmx top` shows, in one round trip."""
 
     TYPE: ClassVar[str] = "query_top"
@@ -483,8 +464,7 @@ class QueryTop:
 ReplicaState = Literal["serving", "draining", "unroutable"]
 
 
-@dataclass(frozen=True)
-class ReplicaStats:
+class ReplicaStats(msgspec.Struct, frozen=True):
     """One replica as the scheduler sees it: what it booked there, what the node reports, and
     the recent calls' service times next to what was forecast for them."""
 
@@ -512,8 +492,7 @@ class ReplicaStats:
     """Share of those calls that finished within their forecast quantile, by level."""
 
 
-@dataclass(frozen=True)
-class ModelStats:
+class ModelStats(msgspec.Struct, frozen=True):
     model: str
     replicas: int
     """Replicas taking calls (serving, on live nodes)."""
@@ -525,8 +504,7 @@ class ModelStats:
     covered: dict[str, float]
 
 
-@dataclass(frozen=True)
-class WorkflowBrief:
+class WorkflowBrief(msgspec.Struct, frozen=True):
     id: str
     name: str
     state: str
@@ -543,8 +521,7 @@ class WorkflowBrief:
     calls_running: int = 0
 
 
-@dataclass(frozen=True)
-class WorkflowSummary:
+class WorkflowSummary(msgspec.Struct, frozen=True):
     running: int
     finished: int
     """Workflows finished since the scheduler started."""
@@ -561,8 +538,7 @@ class WorkflowSummary:
     """Of the workflows that succeeded in the window."""
 
 
-@dataclass(frozen=True)
-class DecisionView:
+class DecisionView(msgspec.Struct, frozen=True):
     """A routing or scaling decision, with the forecast it was made on."""
 
     ts: float
@@ -578,8 +554,7 @@ class DecisionView:
     """route: the router's predicted completion (wait + service), where it made one."""
 
 
-@dataclass(frozen=True)
-class TopReply:
+class TopReply(msgspec.Struct, frozen=True):
     TYPE: ClassVar[str] = "top"
     ts: float
     """The scheduler's clock when the snapshot was taken (ages are relative to it)."""
@@ -692,6 +667,11 @@ _MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 """The first byte of a msgpack map (fixmap, map16, map32)."""
 _AT = re.compile(r"(.*) - at `\$(.*)`", re.S)
 _MISSING = re.compile(r"Object missing required field `(.*)`")
+
+
+def from_builtins(cls: type[M], data: object) -> M:
+    """A message built from plain data (a dict the daemon made), checked like a frame."""
+    return msgspec.convert(data, cls)
 
 
 def encode_frame(sender: str, seq: int, ts: float, body: Message) -> bytes:

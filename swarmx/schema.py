@@ -14,6 +14,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
+import msgspec
+
 T = TypeVar("T")
 
 
@@ -144,9 +146,11 @@ def _convert_dataclass(cls: type, value: Any, path: str, strict: bool) -> Any:
 
 
 def encode(obj: Any) -> Any:
-    """Dataclasses to plain dicts/lists (enums to values) for msgpack or JSON."""
+    """Dataclasses and Structs to plain dicts/lists (enums to values) for msgpack or JSON."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, msgspec.Struct):  # the wire messages
+        return {name: encode(getattr(obj, name)) for name in obj.__struct_fields__}
     if isinstance(obj, enum.Enum):
         return obj.value
     if isinstance(obj, (list, tuple)):

@@ -4,12 +4,14 @@ WAL mode with ``synchronous=NORMAL``: a commit is durable across a crash of the 
 (power loss may drop the last transactions) and costs tens of microseconds, less than handing it to
 a thread, so the daemon writes inline. A workflow is committed before its id is returned to the
 client, and each call outcome before the engine acts on it, so a restarted scheduler replays every
-unfinished workflow to exactly where it was.
+unfinished workflow to exactly where it was. The journal holds every prompt and output, so its
+files are the scheduler user's alone (0600).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +32,8 @@ CREATE TABLE IF NOT EXISTS workflows (
     state TEXT NOT NULL,
     reason TEXT NOT NULL DEFAULT '',
     submitted_ts REAL NOT NULL,
-    finished_ts REAL
+    finished_ts REAL,
+    client TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS workflows_state ON workflows(state);
 CREATE TABLE IF NOT EXISTS calls (
@@ -73,6 +76,8 @@ class WorkflowRow:
     reason: str
     submitted_ts: float
     finished_ts: float | None
+    client: str = ""
+    """The key name of the client that submitted it (empty without CURVE keys)."""
 
 
 @dataclass(frozen=True)
@@ -97,11 +102,16 @@ class CallRow:
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite's -wal and -shm copy it
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        _make_private(path)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(workflows)")}
+        if "client" not in columns:  # a journal from before per-client quotas
+            self._db.execute("ALTER TABLE workflows ADD COLUMN client TEXT NOT NULL DEFAULT ''")
         self._done_seq = self._scalar("SELECT COALESCE(MAX(done_seq), 0) FROM calls")
 
     def close(self) -> None:
@@ -114,7 +124,8 @@ class Store:
 
     def add_workflow(self, row: WorkflowRow) -> None:
         self._db.execute(
-            "INSERT INTO workflows VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO workflows (id, name, source, spec_text, overrides, slo_s, state, reason,"
+            " submitted_ts, finished_ts, client) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
                 row.id,
                 row.name,
@@ -126,6 +137,7 @@ class Store:
                 row.reason,
                 row.submitted_ts,
                 row.finished_ts,
+                row.client,
             ),
         )
 
@@ -248,4 +260,17 @@ class _Tx:
 
 def _workflow_rows(cur: sqlite3.Cursor) -> Iterator[WorkflowRow]:
     for r in cur:
-        yield WorkflowRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7], r[8], r[9])
+        yield WorkflowRow(
+            r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7], r[8], r[9], r[10]
+        )
+
+
+def _make_private(path: Path) -> None:
+    """Tighten the journal's files to 0600 where an older version (or a umask) left them
+    readable by others."""
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if file.stat().st_mode & 0o077:
+                file.chmod(0o600)
+        except FileNotFoundError:
+            continue

@@ -2,7 +2,9 @@
 
 tomllib returns plain data without positions, yet an error found after parsing (a schema check, a
 workflow's graph check) should still say ``file:line``. This scanner recovers the line from the
-source text; it never raises, and answers None when it cannot tell.
+source text; it never raises, and answers None when it cannot tell. It reads the text once, with
+regular expressions rather than a Python loop per character, so a workflow of 10,000 steps can
+ask for the line of each in linear time.
 """
 
 from __future__ import annotations
@@ -17,30 +19,74 @@ Segment = tuple[str, int | None]
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _PATH_PART = re.compile(r"([^.\[\]]+)((?:\[\d+\])*)")
+_BLANK = re.compile(r"(?:[ \t\r\n]+|#[^\n]*)*")
+_SPACES = re.compile(r"[ \t]*")
+_SCALAR = r"""(?:"(?:[^"\\\n]|\\.)*"|'[^'\n]*'|[A-Za-z0-9_.:+-]+)"""
+_SIMPLE = re.compile(
+    rf"([A-Za-z0-9_-]+)[ \t]*=[ \t]*(?:{_SCALAR}|(\[)[ \t]*(?:{_SCALAR}[ \t]*,[ \t]*)*"
+    rf"(?:{_SCALAR}[ \t]*)?\])[ \t]*(?:#[^\n]*)?(?=\n|\Z)"
+)
+"""The commonest statements, ``key = "string"`` (or a number or boolean) and a one-line array
+of those: matched in one step."""
+_VALUE_STOP = re.compile(r"[\"'#\n\[\]{}]")
+"""What matters inside a value: strings, comments, the end of the line, and brackets."""
+_STRINGS = {  # each of TOML's four kinds; an unterminated one runs to the end of its line/text
+    '"""': re.compile(r'"""(?:[^"\\]+|\\.|"(?!""))*(?:"""\"{0,2})?', re.DOTALL),
+    "'''": re.compile(r"'''(?:[^']+|'(?!''))*(?:'''\'{0,2})?"),
+    '"': re.compile(r'"(?:[^"\\\n]+|\\.)*"?'),
+    "'": re.compile(r"'[^'\n]*'?"),
+}
 
 
 def locate(text: str, path: str) -> int | None:
-    """1-based line where ``path`` is set: ``name``, ``scheduler.listen``, ``steps[2].after``,
-    ``steps[0].fan_out.max``, ``node.replicas[1].model``.
+    """1-based line where ``path`` is set (see `Positions.line`); scans ``text`` afresh, so a
+    caller asking about many paths of one text builds a `Positions` once instead."""
+    return Positions(text).line(path)
 
-    The statement matching most of the path wins, the earliest on a tie: its ``key =`` line (an
-    inline table or array value covers everything inside it; the first ``fan_out.max =`` stands
-    for ``fan_out``), else the nearest enclosing ``[table]`` or ``[[array]]`` header
-    (``steps[2].id`` when the 3rd step has no id: its header).
+
+class Positions:
+    """The statements of a TOML text, scanned once.
+
+    ``depth`` is the deepest nesting of arrays and inline tables in any value, and
+    ``depth_line`` the line where it is first reached.
     """
-    query = _parse_path(path)
-    if query is None:
-        return None
-    best: int | None = None
-    best_len = 0
-    for line, stmt in _Scanner(text).statements():
-        n = min(len(stmt), len(query))
-        if n > best_len and all(
-            s_name == q_name and (s_idx is None or q_idx is None or s_idx == q_idx)
-            for (s_name, s_idx), (q_name, q_idx) in zip(stmt[:n], query[:n], strict=True)
-        ):
-            best, best_len = line, n
-    return best
+
+    def __init__(self, text: str) -> None:
+        scanner = _Scanner(text)
+        self._statements = list(scanner.statements())
+        self._exact: dict[tuple[Segment, ...], int] = {}
+        """Each statement's path -> its earliest line: answers a path that is set (a step's
+        ``[[steps]]`` header, asked for each step) without a pass over every statement."""
+        for line, stmt in self._statements:
+            self._exact.setdefault(tuple(stmt), line)
+        self.depth = scanner.depth
+        self.depth_line = scanner.depth_line
+
+    def line(self, path: str) -> int | None:
+        """1-based line where ``path`` is set: ``name``, ``scheduler.listen``, ``steps[2].after``,
+        ``steps[0].fan_out.max``, ``node.replicas[1].model``.
+
+        The statement matching most of the path wins, the earliest on a tie: its ``key =`` line
+        (an inline table or array value covers everything inside it; the first ``fan_out.max =``
+        stands for ``fan_out``), else the nearest enclosing ``[table]`` or ``[[array]]`` header
+        (``steps[2].id`` when the 3rd step has no id: its header).
+        """
+        query = _parse_path(path)
+        if query is None:
+            return None
+        exact = self._exact.get(tuple(query))
+        if exact is not None:  # nothing matches more of the path, nor earlier in valid TOML
+            return exact
+        best: int | None = None
+        best_len = 0
+        for line, stmt in self._statements:
+            n = min(len(stmt), len(query))
+            if n > best_len and all(
+                s_name == q_name and (s_idx is None or q_idx is None or s_idx == q_idx)
+                for (s_name, s_idx), (q_name, q_idx) in zip(stmt[:n], query[:n], strict=True)
+            ):
+                best, best_len = line, n
+        return best
 
 
 def _parse_path(path: str) -> list[Segment] | None:
@@ -62,17 +108,23 @@ class _Scanner:
         self.text = text
         self.i = 0
         self.newlines = [m.start() for m in re.finditer("\n", text)]
+        self.depth = 0
+        self.depth_line = 0
+
+    def _line(self, i: int) -> int:
+        return bisect.bisect_left(self.newlines, i) + 1
 
     def statements(self) -> Iterator[tuple[int, list[Segment]]]:
         """(line, full path) of every table header and every ``key =``, in file order."""
         table: list[Segment] = []
         arrays: dict[tuple[Segment, ...], int] = {}  # array-of-tables path -> its last index
+        text = self.text
         while True:
-            self._skip_blank()
-            if self.i >= len(self.text):
+            self.i = _end(_BLANK, text, self.i)
+            if self.i >= len(text):
                 return
-            line = bisect.bisect_left(self.newlines, self.i) + 1
-            if self.text.startswith("[[", self.i):
+            line = self._line(self.i)
+            if text.startswith("[[", self.i):
                 self.i += 2
                 names = self._key()
                 self._skip_line()
@@ -82,17 +134,22 @@ class _Scanner:
                     arrays[array] = arrays.get(array, -1) + 1
                     table = [*parent, (names[-1], arrays[array])]
                     yield line, table
-            elif self.text.startswith("[", self.i):
+            elif text.startswith("[", self.i):
                 self.i += 1
                 names = self._key()
                 self._skip_line()
                 if names:
                     table = self._resolve(names, arrays)
                     yield line, table
+            elif simple := _SIMPLE.match(text, self.i):
+                self.i = simple.end()
+                if simple.group(2) and not self.depth:  # a flat array: nesting 1
+                    self.depth, self.depth_line = 1, line
+                yield line, [*table, (simple.group(1), None)]
             else:
                 names = self._key()
                 self._skip_spaces()
-                if names and self.text.startswith("=", self.i):
+                if names and text.startswith("=", self.i):
                     self.i += 1
                     yield line, [*table, *((name, None) for name in names)]
                     self._skip_value()
@@ -136,28 +193,15 @@ class _Scanner:
         text, start = self.text, self.i
         quote = text[start]
         delim = quote * 3 if text.startswith(quote * 3, start) else quote
-        j = start + len(delim)
-        while j < len(text):
-            if text[j] == "\\" and quote == '"':
-                j += 2
-                continue
-            if len(delim) == 1 and text[j] == "\n":
-                break
-            if text.startswith(delim, j):
-                j += len(delim)
-                extra = 0  # a multi-line string may end with up to two quotes of its content
-                while len(delim) == 3 and extra < 2 and j < len(text) and text[j] == quote:
-                    j += 1
-                    extra += 1
-                break
-            j += 1
-        self.i = min(j, len(text))
+        self.i = _end(_STRINGS[delim], text, start)
         return text[start : self.i]
 
     def _skip_value(self) -> None:
         depth = 0
-        while self.i < len(self.text):
-            c = self.text[self.i]
+        text = self.text
+        while (m := _VALUE_STOP.search(text, self.i)) is not None:
+            c = m.group()
+            self.i = m.start()
             if c in "\"'":
                 self._string()
                 continue
@@ -168,24 +212,23 @@ class _Scanner:
                 return
             if c in "[{":
                 depth += 1
+                if depth > self.depth:
+                    self.depth, self.depth_line = depth, self._line(self.i)
             elif c in "]}":
                 depth -= 1
             self.i += 1
+        self.i = len(text)
 
     def _skip_spaces(self) -> None:
-        while self.i < len(self.text) and self.text[self.i] in " \t":
-            self.i += 1
+        self.i = _end(_SPACES, self.text, self.i)
 
     def _skip_line(self) -> None:
         end = self.text.find("\n", self.i)
         self.i = len(self.text) if end < 0 else end
 
-    def _skip_blank(self) -> None:
-        while self.i < len(self.text):
-            c = self.text[self.i]
-            if c == "#":
-                self._skip_line()
-            elif c in " \t\r\n":
-                self.i += 1
-            else:
-                return
+
+def _end(pattern: re.Pattern[str], text: str, i: int) -> int:
+    """Where a match of ``pattern`` at ``i`` ends (the patterns here all match the empty
+    string, so ``i`` at worst)."""
+    m = pattern.match(text, i)
+    return i if m is None else m.end()

@@ -126,6 +126,10 @@ def _load(path: str | Path) -> tuple[bytes, bytes | None]:
     return public, secret
 
 
+_zap_log = logging.getLogger("swarmx.transport.zap")
+_zap_log.setLevel(logging.WARNING)  # pyzmq logs every handshake at debug; refusals are counted
+
+
 class _KeyCallback:
     """pyzmq's credentials provider: the ZAP thread asks it about each handshake's key."""
 
@@ -307,7 +311,7 @@ def _start_auth(
 ) -> zmq.auth.thread.ThreadAuthenticator:
     """The ZAP handler, on a thread of its own over a plain view of the same context (so the
     handshake is answered even while the event loop is busy)."""
-    auth = zmq.auth.thread.ThreadAuthenticator(zmq.Context.shadow(ctx.underlying), log=log)
+    auth = zmq.auth.thread.ThreadAuthenticator(zmq.Context.shadow(ctx.underlying), log=_zap_log)
     auth.start()
     auth.configure_curve_callback("swarmx", credentials_provider=_KeyCallback(curve.allow))
     return auth

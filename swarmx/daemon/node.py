@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import itertools
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+
+import msgspec
 
 from swarmx import __version__
 from swarmx.clock import Clock, ticks
@@ -172,7 +173,7 @@ class NodeAgent:
     def hello(self) -> Hello:
         """Registration with the replicas as they are now."""
         assert self._hello_base is not None
-        return dataclasses.replace(
+        return msgspec.structs.replace(
             self._hello_base, replicas=self.replicas.infos(), pools=self.replicas.pools()
         )
 

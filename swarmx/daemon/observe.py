@@ -32,9 +32,9 @@ from swarmx.protocol import (
     TopReply,
     WorkflowBrief,
     WorkflowSummary,
+    from_builtins,
 )
 from swarmx.sched.dispatch import TOOL_POOL, Assign, pool_of
-from swarmx.schema import decode
 from swarmx.traces import TraceRecord
 from swarmx.workflow.engine import WorkflowRun
 
@@ -208,7 +208,7 @@ class Observer:
             replicas=replicas,
             workflows=self._workflows(min(max(q.workflows, 0), MAX_LISTED), now),
             summary=self.summary(),
-            predictor=decode(PredictorStatus, self.learner.status()),
+            predictor=from_builtins(PredictorStatus, self.learner.status()),
             decisions=list(reversed(self.decisions))[: min(max(q.decisions, 0), MAX_LISTED)],
         )
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
 import psutil
 
 from swarmx.backends.base import Backend, CallOutcome, CallRequest
@@ -273,7 +273,7 @@ class ReplicaSet:
         chosen += rest[: excess - len(chosen)]
         confirmed = self.confirm_drain() if chosen and self.confirm_drain is not None else None
         for replica in chosen:
-            replica.info = dataclasses.replace(replica.info, draining=True)
+            replica.info = msgspec.structs.replace(replica.info, draining=True)
             drain = self._drain(replica, confirmed)
             self._track(asyncio.create_task(drain, name=f"drain {replica.info}"))
             done.append(f"draining {replica.info.replica} ({replica.pending} calls left)")

@@ -30,7 +30,7 @@ from swarmx.config import (
 from swarmx.daemon.lifecycle import SystemdNotifier, run_until_stopped
 from swarmx.daemon.observe import Observer
 from swarmx.daemon.scaling import ScaleController
-from swarmx.daemon.workflows import WorkflowService
+from swarmx.daemon.workflows import QuotaExceeded, WorkflowService
 from swarmx.metrics import MetricsServer, SchedulerMetrics, serve
 from swarmx.models.online import OnlineLearner, load_model
 from swarmx.protocol import (
@@ -56,10 +56,10 @@ from swarmx.protocol import (
     Telemetry,
     TracesReply,
     WorkflowsReply,
+    from_builtins,
 )
 from swarmx.sched.router import make_router
 from swarmx.sched.scaler import Scaler, make_scaler
-from swarmx.schema import decode
 from swarmx.security import (
     ANYONE,
     KeyRing,
@@ -384,6 +384,7 @@ class SchedulerDaemon:
                 await self.workflows.on_node_state(change.node, change.new)
                 if change.new == "down":
                     await self.workflows.on_node_down(change.node)
+            await self.workflows.check_deadlines()
             if self.learner is not None:
                 self.learner.poll()
                 self.learner.maybe_retrain()
@@ -510,6 +511,11 @@ class SchedulerDaemon:
             await self._unregistered(peer, env)
             return
         assert isinstance(env.body, Result) and self.workflows is not None
+        sent_to = self.workflows.dispatched_to(env.body.call_id)
+        if sent_to is not None and sent_to != env.sender:
+            raise Refused(
+                "foreign_result", f"call {env.body.call_id} was not sent to node {env.sender}"
+            )
         await self._reply(peer, Ack(env.seq))  # the node stops re-sending it
         await self.workflows.on_result(env.sender, env.body)
 
@@ -517,6 +523,11 @@ class SchedulerDaemon:
         assert isinstance(env.body, Submit) and self.workflows is not None
         try:
             wf_id = await self.workflows.submit(env.body, client=who.name)
+        except QuotaExceeded as exc:
+            self.auth_refused["quota"] += 1
+            self._refusal_log.warning("quota", "refused a submit from %r: %s", who.name, exc)
+            await self._reply(peer, Error(env.seq, "quota_exceeded", str(exc)))
+            return
         except WorkflowError as exc:
             await self._reply(peer, Error(env.seq, "invalid_workflow", str(exc)))
             return
@@ -569,7 +580,7 @@ class SchedulerDaemon:
 
     async def _on_query_predictor(self, peer: bytes, env: Envelope, who: Peer) -> None:
         assert self.learner is not None
-        await self._reply(peer, decode(PredictorStatus, self.learner.status()))
+        await self._reply(peer, from_builtins(PredictorStatus, self.learner.status()))
 
     async def _on_install_predictor(self, peer: bytes, env: Envelope, who: Peer) -> None:
         assert isinstance(env.body, InstallPredictor) and self.learner is not None
@@ -614,7 +625,7 @@ def build_scaler(cfg: ScalerConfig) -> Scaler:
 @contextlib.contextmanager
 def _exclusive(lock_path: Path) -> Iterator[None]:
     """Hold an flock for the daemon's lifetime so two schedulers never share a state directory."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -4,12 +4,16 @@ recovery after a restart, and the trace of every finished call.
 Decisions are delegated to pure code shared with the simulator: the workflow engine (what is
 ready) and the dispatcher (which ready call goes next, and where, through the router). This class
 keeps the journal, builds forecasts and traces, and turns instructions into messages to nodes.
+It also bounds what any one workflow or client can hold: every call and every workflow has a hard
+deadline (`check_deadlines`), and each client a quota of unfinished workflows.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
+import heapq
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -51,8 +55,10 @@ from swarmx.workflow.engine import (
 )
 from swarmx.workflow.engine import CancelCalls as EngineCancel
 from swarmx.workflow.spec import (
+    DEFAULT_LIMITS,
     StepSpec,
     WorkflowError,
+    WorkflowLimits,
     WorkflowSpec,
     parse_workflow,
 )
@@ -65,6 +71,47 @@ K = TypeVar("K")
 
 Send = Callable[[str, Message], Awaitable[bool]]
 """Send a message to a node by name; False if it could not leave."""
+
+CALL_TIMEOUT_S: dict[str, float] = {"llm": 900.0, "model": 900.0, "tool": 60.0}
+"""How long a call of each kind may take when its step sets no ``timeout_s`` (a tool's is the
+runner's default)."""
+CALL_GRACE_S = 60.0
+"""Added to a call's timeout before the scheduler gives up on its result: time to queue on the
+node and for the result to come back."""
+
+
+class QuotaExceeded(WorkflowError):
+    """The submitting client already has as many unfinished workflows as it may."""
+
+
+class _Deadlines:
+    """Keys due at given times, found without a scan: a heap with lazy deletion. A key dropped
+    or re-added leaves a stale entry, skipped when it comes up; the heap is rebuilt when stale
+    entries outnumber live ones, so it stays within twice the live keys."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, str]] = []
+        self._at: dict[str, float] = {}
+
+    def add(self, key: str, at: float) -> None:
+        self._at[key] = at
+        heapq.heappush(self._heap, (at, key))
+        if len(self._heap) > 2 * len(self._at) + 64:
+            self._heap = [(t, k) for k, t in self._at.items()]
+            heapq.heapify(self._heap)
+
+    def drop(self, key: str) -> None:
+        self._at.pop(key, None)
+
+    def due(self, now: float) -> list[str]:
+        """The keys due by ``now``, earliest first; they are dropped."""
+        out: list[str] = []
+        while self._heap and self._heap[0][0] <= now:
+            at, key = heapq.heappop(self._heap)
+            if self._at.get(key) == at:
+                del self._at[key]
+                out.append(key)
+        return out
 
 
 @dataclass
@@ -100,8 +147,10 @@ class WorkflowService:
         order: QueueOrder = "fifo",
         replica_queue: int = 0,
         max_candidates: int = 64,
+        limits: WorkflowLimits = DEFAULT_LIMITS,
     ) -> None:
         self.store = store
+        self.limits = limits
         self.nodes = nodes
         self.clock = clock
         self._send = send
@@ -148,6 +197,15 @@ class WorkflowService:
         """Recent calls' forecasts (service, completion) for the step views; bounded."""
         self.observer: Observer | None = None
         """Told of every route, finished call and finished workflow (`swarmx top`, metrics)."""
+        self._call_deadlines = _Deadlines()
+        """Dispatched calls by when their result must have come (monotonic clock)."""
+        self._workflow_deadlines = _Deadlines()
+        """Running workflows by when they must have finished (wall clock: it survives a
+        restart, as submission times do)."""
+        self._clients: dict[str, str] = {}
+        """The client of each running workflow."""
+        self._unfinished: collections.Counter[str] = collections.Counter()
+        """Per client, its running workflows (the quota)."""
 
     # --- cluster membership -----------------------------------------------------------------
 
@@ -202,14 +260,9 @@ class WorkflowService:
 
     async def on_node_down(self, node: str) -> None:
         """Calls on a lost node are re-run elsewhere; this does not use up a step's retries."""
-        lost = [f for f in self._inflight.values() if f.node == node]
-        for f in lost:
-            log.warning("call %s lost with node %s; re-running it", f.call.call_id, node)
-            await self._done(
-                f.call.call_id,
-                CallDone(f.call.call_id, False, "", f"node {node} down", f.replica, infra=True),
-                None,
-            )
+        lost = [f.call.call_id for f in self._inflight.values() if f.node == node]
+        for call_id in lost:
+            await self._give_up(call_id, f"node {node} down")
 
     def served_models(self) -> set[str]:
         """Models some replica serves, or some node can start replicas of."""
@@ -218,19 +271,48 @@ class WorkflowService:
 
     async def _lost(self, call_ids: list[str], replica: str) -> None:
         for call_id in call_ids:
-            if call_id in self._inflight:
-                log.warning("call %s lost with replica %s; re-running it", call_id, replica)
-                await self._done(
-                    call_id,
-                    CallDone(call_id, False, "", f"{replica} gone", replica, infra=True),
-                    None,
-                )
+            await self._give_up(call_id, f"{replica} gone")
+
+    async def _give_up(self, call_id: str, error: str) -> None:
+        """A dispatched call whose result will not come (its node or replica gone, the node
+        unreachable, its deadline passed): the engine re-runs it as a lost call, which does not
+        use up the step's retries, and fails it once those re-runs are spent too."""
+        f = self._inflight.get(call_id)
+        if f is None:
+            return
+        log.warning("call %s: %s; re-running it", call_id, error)
+        await self._done(call_id, CallDone(call_id, False, "", error, f.replica, infra=True), None)
+
+    async def check_deadlines(self) -> None:
+        """Give up on calls and workflows past their hard deadlines (call this every few
+        seconds): a call with no result by its timeout plus grace is cancelled on its node and
+        re-run like a lost one; a workflow running longer than ``workflow_timeout_s`` fails and
+        its calls are cancelled. Costs a heap peek when nothing is due."""
+        for call_id in self._call_deadlines.due(self.clock.monotonic()):
+            f = self._inflight.get(call_id)
+            if f is not None:
+                await self._send(f.node, CancelCalls([call_id]))
+                limit_s = _call_limit_s(f.call)
+                await self._give_up(call_id, f"no result within {limit_s:g} s")
+        for wf_id in self._workflow_deadlines.due(self.clock.time()):
+            run = self.runs.get(wf_id)
+            if run is not None:
+                log.warning("workflow %s ran past its deadline; failing it", wf_id)
+                await self._execute(run, run.time_out(self.limits.workflow_timeout_s))
 
     # --- client requests --------------------------------------------------------------------
 
-    async def submit(self, msg: Submit) -> str:
-        """Validate, journal, start; raises WorkflowError (one line, naming the place)."""
-        spec = parse_workflow(msg.text, msg.source, msg.overrides)
+    async def submit(self, msg: Submit, client: str = "") -> str:
+        """Validate, journal, start; raises WorkflowError (one line, naming the place), or
+        `QuotaExceeded` when ``client`` (its key name) has too many unfinished workflows.
+
+        Parsing runs on a worker thread (it is linear, yet a 1 MiB file still takes a while);
+        the quota is checked again after it, with no await between that check and the
+        journal, and the id is returned only once the workflow is journaled."""
+        self._check_quota(client)
+        spec = await asyncio.to_thread(
+            parse_workflow, msg.text, msg.source, msg.overrides, self.limits
+        )
         served = self.served_models()
         for step in spec.steps:
             model = TOOL_POOL if step.kind == "tool" else step.model
@@ -245,7 +327,9 @@ class WorkflowService:
                     f"{spec.source}:{step.line}: steps (id '{step.id}').model: "
                     f"unknown model {step.model!r} (served: {known})"
                 )
+        self._check_quota(client)
         wf_id = f"wf-{secrets.token_hex(4)}"
+        now = self.clock.time()
         self.store.add_workflow(
             WorkflowRow(
                 wf_id,
@@ -256,16 +340,44 @@ class WorkflowService:
                 spec.slo_s,
                 "running",
                 "",
-                self.clock.time(),
+                now,
                 None,
+                client,
             )
         )
         log.info("workflow %s (%s) submitted: %d steps", wf_id, spec.name, len(spec.steps))
-        run = WorkflowRun(wf_id, spec)
-        self.runs[wf_id] = run
-        self._submitted[wf_id] = self.clock.time()
+        run = self._track(WorkflowRun(wf_id, spec, self.limits), now, client)
         await self._execute(run, run.start())
         return wf_id
+
+    def client_of(self, wf_id: str) -> str | None:
+        """The key name of the client that submitted a workflow; None if there is none."""
+        row = self.store.workflow(wf_id)
+        return None if row is None else row.client
+
+    def dispatched_to(self, call_id: str) -> str | None:
+        """The node a call in flight was sent to (only it may report the result)."""
+        f = self._inflight.get(call_id)
+        return None if f is None else f.node
+
+    def _check_quota(self, client: str) -> None:
+        limit = self.limits.max_queued_workflows_per_client
+        if self._unfinished[client] >= limit:
+            who = f"client {client!r} already has" if client else "anonymous clients already have"
+            raise QuotaExceeded(
+                f"{who} {self._unfinished[client]} unfinished workflows, the most"
+                f" allowed (max_queued_workflows_per_client = {limit}); wait for some to finish"
+                " or cancel them"
+            )
+
+    def _track(self, run: WorkflowRun, submitted_ts: float, client: str) -> WorkflowRun:
+        """Hold a running workflow: its submission time, deadline and client."""
+        self.runs[run.id] = run
+        self._submitted[run.id] = submitted_ts
+        self._workflow_deadlines.add(run.id, submitted_ts + self.limits.workflow_timeout_s)
+        self._clients[run.id] = client
+        self._unfinished[client] += 1
+        return run
 
     async def cancel(self, wf_id: str) -> bool:
         run = self.runs.get(wf_id)
@@ -279,15 +391,14 @@ class WorkflowService:
         rows = self.store.workflows(state="running", limit=1_000_000)
         for row in rows:
             try:
-                spec = parse_workflow(row.spec_text, row.source, row.overrides)
+                spec = parse_workflow(row.spec_text, row.source, row.overrides, self.limits)
             except WorkflowError as exc:  # the format changed under it: fail it, visibly
                 self.store.finish_workflow(
                     row.id, "failed", f"cannot resume: {exc}", self.clock.time()
                 )
                 continue
-            run = replay(row.id, spec, self.store.outcomes(row.id))
-            self.runs[row.id] = run
-            self._submitted[row.id] = row.submitted_ts
+            run = replay(row.id, spec, self.store.outcomes(row.id), self.limits)
+            self._track(run, row.submitted_ts, row.client)
             for call in run.outstanding():
                 await self._submit_call(call)
             log.info("workflow %s resumed: %d calls to re-run", row.id, len(run.outstanding()))
@@ -305,6 +416,7 @@ class WorkflowService:
 
     async def _done(self, call_id: str, done: CallDone, result: Result | None) -> None:
         f = self._inflight.pop(call_id)
+        self._call_deadlines.drop(call_id)
         await self._send_all(self.dispatcher.finished(call_id, self.clock.time()))
         record = None if result is None else self._trace(f, result)
         self.store.call_done(done, result, None if record is None else encode(record))
@@ -402,6 +514,10 @@ class WorkflowService:
             self.observer.workflow_finished(fin.state, latency, run.spec.slo_s)
         self.runs.pop(run.id, None)
         self._submitted.pop(run.id, None)
+        self._workflow_deadlines.drop(run.id)
+        client = self._clients.pop(run.id, None)
+        if client is not None:
+            self._unfinished[client] -= 1
         self._turns.pop(run.id, None)
         self._last_prompt.pop(run.id, None)
         if self.learner is not None:
@@ -534,6 +650,7 @@ class WorkflowService:
             self.observer.routed(a, now)
         self._turns[call.workflow_id] += 1
         self._inflight[call.call_id] = f
+        self._call_deadlines.add(call.call_id, self.clock.monotonic() + _call_limit_s(call))
         self.store.call_dispatched(call, view.node, view.replica, now)
         msg = Dispatch(
             call.call_id,
@@ -549,18 +666,7 @@ class WorkflowService:
             call.timeout_s,
         )
         if not await self._send(view.node, msg):
-            await self._done(
-                call.call_id,
-                CallDone(
-                    call.call_id,
-                    False,
-                    "",
-                    f"node {view.node} unreachable",
-                    view.replica,
-                    infra=True,
-                ),
-                None,
-            )
+            await self._give_up(call.call_id, f"node {view.node} unreachable")
 
     def _remember_preds(self, call_id: str, f: _Inflight) -> None:
         self._preds[call_id] = (
@@ -574,6 +680,7 @@ class WorkflowService:
         by_node: dict[str, list[str]] = collections.defaultdict(list)
         for call_id in call_ids:
             f = self._inflight.pop(call_id, None)
+            self._call_deadlines.drop(call_id)
             if f is not None:
                 by_node[f.node].append(call_id)
         self.store.calls_cancelled(call_ids)
@@ -602,7 +709,7 @@ class WorkflowService:
         if row is None:
             return None
         run = self.runs.get(wf_id)
-        spec = run.spec if run else _parse_quietly(row)
+        spec = run.spec if run else self._parse_quietly(row)
         calls = self.store.calls(wf_id)
         latest: dict[tuple[str, int | None], StepView] = {}
         for c in calls:
@@ -634,7 +741,7 @@ class WorkflowService:
             steps.extend(mine)
         outputs: dict[str, str] = {}
         if detailed and row.state == "succeeded" and spec is not None:
-            done = replay(wf_id, spec, self.store.outcomes(wf_id))
+            done = replay(wf_id, spec, self.store.outcomes(wf_id), self.limits)
             outputs = done.final_outputs()
         latency = row.finished_ts - row.submitted_ts if row.finished_ts else None
         return WorkflowView(
@@ -654,11 +761,22 @@ class WorkflowService:
         views = (self.view(r.id, detailed=False) for r in self.store.workflows(limit=limit))
         return [v for v in views if v is not None]
 
+    def _parse_quietly(self, row: WorkflowRow) -> WorkflowSpec | None:
+        try:
+            return parse_workflow(row.spec_text, row.source, row.overrides, self.limits)
+        except WorkflowError:
+            return None
+
 
 STEP_FORECAST_TTL_S = 5.0
 _NOTHING = LatencyDist((0.5,), (0.0,))
 MAX_REMEMBERED_PREDS = 20_000
 """Calls whose forecasts the step views show (older ones: see the traces)."""
+
+
+def _call_limit_s(call: CallSpec) -> float:
+    """How long after its dispatch a call's result may come before it counts as lost."""
+    return (call.timeout_s or CALL_TIMEOUT_S[call.kind]) + CALL_GRACE_S
 
 
 def _pool(call: CallSpec) -> str:
@@ -692,10 +810,3 @@ def _prefix_share(prompt: str, previous: str) -> float:
 def _order(item: tuple[tuple[str, int | None], StepView]) -> tuple[str, int]:
     (step, idx), _ = item
     return step, -1 if idx is None else idx
-
-
-def _parse_quietly(row: WorkflowRow) -> WorkflowSpec | None:
-    try:
-        return parse_workflow(row.spec_text, row.source, row.overrides)
-    except WorkflowError:
-        return None

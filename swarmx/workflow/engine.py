@@ -14,7 +14,17 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from swarmx.frozen import frozen
-from swarmx.workflow.spec import StepSpec, WorkflowSpec, render, split_items
+from swarmx.workflow.spec import (
+    DEFAULT_LIMITS,
+    StepSpec,
+    WorkflowError,
+    WorkflowLimits,
+    WorkflowSpec,
+    payload_bytes,
+    render,
+    render_command,
+    split_items,
+)
 
 WorkflowState = Literal["running", "succeeded", "failed", "cancelled"]
 StepState = Literal["waiting", "running", "succeeded", "failed", "cancelled"]
@@ -94,9 +104,12 @@ class Instance:
 
 
 class WorkflowRun:
-    def __init__(self, workflow_id: str, spec: WorkflowSpec) -> None:
+    def __init__(
+        self, workflow_id: str, spec: WorkflowSpec, limits: WorkflowLimits = DEFAULT_LIMITS
+    ) -> None:
         self.id = workflow_id
         self.spec = spec
+        self.limits = limits
         self.state: WorkflowState = "running"
         self.reason = ""
         self.instances: dict[str, list[Instance]] = {}
@@ -150,9 +163,9 @@ class WorkflowRun:
             inst.avoid.append(done.replica)
         if done.infra and inst.infra_retries < MAX_INFRA_RETRIES:
             inst.infra_retries += 1
-            return [self._issue(step, inst)]
+            return self._issue(step, inst)
         if inst.attempt - inst.infra_retries <= step.retries:
-            return [self._issue(step, inst)]
+            return self._issue(step, inst)
         inst.state, inst.error, inst.call = "failed", done.error, None
         attempts = inst.attempt - inst.infra_retries
         return self._finish(
@@ -165,6 +178,12 @@ class WorkflowRun:
         if self.state != "running":
             return []
         return self._finish("cancelled", reason)
+
+    def time_out(self, limit_s: float) -> list[Instruction]:
+        """The workflow ran past its hard deadline: it fails and its calls are cancelled."""
+        if self.state != "running":
+            return []
+        return self._finish("failed", f"not finished within {limit_s:g} s (workflow_timeout_s)")
 
     # --- internals --------------------------------------------------------------------------
 
@@ -201,7 +220,10 @@ class WorkflowRun:
                 self.outputs[step.id] = ""
                 todo.extend(self.spec.dependents[step.id])
                 continue
-            out.extend(self._issue(step, inst) for inst in instances)
+            for inst in instances:
+                out.extend(self._issue(step, inst))
+                if self.state != "running":  # a call that cannot be made failed the workflow
+                    return out
         if len(self.outputs) == len(self.spec.steps):
             out.extend(self._finish("succeeded", ""))
         return out
@@ -215,14 +237,34 @@ class WorkflowRun:
             return [Instance(i, item) for i, item in enumerate(items)]
         return [Instance(i, None) for i in range(fan.count or 1)]
 
-    def _issue(self, step: StepSpec, inst: Instance) -> RunCall:
+    def _issue(self, step: StepSpec, inst: Instance) -> list[Instruction]:
+        """Run the instance's next attempt; if its call cannot be made (a substituted value
+        that would be an option, inputs too large to send), the workflow fails instead: that
+        is no transient failure, and a retry would make the same call."""
         inst.attempt += 1
         inst.state = "running"
+        try:
+            call = self._call(step, inst)
+        except WorkflowError as exc:
+            inst.state, inst.error = "failed", str(exc)
+            return self._finish("failed", f"step {step.id}{inst.label}: {exc}")
+        inst.call = call
+        self._by_call[call.call_id] = (step.id, inst)
+        return [RunCall(call)]
 
+    def _call(self, step: StepSpec, inst: Instance) -> CallSpec:
         def fill(template: str) -> str:
             return render(template, self.spec.inputs, self.outputs, inst.item, inst.index)
 
-        call = CallSpec(
+        prompt = fill(step.prompt)
+        inputs = {k: fill(v) for k, v in step.inputs.items()}
+        command = render_command(
+            step.command, self.spec.inputs, self.outputs, inst.item, inst.index
+        )
+        too_big = self.limits.call_too_big(payload_bytes(prompt, inputs, command))
+        if too_big:
+            raise WorkflowError(too_big)
+        return CallSpec(
             call_id=f"{self.id}:{step.id}:{inst.index or 0}:{inst.attempt}",
             workflow_id=self.id,
             step_id=step.id,
@@ -230,23 +272,25 @@ class WorkflowRun:
             attempt=inst.attempt,
             kind=step.kind,
             model=step.model,
-            prompt=fill(step.prompt),
+            prompt=prompt,
             max_tokens=step.max_tokens if step.kind == "llm" else 0,
-            inputs={k: fill(v) for k, v in step.inputs.items()},
-            command=[fill(a) for a in step.command],
+            inputs=inputs,
+            command=command,
             timeout_s=step.timeout_s,
             deps=list(step.after),
             avoid=list(inst.avoid),
         )
-        inst.call = call
-        self._by_call[call.call_id] = (step.id, inst)
-        return RunCall(call)
 
 
-def replay(workflow_id: str, spec: WorkflowSpec, done: list[CallDone]) -> WorkflowRun:
+def replay(
+    workflow_id: str,
+    spec: WorkflowSpec,
+    done: list[CallDone],
+    limits: WorkflowLimits = DEFAULT_LIMITS,
+) -> WorkflowRun:
     """Rebuild a run from its recorded outcomes (in the order they happened); what it still
     waits for is ``run.outstanding()``, to be dispatched again."""
-    run = WorkflowRun(workflow_id, spec)
+    run = WorkflowRun(workflow_id, spec, limits)
     run.start()
     for d in done:
         run.on_done(d)

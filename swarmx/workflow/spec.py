@@ -2,12 +2,15 @@
 
 Everything that can be checked without a cluster is checked here, so a typo fails at submit time
 with ``file:line`` instead of minutes into a run: strict keys, per-kind fields, the graph (unknown
-steps, cycles) and every template reference. The engine then renders templates that cannot fail.
-The format is documented for operators in docs/workflows.md.
+steps, cycles) and every template reference. What the engine renders later can fail only on
+values known then: an output that would be a tool option, or a call too large to send.
+Every size is bounded (`WorkflowLimits`) and checking takes about linear time, so a hostile file
+costs the scheduler little. The format is documented for operators in docs/workflows.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import json
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 from swarmx.schema import SchemaError, decode
-from swarmx.tomlpos import locate
+from swarmx.tomlpos import Positions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,7 +34,11 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 """Step ids and input names: what a template reference may name."""
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 """The rule ``[[node.replicas]] model`` names follow, so every served name is writable here."""
-_MAX_FAN_OUT = 256
+MAX_NESTING = 32
+"""Deepest nesting of arrays and inline tables: a workflow needs 2, and tomllib recurses per
+level (thousands of levels overflow the stack)."""
+FRAME_MARGIN_BYTES = 64 * 1024
+"""Room a dispatch frame needs besides a call's text: ids, names, keys, msgpack headers."""
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _REF = re.compile(
@@ -58,6 +65,41 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
 
 class WorkflowError(ValueError):
     """A bad workflow file or ``--set``; ``str()`` is one line naming the place."""
+
+
+@dataclass(frozen=True)
+class WorkflowLimits:
+    """Bounds on what one workflow may cost the scheduler; `of` reads them from a
+    ``SchedulerConfig`` (which documents each), and the defaults are its defaults."""
+
+    max_workflow_bytes: int = 1 << 20
+    max_steps: int = 10_000
+    max_fan_out: int = 1024
+    max_prompt_bytes: int = 1 << 20
+    """A rendered prompt, with a model step's inputs, or a tool's argument list."""
+    max_queued_workflows_per_client: int = 1000
+    workflow_timeout_s: float = 86_400.0
+    max_frame_bytes: int = 4 << 20
+    """The wire's frame limit: a call must fit one dispatch frame."""
+
+    @classmethod
+    def of(cls, cfg: object) -> WorkflowLimits:
+        """The limits set by ``cfg``, which has an attribute of each name (``SchedulerConfig``)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+    def call_too_big(self, size: int) -> str | None:
+        """Why a call carrying ``size`` bytes (`payload_bytes`) cannot be sent, or None."""
+        room = self.max_frame_bytes - FRAME_MARGIN_BYTES
+        if size > self.max_prompt_bytes and self.max_prompt_bytes <= room:
+            limit = f"{_size(self.max_prompt_bytes)} limit (max_prompt_bytes)"
+        elif size > room:
+            limit = f"{_size(self.max_frame_bytes)} frame limit (max_frame_bytes)"
+        else:
+            return None
+        return f"inputs of {_size(size)} exceed the {limit}"
+
+
+DEFAULT_LIMITS = WorkflowLimits()
 
 
 @dataclass(frozen=True)
@@ -171,25 +213,106 @@ def parse_overrides(pairs: list[str]) -> dict[str, str]:
     return result
 
 
-def load_workflow(path: Path, overrides: dict[str, str] | None = None) -> WorkflowSpec:
+def load_workflow(
+    path: Path, overrides: dict[str, str] | None = None, limits: WorkflowLimits = DEFAULT_LIMITS
+) -> WorkflowSpec:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise WorkflowError(f"{path}: cannot read workflow: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise WorkflowError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    return parse_workflow(text, str(path), overrides)
+    return parse_workflow(text, str(path), overrides, limits)
 
 
 def parse_workflow(
-    text: str, source: str = "<workflow>", overrides: dict[str, str] | None = None
+    text: str,
+    source: str = "<workflow>",
+    overrides: dict[str, str] | None = None,
+    limits: WorkflowLimits = DEFAULT_LIMITS,
 ) -> WorkflowSpec:
-    """Parse and fully check a workflow file; the first problem raises `WorkflowError`."""
+    """Parse and fully check a workflow file, in time linear in its size; the first problem
+    raises `WorkflowError`."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limits.max_workflow_bytes:
+        raise WorkflowError(
+            f"{source}: {_size(size)} exceeds the {_size(limits.max_workflow_bytes)} limit"
+            " (max_workflow_bytes)"
+        )
+    lines = _Lines(text)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise WorkflowError(f"{source}: invalid TOML: {exc}") from None
-    return _Parser(text, source, data).parse(overrides or {})
+    except RecursionError:  # thousands of levels: tomllib recurses per level
+        data = None
+    if data is None or _depth(data) > MAX_NESTING:
+        where = lines.deepest()
+        if data is None and where is None:
+            raise WorkflowError(f"{source}: invalid TOML: nested too deeply")
+        raise WorkflowError(
+            f"{source}:{where or '?'}: arrays or tables nested more than {MAX_NESTING} deep"
+        )
+    return _Parser(lines, source, data, limits).parse(overrides or {})
+
+
+_STEP_HEADER = re.compile(r"^[ \t]*\[\[[ \t]*steps[ \t]*\]\]", re.MULTILINE)
+
+
+class _Lines:
+    """Where things are in the text, at the least cost: each step's ``[[steps]]`` header from one
+    regular-expression pass (asked for every step), the full statement scan (`Positions`) only
+    when an error needs another path's line."""
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._full: Positions | None = None
+        self._headers: list[int] = []
+        self.steps_known = False
+        """Set once the parser has seen exactly as many ``[[steps]]`` headers as steps."""
+        line, at = 1, 0
+        for m in _STEP_HEADER.finditer(text):
+            line += text.count("\n", at, m.start())
+            at = m.start()
+            self._headers.append(line)
+
+    def _positions(self) -> Positions:
+        if self._full is None:
+            self._full = Positions(self._text)
+        return self._full
+
+    def line(self, path: str) -> int | None:
+        m = _STEP_PATH.fullmatch(path)
+        # Trusted only when the headers are exactly the steps (none inside a string, no inline
+        # ``steps = [...]``), which `count_steps` checked against the parsed data.
+        if m is not None and self.steps_known:
+            return self._headers[int(m.group(1))]
+        return self._positions().line(path)
+
+    def count_steps(self, n: int) -> None:
+        self.steps_known = n == len(self._headers)
+
+    def deepest(self) -> int | None:
+        """The line of the deepest nesting of arrays and inline tables, if the scan finds it."""
+        positions = self._positions()
+        return positions.depth_line if positions.depth > MAX_NESTING else None
+
+
+_STEP_PATH = re.compile(r"steps\[(\d+)\]")
+
+
+def _depth(value: Any) -> int:
+    """How deeply arrays and tables nest in parsed TOML, without recursion."""
+    deepest = 0
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
 
 
 def render(
@@ -212,18 +335,95 @@ def render(
         if isinstance(part, str):
             out.append(part)
             continue
-        if part.kind == "inputs":
-            value = inputs.get(part.name)
-        elif part.kind == "steps":
-            value = outputs.get(part.name)
-        elif part.kind == "item":
-            value = item
-        else:
-            value = None if index is None else str(index)
+        value = _value(part, inputs, outputs, item, index)
         if value is None:
             raise WorkflowError(f"{part.text}: no value to fill in")
         out.append(value)
     return "".join(out)
+
+
+def render_command(
+    command: list[str],
+    inputs: dict[str, str],
+    outputs: dict[str, str],
+    item: str | None = None,
+    index: int | None = None,
+) -> list[str]:
+    """A tool step's argv, each element rendered (`render`). A substituted value may not begin
+    an argument with ``-`` unless a literal ``--`` argument comes before it: otherwise
+    ``--set file=-oOWNED`` turns ``["sort", "{inputs.file}"]`` into ``sort -oOWNED``. Literal
+    options in the template (``-n``) are the author's and pass."""
+    argv: list[str] = []
+    operands = False
+    for n, template in enumerate(command):
+        if not operands and (why := _option_like(template, inputs, outputs, item, index)):
+            raise WorkflowError(f"command[{n}]: {why}")
+        argv.append(render(template, inputs, outputs, item, index))
+        operands = operands or template == "--"
+    return argv
+
+
+def payload_bytes(prompt: str, inputs: Mapping[str, str], command: list[str]) -> int:
+    """What a call carries, as counted against `WorkflowLimits.call_too_big`: its text in UTF-8
+    plus a few bytes per string for the frame's headers."""
+    texts = [prompt, *inputs.keys(), *inputs.values(), *command]
+    return sum(len(t.encode("utf-8", "surrogatepass")) + 5 for t in texts)
+
+
+def _value(
+    ref: _Ref,
+    inputs: Mapping[str, str],
+    outputs: Mapping[str, str],
+    item: str | None,
+    index: int | None,
+) -> str | None:
+    """What fills ``ref``; None if it is not known (yet)."""
+    if ref.kind == "inputs":
+        return inputs.get(ref.name)
+    if ref.kind == "steps":
+        return outputs.get(ref.name)
+    if ref.kind == "item":
+        return item
+    return None if index is None else str(index)
+
+
+def _option_like(
+    template: str,
+    inputs: Mapping[str, str],
+    outputs: Mapping[str, str],
+    item: str | None,
+    index: int | None,
+) -> str | None:
+    """Why this argument would start with an option that came from a substituted value, or
+    None: it starts with literal text, a value not starting with ``-``, or one not known yet."""
+    for part in _parse_template(template):
+        if isinstance(part, str):
+            if part:
+                return None
+            continue
+        value = _value(part, inputs, outputs, item, index)
+        if value is None or (value and not value.startswith("-")):
+            return None
+        if value:
+            return (
+                f"{part.text} is {_clip(value)}, which the program would read as an option"
+                " (a substituted argument may not start with '-'; put a '--' argument before"
+                " it if the program takes operands after '--')"
+            )
+    return None
+
+
+def _clip(value: str, n: int = 32) -> str:
+    return repr(value if len(value) <= n else value[:n] + "...")
+
+
+def _size(n: int) -> str:
+    """A byte count for messages: ``512 bytes``, ``64 KiB``, ``6.0 MiB``."""
+    for unit, shift in (("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            whole = n % (1 << shift) == 0
+            return f"{n >> shift} {unit}" if whole else f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
 
 
 def split_items(output: str, fan_out: FanOut) -> list[str]:
@@ -294,20 +494,24 @@ def _hint(inputs: Mapping[str, str]) -> str:
 
 
 class _Parser:
-    def __init__(self, text: str, source: str, data: dict[str, Any]) -> None:
-        self.text = text
+    def __init__(
+        self, positions: _Lines, source: str, data: dict[str, Any], limits: WorkflowLimits
+    ) -> None:
+        self.positions = positions
         self.source = source
+        self.limits = limits
         steps = data.get("steps")
         self.ids = [
             s.get("id") if isinstance(s, dict) else None
             for s in (steps if isinstance(steps, list) else [])
         ]
+        positions.count_steps(len(self.ids))
         self.data = data
         self.index: dict[str, int] = {}
         """Step id -> position in the file."""
 
     def fail(self, path: str, message: str) -> NoReturn:
-        line = locate(self.text, path)
+        line = self.positions.line(path)
         where = f"{self.source}:{line}" if line else self.source
         m = re.match(r"steps\[(\d+)\]", path)
         if m and int(m.group(1)) < len(self.ids):
@@ -317,6 +521,11 @@ class _Parser:
         raise WorkflowError(f"{where}: {path}: {message}")
 
     def parse(self, overrides: dict[str, str]) -> WorkflowSpec:
+        if len(self.ids) > self.limits.max_steps:
+            self.fail(
+                "steps",
+                f"{len(self.ids)} steps exceed the limit of {self.limits.max_steps} (max_steps)",
+            )
         try:
             raw = decode(_RawWorkflow, self.data)
         except SchemaError as exc:
@@ -338,13 +547,15 @@ class _Parser:
         steps = [self._step(i, r) for i, r in enumerate(raw.steps)]
         self._check_after(steps)
         order = self._order(steps)
-        ancestors: dict[str, set[str]] = {}
+        ancestors = [0] * len(steps)
+        """Per step, a bit set of the positions of the steps it runs after (directly or not):
+        linear in the file where sets of ids would be quadratic on a long chain."""
         for i in order:
-            ancestors[steps[i].id] = set(steps[i].after).union(
-                *(ancestors[d] for d in steps[i].after)
-            )
+            for dep in steps[i].after:
+                d = self.index[dep]
+                ancestors[i] |= ancestors[d] | 1 << d
         for i, step in enumerate(steps):
-            self._check_refs(i, step, inputs, ancestors[step.id])
+            self._check_refs(i, step, inputs, ancestors[i])
         return WorkflowSpec(
             name=raw.name,
             slo_s=raw.slo_s,
@@ -409,15 +620,16 @@ class _Parser:
             timeout_s=raw.timeout_s,
             retries=raw.retries,
             fan_out=self._fan_out(f"{p}.fan_out", raw.fan_out),
-            line=locate(self.text, p) or 0,
+            line=self.positions.line(p) or 0,
         )
 
     def _fan_out(self, path: str, value: Any) -> FanOut | None:
         if value is None:
             return None
+        most = self.limits.max_fan_out
         if isinstance(value, int) and not isinstance(value, bool):
-            if not 1 <= value <= _MAX_FAN_OUT:
-                self.fail(path, f"must be 1..{_MAX_FAN_OUT}, got {value}")
+            if not 1 <= value <= most:
+                self.fail(path, f"must be 1..{most} (max_fan_out), got {value}")
             return FanOut(count=value)
         if not isinstance(value, dict):
             self.fail(
@@ -436,20 +648,22 @@ class _Parser:
         split = value.get("split", "lines")
         if split not in ("lines", "json"):
             self.fail(f"{path}.split", f"must be one of 'lines', 'json', got {split!r}")
-        cap = value.get("max", 16)
-        if not isinstance(cap, int) or isinstance(cap, bool) or not 1 <= cap <= _MAX_FAN_OUT:
-            self.fail(f"{path}.max", f"must be an integer 1..{_MAX_FAN_OUT}, got {cap!r}")
+        cap = value.get("max", min(16, most))
+        if not isinstance(cap, int) or isinstance(cap, bool) or not 1 <= cap <= most:
+            self.fail(f"{path}.max", f"must be an integer 1..{most} (max_fan_out), got {cap!r}")
         return FanOut(source=source, split=split, max=cap)
 
     def _check_after(self, steps: list[StepSpec]) -> None:
         for i, step in enumerate(steps):
-            for n, dep in enumerate(step.after):
+            seen: set[str] = set()
+            for dep in step.after:
                 if dep == step.id:
                     self.fail(f"steps[{i}].after", "a step cannot run after itself")
                 if dep not in self.index:
                     self.fail(f"steps[{i}].after", f"unknown step {dep!r}")
-                if dep in step.after[:n]:
+                if dep in seen:
                     self.fail(f"steps[{i}].after", f"{dep!r} listed twice")
+                seen.add(dep)
 
     def _order(self, steps: list[StepSpec]) -> list[int]:
         """Step positions in a topological order, the earliest in the file first when free."""
@@ -475,27 +689,32 @@ class _Parser:
         """Report one cycle among the steps that never became ready, in run order
         (``a -> b``: b runs after a), starting at its earliest step in the file."""
         walk = [min(stuck)]
+        at = {walk[0]: 0}  # position in walk, so a long cycle is found in linear time
         while True:  # every stuck step waits for another stuck one, so this closes a loop
             nxt = next(self.index[d] for d in steps[walk[-1]].after if self.index[d] in stuck)
-            if nxt in walk:
+            if nxt in at:
                 break
+            at[nxt] = len(walk)
             walk.append(nxt)
-        loop = walk[walk.index(nxt) :][::-1]
+        loop = walk[at[nxt] :][::-1]
         start = loop.index(min(loop))
         loop = loop[start:] + loop[:start]
         path = " -> ".join(steps[i].id for i in [*loop, loop[0]])
         self.fail(f"steps[{loop[0]}].after", f"cycle: {path}")
 
-    def _check_refs(
-        self, i: int, step: StepSpec, inputs: dict[str, str], ancestors: set[str]
-    ) -> None:
-        """``fan_out.from`` and every template reference must name something available."""
+    def _check_refs(self, i: int, step: StepSpec, inputs: dict[str, str], ancestors: int) -> None:
+        """``fan_out.from`` and every template reference must name something available;
+        ``ancestors`` holds the positions of the steps this one runs after, as bits."""
         p = f"steps[{i}]"
+
+        def runs_before(step_id: str) -> bool:
+            return bool(ancestors >> self.index[step_id] & 1)
+
         fan = step.fan_out
         if fan is not None and fan.source is not None:
             if fan.source not in self.index:
                 self.fail(f"{p}.fan_out.from", f"unknown step {fan.source!r}")
-            if fan.source not in ancestors:
+            if not runs_before(fan.source):
                 self.fail(f"{p}.fan_out.from", _not_dependency(fan.source))
         templates = [
             (f"{p}.prompt", step.prompt),
@@ -514,12 +733,20 @@ class _Parser:
                     self.fail(path, f"{ref.text}: unknown input ({_hint(inputs)})")
                 if ref.kind == "steps" and ref.name not in self.index:
                     self.fail(path, f"{ref.text}: unknown step {ref.name!r}")
-                if ref.kind == "steps" and ref.name not in ancestors:
+                if ref.kind == "steps" and not runs_before(ref.name):
                     self.fail(path, f"{ref.text}: {_not_dependency(ref.name)}")
                 if ref.kind == "item" and (fan is None or fan.source is None):
                     self.fail(path, "{item}: only in steps with a dynamic fan_out (from = STEP)")
                 if ref.kind == "index" and fan is None:
                     self.fail(path, "{index}: only in steps with a fan_out")
+        for n, arg in enumerate(step.command):  # options known already, from the inputs
+            if why := _option_like(arg, inputs, {}, None, None):
+                self.fail(f"{p}.command[{n}]", why)
+            if arg == "--":
+                break
+        payload = payload_bytes(step.prompt, step.inputs, step.command)
+        if too_big := self.limits.call_too_big(payload):  # the templates alone
+            self.fail(f"{p}.{'command' if step.kind == 'tool' else 'prompt'}", too_big)
 
 
 def _not_dependency(step_id: str) -> str:

@@ -136,8 +136,14 @@ class Procs:
             proc.wait()
 
 
+UP_STATE = "up-state"
+"""Where the tests' `swarmx up` clusters keep their state (and keys)."""
+
+
 @pytest.fixture
-def procs(tmp_path):
+def procs(tmp_path, monkeypatch):
+    # The CLI finds a `swarmx up` cluster's keys through SWARMX_STATE_DIR, as users do.
+    monkeypatch.setenv("SWARMX_STATE_DIR", str(tmp_path / UP_STATE))
     p = Procs(tmp_path)
     yield p
     p.close()

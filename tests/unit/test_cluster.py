@@ -1,4 +1,4 @@
-from dataclasses import replace
+from msgspec.structs import replace
 
 from swarmx.cluster import NodeTable, Transition
 from tests.unit.test_protocol import HELLO, TELEMETRY

@@ -3,10 +3,10 @@ with prometheus-client's own parser; ports that cannot be used are reported on o
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 import urllib.request
 
+import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
@@ -48,7 +48,7 @@ def test_node_series_come_from_the_latest_telemetry(served):
     half_known = GpuSample(
         1, "NVIDIA A100", "GPU-2", None, None, 2 << 30, 40 << 30, None, None, None, None
     )
-    metrics.publish(dataclasses.replace(TELEMETRY, gpus=[GPU, half_known]), registered=True)
+    metrics.publish(msgspec.structs.replace(TELEMETRY, gpus=[GPU, half_known]), registered=True)
     m = scrape(server)
     node = (("node", "n1"),)
     assert m["swarmx_node_cpu_utilization_ratio"] == {node: 0.125}

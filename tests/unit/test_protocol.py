@@ -1,7 +1,7 @@
-import dataclasses
 import math
 
 import msgpack
+import msgspec
 import pytest
 
 from swarmx.protocol import (
@@ -337,7 +337,7 @@ def test_numbers_out_of_range_are_refused_at_decode(value):
 
 
 def _hello_with(**changes):
-    return encode_frame("n1", 1, 0.0, dataclasses.replace(HELLO, **changes))
+    return encode_frame("n1", 1, 0.0, msgspec.structs.replace(HELLO, **changes))
 
 
 @pytest.mark.parametrize(

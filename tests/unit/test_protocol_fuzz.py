@@ -3,7 +3,7 @@ raises `ProtocolError`, never anything else (one stray exception once stopped bo
 
 CI runs the short profile; for a long run by hand::
 
-    SWARMX_FUZZ_EXAMPLES=200000 .venv/bin/pytest tests/unit/test_protocol_fuzz.py -q
+    SWARMX_FUZZ_EXAMPLES=200000 .venv/bin/pytest tests/unit/test_protocol_fuzz.py --timeout 0
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import sqlite3
 import pytest
 
 from swarmx.protocol import Result
-from swarmx.store import Store, WorkflowRow
+from swarmx.store import SCHEMA, Store, WorkflowRow
 from swarmx.workflow.engine import CallDone, CallSpec
 
 
@@ -235,3 +235,34 @@ def test_wal_mode_is_on(store, db):
         assert raw.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
     finally:
         raw.close()
+
+
+def test_the_journal_is_private_to_the_schedulers_user(tmp_path):
+    db = tmp_path / "new.db"
+    s = Store(db)
+    s.add_workflow(workflow())
+    files = [p for p in tmp_path.iterdir() if p.name.startswith("new.db")]
+    assert {p.name for p in files} >= {"new.db", "new.db-wal"}
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o600 for p in files}
+    s.close()
+
+
+def test_an_older_journal_is_tightened_and_gains_the_client_column(tmp_path):
+    db = tmp_path / "old.db"
+    raw = sqlite3.connect(db)
+    raw.executescript(SCHEMA.replace(",\n    client TEXT NOT NULL DEFAULT ''", ""))
+    raw.execute(
+        "INSERT INTO workflows VALUES ('wf0', 'old', 's', 't', '{}', NULL, 'running', '', 1.0,"
+        " NULL)"
+    )
+    raw.commit()
+    raw.close()
+    db.chmod(0o644)
+    s = Store(db)
+    try:
+        assert db.stat().st_mode & 0o777 == 0o600
+        assert s.workflow("wf0").client == ""
+        s.add_workflow(workflow("wf1", client="alice"))
+        assert s.workflow("wf1").client == "alice"
+    finally:
+        s.close()

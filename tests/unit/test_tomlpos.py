@@ -2,7 +2,7 @@ import sys
 
 import pytest
 
-from swarmx.tomlpos import locate
+from swarmx.tomlpos import Positions, locate
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -109,3 +109,17 @@ def test_literal_and_escaped_strings_do_not_end_early():
 def test_unterminated_text_does_not_hang():
     assert locate('a = "open\n[[b', "a") == 1
     assert locate('x = """never closed', "y") is None
+
+
+def test_nesting_depth_and_its_line():
+    pos = Positions("a = 1\nb = [1, [2, {c = [3]}]]\nd = [[\n  [4],\n]]\n")
+    assert (pos.depth, pos.depth_line) == (4, 2)
+    assert Positions('s = "[[[[" # [[[[\n').depth == 0  # inside strings and comments
+
+
+def test_many_lookups_cost_one_scan():
+    text = "".join(f'[[steps]]\nid = "s{i}"\nafter = ["x"]\n' for i in range(5000))
+    pos = Positions(text)
+    assert [pos.line(f"steps[{i}]") for i in (0, 4999)] == [1, 14_998]
+    assert pos.line("steps[4999].after") == 15_000
+    assert pos.line("steps[4999].prompt") == 14_998  # not set: the step's header

@@ -1,3 +1,4 @@
+import json
 import socket
 from pathlib import Path
 
@@ -106,3 +107,27 @@ def test_example_config_is_valid():
     cfg = load_config(ROOT / "systemd" / "swarmx.toml.example")
     assert cfg.scheduler.listen == "tcp://0.0.0.0:7700"
     assert cfg.node.labels == {"rack": "r12"}
+
+
+@pytest.mark.parametrize("listen", ["tcp://0.0.0.0:0", "tcp://*:0", "tcp://10.1.2.3:7700"])
+def test_a_keyless_scheduler_refuses_to_listen_off_loopback(tmp_path, listen):
+    result = run("scheduler", "start", "--listen", listen, "--state-dir", str(tmp_path))
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: refusing to listen on {listen} without keys: make them with `swarmx keys "
+        "generate` and set [security] (docs/security.md), or pass --insecure"
+    ]
+    assert not any(tmp_path.iterdir())  # refused before touching the state directory
+
+
+def test_keys_generate_writes_a_private_secret(tmp_path):
+    result = run("keys", "generate", "--out", str(tmp_path / "k"), "--name", "node-7", "--json")
+    assert result.exit_code == 0, result.stderr
+    paths = json.loads(result.stdout)
+    assert Path(paths["secret"]).stat().st_mode & 0o777 == 0o600
+    assert Path(paths["public"]).read_text().count("public-key") == 1
+    assert "secret-key" not in Path(paths["public"]).read_text()
+    again = run("keys", "generate", "--out", str(tmp_path / "k"), "--name", "node-7")
+    assert again.exit_code == 2 and "exists" in again.stderr
+    bad = run("keys", "generate", "--out", str(tmp_path / "k"), "--name", "../x")
+    assert bad.exit_code == 2 and "--name" in bad.stderr

@@ -3,10 +3,10 @@ nodes, keys, and the one-shot modes' errors."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import socket
 
+import msgspec
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
@@ -137,7 +137,7 @@ def cluster(nodes: int, gpus: int = 2) -> TopReply:
             {"0.5": 2.0, "0.95": 9.0},
         ),
     ]
-    return dataclasses.replace(
+    return msgspec.structs.replace(
         TOP,
         ts=1000.0,
         nodes=views,

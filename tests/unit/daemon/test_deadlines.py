@@ -10,10 +10,11 @@ import pytest
 
 from swarmx.clock import ManualClock
 from swarmx.cluster import NodeTable
-from swarmx.daemon.workflows import WorkflowService
-from swarmx.protocol import Dispatch, Hello, ReplicaInfo, Result, Submit
+from swarmx.daemon.workflows import CALL_GRACE_S, QuotaExceeded, WorkflowService, _Deadlines
+from swarmx.protocol import CancelCalls, Dispatch, Hello, ReplicaInfo, Result, Submit
 from swarmx.sched.router import LeastOutstanding
 from swarmx.store import Store
+from swarmx.workflow.spec import DEFAULT_LIMITS, WorkflowLimits
 
 CHAIN = """
 name = "chain"
@@ -63,9 +64,10 @@ fan_out = { from = "plan", max = 5 }
 
 
 class Cluster:
-    def __init__(self, tmp_path) -> None:
+    def __init__(self, tmp_path, limits: WorkflowLimits = DEFAULT_LIMITS) -> None:
         self.clock = ManualClock(100.0)
         self.sent: list[Dispatch] = []
+        self.cancelled: list[str] = []
         self.nodes = NodeTable(3, 10)
         self.service = WorkflowService(
             Store(tmp_path / "swarmx.db"),
@@ -74,6 +76,7 @@ class Cluster:
             self.clock,
             self.send,
             order="slack",
+            limits=limits,
         )
         self.tickets = []
         submit = self.service.dispatcher.submit
@@ -87,6 +90,8 @@ class Cluster:
     async def send(self, node, body) -> bool:
         if isinstance(body, Dispatch):
             self.sent.append(body)
+        if isinstance(body, CancelCalls):
+            self.cancelled.extend(body.call_ids)
         return True
 
     async def start(self) -> None:
@@ -95,8 +100,8 @@ class Cluster:
         self.nodes.register(hello, b"n", self.clock.monotonic(), self.clock.time())
         await self.service.on_hello(hello)
 
-    async def submit(self, text: str) -> str:
-        return await self.service.submit(Submit("wf.toml", textwrap.dedent(text)))
+    async def submit(self, text: str, client: str = "") -> str:
+        return await self.service.submit(Submit("wf.toml", textwrap.dedent(text)), client)
 
     async def finish(self, call_id: str, output: str = "ok", latency_s: float = 1.0) -> None:
         result = Result(call_id, "n/lm#0", True, output, "", 0.0, latency_s, None, 3, 3)
@@ -167,3 +172,160 @@ def test_the_budget_is_the_tightest_deadline_of_the_models_calls(tmp_path):
     budget, none = asyncio.run(main())
     assert budget == pytest.approx(60 - 10)
     assert none is None
+
+
+TOOL = """
+name = "tool"
+[[steps]]
+id = "t"
+kind = "llm"
+model = "lm"
+prompt = "go"
+retries = 1
+"""
+
+
+def test_a_call_with_no_result_by_its_deadline_is_cancelled_and_rerun_then_failed(tmp_path):
+    async def main():
+        c = Cluster(tmp_path)
+        await c.start()
+        wf = await c.submit(TOOL)
+        limit_s = 900 + CALL_GRACE_S  # an llm call without timeout_s
+        c.clock.now += limit_s - 1
+        await c.service.check_deadlines()
+        before = (len(c.sent), list(c.cancelled))
+        for _ in range(7):  # 1 attempt, 5 re-runs as lost calls, 1 retry
+            c.clock.now += limit_s
+            await c.service.check_deadlines()
+        return before, c.sent, c.cancelled, c.service.store.workflow(wf)
+
+    before, sent, cancelled, row = asyncio.run(main())
+    assert before == (1, [])  # not due yet
+    assert cancelled == [d.call_id for d in sent]  # each cancelled on the node, then re-run
+    assert [d.call_id.rsplit(":", 1)[1] for d in sent] == [str(i) for i in range(1, 8)]
+    assert (row.state, row.reason) == (
+        "failed",
+        "step t failed after 2 attempts: no result within 960 s",
+    )
+
+
+def test_a_workflow_past_its_hard_deadline_fails_and_its_calls_are_cancelled(tmp_path):
+    async def main():
+        c = Cluster(tmp_path, WorkflowLimits(workflow_timeout_s=3600))
+        await c.start()
+        wf = await c.submit(CHAIN)
+        for step_s in (960, 960, 960, 719):  # the call is re-run as lost; 3,599 s pass
+            c.clock.now += step_s
+            await c.service.check_deadlines()
+        still = c.service.store.workflow(wf).state
+        c.clock.now += 1
+        await c.service.check_deadlines()
+        return still, c.sent, c.cancelled, c.service.store.workflow(wf), c.service.runs
+
+    still, sent, cancelled, row, runs = asyncio.run(main())
+    assert still == "running"
+    assert (row.state, row.reason) == ("failed", "not finished within 3600 s (workflow_timeout_s)")
+    assert cancelled == [d.call_id for d in sent]  # three that timed out, then the last one
+    assert len(sent) == 4
+    assert runs == {}
+
+
+def test_deadlines_of_finished_calls_and_workflows_are_dropped(tmp_path):
+    async def main():
+        c = Cluster(tmp_path, WorkflowLimits(workflow_timeout_s=60))
+        await c.start()
+        wf = await c.submit(TOOL)
+        await c.finish(c.sent[0].call_id)
+        c.clock.now += 10_000
+        await c.service.check_deadlines()
+        return c.cancelled, c.service.store.workflow(wf)
+
+    cancelled, row = asyncio.run(main())
+    assert cancelled == []
+    assert (row.state, row.reason) == ("succeeded", "")
+
+
+def test_a_merge_too_large_for_one_dispatch_fails_the_workflow(tmp_path):
+    fan = """
+    name = "big"
+    [[steps]]
+    id = "gen"
+    kind = "llm"
+    model = "lm"
+    prompt = "write"
+    fan_out = 6
+
+    [[steps]]
+    id = "merge"
+    kind = "llm"
+    model = "lm"
+    after = ["gen"]
+    prompt = "merge: {steps.gen.output}"
+    """
+
+    async def main():
+        c = Cluster(tmp_path, WorkflowLimits(max_prompt_bytes=8 << 20))
+        await c.start()
+        wf = await c.submit(fan)
+        for d in list(c.sent):
+            await c.finish(d.call_id, "x" * (1 << 20))
+        return len(c.sent), c.service.store.workflow(wf), c.service.runs
+
+    sent, row, runs = asyncio.run(main())
+    assert sent == 6  # nothing oversized went out
+    assert (row.state, row.reason) == (
+        "failed",
+        "step merge: inputs of 6.0 MiB exceed the 4 MiB frame limit (max_frame_bytes)",
+    )
+    assert runs == {}
+
+
+def test_each_client_may_hold_only_so_many_unfinished_workflows(tmp_path):
+    async def main():
+        c = Cluster(tmp_path, WorkflowLimits(max_queued_workflows_per_client=2))
+        await c.start()
+        a1 = await c.submit(TOOL, "alice")
+        await c.submit(TOOL, "alice")
+        with pytest.raises(QuotaExceeded) as refused:
+            await c.submit(TOOL, "alice")
+        bob = await c.submit(TOOL, "bob")  # others are not held up
+        await c.service.cancel(a1)
+        again = await c.submit(TOOL, "alice")  # room again once one finished
+        owners = [c.service.client_of(w) for w in (a1, bob, again)]
+        return str(refused.value), owners, c.service.client_of("wf-none")
+
+    refused, owners, unknown = asyncio.run(main())
+    assert refused == (
+        "client 'alice' already has 2 unfinished workflows, the most allowed"
+        " (max_queued_workflows_per_client = 2); wait for some to finish or cancel them"
+    )
+    assert owners == ["alice", "bob", "alice"]
+    assert unknown is None
+
+
+def test_the_quota_counts_workflows_resumed_after_a_restart(tmp_path):
+    async def main():
+        limits = WorkflowLimits(max_queued_workflows_per_client=1)
+        c = Cluster(tmp_path, limits)
+        await c.start()
+        await c.submit(TOOL, "alice")
+        c.service.store.close()
+        again = Cluster(tmp_path, limits)
+        await again.start()
+        assert await again.service.recover() == 1
+        with pytest.raises(QuotaExceeded):
+            await again.submit(TOOL, "alice")
+
+    asyncio.run(main())
+
+
+def test_the_deadline_heap_stays_small_and_pops_in_order():
+    d = _Deadlines()
+    for i in range(10_000):
+        d.add(f"c{i}", float(i))
+        if i >= 3:
+            d.drop(f"c{i - 3}")  # calls finish: their entries go stale
+    assert len(d._heap) <= 2 * 3 + 64 + 1
+    d.add("c9999", 5.0)  # moved earlier
+    assert d.due(9_998.0) == ["c9999", "c9997", "c9998"]
+    assert d.due(1e9) == []

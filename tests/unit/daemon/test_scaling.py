@@ -4,7 +4,8 @@ reconciliation with what nodes announce (no sockets, a hand-driven clock)."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+
+import msgspec
 
 from swarmx.clock import ManualClock
 from swarmx.cluster import NodeTable
@@ -229,7 +230,7 @@ def test_a_node_restart_clears_its_drains(tmp_path):
         await c.hello(hello("a", ["a/lm#0", "a/lm#1"]))
         await c.ctl.tick()
         c.ctl.scaler.targets = {}
-        restarted = dataclasses.replace(hello("a", ["a/lm#0", "a/lm#1"]), pid=2)
+        restarted = msgspec.structs.replace(hello("a", ["a/lm#0", "a/lm#1"]), pid=2)
         await c.hello(restarted)
         return dict(c.service.draining), [v.replica for v in c.service.dispatcher.views()]
 

@@ -8,7 +8,7 @@ from swarmx.workflow.engine import (
     WorkflowRun,
     replay,
 )
-from swarmx.workflow.spec import parse_workflow
+from swarmx.workflow.spec import WorkflowLimits, parse_workflow
 
 CODEGEN = """
 name = "codegen"
@@ -165,3 +165,94 @@ def test_replay_rebuilds_state_and_reissues_what_was_in_flight():
     again.on_done(ok(coders[0], "c0"))
     (test,) = calls(again.on_done(ok(coders[2], "c2")))
     assert test.command == ["check", "c0\nc1\nc2"]
+
+
+MERGE = """
+name = "merge"
+[[steps]]
+id = "gen"
+kind = "llm"
+model = "lm"
+prompt = "write"
+fan_out = 6
+
+[[steps]]
+id = "merge"
+kind = "llm"
+model = "lm"
+after = ["gen"]
+prompt = "merge: {steps.gen.output}"
+"""
+
+
+def test_inputs_too_large_to_send_fail_the_workflow_with_the_reason():
+    run = WorkflowRun("wf-8", parse_workflow(MERGE), WorkflowLimits(max_prompt_bytes=8 << 20))
+    gens = calls(run.start())
+    for g in gens[:-1]:
+        assert run.on_done(ok(g, "x" * (1 << 20))) == []
+    out = run.on_done(ok(gens[-1], "x" * (1 << 20)))
+    assert out == [
+        Finished(
+            "failed",
+            "step merge: inputs of 6.0 MiB exceed the 4 MiB frame limit (max_frame_bytes)",
+        )
+    ]
+    assert (run.state, run.step_state("merge"), run.outstanding()) == ("failed", "failed", [])
+
+
+def test_a_prompt_over_the_prompt_limit_fails_the_workflow():
+    run = WorkflowRun("wf-9", parse_workflow(MERGE), WorkflowLimits(max_prompt_bytes=100))
+    gens = calls(run.start())
+    for g in gens:
+        out = run.on_done(ok(g, "y" * 20))
+    assert out[-1] == Finished(
+        "failed", "step merge: inputs of 137 bytes exceed the 100 bytes limit (max_prompt_bytes)"
+    )
+
+
+def test_an_output_that_would_be_a_tool_option_fails_the_workflow_and_cancels_the_rest():
+    spec = parse_workflow(
+        """
+name = "opt"
+[[steps]]
+id = "name"
+kind = "llm"
+model = "lm"
+prompt = "a file name"
+
+[[steps]]
+id = "slow"
+kind = "llm"
+model = "lm"
+prompt = "something slow"
+
+[[steps]]
+id = "sort"
+kind = "tool"
+after = ["name"]
+command = ["sort", "-n", "{steps.name.output}"]
+"""
+    )
+    run = WorkflowRun("wf-10", spec)
+    name, slow = calls(run.start())
+    out = run.on_done(ok(name, "-o/etc/passwd"))
+    assert out == [
+        CancelCalls([slow.call_id]),
+        Finished(
+            "failed",
+            "step sort: command[2]: {steps.name.output} is '-o/etc/passwd', which the program"
+            " would read as an option (a substituted argument may not start with '-'; put a"
+            " '--' argument before it if the program takes operands after '--')",
+        ),
+    ]
+    assert run.step_state("sort") == "failed"
+
+
+def test_time_out_fails_the_workflow_and_cancels_its_calls():
+    run = WorkflowRun("wf-11", parse_workflow(CODEGEN))
+    (plan,) = calls(run.start())
+    assert run.time_out(3600) == [
+        CancelCalls([plan.call_id]),
+        Finished("failed", "not finished within 3600 s (workflow_timeout_s)"),
+    ]
+    assert run.time_out(3600) == []

@@ -354,8 +354,8 @@ def test_graph_errors(blocks, message):
 @pytest.mark.parametrize(
     ("fan_out", "message"),
     [
-        ("0", "fan_out: must be 1..256, got 0"),
-        ("257", "fan_out: must be 1..256, got 257"),
+        ("0", "fan_out: must be 1..1024 (max_fan_out), got 0"),
+        ("1025", "fan_out: must be 1..1024 (max_fan_out), got 1025"),
         (
             '"plan"',
             'fan_out: expected an integer (fixed fan-out) or a table like { from = "STEP" }'
@@ -368,8 +368,14 @@ def test_graph_errors(blocks, message):
             '{ from = "plan", split = "csv" }',
             "fan_out.split: must be one of 'lines', 'json', got 'csv'",
         ),
-        ('{ from = "plan", max = 0 }', "fan_out.max: must be an integer 1..256, got 0"),
-        ('{ from = "plan", max = true }', "fan_out.max: must be an integer 1..256, got True"),
+        (
+            '{ from = "plan", max = 0 }',
+            "fan_out.max: must be an integer 1..1024 (max_fan_out), got 0",
+        ),
+        (
+            '{ from = "plan", max = true }',
+            "fan_out.max: must be an integer 1..1024 (max_fan_out), got True",
+        ),
         ('{ from = "plna" }', "fan_out.from: unknown step 'plna'"),
         (
             '{ from = "side" }',

@@ -1,0 +1,125 @@
+"""Property tests of the workflow parser: whatever text a client submits, `parse_workflow` returns a
+spec or raises `WorkflowError` (one line naming the place), never anything else; the scheduler
+parses every submit, so a stray exception here would be a way to hurt it.
+
+CI runs the short profile; for a long run by hand::
+
+    SWARMX_FUZZ_EXAMPLES=100000 .venv/bin/pytest tests/unit/workflow/test_spec_fuzz.py --timeout 0
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from swarmx.workflow.spec import WorkflowError, WorkflowSpec, parse_workflow
+
+EXAMPLES = int(os.environ.get("SWARMX_FUZZ_EXAMPLES", "200"))
+PROFILE = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+ROOT = Path(__file__).resolve().parents[3]
+EXAMPLE_TEXTS = [p.read_text() for p in sorted((ROOT / "examples").glob("*.toml"))]
+
+
+def _parses_or_refuses(text: str) -> None:
+    try:
+        outcome: WorkflowSpec | str = parse_workflow(text, "fuzz.toml")
+    except WorkflowError as exc:
+        outcome = str(exc)
+    if isinstance(outcome, str):
+        assert outcome.startswith("fuzz.toml") and "\n" not in outcome.strip(), outcome
+    else:
+        assert outcome.steps
+
+
+def _toml(value: object) -> str:
+    """A TOML value (strings through JSON, which TOML's basic strings accept)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # TOML spells inf and nan as Python does
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+KEYS = ["id", "kind", "model", "prompt", "command", "after", "fan_out", "max_tokens", "retries",
+        "timeout_s", "inputs", "images", "split", "max", "bogus"]  # fmt: skip
+ids = st.sampled_from(["a", "b", "c", "plan", "a b", "", "x" * 300])
+refs = st.sampled_from(
+    [
+        "{inputs.topic}",
+        "{steps.a.output}",
+        "{steps.b.output}",
+        "{index}",
+        "{item}",
+        "{steps.",
+        "{{",
+        "}",
+        "-{inputs.topic}",
+        "--",
+        "{steps.zz.output}",
+    ]
+)
+texts = st.lists(st.text(max_size=12) | refs, max_size=4).map("".join)
+scalars = (
+    st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.booleans()
+    | texts
+    | ids
+    | st.sampled_from(["llm", "model", "tool", "lm", "*"])
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=3),
+    max_leaves=12,
+)
+steps = st.lists(st.dictionaries(st.sampled_from(KEYS), values, max_size=8), max_size=6)
+
+
+@PROFILE
+@given(st.text(max_size=600))
+def test_any_text(text):
+    _parses_or_refuses(text)
+
+
+@PROFILE
+@given(
+    name=texts,
+    slo=values,
+    inputs=st.dictionaries(st.sampled_from(["topic", "n", "-x", ""]), values, max_size=3),
+    raw_steps=steps,
+)
+def test_workflow_shaped_documents(name, slo, inputs, raw_steps):
+    lines = [f"name = {_toml(name)}", f"slo_s = {_toml(slo)}", "[inputs]"]
+    lines += [f"{json.dumps(k)} = {_toml(v)}" for k, v in inputs.items()]
+    for step in raw_steps:
+        lines.append("[[steps]]")
+        lines += [f"{k} = {_toml(v)}" for k, v in step.items()]
+    _parses_or_refuses("\n".join(lines) + "\n")
+
+
+@PROFILE
+@given(st.data())
+def test_mutated_examples(data):
+    text = data.draw(st.sampled_from(EXAMPLE_TEXTS))
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(text)))
+        cut = data.draw(st.integers(0, 40))
+        text = text[:at] + data.draw(st.text(max_size=20) | refs) + text[at + cut :]
+    _parses_or_refuses(text)
+
+
+def test_the_examples_parse():
+    for text in EXAMPLE_TEXTS:
+        _parses_or_refuses(text)
