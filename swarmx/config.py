@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from swarmx.schema import SchemaError, decode
 from swarmx.tomlpos import locate
+from swarmx.workflow.spec import WorkflowLimits
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -102,17 +103,17 @@ class SchedulerConfig:
     """Serve Prometheus metrics over HTTP on this port; 0 means off (docs/metrics.md)."""
     metrics_addr: str = "127.0.0.1"
     """Interface the metrics server binds (``0.0.0.0`` for a Prometheus on another host)."""
-    max_workflow_bytes: int = 1 << 20
+    max_workflow_bytes: int = WorkflowLimits.max_workflow_bytes
     """Largest workflow file (TOML text) a submit may carry."""
-    max_steps: int = 10_000
+    max_steps: int = WorkflowLimits.max_steps
     """Most steps one workflow file may declare."""
-    max_fan_out: int = 1024
+    max_fan_out: int = WorkflowLimits.max_fan_out
     """Most instances one fan-out step may expand to (fixed ``count`` or dynamic items)."""
-    max_prompt_bytes: int = 1 << 20
+    max_prompt_bytes: int = WorkflowLimits.max_prompt_bytes
     """Largest rendered prompt (or tool argument list) of one call."""
-    max_queued_workflows_per_client: int = 1000
+    max_queued_workflows_per_client: int = WorkflowLimits.max_queued_workflows_per_client
     """Unfinished workflows one client key (or, without keys, all clients together) may hold."""
-    workflow_timeout_s: float = 86_400.0
+    workflow_timeout_s: float = WorkflowLimits.workflow_timeout_s
     """Hard deadline of every workflow, SLO or not: past it, it fails and its calls are
     cancelled, so nothing stays ``running`` for ever."""
 

@@ -157,25 +157,34 @@ class NodeMetrics:
     def __init__(self, node: str) -> None:
         self.node = node
         self.registry = CollectorRegistry()
-        self._latest: tuple[Telemetry, bool] | None = None
+        self._latest: tuple[Telemetry, bool, dict[str, int]] | None = None
         self.registry.register(_Snapshot(self._families))
 
-    def publish(self, telemetry: Telemetry, registered: bool) -> None:
+    def publish(
+        self, telemetry: Telemetry, registered: bool, bad_frames: dict[str, int] | None = None
+    ) -> None:
         """Called from the event loop; replaces the reference the HTTP thread reads."""
-        self._latest = (telemetry, registered)
+        self._latest = (telemetry, registered, dict(bad_frames or {}))
 
     def _families(self) -> list[Metric]:
         latest = self._latest
         if latest is None:
             return []
-        tel, registered = latest
+        tel, registered, bad_frames = latest
         up = _gauge(
             "swarmx_node_registered",
             "1 while the agent is registered with a scheduler that answers.",
             ["node"],
         )
         up.add_metric([self.node], float(registered))
-        return [*node_families([(self.node, tel)]), up]
+        bad = CounterMetricFamily(
+            "swarmx_node_bad_frames",
+            "Frames the agent dropped as invalid, by reason; 'internal': a handler failed.",
+            labels=["node", "reason"],
+        )
+        for reason, count in sorted(bad_frames.items()):
+            bad.add_metric([self.node, reason], count)
+        return [*node_families([(self.node, tel)]), up, bad]
 
 
 # --- the scheduler ------------------------------------------------------------------------------

@@ -235,7 +235,8 @@ class NodeAgent:
         async for _ in ticks(self.clock, self.cfg.telemetry_interval_s):
             sample = await loop.run_in_executor(executor, self._collect)
             self._latest = self._with_runtime(sample)
-            self.metrics.publish(self._latest, self.registered)
+            bad = {**channel.stats.dropped, "internal": self.handler_errors}
+            self.metrics.publish(self._latest, self.registered, bad)
             if self.registered:
                 await channel.send(self._latest)
 

@@ -164,3 +164,13 @@ def test_metrics_keys_in_the_config(tmp_path):
     result = CliRunner().invoke(app, ["version", "--config", str(cfg)])
     assert result.exit_code == 2
     assert f"{cfg}:3: node.metrics_addr: must be a host name or address" in result.stderr
+
+
+def test_the_node_counts_the_frames_it_dropped(served):
+    metrics = NodeMetrics("n1")
+    server = served(metrics.registry)
+    metrics.publish(TELEMETRY, registered=True, bad_frames={"schema": 3, "internal": 0})
+    assert scrape(server)["swarmx_node_bad_frames_total"] == {
+        (("node", "n1"), ("reason", "schema")): 3,
+        (("node", "n1"), ("reason", "internal")): 0,
+    }

@@ -8,21 +8,13 @@ CI runs the short profile; for a long run by hand::
 
 from __future__ import annotations
 
-import os
-
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from swarmx.protocol import MESSAGE_TYPES, PROTOCOL_VERSION, Envelope, ProtocolError, decode_frame
-
-EXAMPLES = int(os.environ.get("SWARMX_FUZZ_EXAMPLES", "200"))
-PROFILE = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+from tests.support.fuzz import PROFILE, outcome
 
 scalars = (
     st.none()
@@ -50,13 +42,15 @@ REASONS = {"garbage", "oversized", "version", "unknown_type", "schema"}
 
 def _decodes_or_refuses(data: bytes) -> None:
     try:
-        outcome: Envelope | str = decode_frame(data)
+        result: Envelope | str = decode_frame(data)
     except ProtocolError as exc:
-        outcome = exc.reason
-    if isinstance(outcome, str):
-        assert outcome in REASONS
+        result = exc.reason
+    if isinstance(result, str):
+        assert result in REASONS
+        outcome(f"refused: {result}")
     else:
-        assert outcome.type in MESSAGE_TYPES
+        assert result.type in MESSAGE_TYPES
+        outcome("decoded")
 
 
 @PROFILE

@@ -15,6 +15,7 @@ from swarmx.protocol import CancelCalls, Dispatch, Hello, ReplicaInfo, Result, S
 from swarmx.sched.router import LeastOutstanding
 from swarmx.store import Store
 from swarmx.workflow.spec import DEFAULT_LIMITS, WorkflowLimits
+from tests.unit.workflow.test_engine import MERGE
 
 CHAIN = """
 name = "chain"
@@ -246,27 +247,10 @@ def test_deadlines_of_finished_calls_and_workflows_are_dropped(tmp_path):
 
 
 def test_a_merge_too_large_for_one_dispatch_fails_the_workflow(tmp_path):
-    fan = """
-    name = "big"
-    [[steps]]
-    id = "gen"
-    kind = "llm"
-    model = "lm"
-    prompt = "write"
-    fan_out = 6
-
-    [[steps]]
-    id = "merge"
-    kind = "llm"
-    model = "lm"
-    after = ["gen"]
-    prompt = "merge: {steps.gen.output}"
-    """
-
     async def main():
         c = Cluster(tmp_path, WorkflowLimits(max_prompt_bytes=8 << 20))
         await c.start()
-        wf = await c.submit(fan)
+        wf = await c.submit(MERGE)
         for d in list(c.sent):
             await c.finish(d.call_id, "x" * (1 << 20))
         return len(c.sent), c.service.store.workflow(wf), c.service.runs

@@ -10,33 +10,29 @@ CI runs the short profile; for a long run by hand::
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from swarmx.workflow.spec import WorkflowError, WorkflowSpec, parse_workflow
+from tests.support.fuzz import PROFILE, outcome
 
-EXAMPLES = int(os.environ.get("SWARMX_FUZZ_EXAMPLES", "200"))
-PROFILE = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE_TEXTS = [p.read_text() for p in sorted((ROOT / "examples").glob("*.toml"))]
 
 
 def _parses_or_refuses(text: str) -> None:
     try:
-        outcome: WorkflowSpec | str = parse_workflow(text, "fuzz.toml")
+        result: WorkflowSpec | str = parse_workflow(text, "fuzz.toml")
     except WorkflowError as exc:
-        outcome = str(exc)
-    if isinstance(outcome, str):
-        assert outcome.startswith("fuzz.toml") and "\n" not in outcome.strip(), outcome
+        result = str(exc)
+    if isinstance(result, str):
+        assert result.startswith("fuzz.toml") and "\n" not in result.strip(), result
+        outcome("refused: invalid TOML" if "invalid TOML" in result else "refused: checks")
     else:
-        assert outcome.steps
+        assert result.steps
+        outcome("parsed")
 
 
 def _toml(value: object) -> str:
