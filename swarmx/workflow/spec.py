@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
+import msgspec
+
 from swarmx.schema import SchemaError, decode
 from swarmx.tomlpos import Positions
 
@@ -193,6 +195,25 @@ class _RawWorkflow:
     inputs: dict[str, Any] = field(default_factory=dict)
 
 
+_WORKFLOW_KEYS = frozenset(f.name for f in dataclasses.fields(_RawWorkflow))
+_STEP_KEYS = frozenset(f.name for f in dataclasses.fields(_RawStep))
+
+
+def _raw_workflow(data: dict[str, Any]) -> _RawWorkflow:
+    """The document as typed tables: msgspec's compiled conversion when it is well formed (the
+    common case, many times faster), the reflective decoder when it is not, for its error naming the
+    field (`SchemaError`). Both accept exactly the same documents; msgspec alone would let
+    unknown keys through, so those are looked for first."""
+    steps = data.get("steps")
+    tables = steps if isinstance(steps, list) and data.keys() <= _WORKFLOW_KEYS else None
+    if tables is not None and all(isinstance(s, dict) and s.keys() <= _STEP_KEYS for s in tables):
+        try:
+            return msgspec.convert(data, _RawWorkflow)
+        except msgspec.ValidationError:
+            pass
+    return decode(_RawWorkflow, data)
+
+
 @dataclass(frozen=True)
 class _Ref:
     """A placeholder: ``kind`` is inputs, steps, item or index; ``name`` the input or step."""
@@ -302,17 +323,19 @@ _STEP_PATH = re.compile(r"steps\[(\d+)\]")
 
 
 def _depth(value: Any) -> int:
-    """How deeply arrays and tables nest in parsed TOML, without recursion."""
-    deepest = 0
-    stack = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-    return deepest
+    """How deeply arrays and tables nest in parsed TOML: one level at a time, containers only,
+    no recursion (scalars, most of a document, are never visited on their own)."""
+    depth, level = 0, [value]
+    while True:
+        inner = [
+            v
+            for item in level
+            for v in (item.values() if isinstance(item, dict) else item)
+            if isinstance(v, (dict, list))
+        ]
+        if not inner:
+            return depth
+        depth, level = depth + 1, inner
 
 
 def render(
@@ -527,7 +550,7 @@ class _Parser:
                 f"{len(self.ids)} steps exceed the limit of {self.limits.max_steps} (max_steps)",
             )
         try:
-            raw = decode(_RawWorkflow, self.data)
+            raw = _raw_workflow(self.data)
         except SchemaError as exc:
             self.fail(exc.path, exc.message)
         if not raw.name.strip() or len(raw.name) > 128 or not raw.name.isprintable():

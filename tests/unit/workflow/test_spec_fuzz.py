@@ -15,6 +15,9 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
+from swarmx.config import tomllib
+from swarmx.schema import SchemaError
+from swarmx.workflow import spec as spec_module
 from swarmx.workflow.spec import WorkflowError, WorkflowSpec, parse_workflow
 from tests.support.fuzz import PROFILE, outcome
 
@@ -119,3 +122,28 @@ def test_mutated_examples(data):
 def test_the_examples_parse():
     for text in EXAMPLE_TEXTS:
         _parses_or_refuses(text)
+
+
+def _typed(data: dict) -> object:
+    try:
+        return spec_module.decode(spec_module._RawWorkflow, data)
+    except SchemaError as exc:
+        return exc.path
+
+
+@PROFILE
+@given(name=texts, slo=values, raw_steps=steps)
+def test_the_fast_path_types_documents_as_the_reflective_decoder_does(name, slo, raw_steps):
+    """msgspec types well-formed documents; the reflective decoder is the reference."""
+    data = {"name": name, "slo_s": slo, "steps": raw_steps}
+    try:
+        fast: object = spec_module._raw_workflow(data)
+    except SchemaError as exc:
+        fast = exc.path
+    assert fast == _typed(data)
+
+
+def test_the_fast_path_agrees_on_the_examples():
+    for text in EXAMPLE_TEXTS:
+        data = tomllib.loads(text)
+        assert spec_module._raw_workflow(data) == _typed(data)
