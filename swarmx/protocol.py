@@ -316,7 +316,7 @@ class QueryWorkflows(msgspec.Struct, frozen=True):
 
     TYPE: ClassVar[str] = "query_workflows"
     workflow_id: Name = ""
-    limit: Annotated[int, Meta(ge=0, le=10_000)] = 50
+    limit: Annotated[int, Meta(ge=0, le=1000)] = 50
 
 
 class CancelWorkflow(msgspec.Struct, frozen=True):

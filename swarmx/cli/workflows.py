@@ -98,7 +98,9 @@ def submit(
 
 def status(
     workflow_id: Annotated[str | None, typer.Argument(help="Workflow id.")] = None,
-    limit: Annotated[int, typer.Option(help="How many recent workflows to list.")] = 20,
+    limit: Annotated[
+        int, typer.Option(min=1, max=1000, help="How many recent workflows to list.")
+    ] = 20,
     config: ConfigOpt = None,
     scheduler: SchedulerOpt = None,
     json: JsonOpt = False,

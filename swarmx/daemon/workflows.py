@@ -197,6 +197,11 @@ class WorkflowService:
         """Recent calls' forecasts (service, completion) for the step views; bounded."""
         self.observer: Observer | None = None
         """Told of every route, finished call and finished workflow (`swarmx top`, metrics)."""
+        self._finished_specs: collections.OrderedDict[str, WorkflowSpec | None] = (
+            collections.OrderedDict()
+        )
+        """Specs of finished workflows their views were built from, the most recent
+        `FINISHED_SPECS`."""
         self._call_deadlines = _Deadlines()
         """Dispatched calls by when their result must have come (monotonic clock)."""
         self._workflow_deadlines = _Deadlines()
@@ -762,12 +767,22 @@ class WorkflowService:
         return [v for v in views if v is not None]
 
     def _parse_quietly(self, row: WorkflowRow) -> WorkflowSpec | None:
+        """A finished workflow's spec for its view, parsed once: views are asked for often
+        (`swarmx status`, `top`) and a 1 MiB file takes a while, on the event loop."""
+        if row.id in self._finished_specs:
+            self._finished_specs.move_to_end(row.id)
+            return self._finished_specs[row.id]
         try:
-            return parse_workflow(row.spec_text, row.source, row.overrides, self.limits)
+            spec = parse_workflow(row.spec_text, row.source, row.overrides, self.limits)
         except WorkflowError:
-            return None
+            spec = None
+        self._finished_specs[row.id] = spec
+        if len(self._finished_specs) > FINISHED_SPECS:
+            self._finished_specs.popitem(last=False)
+        return spec
 
 
+FINISHED_SPECS = 512
 STEP_FORECAST_TTL_S = 5.0
 _NOTHING = LatencyDist((0.5,), (0.0,))
 MAX_REMEMBERED_PREDS = 20_000

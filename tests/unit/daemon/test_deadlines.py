@@ -10,6 +10,7 @@ import pytest
 
 from swarmx.clock import ManualClock
 from swarmx.cluster import NodeTable
+from swarmx.daemon import workflows as service_module
 from swarmx.daemon.workflows import CALL_GRACE_S, QuotaExceeded, WorkflowService, _Deadlines
 from swarmx.protocol import CancelCalls, Dispatch, Hello, ReplicaInfo, Result, Submit
 from swarmx.sched.router import LeastOutstanding
@@ -313,3 +314,29 @@ def test_the_deadline_heap_stays_small_and_pops_in_order():
     d.add("c9999", 5.0)  # moved earlier
     assert d.due(9_998.0) == ["c9999", "c9997", "c9998"]
     assert d.due(1e9) == []
+
+
+def test_views_of_a_finished_workflow_parse_it_once(tmp_path, monkeypatch):
+    """`status` and `top` ask for views often; a finished workflow's file (up to 1 MiB) is
+    parsed on the event loop once, not per request."""
+    parses = []
+    real = service_module.parse_workflow
+    monkeypatch.setattr(
+        service_module, "parse_workflow", lambda *a, **k: parses.append(1) or real(*a, **k)
+    )
+
+    async def main():
+        c = Cluster(tmp_path)
+        await c.start()
+        wf = await c.submit(CHAIN)
+        for _ in range(3):
+            await c.finish(c.sent[-1].call_id)
+        before = len(parses)
+        views = [c.service.view(wf, detailed=True) for _ in range(20)]
+        views += c.service.recent(10)
+        return before, views
+
+    before, views = asyncio.run(main())
+    assert len(parses) == before + 1
+    assert {v.state for v in views} == {"succeeded"}
+    assert [s.id for s in views[0].steps] == ["a", "b", "c"]
