@@ -11,20 +11,16 @@ import ipaddress
 import os
 import re
 import socket
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
+import tomli
+
 from swarmx.schema import SchemaError, decode
 from swarmx.tomlpos import locate
 from swarmx.workflow.spec import WorkflowLimits
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
 
 DEFAULT_SCHEDULER = "tcp://127.0.0.1:7700"
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -466,8 +462,8 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config: {exc.strerror or exc}") from None
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+        data = tomli.loads(text)
+    except tomli.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: invalid TOML: {exc}") from None
     try:
         return decode(Config, data)

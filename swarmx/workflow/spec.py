@@ -16,28 +16,23 @@ import heapq
 import json
 import math
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 import msgspec
+import tomli
 
 from swarmx.schema import SchemaError, decode
 from swarmx.tomlpos import Positions
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 """Step ids and input names: what a template reference may name."""
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 """The rule ``[[node.replicas]] model`` names follow, so every served name is writable here."""
 MAX_NESTING = 32
-"""Deepest nesting of arrays and inline tables: a workflow needs 2, and tomllib recurses per
+"""Deepest nesting of arrays and inline tables: a workflow needs 2, and tomli recurses per
 level (thousands of levels overflow the stack)."""
 FRAME_MARGIN_BYTES = 64 * 1024
 """Room a dispatch frame needs besides a call's text: ids, names, keys, msgpack headers."""
@@ -262,10 +257,10 @@ def parse_workflow(
         )
     lines = _Lines(text)
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+        data = tomli.loads(text)
+    except tomli.TOMLDecodeError as exc:
         raise WorkflowError(f"{source}: invalid TOML: {exc}") from None
-    except RecursionError:  # thousands of levels: tomllib recurses per level
+    except RecursionError:  # thousands of levels: the parser recurses per level
         data = None
     if data is None or _depth(data) > MAX_NESTING:
         where = lines.deepest()

@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import tomli
 from hypothesis import given
 from hypothesis import strategies as st
 
-from swarmx.config import tomllib
 from swarmx.schema import SchemaError
 from swarmx.workflow import spec as spec_module
 from swarmx.workflow.spec import WorkflowError, WorkflowSpec, parse_workflow
@@ -145,5 +145,5 @@ def test_the_fast_path_types_documents_as_the_reflective_decoder_does(name, slo,
 
 def test_the_fast_path_agrees_on_the_examples():
     for text in EXAMPLE_TEXTS:
-        data = tomllib.loads(text)
+        data = tomli.loads(text)
         assert spec_module._raw_workflow(data) == _typed(data)
