@@ -3,8 +3,9 @@
 tomllib returns plain data without positions, yet an error found after parsing (a schema check, a
 workflow's graph check) should still say ``file:line``. This scanner recovers the line from the
 source text; it never raises, and answers None when it cannot tell. It reads the text once, with
-regular expressions rather than a Python loop per character, so a workflow of 10,000 steps can
-ask for the line of each in linear time.
+regular expressions rather than a Python loop per character, in time linear in its size; each
+lookup then walks the statements once. The workflow parser builds one only to report an error
+(step header lines, wanted for every step, come from a single regular-expression pass there).
 """
 
 from __future__ import annotations
@@ -54,11 +55,6 @@ class Positions:
     def __init__(self, text: str) -> None:
         scanner = _Scanner(text)
         self._statements = list(scanner.statements())
-        self._exact: dict[tuple[Segment, ...], int] = {}
-        """Each statement's path -> its earliest line: answers a path that is set (a step's
-        ``[[steps]]`` header, asked for each step) without a pass over every statement."""
-        for line, stmt in self._statements:
-            self._exact.setdefault(tuple(stmt), line)
         self.depth = scanner.depth
         self.depth_line = scanner.depth_line
 
@@ -74,9 +70,6 @@ class Positions:
         query = _parse_path(path)
         if query is None:
             return None
-        exact = self._exact.get(tuple(query))
-        if exact is not None:  # nothing matches more of the path, nor earlier in valid TOML
-            return exact
         best: int | None = None
         best_len = 0
         for line, stmt in self._statements:
