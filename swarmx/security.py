@@ -216,8 +216,9 @@ class NodeNames:
             data = {}
         except (OSError, ValueError) as exc:
             raise TransportError(f"{path}: cannot read node name bindings: {exc}") from None
-        if isinstance(data, dict):
-            self._names = {str(k): str(v) for k, v in data.items()}
+        if not isinstance(data, dict):
+            raise TransportError(f"{path}: cannot read node name bindings: not a JSON object")
+        self._names = {str(k): str(v) for k, v in data.items()}
 
     def claim(self, key_name: str, node: str) -> str | None:
         """Bind ``key_name`` to ``node`` if both are free; why not, otherwise."""

@@ -89,3 +89,14 @@ def test_refusals_are_logged_at_most_once_per_reason_per_interval(caplog):
         limited.warning("role", "refused %s", "y")
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["refused x", "other", "refused y (49 more like it since the last)"]
+
+
+def test_unreadable_bindings_stop_the_scheduler_with_the_file_named(tmp_path):
+    """Written by replace, the file is never half there; if someone corrupts it, the scheduler
+    refuses to guess which key is which node rather than let any key claim any name."""
+    path = tmp_path / "node_keys.json"
+    path.write_text('{"node-1": "gpu-7"')
+    for text in ('{"node-1": "gpu-7"', '["not", "a", "table"]'):
+        path.write_text(text)
+        with pytest.raises(TransportError, match=r"node_keys\.json: cannot read node name"):
+            NodeNames(path)

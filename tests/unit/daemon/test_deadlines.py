@@ -340,3 +340,25 @@ def test_views_of_a_finished_workflow_parse_it_once(tmp_path, monkeypatch):
     assert len(parses) == before + 1
     assert {v.state for v in views} == {"succeeded"}
     assert [s.id for s in views[0].steps] == ["a", "b", "c"]
+
+
+def test_a_result_sent_twice_counts_once(tmp_path):
+    """A node re-sends a result the scheduler has not acknowledged; the copy changes nothing."""
+
+    async def main():
+        c = Cluster(tmp_path)
+        await c.start()
+        wf = await c.submit(CHAIN)
+        first = c.sent[-1].call_id
+        await c.finish(first, "one")
+        await c.finish(first, "two")  # the duplicate
+        assert c.service.dispatched_to(first) is None
+        for _ in range(2):
+            await c.finish(c.sent[-1].call_id)
+        return c, wf
+
+    c, wf = asyncio.run(main())
+    assert c.service.late_results == 1
+    assert [d.step_id for d in c.sent] == ["a", "b", "c"]
+    assert c.service.store.workflow(wf).state == "succeeded"
+    assert c.sent[1].prompt == "second one"
