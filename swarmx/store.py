@@ -152,13 +152,22 @@ class Store:
         rows = list(_workflow_rows(cur))
         return rows[0] if rows else None
 
-    def workflows(self, *, state: str | None = None, limit: int = 50) -> list[WorkflowRow]:
+    def workflows(
+        self, *, state: str | None = None, client: str | None = None, limit: int = 50
+    ) -> list[WorkflowRow]:
+        """The most recent ``limit`` (oldest first with a ``state``), of one ``client`` if
+        given."""
         if state is None:
-            sql, args = "SELECT * FROM workflows ORDER BY submitted_ts DESC LIMIT ?", (limit,)
+            sql, args = "SELECT * FROM workflows", []
+            order = "submitted_ts DESC"
         else:
-            sql = "SELECT * FROM workflows WHERE state=? ORDER BY submitted_ts LIMIT ?"
-            args = (state, limit)  # type: ignore[assignment]
-        return list(_workflow_rows(self._db.execute(sql, args)))
+            sql, args = "SELECT * FROM workflows WHERE state=?", [state]
+            order = "submitted_ts"
+        if client is not None:
+            sql += (" AND" if args else " WHERE") + " client=?"
+            args.append(client)
+        rows = self._db.execute(f"{sql} ORDER BY {order} LIMIT ?", (*args, limit))
+        return list(_workflow_rows(rows))
 
     # --- calls ------------------------------------------------------------------------------
 

@@ -537,10 +537,8 @@ class SchedulerDaemon:
         q = env.body
         assert isinstance(q, QueryWorkflows) and self.workflows is not None
         if not q.workflow_id:
-            views = self.workflows.recent(q.limit)
-            if not sees_everything(who):
-                views = [v for v in views if self.workflows.client_of(v.id) == who.name]
-            await self._reply(peer, WorkflowsReply(views))
+            mine = None if sees_everything(who) else who.name
+            await self._reply(peer, WorkflowsReply(self.workflows.recent(q.limit, mine)))
             return
         self._check_owner(who, q.workflow_id)
         view = self.workflows.view(q.workflow_id, detailed=True)

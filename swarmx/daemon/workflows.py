@@ -762,8 +762,10 @@ class WorkflowService:
             outputs,
         )
 
-    def recent(self, limit: int) -> list[WorkflowView]:
-        views = (self.view(r.id, detailed=False) for r in self.store.workflows(limit=limit))
+    def recent(self, limit: int, client: str | None = None) -> list[WorkflowView]:
+        """The most recent ``limit`` workflows, of one ``client`` if given."""
+        rows = self.store.workflows(client=client, limit=limit)
+        views = (self.view(r.id, detailed=False) for r in rows)
         return [v for v in views if v is not None]
 
     def _parse_quietly(self, row: WorkflowRow) -> WorkflowSpec | None:

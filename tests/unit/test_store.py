@@ -266,3 +266,18 @@ def test_an_older_journal_is_tightened_and_gains_the_client_column(tmp_path):
         assert s.workflow("wf1").client == "alice"
     finally:
         s.close()
+
+
+def test_recent_workflows_of_one_client(tmp_path):
+    store = Store(tmp_path / "swarmx.db")
+    for i, client in enumerate(["alice", "bob", "alice", ""]):
+        store.add_workflow(
+            WorkflowRow(
+                f"wf-{i}", "w", "w.toml", "", {}, None, "running", "", float(i), None, client
+            )
+        )
+    assert [r.id for r in store.workflows(client="alice")] == ["wf-2", "wf-0"]
+    assert [r.id for r in store.workflows(client="alice", limit=1)] == ["wf-2"]
+    assert [r.id for r in store.workflows(state="running", client="")] == ["wf-3"]
+    assert len(store.workflows()) == 4
+    store.close()
