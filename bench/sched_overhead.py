@@ -10,6 +10,10 @@ scheduler alone plus its loopback hops: parsing, the SQLite journal, the engine,
   `dispatch` (a chain of steps).
 
     .venv/bin/python bench/sched_overhead.py --chain 300 --submits 100
+
+``--queue-ops 100,5000,50000`` instead times the dispatcher alone, in this process, per operation
+with that many calls queued behind one busy slot (slack order, deadlines on every call): what each
+call costs the scheduler at saturation must not grow with the queue.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -37,7 +42,10 @@ from swarmx.protocol import (
     Submit,
     Submitted,
 )
+from swarmx.sched.dispatch import Assign, Dispatcher, Ticket
+from swarmx.sched.router import LeastOutstanding, ReplicaView
 from swarmx.transport import connect_dealer, request
+from swarmx.workflow.engine import CallSpec
 
 
 def chain(n: int) -> str:
@@ -152,11 +160,111 @@ async def main_async(args: argparse.Namespace, endpoint: str) -> dict[str, objec
     return {"submit_to_dispatch": summary(submit_lat), "result_to_next_dispatch": summary(gaps)}
 
 
+CALLS_PER_WORKFLOW = 5
+QUEUE_OPS = ("submit", "budget_s", "cancel", "finished", "cancel_workflow", "end_workflow_scan")
+
+
+class QueueBench:
+    """A dispatcher whose one slot is busy, with ``size`` calls queued behind it, and the
+    operations the scheduler runs per call, each leaving ``size`` calls queued."""
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.rng = random.Random(seed)
+        self.size = size
+        self.d = Dispatcher(LeastOutstanding(), "slack")
+        self.d.add_replica(ReplicaView("n/lm#0", "n", "lm", "emulated", "emulated:H100", 1, 0), 0.0)
+        self.now, self.running, self.serial = 0.0, "", 0
+        self.workflows: list[str] = []
+        self.booked(self.d.submit(self.ticket("busy:s:0:1", "busy"), 0.0))
+        while self.d.queued() < size:
+            self.add_workflow(min(CALLS_PER_WORKFLOW, size - self.d.queued()))
+
+    def ticket(self, call_id: str, wf: str) -> Ticket:
+        call = CallSpec(call_id, wf, "s", None, 1, "llm", "lm", "p", 8, {}, [], None, [])
+        slack = self.rng.uniform(1.0, 100.0)
+        return Ticket(call, self.now, self.now + slack + 5.0, slack)
+
+    def booked(self, assigns: list[Assign]) -> None:
+        for a in assigns:
+            self.running = a.ticket.call.call_id
+
+    def new_id(self) -> str:
+        self.serial += 1
+        return f"w{self.serial}"
+
+    def add_workflow(self, calls: int) -> None:
+        wf = self.new_id()
+        self.workflows.append(wf)
+        for k in range(calls):
+            self.booked(self.d.submit(self.ticket(f"{wf}:s{k}:0:1", wf), self.now))
+
+    def op_submit_then_cancel(self, times: dict[str, list[float]]) -> None:
+        wf = self.new_id()
+        t0 = time.perf_counter()
+        self.booked(self.d.submit(self.ticket(f"{wf}:s:0:1", wf), self.now))
+        t1 = time.perf_counter()
+        self.d.budget_s("lm")
+        t2 = time.perf_counter()
+        self.booked(self.d.cancel([f"{wf}:s:0:1"], self.now))
+        t3 = time.perf_counter()
+        times["submit"].append(t1 - t0)
+        times["budget_s"].append(t2 - t1)
+        times["cancel"].append(t3 - t2)
+
+    def op_finished(self, times: dict[str, list[float]]) -> None:
+        """The running call ends, the next queued one takes its slot; a new call refills."""
+        self.now += 0.001
+        t0 = time.perf_counter()
+        self.booked(self.d.finished(self.running, self.now))
+        times["finished"].append(time.perf_counter() - t0)
+        self.add_workflow(self.size - self.d.queued())
+
+    def op_end_workflow(self, times: dict[str, list[float]], scan: bool) -> None:
+        """A workflow ends (its calls dropped); a new one refills the queue."""
+        wf = self.workflows.pop(self.rng.randrange(len(self.workflows)))
+        t0 = time.perf_counter()
+        if scan:  # the caller's way before cancel_workflow: every queued call looked at
+            queued = [t.call.call_id for t in self.d.queued_tickets()]
+            self.booked(self.d.cancel([c for c in queued if c.startswith(f"{wf}:")], self.now))
+        else:
+            self.booked(self.d.cancel_workflow(wf, self.now))
+        times["end_workflow_scan" if scan else "cancel_workflow"].append(time.perf_counter() - t0)
+        self.add_workflow(self.size - self.d.queued())
+
+
+def queue_ops(sizes: list[int], reps: int) -> dict[str, dict[str, float]]:
+    """Mean microseconds per operation, per queue size."""
+    out: dict[str, dict[str, float]] = {}
+    for size in sizes:
+        bench = QueueBench(size)
+        times: dict[str, list[float]] = {k: [] for k in QUEUE_OPS}
+        for _ in range(reps):
+            bench.op_submit_then_cancel(times)
+            bench.op_finished(times)
+            bench.op_end_workflow(times, scan=False)
+        for _ in range(max(3, reps // 20)):  # O(n log n): a few are enough
+            bench.op_end_workflow(times, scan=True)
+        assert bench.d.queued() == size, bench.d.queued()
+        out[str(size)] = {k: round(statistics.fmean(v) * 1e6, 2) for k, v in times.items()}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chain", type=int, default=300)
     ap.add_argument("--submits", type=int, default=100)
+    ap.add_argument(
+        "--queue-ops",
+        metavar="SIZES",
+        help="time the dispatcher's per-call operations with these many calls queued "
+        "(comma-separated), in this process, instead of the loopback run",
+    )
+    ap.add_argument("--reps", type=int, default=2000, help="operations timed per size")
     args = ap.parse_args()
+    if args.queue_ops:
+        sizes = [int(s) for s in args.queue_ops.split(",")]
+        print(json.dumps({"queue_ops_us": queue_ops(sizes, args.reps)}, indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         sched = subprocess.Popen(
             [

@@ -80,6 +80,16 @@ class NodeTable:
         node = self._nodes.get(name)
         return node.telemetry if node is not None else None
 
+    def excuse(self, stall_s: float) -> None:
+        """The scheduler itself stalled for ``stall_s``: frames its nodes sent meanwhile wait
+        unread, so that time is not counted against them (no false ``down``)."""
+        for node in self._nodes.values():
+            node.last_seen_mono += stall_s
+
+    def remove(self, name: str) -> None:
+        """A node that said goodbye: it is gone, not ``down``."""
+        self._nodes.pop(name, None)
+
     def sweep(self, now_mono: float) -> list[Transition]:
         """Age every node; returns the state changes (for the log and metrics)."""
         changes = []

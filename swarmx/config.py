@@ -13,7 +13,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import tomli
@@ -91,9 +91,22 @@ def default_state_dir() -> str:
 class SchedulerConfig:
     listen: str = DEFAULT_SCHEDULER
     state_dir: str = field(default_factory=default_state_dir)
-    stale_after_missed: int = 3
-    """Heartbeats a node may miss before it shows as ``stale``."""
-    down_after_missed: int = 10
+    stale_after_missed: int = 2
+    """Heartbeats a node may miss before it shows as ``stale`` (it gets no new calls)."""
+    down_after_missed: int = 3
+    """Heartbeats a node may miss before it is ``down``: its calls re-run elsewhere and what
+    it still sends for them is refused (3 s at the default 1 s heartbeat)."""
+    recovery_grace_s: float = 5.0
+    """After a restart, how long unfinished calls wait for the nodes to report them running
+    (adopted, not re-run) before those nobody reported run again."""
+    max_queued_workflows: int = 10_000
+    """Unfinished workflows the scheduler holds in all; a submit over it is refused at once."""
+    max_queued_calls: int = 100_000
+    """Calls waiting for a replica, in all; a submit while more wait is refused at once."""
+    trace_retention_rows: int = 1_000_000
+    """Trace rows kept in the journal (0: all); older ones move to ``STATE/archive/``."""
+    workflow_retention_days: float = 30.0
+    """Finished workflows (and their calls) kept in the journal this long (0: for ever)."""
     max_frame_bytes: int = 4 * 1024 * 1024
     metrics_port: int = 0
     """Serve Prometheus metrics over HTTP on this port; 0 means off (docs/metrics.md)."""
@@ -126,8 +139,14 @@ class SchedulerConfig:
             "max_prompt_bytes",
             "max_queued_workflows_per_client",
             "workflow_timeout_s",
+            "recovery_grace_s",
+            "max_queued_workflows",
+            "max_queued_calls",
         ):
             _check_positive(name, getattr(self, name))
+        for name in ("trace_retention_rows", "workflow_retention_days"):
+            if getattr(self, name) < 0:
+                raise SchemaError(name, f"must be >= 0 (0: keep all), got {getattr(self, name)}")
         if self.stale_after_missed < 1:
             raise SchemaError("stale_after_missed", "must be >= 1")
         if self.down_after_missed <= self.stale_after_missed:
@@ -242,12 +261,23 @@ class NodeConfig:
     tool_limits: ToolLimits = field(default_factory=ToolLimits)
     tool_user: str = ""
     """Run tools as this user (the agent must be root to switch); empty: the agent's own."""
+    tool_lease_s: float = 2.0
+    """Tools die when the agent has not renewed their lease this long (it was killed, frozen
+    or stalled): shorter than the scheduler's failure detection (3 s by default), so a call
+    re-run elsewhere never still runs here. 0 turns the lease off."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM: how long running calls may take to finish before the rest are handed back
+    to the scheduler to run elsewhere."""
     metrics_port: int = 0
     """Serve this agent's Prometheus metrics on this port; 0 means off (docs/metrics.md)."""
     metrics_addr: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         _check_metrics(self.metrics_port, self.metrics_addr)
+        if self.tool_lease_s < 0:
+            raise SchemaError("tool_lease_s", f"must be >= 0 (0: off), got {self.tool_lease_s}")
+        if self.drain_timeout_s < 0:
+            raise SchemaError("drain_timeout_s", f"must be >= 0, got {self.drain_timeout_s}")
         if self.tool_slots < -1:
             raise SchemaError("tool_slots", "must be -1 (one per core), 0 (none) or more")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", self.name):
@@ -483,3 +513,8 @@ def override(section: T, **changes: object) -> T:
         return dataclasses.replace(section, **given)  # type: ignore[type-var]
     except SchemaError as exc:
         raise ConfigError(f"--{exc.path.replace('_', '-')}: {exc.message}") from None
+
+
+def changed_fields(old: Any, new: Any) -> list[str]:
+    """The fields of two configs of one dataclass type that differ (what a reload changes)."""
+    return [f.name for f in dataclasses.fields(old) if getattr(old, f.name) != getattr(new, f.name)]

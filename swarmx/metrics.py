@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from swarmx.protocol import Telemetry, TopReply
+from swarmx.protocol import SchedulerInfo, Telemetry, TopReply
 
 LATENCY_BUCKETS_S = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
@@ -393,4 +393,34 @@ def scheduler_families(reply: TopReply) -> list[Metric]:
         bad,
         refused,
         errors,
+        *_fault_families(info_s),
     ]
+
+
+def _fault_families(info_s: SchedulerInfo) -> list[Metric]:
+    """What the scheduler refused or repaired (docs/reliability.md)."""
+    dropped = CounterMetricFamily(
+        "swarmx_results_dropped",
+        "Results not applied, by reason: late (re-run, cancelled or already in), fenced (from a "
+        "node the call no longer belongs to).",
+        labels=["reason"],
+    )
+    for reason, count in sorted(info_s.results_dropped.items()):
+        dropped.add_metric([reason], count)
+    fenced = CounterMetricFamily(
+        "swarmx_fenced_calls",
+        "Calls a node still ran after they were given to another node (cancelled there).",
+    )
+    fenced.add_metric([], info_s.fenced_calls)
+    overloaded = CounterMetricFamily(
+        "swarmx_submit_overloaded",
+        "Submissions refused because the scheduler held its most queued workflows or calls.",
+    )
+    overloaded.add_metric([], info_s.overloaded)
+    gap = _gauge(
+        "swarmx_scheduler_loop_gap_max_seconds",
+        "The longest stall of the scheduler's event loop over the last 10 s.",
+        [],
+    )
+    gap.add_metric([], info_s.loop_gap_max_s)
+    return [dropped, fenced, overloaded, gap]

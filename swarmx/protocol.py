@@ -72,6 +72,8 @@ MAX_REPLICAS = 4096
 MAX_CORES = 16_384
 MAX_LIST = 1 << 20
 """Call ids, latencies, inputs, command arguments: far above any real frame's."""
+MAX_RUNNING = 65_536
+"""Calls one node reports running at once."""
 
 
 # --- registration and telemetry ---------------------------------------------------------------
@@ -135,6 +137,10 @@ class Hello(msgspec.Struct, frozen=True):
     )
     """What the node can scale. A node sends ``hello`` again whenever its replica list changes
     (a replica started by a scale command is ready, a drained one has stopped)."""
+    running: Annotated[dict[Name, Name], Meta(max_length=MAX_RUNNING)] = _field(
+        default_factory=dict
+    )
+    """As in `Heartbeat`: what a restarted scheduler adopts instead of running it again."""
 
 
 class HostSample(msgspec.Struct, frozen=True):
@@ -212,6 +218,21 @@ class Heartbeat(msgspec.Struct, frozen=True):
     uptime_s: Seconds
     unsent_frames: Count = 0
     """Frames the agent could not send (scheduler unreachable) since it started."""
+    running: Annotated[dict[Name, Name], Meta(max_length=MAX_RUNNING)] = _field(
+        default_factory=dict
+    )
+    """The calls the node is running (call id -> replica): the scheduler adopts them after a
+    restart and cancels those it has given to another node since (fencing)."""
+
+
+class Goodbye(msgspec.Struct, frozen=True):
+    """Node -> scheduler: the node is leaving (SIGTERM). The first, with ``final`` false, stops
+    new calls at once; the last hands back the calls it did not finish in its drain time, to be
+    re-run elsewhere right away instead of after a heartbeat timeout."""
+
+    TYPE: ClassVar[str] = "goodbye"
+    final: bool = False
+    handed_back: Annotated[list[Name], Meta(max_length=MAX_RUNNING)] = _field(default_factory=list)
 
 
 # --- work -------------------------------------------------------------------------------------
@@ -304,11 +325,16 @@ class Submit(msgspec.Struct, frozen=True):
     overrides: Annotated[dict[Name, str], Meta(max_length=4096)] = msgspec.field(
         default_factory=dict
     )
+    idempotency_key: Name = ""
+    """Chosen by the client once per submission and sent again with each retry: the scheduler
+    answers a key it has seen (from this client) with the workflow it made, not a second one."""
 
 
 class Submitted(msgspec.Struct, frozen=True):
     TYPE: ClassVar[str] = "submitted"
     workflow_id: str
+    existing: bool = False
+    """The idempotency key was seen before: this is the workflow made then."""
 
 
 class QueryWorkflows(msgspec.Struct, frozen=True):
@@ -440,6 +466,16 @@ class SchedulerInfo(msgspec.Struct, frozen=True):
     """Handshakes and frames refused by the security checks, by reason (docs/security.md)."""
     handler_errors: int = 0
     """Frames whose handler failed (answered ``internal``; the daemon went on)."""
+    results_dropped: dict[str, int] = _field(default_factory=dict)
+    """Results not applied, by reason: ``late`` (the call was re-run, cancelled or had its
+    result already) and ``fenced`` (from a node the call no longer belongs to)."""
+    fenced_calls: int = 0
+    """Calls a node reported running that the scheduler had given to another node since
+    (cancelled there)."""
+    overloaded: int = 0
+    """Submissions refused because the scheduler held its most queued workflows or calls."""
+    loop_gap_max_s: float = 0.0
+    """The longest stall of the scheduler's event loop over the last 10 s."""
 
 
 class NodesReply(msgspec.Struct, frozen=True):
@@ -575,6 +611,7 @@ Message = (
     Hello
     | Telemetry
     | Heartbeat
+    | Goodbye
     | Dispatch
     | Result
     | CancelCalls
@@ -603,6 +640,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Hello,
         Telemetry,
         Heartbeat,
+        Goodbye,
         Dispatch,
         Result,
         CancelCalls,

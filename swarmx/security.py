@@ -31,6 +31,7 @@ from swarmx.protocol import (
     CancelWorkflow,
     Error,
     ExportTraces,
+    Goodbye,
     Heartbeat,
     Hello,
     InstallPredictor,
@@ -68,7 +69,9 @@ class Peer:
 ANYONE = Peer("any", "")
 """Every peer of a scheduler without keys."""
 
-_NODE: frozenset[type[Message]] = frozenset({Hello, Telemetry, Heartbeat, Result, Ack, Error})
+_NODE: frozenset[type[Message]] = frozenset(
+    {Hello, Telemetry, Heartbeat, Goodbye, Result, Ack, Error}
+)
 _CLIENT: frozenset[type[Message]] = frozenset(
     {Submit, QueryWorkflows, CancelWorkflow, QueryNodes, QueryTop, QueryPredictor}
 )

@@ -248,20 +248,24 @@ class RouterChannel(_Channel):
     keyed: bool = False
     """CURVE is on: every frame carries its sender's public key."""
 
-    async def recv(self) -> tuple[bytes, Envelope, bytes]:
-        """Next valid frame with its peer's routing id and public key (z85; empty without
-        keys); bad frames are answered and skipped."""
-        while True:
-            frames = await self._sock.recv_multipart(copy=False)
-            if len(frames) != 2:
-                self.stats.dropped["garbage"] += 1
-                continue
-            peer, payload = frames
-            key = str(payload.get("User-Id")).encode() if self.keyed else b""
-            env = self._decode(payload.bytes)
-            if isinstance(env, Envelope):
-                return peer.bytes, env, key
-            await self.send(peer.bytes, Error(ref_seq=-1, code=env.reason, message=env.message))
+    async def recv(self) -> tuple[bytes, Envelope, bytes] | None:
+        """The next frame with its peer's routing id and public key (z85; empty without keys);
+        None for a bad frame (answered and counted)."""
+        frames = await self._sock.recv_multipart(copy=False)
+        if len(frames) != 2:
+            self.stats.dropped["garbage"] += 1
+            return None
+        peer, payload = frames
+        key = str(payload.get("User-Id")).encode() if self.keyed else b""
+        env = self._decode(payload.bytes)
+        if isinstance(env, Envelope):
+            return peer.bytes, env, key
+        await self.send(peer.bytes, Error(ref_seq=-1, code=env.reason, message=env.message))
+        return None
+
+    def pending(self) -> bool:
+        """A frame is waiting (so `recv` returns without waiting)."""
+        return bool(int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
     async def send(self, peer: bytes, body: Message) -> bool:
         _, payload = self._frame(body)

@@ -4,6 +4,10 @@ A tool's argv is rendered from workflow inputs and model output, so it is untrus
 only the executables it lists (``[node] tool_commands``), under resource limits and optionally
 another user (``tool_limits``, ``tool_user``), keeps a bounded part of the output as it streams,
 and kills every process the tool started when the call ends, however it ends.
+
+The call ends also when the agent cannot own it any more: a reaper sidecar (`reaper`) kills the
+running tools when the agent dies or its event loop stalls past the tool lease, before the
+scheduler runs the call elsewhere, and `start` kills those an earlier agent of the node left.
 """
 
 from __future__ import annotations
@@ -17,15 +21,24 @@ import pwd
 import resource
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import psutil
-
+import swarmx
 from swarmx.backends.base import BackendMetrics, CallOutcome, CallRequest
+from swarmx.backends.reaper import (
+    AGENT_VAR,
+    KILL_DEADLINE_S,
+    NODE_VAR,
+    TOKEN_VAR,
+    kill_trees,
+    sweep_orphans,
+)
 from swarmx.config import ToolLimits
 
 log = logging.getLogger(__name__)
@@ -39,13 +52,19 @@ STDERR_TAIL_BYTES = 4096
 DRAIN_S = 1.0
 """After the tree is killed, how long its output pipes may stay open (only a process that escaped
 the kill keeps them open) before the agent closes its ends."""
-KILL_DEADLINE_S = 5.0
-"""How long to keep killing a tree that keeps producing processes before logging and giving up."""
-TOKEN_VAR = "SWARMX_TOOL_TOKEN"
-"""Environment variable carrying a token unique to one run: every process of the tree inherits
-it, including one that left the process group, which is how the kill finds it."""
+REAPER_READY_S = 5.0
+"""How long the reaper sidecar may take to start before the runner goes on without a lease."""
+REAPER_CLOSE_S = KILL_DEADLINE_S + 1.0
+"""How long `close` waits for the reaper to kill what is left and exit before killing it."""
 ALL_COMMANDS = "*"
 _LIMIT_SIGNALS = {signal.SIGXCPU: "cpu_time_s", signal.SIGXFSZ: "file_bytes"}
+_REAPER_MAIN = (
+    "import sys; sys.path.append(sys.argv.pop(1)); "
+    "from swarmx.backends.reaper import main; sys.exit(main())"
+)
+"""The reaper's entry point, with the directory this agent's swarmx came from as a last resort
+on its path (appended: PYTHONPATH would put it before the standard library)."""
+_UNGUARDED = "tools will not be stopped if this agent dies or stalls"
 
 
 @dataclass(frozen=True)
@@ -97,6 +116,144 @@ class _Reader(asyncio.Protocol):
             self.closed.set_result(None)
 
 
+class _Reaper:
+    """The agent's side of the reaper sidecar (`reaper`): tells it each tree as it starts and ends,
+    renews the lease from the event loop (a stalled loop stops renewing: that is the point), and
+    learns which trees it killed because the lease lapsed."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, lease_s: float) -> None:
+        self._proc = proc
+        self._lease_s = lease_s
+        self._renewed_at = time.monotonic()
+        self._stall = (0.0, 0.0)
+        """The last stall of the loop past the lease: (length_s, ended_at)."""
+        self._live: set[str] = set()
+        self._reaped: dict[str, float] = {}
+        """Token -> the gap the reaper saw when it killed the tree, for running calls only."""
+        self._up = True
+        self._renewer = asyncio.create_task(self._renew())
+        self._listener = asyncio.create_task(self._listen())
+
+    @classmethod
+    async def start(cls, lease_s: float) -> _Reaper | None:
+        """The reaper, started and ready; None, logged, if it cannot start."""
+        argv = [
+            sys.executable,
+            "-c",
+            _REAPER_MAIN,
+            str(Path(swarmx.__file__).resolve().parent.parent),
+            "--lease-s",
+            repr(lease_s),
+            "--agent-pid",
+            str(os.getpid()),
+        ]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                start_new_session=True,  # a Ctrl-C or SIGSTOP sent to the agent's group spares it
+            )
+        except OSError as exc:
+            log.error("cannot start the tool reaper: %s; %s", exc, _UNGUARDED)
+            return None
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            ready = await asyncio.wait_for(proc.stdout.readline(), REAPER_READY_S)
+        except asyncio.TimeoutError:
+            ready = b""
+        if ready != b"ready\n":
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            code = await proc.wait()
+            log.error("the tool reaper did not start (exit code %s); %s", code, _UNGUARDED)
+            return None
+        # EOF on its stdin is how it learns the agent died: no tool may hold a copy of this end
+        # (asyncio closes other fds in children; this makes sure exec drops it anyway)
+        os.set_inheritable(proc.stdin.transport.get_extra_info("pipe").fileno(), False)
+        return cls(proc, lease_s)
+
+    def register(self, token: str, pgid: int | None = None) -> None:
+        """A tree is starting (``pgid`` None: before its spawn returned, found by its token)."""
+        self._live.add(token)
+        self._send(f"+ {token}\n" if pgid is None else f"+ {token} {pgid}\n")
+
+    def unregister(self, token: str) -> None:
+        self._live.discard(token)
+        self._reaped.pop(token, None)
+        self._send(f"- {token}\n")
+
+    def stalled(self, token: str, since: float) -> str | None:
+        """The error of a call whose tree the reaper killed because the lease lapsed, else None."""
+        gap = self._reaped.get(token)
+        if gap is None:
+            return None
+        stall_s, ended_at = self._stall
+        # the reaper saw the start of the stall; this loop sees (or is about to see) its length
+        stalled = max(gap, time.monotonic() - self._renewed_at, stall_s if ended_at >= since else 0)
+        return (
+            f"killed: the node agent stalled for {stalled:.1f} s (tool lease {self._lease_s:g} s), "
+            "so its tools were stopped"
+        )
+
+    async def close(self) -> None:
+        """Close its stdin, so it kills what is left and exits; kill it if it takes too long."""
+        self._up = False
+        self._renewer.cancel()
+        await asyncio.wait([self._renewer])
+        assert self._proc.stdin is not None
+        self._proc.stdin.close()
+        try:
+            await asyncio.wait_for(self._proc.wait(), REAPER_CLOSE_S)
+        except asyncio.TimeoutError:
+            log.error(
+                "the tool reaper did not exit within %gs of close: killing it", REAPER_CLOSE_S
+            )
+            self._proc.kill()
+            await self._proc.wait()
+        await self._listener
+
+    def _send(self, line: str) -> None:
+        if self._up:
+            assert self._proc.stdin is not None
+            self._proc.stdin.write(line.encode())
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_s / 4)
+            now = time.monotonic()
+            gap = now - self._renewed_at
+            if gap >= self._lease_s:
+                self._stall = (gap, now)
+                log.warning(
+                    "the agent's event loop stalled for %.1f s, past the tool lease (%g s): "
+                    "the reaper stopped the tools that were running",
+                    gap,
+                    self._lease_s,
+                )
+            self._renewed_at = now
+            self._send(".\n")
+
+    async def _listen(self) -> None:
+        """Reads ``reaped TOKEN GAP_S`` lines until the reaper exits."""
+        assert self._proc.stdout is not None
+        async for line in self._proc.stdout:
+            words = line.decode(errors="replace").split()
+            try:
+                if len(words) != 3 or words[0] != "reaped":
+                    raise ValueError
+                gap = float(words[2])
+            except ValueError:
+                log.warning("unexpected line from the tool reaper: %r", line[:80])
+                continue
+            if words[1] in self._live:
+                self._reaped[words[1]] = gap
+        code = await self._proc.wait()
+        if self._up:
+            self._up = False
+            log.error("the tool reaper exited (code %s); %s", code, _UNGUARDED)
+
+
 class ToolRunner:
     """The ``tool`` backend of a node: one subprocess tree per call, bounded as the module says."""
 
@@ -108,14 +265,22 @@ class ToolRunner:
         node: str,
         limits: ToolLimits | None = None,
         user: str = "",
+        lease_s: float | None = 2.0,
     ) -> None:
-        """Raises ValueError for a ``user`` this host lacks or this agent cannot switch to."""
+        """``lease_s``: how long the agent's event loop may stall before a reaper sidecar kills
+        its running tools (None: no sidecar). Keep it below the time after which the scheduler
+        declares the node down and re-runs its calls. Raises ValueError for a ``user`` this host
+        lacks or this agent cannot switch to, or a ``lease_s`` that is not positive."""
+        if lease_s is not None and not lease_s > 0:
+            raise ValueError(f"tool lease must be positive, got {lease_s!r}")
         self._env = {k: os.environ[k] for k in env_passthrough if k in os.environ}
         self._commands = frozenset(commands)
         self._node = node
         self._rlimits = _rlimits(limits or ToolLimits())
         self._identity = _identity(user) if user else None
         self._running = 0
+        self._lease_s = lease_s
+        self._reaper: _Reaper | None = None
 
     async def start(self) -> None:
         if not self._commands:
@@ -124,12 +289,30 @@ class ToolRunner:
                 "every tool call will be refused",
                 self._node,
             )
+        killed = await asyncio.to_thread(sweep_orphans, self._node)
+        if killed:
+            log.warning(
+                "killed %d tool process(es) an earlier agent of node %s left running",
+                killed,
+                self._node,
+            )
+        else:
+            log.info("no tool process of an earlier agent of node %s was running", self._node)
+        if self._lease_s is not None and self._reaper is None:
+            self._reaper = await _Reaper.start(self._lease_s)
+
+    def set_commands(self, commands: Sequence[str]) -> None:
+        """A new allowlist (the agent's SIGHUP): calls started from now on are checked against
+        it; running ones go on."""
+        self._commands = frozenset(commands)
 
     def metrics(self) -> BackendMetrics:
         return BackendMetrics(running=self._running)
 
     async def close(self) -> None:
-        return None
+        reaper, self._reaper = self._reaper, None
+        if reaper:
+            await reaper.close()
 
     async def run(self, request: CallRequest) -> CallOutcome:
         if request.kind != "tool" or not request.command:
@@ -141,14 +324,34 @@ class ToolRunner:
                 f"command {argv[0]!r} is not allowed on node {self._node} ([node] tool_commands)"
             )
             return CallOutcome(False, "", error)
-        timeout = request.timeout_s or DEFAULT_TIMEOUT_S
         token = uuid.uuid4().hex
+        reaper = self._reaper
+        scratch = tempfile.mkdtemp(prefix="swarmx-tool-")
+        self._running += 1
+        if reaper:
+            reaper.register(token)
+        try:
+            return await self._execute(argv, request, scratch, token, reaper)
+        finally:
+            self._running -= 1
+            shutil.rmtree(scratch, ignore_errors=True)
+            if reaper:
+                reaper.unregister(token)
+
+    async def _execute(
+        self,
+        argv: list[str],
+        request: CallRequest,
+        scratch: str,
+        token: str,
+        reaper: _Reaper | None,
+    ) -> CallOutcome:
+        timeout = request.timeout_s or DEFAULT_TIMEOUT_S
+        started = time.monotonic()
         out, err = _Stream(MAX_OUTPUT_BYTES), _Stream(STDERR_TAIL_BYTES, tail=True)
         readers: list[_Reader] = []
         transports: list[asyncio.ReadTransport] = []
         write_fds: list[int] = []
-        scratch = tempfile.mkdtemp(prefix="swarmx-tool-")
-        self._running += 1
         try:
             loop = asyncio.get_running_loop()
             for stream in (out, err):
@@ -165,19 +368,27 @@ class ToolRunner:
             except OSError as exc:
                 return CallOutcome(False, "", f"cannot run {argv[0]!r}: {exc.strerror}")
             except asyncio.CancelledError:  # asyncio killed the tool; not what it forked since
-                await asyncio.to_thread(_kill_tree, None, token)
+                await asyncio.to_thread(kill_trees, {token: None})
                 raise
             finally:  # the child has its copies; ours would keep the pipes open for ever
                 for fd in write_fds:
                     os.close(fd)
                 write_fds.clear()
+            if reaper:
+                reaper.register(token, proc.pid)
+            timed_out = False
             try:
                 await asyncio.wait_for(proc.wait(), timeout)
             except asyncio.TimeoutError:
-                return CallOutcome(False, "", f"timed out after {timeout:g}s")
+                timed_out = True
             finally:  # exit, timeout or cancellation: nothing the tool started outlives the call
-                await asyncio.to_thread(_kill_tree, proc.pid, token)
+                await asyncio.to_thread(kill_trees, {token: proc.pid})
                 await proc.wait()
+            # the reaper's kill, not a timeout, when it killed the tree for a stalled agent
+            killed = (proc.returncode or 0) < 0
+            stalled = reaper.stalled(token, started) if reaper and killed else None
+            if timed_out and not stalled:
+                return CallOutcome(False, "", f"timed out after {timeout:g}s")
             _, still_open = await asyncio.wait([r.closed for r in readers], timeout=DRAIN_S)
             if still_open:
                 log.warning("tool %s: output pipe still open after its tree was killed", argv[0])
@@ -186,8 +397,8 @@ class ToolRunner:
                 transport.close()
             for fd in write_fds:
                 os.close(fd)
-            self._running -= 1
-            shutil.rmtree(scratch, ignore_errors=True)
+        if stalled:
+            return CallOutcome(False, out.text(), stalled)
         return _outcome(proc.returncode, out, err)
 
     async def _spawn(
@@ -202,6 +413,8 @@ class ToolRunner:
             "TMPDIR": scratch,
             "SWARMX_CALL_ID": call_id,
             TOKEN_VAR: token,
+            NODE_VAR: self._node,
+            AGENT_VAR: str(os.getpid()),
         }
         return await asyncio.create_subprocess_exec(
             *argv,
@@ -234,39 +447,6 @@ def _outcome(code: int | None, out: _Stream, err: _Stream) -> CallOutcome:
         last = err.data.decode(errors="replace").strip().splitlines()[-1:] or ["(no stderr)"]
         return CallOutcome(False, output, f"exit code {code}: {last[0][:300]}")
     return CallOutcome(True, output, output_tokens=len(output.split()))
-
-
-def _kill_tree(pgid: int | None, token: str) -> None:
-    """SIGKILL the tool's process group and every process whose environment carries its token,
-    until a scan finds none: a child that called setsid() left the group but kept the token, and
-    children a fork bomb makes during one round are found on the next. Blocking: run in a thread.
-    (The group id cannot be reused while any member lives, and pids are handed out cyclically, so
-    in the milliseconds after the leader is reaped it names no one else's group.)"""
-    deadline = time.monotonic() + KILL_DEADLINE_S
-    while True:
-        if pgid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
-        found = _carriers(token)
-        if not found:
-            return
-        for proc in found:
-            with contextlib.suppress(psutil.Error):  # exited since, or not ours to signal
-                proc.kill()
-        if time.monotonic() > deadline:
-            pids = [p.pid for p in found]
-            log.error("tool processes %s survived SIGKILL for %gs", pids, KILL_DEADLINE_S)
-            return
-        time.sleep(0.005)  # let the killed exit before the next scan
-
-
-def _carriers(token: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):  # exited, a zombie, or not ours to read
-            if proc.environ().get(TOKEN_VAR) == token:
-                found.append(proc)
-    return found
 
 
 def _rlimits(limits: ToolLimits) -> list[tuple[int, int, int]]:

@@ -24,6 +24,8 @@ EXIT_USAGE = 2
 """Bad input: config, flags, workflow files."""
 EXIT_UNAVAILABLE = 1
 """The scheduler could not be reached, or a daemon could not start."""
+EXIT_BUSY = 3
+"""The scheduler is full (or the client over its quota): nothing was accepted; try later."""
 
 ConfigOpt = Annotated[
     Path | None,
@@ -90,6 +92,8 @@ StateDirOpt = Annotated[
 
 USAGE_ERRORS = {"invalid_workflow", "not_found", "finished", "invalid_model", "forbidden"}
 """Refusals caused by what the user asked for: exit 2, like other bad input."""
+BUSY_ERRORS = {"overloaded", "quota_exceeded"}
+"""Refusals that say: nothing was accepted, the same request may succeed later (exit 3)."""
 
 err_console = Console(stderr=True)
 
@@ -146,10 +150,23 @@ def curve_for(cfg: Config) -> ClientCurve | None:
         fail(str(exc))
 
 
-def ask(
+class AskFailed(Exception):
+    """A request that got no usable answer: the line to print and the exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def retryable(self) -> bool:
+        """Unanswered or refused as busy: the same request may succeed later."""
+        return self.code in (EXIT_UNAVAILABLE, EXIT_BUSY)
+
+
+def try_ask(
     config: ConfigOpt, scheduler: str | None, query: Message, *, min_timeout_s: float = 0.0
 ) -> Message:
-    """One request to the scheduler named by flag, env or config; exits with a clear line if it
+    """One request to the scheduler named by flag, env or config; raises `AskFailed` if it
     cannot be reached or refuses. ``min_timeout_s``: for requests whose answer takes a while."""
     cfg = load(config)
     try:
@@ -160,15 +177,27 @@ def ask(
         timeout_s = max(client.timeout_s, min_timeout_s)
         env = request(client.scheduler, query, "cli", RealClock(), timeout_s, curve=curve_for(cfg))
     except (TimeoutError, TransportError) as exc:
-        fail(str(exc), EXIT_UNAVAILABLE)
+        raise AskFailed(str(exc), EXIT_UNAVAILABLE) from None
     if isinstance(env.body, Error):
         if env.body.code in USAGE_ERRORS:
-            fail(env.body.message, EXIT_USAGE)
-        fail(
+            raise AskFailed(env.body.message, EXIT_USAGE)
+        if env.body.code in BUSY_ERRORS:
+            raise AskFailed(env.body.message, EXIT_BUSY)
+        raise AskFailed(
             f"scheduler refused {query.TYPE!r}: {env.body.code}: {env.body.message}",
             EXIT_UNAVAILABLE,
         )
     return env.body
+
+
+def ask(
+    config: ConfigOpt, scheduler: str | None, query: Message, *, min_timeout_s: float = 0.0
+) -> Message:
+    """`try_ask`, exiting with its line and code when it fails."""
+    try:
+        return try_ask(config, scheduler, query, min_timeout_s=min_timeout_s)
+    except AskFailed as exc:
+        fail(str(exc), exc.code)
 
 
 def print_json(data: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import typer
@@ -21,12 +22,21 @@ from swarmx.cli.common import (
     setup_logging,
 )
 from swarmx.clock import RealClock
-from swarmx.config import REPLICA_PRESETS, ConfigError, is_loopback, override
+from swarmx.config import (
+    REPLICA_PRESETS,
+    ConfigError,
+    NodeConfig,
+    SchedulerConfig,
+    is_loopback,
+    load_config,
+    override,
+)
 from swarmx.daemon.lifecycle import run_daemon
 from swarmx.daemon.node import NodeAgent
 from swarmx.daemon.scheduler import SchedulerDaemon, StateDirBusy
 from swarmx.metrics import MetricsError
 from swarmx.security import client_curve
+from swarmx.store import StoreError
 from swarmx.transport import TransportError
 
 KeyOpt = Annotated[
@@ -38,6 +48,8 @@ KeyOpt = Annotated[
         show_default=False,
     ),
 ]
+
+log = logging.getLogger(__name__)
 
 scheduler_app = typer.Typer(help="The central scheduler daemon.", no_args_is_help=True)
 node_app = typer.Typer(help="The per-node agent.", no_args_is_help=True)
@@ -93,9 +105,24 @@ def scheduler_start(
         scaler=cfg.scaler,
         security=security,
     )
+
+    def reread() -> SchedulerConfig | None:
+        """The config file again, with this command's flags (None if it is bad now)."""
+        try:
+            fresh = load_config(config)
+            return override(
+                fresh.scheduler,
+                listen=listen,
+                state_dir=str(state_dir) if state_dir else None,
+                metrics_port=metrics_port,
+            )
+        except ConfigError as exc:
+            log.error("SIGHUP: %s; the running settings stay", exc)
+            return None
+
     try:
-        run_daemon(daemon.run, on_hangup=daemon.rescan_keys)
-    except (TransportError, StateDirBusy, OSError) as exc:
+        run_daemon(daemon.run, on_hangup=lambda: daemon.reload(reread()))
+    except (TransportError, StateDirBusy, StoreError, OSError) as exc:
         fail(str(exc), EXIT_UNAVAILABLE)
 
 
@@ -167,7 +194,24 @@ def node_start(
         fail(str(exc))
     setup_logging(cfg, log_level, log_format)
     agent = NodeAgent(node_cfg, RealClock(), curve=curve)
+
+    def reread() -> NodeConfig | None:
+        """The config file again, with this command's flags (None if it is bad now)."""
+        try:
+            fresh = load_config(config)
+            return override(
+                fresh.node,
+                scheduler=scheduler,
+                name=name,
+                replicas=replicas,
+                metrics_port=metrics_port,
+                tool_commands=node_cfg.tool_commands if tool_commands is not None else None,
+            )
+        except ConfigError as exc:
+            log.error("SIGHUP: %s; the running settings stay", exc)
+            return None
+
     try:
-        run_daemon(agent.run)
+        run_daemon(agent.run, on_hangup=lambda: agent.reload(reread()))
     except (TransportError, MetricsError) as exc:
         fail(str(exc), EXIT_UNAVAILABLE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -13,13 +14,16 @@ from rich.console import Console
 from swarmx.cli.common import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    AskFailed,
     ConfigOpt,
     JsonOpt,
     SchedulerOpt,
     ask,
+    err_console,
     fail,
     load,
     print_json,
+    try_ask,
 )
 from swarmx.cli.render import workflow_table, workflows_table
 from swarmx.protocol import (
@@ -41,6 +45,9 @@ traces_app = typer.Typer(help="The trace store: every finished call.", no_args_i
 
 WAIT_POLL_S = 0.2
 EXIT_WORKFLOW_FAILED = 1
+SUBMIT_TRIES = 6
+SUBMIT_BACKOFF_S = 0.5
+SUBMIT_BACKOFF_MAX_S = 8.0
 
 
 def _expect(reply: Message, cls: type) -> None:
@@ -69,19 +76,37 @@ def submit(
         typer.Option("--set", help="Override an input: --set key=value (repeatable)."),
     ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Block until it ends; print it.")] = False,
+    retry: Annotated[
+        bool,
+        typer.Option(
+            "--retry",
+            help=f"If the scheduler does not answer or is full, try again (up to "
+            f"{SUBMIT_TRIES} times, backing off) with the same idempotency key.",
+        ),
+    ] = False,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(
+            "--idempotency-key",
+            help="Submit under this key: a scheduler that has a workflow from you with it "
+            "returns that one instead of starting another [default: a new random key].",
+            show_default=False,
+        ),
+    ] = None,
     config: ConfigOpt = None,
     scheduler: SchedulerOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Submit a workflow; prints its id (or, with --wait, how it ended)."""
+    """Submit a workflow; prints its id (or, with --wait, how it ended). Exit 3: the scheduler
+    is full (nothing was accepted)."""
     try:
         overrides = parse_overrides(set_ or [])
         load_workflow(file, overrides)  # fail fast, naming file and line, before any network
     except WorkflowError as exc:
         fail(str(exc), EXIT_USAGE)
-    reply = ask(config, scheduler, Submit(str(file), file.read_text(encoding="utf-8"), overrides))
-    _expect(reply, Submitted)
-    assert isinstance(reply, Submitted)
+    key = idempotency_key or uuid.uuid4().hex
+    msg = Submit(str(file), file.read_text(encoding="utf-8"), overrides, key)
+    reply = _submit(config, scheduler, msg, SUBMIT_TRIES if retry else 1)
     wf_id = reply.workflow_id
     if not wait:
         if json:
@@ -94,6 +119,34 @@ def submit(
     _show(view, json)
     if view.state != "succeeded":
         raise typer.Exit(EXIT_WORKFLOW_FAILED)
+
+
+def _submit(config: Path | None, scheduler: str | None, msg: Submit, tries: int) -> Submitted:
+    """Send ``msg`` until answered, at most ``tries`` times with exponential backoff. Each try
+    carries the same idempotency key, so a try the scheduler did take (its answer lost or
+    late) comes back as that workflow, not a second one."""
+    delay_s = SUBMIT_BACKOFF_S
+    for attempt in range(1, tries + 1):
+        try:
+            reply = try_ask(config, scheduler, msg)
+            break
+        except AskFailed as exc:
+            if not exc.retryable or attempt == tries:
+                hint = (
+                    f" (it may still have been accepted: submit again with --idempotency-key"
+                    f" {msg.idempotency_key} to get that one, not a second)"
+                    if exc.code == EXIT_UNAVAILABLE
+                    else ""
+                )
+                fail(f"{exc}{hint}", exc.code)
+            err_console.print(f"{exc}; retrying in {delay_s:g}s ({attempt}/{tries})")
+            time.sleep(delay_s)
+            delay_s = min(2 * delay_s, SUBMIT_BACKOFF_MAX_S)
+    _expect(reply, Submitted)
+    assert isinstance(reply, Submitted)
+    if reply.existing:
+        err_console.print(f"already submitted as {reply.workflow_id} (same idempotency key)")
+    return reply
 
 
 def status(

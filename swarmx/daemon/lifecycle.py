@@ -7,6 +7,7 @@ SIGINT while closing exits at once, as Nomad and dask do, so a wedged shutdown i
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import signal
@@ -106,8 +107,13 @@ def run_daemon(
     asyncio.run(runner())
 
 
-async def run_until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
-    """Wait for a stop signal; a task that dies takes the daemon down loudly, not silently."""
+async def run_until_stopped(
+    stop: asyncio.Event,
+    tasks: list[asyncio.Task[None]],
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Wait for a stop signal, then run ``on_stop`` (a graceful leave) while the tasks still
+    run, then cancel them; a task that dies takes the daemon down loudly, not silently."""
     stopper = asyncio.create_task(stop.wait())
     try:
         done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -115,7 +121,42 @@ async def run_until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task[None]]
             if task is not stopper:
                 task.result()  # re-raise its exception
                 raise RuntimeError(f"task {task.get_name()} ended unexpectedly")
+        if on_stop is not None:
+            await on_stop()
     finally:
         for task in [stopper, *tasks]:
             task.cancel()
         await asyncio.gather(stopper, *tasks, return_exceptions=True)
+
+
+class LoopGap:
+    """How long the event loop went without running its callbacks: a probe wakes every
+    ``interval_s`` and records how late it woke. The longest gap of each second is kept for
+    ``window_s``, so the figure is the worst stall of the recent past, not since start."""
+
+    def __init__(self, clock: Clock, interval_s: float = 0.02, window_s: float = 10.0) -> None:
+        self.clock = clock
+        self.interval_s = interval_s
+        self._window = int(window_s)
+        self._worst: collections.deque[tuple[int, float]] = collections.deque()
+        """(second, its longest gap), oldest first."""
+
+    def record(self, gap_s: float) -> None:
+        second = int(self.clock.monotonic())
+        if self._worst and self._worst[-1][0] == second:
+            if gap_s > self._worst[-1][1]:
+                self._worst[-1] = (second, gap_s)
+        else:
+            self._worst.append((second, gap_s))
+        while self._worst and self._worst[0][0] <= second - self._window:
+            self._worst.popleft()
+
+    def max_s(self) -> float:
+        horizon = int(self.clock.monotonic()) - self._window
+        return max((gap for second, gap in self._worst if second > horizon), default=0.0)
+
+    async def run(self) -> None:
+        while True:
+            due = self.clock.monotonic() + self.interval_s
+            await self.clock.sleep(self.interval_s)
+            self.record(max(0.0, self.clock.monotonic() - due))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -21,7 +23,7 @@ import msgspec
 
 from swarmx import __version__
 from swarmx.clock import Clock, ticks
-from swarmx.config import NodeConfig
+from swarmx.config import NodeConfig, changed_fields
 from swarmx.daemon.lifecycle import SystemdNotifier, run_until_stopped
 from swarmx.daemon.replicas import ReplicaSet, ScaleError
 from swarmx.metrics import NodeMetrics, serve
@@ -31,6 +33,7 @@ from swarmx.protocol import (
     Dispatch,
     Envelope,
     Error,
+    Goodbye,
     Heartbeat,
     Hello,
     Message,
@@ -51,6 +54,11 @@ RESEND_RESULT_AFTER_S = 2.0
 """A result the scheduler has not acknowledged is sent again (it may have restarted)."""
 RECENT_HELLOS = 16
 """Hellos remembered for their acknowledgement (which confirms the drains waiting on it)."""
+RELOADABLE = frozenset({"labels", "tool_commands", "drain_timeout_s"})
+"""``[node]`` settings a SIGHUP applies; the others need a restart."""
+GOODBYE_WAIT_S = 2.0
+"""On leaving: how long to wait for the scheduler to acknowledge the last results and the final
+goodbye (it may be gone too)."""
 
 Handler = Callable[[Envelope], Awaitable[None]]
 
@@ -94,6 +102,13 @@ class NodeAgent:
         self._unacked: dict[int, tuple[float, Result]] = {}
         """Results sent but not yet acknowledged, by frame seq, with the time sent."""
         self._unsent_keys = itertools.count(-1, -1)
+        self.duplicate_dispatches = 0
+        """Dispatches of a call id this node had been given already (answered, not run)."""
+        self.leaving = False
+        self._goodbye_seq: int | None = None
+        self._goodbye_acked = asyncio.Event()
+        self._reloads: set[asyncio.Task[None]] = set()
+        """Announcements a reload started (held so they are not collected mid-flight)."""
         self.metrics = NodeMetrics(cfg.name)
         self._handlers: dict[type[Message], Handler] = {
             Ack: self._on_ack,
@@ -140,7 +155,7 @@ class NodeAgent:
                 ),
                 *self.notifier.start_watchdog(self.clock),
             ]
-            await run_until_stopped(stop, tasks)
+            await run_until_stopped(stop, tasks, on_stop=lambda: self._leave(channel))
         finally:
             self.notifier.notify("STOPPING=1")
             await self.replicas.close()
@@ -151,6 +166,31 @@ class NodeAgent:
             if self.gpus is not None:
                 self.gpus.close()
         log.info("node agent %s stopped", self.cfg.name)
+
+    def reload(self, cfg: NodeConfig | None) -> None:
+        """SIGHUP: apply the ``[node]`` settings that can change under a running agent (labels,
+        the tool allowlist, the drain time) and say which need a restart. ``cfg`` is None when
+        the file could not be read (the running settings stay)."""
+        if cfg is None:
+            return
+        changed = changed_fields(self.cfg, cfg)
+        live = [name for name in changed if name in RELOADABLE]
+        later = [name for name in changed if name not in RELOADABLE]
+        self.cfg = dataclasses.replace(self.cfg, **{name: getattr(cfg, name) for name in live})
+        if "tool_commands" in live:
+            self.replicas.set_tool_commands(self.cfg.tool_commands)
+        if "labels" in live and self._hello_base is not None:
+            self._hello_base = msgspec.structs.replace(
+                self._hello_base, labels=dict(self.cfg.labels)
+            )
+            task = asyncio.get_running_loop().create_task(self._announce())
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
+        log.info(
+            "SIGHUP: [node] %s%s",
+            f"applied {', '.join(live)}" if live else "nothing to apply",
+            f"; {', '.join(later)} changed but need a restart" if later else "",
+        )
 
     def _hello(self) -> Hello:
         info = self.host.static_info()
@@ -174,7 +214,10 @@ class NodeAgent:
         """Registration with the replicas as they are now."""
         assert self._hello_base is not None
         return msgspec.structs.replace(
-            self._hello_base, replicas=self.replicas.infos(), pools=self.replicas.pools()
+            self._hello_base,
+            replicas=self.replicas.infos(),
+            pools=self.replicas.pools(),
+            running=self.replicas.running(),
         )
 
     async def _announce(self) -> None:
@@ -225,7 +268,11 @@ class NodeAgent:
                 )
                 self.registered = False
             if self.registered:
-                await channel.send(Heartbeat(now - self._started_mono, channel.stats.unsent))
+                await channel.send(
+                    Heartbeat(
+                        now - self._started_mono, channel.stats.unsent, self.replicas.running()
+                    )
+                )
                 await self._resend_results(now)
             if not self.registered or self._told:  # a drain waits for one (`_scheduler_told`)
                 await self._send_hello(channel)
@@ -271,6 +318,32 @@ class NodeAgent:
                 log.exception("handler for %r failed", env.type)
                 await channel.send(Error(env.seq, "internal", f"{type(exc).__name__}: {exc}"))
 
+    async def _leave(self, channel: DealerChannel) -> None:
+        """SIGTERM: say goodbye (the scheduler routes nothing new here), let running calls
+        finish for up to ``drain_timeout_s``, hand the rest back to be re-run elsewhere at once,
+        and wait briefly for the scheduler to take the last results."""
+        self.leaving = True
+        if not self.registered:
+            return
+        running = len(self.replicas.running())
+        log.info("leaving: %d calls running, %gs to finish them", running, self.cfg.drain_timeout_s)
+        self.notifier.notify(f"STATUS=leaving: {running} calls to finish")
+        await channel.send(Goodbye(False))
+        await self.replicas.wait_idle(self.cfg.drain_timeout_s)
+        handed_back = list(self.replicas.running())
+        if handed_back:
+            log.warning("handing back %d unfinished calls", len(handed_back))
+            self.replicas.cancel(handed_back)
+        deadline = self.clock.monotonic() + GOODBYE_WAIT_S
+        while self._unacked and self.clock.monotonic() < deadline:
+            await self.clock.sleep(0.05)
+        self._goodbye_seq = await channel.send(Goodbye(True, handed_back))
+        if self._goodbye_seq is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                remaining = max(0.0, deadline - self.clock.monotonic()) + 0.5
+                await asyncio.wait_for(self._goodbye_acked.wait(), remaining)
+        log.info("left the cluster (%d results unacknowledged)", len(self._unacked))
+
     # --- handlers ---------------------------------------------------------------------------
 
     async def _send_result(self, result: Result) -> None:
@@ -287,8 +360,27 @@ class NodeAgent:
                 await self._send_result(result)
 
     async def _on_dispatch(self, env: Envelope) -> None:
-        assert isinstance(env.body, Dispatch)
-        self.replicas.submit(env.body, self._send_result)
+        """Run a call, once: a call id given before is answered with where it stands (its
+        result again, if that was never acknowledged), never run a second time."""
+        d = env.body
+        assert isinstance(d, Dispatch) and self._channel is not None
+        if self.leaving:  # sent before the scheduler saw our goodbye: it re-runs it elsewhere
+            await self._channel.send(Ack(env.seq, f"leaving: call {d.call_id} not started"))
+            return
+        seen = self.replicas.seen(d.call_id)
+        if seen is None:
+            self.replicas.submit(d, self._send_result)
+            return
+        self.duplicate_dispatches += 1
+        log.warning(
+            "call %s dispatched again (it is %s here); not running it twice", d.call_id, seen
+        )
+        unacked = [seq for seq, (_, r) in self._unacked.items() if r.call_id == d.call_id]
+        for seq in unacked:
+            _, result = self._unacked.pop(seq)
+            await self._send_result(result)
+        if not unacked:
+            await self._channel.send(Ack(env.seq, f"call {d.call_id} already {seen}"))
 
     async def _on_cancel_calls(self, env: Envelope) -> None:
         assert isinstance(env.body, CancelCalls)
@@ -318,6 +410,8 @@ class NodeAgent:
     async def _on_ack(self, env: Envelope) -> None:
         assert isinstance(env.body, Ack)
         self._unacked.pop(env.body.ref_seq, None)
+        if env.body.ref_seq == self._goodbye_seq:
+            self._goodbye_acked.set()
         if env.body.ref_seq in self._hellos:
             for mark, done in self._told:
                 if mark < env.body.ref_seq and not done.done():
@@ -331,6 +425,14 @@ class NodeAgent:
 
     async def _on_error(self, env: Envelope) -> None:
         assert isinstance(env.body, Error)
+        refused = (
+            None if env.body.code == "unregistered" else self._unacked.pop(env.body.ref_seq, None)
+        )
+        if refused is not None:  # a result for a call no longer ours (fenced): not sent again
+            log.warning(
+                "scheduler refused the result of %s: %s", refused[1].call_id, env.body.message
+            )
+            return
         if env.body.code == "unregistered":
             if self.registered:
                 log.info("scheduler does not know this node (restarted?); registering again")

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 TOOL_MODEL = "tool"
 """The model name under which a node's tool slots appear to the scheduler."""
 RECENT_LATENCIES = 32
+ENDED_CALLS = 65_536
+"""Call ids remembered after they end, so a dispatch of one again (a scheduler that restarted,
+a frame sent twice) is answered instead of run a second time; ~5 MB at most."""
 
 
 def make_backend(cfg: ReplicaConfig, clock: Clock) -> Backend:
@@ -144,6 +147,10 @@ class ReplicaSet:
         itself may have calls on their way to it until then, which must find it open."""
         self.replicas: dict[str, Replica] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._running: dict[str, str] = {}
+        """Call id -> replica, for the calls submitted and not ended (what `Heartbeat` says)."""
+        self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
+        """The most recent `ENDED_CALLS` call ids that ended, however (finished or cancelled)."""
         self._configs: list[tuple[ReplicaInfo, Callable[[], Backend]]] = []
         self._pools: dict[tuple[str, str], _Pool] = {}
         self._lifecycle: set[asyncio.Task[None]] = set()
@@ -177,6 +184,7 @@ class ReplicaSet:
                 node=cfg.name,
                 limits=cfg.tool_limits,
                 user=cfg.tool_user,
+                lease_s=cfg.tool_lease_s or None,
             )
             self._configs.append((info, tools))
 
@@ -333,22 +341,54 @@ class ReplicaSet:
 
     # --- calls ------------------------------------------------------------------------------
 
+    def set_tool_commands(self, commands: Sequence[str]) -> None:
+        """A new tool allowlist (SIGHUP): calls started from now on are checked against it."""
+        for replica in self.replicas.values():
+            if isinstance(replica.backend, ToolRunner):
+                replica.backend.set_commands(commands)
+
     def infos(self) -> list[ReplicaInfo]:
         return [r.info for r in sorted(self.replicas.values(), key=lambda r: r.info.replica)]
 
     def runtime(self) -> list[ReplicaRuntime]:
         return [r.runtime() for r in self.replicas.values()]
 
+    def seen(self, call_id: str) -> str | None:
+        """``running`` or ``ended`` for a call id this node was given before, else None."""
+        if call_id in self._tasks:
+            return "running"
+        return "ended" if call_id in self._ended else None
+
+    def running(self) -> dict[str, str]:
+        """The calls submitted and not ended, with their replicas."""
+        return dict(self._running)
+
     def submit(self, dispatch: Dispatch, reply: Callable[[Result], Awaitable[object]]) -> None:
-        """Run the call in the background and ``reply`` with its result (unless cancelled)."""
+        """Run the call in the background and ``reply`` with its result (unless cancelled).
+        A call id is run once: the caller checks `seen` first."""
+        call_id = dispatch.call_id
         replica = self.replicas.get(dispatch.replica)
-        task = asyncio.create_task(self._run(dispatch, reply, replica), name=dispatch.call_id)
-        self._tasks[dispatch.call_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(dispatch.call_id, None))
+        task = asyncio.create_task(self._run(dispatch, reply, replica), name=call_id)
+        self._tasks[call_id] = task
+        self._running[call_id] = dispatch.replica
+        task.add_done_callback(lambda _: self._ended_call(call_id))
         if replica is not None:  # counted now, so a drain that starts next waits for it
             replica.pending += 1
             replica.idle.clear()
             task.add_done_callback(lambda _: _finished(replica))
+
+    def _ended_call(self, call_id: str) -> None:
+        self._tasks.pop(call_id, None)
+        self._running.pop(call_id, None)
+        self._ended[call_id] = None
+        if len(self._ended) > ENDED_CALLS:
+            self._ended.popitem(last=False)
+
+    async def wait_idle(self, timeout_s: float) -> None:
+        """Until no call runs, or ``timeout_s`` has passed."""
+        tasks = list(self._tasks.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
 
     def cancel(self, call_ids: list[str]) -> int:
         cancelled = 0

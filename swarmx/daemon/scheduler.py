@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -26,11 +27,18 @@ from swarmx.config import (
     ScalerConfig,
     SchedulerConfig,
     SecurityConfig,
+    changed_fields,
 )
-from swarmx.daemon.lifecycle import SystemdNotifier, run_until_stopped
+from swarmx.daemon.lifecycle import LoopGap, SystemdNotifier, run_until_stopped
 from swarmx.daemon.observe import Observer
 from swarmx.daemon.scaling import ScaleController
-from swarmx.daemon.workflows import QuotaExceeded, WorkflowService
+from swarmx.daemon.workflows import (
+    INLINE_PARSE_BYTES,
+    Capacity,
+    Overloaded,
+    QuotaExceeded,
+    WorkflowService,
+)
 from swarmx.metrics import MetricsServer, SchedulerMetrics, serve
 from swarmx.models.online import OnlineLearner, load_model
 from swarmx.protocol import (
@@ -39,6 +47,7 @@ from swarmx.protocol import (
     Envelope,
     Error,
     ExportTraces,
+    Goodbye,
     Heartbeat,
     Hello,
     InstallPredictor,
@@ -86,6 +95,27 @@ STATE_FILE = "scheduler.json"
 """Written to the state directory once bound: the real endpoint (useful with port 0) and pid."""
 
 SWEEP_INTERVAL_S = 0.1
+BATCH_FRAMES = 64
+BATCH_S = 0.005
+"""The receive loop handles at most this many frames, or for this long, before it commits the
+journal, sends the replies that waited for that, and yields to the other tasks (pyzmq hands
+back finished futures while frames wait, so without this a burst would never let go)."""
+RELOADABLE = frozenset(
+    {
+        *(f.name for f in dataclasses.fields(WorkflowLimits)),
+        "max_queued_workflows",
+        "max_queued_calls",
+        "trace_retention_rows",
+        "workflow_retention_days",
+    }
+)
+"""``[scheduler]`` settings a SIGHUP applies; the others need a restart."""
+PARALLEL_PARSES = 4
+"""Large workflow files parsed at once (on threads) while the receive loop goes on."""
+PRUNE_INTERVAL_S = 60.0
+PRUNE_BATCH = 500
+"""Rows per prune step (~10 ms); the loop yields between steps."""
+"""How often the journal drops (archives) traces and finished workflows past retention."""
 PUBLISH_INTERVAL_S = 1.0
 """How often the snapshot the metrics read is rebuilt (only while metrics are served)."""
 SCALE_REFUSALS = {"unknown_model", "out_of_range"}
@@ -149,12 +179,20 @@ class SchedulerDaemon:
         self.learner: OnlineLearner | None = None
         self.observer: Observer | None = None
         self.metrics = SchedulerMetrics()
+        self.loop_gap = LoopGap(clock)
+        self._after_commit: list[tuple[bytes, Message]] = []
+        self._parses = asyncio.Semaphore(PARALLEL_PARSES)
+        self._background: set[asyncio.Task[None]] = set()
+        """Large submissions being parsed (see `_on_submit`)."""
+        """Replies that promise durability (a workflow id, a result taken): sent once the
+        journal has committed what they promise."""
         self.handler_errors = 0
         self._handlers: dict[type[Message], Handler] = {
             Hello: self._on_hello,
             Ack: self._on_node_ack,
             Error: self._on_node_error,
             Heartbeat: self._on_heartbeat,
+            Goodbye: self._on_goodbye,
             Telemetry: self._on_telemetry,
             Result: self._on_result,
             QueryNodes: self._on_query_nodes,
@@ -189,6 +227,11 @@ class SchedulerDaemon:
                 replica_queue=rc.replica_queue,
                 max_candidates=rc.max_candidates,
                 limits=WorkflowLimits.of(self.cfg),
+                capacity=Capacity(
+                    self.cfg.max_queued_workflows,
+                    self.cfg.max_queued_calls,
+                    self.cfg.recovery_grace_s,
+                ),
             )
             self.scaling = ScaleController(
                 self.scaler_cfg,
@@ -214,8 +257,14 @@ class SchedulerDaemon:
                 self.scaler_cfg.interval_s,
             )
             resumed = await self.workflows.recover()
+            store.commit()
             if resumed:
-                log.info("resuming %d unfinished workflows from %s", resumed, store.path)
+                log.info(
+                    "resuming %d unfinished workflows from %s (calls wait %gs for their nodes)",
+                    resumed,
+                    store.path,
+                    self.cfg.recovery_grace_s,
+                )
             try:
                 self._channel = channel = bind_router(
                     self.cfg.listen, "scheduler", self.clock, self.cfg.max_frame_bytes, curve
@@ -251,6 +300,8 @@ class SchedulerDaemon:
                 tasks = [
                     asyncio.create_task(self._receive(channel), name="receive"),
                     asyncio.create_task(self._sweep(), name="sweep"),
+                    asyncio.create_task(self.loop_gap.run(), name="loop-gap"),
+                    asyncio.create_task(self._prune(store, state_dir), name="prune"),
                     asyncio.create_task(
                         channel.watch_handshakes(self._handshake_refused), name="handshakes"
                     ),
@@ -269,6 +320,7 @@ class SchedulerDaemon:
                     metrics.close()
                 channel.close()
                 store.close()
+                self.learner.close()
                 with contextlib.suppress(OSError):
                     (state_dir / STATE_FILE).unlink()
         log.info("scheduler stopped")
@@ -298,6 +350,30 @@ class SchedulerDaemon:
             log.info(
                 "authorized keys: %d added, %d removed (%d now)", added, removed, len(self.keys)
             )
+
+    def reload(self, cfg: SchedulerConfig | None) -> None:
+        """SIGHUP: rescan the keys, and apply the ``[scheduler]`` settings that can change
+        under a running scheduler (limits, capacity, retention); say which need a restart.
+        ``cfg`` is None when the file could not be read (the running settings stay)."""
+        self.rescan_keys()
+        if cfg is None:
+            return
+        changed = changed_fields(self.cfg, cfg)
+        live = [name for name in changed if name in RELOADABLE]
+        later = [name for name in changed if name not in RELOADABLE]
+        self.cfg = dataclasses.replace(self.cfg, **{name: getattr(cfg, name) for name in live})
+        if self.workflows is not None:
+            self.workflows.limits = WorkflowLimits.of(self.cfg)
+            self.workflows.capacity = dataclasses.replace(
+                self.workflows.capacity,
+                max_workflows=self.cfg.max_queued_workflows,
+                max_queued_calls=self.cfg.max_queued_calls,
+            )
+        log.info(
+            "SIGHUP: [scheduler] %s%s",
+            f"applied {', '.join(live)}" if live else "nothing to apply",
+            f"; {', '.join(later)} changed but need a restart" if later else "",
+        )
 
     async def _rescan_keys(self) -> None:
         async for _ in ticks(self.clock, self.security.rescan_s):
@@ -342,35 +418,64 @@ class SchedulerDaemon:
         return who
 
     async def _receive(self, channel: RouterChannel) -> None:
+        """Frames in bounded batches: each batch is committed to the journal as one
+        transaction, then the replies waiting on it go out, then the loop yields."""
+        clock = self.clock
         while True:
-            peer, env, key = await channel.recv()
-            handler = self._handlers.get(type(env.body))
-            try:
-                who = self._check(self._peer(key), env)
-                if handler is None:
-                    await channel.send(
-                        peer,
-                        Error(
-                            env.seq, "unsupported", f"the scheduler does not accept {env.type!r}"
-                        ),
-                    )
-                    continue
-                await handler(peer, env, who)
-            except Refused as exc:
-                self.auth_refused[exc.reason] += 1
-                self._refusal_log.warning(
-                    exc.reason, "refused %r from %s: %s", env.type, env.sender, exc
+            frame = await channel.recv()
+            started, handled = clock.monotonic(), 0
+            while True:
+                if frame is not None:
+                    await self._handle(channel, *frame)
+                handled += 1
+                if (
+                    handled >= BATCH_FRAMES
+                    or clock.monotonic() - started >= BATCH_S
+                    or not channel.pending()
+                ):
+                    break
+                frame = await channel.recv()
+            await self._commit(channel)
+            await asyncio.sleep(0)
+
+    async def _commit(self, channel: RouterChannel) -> None:
+        assert self.workflows is not None
+        self.workflows.store.commit()
+        replies, self._after_commit = self._after_commit, []
+        for peer, body in replies:
+            await channel.send(peer, body)
+
+    async def _handle(self, channel: RouterChannel, peer: bytes, env: Envelope, key: bytes) -> None:
+        handler = self._handlers.get(type(env.body))
+        try:
+            who = self._check(self._peer(key), env)
+            if handler is None:
+                await channel.send(
+                    peer,
+                    Error(env.seq, "unsupported", f"the scheduler does not accept {env.type!r}"),
                 )
-                if not isinstance(env.body, Error):  # an error never answers an error
-                    await channel.send(peer, Error(env.seq, "forbidden", str(exc)))
-            except Exception as exc:  # the daemon outlives any one bad message
-                self.handler_errors += 1
-                log.exception("handler for %r from %s failed", env.type, env.sender)
-                await channel.send(peer, Error(env.seq, "internal", f"{type(exc).__name__}: {exc}"))
+                return
+            await handler(peer, env, who)
+        except Refused as exc:
+            self.auth_refused[exc.reason] += 1
+            self._refusal_log.warning(
+                exc.reason, "refused %r from %s: %s", env.type, env.sender, exc
+            )
+            if not isinstance(env.body, Error):  # an error never answers an error
+                await channel.send(peer, Error(env.seq, "forbidden", str(exc)))
+        except Exception as exc:  # the daemon outlives any one bad message
+            self.handler_errors += 1
+            log.exception("handler for %r from %s failed", env.type, env.sender)
+            await channel.send(peer, Error(env.seq, "internal", f"{type(exc).__name__}: {exc}"))
 
     async def _sweep(self) -> None:
         assert self.workflows is not None
+        last = self.clock.monotonic()
         async for now in ticks(self.clock, SWEEP_INTERVAL_S):
+            stall_s = now - last - SWEEP_INTERVAL_S
+            last = now
+            if stall_s > SWEEP_INTERVAL_S:  # we were stalled, not our nodes silent
+                self.nodes.excuse(stall_s)
             for change in self.nodes.sweep(now):
                 level = logging.WARNING if change.new != "live" else logging.INFO
                 log.log(
@@ -388,6 +493,32 @@ class SchedulerDaemon:
             if self.learner is not None:
                 self.learner.poll()
                 self.learner.maybe_retrain()
+
+    async def _prune(self, store: Store, state_dir: Path) -> None:
+        """Keep the journal bounded: old traces move to ``STATE/archive/``, finished
+        workflows past retention go, a bounded batch at a time."""
+        cfg = self.cfg
+        if not cfg.trace_retention_rows and not cfg.workflow_retention_days:
+            return
+        async for _ in ticks(self.clock, PRUNE_INTERVAL_S):
+            more = True
+            while more:
+                result = store.prune(
+                    self.clock.time(),
+                    batch=PRUNE_BATCH,
+                    keep_traces=cfg.trace_retention_rows,
+                    keep_finished_s=cfg.workflow_retention_days * 86_400,
+                    archive_dir=state_dir / "archive",
+                )
+                store.commit()
+                if result.traces_deleted or result.workflows_deleted:
+                    log.info(
+                        "journal: archived %d traces, dropped %d finished workflows",
+                        result.traces_deleted,
+                        result.workflows_deleted,
+                    )
+                more = result.more
+                await asyncio.sleep(0)
 
     async def _scale(self) -> None:
         assert self.scaling is not None
@@ -450,7 +581,9 @@ class SchedulerDaemon:
             )
         assert self.workflows is not None and self.scaling is not None
         self.scaling.on_hello(hello)
+        self.workflows.leaving.discard(hello.node)
         await self.workflows.on_hello(hello)
+        await self.workflows.reconcile(hello.node, hello.running)
         await self._reply(peer, Ack(env.seq, "registered"))
 
     async def _seen(self, peer: bytes, env: Envelope) -> bool:
@@ -497,6 +630,27 @@ class SchedulerDaemon:
         if not await self._seen(peer, env):
             await self._unregistered(peer, env)
             return
+        assert isinstance(env.body, Heartbeat) and self.workflows is not None
+        await self.workflows.reconcile(env.sender, env.body.running)
+        await self._reply(peer, Ack(env.seq))
+
+    async def _on_goodbye(self, peer: bytes, env: Envelope, who: Peer) -> None:
+        if not await self._seen(peer, env):
+            await self._unregistered(peer, env)
+            return
+        bye = env.body
+        assert isinstance(bye, Goodbye) and self.workflows is not None
+        rerun = await self.workflows.on_goodbye(env.sender, bye.final, bye.handed_back)
+        if bye.final:
+            self.nodes.remove(env.sender)
+            log.info(
+                "node %s left the cluster (%d calls re-run elsewhere)",
+                env.sender,
+                rerun,
+                extra={"node": env.sender, "state": "left"},
+            )
+        else:
+            log.info("node %s is leaving: no new calls", env.sender)
         await self._reply(peer, Ack(env.seq))
 
     async def _on_telemetry(self, peer: bytes, env: Envelope, who: Peer) -> None:
@@ -513,25 +667,60 @@ class SchedulerDaemon:
         assert isinstance(env.body, Result) and self.workflows is not None
         sent_to = self.workflows.dispatched_to(env.body.call_id)
         if sent_to is not None and sent_to != env.sender:
+            self.workflows.faults.results_dropped["fenced"] += 1
             raise Refused(
                 "foreign_result", f"call {env.body.call_id} was not sent to node {env.sender}"
             )
-        await self._reply(peer, Ack(env.seq))  # the node stops re-sending it
         await self.workflows.on_result(env.sender, env.body)
+        # the node stops re-sending it once acknowledged: only after the journal has it
+        self._after_commit.append((peer, Ack(env.seq)))
 
     async def _on_submit(self, peer: bytes, env: Envelope, who: Peer) -> None:
+        """A small workflow is taken inline and its id sent once the batch is committed. A
+        large one is parsed on a thread by a task of its own, so the receive loop goes on
+        meanwhile (at most `PARALLEL_PARSES` at once; past that the loop waits for one)."""
+        assert isinstance(env.body, Submit)
+        if len(env.body.text) <= INLINE_PARSE_BYTES:
+            reply = await self._submit(env, who)
+            if isinstance(reply, Submitted):  # promises durability: after the commit
+                self._after_commit.append((peer, reply))
+            else:
+                await self._reply(peer, reply)
+            return
+        await self._parses.acquire()
+        task = asyncio.create_task(self._submit_large(peer, env, who), name="submit")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _submit_large(self, peer: bytes, env: Envelope, who: Peer) -> None:
+        assert self.workflows is not None
+        try:
+            reply = await self._submit(env, who)
+            if isinstance(reply, Submitted):
+                self.workflows.store.commit()  # the id goes out only once it is durable
+            await self._reply(peer, reply)
+        except Exception as exc:  # as `_handle` does for inline handlers
+            self.handler_errors += 1
+            log.exception("submit from %s failed", env.sender)
+            await self._reply(peer, Error(env.seq, "internal", f"{type(exc).__name__}: {exc}"))
+        finally:
+            self._parses.release()
+
+    async def _submit(self, env: Envelope, who: Peer) -> Message:
+        """The reply to a submit: the workflow's id, or why it was refused."""
         assert isinstance(env.body, Submit) and self.workflows is not None
         try:
-            wf_id = await self.workflows.submit(env.body, client=who.name)
+            wf_id, existing = await self.workflows.submit(env.body, client=who.name)
+        except Overloaded as exc:
+            self._refusal_log.warning("overloaded", "refused a submit from %r: %s", who.name, exc)
+            return Error(env.seq, "overloaded", str(exc))
         except QuotaExceeded as exc:
             self.auth_refused["quota"] += 1
             self._refusal_log.warning("quota", "refused a submit from %r: %s", who.name, exc)
-            await self._reply(peer, Error(env.seq, "quota_exceeded", str(exc)))
-            return
+            return Error(env.seq, "quota_exceeded", str(exc))
         except WorkflowError as exc:
-            await self._reply(peer, Error(env.seq, "invalid_workflow", str(exc)))
-            return
-        await self._reply(peer, Submitted(wf_id))
+            return Error(env.seq, "invalid_workflow", str(exc))
+        return Submitted(wf_id, existing)
 
     async def _on_query_workflows(self, peer: bytes, env: Envelope, who: Peer) -> None:
         q = env.body
@@ -597,7 +786,8 @@ class SchedulerDaemon:
         await self._reply(peer, Ack(env.seq, version))
 
     def _info(self) -> SchedulerInfo:
-        assert self._channel is not None
+        assert self._channel is not None and self.workflows is not None
+        faults = self.workflows.faults
         return SchedulerInfo(
             endpoint=self._channel.endpoint,
             version=__version__,
@@ -605,6 +795,10 @@ class SchedulerDaemon:
             bad_frames=dict(self._channel.stats.dropped),
             auth_refused=dict(self.auth_refused),
             handler_errors=self.handler_errors,
+            results_dropped=dict(faults.results_dropped),
+            fenced_calls=faults.fenced_calls,
+            overloaded=faults.overloaded,
+            loop_gap_max_s=self.loop_gap.max_s(),
         )
 
     async def _on_query_nodes(self, peer: bytes, env: Envelope, who: Peer) -> None:

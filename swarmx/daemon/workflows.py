@@ -75,6 +75,9 @@ Send = Callable[[str, Message], Awaitable[bool]]
 CALL_TIMEOUT_S: dict[str, float] = {"llm": 900.0, "model": 900.0, "tool": 60.0}
 """How long a call of each kind may take when its step sets no ``timeout_s`` (a tool's is the
 runner's default)."""
+INLINE_PARSE_BYTES = 16_384
+"""Workflow files up to this size are parsed on the event loop (~0.2 ms for a few steps):
+handing them to a thread would cost more than the parse, and holds up the receive loop."""
 CALL_GRACE_S = 60.0
 """Added to a call's timeout before the scheduler gives up on its result: time to queue on the
 node and for the result to come back."""
@@ -82,6 +85,64 @@ node and for the result to come back."""
 
 class QuotaExceeded(WorkflowError):
     """The submitting client already has as many unfinished workflows as it may."""
+
+
+class Overloaded(WorkflowError):
+    """The scheduler holds as many unfinished workflows or queued calls as it may."""
+
+
+RECENT_ENDED = 16_384
+"""Calls whose result came in (or that were cancelled) remembered with their node, so a node
+that still lists one as running, its result just sent, is not taken for a stale one."""
+
+
+@dataclass
+class Faults:
+    """What the scheduler refused or repaired, for the metrics (docs/reliability.md)."""
+
+    results_dropped: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter
+    )
+    """Results not applied, by reason: ``late`` (the call was re-run, cancelled or its result
+    is in already), ``fenced`` (from a node the call no longer belongs to)."""
+    fenced_calls: int = 0
+    """Calls a node still ran after they were given to another node (cancelled there)."""
+    overloaded: int = 0
+    """Submissions refused at the scheduler's capacity."""
+    adopted: int = 0
+    """Calls a node reported running after a restart, taken over instead of re-run."""
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the scheduler holds at most, and how it resumes (`[scheduler]` in the config)."""
+
+    max_workflows: int = 10_000
+    max_queued_calls: int = 100_000
+    recovery_grace_s: float = 5.0
+
+
+DEFAULT_CAPACITY = Capacity()
+
+
+@dataclass(frozen=True)
+class _Adoptee:
+    """A call left unfinished by the scheduler's last run, waiting for a node to say it runs it
+    (`WorkflowService.recover`). ``node`` is where the journal says it went, if anywhere."""
+
+    call: CallSpec
+    node: str
+    replica: str
+    dispatched_ts: float | None
+
+
+@dataclass
+class _Recovery:
+    """The calls a restarted scheduler found unfinished, waiting for their nodes until
+    ``until`` (monotonic)."""
+
+    adopting: dict[str, _Adoptee] = dataclasses.field(default_factory=dict)
+    until: float = 0.0
 
 
 class _Deadlines:
@@ -148,20 +209,19 @@ class WorkflowService:
         replica_queue: int = 0,
         max_candidates: int = 64,
         limits: WorkflowLimits = DEFAULT_LIMITS,
+        capacity: Capacity = DEFAULT_CAPACITY,
     ) -> None:
         self.store = store
         self.limits = limits
+        self.capacity = capacity
         self.nodes = nodes
         self.clock = clock
         self._send = send
         self.learner = learner
-        forecaster = (
-            LiveForecaster(learner, self._query, self._device) if learner is not None else None
-        )
         self.dispatcher = Dispatcher(
             router,
             order,
-            forecaster,
+            LiveForecaster(learner, self._query, self._device) if learner is not None else None,
             replica_queue=replica_queue,
             max_candidates=max_candidates,
         )
@@ -171,7 +231,12 @@ class WorkflowService:
         self._inflight: dict[str, _Inflight] = {}
         self._ready_ts: dict[str, float] = {}
         self._turns: collections.Counter[str] = collections.Counter()
-        self.late_results = 0
+        self.faults = Faults()
+        self.leaving: set[str] = set()
+        """Nodes that said goodbye: they finish what they have and get nothing new."""
+        self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
+        """The last `RECENT_ENDED` calls whose result came or that were cancelled -> node."""
+        self._recovery = _Recovery()
         self._last_prompt: dict[str, str] = {}
         self._bytes_per_token: dict[str, float] = {}
         """Per model, prompt bytes per token as its server counts them: estimates tokens at
@@ -256,12 +321,112 @@ class WorkflowService:
         await self._send_all(assigns)
 
     async def on_node_state(self, node: str, state: str) -> None:
-        """Only replicas on live nodes get new calls."""
+        """Only replicas on live nodes that are not leaving get new calls."""
         now = self.clock.time()
+        live_node = state == "live" and node not in self.leaving
         for view in self.dispatcher.views():
             if view.node == node:
-                live = state == "live" and view.replica not in self.draining
+                live = live_node and view.replica not in self.draining
                 await self._send_all(self.dispatcher.set_live(view.replica, live, now))
+
+    async def on_goodbye(self, node: str, final: bool, handed_back: list[str]) -> int:
+        """A node is leaving: nothing new goes to it; on its final goodbye, every call still
+        booked to it (those it handed back, and any sent after it stopped taking calls) runs
+        elsewhere now, and its replicas are forgotten. Returns the calls re-run."""
+        self.leaving.add(node)
+        await self.on_node_state(node, "live")
+        if not final:
+            return 0
+        self.leaving.discard(node)
+        self.pools.pop(node, None)
+        for view in self.dispatcher.views():
+            if view.node == node:
+                self.draining.pop(view.replica, None)
+                self.dispatcher.remove_replica(view.replica)
+        rerun = [f.call.call_id for f in self._inflight.values() if f.node == node]
+        given = set(handed_back)
+        for call_id in rerun:
+            why = "handed back" if call_id in given else "not started"
+            await self._give_up(call_id, f"node {node} left ({why})")
+        return len(rerun)
+
+    async def reconcile(self, node: str, running: dict[str, str]) -> None:
+        """What a node says it runs (call id -> replica), against what it should run: a call
+        left from before a restart is adopted; one given to another node since, re-run after
+        this node was lost, or cancelled, is cancelled there (fencing)."""
+        stray: list[str] = []
+        for call_id, replica in running.items():
+            f = self._inflight.get(call_id)
+            if f is not None:
+                if f.node != node:
+                    stray.append(call_id)
+                continue
+            adoptee = self._recovery.adopting.pop(call_id, None)
+            if adoptee is not None:
+                self._adopt(adoptee, node, replica)
+            elif self._ended.get(call_id) != node:
+                stray.append(call_id)
+        if stray:
+            self.faults.fenced_calls += len(stray)
+            log.warning(
+                "node %s runs %d calls that are no longer its own (re-run elsewhere or "
+                "cancelled); cancelling them: %s",
+                node,
+                len(stray),
+                ", ".join(stray[:5]) + (" ..." if len(stray) > 5 else ""),
+            )
+            for call_id in stray:
+                self._ended[call_id] = node
+            self._trim_ended()
+            await self._send(node, CancelCalls(stray))
+
+    def _adopt(self, a: _Adoptee, node: str, replica: str) -> None:
+        """Book a call a node runs (or ran) as in flight there, as if just dispatched."""
+        call, now = a.call, self.clock.time()
+        view = next((v for v in self.dispatcher.views() if v.replica == replica), None)
+        f = _Inflight(
+            call,
+            node,
+            replica,
+            a.dispatched_ts or now,
+            a.dispatched_ts or now,
+            self._device(view) if view is not None else DeviceAtDispatch("", 0.0, 0.0, 0.0),
+            runtime_of(view) if view is not None else RuntimeAtDispatch(0, 0),
+            self._turns[call.workflow_id],
+            self._input_kinds(call),
+            0.0,
+            None,
+            "",
+        )
+        self._inflight[call.call_id] = f
+        self._call_deadlines.add(call.call_id, self.clock.monotonic() + _call_limit_s(call))
+        if (a.node, a.replica) != (node, replica):
+            self.store.call_dispatched(call, node, replica, now)
+        self.faults.adopted += 1
+        log.info("call %s adopted: node %s still runs it", call.call_id, node)
+
+    async def _end_recovery(self) -> None:
+        """The grace after a restart is over: calls no node reported run again, as lost calls
+        (a new attempt) where the journal says they had been dispatched."""
+        pending, self._recovery.adopting = self._recovery.adopting, {}
+        for a in pending.values():
+            run = self.runs.get(a.call.workflow_id)
+            if run is None:
+                continue
+            if not a.node:  # never dispatched (or its dispatch never reached the journal)
+                await self._submit_call(a.call)
+                continue
+            done = CallDone(
+                a.call.call_id,
+                False,
+                "",
+                f"node {a.node} did not report it after the scheduler restarted",
+                a.replica,
+                infra=True,
+            )
+            log.warning("call %s: %s; re-running it", a.call.call_id, done.error)
+            self.store.call_done(done, None, None)
+            await self._execute(run, run.on_done(done))
 
     async def on_node_down(self, node: str) -> None:
         """Calls on a lost node are re-run elsewhere; this does not use up a step's retries."""
@@ -292,7 +457,10 @@ class WorkflowService:
         """Give up on calls and workflows past their hard deadlines (call this every few
         seconds): a call with no result by its timeout plus grace is cancelled on its node and
         re-run like a lost one; a workflow running longer than ``workflow_timeout_s`` fails and
-        its calls are cancelled. Costs a heap peek when nothing is due."""
+        its calls are cancelled. Also ends the grace after a restart (`recover`). Costs a heap
+        peek when nothing is due."""
+        if self._recovery.adopting and self.clock.monotonic() >= self._recovery.until:
+            await self._end_recovery()
         for call_id in self._call_deadlines.due(self.clock.monotonic()):
             f = self._inflight.get(call_id)
             if f is not None:
@@ -307,17 +475,26 @@ class WorkflowService:
 
     # --- client requests --------------------------------------------------------------------
 
-    async def submit(self, msg: Submit, client: str = "") -> str:
-        """Validate, journal, start; raises WorkflowError (one line, naming the place), or
-        `QuotaExceeded` when ``client`` (its key name) has too many unfinished workflows.
+    async def submit(self, msg: Submit, client: str = "") -> tuple[str, bool]:
+        """Validate, journal, start; returns the workflow id and whether it existed already
+        (its idempotency key was seen). Raises WorkflowError (one line, naming the place),
+        `QuotaExceeded` when ``client`` (its key name) has too many unfinished workflows, or
+        `Overloaded` when the scheduler holds too many in all.
 
-        Parsing runs on a worker thread (it is linear, yet a 1 MiB file still takes a while);
-        the quota is checked again after it, with no await between that check and the
-        journal, and the id is returned only once the workflow is journaled."""
+        Parsing runs on a worker thread (it is linear, yet a 1 MiB file still takes a while),
+        except for small files (`INLINE_PARSE_BYTES`, a fraction of a millisecond);
+        the key, quota and capacity are checked again after it, with no await between those
+        checks and the journal. The caller commits the journal before returning the id."""
+        existing = self._by_key(client, msg.idempotency_key)
+        if existing is not None:
+            return existing, True
         self._check_quota(client)
-        spec = await asyncio.to_thread(
-            parse_workflow, msg.text, msg.source, msg.overrides, self.limits
-        )
+        if len(msg.text) <= INLINE_PARSE_BYTES:  # cheaper than the hop to a thread and back
+            spec = parse_workflow(msg.text, msg.source, msg.overrides, self.limits)
+        else:
+            spec = await asyncio.to_thread(
+                parse_workflow, msg.text, msg.source, msg.overrides, self.limits
+            )
         served = self.served_models()
         for step in spec.steps:
             model = TOOL_POOL if step.kind == "tool" else step.model
@@ -332,6 +509,9 @@ class WorkflowService:
                     f"{spec.source}:{step.line}: steps (id '{step.id}').model: "
                     f"unknown model {step.model!r} (served: {known})"
                 )
+        existing = self._by_key(client, msg.idempotency_key)
+        if existing is not None:
+            return existing, True
         self._check_quota(client)
         wf_id = f"wf-{secrets.token_hex(4)}"
         now = self.clock.time()
@@ -348,12 +528,19 @@ class WorkflowService:
                 now,
                 None,
                 client,
+                msg.idempotency_key,
             )
         )
         log.info("workflow %s (%s) submitted: %d steps", wf_id, spec.name, len(spec.steps))
         run = self._track(WorkflowRun(wf_id, spec, self.limits), now, client)
         await self._execute(run, run.start())
-        return wf_id
+        return wf_id, False
+
+    def _by_key(self, client: str, key: str) -> str | None:
+        if not key:
+            return None
+        row = self.store.workflow_by_key(client, key)
+        return None if row is None else row.id
 
     def client_of(self, wf_id: str) -> str | None:
         """The key name of the client that submitted a workflow; None if there is none."""
@@ -366,6 +553,15 @@ class WorkflowService:
         return None if f is None else f.node
 
     def _check_quota(self, client: str) -> None:
+        queued = self.dispatcher.queued() + len(self._recovery.adopting)
+        cap = self.capacity
+        if len(self.runs) >= cap.max_workflows or queued >= cap.max_queued_calls:
+            self.faults.overloaded += 1
+            raise Overloaded(
+                f"the scheduler is full: {len(self.runs)} unfinished workflows (most"
+                f" {cap.max_workflows}) and {queued} calls waiting for a replica (most"
+                f" {cap.max_queued_calls}); nothing was accepted, submit again later"
+            )
         limit = self.limits.max_queued_workflows_per_client
         if self._unfinished[client] >= limit:
             who = f"client {client!r} already has" if client else "anonymous clients already have"
@@ -392,8 +588,12 @@ class WorkflowService:
         return True
 
     async def recover(self) -> int:
-        """Resume every workflow the journal says was running when the scheduler stopped."""
+        """Resume every workflow the journal says was running when the scheduler stopped. Its
+        unfinished calls are not sent again at once: for ``recovery_grace_s`` they wait for
+        the nodes, re-registering, to report the calls they still run or have results for
+        (`reconcile`, `on_result`), which are adopted; the rest then run (`_end_recovery`)."""
         rows = self.store.workflows(state="running", limit=1_000_000)
+        self._recovery.until = self.clock.monotonic() + self.capacity.recovery_grace_s
         for row in rows:
             try:
                 spec = parse_workflow(row.spec_text, row.source, row.overrides, self.limits)
@@ -404,17 +604,26 @@ class WorkflowService:
                 continue
             run = replay(row.id, spec, self.store.outcomes(row.id), self.limits)
             self._track(run, row.submitted_ts, row.client)
+            sent = {c.call_id: c for c in self.store.calls(row.id) if c.state == "running"}
             for call in run.outstanding():
-                await self._submit_call(call)
-            log.info("workflow %s resumed: %d calls to re-run", row.id, len(run.outstanding()))
+                c = sent.get(call.call_id)
+                self._recovery.adopting[call.call_id] = (
+                    _Adoptee(call, c.node, c.replica, c.dispatched_ts)
+                    if c is not None
+                    else _Adoptee(call, "", "", None)
+                )
+            log.info("workflow %s resumed: %d calls unfinished", row.id, len(run.outstanding()))
         return len(rows)
 
     # --- results ----------------------------------------------------------------------------
 
     async def on_result(self, node: str, result: Result) -> None:
+        adoptee = self._recovery.adopting.pop(result.call_id, None)
+        if adoptee is not None:  # finished while the scheduler was down
+            self._adopt(adoptee, node, result.replica)
         f = self._inflight.get(result.call_id)
         if f is None:
-            self.late_results += 1  # cancelled, re-run after a node loss, or a duplicate
+            self.faults.results_dropped["late"] += 1  # cancelled, re-run elsewhere, or a duplicate
             return
         done = CallDone(result.call_id, result.ok, result.output, result.error, result.replica)
         await self._done(result.call_id, done, result)
@@ -422,6 +631,9 @@ class WorkflowService:
     async def _done(self, call_id: str, done: CallDone, result: Result | None) -> None:
         f = self._inflight.pop(call_id)
         self._call_deadlines.drop(call_id)
+        if result is not None:
+            self._ended[call_id] = f.node
+            self._trim_ended()
         await self._send_all(self.dispatcher.finished(call_id, self.clock.time()))
         record = None if result is None else self._trace(f, result)
         self.store.call_done(done, result, None if record is None else encode(record))
@@ -432,6 +644,10 @@ class WorkflowService:
         run = self.runs.get(f.call.workflow_id)
         if run is not None:
             await self._execute(run, run.on_done(done))
+
+    def _trim_ended(self) -> None:
+        while len(self._ended) > RECENT_ENDED:
+            self._ended.popitem(last=False)
 
     def _trace(self, f: _Inflight, r: Result) -> TraceRecord:
         c = f.call
@@ -509,9 +725,9 @@ class WorkflowService:
             elif isinstance(ins, EngineCancel):
                 await self._cancel_calls(ins.call_ids)
             elif isinstance(ins, Finished):
-                self._finished(run, ins)
+                await self._finished(run, ins)
 
-    def _finished(self, run: WorkflowRun, fin: Finished) -> None:
+    async def _finished(self, run: WorkflowRun, fin: Finished) -> None:
         now = self.clock.time()
         self.store.finish_workflow(run.id, fin.state, fin.reason, now)
         if self.observer is not None:
@@ -527,8 +743,9 @@ class WorkflowService:
         self._last_prompt.pop(run.id, None)
         if self.learner is not None:
             self.learner.sessions.forget(run.id)
-        queued = [t.call.call_id for t in self.dispatcher.queued_tickets()]
-        self.dispatcher.cancel([c for c in queued if c.startswith(f"{run.id}:")], self.clock.time())
+        for call_id in [c for c in self._recovery.adopting if c.startswith(f"{run.id}:")]:
+            del self._recovery.adopting[call_id]
+        await self._send_all(self.dispatcher.cancel_workflow(run.id, self.clock.time()))
         log.info("workflow %s %s%s", run.id, fin.state, f": {fin.reason}" if fin.reason else "")
 
     async def _submit_call(self, call: CallSpec) -> None:
@@ -686,8 +903,11 @@ class WorkflowService:
         for call_id in call_ids:
             f = self._inflight.pop(call_id, None)
             self._call_deadlines.drop(call_id)
+            self._recovery.adopting.pop(call_id, None)
             if f is not None:
                 by_node[f.node].append(call_id)
+                self._ended[call_id] = f.node
+        self._trim_ended()
         self.store.calls_cancelled(call_ids)
         for node, ids in by_node.items():
             await self._send(node, CancelCalls(ids))

@@ -1,9 +1,13 @@
 """Online adaptation inside the scheduler: forecast at dispatch, learn from every result.
 
 - Every finished call feeds a replay buffer, the session tracker and the cold-start fallback.
-- A background thread retrains (by call count and by time, sooner when calibration drifts):
+- A trainer process retrains (by call count and by time, sooner when calibration drifts):
   fine-tunes a copy of the live model on the buffer, or trains the first one once enough calls
-  have been seen. Routing never waits for it.
+  have been seen. Routing never waits for it, and the scheduler's event loop never stalls on
+  it: torch holds the GIL for seconds at a time, so training runs in its own process (a fresh
+  interpreter, never a fork of one with threads), handed the records through a file that a
+  thread writes a chunk at a time; `OnlineLearner.poll` only looks whether the process has
+  ended, and a thread loads the model it saved.
 - After a shift (calibration drift detected), the learner adapts to the calls since it began:
   it retrains at once, then every ``window_calls`` calls until ``retrain_every_calls`` of them
   have been seen; a fine-tune fits those calls (all but the newest) plus as many older ones
@@ -17,27 +21,39 @@
   a sliding window drifts beyond sampling noise, the window's conformal correction applies at
   once and retraining is brought forward.
 - Versions live in ``<state_dir>/predictors/``; the live one is loaded again after a restart.
+  A training round works in ``<state_dir>/predictors/training/``.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import math
+import os
+import pickle
 import random
+import subprocess
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import IO, TYPE_CHECKING, Protocol
+
+import msgspec
 
 from swarmx.config import PredictorConfig
 from swarmx.models.baselines import FallbackPredictor
 from swarmx.models.dist import LatencyDist
 from swarmx.models.query import Candidate, Query, SessionTracker, queries
 from swarmx.traces import TraceRecord
+
+if TYPE_CHECKING:
+    from swarmx.models.predictor import QuantilePredictor
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +64,25 @@ ACI_GAIN = 0.02
 SHIFT_CAL_FRAC = 0.25
 """After a shift, the newest share of its calls (before the held-out ones) that recalibrates a
 candidate instead of training it: the newest, as the traffic may still be moving."""
+
+JOB_CHUNK = 500
+"""Records encoded at a time into a training job's file: about a millisecond each, so the
+thread writing it never holds the GIL (and the event loop) for long."""
+TRAINER_NICE = 10
+"""The trainer process's niceness: on a busy host the scheduler comes first."""
+STOP_GRACE_S = 5.0
+"""How long a trainer told to stop (SIGTERM) has before it is killed."""
+JOB_FILE, RESULT_FILE, CANDIDATE_FILE = "job.bin", "result.json", "candidate.pt"
+"""In the training directory: what the trainer is given, what it says, what it trained."""
+TRAINER = "swarmx.models.online:_trainer_main"
+"""The trainer process's entry point (``module:function``, given the training directory)."""
+_BOOT = (
+    "import importlib, json, sys; sys.path[:] = json.loads(sys.argv[3]); "
+    "module, _, name = sys.argv[2].partition(':'); "
+    "getattr(importlib.import_module(module), name)(sys.argv[1])"
+)
+"""What the trainer's interpreter runs: the parent's import path, then `TRAINER`. Not
+multiprocessing's spawn, which imports the parent's ``__main__`` again in the child."""
 
 
 class Predictor(Protocol):
@@ -208,9 +243,13 @@ class OnlineLearner:
         has filled the buffer, which then holds nothing older)."""
         self._regime_trained = 0
         """``_regime`` when the last training run started."""
-        self._lock = threading.Lock()
-        self._candidate: tuple[Predictor, float, float] | None = None
-        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+        """Why the last training round failed (None if it did not)."""
+        self.work = self.dir / "training"
+        self._live_file: Path | None = None
+        """The live model's file: what a trainer process fine-tunes."""
+        self._round: _Round | None = None
+        self._loading: _Loading | None = None
         self._load_live()
 
     # --- forecasting ------------------------------------------------------------------------
@@ -230,7 +269,7 @@ class OnlineLearner:
     # --- learning ---------------------------------------------------------------------------
 
     def observe(self, rec: TraceRecord) -> None:
-        """A finished call. Cheap: the heavy work happens on the trainer thread."""
+        """A finished call. Cheap: the heavy work happens in the trainer process."""
         if not rec.ok or rec.latency_s <= 0:
             return
         self.calls_seen += 1
@@ -276,7 +315,7 @@ class OnlineLearner:
         return self._regime is not None and self._regime < self.cfg.retrain_every_calls
 
     def due(self) -> bool:
-        if self._thread is not None or len(self.buffer) < self.cfg.min_calls_to_train:
+        if self.training or len(self.buffer) < self.cfg.min_calls_to_train:
             return False
         if self.live is self.fallback or self._hurry:
             return self._since_train >= min(self.cfg.min_calls_to_train, 100) or self._hurry
@@ -288,108 +327,130 @@ class OnlineLearner:
     def _time_due(self) -> bool:
         return time.monotonic() - self._last_train_mono >= self.cfg.retrain_every_s
 
-    def maybe_retrain(self) -> bool:
-        """Start a background training run if one is due; True if started."""
+    @property
+    def training(self) -> bool:
+        """A round is under way: its trainer running, or its candidate loading."""
+        return self._round is not None or self._loading is not None
+
+    def take_job(self) -> tuple[TrainJob, list[TraceRecord]] | None:
+        """The training round that is due, with its bookkeeping done (None if none is):
+        `maybe_retrain` runs it in a trainer process; a test may run it here (`train_round`)."""
         if not self.due():
-            return False
+            return None
         records = list(self.buffer)
-        base = None if self.live is self.fallback else self.live
         recent = len(records) if self._regime is None else min(self._regime, len(records))
         self._regime_trained = self._regime or 0
         self._since_train, self._hurry = 0, False
         self._last_train_mono = time.monotonic()
-        self._thread = threading.Thread(
-            target=self._train,
-            args=(records, base, recent, dict(self.shift)),
-            name="swarmx-trainer",
-            daemon=True,
+        base = None if self.live is self.fallback else self._live_file
+        job = TrainJob(
+            recent=recent,
+            live_shift=dict(self.shift),
+            base_file=None if base is None else str(base),
+            fallback=pickle.dumps(self.fallback),
+            levels=list(self.levels),
+            holdout_frac=self.cfg.holdout_frac,
+            fine_tune_epochs=self.cfg.fine_tune_epochs,
+            seed=self.calls_seen,
         )
-        self._thread.start()
+        return job, records
+
+    def maybe_retrain(self) -> bool:
+        """Start a training round in a trainer process if one is due; True if started. Costs
+        the event loop a copy of the buffer's list: the rest happens on a thread and there."""
+        taken = self.take_job()
+        if taken is None:
+            return False
+        self._round = _Round(self.work, *taken)
         return True
 
     def wait_training(self, timeout_s: float | None = None) -> None:
-        """Block until the running training run (if any) ends: for tests and offline replays."""
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout_s)
+        """Block until the round under way (if any) has ended and its candidate, if it won,
+        is loaded; the next `poll` installs it. For tests and offline replays."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        run = self._round
+        if run is not None:
+            run.wait(timeout_s)
+            if not run.done():
+                return
+            self._round = None
+            self._collect(run)
+        if self._loading is not None:
+            self._loading.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def poll(self) -> bool:
-        """Install a finished candidate if it beat the live model; True on a swap."""
-        with self._lock:
-            found, self._candidate = self._candidate, None
-        if self._thread is not None and not self._thread.is_alive():
-            self._thread = None
-        if found is None:
+        """Never waits (the scheduler calls it from its event loop): takes a finished round's
+        result, and installs the candidate once a thread has loaded it. True on a swap."""
+        run = self._round
+        if run is not None and run.done():
+            self._round = None
+            self._collect(run)
+        loading = self._loading
+        if loading is None or not loading.done():
             return False
-        candidate, cand_loss, live_loss = found
+        self._loading = None
+        if loading.model is None:
+            self._failed(f"cannot load the trained model {loading.path}: {loading.error}")
+            loading.path.unlink(missing_ok=True)
+            return False
+        self._install(loading.model, loading.path)
+        log.info(
+            "predictor %s is live (held-out pinball %.4f < %.4f)",
+            loading.model.version,
+            loading.cand_loss,
+            loading.live_loss,
+        )
+        return True
+
+    def close(self) -> None:
+        """Stop the round under way, its trainer process included (the scheduler calls this
+        as it stops, so no trainer outlives it). Idempotent."""
+        run, self._round, self._loading = self._round, None, None
+        if run is not None:
+            run.stop()
+            log.info("predictor training stopped")
+
+    def _collect(self, run: _Round) -> None:
+        """A round ended: a candidate that beat the live model is loaded (a thread reads its
+        file; `poll` installs it), a worse one dropped, a failure logged for `status`."""
+        result = run.result()
+        if isinstance(result, str):
+            run.clear()
+            self._failed(result)
+            return
+        version, cand_loss, live_loss = result
         self.last_trained_ts = time.time()
+        self.last_error = None
         if cand_loss >= live_loss:
             self.refused += 1
             log.info(
                 "predictor candidate %s refused: held-out pinball %.4f >= live %.4f",
-                candidate.version,
+                version,
                 cand_loss,
                 live_loss,
             )
-            return False
-        self._install(candidate)
-        log.info(
-            "predictor %s is live (held-out pinball %.4f < %.4f)",
-            candidate.version,
-            cand_loss,
-            live_loss,
-        )
-        return True
+            run.clear()
+            return
+        path = self.dir / f"{version}.pt"
+        (run.work / CANDIDATE_FILE).replace(path)
+        run.clear()
+        self._loading = _Loading(path, cand_loss, live_loss)
 
-    def _install(self, candidate: Predictor) -> None:
-        self.live = candidate
+    def _failed(self, error: str) -> None:
+        """A round that gave nothing: the next is due on the usual schedule."""
+        self.last_error = error
+        log.error("predictor training failed: %s", error)
+
+    def _install(self, candidate: Predictor, path: Path | None = None) -> None:
+        """Make ``candidate`` live; ``path``, its file if already saved there."""
+        self.live, self._live_file = candidate, None
         self.swaps += 1
         self.shift = {}
         self.monitor.clear()
-        self._save(candidate)
-
-    def _train(
-        self,
-        records: list[TraceRecord],
-        base: Predictor | None,
-        recent: int,
-        live_shift: dict[float, float],
-    ) -> None:
-        """Train a candidate on ``records`` (the buffer, oldest first) and judge it on the newest
-        ``holdout_frac`` of the ``recent`` calls (those of the current shift, if any)."""
-        from swarmx.models.predictor import QuantilePredictor
-        from swarmx.models.train import FeatureConfig, fine_tune, train
-
-        try:
-            cut = len(records) - recent + int(recent * (1 - self.cfg.holdout_frac))
-            qs = queries(records)  # session contexts from the whole buffer
-            held_q, held_s = qs[cut:], [r.latency_s for r in records[cut:]]
-            older = len(records) - recent
-            fresh = records[older:cut]
-            if isinstance(base, QuantilePredictor) and older > 0 and fresh:
-                # A shift: fit its calls and as many older ones; calibrate on its newest.
-                split = older + max(1, int(len(fresh) * (1 - SHIFT_CAL_FRAC)))
-                fit = _replay(records[:older], split - older, self.calls_seen)
-                fit += records[older:split]
-                cand: QuantilePredictor = fine_tune(
-                    base, fit, epochs=self.cfg.fine_tune_epochs, cal_frac=0.0
-                )
-                if split < cut:
-                    cand.calibrate(qs[split:cut], [r.latency_s for r in records[split:cut]])
-            elif isinstance(base, QuantilePredictor):
-                cand = fine_tune(base, records[:cut], epochs=self.cfg.fine_tune_epochs)
-            else:
-                cand, _ = train(records[:cut], FeatureConfig(levels=self.levels))
-            digest = cand.version.removeprefix("q-")[:6]
-            cand.version = f"v{int(time.time())}-{len(records)}-{digest}"
-            live = _Served(base if base is not None else self.fallback, live_shift)
-            c_loss = held_out_pinball(cand, held_q, held_s)
-            l_loss = held_out_pinball(live, held_q, held_s)
-        except Exception:  # a failed training run must never take the scheduler down
-            log.exception("predictor training failed")
-            return
-        with self._lock:
-            self._candidate = (cand, c_loss, l_loss)
+        if path is None:
+            self._save(candidate)
+        else:
+            self._point(path)
 
     # --- persistence ------------------------------------------------------------------------
 
@@ -400,8 +461,13 @@ class OnlineLearner:
             return
         path = self.dir / f"{model.version}.pt"
         model.save(path)
+        self._point(path)
+
+    def _point(self, path: Path) -> None:
+        """``path`` is the live model's file (after a restart too); old versions go."""
+        self._live_file = path
         tmp = self.dir / "live.json.tmp"
-        tmp.write_text(json.dumps({"version": model.version, "file": path.name}))
+        tmp.write_text(json.dumps({"version": path.stem, "file": path.name}))
         tmp.replace(self.dir / "live.json")
         versions = sorted(self.dir.glob("*.pt"), key=lambda p: p.stat().st_mtime)
         for old in versions[: -self.cfg.keep_versions]:
@@ -415,8 +481,9 @@ class OnlineLearner:
         from swarmx.models.predictor import QuantilePredictor
 
         try:
-            name = json.loads(pointer.read_text())["file"]
-            self.live = QuantilePredictor.load(self.dir / name)
+            path = self.dir / json.loads(pointer.read_text())["file"]
+            self.live = QuantilePredictor.load(path)
+            self._live_file = path
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             log.error(
                 "cannot load the live predictor from %s (%s); using the fallback", pointer, exc
@@ -445,11 +512,231 @@ class OnlineLearner:
             "recent_coverage": {f"{p:g}": v for p, v in self.monitor.coverage().items()},
             "recent_pinball_s": {f"{p:g}": v for p, v in self.monitor.pinball().items()},
             "online_shift": {f"{p:g}": v for p, v in self.shift.items()},
-            "training": self._thread is not None,
+            "training": self.training,
             "swaps": self.swaps,
             "refused_swaps": self.refused,
             "last_trained_ts": self.last_trained_ts,
+            "last_error": self.last_error,
         }
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What a training round needs besides the records, as the trainer process gets it."""
+
+    recent: int
+    """The newest calls that judge (and, after a shift, train) the candidate."""
+    live_shift: dict[float, float]
+    """The online shift the live model is served with (it is judged as served)."""
+    base_file: str | None
+    """The live model's file, fine-tuned; None to train the first model."""
+    fallback: bytes
+    """The fallback predictor as it stood (pickled): the live model judged when none is."""
+    levels: list[float]
+    holdout_frac: float
+    fine_tune_epochs: int
+    seed: int
+
+
+def train_round(
+    job: TrainJob,
+    records: list[TraceRecord],
+    base: Predictor | None,
+    fallback: Predictor,
+) -> tuple[QuantilePredictor, float, float]:
+    """A candidate trained on ``records`` (the buffer, oldest first), with its held-out pinball
+    and the live model's (``base``, or ``fallback`` when None, as served) on the newest
+    ``holdout_frac`` of the ``recent`` calls (those of the current shift, if any)."""
+    from swarmx.models.predictor import QuantilePredictor
+    from swarmx.models.train import FeatureConfig, fine_tune, train
+
+    recent = job.recent
+    cut = len(records) - recent + int(recent * (1 - job.holdout_frac))
+    qs = queries(records)  # session contexts from the whole buffer
+    held_q, held_s = qs[cut:], [r.latency_s for r in records[cut:]]
+    older = len(records) - recent
+    fresh = records[older:cut]
+    if isinstance(base, QuantilePredictor) and older > 0 and fresh:
+        # A shift: fit its calls and as many older ones; calibrate on its newest.
+        split = older + max(1, int(len(fresh) * (1 - SHIFT_CAL_FRAC)))
+        fit = _replay(records[:older], split - older, job.seed)
+        fit += records[older:split]
+        cand: QuantilePredictor = fine_tune(base, fit, epochs=job.fine_tune_epochs, cal_frac=0.0)
+        if split < cut:
+            cand.calibrate(qs[split:cut], [r.latency_s for r in records[split:cut]])
+    elif isinstance(base, QuantilePredictor):
+        cand = fine_tune(base, records[:cut], epochs=job.fine_tune_epochs)
+    else:
+        cand, _ = train(records[:cut], FeatureConfig(levels=tuple(job.levels)))
+    digest = cand.version.removeprefix("q-")[:6]
+    cand.version = f"v{int(time.time())}-{len(records)}-{digest}"
+    live = _Served(base if base is not None else fallback, job.live_shift)
+    return cand, held_out_pinball(cand, held_q, held_s), held_out_pinball(live, held_q, held_s)
+
+
+def _write_job(
+    path: Path, job: TrainJob, records: list[TraceRecord], stop: threading.Event
+) -> None:
+    """The job, then the records `JOB_CHUNK` at a time, each a length-prefixed msgpack frame."""
+    enc = msgspec.msgpack.Encoder()
+    with path.open("wb") as f:
+        _frame(f, enc.encode(job))
+        for i in range(0, len(records), JOB_CHUNK):
+            if stop.is_set():
+                return
+            _frame(f, enc.encode(records[i : i + JOB_CHUNK]))
+
+
+def _frame(f: IO[bytes], data: bytes) -> None:
+    f.write(len(data).to_bytes(8, "little"))
+    f.write(data)
+
+
+def _read_job(path: Path) -> tuple[TrainJob, list[TraceRecord]]:
+    data = memoryview(path.read_bytes())
+    frames, pos = [], 0
+    while pos < len(data):
+        n = int.from_bytes(data[pos : pos + 8], "little")
+        frames.append(data[pos + 8 : pos + 8 + n])
+        pos += 8 + n
+    job = msgspec.msgpack.decode(frames[0], type=TrainJob)
+    chunk = msgspec.msgpack.Decoder(list[TraceRecord])
+    return job, [r for f in frames[1:] for r in chunk.decode(f)]
+
+
+def _trainer_main(work: str) -> None:
+    """The trainer process: train on the job in ``work``, save the candidate there and write
+    the result (or the error) beside it. It stops by itself if the scheduler dies."""
+    os.nice(TRAINER_NICE)
+    parent = os.getppid()
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+    out = Path(work)
+    try:
+        job, records = _read_job(out / JOB_FILE)
+        base = load_model(Path(job.base_file)) if job.base_file else None
+        fallback: Predictor = pickle.loads(job.fallback)
+        cand, cand_loss, live_loss = train_round(job, records, base, fallback)
+        cand.save(out / CANDIDATE_FILE)
+        result: dict[str, object] = {
+            "version": cand.version,
+            "candidate_loss": cand_loss,
+            "live_loss": live_loss,
+        }
+    except Exception:  # the process boundary: whatever went wrong, the scheduler is told why
+        result = {"error": traceback.format_exc()}
+    tmp = out / f"{RESULT_FILE}.tmp"
+    tmp.write_text(json.dumps(result))
+    tmp.replace(out / RESULT_FILE)
+    if "error" in result:
+        raise SystemExit(1)
+
+
+def _exit_with(parent: int) -> None:
+    """A trainer whose scheduler is gone (killed without a chance to stop it) stops too."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(3)
+
+
+class _Round:
+    """One training round: a thread writes the job file and starts the trainer process; the
+    event loop only asks whether it has ended, never waits for it."""
+
+    def __init__(self, work: Path, job: TrainJob, records: list[TraceRecord]) -> None:
+        self.work = work
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.error: str | None = None
+        """Why the trainer could not be started."""
+        self._stop = threading.Event()
+        self._starter = threading.Thread(
+            target=self._start, args=(job, records), name="swarmx-trainer-start", daemon=True
+        )
+        self._starter.start()
+
+    def _start(self, job: TrainJob, records: list[TraceRecord]) -> None:
+        try:
+            self.work.mkdir(parents=True, exist_ok=True)
+            self.clear()
+            _write_job(self.work / JOB_FILE, job, records, self._stop)
+            if self._stop.is_set():
+                return
+            argv = [sys.executable, "-c", _BOOT, str(self.work), TRAINER, json.dumps(sys.path)]
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        except Exception as exc:  # a thread's boundary: the round fails and says why
+            log.exception("cannot start the predictor trainer")
+            self.error = f"cannot start the trainer: {exc!r}"
+
+    def done(self) -> bool:
+        """Without waiting: the trainer has exited (or never started)."""
+        if self._starter.is_alive():
+            return False
+        return self.proc is None or self.proc.poll() is not None
+
+    def wait(self, timeout_s: float | None) -> None:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._starter.join(timeout_s)
+        if self.proc is not None:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(left)
+
+    def result(self) -> tuple[str, float, float] | str:
+        """(candidate version, its held-out pinball, the live model's), or what went wrong."""
+        if self.error is not None:
+            return self.error
+        if self.proc is None:
+            return "the trainer was stopped before it started"
+        code = self.proc.returncode
+        try:
+            out = json.loads((self.work / RESULT_FILE).read_text())
+        except (OSError, ValueError):
+            return f"the trainer exited with code {code}, leaving no result"
+        if "error" in out:
+            return f"the trainer exited with code {code}: {out['error']}"
+        return str(out["version"]), float(out["candidate_loss"]), float(out["live_loss"])
+
+    def stop(self) -> None:
+        """Stop the trainer, waiting for it (`STOP_GRACE_S`, then killed)."""
+        self._stop.set()
+        self._starter.join()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.clear()
+
+    def clear(self) -> None:
+        """Remove the round's files (the job's records are the large one)."""
+        for name in (JOB_FILE, RESULT_FILE, CANDIDATE_FILE):
+            (self.work / name).unlink(missing_ok=True)
+
+
+class _Loading:
+    """A trained model's file read on a thread: loading takes long enough (and importing torch,
+    the first time, far longer) that the event loop must not do it."""
+
+    def __init__(self, path: Path, cand_loss: float, live_loss: float) -> None:
+        self.path, self.cand_loss, self.live_loss = path, cand_loss, live_loss
+        self.model: Predictor | None = None
+        self.error = "the loader stopped"
+        self._thread = threading.Thread(target=self._load, name="swarmx-model-load", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            self.model = load_model(self.path)
+        except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as exc:
+            self.error = str(exc)
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout_s: float | None) -> None:
+        self._thread.join(timeout_s)
 
 
 def load_model(path: Path) -> Predictor:

@@ -14,7 +14,7 @@ import bisect
 import heapq
 import itertools
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -176,6 +176,52 @@ def _outstanding(view: ReplicaView) -> int:
     return view.outstanding
 
 
+class _MinBag:
+    """A multiset of floats that gives its least: adds and removals in O(log n) amortized, as
+    a heap whose removed values wait in a counter until they reach the top, rebuilt once they
+    outnumber the values kept (the per-pool budgets, read at every call)."""
+
+    __slots__ = ("_gone", "_heap", "_n_gone")
+
+    def __init__(self) -> None:
+        self._heap: list[float] = []
+        self._gone: Counter[float] = Counter()
+        """Removed values not yet out of the heap, with how many of each."""
+        self._n_gone = 0
+
+    def __len__(self) -> int:
+        return len(self._heap) - self._n_gone
+
+    def add(self, x: float) -> None:
+        heapq.heappush(self._heap, x)
+
+    def remove(self, x: float) -> None:
+        """Remove one ``x``, which must be in the bag."""
+        self._gone[x] += 1
+        self._n_gone += 1
+        if self._n_gone > len(self):
+            kept: list[float] = []
+            for v in self._heap:
+                if self._gone[v]:
+                    self._gone[v] -= 1
+                else:
+                    kept.append(v)
+            heapq.heapify(kept)
+            self._heap, self._n_gone = kept, 0
+            self._gone.clear()
+
+    def least(self) -> float | None:
+        heap, gone = self._heap, self._gone
+        while heap and heap[0] in gone:
+            x = heapq.heappop(heap)
+            self._n_gone -= 1
+            if gone[x] == 1:
+                del gone[x]
+            else:
+                gone[x] -= 1
+        return heap[0] if heap else None
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -200,9 +246,20 @@ class Dispatcher:
         """Per model, the current views of the replicas with room: the candidates, kept up to
         date as replicas change so a decision never scans the full ones."""
         self._queues: dict[str, list[tuple[float, int, Ticket]]] = {}
+        """Per model, a heap of the waiting calls in queue order (key, sequence number,
+        ticket). A cancelled call's entry stays until it reaches the top or cancelled entries
+        outnumber the live ones and the heap is rebuilt; ``_waiting`` tells which are live."""
+        self._waiting: dict[str, tuple[float, int, Ticket]] = {}
+        """call id -> its live queue entry."""
+        self._live: dict[str, int] = {}
+        """Per model, the live entries in its queue."""
         self._seq = itertools.count()
         self._where: dict[str, tuple[str, Ticket]] = {}
         """call id -> (replica, ticket), for calls assigned and not finished."""
+        self._by_workflow: dict[str, dict[str, None]] = {}
+        """workflow id -> the ids of its calls queued or assigned (an ordered set)."""
+        self._budgets: dict[str, _MinBag] = {}
+        """Per pool, deadline - arrival of its calls queued or assigned that have a deadline."""
         self._band: dict[str, tuple[int, float]] = {}
         """call id -> (`LOAD_BANDS` band of its replica's occupancy when it was placed, the
         median of its service forecast there)."""
@@ -228,7 +285,9 @@ class Dispatcher:
             return []
         self._open.get(rep.view.model, {}).pop(replica, None)
         for call_id in rep.work:
-            self._where.pop(call_id, None)
+            where = self._where.pop(call_id, None)
+            if where is not None:
+                self._forget(where[1])
             self._band.pop(call_id, None)
         return list(rep.work)
 
@@ -249,17 +308,29 @@ class Dispatcher:
     # --- calls ------------------------------------------------------------------------------
 
     def submit(self, ticket: Ticket, now_s: float) -> list[Assign]:
-        model = pool_of(ticket.call)
+        """A call is ready. Call ids are unique (the engine's ``wf:step:index:attempt``): one
+        already queued or running is refused."""
+        call = ticket.call
+        if call.call_id in self._waiting or call.call_id in self._where:
+            raise ValueError(f"call {call.call_id} is already queued or running")
+        model = pool_of(call)
         self.pools.setdefault(model, PoolStats()).arrivals += 1
-        heapq.heappush(
-            self._queues.setdefault(model, []), (self._key(ticket), next(self._seq), ticket)
-        )
+        entry = (self._key(ticket), next(self._seq), ticket)
+        heapq.heappush(self._queues.setdefault(model, []), entry)
+        self._waiting[call.call_id] = entry
+        self._live[model] = self._live.get(model, 0) + 1
+        self._by_workflow.setdefault(call.workflow_id, {})[call.call_id] = None
+        if ticket.deadline_s is not None:
+            self._budgets.setdefault(model, _MinBag()).add(ticket.deadline_s - ticket.arrived_s)
         return self._drain(model, now_s)
 
     def finished(self, call_id: str, now_s: float) -> list[Assign]:
         """A call ended (any outcome): its slot frees and queued calls of that model may go."""
         where = self._where.pop(call_id, None)
-        rep = self.replicas.get(where[0]) if where else None
+        if where is None:
+            return []
+        self._forget(where[1])
+        rep = self.replicas.get(where[0])
         if rep is None:
             return []
         work = rep.work.pop(call_id, None)
@@ -272,18 +343,19 @@ class Dispatcher:
         return self._drain(rep.view.model, now_s)
 
     def cancel(self, call_ids: Sequence[str], now_s: float) -> list[Assign]:
-        """Drop calls, queued or assigned; frees their slots."""
-        drop = set(call_ids)
+        """Drop calls, queued or assigned; frees their slots. Costs O(log n) per call in the
+        calls queued (amortized): a queued call is only marked gone (see ``_queues``)."""
         models: set[str] = set()
-        for model, queue in self._queues.items():
-            kept = [e for e in queue if e[2].call.call_id not in drop]
-            if len(kept) != len(queue):
-                heapq.heapify(kept)
-                self._queues[model] = kept
-        for call_id in drop:
+        for call_id in dict.fromkeys(call_ids):
             self._band.pop(call_id, None)
+            if call_id in self._waiting:
+                self._unqueue(call_id)
+                continue
             where = self._where.pop(call_id, None)
-            rep = self.replicas.get(where[0]) if where else None
+            if where is None:
+                continue
+            self._forget(where[1])
+            rep = self.replicas.get(where[0])
             if rep is not None:
                 rep.work.pop(call_id, None)
                 self._refresh(rep)
@@ -293,21 +365,27 @@ class Dispatcher:
             out += self._drain(model, now_s)
         return out
 
+    def cancel_workflow(self, workflow_id: str, now_s: float) -> list[Assign]:
+        """Drop a workflow's calls, queued or assigned (`cancel`), found through an index by
+        workflow: the cost is that workflow's calls, not the queue's."""
+        calls = self._by_workflow.get(workflow_id)
+        return self.cancel(list(calls), now_s) if calls else []
+
     def queued(self, model: str | None = None) -> int:
         if model is not None:
-            return len(self._queues.get(model, ()))
-        return sum(len(q) for q in self._queues.values())
+            return self._live.get(model, 0)
+        return sum(self._live.values())
 
     def queued_tickets(self) -> list[Ticket]:
-        return [e[2] for q in self._queues.values() for e in sorted(q)]
+        """The waiting calls per model in queue order: O(n log n), for views, never per call."""
+        return [e[2] for q in self._queues.values() for e in sorted(q) if self._is_live(e)]
 
     def budget_s(self, pool: str) -> float | None:
         """The tightest time allowed (deadline - arrival) to this pool's calls waiting or
         running: the latency target a scaler sizes the pool for; None without deadlines."""
-        tickets = [e[2] for e in self._queues.get(pool, ())]
-        tickets += [t for _, t in self._where.values() if pool_of(t.call) == pool]
-        budgets = [t.deadline_s - t.arrived_s for t in tickets if t.deadline_s is not None]
-        return max(min(budgets), 1e-3) if budgets else None
+        bag = self._budgets.get(pool)
+        least = bag.least() if bag is not None else None
+        return None if least is None else max(least, 1e-3)
 
     def drain_all(self, now_s: float) -> list[Assign]:
         out: list[Assign] = []
@@ -332,13 +410,48 @@ class Dispatcher:
         else:
             open_.pop(rep.view.replica, None)
 
+    def _is_live(self, entry: tuple[float, int, Ticket]) -> bool:
+        return self._waiting.get(entry[2].call.call_id) is entry
+
+    def _unqueue(self, call_id: str) -> None:
+        """A queued call is cancelled: its entry is marked gone, and the heap rebuilt once
+        gone entries outnumber live ones (so each cancel costs O(1) amortized)."""
+        ticket = self._waiting.pop(call_id)[2]
+        self._forget(ticket)
+        model = pool_of(ticket.call)
+        live = self._live[model] = self._live[model] - 1
+        queue = self._queues[model]
+        if len(queue) - live > live:
+            queue[:] = [e for e in queue if self._is_live(e)]
+            heapq.heapify(queue)
+
+    def _forget(self, ticket: Ticket) -> None:
+        """A call leaves the dispatcher (cancelled, finished, its replica gone)."""
+        call = ticket.call
+        calls = self._by_workflow.get(call.workflow_id)
+        if calls is not None:
+            calls.pop(call.call_id, None)
+            if not calls:
+                del self._by_workflow[call.workflow_id]
+        if ticket.deadline_s is not None:
+            self._budgets[pool_of(call)].remove(ticket.deadline_s - ticket.arrived_s)
+
     def _drain(self, model: str, now_s: float) -> list[Assign]:
-        queue = self._queues.get(model)
         out: list[Assign] = []
-        open_ = self._open.get(model, {})
-        while queue and open_:
-            _, _, ticket = heapq.heappop(queue)
+        open_ = self._open.get(model)
+        if not open_ or not self._live.get(model):
+            return out
+        queue = self._queues[model]
+        while self._live[model] and open_:
+            entry = heapq.heappop(queue)
+            if not self._is_live(entry):
+                continue  # cancelled while queued
+            ticket = entry[2]
+            del self._waiting[ticket.call.call_id]
+            self._live[model] -= 1
             out.append(self._assign(ticket, list(open_.values()), now_s))
+        if not self._live[model]:
+            queue.clear()  # only cancelled entries are left
         return out
 
     def _assign(self, ticket: Ticket, cands: list[ReplicaView], now_s: float) -> Assign:

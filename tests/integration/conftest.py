@@ -16,12 +16,19 @@ import pytest
 from swarmx.daemon.scheduler import read_state_file
 
 FAST_CONFIG = """
+[scheduler]
+# 0.6 s and 2 s at these heartbeats: a loaded 2-core CI machine stalls agents for longer than
+# the defaults (3 missed) would allow at 0.2 s
+stale_after_missed = 3
+down_after_missed = 10
+
 [node]
 heartbeat_interval_s = 0.2
 telemetry_interval_s = 0.2
 gpus = "auto"
 tool_slots = 2
 tool_commands = ["*"]
+tool_lease_s = 1.5
 
 [[node.replicas]]
 model = "lm"

@@ -62,8 +62,9 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
 def test_scheduler_and_node_metrics_after_a_workflow(procs):
     sched_port, node_port = free_ports(1), free_ports(1)
     procs.config.write_text(
-        f"[scheduler]\nmetrics_port = {sched_port}\n\n"
-        + FAST_CONFIG.replace("[node]\n", f"[node]\nmetrics_port = {node_port}\n")
+        FAST_CONFIG.replace("[scheduler]\n", f"[scheduler]\nmetrics_port = {sched_port}\n").replace(
+            "[node]\n", f"[node]\nmetrics_port = {node_port}\n"
+        )
     )
     json_logs = {"SWARMX_LOG_FORMAT": "json"}
     sched, endpoint = procs.scheduler(env=json_logs)
@@ -135,7 +136,9 @@ def test_scheduler_and_node_metrics_after_a_workflow(procs):
 
 def test_up_serves_metrics_for_the_scheduler_and_each_node(procs):
     base = free_ports(3)
-    procs.config.write_text(f"[scheduler]\nmetrics_port = {base}\n\n{FAST_CONFIG}")
+    procs.config.write_text(
+        FAST_CONFIG.replace("[scheduler]\n", f"[scheduler]\nmetrics_port = {base}\n")
+    )
     up, _, _ = start_up(procs, nodes=2)
     wait_for(
         lambda: f"metrics: http://127.0.0.1:{base}/metrics (scheduler)" in procs.log("up"),

@@ -57,3 +57,18 @@ def test_telemetry_is_kept_and_views_are_sorted():
     assert views[1].telemetry is None
     assert "b" in t
     assert "zzz" not in t
+
+
+def test_time_the_scheduler_itself_stalled_is_not_held_against_its_nodes():
+    t = table()
+    t.register(HELLO, b"p1", now_mono=100.0, now_ts=5.0)
+    t.excuse(8.0)  # the sweep ran 8 s late: heartbeats sent meanwhile wait unread
+    assert t.sweep(109.0) == []
+    assert t.sweep(118.0) == [Transition("n1", "live", "down")]
+
+
+def test_a_node_that_left_is_forgotten():
+    t = table()
+    t.register(HELLO, b"p1", 0.0, 0.0)
+    t.remove("n1")
+    assert "n1" not in t and t.sweep(100.0) == []

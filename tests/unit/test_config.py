@@ -22,7 +22,7 @@ def test_defaults_without_a_file():
     cfg = load_config(None)
     assert cfg == Config()
     assert cfg.scheduler.listen == DEFAULT_SCHEDULER
-    assert (cfg.scheduler.stale_after_missed, cfg.scheduler.down_after_missed) == (3, 10)
+    assert (cfg.scheduler.stale_after_missed, cfg.scheduler.down_after_missed) == (2, 3)
     assert cfg.node.telemetry_interval_s == 1.0
 
 

@@ -14,6 +14,7 @@ from swarmx.protocol import (
     Dispatch,
     Error,
     ExportTraces,
+    Goodbye,
     GpuInfo,
     GpuProcess,
     GpuSample,
@@ -142,7 +143,8 @@ TOP = TopReply(
 SAMPLES = [
     HELLO,
     TELEMETRY,
-    Heartbeat(3.0, 2),
+    Heartbeat(3.0, 2, {"wf-1:a:0:1": "n1/lm#0"}),
+    Goodbye(True, ["wf-1:a:0:1"]),
     Dispatch("c1", "w1", "s1", "r1", "llm", "llama", "hi", 16, {"k": "v"}),
     Dispatch("c2", "w1", "t", "cpu", "tool", "", command=["pytest", "-q"], timeout_s=30.0),
     Result("c1", "r1", True, "out", "", 0.1, 1.2, 0.05, 3, 16),

@@ -162,7 +162,11 @@ def test_environment_is_bounded(monkeypatch):
         "TMPDIR",
         "SWARMX_CALL_ID",
         "SWARMX_TOOL_TOKEN",
+        "SWARMX_TOOL_NODE",
+        "SWARMX_TOOL_AGENT",
     }
+    assert env["SWARMX_TOOL_NODE"] == NODE  # with the agent's pid: how a later agent finds orphans
+    assert env["SWARMX_TOOL_AGENT"] == str(os.getpid())
     assert env["PATH"] == os.environ["PATH"]
     assert env["SWARMX_TEST_PASSED"] == "visible"
     assert env["SWARMX_CALL_ID"] == "call-42"
@@ -287,8 +291,13 @@ def test_star_runs_any_command():
 
 def test_no_commands_refuses_every_call_and_warns_at_start(caplog):
     runner = make(commands=[])
+
+    async def start_and_close():
+        await runner.start()
+        await runner.close()
+
     with caplog.at_level(logging.WARNING, logger="swarmx.backends.tools"):
-        asyncio.run(runner.start())
+        asyncio.run(start_and_close())
     assert "node-1" in caplog.text
     assert "tool_commands is empty" in caplog.text
     out = run(runner, tool(["echo", "hi"]))

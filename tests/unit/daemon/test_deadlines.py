@@ -103,7 +103,8 @@ class Cluster:
         await self.service.on_hello(hello)
 
     async def submit(self, text: str, client: str = "") -> str:
-        return await self.service.submit(Submit("wf.toml", textwrap.dedent(text)), client)
+        wf_id, _ = await self.service.submit(Submit("wf.toml", textwrap.dedent(text)), client)
+        return wf_id
 
     async def finish(self, call_id: str, output: str = "ok", latency_s: float = 1.0) -> None:
         result = Result(call_id, "n/lm#0", True, output, "", 0.0, latency_s, None, 3, 3)
@@ -358,7 +359,7 @@ def test_a_result_sent_twice_counts_once(tmp_path):
         return c, wf
 
     c, wf = asyncio.run(main())
-    assert c.service.late_results == 1
+    assert c.service.faults.results_dropped["late"] == 1
     assert [d.step_id for d in c.sent] == ["a", "b", "c"]
     assert c.service.store.workflow(wf).state == "succeeded"
     assert c.sent[1].prompt == "second one"

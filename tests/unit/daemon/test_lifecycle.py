@@ -4,8 +4,8 @@ import socket
 
 import pytest
 
-from swarmx.clock import ticks
-from swarmx.daemon.lifecycle import SystemdNotifier, run_until_stopped
+from swarmx.clock import ManualClock, ticks
+from swarmx.daemon.lifecycle import LoopGap, SystemdNotifier, run_until_stopped
 
 
 def test_notifier_is_a_no_op_outside_systemd():
@@ -92,3 +92,45 @@ def test_run_until_stopped_raises_when_a_task_dies():
 
     with pytest.raises(ValueError, match="collector broke"):
         asyncio.run(main())
+
+
+def test_loop_gap_reports_the_worst_stall_of_the_last_window():
+    clock = ManualClock(100.0)
+    gap = LoopGap(clock, window_s=10.0)
+    gap.record(0.001)
+    gap.record(0.25)
+    clock.now += 1
+    gap.record(0.002)
+    assert gap.max_s() == 0.25
+    clock.now += 10  # the stall has left the window
+    gap.record(0.003)
+    assert gap.max_s() == 0.003
+
+
+def test_run_until_stopped_runs_the_leave_while_the_tasks_still_run():
+    async def main():
+        stop = asyncio.Event()
+        ticks_seen: list[int] = []
+
+        async def ticker():
+            while True:
+                ticks_seen.append(1)
+                await asyncio.sleep(0.001)
+
+        async def leave():
+            before = len(ticks_seen)
+            await asyncio.sleep(0.02)
+            return len(ticks_seen) - before
+
+        task = asyncio.create_task(ticker())
+        result: list[int] = []
+
+        async def on_stop():
+            result.append(await leave())
+
+        stop.set()
+        await run_until_stopped(stop, [task], on_stop=on_stop)
+        return task, result
+
+    task, result = asyncio.run(main())
+    assert task.cancelled() and result[0] > 0

@@ -95,7 +95,8 @@ class Cluster:
 
     async def submit(self, slo_s: float = 10) -> str:
         text = textwrap.dedent(FAN).replace("slo_s = 10", f"slo_s = {slo_s}")
-        return await self.service.submit(Submit("wf.toml", text))
+        wf_id, _ = await self.service.submit(Submit("wf.toml", text))
+        return wf_id
 
     async def finish_all(self, latency_s: float) -> None:
         """Every dispatched call so far ends now, taking ``latency_s``."""

@@ -520,3 +520,24 @@ def test_the_torch_backend_scales_too():
     result, listed = serve_scaling(test, cfg)
     assert result.ok, result.error
     assert listed == ["node/tiny#0"]
+
+
+def test_a_node_knows_which_calls_it_runs_and_which_ended():
+    async def test(node):
+        slow = Slow()
+        node.rs.replicas[LM0].backend = slow
+        node.submit(llm("c1"))
+        node.submit(llm("c2"))
+        await node.until(lambda: slow.started == ["c1"])
+        running = node.rs.running()
+        seen = node.rs.seen("c1"), node.rs.seen("nope")
+        node.rs.cancel(["c2"])
+        await node.until(lambda: "c1" in node.results)
+        await asyncio.sleep(0.01)
+        return running, seen, node.rs.seen("c1"), node.rs.seen("c2"), node.rs.running()
+
+    running, seen, c1, c2, after = serve(test)
+    assert running == {"c1": LM0, "c2": LM0}
+    assert seen == ("running", None)
+    assert (c1, c2) == ("ended", "ended")  # a cancelled id is not run again either
+    assert after == {}

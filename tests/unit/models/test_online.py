@@ -3,16 +3,71 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import pickle
 import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
 
 from swarmx.config import PredictorConfig
+from swarmx.models import online
 from swarmx.models.dist import LatencyDist
-from swarmx.models.online import Monitor, OnlineLearner, held_out_pinball
+from swarmx.models.online import Monitor, OnlineLearner, held_out_pinball, train_round
 from swarmx.models.query import Query
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
 
 LEVELS = (0.5, 0.9)
+HERE = "tests.unit.models.test_online"
+
+
+# Trainer entry points for `online.TRAINER`: they run in the trainer process, which imports
+# this module again (a monkeypatch in the test's own process does not reach it).
+
+
+def _stuck_trainer(work: str) -> None:
+    """A trainer that does not finish."""
+    time.sleep(60)
+
+
+def _failing_trainer(work: str) -> None:
+    """The real trainer, whose training raises."""
+
+    def boom(*args: object) -> None:
+        raise RuntimeError("boom")
+
+    online.train_round = boom  # type: ignore[assignment]
+    online._trainer_main(work)
+
+
+def _twenty_times_too_slow(model, recs, **kw):
+    worse = model.copy()
+    worse.set_online_shift({p: math.log(20) for p in LEVELS})
+    return worse
+
+
+def _worse_trainer(work: str) -> None:
+    """The real trainer, whose fine-tune makes a candidate 20x too slow."""
+    import swarmx.models.train as train_mod
+
+    train_mod.fine_tune = _twenty_times_too_slow
+    online._trainer_main(work)
+
+
+def _started(learner: OnlineLearner) -> subprocess.Popen[bytes]:
+    """The trainer process of the round under way, once its job is written."""
+    deadline = time.monotonic() + 30
+    while (run := learner._round) is not None and run.proc is None:
+        assert time.monotonic() < deadline, "no trainer started"
+        time.sleep(0.01)
+    assert run is not None and run.proc is not None
+    return run.proc
 
 
 def record(
@@ -114,6 +169,7 @@ def test_held_out_pinball_prefers_the_sharper_right_forecast():
 
 
 def test_guarded_swap_refuses_a_worse_candidate_and_keeps_versions(tmp_path, monkeypatch):
+    """Through a real trainer process, whose fine-tune is made to fail the guard."""
     import swarmx.models.train as train_mod
     from swarmx.models.predictor import FeatureConfig
     from tests.unit.models.test_predictor import synth
@@ -127,19 +183,17 @@ def test_guarded_swap_refuses_a_worse_candidate_and_keeps_versions(tmp_path, mon
     assert (good.kind, good.version) == ("trained", version)
     assert (tmp_path / "predictors" / "live.json").exists()
 
-    def broken(model, recs, **kw):  # a candidate whose forecasts are 20x too slow
-        worse = model.copy()
-        worse.set_online_shift({p: math.log(20) for p in LEVELS})
-        return worse
-
-    monkeypatch.setattr(train_mod, "fine_tune", broken)
+    monkeypatch.setattr(online, "TRAINER", f"{HERE}:_worse_trainer")
     for r in synth(60, seed=4):
         learner.observe(r)
     assert learner.maybe_retrain()
-    learner.wait_training()
+    learner.wait_training(120)
     assert not learner.poll()
     assert learner.live is good
     assert learner.refused == 1
+    assert learner.status()["last_error"] is None
+    assert sorted(p.name for p in (tmp_path / "predictors").glob("*.pt")) == [f"{version}.pt"]
+    assert list((tmp_path / "predictors" / "training").iterdir()) == []
 
     again = OnlineLearner(tmp_path, cfg)  # a restarted scheduler loads the live version
     assert again.live.kind == "trained"
@@ -214,8 +268,9 @@ def test_a_shift_is_learned_from_its_own_calls(tmp_path, monkeypatch):
         return model.copy()
 
     monkeypatch.setattr(train_mod, "fine_tune", fake_fine_tune)
-    assert learner.maybe_retrain()
-    learner.wait_training()
+    taken = learner.take_job()  # the round, run here rather than in a trainer process
+    assert taken is not None
+    train_round(*taken, learner.live, learner.fallback)
     fit = seen["records"]
     fresh = [(r.workflow, r.step) for r in fit if r.model == "new"]
     # The shift's calls but the newest 20% (held out) and the 25% before them (calibration)...
@@ -223,7 +278,6 @@ def test_a_shift_is_learned_from_its_own_calls(tmp_path, monkeypatch):
     # ...and about as many older calls, whole sessions of them.
     assert 60 <= len(fit) - len(fresh) < 80
     assert seen["kw"]["cal_frac"] == 0.0  # calibrated on the shift's calls instead
-    learner.poll()
 
     # While adapting, it retrains every window_calls calls, not every retrain_every_calls.
     _feed(learner, new[100:199])
@@ -259,7 +313,124 @@ def test_guard_judges_the_live_model_as_served(tmp_path, monkeypatch):
     learner.shift = {p: math.log(3) for p in LEVELS}  # what the calibration tracking learned
     # The candidate forecasts 2x too fast: better than the raw live model, worse than served.
     monkeypatch.setattr(train_mod, "train", lambda recs, cfg: (Scaled(1.5, "q-cand"), None))
+    taken = learner.take_job()
+    assert taken is not None
+    job, recs = taken
+    assert job.live_shift == learner.shift
+    cand, cand_loss, live_loss = train_round(job, recs, live, learner.fallback)
+    assert cand.version.startswith("v")
+    raw = held_out_pinball(live, [Query("lm", "llm", "", 1, 1)] * 12, [3.0] * 12)
+    assert cand_loss < raw  # better than the live model's own forecasts...
+    assert cand_loss >= live_loss  # ...but not than what is served: the guard refuses it
+
+
+@pytest.fixture
+def learner(tmp_path):
+    """A fallback learner with a round due; closed at the end, so no trainer outlives a test."""
+    learner = OnlineLearner(tmp_path, PredictorConfig(levels=list(LEVELS), min_calls_to_train=50))
+    for i in range(60):
+        learner.observe(record(i, 1.0 + 0.1 * (i % 5)))
+    yield learner
+    learner.close()
+
+
+def test_the_first_model_is_trained_in_its_own_process_and_installed(tmp_path):
+    from tests.unit.models.test_predictor import synth
+
+    cfg = PredictorConfig(levels=list(LEVELS), min_calls_to_train=50)
+    learner = OnlineLearner(tmp_path, cfg)
+    for r in synth(50, seed=1):  # 357 calls: the model beats the fallback on the newest
+        learner.observe(r)
+    threads = set(threading.enumerate())
     assert learner.maybe_retrain()
-    learner.wait_training()
+    assert learner.status()["training"] and not learner.due()
+    proc = _started(learner)
+    assert proc.pid != os.getpid()
+    learner.wait_training(120)
+    assert set(threading.enumerate()) <= threads  # the writer and the loader are done
+    assert learner.poll()
+    status = learner.status()
+    assert (status["kind"], status["swaps"], status["training"]) == ("trained", 1, False)
+    assert status["last_error"] is None and status["last_trained_ts"] is not None
+    live = json.loads((tmp_path / "predictors" / "live.json").read_text())
+    assert live == {"version": learner.live.version, "file": f"{learner.live.version}.pt"}
+    assert list((tmp_path / "predictors" / "training").iterdir()) == []
+    assert OnlineLearner(tmp_path, cfg).live.version == learner.live.version
+
+
+def test_poll_never_waits_for_the_trainer_and_close_stops_it(tmp_path, learner, monkeypatch):
+    monkeypatch.setattr(online, "TRAINER", f"{HERE}:_stuck_trainer")
+    assert learner.maybe_retrain()
+    proc = _started(learner)
+    assert not learner.poll() and learner.status()["training"]
+    learner.wait_training(0.05)  # a timeout: it returns with the trainer still running
+    assert proc.poll() is None
+    learner.close()
+    assert proc.poll() == -signal.SIGTERM
+    assert not learner.status()["training"]
+    assert list((tmp_path / "predictors" / "training").iterdir()) == []
+    learner.close()  # idempotent
+
+
+def test_a_killed_trainer_is_reported_and_training_retried(learner, monkeypatch):
+    monkeypatch.setattr(online, "TRAINER", f"{HERE}:_stuck_trainer")
+    assert learner.maybe_retrain()
+    os.kill(_started(learner).pid, signal.SIGKILL)
+    learner.wait_training(10)
     assert not learner.poll()
-    assert learner.live is live and learner.refused == 1
+    status = learner.status()
+    assert not status["training"]
+    assert status["last_error"] == "the trainer exited with code -9, leaving no result"
+    assert learner.live is learner.fallback
+    assert not learner.due()  # not at once: on the usual schedule
+    for i in range(60, 110):
+        learner.observe(record(i, 1.0))
+    assert learner.maybe_retrain()
+
+
+def test_a_trainer_that_fails_says_why(learner, monkeypatch):
+    monkeypatch.setattr(online, "TRAINER", f"{HERE}:_failing_trainer")
+    assert learner.maybe_retrain()
+    learner.wait_training(60)
+    assert not learner.poll()
+    error = learner.status()["last_error"]
+    assert error.startswith("the trainer exited with code 1: Traceback")
+    assert "RuntimeError: boom" in error
+
+
+def test_a_training_job_survives_the_trip_to_the_trainer(tmp_path, learner):
+    learner.shift = {0.9: 0.25}
+    taken = learner.take_job()
+    assert taken is not None
+    job, recs = taken
+    path = tmp_path / "job.bin"
+    online._write_job(path, job, recs * 20, threading.Event())  # 1,200 records: three chunks
+    assert online._read_job(path) == (job, recs * 20)
+    assert job.live_shift == {0.9: 0.25} and job.base_file is None
+    q = [Query("lm", "llm", "hi", 10, 64)]  # the fallback as it stood, running quantiles and all
+    assert pickle.loads(job.fallback).predict(q) == learner.fallback.predict(q)
+
+
+def test_starting_a_round_does_not_import_torch():
+    """Where the live model is the fallback, the scheduler has no torch until a model wins."""
+    code = f"""
+import sys, tempfile
+from pathlib import Path
+from swarmx.config import PredictorConfig
+from swarmx.models import online
+from {HERE} import record
+online.TRAINER = "{HERE}:_stuck_trainer"
+with tempfile.TemporaryDirectory() as tmp:
+    learner = online.OnlineLearner(Path(tmp), PredictorConfig(min_calls_to_train=50))
+    for i in range(60):
+        learner.observe(record(i, 1.0))
+    assert learner.maybe_retrain()
+    learner.wait_training(0.5)
+    learner.poll()
+    learner.close()
+    assert "torch" not in sys.modules, "torch imported"
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr

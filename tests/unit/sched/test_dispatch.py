@@ -1,12 +1,15 @@
 """The dispatcher: calls wait until a replica has room, leave in queue order, go where the router
 says, and every slot is given back."""
 
+import itertools
+import math
+import random
 from collections.abc import Sequence
 
 import pytest
 
 from swarmx.models.dist import LatencyDist
-from swarmx.sched.dispatch import MIX_CALLS, Dispatcher, ServiceMix, Ticket
+from swarmx.sched.dispatch import MIX_CALLS, Assign, Dispatcher, ServiceMix, Ticket
 from swarmx.sched.router import LeastOutstanding, ReplicaView, make_router
 from swarmx.workflow.engine import CallSpec
 
@@ -258,3 +261,166 @@ def test_a_full_service_mixture_is_read_again_once_a_32nd_of_it_is_new():
     mix.add(five)
     assert mix.dist() is not before
     assert mix.dist().quantile(0.99) > 4 * before.quantile(0.99)
+
+
+def test_a_cancelled_queued_call_is_never_assigned_and_the_counts_stay_exact():
+    d = Dispatcher(LeastOutstanding())
+    d.add_replica(replica("a/lm"), 0.0)
+    d.submit(Ticket(call("w0:x"), 0.0), 0.0)  # holds the slot
+    for k in range(1, 6):
+        d.submit(Ticket(call(f"w{k}:x"), float(k)), float(k))
+    assert d.cancel(["w2:x", "w4:x", "w2:x", "nope:x"], 6.0) == []
+    assert d.queued() == d.queued("lm") == 3
+    d.submit(Ticket(call("w6:x"), 6.0), 6.0)
+    d.submit(Ticket(call("w2:x"), 7.0), 7.0)  # the same id again, after its cancel: a new call
+    assert d.queued() == 5
+    assert [t.call.call_id for t in d.queued_tickets()] == ["w1:x", "w3:x", "w5:x", "w6:x", "w2:x"]
+    got, running = [], "w0:x"
+    for _ in range(5):
+        (a,) = d.finished(running, 8.0)
+        got.append(running := a.ticket.call.call_id)
+    assert got == ["w1:x", "w3:x", "w5:x", "w6:x", "w2:x"]
+    assert d.queued() == 0 and d.queued_tickets() == []
+
+
+def test_cancelled_entries_never_outnumber_the_calls_still_queued():
+    d = Dispatcher(LeastOutstanding())
+    d.add_replica(replica("a/lm", slots=0), 0.0)
+    for k in range(100):
+        d.submit(Ticket(call(f"w{k}:x"), float(k)), float(k))
+    d.cancel([f"w{k}:x" for k in range(0, 100, 3)], 100.0)  # 34 of 100
+    d.cancel([f"w{k}:x" for k in range(1, 100, 3)], 100.0)  # 33 more: 67 gone, 33 left
+    assert d.queued("lm") == 33
+    assert len(d._queues["lm"]) <= 2 * 33
+    assert [t.call.call_id for t in d.queued_tickets()] == [f"w{k}:x" for k in range(2, 100, 3)]
+
+
+def test_a_call_already_queued_or_running_is_refused():
+    d = Dispatcher(LeastOutstanding())
+    d.add_replica(replica("a/lm"), 0.0)
+    d.submit(Ticket(call("w1:x"), 0.0), 0.0)
+    d.submit(Ticket(call("w2:x"), 0.0), 0.0)
+    for cid in ("w1:x", "w2:x"):
+        with pytest.raises(ValueError, match="already queued or running"):
+            d.submit(Ticket(call(cid), 1.0), 1.0)
+
+
+def test_cancel_workflow_drops_its_queued_and_assigned_calls_only():
+    d = Dispatcher(LeastOutstanding())
+    d.add_replica(replica("a/lm", slots=2), 0.0)
+    for cid in ("a:x", "b:x", "a:y", "b:y", "a:z"):  # a:x and b:x run, the rest wait
+        d.submit(Ticket(call(cid), 0.0), 0.0)
+    assert ids(d.cancel_workflow("a", 1.0)) == ["b:y"]  # a:x's slot goes to b's queued call
+    assert d.queued() == 0
+    assert sorted(w.call_id for w in d.views("lm")[0].work) == ["b:x", "b:y"]
+    assert d.cancel_workflow("a", 1.0) == [] and d.cancel_workflow("nope", 1.0) == []
+    assert d.finished("a:x", 2.0) == []  # nothing booked any more
+
+
+def test_budget_is_the_tightest_of_the_calls_queued_or_running_as_they_come_and_go():
+    d = Dispatcher(LeastOutstanding())
+    d.add_replica(replica("a/lm"), 0.0)
+    assert d.budget_s("lm") is None
+    d.submit(Ticket(call("w1:x"), 0.0, deadline_s=9.0), 0.0)  # runs: 9 s
+    d.submit(Ticket(call("w2:x"), 1.0, deadline_s=4.0), 1.0)  # waits: 3 s
+    d.submit(Ticket(call("w3:x"), 2.0, deadline_s=7.0), 2.0)  # waits: 5 s
+    d.submit(Ticket(call("w4:x"), 3.0), 3.0)  # no deadline: no budget
+    assert d.budget_s("lm") == 3.0
+    d.cancel(["w2:x"], 4.0)
+    assert d.budget_s("lm") == 5.0
+    d.finished("w1:x", 5.0)  # w3 runs now, still counted
+    assert d.budget_s("lm") == 5.0
+    d.cancel_workflow("w3", 6.0)
+    assert d.budget_s("lm") is None and d.budget_s("vit") is None
+    d.submit(Ticket(call("w5:x"), 7.0, deadline_s=7.0), 7.0)
+    assert d.budget_s("lm") == 1e-3  # never zero
+
+
+class Naive:
+    """The dispatcher's queue and bookings by brute force: every answer a scan of every call."""
+
+    def __init__(self, order: str) -> None:
+        self.order = order
+        self.queued: dict[str, tuple[tuple[float, int], Ticket]] = {}  # id -> (queue key, ticket)
+        self.running: dict[str, Ticket] = {}
+        self.gone: set[str] = set()
+
+    def submit(self, t: Ticket, seq: int) -> None:
+        late = math.inf if t.slack_s is None else t.arrived_s + t.slack_s
+        self.queued[t.call.call_id] = ((t.arrived_s if self.order == "fifo" else late, seq), t)
+
+    def placed(self, assigns: list[Assign]) -> None:
+        """Each call placed was its queue's head and never cancelled."""
+        for a in assigns:
+            cid = a.ticket.call.call_id
+            assert cid in self.queued and cid not in self.gone, cid
+            assert self.in_order(a.ticket.call.model)[0] == cid
+            self.running[cid] = self.queued.pop(cid)[1]
+
+    def drop(self, call_ids: list[str]) -> None:
+        for cid in call_ids:
+            self.queued.pop(cid, None)
+            self.running.pop(cid, None)
+        self.gone.update(call_ids)
+
+    def in_order(self, model: str) -> list[str]:
+        return [c for k, c in sorted((k, c) for c, (k, t) in self.queued.items())
+                if self.queued[c][1].call.model == model]  # fmt: skip
+
+    def budget_s(self, model: str) -> float | None:
+        tickets = [t for _, t in self.queued.values()] + list(self.running.values())
+        budgets = [
+            t.deadline_s - t.arrived_s
+            for t in tickets
+            if t.call.model == model and t.deadline_s is not None
+        ]
+        return max(min(budgets), 1e-3) if budgets else None
+
+    def check(self, d: Dispatcher) -> None:
+        for model in ("lm", "vit"):
+            assert d.queued(model) == len(self.in_order(model))
+            assert d.budget_s(model) == self.budget_s(model)
+            got = [t.call.call_id for t in d.queued_tickets() if t.call.model == model]
+            assert got == self.in_order(model)
+        assert d.queued() == len(self.queued)
+        assert sorted(w.call_id for v in d.views() for w in v.work) == sorted(self.running)
+
+
+@pytest.mark.parametrize("order", ["fifo", "slack"])
+@pytest.mark.parametrize("seed", range(4))
+def test_queue_counts_order_and_budgets_match_a_naive_model_on_random_operations(order, seed):
+    """Submits, finishes, cancels (of calls, of a workflow), replicas coming and going: after
+    each, the counts, the queue and the budgets are what a brute-force recomputation says."""
+    rng, d, naive = random.Random(seed), Dispatcher(LeastOutstanding(), order), Naive(order)
+    serial, replicas = itertools.count(), []
+    for step in range(400):
+        now, op = float(step), rng.random()
+        if op < 0.45:
+            n, model = next(serial), rng.choice(["lm", "vit"])
+            c = call(f"w{rng.randrange(12)}:s{n}", model, "llm" if model == "lm" else "model")
+            deadline = now + rng.uniform(0.5, 50.0) if rng.random() < 0.7 else None
+            t = Ticket(c, now, deadline, rng.uniform(-5.0, 30.0) if deadline else None)
+            naive.submit(t, n)
+            naive.placed(d.submit(t, now))
+        elif op < 0.6 and naive.running:
+            cid = rng.choice(sorted(naive.running))
+            del naive.running[cid]
+            naive.placed(d.finished(cid, now))
+        elif op < 0.75:
+            pool = [*sorted(naive.queued), *sorted(naive.running), "nope:x"]
+            drop = rng.sample(pool, min(len(pool), rng.randint(1, 4)))
+            naive.drop(drop)
+            naive.placed(d.cancel(drop, now))
+        elif op < 0.85:
+            wf = f"w{rng.randrange(12)}"
+            naive.drop([c for c in [*naive.queued, *naive.running] if c.startswith(f"{wf}:")])
+            naive.placed(d.cancel_workflow(wf, now))
+        elif op < 0.95 or not replicas:
+            name = f"r{next(serial)}/{rng.choice(['lm', 'vit'])}"
+            replicas.append(name)
+            view = replica(name, name.partition("/")[2], rng.randint(0, 3))
+            naive.placed(d.add_replica(view, now))
+        else:
+            for cid in d.remove_replica(replicas.pop(rng.randrange(len(replicas)))):
+                del naive.running[cid]
+        naive.check(d)
