@@ -437,6 +437,8 @@ class PredictorStatus(msgspec.Struct, frozen=True):
     swaps: int
     refused_swaps: int
     last_trained_ts: float | None
+    last_error: str | None = None
+    """Why the last training round failed (its trainer process crashed or raised), if it did."""
 
 
 # --- client queries ---------------------------------------------------------------------------

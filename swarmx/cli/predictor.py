@@ -254,3 +254,5 @@ def status_cmd(
         f"{reply.swaps}, refused {reply.refused_swaps}"
         + (", training now" if reply.training else "")
     )
+    if reply.last_error:
+        console.print(f"last training round failed: {reply.last_error}", style="red", markup=False)

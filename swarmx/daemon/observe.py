@@ -253,7 +253,7 @@ class Observer:
 
     def _model_stats(self, replicas: list[ReplicaStats]) -> list[ModelStats]:
         dispatcher = self.service.dispatcher
-        names = {r.model for r in replicas} | {pool_of(t.call) for t in dispatcher.queued_tickets()}
+        names = {r.model for r in replicas} | set(dispatcher.queued_models())
         out = []
         for model in sorted(names):
             recent = self.models.get(model, Recent())

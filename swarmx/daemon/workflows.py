@@ -143,6 +143,9 @@ class _Recovery:
 
     adopting: dict[str, _Adoptee] = dataclasses.field(default_factory=dict)
     until: float = 0.0
+    lenient_until: float = 0.0
+    """After a restart (the journal had workflows), submits naming models no node has announced
+    yet are accepted until then: the nodes may still be re-registering."""
 
 
 class _Deadlines:
@@ -496,7 +499,7 @@ class WorkflowService:
                 parse_workflow, msg.text, msg.source, msg.overrides, self.limits
             )
         served = self.served_models()
-        for step in spec.steps:
+        for step in spec.steps if self.clock.monotonic() >= self._recovery.lenient_until else ():
             model = TOOL_POOL if step.kind == "tool" else step.model
             if model not in served:
                 if step.kind == "tool":
@@ -591,9 +594,13 @@ class WorkflowService:
         """Resume every workflow the journal says was running when the scheduler stopped. Its
         unfinished calls are not sent again at once: for ``recovery_grace_s`` they wait for
         the nodes, re-registering, to report the calls they still run or have results for
-        (`reconcile`, `on_result`), which are adopted; the rest then run (`_end_recovery`)."""
+        (`reconcile`, `on_result`), which are adopted; the rest then run (`_end_recovery`).
+        Meanwhile, if this is a restart, a submit naming a model no node has announced yet is
+        accepted: its nodes may be re-registering."""
         rows = self.store.workflows(state="running", limit=1_000_000)
         self._recovery.until = self.clock.monotonic() + self.capacity.recovery_grace_s
+        if self.store.workflows(limit=1):
+            self._recovery.lenient_until = self._recovery.until
         for row in rows:
             try:
                 spec = parse_workflow(row.spec_text, row.source, row.overrides, self.limits)
@@ -635,15 +642,20 @@ class WorkflowService:
             self._ended[call_id] = f.node
             self._trim_ended()
         await self._send_all(self.dispatcher.finished(call_id, self.clock.time()))
-        record = None if result is None else self._trace(f, result)
-        self.store.call_done(done, result, None if record is None else encode(record))
-        if record is not None:
-            self._learn(record)
-            if self.observer is not None:
-                self.observer.call_done(record)
+        # a lost attempt (its node gone, no result in time) is traced too, failed, with the
+        # time it was out: the trace shows every attempt
+        lost = Result(call_id, f.replica, False, "", done.error, 0.0, self._out_s(f), None, 0, 0)
+        record = self._trace(f, result or lost)
+        self.store.call_done(done, result, encode(record))
+        self._learn(record)
+        if self.observer is not None:
+            self.observer.call_done(record)
         run = self.runs.get(f.call.workflow_id)
         if run is not None:
             await self._execute(run, run.on_done(done))
+
+    def _out_s(self, f: _Inflight) -> float:
+        return max(0.0, self.clock.time() - f.dispatched_ts)
 
     def _trim_ended(self) -> None:
         while len(self._ended) > RECENT_ENDED:

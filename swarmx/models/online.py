@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,7 +246,7 @@ class OnlineLearner:
         """``_regime`` when the last training run started."""
         self.last_error: str | None = None
         """Why the last training round failed (None if it did not)."""
-        self.work = self.dir / "training"
+        self._work = self.dir / "training"
         self._live_file: Path | None = None
         """The live model's file: what a trainer process fine-tunes."""
         self._round: _Round | None = None
@@ -361,7 +362,7 @@ class OnlineLearner:
         taken = self.take_job()
         if taken is None:
             return False
-        self._round = _Round(self.work, *taken)
+        self._round = _Round(self._work, *taken)
         return True
 
     def wait_training(self, timeout_s: float | None = None) -> None:
@@ -432,8 +433,13 @@ class OnlineLearner:
             run.clear()
             return
         path = self.dir / f"{version}.pt"
-        (run.work / CANDIDATE_FILE).replace(path)
-        run.clear()
+        try:
+            (run.work / CANDIDATE_FILE).replace(path)
+        except OSError as exc:
+            self._failed(f"cannot keep the trained model: {exc}")
+            return
+        finally:
+            run.clear()
         self._loading = _Loading(path, cand_loss, live_loss)
 
     def _failed(self, error: str) -> None:
@@ -608,6 +614,8 @@ def _trainer_main(work: str) -> None:
     """The trainer process: train on the job in ``work``, save the candidate there and write
     the result (or the error) beside it. It stops by itself if the scheduler dies."""
     os.nice(TRAINER_NICE)
+    # as in the scheduler's own tests: SwarmX never hands tensors to numpy, absent or not
+    warnings.filterwarnings("ignore", "Failed to initialize NumPy", UserWarning)
     parent = os.getppid()
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     out = Path(work)
@@ -685,7 +693,7 @@ class _Round:
         if self.error is not None:
             return self.error
         if self.proc is None:
-            return "the trainer was stopped before it started"
+            return "the trainer did not start"
         code = self.proc.returncode
         try:
             out = json.loads((self.work / RESULT_FILE).read_text())

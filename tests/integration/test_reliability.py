@@ -142,6 +142,13 @@ def test_a_node_killed_mid_tool_call_runs_the_tool_once(procs):
     starts, dones = effects.lines("start"), effects.lines("done")
     assert len(starts) == 2 and starts[0].endswith(":1") and starts[1].endswith(":2")
     assert dones == [starts[1]], "the killed node's tool must not complete"
+    out = procs.cli("traces", "export", "--out", "-", "--scheduler", endpoint).stdout
+    attempts = [json.loads(line) for line in out.splitlines()]
+    assert [(t["attempt"], t["ok"], t["node"]) for t in attempts] == [
+        (1, False, victim),
+        (2, True, next(n for n in nodes if n != victim)),
+    ]
+    assert "down" in attempts[0]["error"]
 
 
 def test_a_scheduler_killed_and_restarted_adopts_the_calls_in_flight(procs):

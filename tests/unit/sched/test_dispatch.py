@@ -383,6 +383,7 @@ class Naive:
             got = [t.call.call_id for t in d.queued_tickets() if t.call.model == model]
             assert got == self.in_order(model)
         assert d.queued() == len(self.queued)
+        assert sorted(d.queued_models()) == sorted({t.call.model for _, t in self.queued.values()})
         assert sorted(w.call_id for v in d.views() for w in v.work) == sorted(self.running)
 
 
