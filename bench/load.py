@@ -206,6 +206,8 @@ class Profile:
     scheduler_log_level: str = "info"
     scheduler_set: tuple[str, ...] = ()
     """More scheduler config, as ``SECTION.KEY=TOML_VALUE`` (``--set``)."""
+    profile: str = ""
+    """Run the scheduler under cProfile, its stats written here (``--profile``)."""
 
     @property
     def submits(self) -> int:
@@ -841,6 +843,8 @@ class LoadBench:
         port = free_port()
         log_file = self.workdir / "scheduler.log"
         cmd = [sys.executable, "-m", "swarmx", "scheduler", "start", "--config"]
+        if self.p.profile:  # where the scheduler's time goes: cProfile, written as it exits
+            cmd[1:1] = ["-m", "cProfile", "-o", self.p.profile]
         cmd += [str(self._config()), "--listen", "tcp://127.0.0.1:0", "--state-dir"]
         cmd += [str(self.state), "--metrics-port", str(port), "--key"]
         cmd += [str(keys.secret("scheduler")), "--authorized-keys", str(keys.authorized)]
@@ -1305,6 +1309,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="more scheduler config, the value in TOML (predictor.retrain_every_calls=5000)",
     )
     ap.add_argument("--keep", type=Path, help="keep the state directory and logs here")
+    ap.add_argument(
+        "--profile", type=Path, help="run the scheduler under cProfile; its stats go to this file"
+    )
     args = ap.parse_args(argv)
     if args.nodes < 1 or args.rate <= 0 or args.seconds <= 0 or args.procs < 1:
         ap.error("--nodes, --rate, --seconds and --procs must be positive")
@@ -1348,6 +1355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_epochs=args.train_epochs,
         scheduler_log_level=args.scheduler_log_level,
         scheduler_set=tuple(args.set),
+        profile=str(args.profile.resolve()) if args.profile else "",
     )
     with contextlib.ExitStack() as stack:
         if args.keep is not None:

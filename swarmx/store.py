@@ -341,11 +341,9 @@ class Store:
             ),
         )
 
-    def call_done(
-        self, done: CallDone, result: Result | None, trace_row: dict[str, Any] | None
-    ) -> None:
+    def call_done(self, done: CallDone, result: Result | None, trace_json: str | None) -> None:
         """Record an outcome (in the order the engine sees it), its timings (``result``; None
-        for a call lost with its node) and its trace row, atomically."""
+        for a call lost with its node) and its trace row (JSON text), atomically."""
         self._done_seq += 1
         timing = (
             (result.queue_s, result.latency_s, result.ttft_s, result.output_tokens)
@@ -366,10 +364,9 @@ class Store:
                     done.call_id,
                 ),
             )
-            if trace_row is not None:
+            if trace_json is not None:
                 self._write(
-                    "INSERT INTO traces (call_id, row) VALUES (?, ?)",
-                    (done.call_id, json.dumps(trace_row)),
+                    "INSERT INTO traces (call_id, row) VALUES (?, ?)", (done.call_id, trace_json)
                 )
 
     def calls_cancelled(self, call_ids: list[str]) -> None:

@@ -169,6 +169,10 @@ def _refusal(event: int) -> str:
     return "unknown_key" if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else "bad_handshake"
 
 
+class NothingWaiting(Exception):
+    """`RouterChannel.recv_ready` found no frame waiting."""
+
+
 class _Channel:
     def __init__(
         self,
@@ -179,6 +183,11 @@ class _Channel:
         max_frame_bytes: int,
     ) -> None:
         self._sock = sock
+        self._now: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
+        """The same socket without asyncio: a send never waits (NOBLOCK), and frames already
+        queued are read without a future each, which costs more than the frame itself. Used
+        only while no receive waits on the socket (``_waiting``)."""
+        self._waiting = False
         self._ctx = ctx
         self.sender = sender
         self._clock = clock
@@ -207,9 +216,21 @@ class _Channel:
         self.stats.received += 1
         return env
 
+    async def _wait_frames(self) -> list[zmq.Frame]:
+        """The next frames, waiting for them (sends meanwhile take pyzmq's asyncio path)."""
+        self._waiting = True
+        try:
+            return await self._sock.recv_multipart(copy=False)
+        finally:
+            self._waiting = False
+
     async def _send(self, frames: list[bytes]) -> bool:
         try:
-            await self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
+            if self._waiting:  # pyzmq must see the socket's events after the send, or the
+                # receive waiting on its edge-triggered fd may never wake
+                await self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
+            else:
+                self._now.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # Again (no peer / queue full) or EHOSTUNREACH (peer gone)
             self.stats.unsent += 1
             log.debug("frame not sent: %s", exc)
@@ -251,7 +272,17 @@ class RouterChannel(_Channel):
     async def recv(self) -> tuple[bytes, Envelope, bytes] | None:
         """The next frame with its peer's routing id and public key (z85; empty without keys);
         None for a bad frame (answered and counted)."""
-        frames = await self._sock.recv_multipart(copy=False)
+        return await self._accept(await self._wait_frames())
+
+    async def recv_ready(self) -> tuple[bytes, Envelope, bytes] | None:
+        """As `recv`, for a frame already waiting; raises `NothingWaiting` when none is."""
+        try:
+            frames = await self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            raise NothingWaiting from None
+        return await self._accept(frames)
+
+    async def _accept(self, frames: list[zmq.Frame]) -> tuple[bytes, Envelope, bytes] | None:
         if len(frames) != 2:
             self.stats.dropped["garbage"] += 1
             return None
@@ -263,10 +294,6 @@ class RouterChannel(_Channel):
         await self.send(peer.bytes, Error(ref_seq=-1, code=env.reason, message=env.message))
         return None
 
-    def pending(self) -> bool:
-        """A frame is waiting (so `recv` returns without waiting)."""
-        return bool(int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
-
     async def send(self, peer: bytes, body: Message) -> bool:
         _, payload = self._frame(body)
         return await self._send([peer, payload])
@@ -277,8 +304,8 @@ class DealerChannel(_Channel):
 
     async def recv(self) -> Envelope:
         while True:
-            frames = await self._sock.recv_multipart()
-            env = self._decode(frames[-1])
+            frames = await self._wait_frames()
+            env = self._decode(frames[-1].bytes)
             if isinstance(env, Envelope):
                 return env
 

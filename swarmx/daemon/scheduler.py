@@ -80,6 +80,7 @@ from swarmx.security import (
 )
 from swarmx.store import Store
 from swarmx.transport import (
+    NothingWaiting,
     RouterChannel,
     ServerCurve,
     TransportError,
@@ -428,13 +429,12 @@ class SchedulerDaemon:
                 if frame is not None:
                     await self._handle(channel, *frame)
                 handled += 1
-                if (
-                    handled >= BATCH_FRAMES
-                    or clock.monotonic() - started >= BATCH_S
-                    or not channel.pending()
-                ):
+                if handled >= BATCH_FRAMES or clock.monotonic() - started >= BATCH_S:
                     break
-                frame = await channel.recv()
+                try:
+                    frame = await channel.recv_ready()
+                except NothingWaiting:
+                    break
             await self._commit(channel)
             await asyncio.sleep(0)
 

@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
+import msgspec
+
 from swarmx.clock import Clock
 from swarmx.cluster import NodeTable
 from swarmx.daemon.forecast import LiveForecaster, runtime_of
@@ -41,7 +43,6 @@ from swarmx.protocol import (
 from swarmx.sched.dispatch import TOOL_POOL, Assign, Dispatcher, QueueOrder, Ticket
 from swarmx.sched.outlook import Outlook
 from swarmx.sched.router import ReplicaView, Router
-from swarmx.schema import encode
 from swarmx.store import Store, WorkflowRow
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
 from swarmx.workflow.engine import (
@@ -111,6 +112,27 @@ class Faults:
     """Submissions refused at the scheduler's capacity."""
     adopted: int = 0
     """Calls a node reported running after a restart, taken over instead of re-run."""
+
+
+class _Pools(dict[str, list[ReplicaPool]]):
+    """Per node, the models it can scale (from its latest hello), with the set of models any
+    node can start cached: a submit asks for it, a hello changes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._scalable: set[str] | None = None
+
+    def announce(self, node: str, pools: list[ReplicaPool] | None) -> None:
+        if pools is None:
+            self.pop(node, None)
+        else:
+            self[node] = pools
+        self._scalable = None
+
+    def scalable(self) -> set[str]:
+        if self._scalable is None:
+            self._scalable = {p.model for pools in self.values() for p in pools if p.max_count}
+        return self._scalable
 
 
 @dataclass(frozen=True)
@@ -247,7 +269,7 @@ class WorkflowService:
         self.draining: dict[str, str] = {}
         """Replicas being stopped by a scale-down (-> their node): they finish the calls they
         have and get no new ones."""
-        self.pools: dict[str, list[ReplicaPool]] = {}
+        self.pools = _Pools()
         """Per node, the models it can scale (from its latest hello)."""
         self._submitted: dict[str, float] = {}
         """Submission time of each running workflow (its SLO counts from there)."""
@@ -287,16 +309,15 @@ class WorkflowService:
         of it. Calls booked to a replica it no longer serves are re-run elsewhere; replicas that
         are draining (`draining`) stay booked but get nothing new."""
         now = self.clock.time()
-        self.pools[hello.node] = list(hello.pools)
+        self.pools.announce(hello.node, list(hello.pools))
         served = {i.replica for i in hello.replicas}
-        for view in self.dispatcher.views():
-            if view.node == hello.node and view.replica not in served:
+        for view in self.dispatcher.node_views(hello.node):
+            if view.replica not in served:
                 self.draining.pop(view.replica, None)
                 await self._lost(self.dispatcher.remove_replica(view.replica), view.replica)
-        known = {v.replica for v in self.dispatcher.views()}
         for info in hello.replicas:
             if info.replica in self.draining:
-                if info.replica in known:
+                if info.replica in self.dispatcher.replicas:
                     self.dispatcher.set_live(info.replica, False, now)
                 continue  # a draining replica we never routed to: nothing will go there
             view = ReplicaView(
@@ -314,7 +335,7 @@ class WorkflowService:
     def refresh_live(self, replica: str) -> list[Assign]:
         """Route new calls to a replica or not, as its node's state and `draining` say; returns
         the assignments that allows (carry them out with `send_all`)."""
-        view = next((v for v in self.dispatcher.views() if v.replica == replica), None)
+        view = self.dispatcher.view(replica)
         if view is None:
             return []
         live = replica not in self.draining and self.nodes.state(view.node) == "live"
@@ -327,10 +348,9 @@ class WorkflowService:
         """Only replicas on live nodes that are not leaving get new calls."""
         now = self.clock.time()
         live_node = state == "live" and node not in self.leaving
-        for view in self.dispatcher.views():
-            if view.node == node:
-                live = live_node and view.replica not in self.draining
-                await self._send_all(self.dispatcher.set_live(view.replica, live, now))
+        for view in self.dispatcher.node_views(node):
+            live = live_node and view.replica not in self.draining
+            await self._send_all(self.dispatcher.set_live(view.replica, live, now))
 
     async def on_goodbye(self, node: str, final: bool, handed_back: list[str]) -> int:
         """A node is leaving: nothing new goes to it; on its final goodbye, every call still
@@ -341,11 +361,10 @@ class WorkflowService:
         if not final:
             return 0
         self.leaving.discard(node)
-        self.pools.pop(node, None)
-        for view in self.dispatcher.views():
-            if view.node == node:
-                self.draining.pop(view.replica, None)
-                self.dispatcher.remove_replica(view.replica)
+        self.pools.announce(node, None)
+        for view in self.dispatcher.node_views(node):
+            self.draining.pop(view.replica, None)
+            self.dispatcher.remove_replica(view.replica)
         rerun = [f.call.call_id for f in self._inflight.values() if f.node == node]
         given = set(handed_back)
         for call_id in rerun:
@@ -386,7 +405,7 @@ class WorkflowService:
     def _adopt(self, a: _Adoptee, node: str, replica: str) -> None:
         """Book a call a node runs (or ran) as in flight there, as if just dispatched."""
         call, now = a.call, self.clock.time()
-        view = next((v for v in self.dispatcher.views() if v.replica == replica), None)
+        view = self.dispatcher.view(replica)
         f = _Inflight(
             call,
             node,
@@ -439,8 +458,7 @@ class WorkflowService:
 
     def served_models(self) -> set[str]:
         """Models some replica serves, or some node can start replicas of."""
-        scalable = {p.model for pools in self.pools.values() for p in pools if p.max_count > 0}
-        return {v.model for v in self.dispatcher.views()} | scalable
+        return self.dispatcher.models() | self.pools.scalable()
 
     async def _lost(self, call_ids: list[str], replica: str) -> None:
         for call_id in call_ids:
@@ -646,7 +664,7 @@ class WorkflowService:
         # time it was out: the trace shows every attempt
         lost = Result(call_id, f.replica, False, "", done.error, 0.0, self._out_s(f), None, 0, 0)
         record = self._trace(f, result or lost)
-        self.store.call_done(done, result, encode(record))
+        self.store.call_done(done, result, msgspec.json.encode(record).decode())
         self._learn(record)
         if self.observer is not None:
             self.observer.call_done(record)

@@ -11,6 +11,7 @@ there), so the queue order decides who goes first under load, and the router dec
 from __future__ import annotations
 
 import bisect
+import collections
 import heapq
 import itertools
 import math
@@ -264,6 +265,10 @@ class Dispatcher:
         """call id -> (`LOAD_BANDS` band of its replica's occupancy when it was placed, the
         median of its service forecast there)."""
         self.pools: dict[str, PoolStats] = {}
+        self._by_node: dict[str, dict[str, None]] = {}
+        """node -> the names of its replicas (an ordered set): a node's events touch its own."""
+        self._models: collections.Counter[str] = collections.Counter()
+        """model -> its replicas."""
 
     # --- replicas ---------------------------------------------------------------------------
 
@@ -272,8 +277,11 @@ class Dispatcher:
         old = self.replicas.pop(view.replica, None)
         if old is not None:
             self._open.get(old.view.model, {}).pop(view.replica, None)
+            self._unindex(old.view)
         rep = _Replica(view, True, old.work if old else {})
         self.replicas[view.replica] = rep
+        self._by_node.setdefault(view.node, {})[view.replica] = None
+        self._models[view.model] += 1
         self._refresh(rep)
         return self._drain(view.model, now_s)
 
@@ -284,6 +292,7 @@ class Dispatcher:
         if rep is None:
             return []
         self._open.get(rep.view.model, {}).pop(replica, None)
+        self._unindex(rep.view)
         for call_id in rep.work:
             where = self._where.pop(call_id, None)
             if where is not None:
@@ -299,6 +308,27 @@ class Dispatcher:
         rep.live = live
         self._refresh(rep)
         return self._drain(rep.view.model, now_s) if live else []
+
+    def _unindex(self, view: ReplicaView) -> None:
+        names = self._by_node.get(view.node, {})
+        names.pop(view.replica, None)
+        if not names:
+            self._by_node.pop(view.node, None)
+        self._models[view.model] -= 1
+        if self._models[view.model] <= 0:
+            del self._models[view.model]
+
+    def view(self, replica: str) -> ReplicaView | None:
+        rep = self.replicas.get(replica)
+        return None if rep is None else rep.current()
+
+    def node_views(self, node: str) -> list[ReplicaView]:
+        """A node's replicas, found without a scan of the others."""
+        return [self.replicas[r].current() for r in self._by_node.get(node, {})]
+
+    def models(self) -> set[str]:
+        """The models some replica serves."""
+        return set(self._models)
 
     def views(self, model: str | None = None) -> list[ReplicaView]:
         return [

@@ -132,7 +132,8 @@ def test_call_dispatched_then_done_records_timings_and_a_trace(store):
     assert running.latency_s is None
 
     trace = {"call_id": "c1", "latency_s": 1.5, "model": "lm"}
-    store.call_done(CallDone("c1", True, "out", replica="node-a/lm#0"), result("c1"), trace)
+    done = CallDone("c1", True, "out", replica="node-a/lm#0")
+    store.call_done(done, result("c1"), json.dumps(trace))
     [c] = store.calls("wf1")
     assert c.state == "succeeded"
     assert (c.queue_s, c.latency_s, c.ttft_s, c.output_tokens) == (0.25, 1.5, 0.1, 7)
@@ -158,15 +159,15 @@ def test_a_call_lost_with_its_node_has_no_timings(store):
 def test_call_done_is_atomic(store):
     store.add_workflow(workflow())
     store.call_dispatched(call("c1"), "n", "n/lm#0", 1.0)
-    with pytest.raises(TypeError):  # the trace row cannot be written: nothing is
-        store.call_done(CallDone("c1", True, "out"), result("c1"), {"bad": object()})
+    with pytest.raises(sqlite3.ProgrammingError):  # the trace row cannot be written: nothing is
+        store.call_done(CallDone("c1", True, "out"), result("c1"), object())  # type: ignore[arg-type]
     [c] = store.calls("wf1")
     assert c.state == "running"
     assert c.latency_s is None
     assert store.outcomes("wf1") == []
     assert store.traces(0, 10) == []
     # and the store is still usable
-    store.call_done(CallDone("c1", True, "out"), result("c1"), {"ok": 1})
+    store.call_done(CallDone("c1", True, "out"), result("c1"), '{"ok": 1}')
     assert store.calls("wf1")[0].state == "succeeded"
     assert len(store.traces(0, 10)) == 1
 
@@ -208,14 +209,14 @@ def test_outcomes_survive_reopening_and_numbering_continues(db):
     first.add_workflow(workflow())
     for cid in ("a", "b", "c"):
         first.call_dispatched(call(cid), "n", "n/lm#0", 1.0)
-    first.call_done(CallDone("b", True, "B"), result("b"), {"n": 1})
-    first.call_done(CallDone("a", True, "A"), result("a"), {"n": 2})
+    first.call_done(CallDone("b", True, "B"), result("b"), json.dumps({"n": 1}))
+    first.call_done(CallDone("a", True, "A"), result("a"), json.dumps({"n": 2}))
     first.close()
 
     second = Store(db)
     try:
         assert [o.call_id for o in second.outcomes("wf1")] == ["b", "a"]
-        second.call_done(CallDone("c", False, "", "late"), result("c"), {"n": 3})
+        second.call_done(CallDone("c", False, "", "late"), result("c"), json.dumps({"n": 3}))
         assert [o.call_id for o in second.outcomes("wf1")] == ["b", "a", "c"]
         assert [json.loads(r)["n"] for _, r in second.traces(0, 10)] == [1, 2, 3]
         assert second.workflow("wf1") == workflow()
@@ -241,7 +242,7 @@ def test_traces_paging(store):
     for i in range(7):
         cid = f"c{i}"
         store.call_dispatched(call(cid), "n", "n/lm#0", 1.0)
-        store.call_done(CallDone(cid, True, ""), result(cid), {"i": i})
+        store.call_done(CallDone(cid, True, ""), result(cid), json.dumps({"i": i}))
     page1 = store.traces(0, 3)
     assert [json.loads(r)["i"] for _, r in page1] == [0, 1, 2]
     page2 = store.traces(page1[-1][0], 3)
@@ -319,7 +320,7 @@ def test_writes_join_one_transaction_until_commit(store, db):
     assert store.uncommitted == 0
     store.add_workflow(workflow())
     store.call_dispatched(call("c1"), "n", "n/lm#0", 1.0)
-    store.call_done(CallDone("c1", True, "out"), result("c1"), {"n": 1})
+    store.call_done(CallDone("c1", True, "out"), result("c1"), json.dumps({"n": 1}))
     assert store.uncommitted == 4  # the call_done is an update and a trace insert
     assert store.workflow("wf1") == workflow()  # the writer reads its own writes
     assert store.calls("wf1")[0].state == "succeeded"
@@ -366,7 +367,7 @@ def test_call_done_failing_midway_undoes_only_itself(store, db):
     store.add_workflow(workflow())
     store.call_dispatched(call("c1"), "n", "n/lm#0", 1.0)
     with pytest.raises(sqlite3.IntegrityError):
-        store.call_done(CallDone("c1", True, "out"), result("c1"), {"n": 1})
+        store.call_done(CallDone("c1", True, "out"), result("c1"), json.dumps({"n": 1}))
     assert store.uncommitted == 2
     [c] = store.calls("wf1")
     assert (c.state, c.latency_s) == ("running", None)
@@ -499,7 +500,7 @@ def finished(store, n, ts=100.0):
         for k in range(2):
             cid = f"{wf_id}/{k}"
             store.call_dispatched(call(cid, wf_id), "n", "n/lm#0", ts)
-            store.call_done(CallDone(cid, True, "out"), result(cid), {"call": cid})
+            store.call_done(CallDone(cid, True, "out"), result(cid), json.dumps({"call": cid}))
         store.finish_workflow(wf_id, "succeeded", "", ts + i)
 
 
@@ -507,7 +508,7 @@ def test_prune_keeps_the_newest_traces_and_archives_the_rest(store, tmp_path):
     store.add_workflow(workflow())
     for i in range(10):
         store.call_dispatched(call(f"c{i}"), "n", "n/lm#0", 1.0)
-        store.call_done(CallDone(f"c{i}", True, ""), result(f"c{i}"), {"i": i})
+        store.call_done(CallDone(f"c{i}", True, ""), result(f"c{i}"), json.dumps({"i": i}))
     rows = store.traces(0, 100)
     now = datetime(2026, 12, 6, 23, 59, tzinfo=timezone.utc).timestamp()
     archive = tmp_path / "archive"
@@ -531,14 +532,14 @@ def test_trace_ids_keep_increasing_after_pruning(db):
     s.add_workflow(workflow())
     for i in range(3):
         s.call_dispatched(call(f"c{i}"), "n", "n/lm#0", 1.0)
-        s.call_done(CallDone(f"c{i}", True, ""), result(f"c{i}"), {"i": i})
+        s.call_done(CallDone(f"c{i}", True, ""), result(f"c{i}"), json.dumps({"i": i}))
     last = s.traces(0, 10)[-1][0]
     assert s.prune(0.0, keep_traces=1, keep_finished_s=0) == PruneResult(2, 0, more=False)
     s.close()
     s = Store(db)
     try:
         s.call_dispatched(call("c9"), "n", "n/lm#0", 1.0)
-        s.call_done(CallDone("c9", True, ""), result("c9"), {"i": 9})
+        s.call_done(CallDone("c9", True, ""), result("c9"), json.dumps({"i": 9}))
         assert [i for i, _ in s.traces(0, 10)] == [last, last + 1]
     finally:
         s.close()

@@ -11,6 +11,7 @@ import pytest
 from swarmx.store import Store
 
 WRITER = """
+import json
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ while True:
         spec = CallSpec(cid, wf, "s", k, 0, "llm", "lm", "p", 16, {}, [], None, deps=[])
         store.call_dispatched(spec, "n", "n/lm#0", n)
         result = Result(cid, "n/lm#0", True, "out", "", 0.1, 1.0, 0.1, 3, 7)
-        store.call_done(CallDone(cid, True, "out" * 100), result, {"call": cid, "p": "p" * 300})
+        store.call_done(CallDone(cid, True, "out" * 100), result, json.dumps({"call": cid}))
     store.finish_workflow(wf, "succeeded", "", n)
     n += 1
     if n % 3 == 0:
