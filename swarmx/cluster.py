@@ -76,6 +76,11 @@ class NodeTable:
     def state(self, name: str) -> NodeState:
         return self._nodes[name].state
 
+    def hello(self, name: str) -> Hello | None:
+        """The node's latest registration, None for a node not in the table."""
+        node = self._nodes.get(name)
+        return node.hello if node is not None else None
+
     def telemetry(self, name: str) -> Telemetry | None:
         node = self._nodes.get(name)
         return node.telemetry if node is not None else None

@@ -558,11 +558,13 @@ class SchedulerDaemon:
     async def _on_hello(self, peer: bytes, env: Envelope, who: Peer) -> None:
         hello = env.body
         assert isinstance(hello, Hello)
-        known = self.nodes.views(self.clock.monotonic()) if hello.node in self.nodes else []
-        before = next((v.hello for v in known if v.name == hello.node), None)
+        before = self.nodes.hello(hello.node)
         change = self.nodes.register(hello, peer, self.clock.monotonic(), self.clock.time())
         if before is not None and (before.pid, before.started_ts) == (hello.pid, hello.started_ts):
-            log.info(
+            # the same agent again: say so only when its replicas changed (it re-sends its hello
+            # until acknowledged, and while a drain waits)
+            log.log(
+                logging.INFO if before.replicas != hello.replicas else logging.DEBUG,
                 "node %s replicas: %s",
                 hello.node,
                 ", ".join(i.replica + (" (draining)" if i.draining else "") for i in hello.replicas)
