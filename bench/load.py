@@ -103,6 +103,7 @@ import psutil
 from swarmx import __version__
 from swarmx.clock import RealClock, ticks
 from swarmx.config import NodeConfig, ReplicaConfig
+from swarmx.daemon.node import ResultOutbox
 from swarmx.daemon.replicas import ReplicaSet
 from swarmx.daemon.scheduler import DB_FILE, read_state_file
 from swarmx.models.baselines import empirical_quantile
@@ -368,8 +369,7 @@ class NodeEmulator:
         self._started_mono = self.clock.monotonic()
         self._started_ts = self.clock.time()
         self._last_answer = self._started_mono
-        self._unacked: dict[int, tuple[float, Result]] = {}
-        self._unsent_keys = itertools.count(-1, -1)
+        self.outbox = ResultOutbox(self.clock)
         self._running: dict[str, float] = {}
         """Calls the replica runs: call id -> arrival time."""
         self._heartbeats: dict[int, float] = {}
@@ -418,7 +418,7 @@ class NodeEmulator:
 
     @property
     def unacked_results(self) -> int:
-        return len(self._unacked)
+        return len(self.outbox)
 
     async def run(self) -> None:
         assert self.channel is not None
@@ -450,7 +450,7 @@ class NodeEmulator:
             if seq is not None:
                 self._heartbeats[seq] = sent_at
                 self.report.counters["heartbeats"] += 1
-            await self._resend_results(now)
+            self.report.counters["results_resent"] += await self.outbox.resend_due(ch, now)
             await ch.send(
                 Telemetry(self._host, [self._gpu_sample], self.replicas.runtime(), collect_s=0.0)
             )
@@ -481,19 +481,7 @@ class NodeEmulator:
 
     async def _send_result(self, result: Result) -> None:
         assert self.channel is not None
-        seq = await self.channel.send(result)
-        if seq is None:  # not sent: a local key, retried with the next heartbeat
-            seq = next(self._unsent_keys)
-        self._unacked[seq] = (self.clock.monotonic(), result)
-
-    async def _resend_results(self, now: float) -> None:
-        for seq, (sent, result) in list(self._unacked.items()):
-            if now - sent >= RESEND_RESULT_AFTER_S:
-                del self._unacked[seq]
-                self.report.counters["results_resent"] += 1
-                await self._send_result(result)
-
-    # --- handlers ---------------------------------------------------------------------------
+        await self.outbox.send(self.channel, result)
 
     async def _on_dispatch(self, env: Envelope) -> None:
         d = env.body
@@ -507,11 +495,7 @@ class NodeEmulator:
             self.replicas.submit(d, self._completed)
             return
         self.report.counters["dispatched_again"] += 1  # as the agent: answered, not run twice
-        unacked = [seq for seq, (_, r) in self._unacked.items() if r.call_id == d.call_id]
-        for seq in unacked:
-            _, result = self._unacked.pop(seq)
-            await self._send_result(result)
-        if not unacked:
+        if not await self.outbox.send_again(self.channel, d.call_id):
             await self.channel.send(Ack(env.seq, f"call {d.call_id} already {seen}"))
 
     async def _on_cancel(self, env: Envelope) -> None:
@@ -535,7 +519,7 @@ class NodeEmulator:
     async def _on_ack(self, env: Envelope) -> None:
         assert isinstance(env.body, Ack)
         ref = env.body.ref_seq
-        self._unacked.pop(ref, None)
+        self.outbox.acked(ref)
         sent = self._heartbeats.pop(ref, None)
         if sent is not None:
             self.report.lags.append((sent, self.clock.monotonic() - sent))
@@ -549,7 +533,7 @@ class NodeEmulator:
         if code == "unregistered":
             self.registered = False
         else:  # a refused result (a call no longer this node's) is not sent again
-            self._unacked.pop(env.body.ref_seq, None)
+            self.outbox.refused(env.body.ref_seq)
 
 
 def _die_with_parent() -> None:

@@ -56,11 +56,60 @@ RECENT_HELLOS = 16
 """Hellos remembered for their acknowledgement (which confirms the drains waiting on it)."""
 RELOADABLE = frozenset({"labels", "tool_commands", "drain_timeout_s"})
 """``[node]`` settings a SIGHUP applies; the others need a restart."""
+HAND_BACK_KILL_S = 10.0
+"""On leaving: how long the calls handed back may take to stop (a tool tree being killed)."""
 GOODBYE_WAIT_S = 2.0
 """On leaving: how long to wait for the scheduler to acknowledge the last results and the final
 goodbye (it may be gone too)."""
 
 Handler = Callable[[Envelope], Awaitable[None]]
+
+
+class ResultOutbox:
+    """Results sent and not acknowledged yet, by frame seq: sent again every
+    `RESEND_RESULT_AFTER_S` until the scheduler acknowledges one (it may have restarted) or
+    refuses it (the call is no longer this node's). A result that could not leave at all waits
+    under a local negative key for the next round."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self._unacked: dict[int, tuple[float, Result]] = {}
+        self._unsent_keys = itertools.count(-1, -1)
+
+    def __len__(self) -> int:
+        return len(self._unacked)
+
+    async def send(self, channel: DealerChannel, result: Result) -> None:
+        seq = await channel.send(result)
+        if seq is None:  # not sent: a local key, retried with the next round
+            seq = next(self._unsent_keys)
+        self._unacked[seq] = (self.clock.monotonic(), result)
+
+    async def resend_due(self, channel: DealerChannel, now: float) -> int:
+        """Send again what has waited long enough; returns how many."""
+        due = [
+            seq for seq, (sent, _) in self._unacked.items() if now - sent >= RESEND_RESULT_AFTER_S
+        ]
+        for seq in due:
+            _, result = self._unacked.pop(seq)
+            await self.send(channel, result)
+        return len(due)
+
+    async def send_again(self, channel: DealerChannel, call_id: str) -> bool:
+        """Send a call's unacknowledged result now (its dispatch came again); False if none."""
+        seqs = [seq for seq, (_, r) in self._unacked.items() if r.call_id == call_id]
+        for seq in seqs:
+            _, result = self._unacked.pop(seq)
+            await self.send(channel, result)
+        return bool(seqs)
+
+    def acked(self, seq: int) -> None:
+        self._unacked.pop(seq, None)
+
+    def refused(self, seq: int) -> Result | None:
+        """The result the scheduler refused with frame ``seq``, no longer to be sent."""
+        entry = self._unacked.pop(seq, None)
+        return None if entry is None else entry[1]
 
 
 class NodeAgent:
@@ -99,9 +148,7 @@ class NodeAgent:
         hold (see `_scheduler_told`)."""
         self._hello_base: Hello | None = None
         """Registration without the replica lists (host facts collected once)."""
-        self._unacked: dict[int, tuple[float, Result]] = {}
-        """Results sent but not yet acknowledged, by frame seq, with the time sent."""
-        self._unsent_keys = itertools.count(-1, -1)
+        self.outbox = ResultOutbox(clock)
         self.duplicate_dispatches = 0
         """Dispatches of a call id this node had been given already (answered, not run)."""
         self.leaving = False
@@ -273,7 +320,7 @@ class NodeAgent:
                         now - self._started_mono, channel.stats.unsent, self.replicas.running()
                     )
                 )
-                await self._resend_results(now)
+                await self.outbox.resend_due(channel, now)
             if not self.registered or self._told:  # a drain waits for one (`_scheduler_told`)
                 await self._send_hello(channel)
 
@@ -334,30 +381,24 @@ class NodeAgent:
         if handed_back:
             log.warning("handing back %d unfinished calls", len(handed_back))
             self.replicas.cancel(handed_back)
+            # they run elsewhere the moment the scheduler reads the goodbye: stopped here first
+            # (tools' process trees killed), so no call's effect can happen twice
+            await self.replicas.wait_idle(HAND_BACK_KILL_S)
         deadline = self.clock.monotonic() + GOODBYE_WAIT_S
-        while self._unacked and self.clock.monotonic() < deadline:
+        while self.outbox and self.clock.monotonic() < deadline:
             await self.clock.sleep(0.05)
         self._goodbye_seq = await channel.send(Goodbye(True, handed_back))
         if self._goodbye_seq is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 remaining = max(0.0, deadline - self.clock.monotonic()) + 0.5
                 await asyncio.wait_for(self._goodbye_acked.wait(), remaining)
-        log.info("left the cluster (%d results unacknowledged)", len(self._unacked))
+        log.info("left the cluster (%d results unacknowledged)", len(self.outbox))
 
     # --- handlers ---------------------------------------------------------------------------
 
     async def _send_result(self, result: Result) -> None:
         assert self._channel is not None
-        seq = await self._channel.send(result)
-        if seq is None:  # not sent: a local key, retried with the next heartbeat
-            seq = next(self._unsent_keys)
-        self._unacked[seq] = (self.clock.monotonic(), result)
-
-    async def _resend_results(self, now: float) -> None:
-        for seq, (sent, result) in list(self._unacked.items()):
-            if now - sent >= RESEND_RESULT_AFTER_S:
-                del self._unacked[seq]
-                await self._send_result(result)
+        await self.outbox.send(self._channel, result)
 
     async def _on_dispatch(self, env: Envelope) -> None:
         """Run a call, once: a call id given before is answered with where it stands (its
@@ -375,11 +416,7 @@ class NodeAgent:
         log.warning(
             "call %s dispatched again (it is %s here); not running it twice", d.call_id, seen
         )
-        unacked = [seq for seq, (_, r) in self._unacked.items() if r.call_id == d.call_id]
-        for seq in unacked:
-            _, result = self._unacked.pop(seq)
-            await self._send_result(result)
-        if not unacked:
+        if not await self.outbox.send_again(self._channel, d.call_id):
             await self._channel.send(Ack(env.seq, f"call {d.call_id} already {seen}"))
 
     async def _on_cancel_calls(self, env: Envelope) -> None:
@@ -409,7 +446,7 @@ class NodeAgent:
 
     async def _on_ack(self, env: Envelope) -> None:
         assert isinstance(env.body, Ack)
-        self._unacked.pop(env.body.ref_seq, None)
+        self.outbox.acked(env.body.ref_seq)
         if env.body.ref_seq == self._goodbye_seq:
             self._goodbye_acked.set()
         if env.body.ref_seq in self._hellos:
@@ -425,13 +462,9 @@ class NodeAgent:
 
     async def _on_error(self, env: Envelope) -> None:
         assert isinstance(env.body, Error)
-        refused = (
-            None if env.body.code == "unregistered" else self._unacked.pop(env.body.ref_seq, None)
-        )
+        refused = None if env.body.code == "unregistered" else self.outbox.refused(env.body.ref_seq)
         if refused is not None:  # a result for a call no longer ours (fenced): not sent again
-            log.warning(
-                "scheduler refused the result of %s: %s", refused[1].call_id, env.body.message
-            )
+            log.warning("scheduler refused the result of %s: %s", refused.call_id, env.body.message)
             return
         if env.body.code == "unregistered":
             if self.registered:

@@ -17,7 +17,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "load.py"
-CONTRACT = {
+CONTRACT = {  # the names, pinned here on purpose: not read from the bench
     "nodes",
     "calls_per_s",
     "seconds",
