@@ -14,6 +14,7 @@ quantile, state), never call or workflow ids.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIServer
 
@@ -23,6 +24,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from swarmx.protocol import SchedulerInfo, Telemetry, TopReply
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS_S = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
@@ -246,13 +249,21 @@ class SchedulerMetrics:
             registry=r,
         )
         self._snapshot: TopReply | None = None
+        self.refresh: Callable[[], TopReply] | None = None
+        """Builds a fresh snapshot for a scrape (on the HTTP thread: it hands the work to the
+        event loop and waits); the last one is served if it fails or takes too long."""
         r.register(_Snapshot(self._families))
 
     def publish(self, reply: TopReply) -> None:
-        """Called from the event loop; replaces the reference the HTTP thread reads."""
+        """Replaces the snapshot the HTTP thread reads."""
         self._snapshot = reply
 
     def _families(self) -> list[Metric]:
+        if self.refresh is not None:
+            try:
+                self._snapshot = self.refresh()
+            except Exception as exc:  # stalled loop, or a snapshot bug: serve the last one
+                log.warning("metrics: serving the last snapshot (%s: %s)", type(exc).__name__, exc)
         return [] if self._snapshot is None else scheduler_families(self._snapshot)
 
 

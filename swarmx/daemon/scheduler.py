@@ -63,6 +63,7 @@ from swarmx.protocol import (
     Submit,
     Submitted,
     Telemetry,
+    TopReply,
     TracesReply,
     WorkflowsReply,
     from_builtins,
@@ -114,11 +115,12 @@ RELOADABLE = frozenset(
 PARALLEL_PARSES = 4
 """Large workflow files parsed at once (on threads) while the receive loop goes on."""
 PRUNE_INTERVAL_S = 60.0
+"""How often the journal drops (archives) traces and finished workflows past retention."""
 PRUNE_BATCH = 500
 """Rows per prune step (~10 ms); the loop yields between steps."""
-"""How often the journal drops (archives) traces and finished workflows past retention."""
-PUBLISH_INTERVAL_S = 1.0
-"""How often the snapshot the metrics read is rebuilt (only while metrics are served)."""
+SCRAPE_WAIT_S = 2.0
+"""How long a scrape waits for the event loop to build a fresh snapshot before it is served
+the last one (the loop is stalled)."""
 SCALE_REFUSALS = {"unknown_model", "out_of_range"}
 """Error codes a node answers a scale command it cannot carry out with."""
 
@@ -275,6 +277,8 @@ class SchedulerDaemon:
                 raise
             metrics: MetricsServer | None = None
             try:
+                loop = asyncio.get_running_loop()
+                self.metrics.refresh = lambda: self._scrape_snapshot(loop)
                 metrics = serve(self.metrics.registry, self.cfg.metrics_port, self.cfg.metrics_addr)
                 if metrics is not None:
                     log.info("metrics on %s", metrics.url, extra={"metrics_url": metrics.url})
@@ -312,8 +316,6 @@ class SchedulerDaemon:
                     tasks.append(asyncio.create_task(self._rescan_keys(), name="keys"))
                 if self.scaler_cfg.policy != "none":
                     tasks.append(asyncio.create_task(self._scale(), name="scale"))
-                if metrics is not None:
-                    tasks.append(asyncio.create_task(self._publish(), name="metrics"))
                 await run_until_stopped(stop, tasks)
             finally:
                 self.notifier.notify("STOPPING=1")
@@ -536,14 +538,17 @@ class SchedulerDaemon:
                 for decision in decisions:
                     self.observer.scaled(decision)
 
-    async def _publish(self) -> None:
-        """Rebuild the snapshot the metrics server reads (on its own thread) once a second."""
+    def _scrape_snapshot(self, loop: asyncio.AbstractEventLoop) -> TopReply:
+        """Called on the metrics server's thread at each scrape: the snapshot, built on the
+        event loop (its state lives there) then and only then. Over 1,000 nodes a build takes
+        a while, which a scrape every 15 s pays once, not the loop every second."""
         assert self.observer is not None
-        async for _ in ticks(self.clock, PUBLISH_INTERVAL_S):
-            try:
-                self.metrics.publish(self.observer.snapshot(self._info()))
-            except Exception:  # a metrics bug must not take scheduling down with it
-                log.exception("building the metrics snapshot failed")
+        observer = self.observer
+
+        async def build() -> TopReply:
+            return observer.snapshot(self._info())
+
+        return asyncio.run_coroutine_threadsafe(build(), loop).result(SCRAPE_WAIT_S)
 
     async def _send_to_node(self, node: str, body: Message) -> bool:
         assert self._channel is not None
