@@ -127,13 +127,20 @@ def scheduler_info(procs, endpoint):
     return json.loads(out.stdout)["scheduler"]
 
 
+def tool_running(procs, effects: Effects, seconds: float):
+    """Two nodes, one workflow whose tool call has started: (endpoint, nodes, workflow id, the
+    node running the call)."""
+    _, endpoint, nodes = start(procs)
+    wf_id = submit(procs, endpoint, effects.workflow(procs, seconds)).stdout.strip()
+    wait_for(lambda: effects.lines("start"), what="the tool to start")
+    victim = wait_for(lambda: node_of(procs, endpoint, wf_id), what="the call's node")
+    return endpoint, nodes, wf_id, victim
+
+
 def test_a_node_killed_mid_tool_call_runs_the_tool_once(procs):
     configure(procs)
     effects = Effects(procs)
-    _, endpoint, nodes = start(procs)
-    wf_id = submit(procs, endpoint, effects.workflow(procs, 4)).stdout.strip()
-    wait_for(lambda: effects.lines("start"), what="the tool to start")
-    victim = wait_for(lambda: node_of(procs, endpoint, wf_id), what="the call's node")
+    endpoint, nodes, wf_id, victim = tool_running(procs, effects, 4)
     nodes[victim].send_signal(signal.SIGKILL)  # its tools are orphans now, unless reaped
     nodes[victim].wait()
 
@@ -172,10 +179,7 @@ def test_a_scheduler_killed_and_restarted_adopts_the_calls_in_flight(procs):
 def test_a_frozen_node_is_fenced_and_its_tool_stopped(procs):
     configure(procs)
     effects = Effects(procs)
-    _, endpoint, nodes = start(procs)
-    wf_id = submit(procs, endpoint, effects.workflow(procs, 4)).stdout.strip()
-    wait_for(lambda: effects.lines("start"), what="the tool to start")
-    victim = wait_for(lambda: node_of(procs, endpoint, wf_id), what="the call's node")
+    endpoint, nodes, wf_id, victim = tool_running(procs, effects, 4)
     nodes[victim].send_signal(signal.SIGSTOP)
     try:
         wait_for(lambda: len(effects.lines("start")) == 2, what="the call to run elsewhere")
@@ -196,10 +200,7 @@ def test_sigterm_hands_running_calls_back_at_once_and_exits_0(procs):
     # heartbeats 1 s and down after 10 missed: re-running on a timeout would take 10 s
     configure(procs, heartbeat_interval_s=1.0, drain_timeout_s=0.5)
     effects = Effects(procs)
-    _, endpoint, nodes = start(procs)
-    wf_id = submit(procs, endpoint, effects.workflow(procs, 5)).stdout.strip()
-    wait_for(lambda: effects.lines("start"), what="the tool to start")
-    victim = wait_for(lambda: node_of(procs, endpoint, wf_id), what="the call's node")
+    endpoint, nodes, wf_id, victim = tool_running(procs, effects, 5)
     sent = time.monotonic()
     nodes[victim].send_signal(signal.SIGTERM)
     wait_for(lambda: len(effects.lines("start")) == 2, timeout_s=8, what="the call elsewhere")

@@ -22,6 +22,7 @@ import pytest
 from swarmx.backends.base import CallRequest
 from swarmx.backends.reaper import AGENT_VAR, NODE_VAR, TOKEN_VAR, Lease
 from swarmx.backends.tools import ToolRunner
+from tests.unit.backends.test_tools import gone
 
 TOOL = """
 import os, sys, time
@@ -144,19 +145,6 @@ def carriers(token: str) -> list[psutil.Process]:
             if proc.environ().get(TOKEN_VAR) == token:
                 found.append(proc)
     return found
-
-
-def gone(pid: int, within_s: float = 3.0) -> bool:
-    """The process has exited (a zombie awaiting its reaper counts as gone)."""
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def no_carriers(token: str, within_s: float = 3.0) -> bool:
