@@ -250,9 +250,15 @@ class RateLimitedLog:
     """One warning per reason per ``every_s`` (with how many were held back): a peer hammering
     the scheduler with refused frames must not flood its log."""
 
-    def __init__(self, monotonic: Callable[[], float], every_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        monotonic: Callable[[], float],
+        every_s: float = 10.0,
+        logger: logging.Logger | None = None,
+    ) -> None:
         self._monotonic = monotonic
         self._every_s = every_s
+        self._log = logger or log
         self._last: dict[str, float] = {}
         self._held: dict[str, int] = {}
 
@@ -265,4 +271,4 @@ class RateLimitedLog:
         held = self._held.pop(reason, 0)
         self._last[reason] = now
         suffix = f" ({held} more like it since the last)" if held else ""
-        log.warning(message + suffix, *args)
+        self._log.warning(message + suffix, *args)

@@ -112,6 +112,8 @@ RELOADABLE = frozenset(
     }
 )
 """``[scheduler]`` settings a SIGHUP applies; the others need a restart."""
+SLOW_HANDLER_S = 0.05
+"""A frame whose handling takes longer is logged (at most once per type every 10 s)."""
 PARALLEL_PARSES = 4
 """Large workflow files parsed at once (on threads) while the receive loop goes on."""
 PRUNE_INTERVAL_S = 60.0
@@ -169,6 +171,7 @@ class SchedulerDaemon:
         self.auth_refused: collections.Counter[str] = collections.Counter()
         """Frames and handshakes refused, by reason (``swarmx_auth_refused_total``)."""
         self._refusal_log = RateLimitedLog(clock.monotonic)
+        self._slow_log = RateLimitedLog(clock.monotonic, logger=log)
         self.predictor_cfg = predictor or PredictorConfig()
         self.router_cfg = router or RouterConfig()
         self.scaler_cfg = scaler or ScalerConfig()
@@ -449,6 +452,7 @@ class SchedulerDaemon:
 
     async def _handle(self, channel: RouterChannel, peer: bytes, env: Envelope, key: bytes) -> None:
         handler = self._handlers.get(type(env.body))
+        started = self.clock.monotonic()
         try:
             who = self._check(self._peer(key), env)
             if handler is None:
@@ -469,6 +473,15 @@ class SchedulerDaemon:
             self.handler_errors += 1
             log.exception("handler for %r from %s failed", env.type, env.sender)
             await channel.send(peer, Error(env.seq, "internal", f"{type(exc).__name__}: {exc}"))
+        took_s = self.clock.monotonic() - started
+        if took_s > SLOW_HANDLER_S:  # it held every other frame (and the loop) that long
+            self._slow_log.warning(
+                f"slow:{env.type}",
+                "handling %r from %s took %.0f ms",
+                env.type,
+                env.sender,
+                took_s * 1000,
+            )
 
     async def _sweep(self) -> None:
         assert self.workflows is not None
