@@ -794,7 +794,9 @@ class SchedulerDaemon:
         try:
             # loading imports torch and reads the file: seconds, so off the event loop
             model = await asyncio.to_thread(load_model, Path(env.body.path))
-            version = self.learner.install_model(model)
+            self.learner.check(model)  # before its file is written
+            staged = await asyncio.to_thread(self.learner.stage, model)
+            version = self.learner.install_model(model, staged)
         except Exception as exc:  # whatever torch.load raises on a file that is not a model
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             await self._reply(

@@ -461,13 +461,21 @@ class OnlineLearner:
     # --- persistence ------------------------------------------------------------------------
 
     def _save(self, model: Predictor) -> None:
+        path = self.stage(model)
+        if path is not None:
+            self._point(path)
+
+    def stage(self, model: Predictor) -> Path | None:
+        """Write a model's file into the predictor directory, not yet live (blocking: torch
+        writes it, a second or more, so the daemon calls this off its event loop); its path,
+        None for a model with no file (the fallback)."""
         from swarmx.models.predictor import QuantilePredictor
 
         if not isinstance(model, QuantilePredictor):
-            return
+            return None
         path = self.dir / f"{model.version}.pt"
         model.save(path)
-        self._point(path)
+        return path
 
     def _point(self, path: Path) -> None:
         """``path`` is the live model's file (after a restart too); old versions go."""
@@ -501,12 +509,17 @@ class OnlineLearner:
         """Make a trained model file live (e.g. one from `swarmx predictor train`); its version."""
         return self.install_model(load_model(path))
 
-    def install_model(self, model: Predictor) -> str:
-        """Make a loaded model live (the daemon loads it off its event loop first)."""
+    def install_model(self, model: Predictor, staged: Path | None = None) -> str:
+        """Make a loaded model live (the daemon loads it off its event loop first, and writes
+        its file there too: ``staged``, from `stage`; without it the file is written here)."""
+        self.check(model)
+        self._install(model, staged)
+        return model.version
+
+    def check(self, model: Predictor) -> None:
+        """Raises ValueError for a model this scheduler cannot serve (other quantile levels)."""
         if tuple(model.levels) != self.levels:
             raise ValueError(f"model forecasts levels {model.levels}, the scheduler {self.levels}")
-        self._install(model)
-        return model.version
 
     def status(self) -> dict[str, object]:
         return {
