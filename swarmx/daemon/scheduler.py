@@ -505,6 +505,9 @@ class SchedulerDaemon:
                 if change.new == "down":
                     await self.workflows.on_node_down(change.node)
             await self.workflows.check_deadlines()
+            # what the sweep journaled (calls lost with a node, past their deadline) is durable
+            # now, not whenever the next frame comes in (a no-op when it wrote nothing)
+            self.workflows.store.commit()
             if self.learner is not None:
                 self.learner.poll()
                 self.learner.maybe_retrain()
