@@ -45,6 +45,8 @@ traces_app = typer.Typer(help="The trace store: every finished call.", no_args_i
 
 WAIT_POLL_S = 0.2
 EXIT_WORKFLOW_FAILED = 1
+MAX_KEY_CHARS = 256
+"""The wire's limit on an idempotency key (a `Name`)."""
 SUBMIT_TRIES = 6
 SUBMIT_BACKOFF_S = 0.5
 SUBMIT_BACKOFF_MAX_S = 8.0
@@ -104,6 +106,8 @@ def submit(
         load_workflow(file, overrides)  # fail fast, naming file and line, before any network
     except WorkflowError as exc:
         fail(str(exc), EXIT_USAGE)
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_KEY_CHARS:
+        fail(f"--idempotency-key: 1 to {MAX_KEY_CHARS} characters, got {len(idempotency_key)}")
     key = idempotency_key or uuid.uuid4().hex
     msg = Submit(str(file), file.read_text(encoding="utf-8"), overrides, key)
     reply = _submit(config, scheduler, msg, SUBMIT_TRIES if retry else 1)

@@ -383,7 +383,7 @@ class WorkflowService:
                 if f.node != node:
                     stray.append(call_id)
                 continue
-            adoptee = self._recovery.adopting.pop(call_id, None)
+            adoptee = self._adoptable(call_id, node)
             if adoptee is not None:
                 self._adopt(adoptee, node, replica)
             elif self._ended.get(call_id) != node:
@@ -401,6 +401,16 @@ class WorkflowService:
                 self._ended[call_id] = node
             self._trim_ended()
             await self._send(node, CancelCalls(stray))
+
+    def _adoptable(self, call_id: str, node: str) -> _Adoptee | None:
+        """The call left from before a restart that ``node`` may take over (taken out of the
+        waiting ones): only the node the journal says it went to, or any node where the journal
+        never saw it dispatched. Another node's claim is refused, so no node key can take a
+        call (and its result) from the node running it."""
+        adoptee = self._recovery.adopting.get(call_id)
+        if adoptee is None or adoptee.node not in ("", node):
+            return None
+        return self._recovery.adopting.pop(call_id)
 
     def _adopt(self, a: _Adoptee, node: str, replica: str) -> None:
         """Book a call a node runs (or ran) as in flight there, as if just dispatched."""
@@ -643,7 +653,7 @@ class WorkflowService:
     # --- results ----------------------------------------------------------------------------
 
     async def on_result(self, node: str, result: Result) -> None:
-        adoptee = self._recovery.adopting.pop(result.call_id, None)
+        adoptee = self._adoptable(result.call_id, node)
         if adoptee is not None:  # finished while the scheduler was down
             self._adopt(adoptee, node, result.replica)
         f = self._inflight.get(result.call_id)

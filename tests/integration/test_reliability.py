@@ -227,6 +227,13 @@ def test_sighup_reloads_what_it_can_and_keeps_the_daemons(procs):
     assert nodes["alpha"].poll() is None and sched.poll() is None
     assert "applied labels" in procs.log("alpha")
 
+    procs.config.write_text("[scheduler\n")  # a broken file: both keep what they run with
+    nodes["alpha"].send_signal(signal.SIGHUP)
+    sched.send_signal(signal.SIGHUP)
+    for name in ("alpha", "scheduler"):
+        wait_for(lambda n=name: "the running settings stay" in procs.log(n), what="refusal")
+    assert nodes["alpha"].poll() is None and sched.poll() is None
+
 
 def test_a_retried_submit_returns_the_same_workflow(procs):
     configure(procs)

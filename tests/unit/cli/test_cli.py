@@ -131,3 +131,11 @@ def test_keys_generate_writes_a_private_secret(tmp_path):
     assert again.exit_code == 2 and "exists" in again.stderr
     bad = run("keys", "generate", "--out", str(tmp_path / "k"), "--name", "../x")
     assert bad.exit_code == 2 and "--name" in bad.stderr
+
+
+def test_an_idempotency_key_too_long_for_the_wire_exits_2_before_any_network(tmp_path):
+    wf = tmp_path / "wf.toml"
+    wf.write_text('name = "x"\n[[steps]]\nid = "a"\nkind = "tool"\ncommand = ["true"]\n')
+    result = run("submit", str(wf), "--idempotency-key", "k" * 257)
+    assert result.exit_code == 2
+    assert "--idempotency-key: 1 to 256 characters, got 257" in result.stderr

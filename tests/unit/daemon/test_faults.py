@@ -177,3 +177,23 @@ def test_a_full_scheduler_refuses_and_counts(tmp_path):
 
     c = asyncio.run(main())
     assert c.service.faults.overloaded == 1 and len(c.service.runs) == 1
+
+
+def test_after_a_restart_only_the_journaled_node_may_take_a_call_over(tmp_path):
+    async def main():
+        c = Cluster(tmp_path)
+        await c.start()
+        wf = await c.submit(ONE)
+        call = c.sent[0].call_id  # journaled as dispatched to node "n"
+        r = _restarted(tmp_path, c)
+        await r.service.recover()
+        await r.start()
+        await r.service.reconcile("m", {call: "m/lm#0"})  # another node claims it
+        claimed = r.service.faults.adopted
+        await r.finish(call, output="from n")  # the rightful node's result
+        return r, wf, call, claimed
+
+    r, wf, call, claimed = asyncio.run(main())
+    assert claimed == 0 and r.cancelled == [call]  # refused, and cancelled where claimed
+    assert r.service.faults.adopted == 1
+    assert r.service.store.workflow(wf).state == "succeeded"
