@@ -3,10 +3,11 @@ alive. Pure state: callers pass the time in, so liveness is tested without sleep
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from swarmx.protocol import Hello, NodeView, Telemetry
+from swarmx.traces import DeviceAtDispatch
 
 NodeState = Literal["live", "stale", "down"]
 
@@ -29,6 +30,8 @@ class _Node:
     state: NodeState = "live"
     telemetry: Telemetry | None = None
     frames: int = 0
+    devices: dict[str, DeviceAtDispatch] = field(default_factory=dict)
+    """`device_at` of this telemetry, per device name (cleared with each new sample)."""
 
 
 class NodeTable:
@@ -68,7 +71,21 @@ class NodeTable:
         return name in self._nodes
 
     def update_telemetry(self, name: str, telemetry: Telemetry) -> None:
-        self._nodes[name].telemetry = telemetry
+        node = self._nodes[name]
+        node.telemetry = telemetry
+        node.devices.clear()
+
+    def device_at(self, name: str, device: str) -> DeviceAtDispatch:
+        """The state of ``device`` (a replica's device name) on node ``name`` as its latest
+        telemetry tells it: asked for every candidate of every routed call, so it is worked
+        out once per sample."""
+        node = self._nodes.get(name)
+        if node is None:
+            return device_at(None, device)
+        known = node.devices.get(device)
+        if known is None:
+            known = node.devices[device] = device_at(node.telemetry, device)
+        return known
 
     def peer(self, name: str) -> bytes:
         return self._nodes[name].peer
@@ -126,3 +143,18 @@ class NodeTable:
             )
             for name, node in sorted(self._nodes.items())
         ]
+
+
+def device_at(tel: Telemetry | None, device: str) -> DeviceAtDispatch:
+    """A replica's device (``cuda:1``, ``emulated:H100``, ``cpu``) as the predictor sees it:
+    GPU model, its utilisation and memory use, and the node's CPU use."""
+    cpu = tel.host.cpu_percent / 100 if tel else 0.0
+    if device.startswith("emulated:"):
+        return DeviceAtDispatch(device.split(":", 1)[1], 0.0, 0.0, cpu)
+    if device.startswith("cuda") and tel and tel.gpus:
+        index = int(device.split(":")[1]) if ":" in device else 0
+        gpu = next((g for g in tel.gpus if g.index == index), None)
+        if gpu is not None:
+            mem = (gpu.mem_used_bytes or 0) / gpu.mem_total_bytes if gpu.mem_total_bytes else 0
+            return DeviceAtDispatch(gpu.name, (gpu.util_percent or 0) / 100, mem, cpu)
+    return DeviceAtDispatch("cpu", 0.0, 0.0, cpu)

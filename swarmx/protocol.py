@@ -223,6 +223,10 @@ class Heartbeat(msgspec.Struct, frozen=True):
     )
     """The calls the node is running (call id -> replica): the scheduler adopts them after a
     restart and cancels those it has given to another node since (fencing)."""
+    telemetry: Telemetry | None = None
+    """The node's sample, carried when it reports at the heartbeat's interval: one frame in and
+    one out per node per second instead of two in (at 1,000 nodes, a tenth of the scheduler's
+    time went on the second frame)."""
 
 
 class Goodbye(msgspec.Struct, frozen=True):

@@ -222,28 +222,38 @@ class NodeNames:
         if not isinstance(data, dict):
             raise TransportError(f"{path}: cannot read node name bindings: not a JSON object")
         self._names = {str(k): str(v) for k, v in data.items()}
+        self._owners = {n: k for k, n in self._names.items()}
+        """node name -> key name."""
+        self._dirty = False
 
     def claim(self, key_name: str, node: str) -> str | None:
-        """Bind ``key_name`` to ``node`` if both are free; why not, otherwise."""
+        """Bind ``key_name`` to ``node`` if both are free; why not, otherwise. A new binding is
+        written by the next `save` (the scheduler's, with its journal commit: when 1,000 nodes
+        register at once, one file write per batch, not per node)."""
         bound = self._names.get(key_name)
         if bound is not None:
             return None if bound == node else f"key {key_name!r} is node {bound!r}, not {node!r}"
-        owner = next((k for k, n in self._names.items() if n == node), None)
+        owner = self._owners.get(node)
         if owner is not None:
             return f"node {node!r} belongs to key {owner!r}"
         self._names[key_name] = node
-        self._save()
+        self._owners[node] = key_name
+        self._dirty = True
         return None
 
     def node_of(self, key_name: str) -> str | None:
         return self._names.get(key_name)
 
-    def _save(self) -> None:
+    def save(self) -> None:
+        """Write the bindings if any changed since the last save (atomically, 0600)."""
+        if not self._dirty:
+            return
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(self._names, f, indent=1, sort_keys=True)
         tmp.replace(self.path)
+        self._dirty = False
 
 
 class RateLimitedLog:

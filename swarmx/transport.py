@@ -275,9 +275,11 @@ class RouterChannel(_Channel):
         return await self._accept(await self._wait_frames())
 
     async def recv_ready(self) -> tuple[bytes, Envelope, bytes] | None:
-        """As `recv`, for a frame already waiting; raises `NothingWaiting` when none is."""
+        """As `recv`, for a frame already waiting; raises `NothingWaiting` when none is. Read
+        through the shadow socket: no receive is waiting (the caller is the only reader), and
+        the next `recv` checks the socket's events before it waits, so nothing is missed."""
         try:
-            frames = await self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            frames = self._now.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             raise NothingWaiting from None
         return await self._accept(frames)

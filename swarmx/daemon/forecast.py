@@ -21,15 +21,17 @@ def runtime_of(view: ReplicaView) -> RuntimeAtDispatch:
     )
 
 
-def candidate(device: DeviceAtDispatch, runtime: RuntimeAtDispatch) -> Candidate:
-    """A replica as a placement for the predictor."""
+def candidate(device: DeviceAtDispatch, view: ReplicaView) -> Candidate:
+    """A replica as a placement for the predictor (its runtime as `runtime_of` says, without
+    the object: this runs for every candidate of every routed call)."""
+    outstanding, slots = view.outstanding, view.concurrency
     return (
         device.gpu,
         device.gpu_util,
         device.gpu_mem_frac,
         device.cpu_util,
-        runtime.inflight,
-        runtime.queue_depth,
+        min(outstanding, slots),
+        max(0, outstanding - slots),
     )
 
 
@@ -46,7 +48,8 @@ class LiveForecaster:
         self._load_only: tuple[Predictor, MeanConformal] | None = None
 
     def _placements(self, candidates: Sequence[ReplicaView]) -> list[Candidate]:
-        return [candidate(self._device_of(v), runtime_of(v)) for v in candidates]
+        device_of = self._device_of
+        return [candidate(device_of(v), v) for v in candidates]
 
     def service(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
         return self.learner.forecast_candidates(self._query_of(call), self._placements(candidates))

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 
 from swarmx.clock import Clock, ticks
@@ -19,6 +21,28 @@ from swarmx.clock import Clock, ticks
 log = logging.getLogger(__name__)
 
 EXIT_FORCED = 130
+
+
+GIL_SWITCH_S = 0.0005
+"""How long a thread may hold the GIL while another waits for it (Python's default: 5 ms)."""
+
+
+def settle_heap() -> None:
+    """Exempt every object alive now from the cyclic collector (`gc.freeze`). The imports,
+    torch and a loaded predictor are long-lived: full collections that walked them held the
+    scheduler's loop 100-200 ms every few seconds at 1,000 nodes and found nothing. Frozen
+    objects are still freed when their last reference goes (only a cycle among them would
+    outlive its use), so this is called when a long-lived set has just been built: at
+    start-up and when a predictor goes live."""
+    gc.freeze()
+
+
+def share_the_gil() -> None:
+    """Hand the GIL over sooner (`GIL_SWITCH_S`). Each torch op of a forecast releases the GIL;
+    while the metrics thread renders a scrape, getting it back cost up to the default 5 ms per
+    op, and one forecast on the loop took 80-150 ms at 1,000 nodes. Only while two threads
+    want the GIL at once (a scrape) does the shorter interval cost anything."""
+    sys.setswitchinterval(GIL_SWITCH_S)
 
 
 class SystemdNotifier:

@@ -195,13 +195,16 @@ class NodeAgent:
             self.notifier.notify("READY=1", f"STATUS=reporting to {self.cfg.scheduler}")
             tasks = [
                 asyncio.create_task(self._receive(channel), name="receive"),
-                asyncio.create_task(self._heartbeats(channel), name="heartbeat"),
-                asyncio.create_task(self._telemetry(channel, executor), name="telemetry"),
+                asyncio.create_task(self._heartbeats(channel, executor), name="heartbeat"),
                 asyncio.create_task(
                     channel.watch_handshakes(self._handshake_refused), name="handshakes"
                 ),
                 *self.notifier.start_watchdog(self.clock),
             ]
+            if not self._telemetry_on_heartbeat:
+                tasks.append(
+                    asyncio.create_task(self._telemetry(channel, executor), name="telemetry")
+                )
             await run_until_stopped(stop, tasks, on_stop=lambda: self._leave(channel))
         finally:
             self.notifier.notify("STOPPING=1")
@@ -305,7 +308,12 @@ class NodeAgent:
 
     # --- loops ------------------------------------------------------------------------------
 
-    async def _heartbeats(self, channel: DealerChannel) -> None:
+    @property
+    def _telemetry_on_heartbeat(self) -> bool:
+        """Telemetry rides on the heartbeat when both have the same interval (the default)."""
+        return self.cfg.telemetry_interval_s == self.cfg.heartbeat_interval_s
+
+    async def _heartbeats(self, channel: DealerChannel, executor: ThreadPoolExecutor) -> None:
         interval = self.cfg.heartbeat_interval_s
         async for now in ticks(self.clock, interval):
             silent_s = now - self._last_answer_mono
@@ -314,10 +322,14 @@ class NodeAgent:
                     "scheduler silent for %.1fs; registering again when it answers", silent_s
                 )
                 self.registered = False
+            sample = await self._sample(channel, executor) if self._telemetry_on_heartbeat else None
             if self.registered:
                 await channel.send(
                     Heartbeat(
-                        now - self._started_mono, channel.stats.unsent, self.replicas.running()
+                        now - self._started_mono,
+                        channel.stats.unsent,
+                        self.replicas.running(),
+                        telemetry=sample,
                     )
                 )
                 await self.outbox.resend_due(channel, now)
@@ -325,14 +337,19 @@ class NodeAgent:
                 await self._send_hello(channel)
 
     async def _telemetry(self, channel: DealerChannel, executor: ThreadPoolExecutor) -> None:
-        loop = asyncio.get_running_loop()
+        """Telemetry on its own interval, when it differs from the heartbeat's."""
         async for _ in ticks(self.clock, self.cfg.telemetry_interval_s):
-            sample = await loop.run_in_executor(executor, self._collect)
-            self._latest = self._with_runtime(sample)
-            bad = {**channel.stats.dropped, "internal": self.handler_errors}
-            self.metrics.publish(self._latest, self.registered, bad)
+            sample = await self._sample(channel, executor)
             if self.registered:
-                await channel.send(self._latest)
+                await channel.send(sample)
+
+    async def _sample(self, channel: DealerChannel, executor: ThreadPoolExecutor) -> Telemetry:
+        """Host and GPUs read in the executor (NVML may block), the replicas on the loop."""
+        sample = await asyncio.get_running_loop().run_in_executor(executor, self._collect)
+        self._latest = self._with_runtime(sample)
+        bad = {**channel.stats.dropped, "internal": self.handler_errors}
+        self.metrics.publish(self._latest, self.registered, bad)
+        return self._latest
 
     def _handshake_refused(self, reason: str) -> None:
         self._refusal_log.warning(

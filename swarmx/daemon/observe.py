@@ -9,6 +9,7 @@ builds the one snapshot (`TopReply`) that `swarmx top` asks for and the metrics 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import math
 from collections.abc import Sequence
@@ -25,7 +26,6 @@ from swarmx.protocol import (
     ModelStats,
     PredictorStatus,
     QueryTop,
-    ReplicaRuntime,
     ReplicaState,
     ReplicaStats,
     SchedulerInfo,
@@ -46,6 +46,9 @@ DECISIONS = 500
 """Route and scale decisions kept for the log."""
 MAX_LISTED = 1000
 """Most workflows or decisions one snapshot carries, whatever a client asks."""
+REPLICAS_PER_STEP = 100
+"""A snapshot yields the event loop after this many replicas (over 1,000 replicas, built in one
+go it held the loop 100 ms at every scrape)."""
 
 
 def quantile(ordered: Sequence[float], p: float) -> float:
@@ -56,6 +59,9 @@ def quantile(ordered: Sequence[float], p: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+_Figures = tuple[dict[str, float], dict[str, float], dict[str, float]]
+
+
 @dataclass
 class Recent:
     """The last finished calls of one replica or model: service time and forecast."""
@@ -63,15 +69,23 @@ class Recent:
     calls: collections.deque[tuple[float, dict[str, float] | None]] = field(
         default_factory=lambda: collections.deque(maxlen=RECENT_CALLS)
     )
+    _figures: tuple[tuple[str, ...], _Figures] | None = None
+    """The last `figures` and their levels, until a call is added."""
 
     def add(self, latency_s: float, pred: dict[str, float] | None) -> None:
         self.calls.append((latency_s, pred))
+        self._figures = None
 
-    def figures(
-        self, levels: Sequence[str]
-    ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    def figures(self, levels: Sequence[str]) -> _Figures:
         """(actual quantiles, mean forecast quantiles, share within forecast), by level; a
-        forecast figure only for levels some call was forecast at."""
+        forecast figure only for levels some call was forecast at. Kept until the next call
+        comes: every snapshot asks for every replica's, and most have had no call since."""
+        key = tuple(levels)
+        if self._figures is None or self._figures[0] != key:
+            self._figures = (key, self._work_out(key))
+        return self._figures[1]
+
+    def _work_out(self, levels: Sequence[str]) -> _Figures:
         ordered = sorted(latency for latency, _ in self.calls)
         actual = {p: quantile(ordered, float(p)) for p in levels} if ordered else {}
         pred: dict[str, float] = {}
@@ -192,12 +206,13 @@ class Observer:
             latency_p99_s=quantile(ok, 0.99) if ok else None,
         )
 
-    def snapshot(self, info: SchedulerInfo, query: QueryTop | None = None) -> TopReply:
-        """Everything `swarmx top` shows, as of now."""
+    async def snapshot(self, info: SchedulerInfo, query: QueryTop | None = None) -> TopReply:
+        """Everything `swarmx top` shows, as of now (give or take the frames handled while it
+        yields the loop between replicas)."""
         q = query or QueryTop()
-        now_mono, now = self.clock.monotonic(), self.clock.time()
-        replicas = self._replica_stats()
+        replicas = await self._replica_stats()
         self._forget({r.replica for r in replicas})
+        now_mono, now = self.clock.monotonic(), self.clock.time()
         return TopReply(
             ts=now,
             scheduler=info,
@@ -212,15 +227,14 @@ class Observer:
             decisions=list(reversed(self.decisions))[: min(max(q.decisions, 0), MAX_LISTED)],
         )
 
-    def _replica_stats(self) -> list[ReplicaStats]:
-        runtime: dict[str, ReplicaRuntime] = {}
+    async def _replica_stats(self) -> list[ReplicaStats]:
         out: list[ReplicaStats] = []
         views = sorted(self.service.dispatcher.views(), key=lambda v: v.replica)
-        for node in {v.node for v in views}:
-            tel = self.nodes.telemetry(node)
-            runtime.update({r.replica: r for r in tel.replicas} if tel else {})
-        for v in views:
-            rt = runtime.get(v.replica)
+        for k, v in enumerate(views):
+            if k and not k % REPLICAS_PER_STEP:
+                await asyncio.sleep(0)
+            tel = self.nodes.telemetry(v.node)
+            rt = next((r for r in tel.replicas if r.replica == v.replica), None) if tel else None
             recent = self.replicas.get(v.replica, Recent())
             actual, pred, covered = recent.figures(self.levels)
             state: ReplicaState = (

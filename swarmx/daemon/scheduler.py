@@ -29,7 +29,13 @@ from swarmx.config import (
     SecurityConfig,
     changed_fields,
 )
-from swarmx.daemon.lifecycle import LoopGap, SystemdNotifier, run_until_stopped
+from swarmx.daemon.lifecycle import (
+    LoopGap,
+    SystemdNotifier,
+    run_until_stopped,
+    settle_heap,
+    share_the_gil,
+)
 from swarmx.daemon.observe import Observer
 from swarmx.daemon.scaling import ScaleController
 from swarmx.daemon.workflows import (
@@ -304,6 +310,8 @@ class SchedulerDaemon:
                     if self.keys is None
                     else f"CURVE, {len(self.keys)} authorized keys in {self.keys.directory}",
                 )
+                settle_heap()
+                share_the_gil()
                 self.notifier.notify("READY=1", f"STATUS=listening on {channel.endpoint}")
                 tasks = [
                     asyncio.create_task(self._receive(channel), name="receive"),
@@ -446,6 +454,8 @@ class SchedulerDaemon:
     async def _commit(self, channel: RouterChannel) -> None:
         assert self.workflows is not None
         self.workflows.store.commit()
+        if self.node_names is not None:
+            self.node_names.save()
         replies, self._after_commit = self._after_commit, []
         for peer, body in replies:
             await channel.send(peer, body)
@@ -509,7 +519,8 @@ class SchedulerDaemon:
             # now, not whenever the next frame comes in (a no-op when it wrote nothing)
             self.workflows.store.commit()
             if self.learner is not None:
-                self.learner.poll()
+                if self.learner.poll():
+                    settle_heap()
                 self.learner.maybe_retrain()
 
     async def _prune(self, store: Store, state_dir: Path) -> None:
@@ -562,7 +573,7 @@ class SchedulerDaemon:
         observer = self.observer
 
         async def build() -> TopReply:
-            return observer.snapshot(self._info())
+            return await observer.snapshot(self._info())
 
         return asyncio.run_coroutine_threadsafe(build(), loop).result(SCRAPE_WAIT_S)
 
@@ -654,6 +665,8 @@ class SchedulerDaemon:
             await self._unregistered(peer, env)
             return
         assert isinstance(env.body, Heartbeat) and self.workflows is not None
+        if env.body.telemetry is not None:
+            self.nodes.update_telemetry(env.sender, env.body.telemetry)
         await self.workflows.reconcile(env.sender, env.body.running)
         await self._reply(peer, Ack(env.seq))
 
@@ -807,6 +820,7 @@ class SchedulerDaemon:
                 Error(env.seq, "invalid_model", f"{env.body.path}: cannot load a predictor: {why}"),
             )
             return
+        settle_heap()
         log.info("predictor %s installed from %s", version, env.body.path)
         await self._reply(peer, Ack(env.seq, version))
 
@@ -831,7 +845,7 @@ class SchedulerDaemon:
 
     async def _on_query_top(self, peer: bytes, env: Envelope, who: Peer) -> None:
         assert isinstance(env.body, QueryTop) and self.observer is not None
-        await self._reply(peer, self.observer.snapshot(self._info(), env.body))
+        await self._reply(peer, await self.observer.snapshot(self._info(), env.body))
 
 
 def build_scaler(cfg: ScalerConfig) -> Scaler:

@@ -37,7 +37,6 @@ from swarmx.protocol import (
     Result,
     StepView,
     Submit,
-    Telemetry,
     WorkflowView,
 )
 from swarmx.sched.dispatch import TOOL_POOL, Assign, Dispatcher, QueueOrder, Ticket
@@ -954,18 +953,7 @@ class WorkflowService:
         await self._send_all(self.dispatcher.cancel(call_ids, self.clock.time()))
 
     def _device(self, view: ReplicaView) -> DeviceAtDispatch:
-        tel: Telemetry | None = self.nodes.telemetry(view.node)
-        cpu = tel.host.cpu_percent / 100 if tel else 0.0
-        device = view.device
-        if device.startswith("emulated:"):
-            return DeviceAtDispatch(device.split(":", 1)[1], 0.0, 0.0, cpu)
-        if device.startswith("cuda") and tel and tel.gpus:
-            index = int(device.split(":")[1]) if ":" in device else 0
-            gpu = next((g for g in tel.gpus if g.index == index), None)
-            if gpu is not None:
-                mem = (gpu.mem_used_bytes or 0) / gpu.mem_total_bytes if gpu.mem_total_bytes else 0
-                return DeviceAtDispatch(gpu.name, (gpu.util_percent or 0) / 100, mem, cpu)
-        return DeviceAtDispatch("cpu", 0.0, 0.0, cpu)
+        return self.nodes.device_at(view.node, view.device)
 
     # --- views ------------------------------------------------------------------------------
 

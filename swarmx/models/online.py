@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import json
 import logging
 import math
+import operator
 import os
 import pickle
 import random
@@ -49,7 +51,7 @@ import msgspec
 
 from swarmx.config import PredictorConfig
 from swarmx.models.baselines import FallbackPredictor
-from swarmx.models.dist import LatencyDist
+from swarmx.models.dist import LatencyDist, trusted_dists
 from swarmx.models.query import Candidate, Query, SessionTracker, queries
 from swarmx.traces import TraceRecord
 
@@ -171,12 +173,18 @@ class Monitor:
                 d.clear()
 
 
-def _apply_shift(dist: LatencyDist, shift: dict[float, float]) -> LatencyDist:
-    values, floor = [], 0.0
-    for p, v in zip(dist.levels, dist.values_s, strict=True):
-        floor = max(floor, v * math.exp(shift.get(p, 0.0)))  # stays monotone
-        values.append(floor)
-    return LatencyDist(dist.levels, tuple(values))
+def _apply_shift(dists: list[LatencyDist], shift: dict[float, float]) -> list[LatencyDist]:
+    """``dists`` with each level's log-space ``shift``, kept monotone by a running max. On the
+    routing path this runs for every candidate of every call: the factors are worked out once
+    per level grid, and the results built without re-checking their order."""
+    out: list[LatencyDist] = []
+    for levels, group in itertools.groupby(dists, key=lambda d: d.levels):
+        factors = [math.exp(shift.get(p, 0.0)) for p in levels]
+        rows = [
+            list(itertools.accumulate(map(operator.mul, d.values_s, factors), max)) for d in group
+        ]
+        out.extend(trusted_dists(levels, rows))
+    return out
 
 
 class _Served:
@@ -191,13 +199,13 @@ class _Served:
         return self.model.levels
 
     def predict(self, queries: Sequence[Query]) -> list[LatencyDist]:
-        return [_apply_shift(d, self.shift) for d in self.model.predict(queries)]
+        return _apply_shift(self.model.predict(queries), self.shift)
 
     def predict_candidates(
         self, query: Query, candidates: Sequence[Candidate]
     ) -> list[LatencyDist]:
         dists = self.model.predict_candidates(query, candidates)
-        return [_apply_shift(d, self.shift) for d in dists]
+        return _apply_shift(dists, self.shift)
 
 
 def _replay(records: Sequence[TraceRecord], n: int, seed: int) -> list[TraceRecord]:
@@ -265,7 +273,7 @@ class OnlineLearner:
         return self._shifted(self.live.predict_candidates(query, candidates))
 
     def _shifted(self, dists: list[LatencyDist]) -> list[LatencyDist]:
-        return [_apply_shift(d, self.shift) for d in dists] if self.shift else dists
+        return _apply_shift(dists, self.shift) if self.shift else dists
 
     # --- learning ---------------------------------------------------------------------------
 

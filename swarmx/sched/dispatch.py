@@ -173,8 +173,49 @@ class PoolStats:
     with_deadline: int = 0
 
 
-def _outstanding(view: ReplicaView) -> int:
-    return view.outstanding
+class _OpenSet:
+    """One model's replicas with room, by name, also grouped by outstanding calls: a
+    forecasting router's candidates, the least loaded, are found without a scan of the pool
+    (at 1,000 replicas the scan cost more than the forecasts)."""
+
+    __slots__ = ("_by_load", "_views")
+
+    def __init__(self) -> None:
+        self._views: dict[str, ReplicaView] = {}
+        self._by_load: dict[int, dict[str, ReplicaView]] = {}
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def put(self, view: ReplicaView) -> None:
+        old = self._views.get(view.replica)
+        if old is not None and old.outstanding != view.outstanding:
+            self._leave(old)
+        self._views[view.replica] = view
+        self._by_load.setdefault(view.outstanding, {})[view.replica] = view
+
+    def drop(self, replica: str) -> None:
+        old = self._views.pop(replica, None)
+        if old is not None:
+            self._leave(old)
+
+    def _leave(self, view: ReplicaView) -> None:
+        tier = self._by_load[view.outstanding]
+        del tier[view.replica]
+        if not tier:
+            del self._by_load[view.outstanding]
+
+    def all(self) -> list[ReplicaView]:
+        return list(self._views.values())
+
+    def least_loaded(self, k: int) -> list[ReplicaView]:
+        """``k`` replicas with the fewest outstanding calls (ties in no particular order)."""
+        out: list[ReplicaView] = []
+        for load in sorted(self._by_load):
+            out.extend(itertools.islice(self._by_load[load].values(), k - len(out)))
+            if len(out) >= k:
+                break
+        return out
 
 
 class _MinBag:
@@ -243,7 +284,7 @@ class Dispatcher:
         """A forecasting router scores at most this many replicas, the least loaded: each one
         scored costs a forecast, and among 1,000 replicas the 64 least loaded hold the choice."""
         self.replicas: dict[str, _Replica] = {}
-        self._open: dict[str, dict[str, ReplicaView]] = {}
+        self._open: dict[str, _OpenSet] = {}
         """Per model, the current views of the replicas with room: the candidates, kept up to
         date as replicas change so a decision never scans the full ones."""
         self._queues: dict[str, list[tuple[float, int, Ticket]]] = {}
@@ -276,7 +317,7 @@ class Dispatcher:
         """A replica is ready (or re-registered with new figures); queued calls may go to it."""
         old = self.replicas.pop(view.replica, None)
         if old is not None:
-            self._open.get(old.view.model, {}).pop(view.replica, None)
+            self._drop_open(old.view)
             self._unindex(old.view)
         rep = _Replica(view, True, old.work if old else {})
         self.replicas[view.replica] = rep
@@ -291,7 +332,7 @@ class Dispatcher:
         rep = self.replicas.pop(replica, None)
         if rep is None:
             return []
-        self._open.get(rep.view.model, {}).pop(replica, None)
+        self._drop_open(rep.view)
         self._unindex(rep.view)
         for call_id in rep.work:
             where = self._where.pop(call_id, None)
@@ -439,11 +480,18 @@ class Dispatcher:
 
     def _refresh(self, rep: _Replica) -> None:
         rep.changed()
-        open_ = self._open.setdefault(rep.view.model, {})
+        open_ = self._open.get(rep.view.model)
+        if open_ is None:
+            open_ = self._open[rep.view.model] = _OpenSet()
         if rep.live and len(rep.work) < rep.view.concurrency + self.replica_queue:
-            open_[rep.view.replica] = rep.current()
+            open_.put(rep.current())
         else:
-            open_.pop(rep.view.replica, None)
+            open_.drop(rep.view.replica)
+
+    def _drop_open(self, view: ReplicaView) -> None:
+        open_ = self._open.get(view.model)
+        if open_ is not None:
+            open_.drop(view.replica)
 
     def _is_live(self, entry: tuple[float, int, Ticket]) -> bool:
         return self._waiting.get(entry[2].call.call_id) is entry
@@ -484,15 +532,18 @@ class Dispatcher:
             ticket = entry[2]
             del self._waiting[ticket.call.call_id]
             self._live[model] -= 1
-            out.append(self._assign(ticket, list(open_.values()), now_s))
+            out.append(self._assign(ticket, self._candidates(open_), now_s))
         if not self._live[model]:
             queue.clear()  # only cancelled entries are left
         return out
 
+    def _candidates(self, open_: _OpenSet) -> list[ReplicaView]:
+        if self.router.forecast != "none" and len(open_) > self.max_candidates:
+            return open_.least_loaded(self.max_candidates)
+        return open_.all()
+
     def _assign(self, ticket: Ticket, cands: list[ReplicaView], now_s: float) -> Assign:
         call, fc, kind = ticket.call, self.forecaster, self.router.forecast
-        if kind != "none" and len(cands) > self.max_candidates:
-            cands = heapq.nsmallest(self.max_candidates, cands, key=_outstanding)
         forecasts: list[LatencyDist] | None = None
         if fc is not None and kind == "service":
             forecasts = fc.service(call, cands)

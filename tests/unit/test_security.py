@@ -61,6 +61,8 @@ def test_node_names_bind_once_and_survive_a_restart(tmp_path):
     assert names.claim("node-1", "gpu-7") is None  # again: fine
     assert names.claim("node-1", "gpu-8") == "key 'node-1' is node 'gpu-7', not 'gpu-8'"
     assert names.claim("node-2", "gpu-7") == "node 'gpu-7' belongs to key 'node-1'"
+    assert not path.exists()  # written by save (the scheduler's, with each journal commit)
+    names.save()
     assert path.stat().st_mode & 0o777 == 0o600
     again = NodeNames(path)
     assert again.node_of("node-1") == "gpu-7"

@@ -3,11 +3,22 @@
 import asyncio
 import contextlib
 import types
+from concurrent.futures import ThreadPoolExecutor
 
 from swarmx.clock import RealClock
 from swarmx.config import NodeConfig, ReplicaConfig
 from swarmx.daemon.node import NodeAgent
-from swarmx.protocol import Ack, Dispatch, Envelope, Hello, Message, Result, ScaleCommand
+from swarmx.protocol import (
+    Ack,
+    Dispatch,
+    Envelope,
+    Heartbeat,
+    Hello,
+    Message,
+    Result,
+    ScaleCommand,
+    Telemetry,
+)
 
 LM0, LM1 = "node/lm#0", "node/lm#1"
 
@@ -20,7 +31,7 @@ class Channel:
         self.sent: list[tuple[int, Message]] = []
         self.drop_hellos = 0
         """The next this many hellos are not sent (no peer, queue full)."""
-        self.stats = types.SimpleNamespace(unsent=0)
+        self.stats = types.SimpleNamespace(unsent=0, dropped={})
 
     async def send(self, body: Message) -> int | None:
         self.last_seq += 1
@@ -52,7 +63,7 @@ async def until(predicate, within_s: float = 3.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def run_agent(test):
+def run_agent(test, telemetry_interval_s: float = 1.0):
     """A registered agent serving two idle emulated replicas of `lm`, on a recording channel."""
 
     async def main():
@@ -60,7 +71,12 @@ def run_agent(test):
             model="lm", backend="emulated", gpu="H100", concurrency=1, count=2, max_count=2
         )
         cfg = NodeConfig(
-            name="node", replicas=[lm], tool_slots=0, gpus="off", heartbeat_interval_s=0.05
+            name="node",
+            replicas=[lm],
+            tool_slots=0,
+            gpus="off",
+            heartbeat_interval_s=0.05,
+            telemetry_interval_s=telemetry_interval_s,
         )
         agent = NodeAgent(cfg, RealClock())
         await agent.replicas.start()
@@ -117,12 +133,38 @@ def test_a_drain_the_scheduler_acknowledged_closes_the_idle_replica_at_once():
     assert results == []
 
 
+def beats_sent(telemetry_interval_s: float) -> list[Heartbeat]:
+    async def test(agent, channel):
+        beats = asyncio.create_task(agent._heartbeats(channel, ThreadPoolExecutor(1)))
+        try:
+            await until(lambda: sum(isinstance(b, Heartbeat) for _, b in channel.sent) >= 2)
+        finally:
+            beats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beats
+        return [b for _, b in channel.sent if isinstance(b, Heartbeat | Telemetry)]
+
+    return run_agent(test, telemetry_interval_s)
+
+
+def test_heartbeats_carry_the_telemetry_when_both_share_an_interval():
+    sent = beats_sent(telemetry_interval_s=0.05)
+    assert all(isinstance(b, Heartbeat) for b in sent)
+    assert all(b.telemetry is not None for b in sent)
+    runtime = sent[-1].telemetry.replicas
+    assert sorted(r.replica for r in runtime) == [LM0, LM1]
+
+
+def test_heartbeats_are_bare_when_telemetry_has_its_own_interval():
+    assert all(b.telemetry is None for b in beats_sent(telemetry_interval_s=1.0))
+
+
 def test_a_drain_whose_hello_was_not_sent_sends_it_again_with_the_heartbeats():
     async def test(agent, channel):
         channel.drop_hellos = 1
         await agent._on_scale(envelope(ScaleCommand("lm", "emulated", 1, "down", [LM1])))
         assert channel.hellos() == []
-        beats = asyncio.create_task(agent._heartbeats(channel))
+        beats = asyncio.create_task(agent._heartbeats(channel, ThreadPoolExecutor(1)))
         try:
             await until(channel.hellos)
             [(resent, replicas)] = channel.hellos()

@@ -11,7 +11,7 @@ import pytest
 
 from swarmx.clock import ManualClock
 from swarmx.cluster import NodeTable
-from swarmx.daemon.observe import Observer, Recent, quantile
+from swarmx.daemon.observe import REPLICAS_PER_STEP, Observer, Recent, quantile
 from swarmx.daemon.scaling import Decision
 from swarmx.daemon.workflows import WorkflowService
 from swarmx.metrics import SchedulerMetrics
@@ -105,8 +105,8 @@ class Cluster:
             result = Result(d.call_id, d.replica, True, "ok", "", 0.0, latency_s, None, 3, 3)
             await self.service.on_result(node, result)
 
-    def top(self, **query):
-        return self.observer.snapshot(INFO, QueryTop(**query))
+    async def top(self, **query):
+        return await self.observer.snapshot(INFO, QueryTop(**query))
 
 
 def test_quantiles_interpolate_between_ranks():
@@ -128,7 +128,7 @@ def test_calls_routes_and_workflows_are_seen(tmp_path):
         await c.start()
         fast = await c.submit()
         await c.finish_all(1.0)  # the three "write" calls
-        during = c.top()
+        during = await c.top()
         c.clock.now += 2
         await c.finish_all(2.0)  # "join": the workflow took 2 s of its 10
         slow = await c.submit(slo_s=1)
@@ -136,7 +136,7 @@ def test_calls_routes_and_workflows_are_seen(tmp_path):
         await c.finish_all(1.0)
         c.clock.now += 1
         await c.finish_all(1.0)  # took 6 s of its 1
-        return c, fast, slow, during, c.top()
+        return c, fast, slow, during, await c.top()
 
     c, fast, slow, during, after = asyncio.run(main())
     running = during.workflows[0]
@@ -197,7 +197,7 @@ def test_the_window_forgets_old_workflows_and_the_log_keeps_scaling(tmp_path):
         c.observer.scaled(
             Decision(c.clock.time(), "lm", 2, 3, "tail: 9 waiting", {"n": 3}, {"0.5": 1.5})
         )
-        return c.top(decisions=2)
+        return await c.top(decisions=2)
 
     top = asyncio.run(main())
     s = top.summary
@@ -222,14 +222,46 @@ def test_replicas_that_leave_are_shown_unroutable_then_forgotten(tmp_path):
         c.clock.now += 5
         for change in c.nodes.sweep(c.clock.monotonic()):
             await c.service.on_node_state(change.node, change.new)
-        stale = c.top()
+        stale = await c.top()
         hello = Hello("n", "h", 1, "0", 2, 1, 1 << 30, [], [], 1.0, 1.0, 0.0)
         c.nodes.register(hello, b"n", c.clock.monotonic(), c.clock.time())
         await c.service.on_hello(hello)
-        return stale, c.top(), c.observer
+        return stale, await c.top(), c.observer
 
     stale, gone, observer = asyncio.run(main())
     assert {r.state for r in stale.replicas} == {"unroutable"}
     assert stale.models[0].replicas == 0
     assert gone.replicas == []
     assert observer.replicas == {}
+
+
+def test_a_snapshot_of_many_replicas_lets_the_loop_run_between_them(tmp_path):
+    """Over 1,000 replicas one snapshot took 100 ms: it yields every `REPLICAS_PER_STEP`."""
+
+    async def main():
+        c = Cluster(tmp_path)
+        infos = [
+            ReplicaInfo(f"n/lm#{i}", "lm", "emulated", "emulated:H100", 4)
+            for i in range(2 * REPLICAS_PER_STEP + 1)
+        ]
+        hello = Hello("n", "h", 1, "0", 2, 1, 1 << 30, [], infos, 1.0, 1.0, 0.0)
+        c.nodes.register(hello, b"n", c.clock.monotonic(), c.clock.time())
+        await c.service.on_hello(hello)
+        ticks = 0
+
+        async def count() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        counter = asyncio.create_task(count())
+        await asyncio.sleep(0)
+        before = ticks
+        top = await c.top()
+        counter.cancel()
+        return top, ticks - before
+
+    top, ran = asyncio.run(main())
+    assert len(top.replicas) == 2 * REPLICAS_PER_STEP + 1
+    assert ran >= 2

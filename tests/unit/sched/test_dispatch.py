@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from swarmx.models.dist import LatencyDist
-from swarmx.sched.dispatch import MIX_CALLS, Assign, Dispatcher, ServiceMix, Ticket
+from swarmx.sched.dispatch import MIX_CALLS, Assign, Dispatcher, ServiceMix, Ticket, _OpenSet
 from swarmx.sched.router import LeastOutstanding, ReplicaView, make_router
 from swarmx.workflow.engine import CallSpec
 
@@ -231,6 +231,25 @@ def test_a_forecasting_router_scores_only_the_least_loaded_candidates():
     chosen = [d.submit(Ticket(call(f"w{k}:x"), 0.0), 0.0)[0].replica.replica for k in range(20)]
     assert set(fc.asked) == {8}
     assert chosen == [f"r{i:02d}/lm" for i in range(20)]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_least_loaded_open_replicas_match_a_scan_as_loads_change(seed):
+    rng, open_, loads = random.Random(seed), _OpenSet(), {}
+    for _ in range(2000):
+        name = f"r{rng.randrange(60)}/lm"
+        if rng.random() < 0.2:
+            open_.drop(name)
+            loads.pop(name, None)
+        else:
+            loads[name] = rng.randrange(5)
+            open_.put(ReplicaView(name, "r", "lm", "emulated", "emulated:A100", 8, loads[name]))
+        k = rng.randint(1, 70)
+        got = open_.least_loaded(k)
+        assert len(open_) == len(loads) and len(got) == min(k, len(loads))
+        assert len({v.replica for v in got}) == len(got)
+        assert all(loads[v.replica] == v.outstanding for v in got)
+        assert [v.outstanding for v in got] == sorted(loads.values())[:k]
 
 
 def test_take_risk_is_the_mean_predicted_chance_of_missing_the_deadline_where_calls_went():
