@@ -139,9 +139,9 @@ class ScaleController:
             want &= listed
         service = self.service
         for replica in [r for r, n in service.draining.items() if n == node and r not in want]:
-            del service.draining[replica]
+            service.undrain(replica)
         for replica in want:
-            service.draining[replica] = node
+            service.drain(replica, node)
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -270,7 +270,7 @@ class ScaleController:
         for s in changed:
             key = (s.node, model, s.pool.backend)
             for replica in s.remove:
-                self.service.draining[replica] = s.node
+                self.service.drain(replica, s.node)
                 await self.service.send_all(self.service.refresh_live(replica))
             self._pending[key] = _Command(s.target, list(s.remove), mono)
             cmd = ScaleCommand(model, s.pool.backend, s.target, reason, list(s.remove))

@@ -38,15 +38,10 @@ from swarmx.daemon.lifecycle import (
     settle_heap,
     share_the_gil,
 )
+from swarmx.daemon.limits import Capacity, Overloaded, QuotaExceeded
 from swarmx.daemon.observe import Observer
 from swarmx.daemon.scaling import ScaleController
-from swarmx.daemon.workflows import (
-    INLINE_PARSE_BYTES,
-    Capacity,
-    Overloaded,
-    QuotaExceeded,
-    WorkflowService,
-)
+from swarmx.daemon.workflows import INLINE_PARSE_BYTES, WorkflowService
 from swarmx.metrics import MetricsServer, SchedulerMetrics, serve
 from swarmx.models.online import OnlineLearner, load_model
 from swarmx.protocol import (
@@ -768,10 +763,10 @@ class SchedulerDaemon:
         assert isinstance(q, QueryWorkflows) and self.workflows is not None
         if not q.workflow_id:
             mine = None if sees_everything(who) else who.name
-            await self._reply(peer, WorkflowsReply(self.workflows.recent(q.limit, mine)))
+            await self._reply(peer, WorkflowsReply(self.workflows.views.recent(q.limit, mine)))
             return
         self._check_owner(who, q.workflow_id)
-        view = self.workflows.view(q.workflow_id, detailed=True)
+        view = self.workflows.views.view(q.workflow_id, detailed=True)
         if view is None:
             await self._reply(peer, Error(env.seq, "not_found", f"no workflow {q.workflow_id!r}"))
             return

@@ -1,11 +1,18 @@
 """The scheduler's workflow service: submissions, dispatch of calls to replicas, results, cancel,
-recovery after a restart, and the trace of every finished call.
+and recovery after a restart, all through the journal.
 
 Decisions are delegated to pure code shared with the simulator: the workflow engine (what is
 ready) and the dispatcher (which ready call goes next, and where, through the router). This class
-keeps the journal, builds forecasts and traces, and turns instructions into messages to nodes.
-It also bounds what any one workflow or client can hold: every call and every workflow has a hard
-deadline (`check_deadlines`), and each client a quota of unfinished workflows.
+keeps the journal and the table of calls in flight, and turns instructions into messages to
+nodes. It also bounds what any one workflow or client can hold: every call and every workflow has
+a hard deadline (`check_deadlines`), and each client a quota of unfinished workflows
+(`swarmx.daemon.limits`). What it knows of each call for forecasts and traces is in
+`swarmx.daemon.features`, step forecasts in `swarmx.daemon.stepforecast`, the views `swarmx
+status` shows in `swarmx.daemon.views`; whoever watches it implements `ServiceHooks`.
+
+About 750 lines, on purpose: membership, recovery, dispatch and results all read and write the
+in-flight table and the journal in one order on one event loop; split further, each part would
+reach into the others' state.
 """
 
 from __future__ import annotations
@@ -13,21 +20,29 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import heapq
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol
 
 import msgspec
 
 from swarmx.clock import Clock
 from swarmx.cluster import NodeTable
+from swarmx.daemon.features import CallFeatures, Inflight
 from swarmx.daemon.forecast import LiveForecaster, runtime_of
-from swarmx.models.dist import LatencyDist
+from swarmx.daemon.limits import (
+    DEFAULT_CAPACITY,
+    Capacity,
+    Deadlines,
+    Faults,
+    Overloaded,
+    QuotaExceeded,
+)
+from swarmx.daemon.stepforecast import StepForecasts
+from swarmx.daemon.views import WorkflowViews
 from swarmx.models.online import OnlineLearner
-from swarmx.models.query import Query, SessionContext
 from swarmx.protocol import (
     CancelCalls,
     Dispatch,
@@ -35,9 +50,7 @@ from swarmx.protocol import (
     Message,
     ReplicaPool,
     Result,
-    StepView,
     Submit,
-    WorkflowView,
 )
 from swarmx.sched.dispatch import TOOL_POOL, Assign, Dispatcher, QueueOrder, Ticket
 from swarmx.sched.outlook import Outlook
@@ -56,18 +69,12 @@ from swarmx.workflow.engine import (
 from swarmx.workflow.engine import CancelCalls as EngineCancel
 from swarmx.workflow.spec import (
     DEFAULT_LIMITS,
-    StepSpec,
     WorkflowError,
     WorkflowLimits,
-    WorkflowSpec,
     parse_workflow,
 )
 
-if TYPE_CHECKING:
-    from swarmx.daemon.observe import Observer
-
 log = logging.getLogger(__name__)
-K = TypeVar("K")
 
 Send = Callable[[str, Message], Awaitable[bool]]
 """Send a message to a node by name; False if it could not leave."""
@@ -83,34 +90,9 @@ CALL_GRACE_S = 60.0
 node and for the result to come back."""
 
 
-class QuotaExceeded(WorkflowError):
-    """The submitting client already has as many unfinished workflows as it may."""
-
-
-class Overloaded(WorkflowError):
-    """The scheduler holds as many unfinished workflows or queued calls as it may."""
-
-
 RECENT_ENDED = 16_384
 """Calls whose result came in (or that were cancelled) remembered with their node, so a node
 that still lists one as running, its result just sent, is not taken for a stale one."""
-
-
-@dataclass
-class Faults:
-    """What the scheduler refused or repaired, for the metrics (docs/reliability.md)."""
-
-    results_dropped: collections.Counter[str] = dataclasses.field(
-        default_factory=collections.Counter
-    )
-    """Results not applied, by reason: ``late`` (the call was re-run, cancelled or its result
-    is in already), ``fenced`` (from a node the call no longer belongs to)."""
-    fenced_calls: int = 0
-    """Calls a node still ran after they were given to another node (cancelled there)."""
-    overloaded: int = 0
-    """Submissions refused at the scheduler's capacity."""
-    adopted: int = 0
-    """Calls a node reported running after a restart, taken over instead of re-run."""
 
 
 class _Pools(dict[str, list[ReplicaPool]]):
@@ -132,18 +114,6 @@ class _Pools(dict[str, list[ReplicaPool]]):
         if self._scalable is None:
             self._scalable = {p.model for pools in self.values() for p in pools if p.max_count}
         return self._scalable
-
-
-@dataclass(frozen=True)
-class Capacity:
-    """What the scheduler holds at most, and how it resumes (`[scheduler]` in the config)."""
-
-    max_workflows: int = 10_000
-    max_queued_calls: int = 100_000
-    recovery_grace_s: float = 5.0
-
-
-DEFAULT_CAPACITY = Capacity()
 
 
 @dataclass(frozen=True)
@@ -169,54 +139,15 @@ class _Recovery:
     yet are accepted until then: the nodes may still be re-registering."""
 
 
-class _Deadlines:
-    """Keys due at given times, found without a scan: a heap with lazy deletion. A key dropped
-    or re-added leaves a stale entry, skipped when it comes up; the heap is rebuilt when stale
-    entries outnumber live ones, so it stays within twice the live keys."""
+class ServiceHooks(Protocol):
+    """What the workflow service tells whoever watches it (the `Observer`: `swarmx top` and
+    the metrics). The watcher depends on the service, never the other way round."""
 
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, str]] = []
-        self._at: dict[str, float] = {}
+    def routed(self, a: Assign, now_s: float) -> None: ...
 
-    def add(self, key: str, at: float) -> None:
-        self._at[key] = at
-        heapq.heappush(self._heap, (at, key))
-        if len(self._heap) > 2 * len(self._at) + 64:
-            self._heap = [(t, k) for k, t in self._at.items()]
-            heapq.heapify(self._heap)
+    def call_done(self, rec: TraceRecord) -> None: ...
 
-    def drop(self, key: str) -> None:
-        self._at.pop(key, None)
-
-    def due(self, now: float) -> list[str]:
-        """The keys due by ``now``, earliest first; they are dropped."""
-        out: list[str] = []
-        while self._heap and self._heap[0][0] <= now:
-            at, key = heapq.heappop(self._heap)
-            if self._at.get(key) == at:
-                del self._at[key]
-                out.append(key)
-        return out
-
-
-@dataclass
-class _Inflight:
-    call: CallSpec
-    node: str
-    replica: str
-    ready_ts: float
-    dispatched_ts: float
-    device: DeviceAtDispatch
-    runtime: RuntimeAtDispatch
-    turn: int
-    input_kinds: list[str]
-    prefix_share: float
-    pred: LatencyDist | None
-    predictor: str
-    completion: LatencyDist | None = None
-    """The router's predicted completion time (wait + service), where it made one."""
-    budget_s: float | None = None
-    """Deadline of the call minus its arrival, for calls of workflows with an SLO."""
+    def workflow_finished(self, state: str, latency_s: float, slo_s: float | None) -> None: ...
 
 
 class WorkflowService:
@@ -242,58 +173,45 @@ class WorkflowService:
         self.clock = clock
         self._send = send
         self.learner = learner
+        self.runs: dict[str, WorkflowRun] = {}
+        self.features = CallFeatures(self.runs, learner)
+        """The predictor's queries and the traces, with the session state they need."""
         self.dispatcher = Dispatcher(
             router,
             order,
-            LiveForecaster(learner, self._query, self._device) if learner is not None else None,
+            LiveForecaster(learner, self.features.query, self._device)
+            if learner is not None
+            else None,
             replica_queue=replica_queue,
             max_candidates=max_candidates,
         )
         """Queued calls, replicas and what is outstanding on each (calls with no live replica
         for their model wait there until one comes)."""
-        self.runs: dict[str, WorkflowRun] = {}
-        self._inflight: dict[str, _Inflight] = {}
+        self.steps = StepForecasts(self.dispatcher, clock)
+        self.views = WorkflowViews(store, self.runs, limits)
+        """What `swarmx status` and `top` show of workflows."""
+        self._inflight: dict[str, Inflight] = {}
         self._ready_ts: dict[str, float] = {}
-        self._turns: collections.Counter[str] = collections.Counter()
         self.faults = Faults()
         self.leaving: set[str] = set()
         """Nodes that said goodbye: they finish what they have and get nothing new."""
         self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()
         """The last `RECENT_ENDED` calls whose result came or that were cancelled -> node."""
         self._recovery = _Recovery()
-        self._last_prompt: dict[str, str] = {}
-        self._bytes_per_token: dict[str, float] = {}
-        """Per model, prompt bytes per token as its server counts them: estimates tokens at
-        dispatch on the same scale the traces record after the call."""
-        self.draining: dict[str, str] = {}
+        self._draining: dict[str, str] = {}
         """Replicas being stopped by a scale-down (-> their node): they finish the calls they
         have and get no new ones."""
         self.pools = _Pools()
         """Per node, the models it can scale (from its latest hello)."""
         self._submitted: dict[str, float] = {}
         """Submission time of each running workflow (its SLO counts from there)."""
-        self._step_s: dict[tuple[str, str], float] = {}
-        """EWMA of the service time of each (workflow name, step), from finished calls."""
-        self._model_s: dict[str, float] = {}
-        """EWMA of the service time of each pool's calls."""
-        self._step_forecasts: dict[tuple[str, str], tuple[float, LatencyDist]] = {}
-        """(workflow name, step) -> (when, the step's service forecast), see `step_service`."""
-        self.outlook = Outlook(self.step_service)
+        self.outlook = Outlook(self.steps.service)
         """Deadlines, slack and fan-out estimates of the running workflows."""
-        self._preds: collections.OrderedDict[
-            str, tuple[dict[str, float] | None, dict[str, float] | None]
-        ] = collections.OrderedDict()
-        """Recent calls' forecasts (service, completion) for the step views; bounded."""
-        self.observer: Observer | None = None
+        self.observer: ServiceHooks | None = None
         """Told of every route, finished call and finished workflow (`swarmx top`, metrics)."""
-        self._finished_specs: collections.OrderedDict[str, WorkflowSpec | None] = (
-            collections.OrderedDict()
-        )
-        """Specs of finished workflows their views were built from, the most recent
-        `FINISHED_SPECS`."""
-        self._call_deadlines = _Deadlines()
+        self._call_deadlines = Deadlines()
         """Dispatched calls by when their result must have come (monotonic clock)."""
-        self._workflow_deadlines = _Deadlines()
+        self._workflow_deadlines = Deadlines()
         """Running workflows by when they must have finished (wall clock: it survives a
         restart, as submission times do)."""
         self._clients: dict[str, str] = {}
@@ -302,6 +220,19 @@ class WorkflowService:
         """Per client, its running workflows (the quota)."""
 
     # --- cluster membership -----------------------------------------------------------------
+
+    @property
+    def draining(self) -> Mapping[str, str]:
+        """Replicas a scale-down is stopping (-> their node): no new calls go there."""
+        return self._draining
+
+    def drain(self, replica: str, node: str) -> None:
+        """Stop routing to ``replica`` (the scaler's scale-down); `refresh_live` applies it."""
+        self._draining[replica] = node
+
+    def undrain(self, replica: str) -> None:
+        """``replica`` takes calls again (a scale-down called off); `refresh_live` applies it."""
+        self._draining.pop(replica, None)
 
     async def on_hello(self, hello: Hello) -> None:
         """A node (re)registered, or its replicas changed: its replica list replaces what we knew
@@ -312,10 +243,10 @@ class WorkflowService:
         served = {i.replica for i in hello.replicas}
         for view in self.dispatcher.node_views(hello.node):
             if view.replica not in served:
-                self.draining.pop(view.replica, None)
+                self._draining.pop(view.replica, None)
                 await self._lost(self.dispatcher.remove_replica(view.replica), view.replica)
         for info in hello.replicas:
-            if info.replica in self.draining:
+            if info.replica in self._draining:
                 if info.replica in self.dispatcher.replicas:
                     self.dispatcher.set_live(info.replica, False, now)
                 continue  # a draining replica we never routed to: nothing will go there
@@ -337,7 +268,7 @@ class WorkflowService:
         view = self.dispatcher.view(replica)
         if view is None:
             return []
-        live = replica not in self.draining and self.nodes.state(view.node) == "live"
+        live = replica not in self._draining and self.nodes.state(view.node) == "live"
         return self.dispatcher.set_live(replica, live, self.clock.time())
 
     async def send_all(self, assigns: list[Assign]) -> None:
@@ -348,7 +279,7 @@ class WorkflowService:
         now = self.clock.time()
         live_node = state == "live" and node not in self.leaving
         for view in self.dispatcher.node_views(node):
-            live = live_node and view.replica not in self.draining
+            live = live_node and view.replica not in self._draining
             await self._send_all(self.dispatcher.set_live(view.replica, live, now))
 
     async def on_goodbye(self, node: str, final: bool, handed_back: list[str]) -> int:
@@ -362,7 +293,7 @@ class WorkflowService:
         self.leaving.discard(node)
         self.pools.announce(node, None)
         for view in self.dispatcher.node_views(node):
-            self.draining.pop(view.replica, None)
+            self._draining.pop(view.replica, None)
             self.dispatcher.remove_replica(view.replica)
         rerun = [f.call.call_id for f in self._inflight.values() if f.node == node]
         given = set(handed_back)
@@ -415,7 +346,7 @@ class WorkflowService:
         """Book a call a node runs (or ran) as in flight there, as if just dispatched."""
         call, now = a.call, self.clock.time()
         view = self.dispatcher.view(replica)
-        f = _Inflight(
+        f = Inflight(
             call,
             node,
             replica,
@@ -423,8 +354,8 @@ class WorkflowService:
             a.dispatched_ts or now,
             self._device(view) if view is not None else DeviceAtDispatch("", 0.0, 0.0, 0.0),
             runtime_of(view) if view is not None else RuntimeAtDispatch(0, 0),
-            self._turns[call.workflow_id],
-            self._input_kinds(call),
+            self.features.turn(call.workflow_id),
+            self.features.input_kinds(call),
             0.0,
             None,
             "",
@@ -672,88 +603,22 @@ class WorkflowService:
         # a lost attempt (its node gone, no result in time) is traced too, failed, with the
         # time it was out: the trace shows every attempt
         lost = Result(call_id, f.replica, False, "", done.error, 0.0, self._out_s(f), None, 0, 0)
-        record = self._trace(f, result or lost)
+        record = self.features.trace(f, result or lost)
         self.store.call_done(done, result, msgspec.json.encode(record).decode())
-        self._learn(record)
+        self.steps.observe(record)
+        self.features.observe(record)
         if self.observer is not None:
             self.observer.call_done(record)
         run = self.runs.get(f.call.workflow_id)
         if run is not None:
             await self._execute(run, run.on_done(done))
 
-    def _out_s(self, f: _Inflight) -> float:
+    def _out_s(self, f: Inflight) -> float:
         return max(0.0, self.clock.time() - f.dispatched_ts)
 
     def _trim_ended(self) -> None:
         while len(self._ended) > RECENT_ENDED:
             self._ended.popitem(last=False)
-
-    def _trace(self, f: _Inflight, r: Result) -> TraceRecord:
-        c = f.call
-        run = self.runs.get(c.workflow_id)
-        return TraceRecord(
-            ts=f.ready_ts,
-            workflow=c.workflow_id,
-            step=c.step_id,
-            deps=c.deps,
-            kind=c.kind,
-            model=c.model,
-            prompt=c.prompt if c.kind != "tool" else " ".join(c.command),
-            prompt_tokens=r.prompt_tokens,
-            max_tokens=c.max_tokens,
-            output_tokens=r.output_tokens,
-            latency_s=r.latency_s,
-            queue_s=(f.dispatched_ts - f.ready_ts) + r.queue_s,
-            ttft_s=r.ttft_s,
-            node=f.node,
-            replica=f.replica,
-            device=f.device,
-            runtime=f.runtime,
-            ok=r.ok,
-            error=r.error,
-            call_id=c.call_id,
-            index=c.index,
-            attempt=c.attempt,
-            turn=f.turn,
-            workflow_name=run.spec.name if run else "",
-            slo_s=run.spec.slo_s if run else None,
-            input_kinds=f.input_kinds,
-            prefix_share=f.prefix_share,
-            pred=f.pred.as_dict() if f.pred else None,
-            predictor=f.predictor,
-            pred_completion=f.completion.as_dict() if f.completion else None,
-            budget_s=f.budget_s,
-        )
-
-    def _learn(self, rec: TraceRecord) -> None:
-        if rec.ok:
-            _ewma(self._step_s, (rec.workflow_name, rec.step), rec.latency_s)
-            _ewma(self._model_s, TOOL_POOL if rec.kind == "tool" else rec.model, rec.latency_s)
-        if rec.ok and rec.prompt_tokens > 0 and rec.kind != "tool":
-            ratio = max(1, len(rec.prompt.encode())) / rec.prompt_tokens
-            old = self._bytes_per_token.get(rec.model)
-            self._bytes_per_token[rec.model] = ratio if old is None else 0.9 * old + 0.1 * ratio
-        if self.learner is not None:
-            self.learner.observe(rec)
-
-    def _estimate_tokens(self, call: CallSpec) -> int:
-        if call.kind == "tool":
-            return 0
-        size = len(call.prompt.encode())
-        return max(1, round(size / self._bytes_per_token.get(call.model, 4.0)))
-
-    def _workflow_name(self, call: CallSpec) -> str:
-        run = self.runs.get(call.workflow_id)
-        return run.spec.name if run else ""
-
-    def _input_kinds(self, call: CallSpec) -> list[str]:
-        """What the call's input carries besides its own text: outputs of tools, of models."""
-        run = self.runs.get(call.workflow_id)
-        kinds = {"image"} if call.kind == "model" else set()
-        if run is not None:
-            for dep in call.deps:
-                kinds.add(_OUTPUT_KIND[run.spec.step(dep).kind])
-        return sorted(kinds)
 
     # --- executing engine instructions ------------------------------------------------------
 
@@ -778,10 +643,7 @@ class WorkflowService:
         client = self._clients.pop(run.id, None)
         if client is not None:
             self._unfinished[client] -= 1
-        self._turns.pop(run.id, None)
-        self._last_prompt.pop(run.id, None)
-        if self.learner is not None:
-            self.learner.sessions.forget(run.id)
+        self.features.forget(run.id)
         for call_id in [c for c in self._recovery.adopting if c.startswith(f"{run.id}:")]:
             del self._recovery.adopting[call_id]
         await self._send_all(self.dispatcher.cancel_workflow(run.id, self.clock.time()))
@@ -802,51 +664,6 @@ class WorkflowService:
             return Ticket(call, now)
         return self.outlook.ticket(run, call, submitted, now)
 
-    def step_service(self, run: WorkflowRun, step: StepSpec) -> LatencyDist:
-        """The predicted service time of a typical call of a step: the live predictor asked
-        about the step (its prompt template as the prompt) on an idle replica of its model,
-        cached for a few seconds; else the recent forecasts of its model's calls; else what its
-        calls took; else nothing (0 s)."""
-        key = (run.spec.name, step.id)
-        now = self.clock.monotonic()
-        hit = self._step_forecasts.get(key)
-        if hit is not None and now - hit[0] < STEP_FORECAST_TTL_S:
-            return hit[1]
-        pool = TOOL_POOL if step.kind == "tool" else step.model
-        dist = self._forecast_step(run, step, pool) or self.dispatcher.typical_service(pool)
-        if dist is None:
-            seen = self._step_s.get(key, self._model_s.get(pool))
-            dist = _NOTHING if seen is None else LatencyDist.lognormal(seen, 0.5, (0.5, 0.9, 0.99))
-        self._step_forecasts[key] = (now, dist)
-        return dist
-
-    def _forecast_step(self, run: WorkflowRun, step: StepSpec, pool: str) -> LatencyDist | None:
-        forecaster = self.dispatcher.forecaster
-        views = self.dispatcher.views(pool)
-        if forecaster is None or not views:
-            return None
-        idle = dataclasses.replace(min(views, key=lambda v: v.outstanding), outstanding=0, work=())
-        call = CallSpec(  # the step as a call of this workflow, its prompt still a template
-            f"{run.id}:{step.id}:~",
-            run.id,
-            step.id,
-            None,
-            1,
-            step.kind,
-            step.model,
-            step.prompt if step.kind != "tool" else " ".join(step.command),
-            step.max_tokens if step.kind == "llm" else 0,
-            dict(step.inputs),
-            list(step.command),
-            step.timeout_s,
-            list(step.after),
-        )
-        try:
-            return forecaster.service(call, [idle])[0]
-        except Exception:  # a forecast is an estimate: never let it stop a submission
-            log.exception("forecast of step %s failed", step.id)
-            return None
-
     def running(self) -> list[tuple[WorkflowRun, float]]:
         """Each running workflow with its submission time, oldest first."""
         return sorted(
@@ -860,24 +677,6 @@ class WorkflowService:
     def expected_calls(self, model: str) -> int:
         return self.outlook.expected_calls(self.runs.values(), model)
 
-    def _query(self, call: CallSpec) -> Query:
-        """What the predictor knows of the call before placing it (the replica's device and load
-        are filled in per candidate)."""
-        return Query(
-            call.model,
-            call.kind,
-            call.prompt,
-            self._estimate_tokens(call),
-            call.max_tokens,
-            self._workflow_name(call),
-            self._turns[call.workflow_id],
-            self._input_kinds(call),
-            _prefix_share(call.prompt, self._last_prompt.get(call.workflow_id, "")),
-            session=self.learner.sessions.context(call.workflow_id)
-            if self.learner is not None
-            else SessionContext(),
-        )
-
     async def _send_all(self, assigns: list[Assign]) -> None:
         for a in assigns:
             await self._send_assign(a)
@@ -885,12 +684,9 @@ class WorkflowService:
     async def _send_assign(self, a: Assign) -> None:
         call, view = a.ticket.call, a.replica
         device = self._device(view)
-        turn = self._turns[call.workflow_id]
-        kinds = self._input_kinds(call)
-        share = _prefix_share(call.prompt, self._last_prompt.get(call.workflow_id, ""))
-        self._last_prompt[call.workflow_id] = call.prompt
+        turn, kinds, share = self.features.dispatched(call)
         now = self.clock.time()
-        f = _Inflight(
+        f = Inflight(
             call,
             view.node,
             view.replica,
@@ -906,10 +702,15 @@ class WorkflowService:
             a.completion,
             None if a.ticket.deadline_s is None else a.ticket.deadline_s - a.ticket.arrived_s,
         )
-        self._remember_preds(call.call_id, f)
+        self.views.remember(
+            call.call_id,
+            (
+                f.pred.as_dict() if f.pred else None,
+                f.completion.as_dict() if f.completion else None,
+            ),
+        )
         if self.observer is not None:
             self.observer.routed(a, now)
-        self._turns[call.workflow_id] += 1
         self._inflight[call.call_id] = f
         self._call_deadlines.add(call.call_id, self.clock.monotonic() + _call_limit_s(call))
         self.store.call_dispatched(call, view.node, view.replica, now)
@@ -929,14 +730,6 @@ class WorkflowService:
         if not await self._send(view.node, msg):
             await self._give_up(call.call_id, f"node {view.node} unreachable")
 
-    def _remember_preds(self, call_id: str, f: _Inflight) -> None:
-        self._preds[call_id] = (
-            f.pred.as_dict() if f.pred else None,
-            f.completion.as_dict() if f.completion else None,
-        )
-        while len(self._preds) > MAX_REMEMBERED_PREDS:
-            self._preds.popitem(last=False)
-
     async def _cancel_calls(self, call_ids: list[str]) -> None:
         by_node: dict[str, list[str]] = collections.defaultdict(list)
         for call_id in call_ids:
@@ -955,89 +748,6 @@ class WorkflowService:
     def _device(self, view: ReplicaView) -> DeviceAtDispatch:
         return self.nodes.device_at(view.node, view.device)
 
-    # --- views ------------------------------------------------------------------------------
-
-    def view(self, wf_id: str, detailed: bool) -> WorkflowView | None:
-        row = self.store.workflow(wf_id)
-        if row is None:
-            return None
-        run = self.runs.get(wf_id)
-        spec = run.spec if run else self._parse_quietly(row)
-        calls = self.store.calls(wf_id)
-        latest: dict[tuple[str, int | None], StepView] = {}
-        for c in calls:
-            label = c.step_id if c.idx is None else f"{c.step_id}[{c.idx}]"
-            pred, completion = self._preds.get(c.call_id, (None, None))
-            latest[(c.step_id, c.idx)] = StepView(
-                label,
-                c.step_id,
-                c.idx,
-                c.state,
-                c.attempt,
-                c.node,
-                c.replica,
-                c.queue_s,
-                c.latency_s,
-                c.ttft_s,
-                c.output_tokens,
-                c.error,
-                c.output if detailed else "",
-                pred,
-                completion,
-            )
-        steps: list[StepView] = []
-        for step in spec.steps if spec else []:
-            mine = [v for (s, _), v in sorted(latest.items(), key=_order) if s == step.id]
-            if not mine:
-                state = "waiting" if row.state == "running" else "skipped"
-                mine = [StepView(step.id, step.id, None, state, 0, "", "", None, None, None, None)]
-            steps.extend(mine)
-        outputs: dict[str, str] = {}
-        if detailed and row.state == "succeeded" and spec is not None:
-            done = replay(wf_id, spec, self.store.outcomes(wf_id), self.limits)
-            outputs = done.final_outputs()
-        latency = row.finished_ts - row.submitted_ts if row.finished_ts else None
-        return WorkflowView(
-            row.id,
-            row.name,
-            row.state,
-            row.reason,
-            row.submitted_ts,
-            row.finished_ts,
-            latency,
-            row.slo_s,
-            steps,
-            outputs,
-        )
-
-    def recent(self, limit: int, client: str | None = None) -> list[WorkflowView]:
-        """The most recent ``limit`` workflows, of one ``client`` if given."""
-        rows = self.store.workflows(client=client, limit=limit)
-        views = (self.view(r.id, detailed=False) for r in rows)
-        return [v for v in views if v is not None]
-
-    def _parse_quietly(self, row: WorkflowRow) -> WorkflowSpec | None:
-        """A finished workflow's spec for its view, parsed once: views are asked for often
-        (`swarmx status`, `top`) and a 1 MiB file takes a while, on the event loop."""
-        if row.id in self._finished_specs:
-            self._finished_specs.move_to_end(row.id)
-            return self._finished_specs[row.id]
-        try:
-            spec = parse_workflow(row.spec_text, row.source, row.overrides, self.limits)
-        except WorkflowError:
-            spec = None
-        self._finished_specs[row.id] = spec
-        if len(self._finished_specs) > FINISHED_SPECS:
-            self._finished_specs.popitem(last=False)
-        return spec
-
-
-FINISHED_SPECS = 512
-STEP_FORECAST_TTL_S = 5.0
-_NOTHING = LatencyDist((0.5,), (0.0,))
-MAX_REMEMBERED_PREDS = 20_000
-"""Calls whose forecasts the step views show (older ones: see the traces)."""
-
 
 def _call_limit_s(call: CallSpec) -> float:
     """How long after its dispatch a call's result may come before it counts as lost."""
@@ -1048,30 +758,6 @@ def _pool(call: CallSpec) -> str:
     return TOOL_POOL if call.kind == "tool" else call.model
 
 
-def _ewma(table: dict[K, float], key: K, value: float, alpha: float = 0.1) -> None:
-    old = table.get(key)
-    table[key] = value if old is None else (1 - alpha) * old + alpha * value
-
-
 def _gpu_type(device: str) -> str:
     """``emulated:H100`` -> ``H100``; real devices are named from telemetry at dispatch."""
     return device.split(":", 1)[1] if device.startswith("emulated:") else device
-
-
-_OUTPUT_KIND = {"tool": "tool_result", "model": "model_output", "llm": "llm_output"}
-
-
-def _prefix_share(prompt: str, previous: str) -> float:
-    """Share of ``prompt`` that repeats the start of the session's previous prompt."""
-    if not prompt or not previous:
-        return 0.0
-    n = next(
-        (i for i, (a, b) in enumerate(zip(prompt, previous, strict=False)) if a != b),
-        min(len(prompt), len(previous)),
-    )
-    return n / len(prompt)
-
-
-def _order(item: tuple[tuple[str, int | None], StepView]) -> tuple[str, int]:
-    (step, idx), _ = item
-    return step, -1 if idx is None else idx

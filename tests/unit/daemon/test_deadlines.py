@@ -10,8 +10,10 @@ import pytest
 
 from swarmx.clock import ManualClock
 from swarmx.cluster import NodeTable
+from swarmx.daemon import views as views_module
 from swarmx.daemon import workflows as service_module
-from swarmx.daemon.workflows import CALL_GRACE_S, QuotaExceeded, WorkflowService, _Deadlines
+from swarmx.daemon.limits import Deadlines, QuotaExceeded
+from swarmx.daemon.workflows import CALL_GRACE_S, WorkflowService
 from swarmx.protocol import CancelCalls, Dispatch, Hello, ReplicaInfo, Result, Submit
 from swarmx.sched.router import LeastOutstanding
 from swarmx.store import Store
@@ -116,7 +118,7 @@ def test_each_call_gets_the_workflow_deadline_less_the_rest_of_its_critical_path
         c = Cluster(tmp_path)
         await c.start()
         for step, s in (("a", 1.0), ("b", 2.0), ("c", 3.0)):
-            c.service._step_s[("chain", step)] = s  # observed service times (median)
+            c.service.steps.step_s[("chain", step)] = s  # observed service times (median)
         submitted = c.clock.time()
         await c.submit(CHAIN)
         c.clock.now += 4  # "a" took 4 s: the workflow is 3 s behind its plan
@@ -168,7 +170,7 @@ def test_the_budget_is_the_tightest_deadline_of_the_models_calls(tmp_path):
     async def main():
         c = Cluster(tmp_path)
         await c.start()
-        c.service._step_s[("chain", "b")] = 10.0
+        c.service.steps.step_s[("chain", "b")] = 10.0
         await c.submit(CHAIN)
         return c.service.budget("lm"), c.service.budget("other")
 
@@ -306,7 +308,7 @@ def test_the_quota_counts_workflows_resumed_after_a_restart(tmp_path):
 
 
 def test_the_deadline_heap_stays_small_and_pops_in_order():
-    d = _Deadlines()
+    d = Deadlines()
     for i in range(10_000):
         d.add(f"c{i}", float(i))
         if i >= 3:
@@ -322,9 +324,10 @@ def test_views_of_a_finished_workflow_parse_it_once(tmp_path, monkeypatch):
     parsed on the event loop once, not per request."""
     parses = []
     real = service_module.parse_workflow
-    monkeypatch.setattr(
-        service_module, "parse_workflow", lambda *a, **k: parses.append(1) or real(*a, **k)
-    )
+    for module in (service_module, views_module):
+        monkeypatch.setattr(
+            module, "parse_workflow", lambda *a, **k: parses.append(1) or real(*a, **k)
+        )
 
     async def main():
         c = Cluster(tmp_path)
@@ -333,8 +336,8 @@ def test_views_of_a_finished_workflow_parse_it_once(tmp_path, monkeypatch):
         for _ in range(3):
             await c.finish(c.sent[-1].call_id)
         before = len(parses)
-        views = [c.service.view(wf, detailed=True) for _ in range(20)]
-        views += c.service.recent(10)
+        views = [c.service.views.view(wf, detailed=True) for _ in range(20)]
+        views += c.service.views.recent(10)
         return before, views
 
     before, views = asyncio.run(main())

@@ -9,7 +9,8 @@ import asyncio
 
 import pytest
 
-from swarmx.daemon.workflows import Capacity, Overloaded, WorkflowService
+from swarmx.daemon.limits import Capacity, Overloaded
+from swarmx.daemon.workflows import WorkflowService
 from swarmx.protocol import Submit
 from swarmx.sched.router import LeastOutstanding
 from swarmx.store import Store
@@ -111,7 +112,7 @@ def test_after_a_restart_reported_calls_are_adopted_and_the_rest_re_run(tmp_path
     assert r.service.faults.adopted == 1
     assert [d.call_id for d in r.sent] == [sent[lost][:-1] + "2"]  # a new attempt
     assert r.service.store.workflow(kept).state == "succeeded"
-    assert r.service.view(kept, detailed=True).steps[0].output == "adopted"
+    assert r.service.views.view(kept, detailed=True).steps[0].output == "adopted"
 
 
 def test_a_result_sent_while_the_scheduler_was_down_is_taken_after_the_restart(tmp_path):

@@ -1,0 +1,167 @@
+"""What the scheduler knows of a call: the predictor's query before it is placed, the facts at
+its dispatch, and its trace record once it ends (`docs/traces.md`). It keeps the little session
+state those need per running workflow (its turn, its previous prompt) and per model (prompt
+bytes per token as the model's server counts them)."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from swarmx.models.dist import LatencyDist
+from swarmx.models.online import OnlineLearner
+from swarmx.models.query import Query, SessionContext
+from swarmx.protocol import Result
+from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
+from swarmx.workflow.engine import CallSpec, WorkflowRun
+
+_OUTPUT_KIND = {"tool": "tool_result", "model": "model_output", "llm": "llm_output"}
+
+
+@dataclass
+class Inflight:
+    """A dispatched call, with what was known when it left: its trace is built from this."""
+
+    call: CallSpec
+    node: str
+    replica: str
+    ready_ts: float
+    dispatched_ts: float
+    device: DeviceAtDispatch
+    runtime: RuntimeAtDispatch
+    turn: int
+    input_kinds: list[str]
+    prefix_share: float
+    pred: LatencyDist | None
+    predictor: str
+    completion: LatencyDist | None = None
+    """The router's predicted completion time (wait + service), where it made one."""
+    budget_s: float | None = None
+    """Deadline of the call minus its arrival, for calls of workflows with an SLO."""
+
+
+class CallFeatures:
+    def __init__(self, runs: Mapping[str, WorkflowRun], learner: OnlineLearner | None) -> None:
+        self._runs = runs
+        self._learner = learner
+        self._turns: collections.Counter[str] = collections.Counter()
+        """Per running workflow, the calls it has dispatched so far."""
+        self._last_prompt: dict[str, str] = {}
+        self._bytes_per_token: dict[str, float] = {}
+        """Per model, prompt bytes per token as its server counts them: estimates tokens at
+        dispatch on the same scale the traces record after the call."""
+
+    def query(self, call: CallSpec) -> Query:
+        """What the predictor knows of the call before placing it (the replica's device and load
+        are filled in per candidate)."""
+        return Query(
+            call.model,
+            call.kind,
+            call.prompt,
+            self._estimate_tokens(call),
+            call.max_tokens,
+            self._workflow_name(call),
+            self._turns[call.workflow_id],
+            self.input_kinds(call),
+            _prefix_share(call.prompt, self._last_prompt.get(call.workflow_id, "")),
+            session=self._learner.sessions.context(call.workflow_id)
+            if self._learner is not None
+            else SessionContext(),
+        )
+
+    def turn(self, workflow_id: str) -> int:
+        return self._turns[workflow_id]
+
+    def dispatched(self, call: CallSpec) -> tuple[int, list[str], float]:
+        """The call leaves now: its turn, input kinds and prefix share (then the session moves
+        on: the next call's turn and previous prompt)."""
+        wf = call.workflow_id
+        turn, kinds = self._turns[wf], self.input_kinds(call)
+        share = _prefix_share(call.prompt, self._last_prompt.get(wf, ""))
+        self._last_prompt[wf] = call.prompt
+        self._turns[wf] += 1
+        return turn, kinds, share
+
+    def input_kinds(self, call: CallSpec) -> list[str]:
+        """What the call's input carries besides its own text: outputs of tools, of models."""
+        run = self._runs.get(call.workflow_id)
+        kinds = {"image"} if call.kind == "model" else set()
+        if run is not None:
+            for dep in call.deps:
+                kinds.add(_OUTPUT_KIND[run.spec.step(dep).kind])
+        return sorted(kinds)
+
+    def trace(self, f: Inflight, r: Result) -> TraceRecord:
+        c = f.call
+        run = self._runs.get(c.workflow_id)
+        return TraceRecord(
+            ts=f.ready_ts,
+            workflow=c.workflow_id,
+            step=c.step_id,
+            deps=c.deps,
+            kind=c.kind,
+            model=c.model,
+            prompt=c.prompt if c.kind != "tool" else " ".join(c.command),
+            prompt_tokens=r.prompt_tokens,
+            max_tokens=c.max_tokens,
+            output_tokens=r.output_tokens,
+            latency_s=r.latency_s,
+            queue_s=(f.dispatched_ts - f.ready_ts) + r.queue_s,
+            ttft_s=r.ttft_s,
+            node=f.node,
+            replica=f.replica,
+            device=f.device,
+            runtime=f.runtime,
+            ok=r.ok,
+            error=r.error,
+            call_id=c.call_id,
+            index=c.index,
+            attempt=c.attempt,
+            turn=f.turn,
+            workflow_name=run.spec.name if run else "",
+            slo_s=run.spec.slo_s if run else None,
+            input_kinds=f.input_kinds,
+            prefix_share=f.prefix_share,
+            pred=f.pred.as_dict() if f.pred else None,
+            predictor=f.predictor,
+            pred_completion=f.completion.as_dict() if f.completion else None,
+            budget_s=f.budget_s,
+        )
+
+    def observe(self, rec: TraceRecord) -> None:
+        """A call ended: the model's bytes per token, and the online learner's lesson."""
+        if rec.ok and rec.prompt_tokens > 0 and rec.kind != "tool":
+            ratio = max(1, len(rec.prompt.encode())) / rec.prompt_tokens
+            old = self._bytes_per_token.get(rec.model)
+            self._bytes_per_token[rec.model] = ratio if old is None else 0.9 * old + 0.1 * ratio
+        if self._learner is not None:
+            self._learner.observe(rec)
+
+    def forget(self, workflow_id: str) -> None:
+        """A workflow finished: its session is over."""
+        self._turns.pop(workflow_id, None)
+        self._last_prompt.pop(workflow_id, None)
+        if self._learner is not None:
+            self._learner.sessions.forget(workflow_id)
+
+    def _estimate_tokens(self, call: CallSpec) -> int:
+        if call.kind == "tool":
+            return 0
+        size = len(call.prompt.encode())
+        return max(1, round(size / self._bytes_per_token.get(call.model, 4.0)))
+
+    def _workflow_name(self, call: CallSpec) -> str:
+        run = self._runs.get(call.workflow_id)
+        return run.spec.name if run else ""
+
+
+def _prefix_share(prompt: str, previous: str) -> float:
+    """Share of ``prompt`` that repeats the start of the session's previous prompt."""
+    if not prompt or not previous:
+        return 0.0
+    n = next(
+        (i for i, (a, b) in enumerate(zip(prompt, previous, strict=False)) if a != b),
+        min(len(prompt), len(previous)),
+    )
+    return n / len(prompt)
