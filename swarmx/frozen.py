@@ -12,13 +12,15 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 T = TypeVar("T")
 
-if sys.version_info >= (3, 11):
+if TYPE_CHECKING:  # what type checkers read, for 3.10 too (typing_extensions ships with them)
+    from typing_extensions import dataclass_transform
+elif sys.version_info >= (3, 11):
     from typing import dataclass_transform
-else:  # pragma: no cover - 3.10: the same at run time; type checkers read the 3.11 branch
+else:  # pragma: no cover - 3.10: the same at run time
 
     def dataclass_transform(**_: Any) -> Callable[[T], T]:
         return lambda f: f

@@ -25,7 +25,7 @@ from tests.support.tiny_gguf import N_CTX, write_tiny_llama_gguf
 pytestmark = pytest.mark.integration
 
 if not all(importlib.util.find_spec(m) for m in ("llama_cpp", "gguf")):
-    message = "llama-cpp-python[server] or gguf is not installed: run scripts/setup-llama.sh"
+    message = "llama-cpp-python[server] or gguf is not installed: run scripts/setup-test.sh"
     if os.environ.get("CI") == "true":
         pytest.fail(message, pytrace=False)
     pytest.skip(message, allow_module_level=True)
