@@ -11,8 +11,9 @@ GIB = 1024**3
 _STATE_STYLE = {"live": "green", "stale": "yellow", "down": "red"}
 
 
-def _gib(n: int | None) -> str:
-    return "?" if n is None else f"{n / GIB:.1f}"
+def gib(n: int | None) -> str:
+    """Bytes in GiB, to a tenth below 10 GiB and whole above (the unit is the caller's)."""
+    return "?" if n is None else f"{n / GIB:.0f}" if n >= 10 * GIB else f"{n / GIB:.1f}"
 
 
 def _age(seconds: float) -> str:
@@ -23,15 +24,23 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
-def _gpu(g: GpuSample) -> str:
-    util = "?" if g.util_percent is None else f"{g.util_percent:.0f}%"
-    name = g.name.removeprefix("NVIDIA ")
-    return f"{g.index}:{name} {util} {_gib(g.mem_used_bytes)}/{_gib(g.mem_total_bytes)}G"
+def gpu_label(g: GpuSample) -> str:
+    """One GPU on one line, as `swarmx nodes` and `swarmx top` both show it: index, model, use,
+    memory, and power and temperature where known."""
+    name = g.name.removeprefix("NVIDIA ").split()[0] if g.name else "GPU"
+    parts = [
+        f"{g.index} {name[:8]}",
+        "?%" if g.util_percent is None else f"{g.util_percent:.0f}%",
+        f"{gib(g.mem_used_bytes)}/{gib(g.mem_total_bytes)}G",
+        "" if g.power_w is None else f"{g.power_w:.0f}W",
+        "" if g.temperature_c is None else f"{g.temperature_c:.0f}C",
+    ]
+    return " ".join(p for p in parts if p)
 
 
 def _gpus(node: NodeView) -> str:
     if node.telemetry is not None and node.telemetry.gpus:
-        return "\n".join(_gpu(g) for g in node.telemetry.gpus)
+        return "\n".join(gpu_label(g) for g in node.telemetry.gpus)
     if node.hello.gpus:
         return "\n".join(f"{g.index}:{g.name.removeprefix('NVIDIA ')}" for g in node.hello.gpus)
     return "-"
@@ -58,9 +67,9 @@ def nodes_table(reply: NodesReply) -> Table:
         tel = node.telemetry
         cpu = f"{tel.host.cpu_percent:.0f}%/{cores}c" if tel else f"-/{cores}c"
         mem = (
-            f"{_gib(tel.host.mem_used_bytes)}/{_gib(tel.host.mem_total_bytes)}"
+            f"{gib(tel.host.mem_used_bytes)}/{gib(tel.host.mem_total_bytes)}"
             if tel
-            else f"-/{_gib(node.hello.mem_total_bytes)}"
+            else f"-/{gib(node.hello.mem_total_bytes)}"
         )
         table.add_row(
             node.name,

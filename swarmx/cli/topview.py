@@ -19,6 +19,7 @@ from rich.console import Group, JustifyMethod, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from swarmx.cli.render import gib, gpu_label
 from swarmx.protocol import (
     DecisionView,
     GpuSample,
@@ -37,7 +38,6 @@ SORTS: dict[str, tuple[str, ...]] = {
     "decisions": ("newest", "model"),
 }
 KEYS_HELP = "q quit  tab/1-4 pane  s sort  p pause  ↑↓ PgUp PgDn scroll"
-GIB = 1024**3
 _STATE_STYLE = {"live": "green", "stale": "yellow", "down": "red"}
 _WF_STYLE = {"running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "yellow"}
 _ESCAPES = {
@@ -182,21 +182,9 @@ def _bar_pct(frac: float | None, width: int = 6) -> Text:
     return Text.assemble(bar(frac, width), label)
 
 
-def _gib(n: int | None) -> str:
-    return "?" if n is None else f"{n / GIB:.0f}" if n >= 10 * GIB else f"{n / GIB:.1f}"
-
-
 def _gpu(g: GpuSample) -> Text:
-    name = g.name.removeprefix("NVIDIA ").split()[0] if g.name else "GPU"
     util = None if g.util_percent is None else g.util_percent / 100
-    parts = [
-        f"{g.index} {name[:8]}",
-        "?%" if util is None else f"{util * 100:.0f}%",
-        f"{_gib(g.mem_used_bytes)}/{_gib(g.mem_total_bytes)}G",
-        "" if g.power_w is None else f"{g.power_w:.0f}W",
-        "" if g.temperature_c is None else f"{g.temperature_c:.0f}C",
-    ]
-    return Text(" ".join(p for p in parts if p), style=_level_style(util) if util else "")
+    return Text(gpu_label(g), style=_level_style(util) if util else "")
 
 
 def _line(*parts: str | tuple[str, str] | Text) -> Text:
@@ -357,7 +345,7 @@ def nodes_pane(reply: TopReply, sort: str) -> _Pane:
         host = tel.host if tel else None
         cpu = host.cpu_percent / 100 if host else None
         mem = host.mem_used_bytes / host.mem_total_bytes if host and host.mem_total_bytes else None
-        mem_label = f" {_gib(host.mem_used_bytes)}/{_gib(host.mem_total_bytes)}G" if host else ""
+        mem_label = f" {gib(host.mem_used_bytes)}/{gib(host.mem_total_bytes)}G" if host else ""
         gpus = [_gpu(g) for g in tel.gpus] if tel else []
         first: Row = [
             n.name,

@@ -98,7 +98,7 @@ def test_nodes_table_renders_on_a_small_terminal():
     assert "n1" in text
     assert "stale" in text
     assert "12%/2c" in text  # CPU from the latest telemetry, of 2 cores
-    assert "0:H100 50% 1.0/80.0G" in text
+    assert "0 H100 50% 1.0/80G 300W 61C" in text  # as `swarmx top` shows it
     assert "4.0s ago" in text
     assert max(len(line) for line in text.splitlines()) <= 80
 
