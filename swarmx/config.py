@@ -7,13 +7,14 @@ by ``--config`` / ``SWARMX_CONFIG``, the defaults below. Errors name the file, l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import tomli
@@ -21,6 +22,9 @@ import tomli
 from swarmx.schema import SchemaError, decode
 from swarmx.tomlpos import locate
 from swarmx.workflow.spec import WorkflowLimits
+
+if TYPE_CHECKING:
+    from swarmx.sched.scaler import ScalerOptions
 
 DEFAULT_SCHEDULER = "tcp://127.0.0.1:7700"
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -405,7 +409,8 @@ class ScalerConfig:
     max_replicas: dict[str, int] = field(default_factory=dict)
     """Per model; default: the sum of the live nodes' ``max_count`` for it."""
     options: dict[str, bool | int | float | str] = field(default_factory=dict)
-    """Options of the chosen policy (see docs/scheduling.md)."""
+    """Options of the chosen policy, as written (see docs/scheduling.md); `policy_options` has
+    them typed and checked."""
 
     def __post_init__(self) -> None:
         _check_positive("interval_s", self.interval_s)
@@ -420,24 +425,15 @@ class ScalerConfig:
                     f"max_replicas.{model}",
                     f"must be >= 1 and >= min_replicas ({lo}), got {hi}",
                 )
-        if self.options:
-            check_scaler_options(self.policy, self.options)
+        if self.options:  # build them now so a bad one fails at load ({}: the defaults, all valid)
+            _ = self.policy_options
 
+    @functools.cached_property
+    def policy_options(self) -> ScalerOptions:
+        """``options`` typed as the policy's options class (`swarmx.sched.scaler.SCALERS`)."""
+        from swarmx.sched.scaler import scaler_options  # imported on use: the CLI starts faster
 
-def check_scaler_options(policy: str, options: dict[str, bool | int | float | str]) -> None:
-    """Build the scaler once so a bad option fails at load time, naming the key."""
-    from swarmx.sched.scaler import make_scaler  # pure code, no torch
-
-    try:
-        make_scaler(policy, **options)
-    except (TypeError, ValueError) as exc:
-        text = str(exc)
-        unknown = re.search(r"unexpected keyword argument '([^']+)'", text)
-        if unknown or "takes no arguments" in text:
-            key = unknown.group(1) if unknown else next(iter(options))
-            raise SchemaError(f"options.{key}", f"not an option of the {policy!r} scaler") from None
-        key = next((k for k in options if re.search(rf"\b{re.escape(k)}\b", text)), "")
-        raise SchemaError(f"options.{key}" if key else "options", text) from None
+        return scaler_options(self.policy, self.options, "options")
 
 
 @dataclass(frozen=True)

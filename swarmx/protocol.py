@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 import msgspec
 from msgspec import Meta
@@ -640,35 +640,9 @@ Message = (
     | TopReply
 )
 
-MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls
-    for cls in (
-        Hello,
-        Telemetry,
-        Heartbeat,
-        Goodbye,
-        Dispatch,
-        Result,
-        CancelCalls,
-        ScaleCommand,
-        Ack,
-        Error,
-        Submit,
-        Submitted,
-        QueryWorkflows,
-        CancelWorkflow,
-        WorkflowsReply,
-        ExportTraces,
-        TracesReply,
-        QueryPredictor,
-        InstallPredictor,
-        PredictorStatus,
-        QueryNodes,
-        NodesReply,
-        QueryTop,
-        TopReply,
-    )
-}
+MESSAGE_TYPES: dict[str, type[Message]] = {cls.TYPE: cls for cls in get_args(Message)}
+"""Wire ``type`` -> body struct, for every member of `Message`: a new message is added there
+once."""
 
 
 @dataclass(frozen=True)

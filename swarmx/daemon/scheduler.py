@@ -72,7 +72,7 @@ from swarmx.protocol import (
     from_builtins,
 )
 from swarmx.sched.router import make_router
-from swarmx.sched.scaler import Scaler, make_scaler
+from swarmx.sched.scaler import Scaler
 from swarmx.security import (
     ANYONE,
     KeyRing,
@@ -868,7 +868,7 @@ def _settle_for_serving() -> None:
 
 def build_scaler(cfg: ScalerConfig) -> Scaler:
     """The configured policy (its options were checked when the config was loaded)."""
-    return make_scaler(cfg.policy, **cfg.options)
+    return cfg.policy_options.build()
 
 
 @contextlib.contextmanager

@@ -63,10 +63,10 @@ from swarmx.workflow.engine import (
     Finished,
     Instruction,
     RunCall,
+    StopCalls,
     WorkflowRun,
     replay,
 )
-from swarmx.workflow.engine import CancelCalls as EngineCancel
 from swarmx.workflow.spec import (
     DEFAULT_LIMITS,
     WorkflowError,
@@ -260,7 +260,7 @@ class WorkflowService:
                 0,
                 gpu=_gpu_type(info.device),
             )
-            await self._send_all(self.dispatcher.add_replica(view, now))
+            await self.send_all(self.dispatcher.add_replica(view, now))
 
     def refresh_live(self, replica: str) -> list[Assign]:
         """Route new calls to a replica or not, as its node's state and `draining` say; returns
@@ -271,16 +271,13 @@ class WorkflowService:
         live = replica not in self._draining and self.nodes.state(view.node) == "live"
         return self.dispatcher.set_live(replica, live, self.clock.time())
 
-    async def send_all(self, assigns: list[Assign]) -> None:
-        await self._send_all(assigns)
-
     async def on_node_state(self, node: str, state: str) -> None:
         """Only replicas on live nodes that are not leaving get new calls."""
         now = self.clock.time()
         live_node = state == "live" and node not in self.leaving
         for view in self.dispatcher.node_views(node):
             live = live_node and view.replica not in self._draining
-            await self._send_all(self.dispatcher.set_live(view.replica, live, now))
+            await self.send_all(self.dispatcher.set_live(view.replica, live, now))
 
     async def on_goodbye(self, node: str, final: bool, handed_back: list[str]) -> int:
         """A node is leaving: nothing new goes to it; on its final goodbye, every call still
@@ -599,7 +596,7 @@ class WorkflowService:
         if result is not None:
             self._ended[call_id] = f.node
             self._trim_ended()
-        await self._send_all(self.dispatcher.finished(call_id, self.clock.time()))
+        await self.send_all(self.dispatcher.finished(call_id, self.clock.time()))
         # a lost attempt (its node gone, no result in time) is traced too, failed, with the
         # time it was out: the trace shows every attempt
         lost = Result(call_id, f.replica, False, "", done.error, 0.0, self._out_s(f), None, 0, 0)
@@ -626,7 +623,7 @@ class WorkflowService:
         for ins in instructions:
             if isinstance(ins, RunCall):
                 await self._submit_call(ins.call)
-            elif isinstance(ins, EngineCancel):
+            elif isinstance(ins, StopCalls):
                 await self._cancel_calls(ins.call_ids)
             elif isinstance(ins, Finished):
                 await self._finished(run, ins)
@@ -646,13 +643,13 @@ class WorkflowService:
         self.features.forget(run.id)
         for call_id in [c for c in self._recovery.adopting if c.startswith(f"{run.id}:")]:
             del self._recovery.adopting[call_id]
-        await self._send_all(self.dispatcher.cancel_workflow(run.id, self.clock.time()))
+        await self.send_all(self.dispatcher.cancel_workflow(run.id, self.clock.time()))
         log.info("workflow %s %s%s", run.id, fin.state, f": {fin.reason}" if fin.reason else "")
 
     async def _submit_call(self, call: CallSpec) -> None:
         now = self.clock.time()
         self._ready_ts[call.call_id] = now
-        await self._send_all(self.dispatcher.submit(self._ticket(call, now), now))
+        await self.send_all(self.dispatcher.submit(self._ticket(call, now), now))
 
     # --- deadlines, slack and demand --------------------------------------------------------
 
@@ -677,7 +674,8 @@ class WorkflowService:
     def expected_calls(self, model: str) -> int:
         return self.outlook.expected_calls(self.runs.values(), model)
 
-    async def _send_all(self, assigns: list[Assign]) -> None:
+    async def send_all(self, assigns: list[Assign]) -> None:
+        """Carry out the dispatcher's assignments: journal each call and send it to its node."""
         for a in assigns:
             await self._send_assign(a)
 
@@ -743,7 +741,7 @@ class WorkflowService:
         self.store.calls_cancelled(call_ids)
         for node, ids in by_node.items():
             await self._send(node, CancelCalls(ids))
-        await self._send_all(self.dispatcher.cancel(call_ids, self.clock.time()))
+        await self.send_all(self.dispatcher.cancel(call_ids, self.clock.time()))
 
     def _device(self, view: ReplicaView) -> DeviceAtDispatch:
         return self.nodes.device_at(view.node, view.device)

@@ -62,11 +62,6 @@ class LatencyDist:
             raise ValueError(f"quantiles must not decrease: {self.values_s}")
 
     @classmethod
-    def from_quantiles(cls, quantiles: dict[float, float]) -> LatencyDist:
-        levels = tuple(sorted(quantiles))
-        return cls(levels, tuple(quantiles[p] for p in levels))
-
-    @classmethod
     def point(cls, value_s: float, levels: tuple[float, ...]) -> LatencyDist:
         """All the mass at one value (a point forecast). Built without the checks, which are
         trivially true and cost more than the forecast itself on the simulator's hot path."""

@@ -463,12 +463,6 @@ class Dispatcher:
         least = bag.least() if bag is not None else None
         return None if least is None else max(least, 1e-3)
 
-    def drain_all(self, now_s: float) -> list[Assign]:
-        out: list[Assign] = []
-        for model in list(self._queues):
-            out += self._drain(model, now_s)
-        return out
-
     # --- internals --------------------------------------------------------------------------
 
     def _key(self, t: Ticket) -> float:

@@ -74,7 +74,9 @@ class RouteInput:
 
 
 @frozen
-class Decision:
+class Choice:
+    """A router's pick of a replica for one call."""
+
     index: int
     """Position of the chosen replica in ``RouteInput.candidates``."""
     completion: LatencyDist | None = None
@@ -86,7 +88,7 @@ class Router(Protocol):
     name: str
     forecast: ForecastKind
 
-    def choose(self, inp: RouteInput) -> Decision: ...
+    def choose(self, inp: RouteInput) -> Choice: ...
 
 
 class Forecaster(Protocol):
@@ -189,13 +191,13 @@ class RoundRobin:
     def __init__(self) -> None:
         self._last: str | None = None
 
-    def choose(self, inp: RouteInput) -> Decision:
+    def choose(self, inp: RouteInput) -> Choice:
         cands = inp.candidates
         pool = _by_name(cands, usable(inp.call, cands))
         last = self._last
         index = next((i for i in pool if last is None or cands[i].replica > last), pool[0])
         self._last = cands[index].replica
-        return Decision(index)
+        return Choice(index)
 
 
 class RandomChoice:
@@ -207,10 +209,8 @@ class RandomChoice:
     def __init__(self, seed: int = 0) -> None:
         self._rng = random.Random(seed)
 
-    def choose(self, inp: RouteInput) -> Decision:
-        return Decision(
-            self._rng.choice(_by_name(inp.candidates, usable(inp.call, inp.candidates)))
-        )
+    def choose(self, inp: RouteInput) -> Choice:
+        return Choice(self._rng.choice(_by_name(inp.candidates, usable(inp.call, inp.candidates))))
 
 
 class LeastOutstanding:
@@ -222,7 +222,7 @@ class LeastOutstanding:
     def __init__(self) -> None:
         self._ties = _Rotation()
 
-    def choose(self, inp: RouteInput) -> Decision:
+    def choose(self, inp: RouteInput) -> Choice:
         cands = inp.candidates
         # comprehensions, not one loop: this runs for every call over every open replica
         load = [c.outstanding for c in cands]
@@ -233,7 +233,7 @@ class LeastOutstanding:
         else:
             least = min(load)
             tied = [i for i, n in enumerate(load) if n == least]
-        return Decision(self._ties.pick(cands, tied))
+        return Choice(self._ties.pick(cands, tied))
 
 
 class PowerOfTwo:
@@ -246,13 +246,13 @@ class PowerOfTwo:
     def __init__(self, seed: int = 0) -> None:
         self._rng = random.Random(seed)
 
-    def choose(self, inp: RouteInput) -> Decision:
+    def choose(self, inp: RouteInput) -> Choice:
         cands = inp.candidates
         pool = _by_name(cands, usable(inp.call, cands))
         if len(pool) == 1:
-            return Decision(pool[0])
+            return Choice(pool[0])
         a, b = self._rng.sample(pool, 2)
-        return Decision(b if cands[b].outstanding < cands[a].outstanding else a)
+        return Choice(b if cands[b].outstanding < cands[a].outstanding else a)
 
 
 def _has_slot(view: ReplicaView) -> bool:
@@ -335,16 +335,16 @@ class _Completion:
         return out
 
     @staticmethod
-    def decision(
+    def choice(
         inp: RouteInput, forecasts: Sequence[LatencyDist], index: int, completion: LogNormal
-    ) -> Decision:
+    ) -> Choice:
         """With a slot free, the forecast itself: no approximation to add. Else the completion
         fit at the forecast's levels, floored at the forecast."""
         forecast = forecasts[index]
         if _has_slot(inp.candidates[index]):
-            return Decision(index, forecast)
+            return Choice(index, forecast)
         waited = completion.dist(forecast.levels).values_s
-        return Decision(
+        return Choice(
             index,
             LatencyDist(forecast.levels, tuple(map(max, waited, forecast.values_s))),
         )
@@ -363,7 +363,7 @@ class MeanPredicted(_Completion):
         """Margin within which means count as alike, in forecast log spreads (`_near_best`)."""
         self._ties = _Rotation()
 
-    def choose(self, inp: RouteInput) -> Decision:
+    def choose(self, inp: RouteInput) -> Choice:
         pool = usable(inp.call, inp.candidates)
         forecasts = _forecasts(inp, self.name)
         preds = self.completions(inp, forecasts, pool)
@@ -372,7 +372,7 @@ class MeanPredicted(_Completion):
             score[i] = math.log(done.mean_s)  # exact: means add; logs, so the margin is relative
         near = _near_best(inp.candidates, pool, score, lambda i: preds[i][0].sigma, self.near)
         index = self._ties.pick(inp.candidates, near)
-        return self.decision(inp, forecasts, index, preds[index][0])
+        return self.choice(inp, forecasts, index, preds[index][0])
 
 
 class P90Load:
@@ -385,12 +385,12 @@ class P90Load:
     def __init__(self) -> None:
         self._ties = _Rotation()
 
-    def choose(self, inp: RouteInput) -> Decision:
+    def choose(self, inp: RouteInput) -> Choice:
         forecasts = _forecasts(inp, self.name)
         pool = usable(inp.call, inp.candidates)
         score = [log_quantile(f, 0.9) for f in forecasts]
         index = self._ties.pick(inp.candidates, _lowest(pool, score))
-        return Decision(index, forecasts[index])
+        return Choice(index, forecasts[index])
 
 
 class TailRouter(_Completion):
@@ -418,7 +418,7 @@ class TailRouter(_Completion):
         """Margin within which tails count as alike, in forecast log spreads (`_near_best`)."""
         self._ties = _Rotation()
 
-    def choose(self, inp: RouteInput) -> Decision:
+    def choose(self, inp: RouteInput) -> Choice:
         cands = inp.candidates
         pool = usable(inp.call, cands)
         forecasts = _forecasts(inp, self.name)
@@ -440,7 +440,7 @@ class TailRouter(_Completion):
             pool = [i for i in pool if on_time[i] >= best - _SAME_PROBABILITY]
         near = _near_best(cands, pool, tail, lambda i: preds[i][0].sigma, self.near)
         index = self._ties.pick(cands, near)
-        return self.decision(inp, forecasts, index, preds[index][0])
+        return self.choice(inp, forecasts, index, preds[index][0])
 
 
 ROUTERS: dict[str, Callable[[int, float], Router]] = {

@@ -5,15 +5,18 @@ their start-up delay)."""
 
 from __future__ import annotations
 
+import abc
+import dataclasses
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from swarmx.models.dist import LatencyDist
 from swarmx.sched import tailmath
 from swarmx.sched.dispatch import LOAD_BANDS
+from swarmx.schema import SchemaError, decode
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,52 @@ class Scaler(Protocol):
         ...
 
 
+def _option(default: float, within: str) -> float:
+    """A numeric option and the interval it must lie in, written as in maths (``"(0, 1]"``,
+    ``"[0, inf)"``), checked by `ScalerOptions` on construction."""
+    return dataclasses.field(default=default, metadata={"within": within})
+
+
+def _outside(value: float, within: str) -> str | None:
+    """Why ``value`` is not in the interval ``within``; None if it is (NaN never is)."""
+    lo_text, hi_text = within[1:-1].split(", ")
+    lo, hi = float(lo_text), float(hi_text)
+    above = value > lo if within[0] == "(" else value >= lo
+    below = value < hi if within[-1] == ")" else value <= hi
+    if above and below:
+        return None
+    if hi == math.inf:
+        return f"must be {'>' if within[0] == '(' else '>='} {lo_text}, got {value}"
+    return f"must be in {within}, got {value}"
+
+
+@dataclass(frozen=True)
+class ScalerOptions(abc.ABC):
+    """The ``[scaler] options`` of one policy, typed. Each policy declares a frozen dataclass of
+    its options next to it, so loading the config rejects an unknown key, a wrong type or a value
+    out of range (a `SchemaError` naming the field), where otherwise the scaler would fail at
+    every decision."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            within = f.metadata.get("within")
+            problem = _outside(getattr(self, f.name), within) if within else None
+            if problem is not None:
+                raise SchemaError(f.name, problem)
+
+    @abc.abstractmethod
+    def build(self) -> Scaler:
+        """A new scaler of this policy with these options."""
+
+
+@dataclass(frozen=True)
+class NoOptions(ScalerOptions):
+    """The ``none`` policy has no options."""
+
+    def build(self) -> NoScaler:
+        return NoScaler()
+
+
 class NoScaler:
     """Fixed pools: the replicas the nodes were configured with."""
 
@@ -96,6 +145,21 @@ class _Stabiliser:
         return None if target == current else target
 
 
+@dataclass(frozen=True)
+class ThresholdOptions(ScalerOptions):
+    """Options of the ``threshold`` policy (`ThresholdScaler`)."""
+
+    target: float = _option(0.7, "(0, 1]")
+    """Utilisation to hold."""
+    tolerance: float = _option(0.1, "[0, inf)")
+    """Relative distance from ``target`` left alone."""
+    down_window_s: float = _option(300.0, "[0, inf)")
+    """Scale-down stabilisation window."""
+
+    def build(self) -> ThresholdScaler:
+        return ThresholdScaler(self)
+
+
 class ThresholdScaler:
     """Kubernetes HPA on utilisation: ``desired = ceil(ready * metric / target)`` with
     ``metric = (busy + waiting) / (ready * concurrency)``, left alone within ``tolerance`` of the
@@ -104,14 +168,9 @@ class ThresholdScaler:
 
     name = "threshold"
 
-    def __init__(
-        self, target: float = 0.7, tolerance: float = 0.1, down_window_s: float = 300.0
-    ) -> None:
-        if not 0 < target <= 1:
-            raise ValueError(f"target utilisation must be in (0, 1], got {target}")
-        self.target = target
-        self.tolerance = tolerance
-        self._stable = _Stabiliser(down_window_s)
+    def __init__(self, options: ThresholdOptions = ThresholdOptions()) -> None:
+        self.options = options
+        self._stable = _Stabiliser(options.down_window_s)
 
     def decide(self, now_s: float, pools: Sequence[PoolState]) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -126,8 +185,8 @@ class ThresholdScaler:
         demand = pool.busy + pool.waiting
         if pool.ready == 0:  # no metric yet: start one replica for demand, as KEDA does from 0
             return max(current, 1) if demand > 0 else current
-        ratio = demand / (pool.ready * pool.concurrency) / self.target
-        if abs(ratio - 1) <= self.tolerance:
+        ratio = demand / (pool.ready * pool.concurrency) / self.options.target
+        if abs(ratio - 1) <= self.options.tolerance:
             return current
         return math.ceil(pool.ready * ratio - 1e-9)  # 2 * 2.5000000000000004 is 5 replicas
 
@@ -148,6 +207,43 @@ class _Holt:
         if self.count_mean <= 0:
             return 1.0
         return min(max(self.count_var / self.count_mean, 1.0), _MAX_BURSTINESS)
+
+
+@dataclass(frozen=True)
+class TailOptions(ScalerOptions):
+    """Options of the ``tail`` policy (`TailScaler`)."""
+
+    level: float = _option(0.95, "(0.5, 1)")
+    """The quantile of a call's latency that must meet the budget."""
+    headroom: float = _option(0.8, "(0, inf)")
+    """Share of the budget aimed at."""
+    cap: float = _option(0.9, "(0, 1)")
+    """Most utilisation of a pool's slots."""
+    hysteresis_s: float = _option(120.0, "[0, inf)")
+    """Scale-down stabilisation window."""
+    horizon_s: float = _option(30.0, "(0, inf)")
+    """How far ahead the arrival rate's trend (and the expected fan-out calls) is provisioned
+    for: about a replica's start-up."""
+    alpha: float = _option(0.5, "(0, 1]")
+    """Holt smoothing of the arrival rate's level."""
+    beta: float = _option(0.3, "[0, 1]")
+    """Holt smoothing of the arrival rate's trend."""
+    no_budget_factor: float = _option(2.0, "(0, inf)")
+    """Without a budget, the budget is this multiple of the service's own tail."""
+    max_down: float = _option(0.5, "[0, 1]")
+    """Share of its largest size over the hysteresis window a pool keeps at least."""
+    risk_target: float = _option(0.002, "(0, 1)")
+    """The mean predicted chance of a call missing its deadline above which a pool grows
+    (and at half of which it may shrink): a call's deadline is its workflow's less the
+    predicted rest of the workflow, so a workflow of ten calls at 0.2% each misses its SLO
+    about 1% of the time."""
+    risk_gain: float = _option(1.0, "[0, inf)")
+    """Growth of a pool per unit of risk over ``risk_target``, as a share of its size."""
+    risk_alpha: float = _option(0.3, "(0, 1]")
+    """Smoothing of the risk over decisions."""
+
+    def build(self) -> TailScaler:
+        return TailScaler(self)
 
 
 class TailScaler:
@@ -175,51 +271,15 @@ class TailScaler:
 
     name = "tail"
 
-    def __init__(
-        self,
-        *,
-        level: float = 0.95,
-        headroom: float = 0.8,
-        cap: float = 0.9,
-        hysteresis_s: float = 120.0,
-        horizon_s: float = 30.0,
-        alpha: float = 0.5,
-        beta: float = 0.3,
-        no_budget_factor: float = 2.0,
-        max_down: float = 0.5,
-        risk_target: float = 0.002,
-        risk_gain: float = 1.0,
-        risk_alpha: float = 0.3,
-    ) -> None:
-        if not 0.5 < level < 1:
-            raise ValueError(f"level must be in (0.5, 1), got {level}")
-        if not 0 < cap < 1:
-            raise ValueError(f"utilisation cap must be in (0, 1), got {cap}")
-        self.level = level
-        self.headroom = headroom
-        self.cap = cap
-        self.horizon_s = horizon_s
-        self.alpha = alpha
-        self.beta = beta
-        self.no_budget_factor = no_budget_factor
-        self.max_down = max_down
-        """Share of its largest size over the hysteresis window a pool keeps at least."""
-        if not 0 < risk_target < 1:
-            raise ValueError(f"risk_target must be in (0, 1), got {risk_target}")
-        self.risk_target = risk_target
-        """The mean predicted chance of a call missing its deadline above which a pool grows
-        (and at half of which it may shrink): a call's deadline is its workflow's less the
-        predicted rest of the workflow, so a workflow of ten calls at 0.2% each misses its SLO
-        about 1% of the time."""
-        self.risk_gain = risk_gain
-        self.risk_alpha = risk_alpha
+    def __init__(self, options: TailOptions = TailOptions()) -> None:
+        self.options = options
         self._risk: dict[str, float] = {}
         self._counts: dict[str, deque[tuple[float, int]]] = {}
         self._bursts: dict[str, deque[tuple[float, int]]] = {}
         """Per model, the calls in hand (running and waiting) at each decision of the hysteresis
         window: fan-outs come in bursts, and a pool sized for the mean rate queues a burst for
         a replica start-up, so it keeps slots for the largest recent one (under ``cap``)."""
-        self._stable = _Stabiliser(hysteresis_s)
+        self._stable = _Stabiliser(options.hysteresis_s)
         self._rates: dict[str, _Holt] = {}
 
     def decide(self, now_s: float, pools: Sequence[PoolState]) -> dict[str, int]:
@@ -231,18 +291,18 @@ class TailScaler:
             floor = math.ceil(demand / conc)
             current = pool.ready + pool.starting
             peak = _windowed_max(self._counts, pool.model, now_s, window, current)
-            floor = max(floor, math.ceil(peak * self.max_down))
+            floor = max(floor, math.ceil(peak * self.options.max_down))
             # calls arriving within one interval overlap for at most a service time of it
             mean_s = tailmath.moments(pool.service)[0] if pool.service is not None else 0.0
             overlap = min(1.0, mean_s / pool.interval_s) if pool.interval_s > 0 else 1.0
             together = max(demand, math.ceil(pool.arrivals * overlap))
             burst = _windowed_max(self._bursts, pool.model, now_s, window, together)
-            wanted = max(self.needed(pool, rate), math.ceil(burst / (conc * self.cap)))
-            risk = self._smoothed_risk(pool)
-            if risk is not None and risk > self.risk_target / 2:
+            wanted = max(self.needed(pool, rate), math.ceil(burst / (conc * self.options.cap)))
+            risk, limit = self._smoothed_risk(pool), self.options.risk_target
+            if risk is not None and risk > limit / 2:
                 floor = max(floor, current)  # tail risk near the target: no shrinking
-                if risk > self.risk_target and pool.starting == 0 and current > 0:
-                    step = min(1.0, self.risk_gain * (risk / self.risk_target - 1))
+                if risk > limit and pool.starting == 0 and current > 0:
+                    step = min(1.0, self.options.risk_gain * (risk / limit - 1))
                     wanted = max(wanted, math.ceil(current * (1 + step)))
             target = self._stable.target(pool, now_s, min(wanted, pool.max_replicas), floor)
             if target is not None:
@@ -257,13 +317,13 @@ class TailScaler:
         if old is None and pool.risk is None:
             return None
         seen = pool.risk or 0.0
-        new = seen if old is None else old + self.risk_alpha * (seen - old)
+        new = seen if old is None else old + self.options.risk_alpha * (seen - old)
         self._risk[pool.model] = new
         return new
 
     def rate(self, pool: PoolState) -> float:
         """Update the model's smoothed arrival rate; the rate to provision for, calls/s."""
-        holt = self._rates.get(pool.model)
+        holt, o = self._rates.get(pool.model), self.options
         if pool.interval_s > 0:
             seen = pool.arrivals / pool.interval_s
             if holt is None:
@@ -274,21 +334,19 @@ class TailScaler:
                 holt.count_var = (1 - _DISPERSION_ALPHA) * (
                     holt.count_var + _DISPERSION_ALPHA * gap * gap
                 )
-                level = self.alpha * seen + (1 - self.alpha) * (
-                    holt.rate + holt.trend * pool.interval_s
-                )
+                level = o.alpha * seen + (1 - o.alpha) * (holt.rate + holt.trend * pool.interval_s)
                 trend = (level - holt.rate) / pool.interval_s
-                holt.trend = self.beta * trend + (1 - self.beta) * holt.trend
+                holt.trend = o.beta * trend + (1 - o.beta) * holt.trend
                 holt.rate = level
-        smoothed = 0.0 if holt is None else max(holt.rate, holt.rate + holt.trend * self.horizon_s)
-        return max(smoothed, 0.0) + pool.expected_calls / self.horizon_s
+        smoothed = 0.0 if holt is None else max(holt.rate, holt.rate + holt.trend * o.horizon_s)
+        return max(smoothed, 0.0) + pool.expected_calls / o.horizon_s
 
     def needed(self, pool: PoolState, rate: float) -> int:
         """The fewest replicas meeting the budget at this arrival rate (calls/s)."""
         conc = max(pool.concurrency, 1)
         demand = pool.busy + pool.waiting
         if pool.service is None:  # no forecast yet: keep utilisation under the cap
-            return math.ceil(demand / (conc * self.cap))
+            return math.ceil(demand / (conc * self.options.cap))
         if rate <= 0 and demand == 0:
             return 0
         # the service can get no faster than on the emptiest replicas: the budget's floor
@@ -307,10 +365,10 @@ class TailScaler:
             if service is None:  # fuller than any replica was seen: its speed is unknown
                 return False
             return _Queue.of(service, target, ca2).meets(
-                n * conc, rate, demand, self.level, self.cap
+                n * conc, rate, demand, self.options.level, self.options.cap
             )
 
-        lo = max(1, math.ceil(rate * tailmath.moments(fastest)[0] / (conc * self.cap)))
+        lo = max(1, math.ceil(rate * tailmath.moments(fastest)[0] / (conc * self.options.cap)))
         hi = lo
         while not ok(hi):  # met eventually: the target is above the service's own tail
             if hi >= pool.max_replicas:
@@ -344,9 +402,9 @@ class TailScaler:
         return dist
 
     def _target(self, service: LatencyDist, budget_s: float | None) -> float:
-        own_s = service.quantile(self.level)
-        budget = self.no_budget_factor * own_s if budget_s is None else budget_s
-        return max(self.headroom * budget, _MIN_WAIT_SHARE * own_s)
+        own_s = service.quantile(self.options.level)
+        budget = self.options.no_budget_factor * own_s if budget_s is None else budget_s
+        return max(self.options.headroom * budget, _MIN_WAIT_SHARE * own_s)
 
 
 def _windowed_max(
@@ -433,16 +491,30 @@ class _Queue:
         return self.on_time(servers, rate, max(demand - servers, 0)) >= level
 
 
-SCALERS: dict[str, Callable[..., Scaler]] = {
-    "none": NoScaler,
-    "threshold": ThresholdScaler,
-    "tail": TailScaler,
+SCALERS: dict[str, type[ScalerOptions]] = {
+    "none": NoOptions,
+    "threshold": ThresholdOptions,
+    "tail": TailOptions,
 }
-"""Scaler name -> constructor taking the scaler's options as keywords."""
+"""Scaler name -> its options class, whose `build` makes the scaler."""
+
+
+def scaler_options(name: str, options: Mapping[str, Any], path: str = "") -> ScalerOptions:
+    """The typed options of the ``name`` policy from a TOML table (or keywords): a `SchemaError`
+    at ``path.KEY`` for an unknown key, a wrong type or a value out of range."""
+    cls = SCALERS.get(name)
+    if cls is None:
+        raise SchemaError("", f"unknown scaler {name!r} (known: {', '.join(SCALERS)})")
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in options:
+        if key not in known:
+            listed = f"known: {', '.join(known)}" if known else "it takes none"
+            raise SchemaError(
+                f"{path}.{key}" if path else key, f"not an option of the {name!r} scaler ({listed})"
+            )
+    return decode(cls, options, path)
 
 
 def make_scaler(name: str, **options: Any) -> Scaler:
-    factory = SCALERS.get(name)
-    if factory is None:
-        raise ValueError(f"unknown scaler {name!r} (known: {', '.join(SCALERS)})")
-    return factory(**options)
+    """The ``name`` policy with ``options`` (fields of its options class), checked."""
+    return scaler_options(name, options).build()

@@ -1,7 +1,7 @@
 """The workflow engine: a pure state machine over one workflow's DAG.
 
 It never touches sockets, the clock or the database: the scheduler feeds it call outcomes and
-executes the instructions it returns (`RunCall`, `CancelCalls`, `Finished`). Call ids are
+executes the instructions it returns (`RunCall`, `StopCalls`, `Finished`). Call ids are
 deterministic (``wf:step:index:attempt``), so replaying the recorded outcomes of a workflow after a
 scheduler crash rebuilds exactly the same state, and the calls still outstanding are re-run.
 """
@@ -71,8 +71,16 @@ class RunCall:
 
 
 @dataclass(frozen=True)
-class CancelCalls:
+class StopCalls:
+    """Stop these calls of the workflow, queued or running (the scheduler tells their nodes with
+    the wire message `swarmx.protocol.CancelCalls`)."""
+
     call_ids: list[str]
+
+
+CancelCalls = StopCalls
+"""The old name, kept only until swarmx/daemon/workflows.py and swarmx/sim/engine.py import
+`StopCalls` (issue 19); then delete it, so ``CancelCalls`` names the wire message alone."""
 
 
 @frozen
@@ -81,7 +89,7 @@ class Finished:
     reason: str
 
 
-Instruction = RunCall | CancelCalls | Finished
+Instruction = RunCall | StopCalls | Finished
 
 
 @dataclass
@@ -193,7 +201,7 @@ class WorkflowRun:
             inst.state, inst.call = "cancelled", None
         self._by_call.clear()
         self.state, self.reason = state, reason
-        out: list[Instruction] = [CancelCalls([c.call_id for c in calls])] if calls else []
+        out: list[Instruction] = [StopCalls([c.call_id for c in calls])] if calls else []
         return [*out, Finished(state, reason)]
 
     def _step_progress(self, step: StepSpec) -> list[Instruction]:

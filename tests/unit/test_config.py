@@ -9,6 +9,7 @@ from swarmx.config import (
     load_config,
     override,
 )
+from swarmx.sched.scaler import TailOptions, ThresholdOptions
 from swarmx.schema import SchemaError
 
 
@@ -123,7 +124,15 @@ level = "debug"
         ),
         (
             '[scaler]\npolicy = "tail"\n\noptions = { level = 2.0 }\n',
-            r"swarmx.toml:4: scaler.options.level: level must be in \(0.5, 1\), got 2.0",
+            r"swarmx.toml:4: scaler.options.level: must be in \(0.5, 1\), got 2.0$",
+        ),
+        (
+            '[scaler]\npolicy = "threshold"\noptions = { tolerance = "x" }\n',
+            r"swarmx.toml:3: scaler.options.tolerance: expected a number, got str 'x'$",
+        ),
+        (
+            "[scaler.options]\nlevel = 0.9\nhorizon_s = 0\n",
+            r"swarmx.toml:3: scaler.options.horizon_s: must be > 0, got 0.0$",
         ),
         (
             '[scaler]\npolicy = "none"\noptions = { level = 0.9 }\n',
@@ -188,6 +197,7 @@ startup_delay_s = 0.5
     assert s.min_replicas == {"tiny-lm": 1}
     assert s.max_replicas == {"tiny-lm": 6, "vision": 2}
     assert s.options == {"target": 0.5, "down_window_s": 30}
+    assert s.policy_options == ThresholdOptions(target=0.5, tolerance=0.1, down_window_s=30.0)
     [rc] = cfg.node.replicas
     assert (rc.max_count, rc.scale_max, rc.startup_delay_s) == (5, 5, 0.5)
 
@@ -197,6 +207,7 @@ def test_routing_and_scaling_defaults():
     assert (cfg.router.policy, cfg.router.queue, cfg.router.level) == ("tail", "slack", 0.95)
     assert (cfg.router.replica_queue, cfg.scaler.policy, cfg.scaler.interval_s) == (0, "tail", 5.0)
     assert cfg.scaler.min_replicas == cfg.scaler.max_replicas == cfg.scaler.options == {}
+    assert cfg.scaler.policy_options == TailOptions()  # the tail policy's own defaults
 
 
 @pytest.mark.parametrize(

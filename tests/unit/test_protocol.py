@@ -1,4 +1,5 @@
 import math
+from typing import get_args
 
 import msgpack
 import msgspec
@@ -22,6 +23,7 @@ from swarmx.protocol import (
     Hello,
     HostSample,
     InstallPredictor,
+    Message,
     ModelStats,
     NodesReply,
     NodeView,
@@ -206,6 +208,10 @@ SAMPLES = [
 
 def test_every_message_type_has_a_sample():
     assert {type(m) for m in SAMPLES} == set(MESSAGE_TYPES.values())
+
+
+def test_every_message_has_a_type_name_of_its_own():
+    assert sorted(MESSAGE_TYPES) == sorted(cls.TYPE for cls in get_args(Message))
 
 
 @pytest.mark.parametrize("body", SAMPLES, ids=lambda m: m.TYPE)

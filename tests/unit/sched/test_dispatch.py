@@ -125,10 +125,10 @@ def test_every_candidate_is_forecast_for_a_forecasting_router_and_the_choice_rec
         name, forecast = "fastest", "service"
 
         def choose(self, inp):
-            from swarmx.sched.router import Decision
+            from swarmx.sched.router import Choice
 
             best = min(range(len(inp.candidates)), key=lambda i: inp.forecasts[i].quantile(0.5))
-            return Decision(best, inp.forecasts[best])
+            return Choice(best, inp.forecasts[best])
 
     fc = Fixed({"a/lm": 5.0, "b/lm": 1.0, "c/lm": 3.0})
     d = Dispatcher(Fastest(), forecaster=fc)

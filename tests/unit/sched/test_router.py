@@ -10,7 +10,7 @@ import pytest
 from swarmx.models.dist import LatencyDist
 from swarmx.sched.router import (
     ROUTERS,
-    Decision,
+    Choice,
     LeastOutstanding,
     MeanPredicted,
     P90Load,
@@ -53,7 +53,7 @@ def running(started_s: float, median_s: float, sigma: float = 0.3, name: str = "
     return Work(name, started_s, dist(median_s, sigma))
 
 
-def route(router, pool, forecasts=None, deadline_s=None, c=None) -> Decision:
+def route(router, pool, forecasts=None, deadline_s=None, c=None) -> Choice:
     return router.choose(RouteInput(c or call(), pool, NOW, forecasts, deadline_s))
 
 
@@ -262,7 +262,7 @@ def test_identical_replicas_share_the_load():
 def test_tail_completion_is_the_forecast_when_a_slot_is_free():
     forecast = dist(2.0)
     decision = route(TailRouter(), [view("a/lm#0", 3)], [forecast])
-    assert decision == Decision(0, forecast)
+    assert decision == Choice(0, forecast)
 
 
 def test_tail_completion_matches_monte_carlo_of_its_model():

@@ -4,19 +4,26 @@ import heapq
 import math
 import random
 from dataclasses import replace
+from typing import get_args
 
 import pytest
 
+from swarmx.config import ScalerPolicy
 from swarmx.models.dist import LatencyDist
 from swarmx.sched.scaler import (
     SCALERS,
+    NoOptions,
     NoScaler,
     PoolState,
+    TailOptions,
     TailScaler,
+    ThresholdOptions,
     ThresholdScaler,
     erlang_c,
     make_scaler,
+    scaler_options,
 )
+from swarmx.schema import SchemaError
 
 _PS = sorted({k / 200 for k in range(1, 200)} | {0.001, 0.0025, 0.996, 0.998, 0.999, 0.9995})
 EXP_1S = LatencyDist(tuple(_PS), tuple(-math.log(1 - p) for p in _PS))
@@ -76,7 +83,7 @@ def test_threshold_rounds_exact_ratios_exactly():
 
 
 def test_threshold_scales_down_only_after_the_window():
-    scaler = ThresholdScaler(down_window_s=300.0)
+    scaler = ThresholdScaler(ThresholdOptions(down_window_s=300.0))
     assert scaler.decide(0.0, [pool(busy=8, waiting=8)]) == {"lm": 6}
     quiet = pool(ready=6, busy=2)  # wants ceil(6 * (2 / 24) / 0.7) = 1
     for t in (10.0, 100.0, 299.0):
@@ -85,7 +92,7 @@ def test_threshold_scales_down_only_after_the_window():
 
 
 def test_threshold_down_uses_the_highest_recommendation_in_the_window():
-    scaler = ThresholdScaler(down_window_s=300.0)
+    scaler = ThresholdScaler(ThresholdOptions(down_window_s=300.0))
     scaler.decide(0.0, [pool(ready=6, busy=24)])  # 24 / 24 / 0.7: wants 9
     scaler.decide(0.0, [pool(ready=9, busy=24)])
     scaler.decide(200.0, [pool(ready=9, busy=12)])  # wants ceil(9 * 12/36 / 0.7) = 5
@@ -147,12 +154,14 @@ def test_tail_keeps_utilisation_under_the_cap():
 def test_tail_scales_ahead_of_expected_calls():
     state = pool(ready=1, concurrency=1, arrivals=30, service=EXP_1S, budget_s=4.375)
     plain = TailScaler().decide(0.0, [state])["lm"]
-    ahead = TailScaler(horizon_s=30.0).decide(0.0, [replace(state, expected_calls=120)])["lm"]
+    ahead = TailScaler(TailOptions(horizon_s=30.0)).decide(
+        0.0, [replace(state, expected_calls=120)]
+    )["lm"]
     assert ahead > plain  # 120 calls over 30 s: +4 calls/s
 
 
 def test_tail_extrapolates_a_rising_arrival_rate():
-    holt, level_only = TailScaler(horizon_s=30.0), TailScaler(beta=0.0)
+    holt, level_only = TailScaler(TailOptions(horizon_s=30.0)), TailScaler(TailOptions(beta=0.0))
     for k in range(1, 9):
         seen = pool(arrivals=10 * k, interval_s=10.0)  # k calls/s, rising
         ahead, behind = holt.rate(seen), level_only.rate(seen)
@@ -165,7 +174,7 @@ def test_tail_extrapolates_a_rising_arrival_rate():
 
 
 def test_tail_scales_up_at_once_and_down_after_hysteresis():
-    scaler = TailScaler(hysteresis_s=120.0)
+    scaler = TailScaler(TailOptions(hysteresis_s=120.0))
     busy = pool(ready=1, concurrency=1, arrivals=60, service=EXP_1S, budget_s=4.375)
     assert scaler.decide(0.0, [busy]) == {"lm": 8}
     idle = replace(busy, ready=8, arrivals=0)
@@ -176,7 +185,7 @@ def test_tail_scales_up_at_once_and_down_after_hysteresis():
 
 
 def test_tail_never_scales_below_the_calls_in_hand():
-    scaler = TailScaler(hysteresis_s=10.0)
+    scaler = TailScaler(TailOptions(hysteresis_s=10.0))
     # no arrivals, but 10 calls running on 4-slot replicas: keep 3
     state = pool(ready=5, busy=10, service=EXP_1S, budget_s=100.0)
     assert scaler.decide(0.0, [state]) == {}  # the current count is on record
@@ -210,7 +219,7 @@ def test_tail_without_a_forecast_keeps_utilisation_under_the_cap():
 
 
 def test_tail_idle_pool_goes_down_to_min_replicas():
-    scaler = TailScaler(hysteresis_s=10.0)
+    scaler = TailScaler(TailOptions(hysteresis_s=10.0))
     idle = pool(service=EXP_1S, min_replicas=1)
     scaler.decide(0.0, [idle])
     assert scaler.decide(11.0, [idle]) == {"lm": 1}
@@ -220,13 +229,63 @@ def test_make_scaler_names_and_options():
     assert isinstance(make_scaler("none"), NoScaler)
     threshold = make_scaler("threshold", target=0.5)
     assert isinstance(threshold, ThresholdScaler)
-    assert threshold.target == 0.5
+    assert threshold.options == ThresholdOptions(target=0.5)
     tail = make_scaler("tail", level=0.99, hysteresis_s=30.0)
     assert isinstance(tail, TailScaler)
-    assert tail.level == 0.99
-    assert {make_scaler(name).name for name in SCALERS} == {"none", "threshold", "tail"}
+    assert tail.options == TailOptions(level=0.99, hysteresis_s=30.0)
+    assert {name: make_scaler(name).name for name in SCALERS} == {
+        "none": "none",
+        "threshold": "threshold",
+        "tail": "tail",
+    }
+    assert get_args(ScalerPolicy) == tuple(SCALERS)  # the config accepts every policy
     with pytest.raises(ValueError, match="known: none, threshold, tail"):
         make_scaler("hpa")
+
+
+def test_policy_defaults_are_unchanged():
+    assert NoOptions() == scaler_options("none", {})
+    assert scaler_options("threshold", {}) == ThresholdOptions(
+        target=0.7, tolerance=0.1, down_window_s=300.0
+    )
+    assert scaler_options("tail", {}) == TailOptions(
+        level=0.95,
+        headroom=0.8,
+        cap=0.9,
+        hysteresis_s=120.0,
+        horizon_s=30.0,
+        alpha=0.5,
+        beta=0.3,
+        no_budget_factor=2.0,
+        max_down=0.5,
+        risk_target=0.002,
+        risk_gain=1.0,
+        risk_alpha=0.3,
+    )
+
+
+@pytest.mark.parametrize(
+    ("policy", "options", "message"),
+    [
+        ("threshold", {"tolerance": "x"}, r"^opts.tolerance: expected a number, got str 'x'$"),
+        ("threshold", {"target": True}, r"^opts.target: expected a number, got bool"),
+        ("threshold", {"target": 0}, r"^opts.target: must be in \(0, 1\], got 0.0$"),
+        ("threshold", {"tolerance": -0.1}, r"^opts.tolerance: must be >= 0, got -0.1$"),
+        ("threshold", {"level": 0.9}, r"^opts.level: not an option of the 'threshold' scaler"),
+        ("tail", {"horizon_s": 0}, r"^opts.horizon_s: must be > 0, got 0.0$"),
+        ("tail", {"cap": float("nan")}, r"^opts.cap: must be in \(0, 1\), got nan$"),
+        ("none", {"cap": 0.5}, r"^opts.cap: not an option of the 'none' scaler \(it takes none\)$"),
+    ],
+)
+def test_bad_options_are_refused_naming_the_field(policy, options, message):
+    with pytest.raises(SchemaError, match=message):
+        scaler_options(policy, options, "opts")
+
+
+def test_options_are_checked_however_they_are_built():
+    with pytest.raises(SchemaError, match=r"^level: must be in \(0.5, 1\), got 1$"):
+        TailScaler(TailOptions(level=1))
+    assert TailOptions(level=0.99).build().options.level == 0.99
 
 
 def test_tail_reads_the_service_at_the_occupancy_a_pool_size_implies():
@@ -264,7 +323,7 @@ def test_tail_provisions_more_for_bursty_arrivals():
 
 
 def test_tail_scale_down_keeps_half_the_pool_per_decision():
-    scaler = TailScaler(hysteresis_s=10.0)
+    scaler = TailScaler(TailOptions(hysteresis_s=10.0))
     idle = pool(ready=16, service=EXP_1S, min_replicas=1)
     scaler.decide(0.0, [idle])
     assert scaler.decide(11.0, [idle]) == {"lm": 8}
@@ -273,7 +332,7 @@ def test_tail_scale_down_keeps_half_the_pool_per_decision():
 def test_tail_keeps_slots_for_the_largest_recent_burst():
     """A fan-out burst of 60 calls came and went: until it leaves the hysteresis window the
     pool keeps room for another like it to start at once, whatever the mean rate says."""
-    scaler = TailScaler(hysteresis_s=60.0)
+    scaler = TailScaler(TailOptions(hysteresis_s=60.0))
     burst = pool(ready=20, concurrency=4, busy=60, service=EXP_1S, budget_s=30.0)
     scaler.decide(0.0, [burst])
     quiet = replace(burst, busy=0, arrivals=10)
@@ -286,32 +345,32 @@ def test_tail_keeps_slots_for_the_largest_recent_burst():
 def test_tail_grows_a_pool_whose_calls_are_predicted_to_miss_their_deadlines():
     """The queue model is content (no arrivals), but the calls placed lately were forecast to
     miss their deadlines 4x as often as the target: the pool doubles (gain 1, capped at 2x)."""
-    scaler = TailScaler(risk_target=0.002, risk_gain=1.0)
+    scaler = TailScaler(TailOptions(risk_target=0.002, risk_gain=1.0))
     late = pool(ready=4, busy=4, service=EXP_1S, budget_s=100.0, risk=0.008)
     assert scaler.decide(0.0, [late]) == {"lm": 8}
     # a little over the target: one step of (risk / target - 1) * gain, at least one replica
-    mild = TailScaler(risk_target=0.002, risk_gain=1.0)
+    mild = TailScaler(TailOptions(risk_target=0.002, risk_gain=1.0))
     assert mild.decide(0.0, [replace(late, risk=0.0022)]) == {"lm": 5}
 
 
 def test_tail_waits_for_starting_replicas_before_growing_again_on_risk():
-    scaler = TailScaler(risk_target=0.002)
+    scaler = TailScaler(TailOptions(risk_target=0.002))
     state = pool(ready=4, starting=4, busy=4, service=EXP_1S, budget_s=100.0, risk=0.01)
     assert scaler.decide(0.0, [state]) == {}
 
 
 def test_tail_does_not_shrink_while_risk_is_near_the_target():
-    scaler = TailScaler(hysteresis_s=10.0, risk_target=0.002)
+    scaler = TailScaler(TailOptions(hysteresis_s=10.0, risk_target=0.002))
     idle = pool(ready=16, service=EXP_1S, min_replicas=1, risk=0.0015)
     scaler.decide(0.0, [idle])
     assert scaler.decide(11.0, [idle]) == {}  # smoothed risk 0.0015 > half the target
-    calm = TailScaler(hysteresis_s=10.0, risk_target=0.002)
+    calm = TailScaler(TailOptions(hysteresis_s=10.0, risk_target=0.002))
     calm.decide(0.0, [replace(idle, risk=0.0)])
     assert calm.decide(11.0, [replace(idle, risk=0.0)]) == {"lm": 8}
 
 
 def test_tail_smooths_risk_over_decisions_and_an_idle_interval_counts_as_none():
-    scaler = TailScaler(risk_alpha=0.5)
+    scaler = TailScaler(TailOptions(risk_alpha=0.5))
     assert scaler._smoothed_risk(pool(risk=None)) is None  # nothing placed with a deadline yet
     assert scaler._smoothed_risk(pool(risk=0.01)) == pytest.approx(0.01)
     assert scaler._smoothed_risk(pool(risk=None)) == pytest.approx(0.005)

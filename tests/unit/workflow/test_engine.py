@@ -2,9 +2,9 @@
 
 from swarmx.workflow.engine import (
     CallDone,
-    CancelCalls,
     Finished,
     RunCall,
+    StopCalls,
     WorkflowRun,
     replay,
 )
@@ -109,7 +109,7 @@ def test_retry_goes_elsewhere_then_failure_cancels_the_rest():
     assert (retry.call_id, retry.attempt, retry.avoid) == ("wf-2:code:0:2", 2, ["r1"])
     out = run.on_done(CallDone(retry.call_id, False, "", "oom again", replica="r2"))
     assert out == [
-        CancelCalls([coders[1].call_id, coders[2].call_id]),
+        StopCalls([coders[1].call_id, coders[2].call_id]),
         Finished("failed", "step code[0] failed after 2 attempts: oom again"),
     ]
     assert run.step_state("code") == "failed"
@@ -145,7 +145,7 @@ def test_cancel_stops_outstanding_calls_once():
     coders = calls(run.on_done(ok(plan)))
     out = run.cancel()
     assert out == [
-        CancelCalls([c.call_id for c in coders]),
+        StopCalls([c.call_id for c in coders]),
         Finished("cancelled", "cancelled by user"),
     ]
     assert run.cancel() == []
@@ -237,7 +237,7 @@ command = ["sort", "-n", "{steps.name.output}"]
     name, slow = calls(run.start())
     out = run.on_done(ok(name, "-o/etc/passwd"))
     assert out == [
-        CancelCalls([slow.call_id]),
+        StopCalls([slow.call_id]),
         Finished(
             "failed",
             "step sort: command[2]: {steps.name.output} is '-o/etc/passwd', which the program"
@@ -252,7 +252,7 @@ def test_time_out_fails_the_workflow_and_cancels_its_calls():
     run = WorkflowRun("wf-11", parse_workflow(CODEGEN))
     (plan,) = calls(run.start())
     assert run.time_out(3600) == [
-        CancelCalls([plan.call_id]),
+        StopCalls([plan.call_id]),
         Finished("failed", "not finished within 3600 s (workflow_timeout_s)"),
     ]
     assert run.time_out(3600) == []
