@@ -2,6 +2,10 @@
 
 An I/O shell: frames come off the transport, go through one dispatch table keyed by message type,
 and update pure state (`NodeTable`). Later layers (workflow engine, routers, scalers) plug in here.
+
+About 900 lines, on purpose: the daemon's one dispatch table keeps every handler beside the
+others (one table per daemon), and each handler is a thin step into the workflow service, the
+node table or the learner; the decisions live in those modules.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ call finished, a replica came or went) with the time, and get back `Assign` inst
 out. It keeps one queue per model, ordered FIFO or by least slack; a call leaves the queue only
 when some replica of its model has room (``concurrency`` running plus ``replica_queue`` waiting
 there), so the queue order decides who goes first under load, and the router decides where.
+
+About 600 lines: the queues, the replicas' open slots and the per-pool figures the scaler reads
+change together on every event, so they stay in one state machine.
 """
 
 from __future__ import annotations

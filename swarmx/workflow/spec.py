@@ -6,6 +6,9 @@ steps, cycles) and every template reference. What the engine renders later can f
 values known then: an output that would be a tool option, or a call too large to send.
 Every size is bounded (`WorkflowLimits`) and checking takes about linear time, so a hostile file
 costs the scheduler little. The format is documented for operators in docs/workflows.md.
+
+Over 600 lines, on purpose: the whole file format and every check on it, in the order
+docs/workflows.md describes them.
 """
 
 from __future__ import annotations
