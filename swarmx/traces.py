@@ -4,13 +4,20 @@ simulator. Field names are a contract (docs/traces.md); add fields, never rename
 from __future__ import annotations
 
 import json
+import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from swarmx.backends.base import CallKind
 from swarmx.frozen import frozen
 from swarmx.schema import SchemaError, decode, encode
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be read; one line naming the file and line."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,7 @@ class TraceRecord:
     workflow: str
     step: str
     deps: list[str]
-    kind: str
+    kind: CallKind
     model: str
     prompt: str
     prompt_tokens: int
@@ -88,18 +95,95 @@ class TraceRecord:
 
 
 def read_traces(paths: Sequence[str | Path]) -> list[TraceRecord]:
-    """Records from JSONL files; a bad line is an error naming file and line."""
-    out: list[TraceRecord] = []
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+    """Records from JSONL files; a bad line is an error naming file, line and field."""
+    return [rec for path in paths for _, _, rec in read_records(path)]
+
+
+def read_records(
+    path: str | Path, defaults: Mapping[str, Any] | None = None
+) -> Iterator[tuple[int, dict[str, Any], TraceRecord]]:
+    """(line number, JSON object, record) for each record of one trace file. ``defaults`` fills
+    the fields a line leaves out: the simulator replays hand-written partial traces, and its
+    extra fields (``inputs``) are in the object."""
+    for lineno, obj in json_lines(path):
+        try:
+            rec = _record({**defaults, **obj} if defaults else obj)
+        except ValueError as exc:
+            raise TraceError(f"{path}:{lineno}: {exc}") from None
+        yield lineno, obj, rec
+
+
+_COUNTS = ("prompt_tokens", "max_tokens", "output_tokens", "index", "attempt", "turn")
+
+
+def _record(obj: Mapping[str, Any]) -> TraceRecord:
+    """The one check of a trace line: every field typed as documented (unknown ones ignored, so
+    newer writers may add fields), numbers finite, ids non-empty, counts >= 0, ``slo_s`` > 0."""
+    bad = _non_finite(obj, "")
+    if bad is not None:
+        raise SchemaError(bad[0], f"expected a finite number, got {bad[1]}")
+    rec = decode(TraceRecord, obj, strict=False)
+    for name in ("workflow", "step"):
+        if not getattr(rec, name):
+            raise SchemaError(name, "must not be empty")
+    for name in _COUNTS:
+        value = getattr(rec, name)
+        if value is not None and value < 0:
+            raise SchemaError(name, f"must be >= 0, got {value}")
+    if rec.slo_s is not None and rec.slo_s <= 0:
+        raise SchemaError("slo_s", f"must be > 0, got {rec.slo_s}")
+    return rec
+
+
+def _non_finite(value: Any, path: str) -> tuple[str, float] | None:
+    """(where, value) of the first NaN or infinity in a JSON value: Python's json reads
+    ``NaN``, ``Infinity`` and ``1e999`` without complaint."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, value)
+    if isinstance(value, Mapping):
+        items: Iterable[tuple[str, Any]] = (
+            (f"{path}.{k}" if path else str(k), v) for k, v in value.items()
+        )
+    elif isinstance(value, list):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for where, v in items:
+        found = _non_finite(v, where)
+        if found is not None:
+            return found
+    return None
+
+
+def trace_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a trace file, line ends kept (for csv) and a UTF-8 byte-order mark
+    skipped; a line that is not UTF-8 is an error naming it (decoded line by line, as a text
+    file's chunks would name the wrong line)."""
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
                 try:
-                    out.append(decode(TraceRecord, json.loads(line), strict=False))
-                except (ValueError, SchemaError) as exc:
-                    raise TraceError(f"{path}:{lineno}: {exc}") from None
-    return out
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError:
+                    raise TraceError(f"{path}:{lineno}: not UTF-8 text") from None
+                yield lineno, line
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot read trace: {exc.strerror or exc}") from None
+
+
+def json_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of a JSONL file, blank lines skipped; a line that is not a JSON
+    object is an error naming it."""
+    for lineno, line in trace_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise TraceError(f"{path}:{lineno}: not JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise TraceError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def write_traces(path: str | Path, records: Iterable[TraceRecord]) -> int:
@@ -125,7 +209,3 @@ def split_keys(keys: Sequence[str], frac: float, seed: int) -> tuple[list[int], 
     rest_idx = [i for i, k in enumerate(keys) if k not in held]
     held_idx = [i for i, k in enumerate(keys) if k in held]
     return rest_idx, held_idx
-
-
-class TraceError(ValueError):
-    """A trace file that cannot be read; one line naming the file and line."""

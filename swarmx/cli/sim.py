@@ -5,21 +5,34 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
 from swarmx.cli.common import ConfigOpt, JsonOpt, fail, load, print_json
+from swarmx.config import RouterConfig, RouterPolicy, ScalerConfig, ScalerPolicy
+from swarmx.sched.dispatch import QueueOrder
+from swarmx.sim.generators import Workload
 
 if TYPE_CHECKING:
-    from swarmx.sim.workload import SimWorkflow
+    from swarmx.sim.simworkflow import SimWorkflow
+
+Gpu = Literal["H100", "A100", "L40S", "mixed"]
+"""A GPU of `swarmx.backends.emulated.GPUS`, or equal parts of each (the tests keep the two in
+step)."""
+
+
+def _default(text: object) -> str:
+    """``[default: text]`` in a help text, its brackets escaped from Rich markup."""
+    return f"\\[default: {text}]"
+
+
+def _config_default(section: str, key: str, value: object) -> str:
+    return _default(f"the config's \\[{section}] {key}, else {value}")
 
 
 def sim(
-    workload: Annotated[
-        str | None,
-        typer.Option(help="Built-in workload: codegen, research, multimodal or mixed."),
-    ] = None,
+    workload: Annotated[Workload | None, typer.Option(help="Built-in workload.")] = None,
     trace: Annotated[
         Path | None,
         typer.Option(
@@ -29,20 +42,40 @@ def sim(
     ] = None,
     workflows: Annotated[int, typer.Option(help="Workflows to generate (built-ins).")] = 2000,
     limit: Annotated[int | None, typer.Option(help="Read at most this many trace rows.")] = None,
-    policy: Annotated[str, typer.Option(help="Router.")] = "tail",
-    queue: Annotated[str, typer.Option(help="Queue order: fifo or slack.")] = "fifo",
-    scaler: Annotated[str, typer.Option(help="Scaler: none, threshold or tail.")] = "none",
+    policy: Annotated[
+        RouterPolicy | None,
+        typer.Option(
+            help="Router " + _config_default("router", "policy", RouterConfig.policy) + ".",
+            show_default=False,
+        ),
+    ] = None,
+    queue: Annotated[
+        QueueOrder | None,
+        typer.Option(
+            help="Queue order " + _config_default("router", "queue", RouterConfig.queue) + ".",
+            show_default=False,
+        ),
+    ] = None,
+    scaler: Annotated[
+        ScalerPolicy | None,
+        typer.Option(
+            help="Scaler " + _config_default("scaler", "policy", ScalerConfig.policy) + ".",
+            show_default=False,
+        ),
+    ] = None,
     replicas: Annotated[int, typer.Option(help="GPU replicas at the start.")] = 16,
     max_replicas: Annotated[
-        int | None, typer.Option(help="GPU replica cap for scalers [default: 4x --replicas].")
+        int | None,
+        typer.Option(help="GPU replica cap for scalers " + _default("4x --replicas") + "."),
     ] = None,
-    gpu: Annotated[str, typer.Option(help="H100, A100, L40S or mixed.")] = "A100",
+    gpu: Annotated[Gpu, typer.Option(help="GPU of the replicas.")] = "A100",
     load_: Annotated[
         float | None,
         typer.Option(
             "--load",
             help="Offered load as a fraction of GPU capacity; arrivals are stretched to it "
-            "[default: 0.7 for built-ins, as recorded for traces].",
+            + _default("0.7 for built-ins, as recorded for traces")
+            + ".",
         ),
     ] = None,
     rate_scale: Annotated[
@@ -60,7 +93,15 @@ def sim(
     ] = "oracle",
     slots: Annotated[int, typer.Option(help="Sequences an LLM replica batches.")] = 32,
     startup_s: Annotated[float, typer.Option(help="Replica start-up delay.")] = 60.0,
-    level: Annotated[float, typer.Option(help="Tail level the tail router minimises.")] = 0.95,
+    level: Annotated[
+        float | None,
+        typer.Option(
+            help="Tail level the tail router minimises "
+            + _config_default("router", "level", RouterConfig.level)
+            + ".",
+            show_default=False,
+        ),
+    ] = None,
     traces_out: Annotated[
         Path | None, typer.Option(help="Write every simulated call as a trace (JSONL).")
     ] = None,
@@ -75,18 +116,18 @@ def sim(
     from swarmx.sim.engine import SimConfig, Simulation, offered_load, summary
     from swarmx.traces import TraceRecord, write_traces
 
-    load(config)
+    cfg = load(config)
+    policy = policy or cfg.router.policy
+    queue = queue or cfg.router.queue
+    scaler = scaler or cfg.scaler.policy
+    level = cfg.router.level if level is None else level
     if (workload is None) == (trace is None):
         fail("give exactly one of --workload and --trace")
-    if queue not in ("fifo", "slack"):
-        fail(f"--queue: expected fifo or slack, got {queue!r}")
-    if gpu != "mixed" and gpu not in ("H100", "A100", "L40S"):
-        fail(f"--gpu: expected H100, A100, L40S or mixed, got {gpu!r}")
     if rate_scale <= 0 or (load_ is not None and load_ <= 0):
         fail("--rate-scale and --load must be positive")
     try:
         router = make_router(policy, seed=seed, level=level)
-        scale = make_scaler(scaler)
+        scale = make_scaler(scaler, **(cfg.scaler.options if scaler == cfg.scaler.policy else {}))
         wfs = _workflows(workload, trace, workflows, limit, slo_s, seed)
     except (ValueError, OSError) as exc:
         fail(str(exc))
@@ -99,7 +140,7 @@ def sim(
         stretch *= offered_load(wfs, replicas, slots) / load_
     t0 = wfs[0].arrival_s
     wfs = [dataclasses.replace(w, arrival_s=(w.arrival_s - t0) * stretch) for w in wfs]
-    cfg = SimConfig(
+    sim_cfg = SimConfig(
         replicas=replicas,
         max_replicas=max_replicas,
         gpu=gpu,
@@ -111,10 +152,10 @@ def sim(
     recorded: list[TraceRecord] = []
     try:
         simulation = Simulation(
-            cfg,
+            sim_cfg,
             wfs,
             router=router,
-            order="slack" if queue == "slack" else "fifo",
+            order=queue,
             scaler=scale,
             predictor=predictor,
             record=recorded.append if traces_out else None,
@@ -152,14 +193,15 @@ def sim(
 
 
 def _workflows(
-    workload: str | None,
+    workload: Workload | None,
     trace: Path | None,
     workflows: int,
     limit: int | None,
     slo_s: float | None,
     seed: int,
 ) -> list[SimWorkflow]:
-    from swarmx.sim.workloads import generate, load_trace
+    from swarmx.sim.generators import generate
+    from swarmx.sim.importers import load_trace
 
     if trace is not None:
         return load_trace(trace, limit=limit, slo_s=slo_s)

@@ -25,7 +25,8 @@ from swarmx.sched.router import ReplicaView, Router
 from swarmx.sched.scaler import PoolState, Scaler
 from swarmx.sim.forecast import Replica, SimForecaster
 from swarmx.sim.servers import LlmServer, SharedServer
-from swarmx.sim.workload import CallTruth, SimWorkflow
+from swarmx.sim.simworkflow import CallTruth, SimWorkflow
+from swarmx.stats import quantile
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
 from swarmx.workflow.engine import (
     CallDone,
@@ -33,9 +34,9 @@ from swarmx.workflow.engine import (
     Finished,
     Instruction,
     RunCall,
+    StopCalls,
     WorkflowRun,
 )
-from swarmx.workflow.engine import CancelCalls as EngineCancel
 from swarmx.workflow.spec import StepSpec
 
 MIXED = ("H100", "A100", "L40S")
@@ -305,7 +306,7 @@ class Simulation:
                     self._push(release, self._RELEASE, c)
                 else:
                     self._submit(c)
-            elif isinstance(ins, EngineCancel):
+            elif isinstance(ins, StopCalls):
                 self._assign_all(self.dispatcher.cancel(ins.call_ids, self.now))
             elif isinstance(ins, Finished):
                 self._finish(flow, ins)
@@ -533,11 +534,12 @@ def summary(result: SimResult) -> dict[str, Any]:
         if not xs:
             return {"p50": 0.0, "p95": 0.0, "p99": 0.0, "mean": 0.0}
         s = sorted(xs)
-
-        def at(p: float) -> float:
-            return s[min(len(s) - 1, int(p * len(s)))]
-
-        return {"p50": at(0.5), "p95": at(0.95), "p99": at(0.99), "mean": sum(s) / len(s)}
+        return {
+            "p50": quantile(s, 0.5),
+            "p95": quantile(s, 0.95),
+            "p99": quantile(s, 0.99),
+            "mean": sum(s) / len(s),
+        }
 
     met = result.met_slo
     return {

@@ -33,7 +33,8 @@ from swarmx.models.dist import LatencyDist
 from swarmx.models.query import Candidate, Query, SessionTracker
 from swarmx.sched.router import ReplicaView
 from swarmx.sim.servers import LlmServer, SharedServer
-from swarmx.sim.workload import CallTruth
+from swarmx.sim.simworkflow import CallTruth
+from swarmx.stats import quantile
 from swarmx.traces import TraceRecord
 from swarmx.workflow.engine import CallSpec
 
@@ -154,7 +155,7 @@ class SimForecaster:
             if len(logs) in (10, 100, 1000) or len(logs) % 5000 == 0:
                 xs = sorted(logs[-20000:])
                 self._constant[call.model] = LatencyDist(
-                    LEVELS, tuple(math.exp(xs[min(len(xs) - 1, int(p * len(xs)))]) for p in LEVELS)
+                    LEVELS, tuple(math.exp(quantile(xs, p)) for p in LEVELS)
                 )
         if self.wants_load_only:
             self._recent.append(rec())

@@ -78,11 +78,6 @@ class StopCalls:
     call_ids: list[str]
 
 
-CancelCalls = StopCalls
-"""The old name, kept only until swarmx/daemon/workflows.py and swarmx/sim/engine.py import
-`StopCalls` (issue 19); then delete it, so ``CancelCalls`` names the wire message alone."""
-
-
 @frozen
 class Finished:
     state: WorkflowState

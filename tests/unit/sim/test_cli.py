@@ -1,10 +1,13 @@
 """`swarmx sim` from the command line: the JSON the issue names, traces out, clear errors."""
 
 import json
+from typing import get_args
 
 from typer.testing import CliRunner
 
+from swarmx.backends.emulated import GPUS
 from swarmx.cli.main import app
+from swarmx.cli.sim import Gpu
 from swarmx.traces import read_traces
 
 runner = CliRunner()
@@ -71,14 +74,40 @@ def test_a_trace_file_replays(tmp_path):
     assert data["slo_attainment"] is not None
 
 
-def test_bad_options_fail_with_one_line():
+def test_bad_choices_are_usage_errors():
     for args, message in (
         (["--workload", "research", "--queue", "lifo"], "--queue"),
         (["--workload", "research", "--policy", "fastest"], "fastest"),
         (["--workload", "poetry"], "poetry"),
+        (["--workload", "research", "--gpu", "V100"], "V100"),
+    ):
+        result = sim(*args)
+        assert result.exit_code == 2, args
+        assert message in result.stderr and "is not one of" in result.stderr, (args, result.stderr)
+
+
+def test_errors_of_the_command_are_one_line():
+    for args, message in (
         ([], "exactly one of --workload and --trace"),
+        (["--workload", "research", "--load", "0"], "--load must be positive"),
     ):
         result = sim(*args)
         assert result.exit_code == 2, args
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, lines)
+
+
+def test_policies_default_to_the_config(tmp_path):
+    small = ["--workload", "research", "--workflows", "6", "--replicas", "2", "--json"]
+    data = json.loads(sim(*small).stdout)
+    assert (data["policy"], data["queue"], data["scaler"]) == ("tail", "slack", "tail")
+    config = tmp_path / "swarmx.toml"
+    config.write_text('[router]\npolicy = "least_outstanding"\nqueue = "fifo"\n')
+    data = json.loads(sim(*small, "--config", str(config)).stdout)
+    assert (data["policy"], data["queue"]) == ("least_outstanding", "fifo")
+    data = json.loads(sim(*small, "--config", str(config), "--queue", "slack").stdout)
+    assert data["queue"] == "slack"
+
+
+def test_gpu_choices_are_the_emulated_gpus():
+    assert get_args(Gpu) == (*GPUS, "mixed")

@@ -7,8 +7,8 @@ import pytest
 from swarmx.sched.router import LeastOutstanding, make_router
 from swarmx.sched.scaler import NoScaler
 from swarmx.sim.engine import SimConfig, Simulation, offered_load, summary
-from swarmx.sim.workload import CallTruth, SimWorkflow
-from swarmx.sim.workloads import LLM_MODEL, generate
+from swarmx.sim.generators import generate
+from swarmx.sim.simworkflow import LLM_MODEL, CallTruth, SimWorkflow
 from swarmx.workflow.spec import StepSpec, WorkflowSpec
 
 TOOL = WorkflowSpec("mm1", None, {}, [StepSpec(id="t", kind="tool", after=[], command=["x"])], "-")

@@ -6,13 +6,13 @@ import math
 import pytest
 
 from swarmx.backends.emulated import GPUS, ModelProfile
-from swarmx.models.predictor import FeatureConfig
+from swarmx.models.features import FeatureConfig
 from swarmx.models.query import SessionTracker
 from swarmx.models.train import train
 from swarmx.sched.router import ReplicaView
 from swarmx.sim.forecast import Replica, SimForecaster, oracle_s
 from swarmx.sim.servers import LlmServer
-from swarmx.sim.workload import CallTruth
+from swarmx.sim.simworkflow import CallTruth
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
 from swarmx.workflow.engine import CallSpec
 from tests.support.records import trace_record
