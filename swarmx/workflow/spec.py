@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import graphlib
 import heapq
 import json
 import math
@@ -688,22 +689,21 @@ class _Parser:
 
     def _order(self, steps: list[StepSpec]) -> list[int]:
         """Step positions in a topological order, the earliest in the file first when free."""
-        dependents: list[list[int]] = [[] for _ in steps]
-        waiting = [len(s.after) for s in steps]
-        for i, step in enumerate(steps):
-            for dep in step.after:
-                dependents[self.index[dep]].append(i)
-        ready = [i for i, n in enumerate(waiting) if n == 0]
+        graph = graphlib.TopologicalSorter(
+            {i: {self.index[d] for d in s.after} for i, s in enumerate(steps)}
+        )
+        try:
+            graph.prepare()
+        except graphlib.CycleError as exc:
+            self._cycle(steps, set(exc.args[1]))
+        ready: list[int] = []
         order: list[int] = []
-        while ready:
+        while graph.is_active():
+            for i in graph.get_ready():
+                heapq.heappush(ready, i)
             i = heapq.heappop(ready)
             order.append(i)
-            for j in dependents[i]:
-                waiting[j] -= 1
-                if waiting[j] == 0:
-                    heapq.heappush(ready, j)
-        if len(order) < len(steps):
-            self._cycle(steps, set(range(len(steps))) - set(order))
+            graph.done(i)
         return order
 
     def _cycle(self, steps: list[StepSpec], stuck: set[int]) -> NoReturn:
