@@ -105,7 +105,6 @@ from swarmx.config import NodeConfig, ReplicaConfig
 from swarmx.daemon.node import ResultOutbox
 from swarmx.daemon.replicas import ReplicaSet
 from swarmx.daemon.scheduler import DB_FILE, read_state_file
-from swarmx.models.baselines import empirical_quantile
 from swarmx.protocol import (
     Ack,
     CancelCalls,
@@ -129,6 +128,7 @@ from swarmx.protocol import (
 )
 from swarmx.sched.router import make_router
 from swarmx.security import LOCAL_ADMIN_KEY, LocalKeys, make_local_keys
+from swarmx.stats import quantile
 from swarmx.transport import (
     ClientCurve,
     DealerChannel,
@@ -1229,8 +1229,8 @@ def _percentiles_ms(sorted_s: Sequence[float]) -> dict[str, float | None]:
     if not sorted_s:
         return {"p50": None, "p99": None}
     return {
-        "p50": round(empirical_quantile(sorted_s, 0.5) * 1e3, 3),
-        "p99": round(empirical_quantile(sorted_s, 0.99) * 1e3, 3),
+        "p50": round(quantile(sorted_s, 0.5) * 1e3, 3),
+        "p99": round(quantile(sorted_s, 0.99) * 1e3, 3),
     }
 
 

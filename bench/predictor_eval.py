@@ -27,8 +27,9 @@ from swarmx.config import PredictorConfig
 from swarmx.models.baselines import BASELINES
 from swarmx.models.dist import LatencyDist
 from swarmx.models.evaluate import EvalResult, evaluate, markdown_table, write_plot_png
+from swarmx.models.features import FeatureConfig
 from swarmx.models.online import OnlineLearner
-from swarmx.models.predictor import FeatureConfig, QuantilePredictor
+from swarmx.models.predictor import QuantilePredictor
 from swarmx.models.query import Query, queries
 from swarmx.models.train import train
 from swarmx.sched.router import ReplicaView, RouteInput, Work, make_router

@@ -26,11 +26,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from swarmx.models import plotting
 from swarmx.sched.router import make_router
 from swarmx.sched.scaler import make_scaler
 from swarmx.sim.engine import SimConfig, Simulation, summary
-from swarmx.sim.workload import SimWorkflow
-from swarmx.sim.workloads import generate, load_trace
+from swarmx.sim.generators import generate
+from swarmx.sim.importers import load_trace
+from swarmx.sim.simworkflow import SimWorkflow
+from swarmx.stats import quantile
 from swarmx.traces import TraceRecord, write_traces
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +143,7 @@ def _cdf_points(xs: Sequence[float], points: int = 60) -> list[tuple[float, floa
     s = sorted(xs)
     if not s:
         return []
-    return [(s[min(len(s) - 1, int(q * len(s)))], q) for q in (i / points for i in range(points))]
+    return [(quantile(s, q), q) for q in (i / points for i in range(points))]
 
 
 def _one_thread() -> None:
@@ -179,60 +182,21 @@ def latency_row(label: str, r: dict[str, Any]) -> str:
     )
 
 
-def svg_cdf(path: Path, title: str, curves: dict[str, list[tuple[float, float]]]) -> None:
-    """Workflow latency CDFs, log-x, as a small standalone SVG."""
-    width, height, pad = 640, 400, 50
-    xs = [x for pts in curves.values() for x, _ in pts if x > 0]
-    if not xs:
+def plot_cdf(path: Path, title: str, curves: dict[str, list[tuple[float, float]]]) -> None:
+    """Workflow latency CDFs, log-x, as an SVG (nothing when no curve has a point)."""
+    shown = {name: [(x, q) for x, q in pts if x > 0] for name, pts in curves.items()}
+    if not any(shown.values()):
         return
-    lo, hi = math.log10(min(xs)), math.log10(max(xs))
-    hi = hi if hi > lo else lo + 1
-
-    def px(x: float) -> float:
-        return pad + (math.log10(max(x, 10**lo)) - lo) / (hi - lo) * (width - 2 * pad)
-
-    def py(q: float) -> float:
-        return height - pad - q * (height - 2 * pad)
-
-    colours = [
-        "#1f77b4",
-        "#ff7f0e",
-        "#2ca02c",
-        "#d62728",
-        "#9467bd",
-        "#8c564b",
-        "#e377c2",
-        "#7f7f7f",
-        "#bcbd22",
-    ]
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        'font-family="sans-serif" font-size="12">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{width / 2}" y="20" text-anchor="middle">{title}</text>',
-        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" '
-        'stroke="black"/>',
-        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
-        f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">'
-        "workflow latency (s, log scale)</text>",
-    ]
-    for e in range(math.floor(lo), math.ceil(hi) + 1):
-        if lo <= e <= hi:
-            parts.append(
-                f'<text x="{px(10**e)}" y="{height - pad + 15}" '
-                f'text-anchor="middle">{10**e:g}</text>'
-            )
-    for q in (0.5, 0.95, 0.99):
-        parts.append(f'<text x="{pad - 5}" y="{py(q) + 4}" text-anchor="end">{q:g}</text>')
-    for i, (name, pts) in enumerate(curves.items()):
-        c = colours[i % len(colours)]
-        line = " ".join(f"{px(x):.1f},{py(q):.1f}" for x, q in pts if x > 0)
-        parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{line}"/>')
-        parts.append(
-            f'<text x="{width - pad - 130}" y="{pad + 16 * i + 40}" fill="{c}">{name}</text>'
-        )
-    parts.append("</svg>")
-    path.write_text("\n".join(parts))
+    fig = plotting.figure(6.4, 4.0)
+    ax = fig.subplots()
+    for name, pts in shown.items():
+        if pts:
+            ax.plot(*zip(*pts, strict=True), linewidth=1.5, label=name)
+    ax.set(title=title, xscale="log", xlabel="workflow latency (s, log scale)")
+    ax.set(ylabel="share of workflows finished", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    plotting.save(fig, path)
 
 
 # --- the study ------------------------------------------------------------------------------
@@ -269,7 +233,7 @@ def train_predictor(
     (a trace's are single calls, so it records more of them: with as few as the built-in
     workloads' multi-call workflows, Azure code was 2.5% of the training calls, and the model
     took its long prompts' queueing on the L40S for the device's own speed)."""
-    from swarmx.models.predictor import FeatureConfig
+    from swarmx.models.features import FeatureConfig
     from swarmx.models.train import train
     from swarmx.traces import read_traces
 
@@ -300,6 +264,12 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - one repor
     ap.add_argument("--procs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
+    try:
+        plotting.require()  # for the CDF charts; the tables need no plot
+        charts = True
+    except plotting.PlotUnavailable as exc:
+        print(f"sched_bench.py: no CDF charts ({exc})", file=sys.stderr)
+        charts = False
     quick = args.quick
     n, reps = (300, 32) if quick else (2000, 128)
     n_long = 2000 if quick else 8000  # runs with a scaler: many start-ups and down-windows long
@@ -367,8 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - one repor
         lines.append("")
         curves = {label(p, pred): by[(w, p, pred, max(loads))]["cdf"] for p, pred in policies}
         svg = ROOT / "bench" / f"sched_cdf_{w}.svg"
-        svg_cdf(svg, f"{w}: workflow latency CDF at {int(max(loads) * 100)}% load", curves)
-        lines += [f"![{w} CDF]({svg.name})", ""]
+        if charts:
+            plot_cdf(svg, f"{w}: workflow latency CDF at {int(max(loads) * 100)}% load", curves)
+            lines += [f"![{w} CDF]({svg.name})", ""]
 
     # gap closed: (best baseline p99 - tail p99) / (best baseline p99 - oracle p99)
     lines += [
@@ -708,7 +679,7 @@ def _mm1() -> float:
 
     from swarmx.sched.router import LeastOutstanding
     from swarmx.sched.scaler import NoScaler
-    from swarmx.sim.workload import CallTruth
+    from swarmx.sim.simworkflow import CallTruth
     from swarmx.workflow.spec import StepSpec, WorkflowSpec
 
     spec = WorkflowSpec(

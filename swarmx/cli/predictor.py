@@ -91,7 +91,7 @@ def train_cmd(
     conformal calibration per load bucket); the three baselines are fitted alongside and kept in
     the model file for `predictor eval`."""
     from swarmx.models.baselines import BASELINES
-    from swarmx.models.predictor import FeatureConfig
+    from swarmx.models.features import FeatureConfig
     from swarmx.models.train import train
 
     load(config)
@@ -176,10 +176,16 @@ def eval_cmd(
 ) -> None:
     """Pinball loss, coverage and median absolute error of the model and, in the same run, of
     the three baselines fitted on its training data."""
+    from swarmx.models import plotting
     from swarmx.models.baselines import baseline_from_dict
     from swarmx.models.evaluate import evaluate, markdown_table, write_plot_png
     from swarmx.models.query import queries
 
+    if plot is not None:
+        try:
+            plotting.require()  # before the evaluation, not after it
+        except plotting.PlotUnavailable as exc:
+            fail(f"--plot: {exc}", EXIT_USAGE)
     load(config)
     records = [r for r in _read(traces) if r.ok and r.latency_s > 0]
     predictor = _load(model)

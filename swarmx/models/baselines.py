@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from swarmx.models.dist import LatencyDist
 from swarmx.models.query import Candidate, Query, place
+from swarmx.stats import conformal_quantile, quantile
 from swarmx.traces import TraceRecord
 
 if TYPE_CHECKING:
@@ -23,13 +24,6 @@ if TYPE_CHECKING:
 
 _FLOOR_S = 1e-6
 """Latencies are clamped to at least this: a linear model in seconds can go negative."""
-
-
-def empirical_quantile(sorted_xs: Sequence[float], p: float) -> float:
-    """The smallest x with a share >= p of the data at or below it (the inverse empirical CDF):
-    it minimises the pinball loss at ``p`` and covers ``p`` of the data it came from."""
-    i = math.ceil(p * len(sorted_xs) - 1e-9) - 1
-    return sorted_xs[min(max(i, 0), len(sorted_xs) - 1)]
 
 
 def _check_levels(levels: Sequence[float]) -> tuple[float, ...]:
@@ -118,8 +112,8 @@ class EmpiricalPerModel(PerPlacement):
         overall = sorted(r.latency_s for r in recs)
         return cls(
             levels,
-            {m: [empirical_quantile(sorted(xs), p) for p in levels] for m, xs in by_model.items()},
-            [empirical_quantile(overall, p) for p in levels],
+            {m: [quantile(sorted(xs), p) for p in levels] for m, xs in by_model.items()},
+            [quantile(overall, p) for p in levels],
         )
 
     def predict(self, queries: Sequence[Query]) -> list[LatencyDist]:
@@ -185,7 +179,7 @@ class LinearQuantile(PerPlacement):
         beta = _lstsq(xs, y)
         resid = sorted((y - xs @ beta).tolist())
         init = beta.unsqueeze(1).repeat(1, len(levels))
-        init[0] += torch.tensor([empirical_quantile(resid, p) for p in levels], dtype=x.dtype)
+        init[0] += torch.tensor([quantile(resid, p) for p in levels], dtype=x.dtype)
         w = init.clone().requires_grad_(True)
         tau = torch.tensor(levels, dtype=x.dtype)
         # Tiny tensors: a thread pool only adds overhead, x50 on a busy 2-core host.
@@ -274,9 +268,7 @@ class MeanConformal(PerPlacement):
         scale = x.abs().amax(0).clamp(min=1.0)
         w = _lstsq(x[fit] / scale, y[fit]) / scale
         resid = sorted((y[cal] - x[cal] @ w).tolist())
-        n = len(resid)
-        # Split conformal: the ceil((n+1)p)/n empirical quantile covers p of new calls.
-        shifts = [empirical_quantile(resid, min(1.0, math.ceil((n + 1) * p) / n)) for p in levels]
+        shifts = [conformal_quantile(resid, p) for p in levels]  # covers p of new calls
         return cls(levels, w.tolist(), shifts)
 
     def predict(self, queries: Sequence[Query]) -> list[LatencyDist]:
@@ -369,7 +361,7 @@ class FallbackPredictor(PerPlacement):
             if q.model not in empirical:
                 xs = sorted(recent)
                 empirical[q.model] = LatencyDist(
-                    self.levels, tuple(empirical_quantile(xs, p) for p in self.levels)
+                    self.levels, tuple(quantile(xs, p) for p in self.levels)
                 )
             out.append(empirical[q.model])
         return out

@@ -1,22 +1,20 @@
 """How good a latency forecast is: pinball loss and coverage at each level, the median's error,
 a markdown table and a PNG figure for bench/RESULTS.md.
 
-Pure Python, so no plotting library joins the dependencies: the figure is drawn on a small RGB
-raster with a built-in 3x5 font and encoded as a PNG with zlib.
+The metrics are pure Python; the figure needs matplotlib, an optional extra
+(`swarmx.models.plotting`).
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import statistics
-import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from swarmx import stats
+from swarmx.models import plotting
 from swarmx.models.dist import LatencyDist
 
 
@@ -37,8 +35,7 @@ def pinball(dists: Sequence[LatencyDist], actual_s: Sequence[float], level: floa
     _check(dists, actual_s)
     total = 0.0
     for d, y in zip(dists, actual_s, strict=True):
-        r = y - _q(d, level)
-        total += max(level * r, (level - 1) * r)
+        total += stats.pinball(y, _q(d, level), level)
     return total / len(dists)
 
 
@@ -107,114 +104,8 @@ def markdown_table(results: Sequence[EvalResult], levels: Sequence[float]) -> st
 
 # --- the figure -------------------------------------------------------------------------------
 
-_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ.-/_+()"
-_BITS = (
-    "75557262277174771717557117471774757711117575775717257556565634443655567464774644345535575572227"
-    "1115255655444475775565555255526564425563656553421672222555575555255775552555522271247000020070"
-    "01124400007027201222142224"
-)
-_GLYPHS = {ch: _BITS[5 * i : 5 * i + 5] for i, ch in enumerate(_CHARS)}
-"""3x5 glyphs, one octal digit per row (4 = left pixel); text is upper-cased, unknowns blank."""
-_PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189)]
-_INK, _GREY = (0, 0, 0), (170, 170, 170)
-_PANEL, _MARGIN, _SCALE = 440, 56, 2  # panel size and inner margin, px; font pixel size
-
-
-class _Canvas:
-    def __init__(self, width: int, height: int) -> None:
-        self.w, self.h = width, height
-        self.px = bytearray(b"\xff" * (width * height * 3))
-
-    def dot(self, x: int, y: int, color: tuple[int, int, int], size: int = 2) -> None:
-        for yy in range(y, y + size):
-            for xx in range(x, x + size):
-                if 0 <= xx < self.w and 0 <= yy < self.h:
-                    i = (yy * self.w + xx) * 3
-                    self.px[i : i + 3] = bytes(color)
-
-    def line(
-        self, a: tuple[int, int], b: tuple[int, int], color: tuple[int, int, int], dash: int = 0
-    ) -> None:
-        """Bresenham; ``dash`` > 0 draws dash-long runs with gaps as long."""
-        (x0, y0), (x1, y1) = a, b
-        dx, dy = abs(x1 - x0), -abs(y1 - y0)
-        sx, sy = (1 if x1 > x0 else -1), (1 if y1 > y0 else -1)
-        err, step = dx + dy, 0
-        while True:
-            if not dash or (step // dash) % 2 == 0:
-                self.dot(x0, y0, color)
-            if (x0, y0) == (x1, y1):
-                return
-            step += 1
-            e2 = 2 * err
-            if e2 >= dy:
-                err, x0 = err + dy, x0 + sx
-            if e2 <= dx:
-                err, y0 = err + dx, y0 + sy
-
-    def text(self, x: int, y: int, s: str, color: tuple[int, int, int] = _INK) -> None:
-        for k, ch in enumerate(s.upper()):
-            for row, bits in enumerate(_GLYPHS.get(ch, "00000")):
-                for col in range(3):
-                    if int(bits) & (4 >> col):
-                        self.dot(x + (4 * k + col) * _SCALE, y + row * _SCALE, color, _SCALE)
-
-    def png(self) -> bytes:
-        def chunk(kind: bytes, data: bytes) -> bytes:
-            return (
-                struct.pack(">I", len(data))
-                + kind
-                + data
-                + struct.pack(">I", zlib.crc32(kind + data))
-            )
-
-        stride = self.w * 3
-        raw = b"".join(b"\x00" + self.px[y * stride : (y + 1) * stride] for y in range(self.h))
-        ihdr = struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0)  # 8-bit RGB
-        return (
-            b"\x89PNG\r\n\x1a\n"
-            + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(raw, 9))
-            + chunk(b"IEND", b"")
-        )
-
-
-def _text_width(s: str) -> int:
-    return 4 * _SCALE * len(s)
-
-
-class _Axes:
-    """A square panel mapping data (x, y) in [lo, hi]^2, linear or log10, to pixels."""
-
-    def __init__(self, c: _Canvas, left: int, lo: float, hi: float, log: bool) -> None:
-        self.c, self.log = c, log
-        self.x0, self.y0 = left + _MARGIN, _PANEL - _MARGIN  # the origin, bottom left
-        self.size = _PANEL - 2 * _MARGIN
-        self.bounds = (lo, hi)
-        self.lo, self.hi = (math.log10(lo), math.log10(hi)) if log else (lo, hi)
-
-    def to_px(self, x: float, y: float) -> tuple[int, int]:
-        def frac(v: float) -> float:
-            v = math.log10(max(v, 1e-12)) if self.log else v
-            return min(max((v - self.lo) / (self.hi - self.lo), 0.0), 1.0)
-
-        return self.x0 + round(frac(x) * self.size), self.y0 - round(frac(y) * self.size)
-
-    def frame(self, title: str, xlabel: str, ticks: Sequence[float]) -> None:
-        c, s = self.c, self.size
-        c.line((self.x0, self.y0), (self.x0 + s, self.y0), _INK)
-        c.line((self.x0, self.y0), (self.x0, self.y0 - s), _INK)
-        for t in ticks:
-            px, py = self.to_px(t, t)
-            label = f"{t:g}"
-            c.line((px, self.y0), (px, self.y0 + 5), _INK)
-            c.line((self.x0 - 5, py), (self.x0, py), _INK)
-            c.text(px - _text_width(label) // 2, self.y0 + 10, label)
-            c.text(self.x0 - 8 - _text_width(label), py - 5, label)
-        lo, hi = self.bounds
-        c.line(self.to_px(lo, lo), self.to_px(hi, hi), _GREY, dash=4)  # perfect: on the diagonal
-        c.text(self.x0, self.y0 - s - 24, title)
-        c.text(self.x0 + (s - _text_width(xlabel)) // 2, self.y0 + 28, xlabel)
+_MAX_POINTS = 1500
+"""Points a predictor in the scatter: more only hide each other."""
 
 
 def write_plot_png(
@@ -223,35 +114,25 @@ def write_plot_png(
     levels: Sequence[float],
 ) -> None:
     """Left, a reliability diagram (nominal level vs observed coverage, one line a predictor);
-    right, forecast median vs actual latency, log-log (at most 1500 points a predictor); a
-    colour legend below."""
-    rows = math.ceil(len(results_by_name) / 2)
-    c = _Canvas(2 * _PANEL, _PANEL + 20 * rows + 10)
-    rel = _Axes(c, 0, 0.0, 1.0, log=False)
-    rel.frame("COVERAGE VS NOMINAL LEVEL", "NOMINAL LEVEL", [0.0, 0.5, 1.0])
-    values = [
-        v
-        for dists, actual in results_by_name.values()
-        for v in [*actual, *(_q(d, 0.5) for d in dists)]
-        if v > 0
-    ]
-    lo = 10 ** math.floor(math.log10(min(values, default=0.1)))
-    hi = 10 ** math.ceil(math.log10(max(values, default=10.0)))
-    hi = hi if hi > lo else lo * 10
-    sc = _Axes(c, _PANEL, lo, hi, log=True)
-    decades = range(round(math.log10(lo)), round(math.log10(hi)) + 1)
-    sc.frame("FORECAST MEDIAN VS ACTUAL S", "ACTUAL S", [10.0**k for k in decades])
-    for i, (name, (dists, actual)) in enumerate(results_by_name.items()):
-        color = _PALETTE[i % len(_PALETTE)]
-        pts = [rel.to_px(p, coverage(dists, actual, p)) for p in sorted(levels)]
-        for a, b in itertools.pairwise(pts):
-            c.line(a, b, color)
-        for x, y in pts:
-            c.dot(x - 2, y - 2, color, 5)
-        stride = max(1, len(dists) // 1500)
-        for d, y_s in list(zip(dists, actual, strict=True))[::stride]:
-            c.dot(*sc.to_px(y_s, _q(d, 0.5)), color)
-        lx, ly = 20 + (i % 2) * _PANEL, _PANEL + 20 * (i // 2)
-        c.dot(lx, ly, color, 10)
-        c.text(lx + 16, ly, name)
-    Path(path).write_bytes(c.png())
+    right, forecast median vs actual latency, log-log (at most `_MAX_POINTS` a predictor).
+    Raises `plotting.PlotUnavailable` without matplotlib."""
+    fig = plotting.figure(10.0, 5.0)
+    rel, sc = fig.subplots(1, 2)
+    rel.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)  # perfect calibration
+    ps = sorted(levels)
+    shown: list[float] = []  # the scatter's positive values, for its diagonal
+    for name, (dists, actual) in results_by_name.items():
+        (line,) = rel.plot(ps, [coverage(dists, actual, p) for p in ps], marker="o", label=name)
+        stride = max(1, len(dists) // _MAX_POINTS)
+        pairs = [(y, _q(d, 0.5)) for d, y in zip(dists, actual, strict=True)][::stride]
+        sc.scatter(*zip(*pairs, strict=True), s=4, color=line.get_color(), alpha=0.5)
+        shown += [v for pair in pairs for v in pair if v > 0]
+    rel.set(title="coverage vs nominal level", xlabel="nominal level", ylabel="coverage")
+    rel.set(xlim=(0, 1), ylim=(0, 1))
+    rel.legend(loc="upper left")
+    if shown:
+        lo, hi = min(shown), max(shown)
+        sc.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=1)
+    sc.set(xscale="log", yscale="log", title="forecast median vs actual")
+    sc.set(xlabel="actual (s)", ylabel="forecast median (s)")
+    plotting.save(fig, Path(path))

@@ -22,6 +22,10 @@
   once and retraining is brought forward.
 - Versions live in ``<state_dir>/predictors/``; the live one is loaded again after a restart.
   A training round works in ``<state_dir>/predictors/training/``.
+
+About 800 lines: the learner and the trainer process it starts share one protocol (the job file,
+the result file, the candidate it loads) and this module names the trainer's entry point
+(`TRAINER`), so the two halves change together.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from typing import IO, TYPE_CHECKING, Protocol
 
 import msgspec
 
+from swarmx import stats
 from swarmx.config import PredictorConfig
 from swarmx.models.baselines import FallbackPredictor
 from swarmx.models.dist import LatencyDist, trusted_dists
@@ -127,8 +132,7 @@ class Monitor:
                 continue
             self.hits[p].append(actual_s <= q)
             self.residuals[p].append(math.log(max(actual_s, 1e-6)) - math.log(q))
-            diff = actual_s - q
-            self.losses[p].append(max(p * diff, (p - 1) * diff))
+            self.losses[p].append(stats.pinball(actual_s, q, p))
 
     def calls(self) -> int:
         """Calls in the window (of the level with the most)."""
@@ -159,13 +163,11 @@ class Monitor:
     def correction(self, levels: list[float]) -> dict[float, float]:
         """For ``levels``, the log-space shift that would have given nominal coverage in the
         window (the finite-sample conformal quantile of the residuals)."""
-        out = {}
-        for p in levels:
-            ordered = sorted(self.residuals[p])
-            if ordered:
-                k = min(len(ordered) - 1, max(0, math.ceil(p * (len(ordered) + 1)) - 1))
-                out[p] = ordered[k]
-        return out
+        return {
+            p: stats.conformal_quantile(sorted(self.residuals[p]), p)
+            for p in levels
+            if self.residuals[p]
+        }
 
     def clear(self) -> None:
         for table in (self.hits, self.residuals, self.losses):
@@ -574,8 +576,9 @@ def train_round(
     """A candidate trained on ``records`` (the buffer, oldest first), with its held-out pinball
     and the live model's (``base``, or ``fallback`` when None, as served) on the newest
     ``holdout_frac`` of the ``recent`` calls (those of the current shift, if any)."""
+    from swarmx.models.features import FeatureConfig
     from swarmx.models.predictor import QuantilePredictor
-    from swarmx.models.train import FeatureConfig, fine_tune, train
+    from swarmx.models.train import fine_tune, train
 
     recent = job.recent
     cut = len(records) - recent + int(recent * (1 - job.holdout_frac))
@@ -783,7 +786,7 @@ def held_out_pinball(model: Predictor, qs: Sequence[Query], actual_s: Sequence[f
     total = 0.0
     for d, y in zip(dists, actual_s, strict=True):
         for p, q in zip(d.levels, d.values_s, strict=True):
-            total += max(p * (y - q), (p - 1) * (y - q))
+            total += stats.pinball(y, q, p)
     return total / (len(qs) * len(dists[0].levels))
 
 

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from swarmx.models.predictor import Calls, FeatureConfig, Places, QuantilePredictor
+from swarmx.models.features import Calls, FeatureConfig, Places
+from swarmx.models.predictor import QuantilePredictor
 from swarmx.models.query import Query, queries
 from swarmx.traces import TraceRecord, split_keys
 
 __all__ = [
-    "FeatureConfig",
     "TrainReport",
     "fine_tune",
     "pinball",
@@ -54,7 +54,9 @@ class TrainReport:
 
 
 def pinball(log_latency: Tensor, log_q: Tensor, levels: Sequence[float]) -> Tensor:
-    """Elementwise pinball loss of quantiles ``log_q`` [..., K] for targets [...]."""
+    """Elementwise pinball loss of quantiles ``log_q`` [..., K] for targets [...]: the training
+    loss, on tensors with gradients. `swarmx.stats.pinball` is the same loss on one float
+    forecast, for scoring; this one must stay differentiable and batched."""
     r = log_latency.unsqueeze(-1) - log_q
     tau = torch.tensor(levels, dtype=log_q.dtype)
     return r * (tau - (r < 0).to(log_q.dtype))
@@ -156,7 +158,7 @@ def train(
         y = data.log_latency
         gen = torch.Generator().manual_seed(seed)
         model = QuantilePredictor.fresh(cfg, [data.queries[i] for i in fit], y[fit], seed)
-        calls, places = model.encode(data.queries)
+        calls, places = model.encoder.encode(data.queries)
         fit_t, val_t, cal_t = (torch.tensor(ix, dtype=torch.long) for ix in (fit, val, cal))
         fit_c, fit_p = calls.take(fit_t), places.take(fit_t)
         val_c, val_p = calls.take(val_t), places.take(val_t)
@@ -233,7 +235,7 @@ def fine_tune(
         fit, cal = split_keys(data.sessions, cal_frac, seed)
         new = model.copy()
         new.grow([data.queries[i] for i in fit])
-        calls, places = new.encode(data.queries)
+        calls, places = new.encoder.encode(data.queries)
         y = data.log_latency
         fit_t = torch.tensor(fit, dtype=torch.long)
         gen = torch.Generator().manual_seed(seed)

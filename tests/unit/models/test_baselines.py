@@ -14,10 +14,10 @@ from swarmx.models.baselines import (
     LinearQuantile,
     MeanConformal,
     baseline_from_dict,
-    empirical_quantile,
 )
 from swarmx.models.dist import LatencyDist
 from swarmx.models.query import Query, place, queries
+from swarmx.stats import quantile
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
 
 LEVELS = (0.5, 0.9, 0.95, 0.99)
@@ -78,12 +78,6 @@ def load_data(n: int = 4000, seed: int = 0) -> list[TraceRecord]:
     return out
 
 
-def test_empirical_quantile_is_the_inverse_cdf() -> None:
-    xs = [float(x) for x in range(1, 101)]
-    assert [empirical_quantile(xs, p) for p in (0.01, 0.5, 0.9, 0.99, 1.0)] == [1, 50, 90, 99, 100]
-    assert empirical_quantile([3.0], 0.5) == 3.0
-
-
 def test_empirical_per_model_matches_sorted_data() -> None:
     lat = [float(x) for x in range(1, 101)]
     random.Random(0).shuffle(lat)
@@ -92,7 +86,7 @@ def test_empirical_per_model_matches_sorted_data() -> None:
     model = EmpiricalPerModel.fit(records, LEVELS)
     assert model.per_model["a"] == [50.0, 90.0, 95.0, 99.0]
     overall = sorted([*lat, *(1000.0 + x for x in range(10))])
-    assert model.overall == [empirical_quantile(overall, p) for p in LEVELS]
+    assert model.overall == [quantile(overall, p) for p in LEVELS]
     a, unknown = model.predict([Query("a", "llm", "", 1, 0), Query("zz", "llm", "", 1, 0)])
     assert a.values_s == (50.0, 90.0, 95.0, 99.0)
     assert list(unknown.values_s) == model.overall

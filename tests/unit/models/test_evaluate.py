@@ -1,9 +1,10 @@
-"""Forecast metrics on hand-computed cases, the results table, and the PNG figure's validity."""
+"""Forecast metrics on hand-computed cases, the results table, and the PNG figure (or, without
+matplotlib, the error that says how to get it)."""
 
 import json
 import random
 import struct
-import zlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from swarmx.models.evaluate import (
     pinball,
     write_plot_png,
 )
+from swarmx.models.plotting import PlotUnavailable
 
 D = LatencyDist((0.5, 0.9), (1.0, 2.0))
 
@@ -59,39 +61,28 @@ def test_evaluate_and_table() -> None:
     assert {line.count("|") for line in table} == {8}
 
 
-def read_png(data: bytes) -> tuple[int, int, bytes]:
-    """A minimal decoder for 8-bit RGB, filter-0 PNGs: checks every chunk's CRC."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat, kinds = 8, b"", []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
-        assert crc == zlib.crc32(kind + body), kind
-        kinds.append(kind)
-        if kind == b"IHDR":
-            w, h, depth, color, *_ = struct.unpack(">IIBBBBB", body)
-            assert (depth, color) == (8, 2)
-        idat += body if kind == b"IDAT" else b""
-        pos += 12 + length
-    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND"
-    raw = zlib.decompress(idat)
-    assert len(raw) == h * (1 + 3 * w)
-    rows = [raw[y * (1 + 3 * w) : (y + 1) * (1 + 3 * w)] for y in range(h)]
-    assert all(r[0] == 0 for r in rows)
-    return w, h, b"".join(r[1:] for r in rows)
-
-
-def test_plot_is_a_valid_png(tmp_path: Path) -> None:
+def runs() -> tuple[dict[str, tuple[list[LatencyDist], list[float]]], tuple[float, ...]]:
     rng = random.Random(0)
     actual = [rng.lognormvariate(1.0, 0.8) for _ in range(300)]
     levels = (0.5, 0.9, 0.99)
     good = [LatencyDist.lognormal(2.7, 0.8, levels)] * 300
     narrow = [LatencyDist.lognormal(2.0, 0.1, levels)] * 300
+    return {"good": (good, actual), "too-narrow": (narrow, actual)}, levels
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an absent package does
     path = tmp_path / "fig.png"
-    write_plot_png(path, {"good": (good, actual), "too-narrow": (narrow, actual)}, levels)
-    w, h, px = read_png(path.read_bytes())
-    assert w > h > 300
-    colours = {px[i : i + 3] for i in range(0, len(px), 3)}
-    white, black, blue, red = (255, 255, 255), (0, 0, 0), (31, 119, 180), (214, 39, 40)
-    assert {bytes(c) for c in (white, black, blue, red)} <= colours
+    with pytest.raises(PlotUnavailable, match=r"pip install 'swarmx\[plot\]'"):
+        write_plot_png(path, *runs())
+    assert not path.exists()
+
+
+def test_plot_is_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "fig.png"
+    write_plot_png(path, *runs())
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > height > 300  # two panels side by side

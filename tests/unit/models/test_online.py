@@ -171,7 +171,7 @@ def test_held_out_pinball_prefers_the_sharper_right_forecast():
 def test_guarded_swap_refuses_a_worse_candidate_and_keeps_versions(tmp_path, monkeypatch):
     """Through a real trainer process, whose fine-tune is made to fail the guard."""
     import swarmx.models.train as train_mod
-    from swarmx.models.predictor import FeatureConfig
+    from swarmx.models.features import FeatureConfig
     from tests.unit.models.test_predictor import synth
 
     model, _ = train_mod.train(synth(80, seed=3), FeatureConfig(levels=LEVELS), max_epochs=8)
@@ -223,7 +223,7 @@ def test_replay_draws_whole_sessions_in_arrival_order():
 
 def _trained(tmp_path, cfg):
     import swarmx.models.train as train_mod
-    from swarmx.models.predictor import FeatureConfig
+    from swarmx.models.features import FeatureConfig
     from tests.unit.models.test_predictor import synth
 
     model, _ = train_mod.train(synth(80, seed=3), FeatureConfig(levels=LEVELS), max_epochs=8)

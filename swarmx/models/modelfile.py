@@ -1,0 +1,84 @@
+"""A trained predictor's file: everything needed to predict (feature configuration,
+vocabularies, normalisation, seen n-grams, weights, calibration, version, training metrics and
+free-form extras such as the fitted baselines) in one torch file of tensors and plain data only,
+so it loads with ``weights_only=True`` and a model file from elsewhere cannot run code.
+
+`QuantilePredictor.save` and `QuantilePredictor.load` are the entry points; `FORMAT` changes
+when a file written before would load wrongly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from swarmx.models.features import Encoder, FeatureConfig, Vocab
+from swarmx.models.net import QuantileNet
+
+FORMAT = 1
+
+
+@dataclass
+class ModelFile:
+    """What a model file holds, as `QuantilePredictor` is built from it."""
+
+    encoder: Encoder
+    net: QuantileNet
+    version: str
+    metrics: dict[str, Any]
+    extras: dict[str, Any]
+    cal_shift: Tensor
+    online_shift: Tensor
+
+
+def save(contents: ModelFile, path: str | Path) -> None:
+    enc = contents.encoder
+    torch.save(
+        {
+            "format": FORMAT,
+            "version": contents.version,
+            "config": dataclasses.asdict(enc.cfg),
+            "vocab": dataclasses.asdict(enc.vocab),
+            "norm": enc.norm,
+            "seen": enc.seen,
+            "state": contents.net.state_dict(),
+            "cal_shift": contents.cal_shift,
+            "online_shift": contents.online_shift,
+            "metrics": contents.metrics,
+            "extras": contents.extras,
+        },
+        path,
+    )
+
+
+def load(path: str | Path) -> ModelFile:
+    d = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a swarmx quantile predictor (format {FORMAT})")
+    cfg = FeatureConfig(**d["config"])
+    vocab = Vocab(**{k: list(v) for k, v in d["vocab"].items()})
+    net = QuantileNet(cfg, vocab)
+    net.load_state_dict(d["state"])
+    return ModelFile(
+        Encoder(cfg, vocab, dict(d["norm"]), d["seen"]),
+        net,
+        version=d["version"],
+        metrics=d["metrics"],
+        extras=d["extras"],
+        cal_shift=d["cal_shift"],
+        online_shift=d["online_shift"],
+    )
+
+
+def digest(net: QuantileNet, vocab: Vocab) -> str:
+    """A short hash of the weights and vocabularies, for version names."""
+    buf = io.BytesIO()
+    torch.save((net.state_dict(), dataclasses.asdict(vocab)), buf)
+    return hashlib.blake2b(buf.getvalue(), digest_size=6).hexdigest()
