@@ -44,6 +44,7 @@ from swarmx.protocol import (
 )
 from swarmx.sched.dispatch import Assign, Dispatcher, Ticket
 from swarmx.sched.router import LeastOutstanding, ReplicaView
+from swarmx.stats import quantile
 from swarmx.transport import connect_dealer, request
 from swarmx.workflow.engine import CallSpec
 
@@ -59,17 +60,12 @@ def chain(n: int) -> str:
     return 'name = "chain"\n' + "\n".join(steps)
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
 def summary(xs: list[float]) -> dict[str, float]:
-    ms = [x * 1e3 for x in xs]
+    ms = sorted(x * 1e3 for x in xs)
     return {
         "n": len(ms),
-        "p50_ms": round(pct(ms, 0.5), 3),
-        "p99_ms": round(pct(ms, 0.99), 3),
+        "p50_ms": round(quantile(ms, 0.5), 3),
+        "p99_ms": round(quantile(ms, 0.99), 3),
         "mean_ms": round(statistics.fmean(ms), 3),
     }
 

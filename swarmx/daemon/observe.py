@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -35,6 +34,7 @@ from swarmx.protocol import (
     from_builtins,
 )
 from swarmx.sched.dispatch import TOOL_POOL, Assign, pool_of
+from swarmx.stats import quantile
 from swarmx.traces import TraceRecord
 from swarmx.workflow.engine import WorkflowRun
 
@@ -49,14 +49,6 @@ MAX_LISTED = 1000
 REPLICAS_PER_STEP = 100
 """A snapshot yields the event loop after this many replicas (over 1,000 replicas, built in one
 go it held the loop 100 ms at every scrape)."""
-
-
-def quantile(ordered: Sequence[float], p: float) -> float:
-    """The ``p`` quantile of sorted values, interpolating between closest ranks."""
-    pos = p * (len(ordered) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 _Figures = tuple[dict[str, float], dict[str, float], dict[str, float]]

@@ -27,6 +27,7 @@ from swarmx.frozen import frozen
 from swarmx.models.dist import LatencyDist, trusted_dists
 from swarmx.sched import tailmath
 from swarmx.sched.router import Forecaster, ReplicaView, RouteInput, Router, Work
+from swarmx.stats import quantile
 from swarmx.workflow.engine import CallSpec
 
 QueueOrder = Literal["fifo", "slack"]
@@ -151,9 +152,9 @@ class ServiceMix:
         read: it moves slowly once full, and a mixture that stays the same object while it
         does lets the slack queue's critical paths reuse the quantiles they read of it."""
         if self._dist is None or self._stale * 32 > len(self.samples):
-            xs, n = self._sorted, len(self._sorted)
+            xs = self._sorted
             (self._dist,) = trusted_dists(  # sorted points: its quantiles increase
-                self.levels, [[xs[min(n - 1, int(p * n))] for p in self.levels]]
+                self.levels, [[quantile(xs, p) for p in self.levels]]
             )
             self._stale = 0
         return self._dist

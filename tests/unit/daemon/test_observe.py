@@ -11,7 +11,7 @@ import pytest
 
 from swarmx.clock import ManualClock
 from swarmx.cluster import NodeTable
-from swarmx.daemon.observe import REPLICAS_PER_STEP, Observer, Recent, quantile
+from swarmx.daemon.observe import REPLICAS_PER_STEP, Observer, Recent
 from swarmx.daemon.scaling import Decision
 from swarmx.daemon.workflows import WorkflowService
 from swarmx.metrics import SchedulerMetrics
@@ -109,15 +109,12 @@ class Cluster:
         return await self.observer.snapshot(INFO, QueryTop(**query))
 
 
-def test_quantiles_interpolate_between_ranks():
-    assert quantile([1.0], 0.99) == 1.0
-    assert quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
-    assert quantile([0.0, 10.0], 0.95) == pytest.approx(9.5)
+def test_recent_figures_are_the_calls_quantiles_and_their_forecasts():
     recent = Recent()
     for latency, pred in ((1.0, {"0.5": 2.0}), (3.0, {"0.5": 2.0}), (2.0, None)):
         recent.add(latency, pred)
     actual, mean_pred, covered = recent.figures(["0.5", "0.9"])
-    assert actual == {"0.5": 2.0, "0.9": pytest.approx(2.8)}
+    assert actual == {"0.5": 2.0, "0.9": 3.0}  # the inverse empirical CDF (swarmx.stats)
     assert mean_pred == {"0.5": 2.0}  # only the calls forecast at a level count for it
     assert covered == {"0.5": 0.5}
 
@@ -151,7 +148,7 @@ def test_calls_routes_and_workflows_are_seen(tmp_path):
     s = after.summary
     assert (s.running, s.finished, s.window_finished) == (0, 2, 2)
     assert (s.window_slo_total, s.window_slo_met) == (2, 1)
-    assert s.latency_p50_s == pytest.approx(4.0)
+    assert s.latency_p50_s == 2.0  # of 2 s and 6 s: the inverse empirical CDF (swarmx.stats)
     assert [w.id for w in after.workflows] == [slow, fast]  # newest first
     assert [w.age_s for w in after.workflows] == [pytest.approx(6.0), pytest.approx(2.0)]
 
