@@ -19,6 +19,16 @@ def quantile(ordered: Sequence[float], p: float) -> float:
     return ordered[min(max(i, 0), len(ordered) - 1)]
 
 
+def upper_quantile(ordered: Sequence[float], p: float) -> float:
+    """The value at 0-based rank ``floor(p * n)``: `quantile` one rank up where ``p * n`` is
+    whole, else the same. The scheduler reads its pools' service mixtures this way (the tail
+    the slack queue and the scaler plan on); the simulator's decisions, and the figures in
+    bench/RESULTS.md, rest on it."""
+    if not ordered:
+        raise ValueError("the quantile of no values")
+    return ordered[min(len(ordered) - 1, max(0, int(p * len(ordered))))]
+
+
 def conformal_quantile(ordered: Sequence[float], p: float) -> float:
     """The split-conformal quantile of sorted scores: the ``ceil((n + 1) p)``-th smallest (the
     largest when that is past the end), which covers ``p`` of a new exchangeable value."""

@@ -27,7 +27,7 @@ from swarmx.frozen import frozen
 from swarmx.models.dist import LatencyDist, trusted_dists
 from swarmx.sched import tailmath
 from swarmx.sched.router import Forecaster, ReplicaView, RouteInput, Router, Work
-from swarmx.stats import quantile
+from swarmx.stats import upper_quantile
 from swarmx.workflow.engine import CallSpec
 
 QueueOrder = Literal["fifo", "slack"]
@@ -154,7 +154,7 @@ class ServiceMix:
         if self._dist is None or self._stale * 32 > len(self.samples):
             xs = self._sorted
             (self._dist,) = trusted_dists(  # sorted points: its quantiles increase
-                self.levels, [[quantile(xs, p) for p in self.levels]]
+                self.levels, [[upper_quantile(xs, p) for p in self.levels]]
             )
             self._stale = 0
         return self._dist
@@ -180,32 +180,42 @@ class PoolStats:
 class _OpenSet:
     """One model's replicas with room, by name, also grouped by outstanding calls: a
     forecasting router's candidates, the least loaded, are found without a scan of the pool
-    (at 1,000 replicas the scan cost more than the forecasts)."""
+    (at 1,000 replicas the scan cost more than the forecasts). Ties keep the order in which
+    replicas joined the set, as a scan would, so the choice does not depend on the index."""
 
-    __slots__ = ("_by_load", "_views")
+    __slots__ = ("_by_load", "_joined", "_seq", "_views")
 
     def __init__(self) -> None:
         self._views: dict[str, ReplicaView] = {}
-        self._by_load: dict[int, dict[str, ReplicaView]] = {}
+        self._joined: dict[str, int] = {}
+        """When each replica joined (a counter): the order ties keep."""
+        self._by_load: dict[int, list[tuple[int, str]]] = {}
+        """Outstanding calls -> (joined, replica) of the replicas with that many, sorted."""
+        self._seq = itertools.count()
 
     def __len__(self) -> int:
         return len(self._views)
 
     def put(self, view: ReplicaView) -> None:
-        old = self._views.get(view.replica)
-        if old is not None and old.outstanding != view.outstanding:
+        name, old = view.replica, self._views.get(view.replica)
+        if old is None:
+            self._joined[name] = next(self._seq)
+        elif old.outstanding != view.outstanding:
             self._leave(old)
-        self._views[view.replica] = view
-        self._by_load.setdefault(view.outstanding, {})[view.replica] = view
+        self._views[name] = view
+        if old is None or old.outstanding != view.outstanding:
+            tier = self._by_load.setdefault(view.outstanding, [])
+            bisect.insort(tier, (self._joined[name], name))
 
     def drop(self, replica: str) -> None:
         old = self._views.pop(replica, None)
         if old is not None:
             self._leave(old)
+            del self._joined[replica]
 
     def _leave(self, view: ReplicaView) -> None:
         tier = self._by_load[view.outstanding]
-        del tier[view.replica]
+        del tier[bisect.bisect_left(tier, (self._joined[view.replica], view.replica))]
         if not tier:
             del self._by_load[view.outstanding]
 
@@ -213,10 +223,11 @@ class _OpenSet:
         return list(self._views.values())
 
     def least_loaded(self, k: int) -> list[ReplicaView]:
-        """``k`` replicas with the fewest outstanding calls (ties in no particular order)."""
+        """The ``k`` replicas with the fewest outstanding calls, ties in the order they joined
+        (what ``heapq.nsmallest`` over `all` gives)."""
         out: list[ReplicaView] = []
         for load in sorted(self._by_load):
-            out.extend(itertools.islice(self._by_load[load].values(), k - len(out)))
+            out.extend(self._views[name] for _, name in self._by_load[load][: k - len(out)])
             if len(out) >= k:
                 break
         return out

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from swarmx.stats import conformal_quantile, pinball, quantile
+from swarmx.stats import conformal_quantile, pinball, quantile, upper_quantile
 
 
 def test_quantile_is_the_inverse_empirical_cdf():
@@ -38,3 +38,10 @@ def test_pinball_weighs_under_and_over_forecasts_by_the_level():
     assert pinball(10.0, 8.0, 0.9) == pytest.approx(1.8)
     assert pinball(8.0, 10.0, 0.9) == pytest.approx(0.2)
     assert pinball(5.0, 5.0, 0.5) == 0.0
+
+
+def test_the_upper_quantile_differs_only_at_whole_ranks():
+    xs = [float(i) for i in range(1, 101)]
+    assert upper_quantile(xs, 0.99) == 100.0  # quantile: 99
+    assert upper_quantile(xs, 0.995) == quantile(xs, 0.995) == 100.0
+    assert upper_quantile(xs, 0.123) == quantile(xs, 0.123) == 13.0

@@ -1,6 +1,7 @@
 """The dispatcher: calls wait until a replica has room, leave in queue order, go where the router
 says, and every slot is given back."""
 
+import heapq
 import itertools
 import math
 import random
@@ -248,9 +249,9 @@ def test_the_least_loaded_open_replicas_match_a_scan_as_loads_change(seed):
         k = rng.randint(1, 70)
         got = open_.least_loaded(k)
         assert len(open_) == len(loads) and len(got) == min(k, len(loads))
-        assert len({v.replica for v in got}) == len(got)
         assert all(loads[v.replica] == v.outstanding for v in got)
-        assert [v.outstanding for v in got] == sorted(loads.values())[:k]
+        # exactly what a scan gives, ties included (the simulator's figures rest on it)
+        assert got == heapq.nsmallest(k, open_.all(), key=lambda v: v.outstanding)
 
 
 def test_take_risk_is_the_mean_predicted_chance_of_missing_the_deadline_where_calls_went():
