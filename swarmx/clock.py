@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
 from collections.abc import AsyncIterator
 from typing import Protocol
@@ -61,3 +63,54 @@ class ManualClock:
             raise ValueError(f"negative sleep: {seconds}")
         self.now += seconds
         await asyncio.sleep(0)
+
+
+class SteppedClock(ManualClock):
+    """Virtual time that moves only when a test calls `advance`; unlike `ManualClock`, ``sleep``
+    waits until then. A test can so hold code mid-sleep (a timeout not yet fired, a replica still
+    starting) for as long as it likes, however slow the machine, and then fire it on purpose.
+    Use it from the event loop's thread, and move time with `advance`, not by setting ``now``."""
+
+    def __init__(self, now: float = 100.0, epoch: float = 1.7e9) -> None:
+        super().__init__(now, epoch)
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        """A heap of (wake-up time, arrival order, the future the sleeper waits on)."""
+        self._arrivals = itertools.count()
+
+    @property
+    def sleepers(self) -> int:
+        """Sleeps in progress: a test waits for the one it means to end before advancing."""
+        return sum(not future.done() for _, _, future in self._sleepers)
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError(f"negative sleep: {seconds}")
+        if seconds == 0:
+            await asyncio.sleep(0)
+            return
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self.now + seconds, next(self._arrivals), future))
+        await future  # a cancelled sleeper cancels its future; `advance` skips it
+
+    def wake_next(self) -> None:
+        """Advance to the end of the earliest sleep in progress, if any: virtual time passes as
+        fast as the code sleeping on it can go (for tests that only want it to pass)."""
+        while self._sleepers and self._sleepers[0][2].done():
+            heapq.heappop(self._sleepers)
+        if self._sleepers:
+            self.now = max(self.now, self._sleepers[0][0])
+            self._wake()
+
+    def advance(self, seconds: float) -> None:
+        """Move time on by ``seconds`` and wake, in order, every sleep that has run its course
+        (they resume once the caller next yields to the event loop)."""
+        if seconds < 0:
+            raise ValueError(f"time cannot go back: {seconds}")
+        self.now += seconds
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._sleepers and self._sleepers[0][0] <= self.now:
+            _, _, future = heapq.heappop(self._sleepers)
+            if not future.done():
+                future.set_result(None)

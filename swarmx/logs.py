@@ -77,3 +77,6 @@ def setup_logging(level: str, fmt: str, stream: TextIO | None = None) -> None:
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # a library's warnings.warn (torch's at import, say) is a record too: in the chosen format,
+    # not a raw line that breaks a JSON log
+    logging.captureWarnings(True)

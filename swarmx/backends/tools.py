@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from swarmx.backends.reaper import (
     kill_trees,
     sweep_orphans,
 )
+from swarmx.clock import Clock, RealClock
 from swarmx.config import ToolLimits
 
 log = logging.getLogger(__name__)
@@ -266,11 +267,14 @@ class ToolRunner:
         limits: ToolLimits | None = None,
         user: str = "",
         lease_s: float | None = 2.0,
+        clock: Clock | None = None,
     ) -> None:
         """``lease_s``: how long the agent's event loop may stall before a reaper sidecar kills
         its running tools (None: no sidecar). Keep it below the time after which the scheduler
-        declares the node down and re-runs its calls. Raises ValueError for a ``user`` this host
-        lacks or this agent cannot switch to, or a ``lease_s`` that is not positive."""
+        declares the node down and re-runs its calls. ``clock`` times each call's ``timeout_s``
+        (the real one unless a test steps its own; the lease watches real stalls, so it keeps
+        real time). Raises ValueError for a ``user`` this host lacks or this agent cannot switch
+        to, or a ``lease_s`` that is not positive."""
         if lease_s is not None and not lease_s > 0:
             raise ValueError(f"tool lease must be positive, got {lease_s!r}")
         self._env = {k: os.environ[k] for k in env_passthrough if k in os.environ}
@@ -281,6 +285,7 @@ class ToolRunner:
         self._running = 0
         self._lease_s = lease_s
         self._reaper: _Reaper | None = None
+        self._clock = clock or RealClock()
 
     async def start(self) -> None:
         if not self._commands:
@@ -378,9 +383,7 @@ class ToolRunner:
                 reaper.register(token, proc.pid)
             timed_out = False
             try:
-                await asyncio.wait_for(proc.wait(), timeout)
-            except asyncio.TimeoutError:
-                timed_out = True
+                timed_out = not await _within(proc.wait(), timeout, self._clock)
             finally:  # exit, timeout or cancellation: nothing the tool started outlives the call
                 await asyncio.to_thread(kill_trees, {token: proc.pid})
                 await proc.wait()
@@ -437,6 +440,24 @@ class ToolRunner:
         (preexec_fn code must not take locks another thread of the agent may have held)."""
         for which, soft, hard in self._rlimits:
             resource.setrlimit(which, (soft, hard))
+
+
+async def _within(work: Awaitable[object], timeout_s: float, clock: Clock) -> bool:
+    """Await ``work`` for up to ``timeout_s`` on ``clock``: True if it finished (its exception
+    raised here), False if the time ran out first (``work`` is then cancelled), as
+    `asyncio.wait_for` does on the event loop's own clock."""
+    task = asyncio.ensure_future(work)
+    timer = asyncio.ensure_future(clock.sleep(max(0.0, timeout_s)))
+    try:
+        await asyncio.wait({task, timer}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # cancelled, timed out or done: neither goes on waiting
+        timer.cancel()
+        finished = task.done()
+        if not finished:
+            task.cancel()
+    if finished:
+        task.result()
+    return finished
 
 
 def _outcome(code: int | None, out: _Stream, err: _Stream) -> CallOutcome:

@@ -9,6 +9,7 @@ predictors are trained on.
 
 Each replica owns one engine thread that runs the model one iteration at a time with torch
 limited to one thread, so several replicas can share a small CPU; ``device`` may also be a GPU.
+Times to first token are read from an injected `Clock` (the real one unless a test gives its own).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import contextlib
 import hashlib
 import math
 import threading
-import time
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from swarmx.backends.base import BackendMetrics, CallKind, CallOutcome, CallRequest
+from swarmx.clock import Clock, RealClock
 from swarmx.config import ReplicaConfig
 
 EOS = 256
@@ -87,7 +88,8 @@ class _Call:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[CallOutcome]
     prompt_tokens: int
-    t_start: float = field(default_factory=time.perf_counter)
+    t_start: float
+    """The engine's clock when ``run`` was called."""
     cancelled: bool = False
     """Set by ``run`` when its task is cancelled; the engine drops the call next iteration."""
 
@@ -100,9 +102,11 @@ class _Call:
 class _Engine(ABC, Generic[Job]):
     """One model, owned by one engine thread that admits queued calls and runs iterations."""
 
-    def __init__(self, cfg: ReplicaConfig, kind: CallKind) -> None:
+    def __init__(self, cfg: ReplicaConfig, kind: CallKind, clock: Clock | None) -> None:
         self._cfg = cfg
         self._kind = kind
+        self._clock = clock or RealClock()
+        """Read by the event loop and the engine thread alike (``monotonic`` only)."""
         self._device = torch.device(cfg.device)
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
@@ -289,11 +293,14 @@ class TorchLM(_Engine[_Seq]):
     Each engine iteration admits queued calls while cache rows are free (``concurrency`` rows),
     prefills each new prompt, then runs one decode step for all active sequences together, so
     concurrent calls share steps and every step gets slower as the batch grows. ``eos_bias``
-    shifts the EOS logit (``-inf`` makes every call emit exactly ``max_tokens``).
+    shifts the EOS logit (``-inf`` makes every call emit exactly ``max_tokens``); ``clock``
+    times each call's first token.
     """
 
-    def __init__(self, cfg: ReplicaConfig, *, eos_bias: float = EOS_BIAS) -> None:
-        super().__init__(cfg, "llm")
+    def __init__(
+        self, cfg: ReplicaConfig, *, eos_bias: float = EOS_BIAS, clock: Clock | None = None
+    ) -> None:
+        super().__init__(cfg, "llm", clock)
         self._eos_bias = eos_bias
         self._model: _ByteLM | None = None
         self._admitted: list[_Seq] = []
@@ -318,6 +325,7 @@ class TorchLM(_Engine[_Seq]):
             loop=loop,
             future=loop.create_future(),
             prompt_tokens=len(prompt),
+            t_start=self._clock.monotonic(),
             ids=[EOS, *prompt],
             max_new=max_new,
             gen=torch.Generator().manual_seed(_seed(data)),
@@ -374,7 +382,7 @@ class TorchLM(_Engine[_Seq]):
         logits = logits.float() + model.prior
         logits[:, EOS] += torch.tensor([seq.eos_shift for seq in seqs], device=logits.device)
         probs = torch.softmax(logits / TEMPERATURE, dim=-1).cpu()
-        now = time.perf_counter()
+        now = self._clock.monotonic()
         for seq, row in zip(seqs, probs, strict=True):
             token = int(torch.multinomial(row, 1, generator=seq.gen))
             if seq.t_first is None:
@@ -484,8 +492,8 @@ class TorchVision(_Engine[_Image]):
     size and steps run as one batch; others queue behind it.
     """
 
-    def __init__(self, cfg: ReplicaConfig) -> None:
-        super().__init__(cfg, "model")
+    def __init__(self, cfg: ReplicaConfig, *, clock: Clock | None = None) -> None:
+        super().__init__(cfg, "model", clock)
         self._model: _VisionNet | None = None
         self._batch: list[_Image] = []
 
@@ -507,6 +515,7 @@ class TorchVision(_Engine[_Image]):
             loop=loop,
             future=loop.create_future(),
             prompt_tokens=len(request.prompt.encode()),
+            t_start=self._clock.monotonic(),
             image_px=image_px,
             steps=steps,
             seed=_seed(key),

@@ -6,11 +6,13 @@ import json
 import signal
 
 import msgpack
+import msgspec
 import psutil
 import pytest
 import zmq
 
-from swarmx.protocol import PROTOCOL_VERSION, decode_frame
+from swarmx.protocol import PROTOCOL_VERSION, GpuInfo, GpuSample, decode_frame
+from swarmx.telemetry.gpu import NvmlGpus
 from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.integration
@@ -20,7 +22,34 @@ def live(nodes: dict[str, dict]) -> set[str]:
     return {name for name, n in nodes.items() if n["state"] == "live"}
 
 
+def host_gpus() -> tuple[bool, list[GpuInfo]]:
+    """Whether NVML works on this host, and the GPUs it lists (none without a driver or GPUs)."""
+    nvml = NvmlGpus()
+    try:
+        return nvml.available, nvml.inventory()
+    finally:
+        nvml.close()
+
+
+def assert_gpu_sample(sample: dict, expected: GpuInfo) -> None:
+    """One GPU's telemetry: the host's GPU, with readings in range or None where unsupported."""
+    assert set(sample) == set(GpuSample.__struct_fields__)
+    assert (sample["index"], sample["name"], sample["uuid"]) == (
+        expected.index,
+        expected.name,
+        expected.uuid,
+    )
+    for percent in ("util_percent", "mem_util_percent"):
+        assert sample[percent] is None or 0 <= sample[percent] <= 100
+    if sample["mem_total_bytes"] is not None:
+        assert sample["mem_total_bytes"] == expected.mem_total_bytes
+        used = sample["mem_used_bytes"]
+        assert used is None or 0 <= used <= sample["mem_total_bytes"]
+    assert isinstance(sample["processes"], list)
+
+
 def test_two_nodes_report_real_telemetry(procs):
+    nvml_works, gpus = host_gpus()
     _, endpoint = procs.scheduler()
     procs.node(endpoint, "alpha")
     procs.node(endpoint, "beta")
@@ -41,14 +70,18 @@ def test_two_nodes_report_real_telemetry(procs):
         assert 0 < host["mem_used_bytes"] < host["mem_total_bytes"]
         assert node["hello"]["cpu_cores_logical"] == psutil.cpu_count()
         assert node["hello"]["heartbeat_interval_s"] == 0.2
-        assert node["telemetry"]["gpus"] == []  # no GPU on this machine: zero GPUs, not an error
-        assert node["telemetry"]["collect_s"] < 0.5
-        assert node["last_seen_age_s"] < 1.0
+        # the host's GPUs, as NVML lists them here; none on a CPU-only host, and not an error
+        assert node["hello"]["gpus"] == [msgspec.to_builtins(g) for g in gpus]
+        assert len(node["telemetry"]["gpus"]) == len(gpus)
+        for sample, expected in zip(node["telemetry"]["gpus"], gpus, strict=True):
+            assert_gpu_sample(sample, expected)
+        assert node["telemetry"]["collect_s"] >= 0  # how fast: bench/, not a test's concern
+        assert node["last_seen_age_s"] < 10 * 0.2  # seen within the down_after_missed window
     table = procs.cli("nodes", "--scheduler", endpoint).stdout
     assert "alpha" in table
     assert "beta" in table
     assert "live" in table
-    assert "NVML not available" in procs.log("alpha")
+    assert ("NVML not available" in procs.log("alpha")) == (not nvml_works)
 
 
 def test_missed_heartbeats_make_a_node_stale_then_down_then_live(procs):

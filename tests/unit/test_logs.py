@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import warnings
 
 import pytest
 from typer.testing import CliRunner
@@ -22,6 +23,7 @@ def restore_root():
         if h not in handlers:
             root.removeHandler(h)
     root.setLevel(level)
+    logging.captureWarnings(False)
 
 
 def test_json_lines_carry_ts_level_logger_msg_and_extras(restore_root):
@@ -42,6 +44,19 @@ def test_json_lines_carry_ts_level_logger_msg_and_extras(restore_root):
     assert first["ts"].endswith("Z") and first["ts"][10] == "T"
     assert second["level"] == "error"
     assert "ValueError: boom" in second["exc"]
+
+
+def test_a_librarys_warning_is_a_json_line_too(restore_root):
+    """torch warns on stderr at import when numpy is missing; a JSON log must stay JSON."""
+    out = io.StringIO()
+    setup_logging("info", "json", out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("Failed to initialize NumPy", UserWarning, stacklevel=1)
+    [line] = out.getvalue().splitlines()
+    record = json.loads(line)
+    assert record["level"] == "warning"
+    assert "Failed to initialize NumPy" in record["msg"]
 
 
 def test_text_is_the_default_and_a_second_setup_replaces_the_first(restore_root):

@@ -1,5 +1,9 @@
 """ToolRunner: real subprocesses in scratch directories, with bounded env, an allowlist, resource
-limits, streamed output caps, timeouts and whole-tree kills."""
+limits, streamed output caps, timeouts and whole-tree kills.
+
+No check depends on the machine's speed: a timeout runs on a `SteppedClock` the test advances
+once the tool is set up, and waits poll for a state with a generous deadline.
+"""
 
 import asyncio
 import logging
@@ -19,9 +23,12 @@ import pytest
 from swarmx.backends import tools
 from swarmx.backends.base import CallRequest
 from swarmx.backends.tools import ToolRunner
+from swarmx.clock import SteppedClock
 from swarmx.config import ToolLimits
 
 NODE = "node-1"
+WITHIN_S = 10.0
+"""How long a wait polls before it fails: far beyond what any step here takes."""
 GRANDCHILD = """
 import os, sys, time
 pid = os.fork()
@@ -49,7 +56,7 @@ def run(runner, request):
     return asyncio.run(runner.run(request))
 
 
-def gone(pid: int, within_s: float = 3.0) -> bool:
+def gone(pid: int, within_s: float = WITHIN_S) -> bool:
     """The process has exited (a zombie awaiting its reaper counts as gone)."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
@@ -62,13 +69,39 @@ def gone(pid: int, within_s: float = 3.0) -> bool:
     return False
 
 
-def wait_for_file(path: Path, within_s: float = 5.0) -> str:
+def written(path: Path) -> bool:
+    return path.exists() and bool(path.read_text().strip())
+
+
+def wait_for_file(path: Path, within_s: float = WITHIN_S) -> str:
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
+        if written(path):
             return path.read_text()
         time.sleep(0.01)
     raise AssertionError(f"{path} never written")
+
+
+async def until(predicate, what: str, within_s: float = WITHIN_S) -> None:
+    """Poll, from the event loop, until ``predicate()`` holds; fail after ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} never happened"
+        await asyncio.sleep(0.01)
+
+
+def timed_out(runner: ToolRunner, clock: SteppedClock, request: CallRequest, ready):
+    """Run ``request``, let its timeout fire once ``ready()`` holds, and return the outcome.
+    The call must then end without waiting for what its tool left running."""
+
+    async def main():
+        call = asyncio.create_task(runner.run(request))
+        await until(lambda: ready() and clock.sleepers == 1, "the tool's start")
+        assert request.timeout_s is not None
+        clock.advance(request.timeout_s)
+        return await asyncio.wait_for(call, WITHIN_S)
+
+    return asyncio.run(main())
 
 
 @pytest.fixture
@@ -113,9 +146,9 @@ def test_non_zero_exit_without_stderr():
 def test_timeout_kills_the_whole_process_group(tmp_path):
     pidfile = tmp_path / "child.pid"
     script = f"sleep 30 & echo $! > {pidfile}; wait"
-    started = time.monotonic()
-    out = run(make(), tool(["sh", "-c", script], timeout_s=0.3))
-    assert time.monotonic() - started < 5
+    clock = SteppedClock()
+    request = tool(["sh", "-c", script], timeout_s=0.3)
+    out = timed_out(make(clock=clock), clock, request, lambda: written(pidfile))
     assert not out.ok
     assert out.error.startswith("timed out after")
     assert "0.3s" in out.error
@@ -130,10 +163,7 @@ def test_cancelling_the_awaiting_task_kills_the_process(tmp_path):
 
     async def main():
         task = asyncio.create_task(runner.run(tool(["sh", "-c", script])))
-        deadline = time.monotonic() + 5
-        while not (pidfile.exists() and pidfile.read_text().strip()):
-            assert time.monotonic() < deadline, "tool never started"
-            await asyncio.sleep(0.01)
+        await until(lambda: written(pidfile), "the tool's start")
         assert runner.metrics().running == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -366,11 +396,10 @@ def test_file_limit_kills_a_tool_writing_past_it():
 
 
 def test_cpu_limit_kills_a_spinning_tool():
-    started = time.monotonic()
+    # a limit that did not hold would end the call at its 30 s timeout, with another error
     out = run(make(limits=ToolLimits(cpu_time_s=1)), python("while True: pass"))
     assert not out.ok
     assert out.error == "killed by SIGXCPU ([node] tool_limits.cpu_time_s)"
-    assert time.monotonic() - started < 10
 
 
 def test_open_files_limit_fails_a_tool_opening_more():
@@ -438,9 +467,22 @@ def test_switching_users_without_root_is_a_clear_error(monkeypatch):
 # -- the whole process tree is killed --
 
 
+def left_the_session(pidfile: Path) -> bool:
+    """The grandchild has written its pid and made its own session."""
+    if not written(pidfile):
+        return False
+    pid = int(pidfile.read_text())
+    try:
+        return os.getsid(pid) == pid
+    except ProcessLookupError:
+        return False
+
+
 def test_timeout_kills_a_grandchild_that_left_the_session(tmp_path):
     pidfile = tmp_path / "grandchild.pid"
-    out = run(make(), grandchild_tool(pidfile, "stay", timeout_s=1))
+    clock = SteppedClock()
+    request = grandchild_tool(pidfile, "stay", timeout_s=1)
+    out = timed_out(make(clock=clock), clock, request, lambda: left_the_session(pidfile))
     assert out.error == "timed out after 1s"
     assert gone(int(wait_for_file(pidfile))), "the setsid grandchild survived the timeout"
 
@@ -451,14 +493,8 @@ def test_cancelling_kills_a_grandchild_that_left_the_session(tmp_path):
 
     async def main():
         task = asyncio.create_task(runner.run(grandchild_tool(pidfile, "stay")))
-        deadline = time.monotonic() + 5
-        while not (pidfile.exists() and pidfile.read_text()):
-            assert time.monotonic() < deadline, "tool never started"
-            await asyncio.sleep(0.01)
+        await until(lambda: left_the_session(pidfile), "the grandchild's setsid")
         grandchild = int(pidfile.read_text())
-        while os.getsid(grandchild) != grandchild:  # wait until it has left the session
-            assert time.monotonic() < deadline, "grandchild never called setsid"
-            await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -470,10 +506,9 @@ def test_cancelling_kills_a_grandchild_that_left_the_session(tmp_path):
 
 def test_leftovers_are_killed_when_the_tool_exits(tmp_path):
     pidfile = tmp_path / "grandchild.pid"
-    started = time.monotonic()
     out = run(make(), grandchild_tool(pidfile, "exit", timeout_s=20))
-    # the grandchild holds the output pipe open: the call still ends when the tool exits
-    assert time.monotonic() - started < 5
+    # the grandchild holds the output pipe open (and sleeps 30 s): the call still ends when the
+    # tool exits, well before its 20 s timeout would fail it
     assert out.ok, out.error
     assert out.output == "parent done\n"
     assert gone(int(wait_for_file(pidfile))), "the tool's leftover outlived it"

@@ -56,7 +56,7 @@ def envelope(body: Message, seq: int = 1) -> Envelope:
     return Envelope("scheduler", seq, 0.0, body)
 
 
-async def until(predicate, within_s: float = 3.0) -> None:
+async def until(predicate, within_s: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + within_s
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, "timed out"

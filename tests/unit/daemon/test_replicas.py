@@ -1,4 +1,10 @@
-"""ReplicaSet: per-replica admission queues, timings, cancellation and failure isolation."""
+"""ReplicaSet: per-replica admission queues, timings, cancellation and failure isolation.
+
+Time is the set's injected clock: a `SteppedClock` that moves only when a test advances it (slow
+calls and start-up delays wait for the test, however slow the machine), or a `ManualClock` under
+the emulated backend, whose steps then take no wall time. The timings asserted are therefore
+exact, and waits for a state poll with a generous deadline instead of sleeping.
+"""
 
 import asyncio
 import time
@@ -7,7 +13,7 @@ import psutil
 import pytest
 
 from swarmx.backends.base import BackendMetrics, CallOutcome, CallRequest
-from swarmx.clock import RealClock
+from swarmx.clock import ManualClock, SteppedClock
 from swarmx.config import NodeConfig, ReplicaConfig
 from swarmx.daemon import replicas as replicas_mod
 from swarmx.daemon.replicas import ReplicaSet
@@ -15,6 +21,8 @@ from swarmx.protocol import Dispatch, ReplicaInfo, Result
 
 LM0, LM1, TOOL = "node/lm#0", "node/lm#1", "node/tool"
 SLOW_S = 0.2
+WITHIN_S = 10.0
+"""How long a wait polls before it fails: far beyond what any state change here takes."""
 
 
 def node_config(tool_slots: int = 1, count: int = 2) -> NodeConfig:
@@ -29,9 +37,11 @@ def llm(call_id: str, replica: str = LM0, prompt: str = "hello", max_tokens: int
 
 
 class Slow:
-    """A backend whose calls take SLOW_S of real time."""
+    """A backend whose calls each take SLOW_S on the set's `SteppedClock`: one runs until the
+    test advances the clock past its end, so the test decides when it finishes."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: SteppedClock) -> None:
+        self.clock = clock
         self.started: list[str] = []
         self.closed = False
 
@@ -39,8 +49,8 @@ class Slow:
         return None
 
     async def run(self, request: CallRequest) -> CallOutcome:
-        self.started.append(request.call_id)
-        await asyncio.sleep(SLOW_S)
+        self.started.append(request.call_id)  # and the sleep begins in the same step
+        await self.clock.sleep(SLOW_S)
         return CallOutcome(True, f"done {request.call_id}", output_tokens=2)
 
     def metrics(self) -> BackendMetrics:
@@ -62,8 +72,9 @@ class Flaky(Slow):
 class Node:
     """A started ReplicaSet plus the results its reply callback received."""
 
-    def __init__(self, rs: ReplicaSet) -> None:
+    def __init__(self, rs: ReplicaSet, clock) -> None:
         self.rs = rs
+        self.clock = clock
         self.results: dict[str, Result] = {}
 
     async def reply(self, result: Result) -> None:
@@ -77,24 +88,42 @@ class Node:
         [rt] = [r for r in self.rs.runtime() if r.replica == replica]
         return rt
 
-    async def until(self, predicate, within_s: float = 5.0) -> None:
+    def slow(self, replica: str) -> Slow:
+        """Put a `Slow` backend behind ``replica``."""
+        slow = Slow(self.clock)
+        self.rs.replicas[replica].backend = slow
+        return slow
+
+    async def until(self, predicate, within_s: float = WITHIN_S, jump: bool = False) -> None:
+        """Poll until ``predicate()`` holds; fail after ``within_s`` of wall time. ``jump``: let
+        virtual time run meanwhile (end each sleep on the `SteppedClock` as it comes)."""
         deadline = time.monotonic() + within_s
         while not predicate():
             assert time.monotonic() < deadline, "condition never held"
+            if jump:
+                self.clock.wake_next()
             await asyncio.sleep(0.005)
 
+    async def settle(self) -> None:
+        """Let every task that can run do so until it waits again (some loop iterations, not
+        wall time): what a buggy set would do next has happened by the time this returns."""
+        for _ in range(20):
+            await asyncio.sleep(0)
 
-def serve(test, cfg: NodeConfig | None = None):
-    """Run ``await test(node)`` on a started ReplicaSet, closing it afterwards."""
+
+def serve(test, cfg: NodeConfig | None = None, clock=None):
+    """Run ``await test(node)`` on a started ReplicaSet, closing it afterwards; ``clock``: a
+    `SteppedClock` unless given."""
 
     async def main():
-        rs = ReplicaSet(cfg or node_config(), RealClock())
+        rs = ReplicaSet(cfg or node_config(), node_clock)
         await rs.start()
         try:
-            return await test(Node(rs))
+            return await test(Node(rs, node_clock))
         finally:
             await rs.close()
 
+    node_clock = clock if clock is not None else SteppedClock()
     return asyncio.run(main())
 
 
@@ -124,7 +153,7 @@ def test_tool_slots_default_to_one_per_core():
 
 
 def test_nothing_is_listed_before_start():
-    rs = ReplicaSet(node_config(), RealClock())
+    rs = ReplicaSet(node_config(), SteppedClock())
     assert rs.infos() == []
     assert rs.runtime() == []
 
@@ -156,10 +185,10 @@ def test_a_dispatch_runs_on_the_emulated_replica():
         await node.until(lambda: "c1" in node.results)
         return node.results["c1"], node.runtime(LM1)
 
-    result, rt = serve(test)
+    result, rt = serve(test, clock=ManualClock())  # the emulated steps take no wall time
     assert result.ok, result.error
     assert result.replica == LM1
-    assert 0 <= result.queue_s < 0.05
+    assert result.queue_s == 0.0  # a free slot: no time passes before the call starts
     assert result.latency_s > 0.005  # at least one emulated H100 step
     assert result.ttft_s is not None
     assert 0 < result.ttft_s <= result.latency_s
@@ -184,14 +213,15 @@ def test_a_tool_dispatch_runs_a_subprocess():
 
 def test_second_call_queues_behind_the_first_and_runtime_tracks_it():
     async def test(node):
-        slow = Slow()
-        node.rs.replicas[LM0].backend = slow
+        slow = node.slow(LM0)
         node.submit(llm("first"))
         node.submit(llm("second"))
-        await node.until(lambda: slow.started == ["first"])
-        await asyncio.sleep(0.02)
-        waiting = node.runtime(LM0)
+        await node.until(lambda: slow.started == ["first"] and node.runtime(LM0).queued == 1)
+        waiting = node.runtime(LM0)  # "first" cannot end before the clock moves
         other = node.runtime(LM1)
+        node.clock.advance(SLOW_S)  # "first" ends; "second" gets the slot
+        await node.until(lambda: slow.started == ["first", "second"])
+        node.clock.advance(SLOW_S)
         await node.until(lambda: "second" in node.results)
         return node.results, waiting, other, node.runtime(LM0), slow
 
@@ -203,18 +233,17 @@ def test_second_call_queues_behind_the_first_and_runtime_tracks_it():
     assert first.ok
     assert second.ok
     assert first.output == "done first"
-    assert first.queue_s < 0.05
-    assert SLOW_S * 0.9 <= first.latency_s < SLOW_S + 0.15
-    assert SLOW_S * 0.9 <= second.latency_s < SLOW_S + 0.15
-    assert second.queue_s == pytest.approx(first.latency_s, abs=0.05)
+    assert first.queue_s == 0.0
+    assert first.latency_s == pytest.approx(SLOW_S)
+    assert second.latency_s == pytest.approx(SLOW_S)
+    assert second.queue_s == pytest.approx(first.latency_s)  # it waited exactly for "first"
     assert (after.queued, after.inflight, after.completed, after.failed) == (0, 0, 2, 0)
     assert after.recent_latencies_s == [first.latency_s, second.latency_s]
 
 
 def test_cancelling_a_queued_call_frees_it_without_a_result():
     async def test(node):
-        slow = Slow()
-        node.rs.replicas[LM0].backend = slow
+        slow = node.slow(LM0)
         node.submit(llm("first"))
         node.submit(llm("second"))
         node.submit(llm("third"))
@@ -222,8 +251,10 @@ def test_cancelling_a_queued_call_frees_it_without_a_result():
         assert node.rs.cancel(["second", "no-such-call"]) == 1
         await node.until(lambda: node.runtime(LM0).queued == 1)
         mid = node.runtime(LM0)
-        await node.until(lambda: "third" in node.results)
-        await asyncio.sleep(0.02)
+        node.clock.advance(SLOW_S)  # "first" ends
+        await node.until(lambda: slow.started == ["first", "third"])
+        node.clock.advance(SLOW_S)
+        await node.until(lambda: not node.rs.running())  # every call ended: no result to come
         return node.results, mid, node.runtime(LM0), slow
 
     results, mid, after, slow = serve(test)
@@ -231,25 +262,26 @@ def test_cancelling_a_queued_call_frees_it_without_a_result():
     assert set(results) == {"first", "third"}
     assert slow.started == ["first", "third"]
     # "third" waited for "first" only
-    assert results["third"].queue_s < results["first"].latency_s + 0.1
+    assert results["third"].queue_s == pytest.approx(results["first"].latency_s)
     assert (after.queued, after.inflight, after.completed, after.failed) == (0, 0, 2, 0)
 
 
 def test_cancelling_a_running_call_frees_its_slot_without_a_result():
     async def test(node):
-        slow = Slow()
-        node.rs.replicas[LM0].backend = slow
+        slow = node.slow(LM0)
         node.submit(llm("first"))
         node.submit(llm("second"))
         await node.until(lambda: slow.started == ["first"])
-        t0 = time.monotonic()
         assert node.rs.cancel(["first"]) == 1
+        # the clock has not moved, so "first" never reached its end: "second" starts anyway
+        await node.until(lambda: slow.started == ["first", "second"])
+        node.clock.advance(SLOW_S)
         await node.until(lambda: "second" in node.results)
-        return node.results, time.monotonic() - t0, node.runtime(LM0)
+        return node.results, node.runtime(LM0)
 
-    results, took, after = serve(test)
+    results, after = serve(test)
     assert set(results) == {"second"}
-    assert took < 2 * SLOW_S  # "second" did not wait for "first" to finish
+    assert results["second"].queue_s == 0.0  # "second" did not wait for "first" to finish
     assert (after.queued, after.inflight, after.completed, after.failed) == (0, 0, 1, 0)
 
 
@@ -268,7 +300,7 @@ def test_dispatch_to_an_unknown_replica_fails():
 
 def test_a_raising_backend_fails_the_call_and_the_node_keeps_serving(caplog):
     async def test(node):
-        node.rs.replicas[LM0].backend = Flaky()
+        node.rs.replicas[LM0].backend = Flaky(node.clock)
         node.submit(llm("boom1"))
         await node.until(lambda: "boom1" in node.results)
         node.submit(llm("after"))
@@ -276,7 +308,7 @@ def test_a_raising_backend_fails_the_call_and_the_node_keeps_serving(caplog):
         await node.until(lambda: {"after", "elsewhere"} <= set(node.results))
         return node.results, node.runtime(LM0)
 
-    results, rt = serve(test)
+    results, rt = serve(test, clock=ManualClock())
     assert not results["boom1"].ok
     assert results["boom1"].error == "RuntimeError: backend exploded"
     assert results["after"].ok
@@ -288,8 +320,7 @@ def test_a_raising_backend_fails_the_call_and_the_node_keeps_serving(caplog):
 
 def test_close_cancels_calls_and_closes_backends():
     async def test(node):
-        slow = Slow()
-        node.rs.replicas[LM0].backend = slow
+        slow = node.slow(LM0)
         node.submit(llm("first"))
         node.submit(llm("second"))
         await node.until(lambda: slow.started == ["first"])
@@ -319,7 +350,7 @@ def scalable_config(count: int = 1, max_count: int | None = 3, delay_s: float = 
 
 
 def serve_scaling(test, cfg: NodeConfig, confirm_drain=None):
-    """Like `serve`, counting the replica-list changes the set announces."""
+    """Like `serve` (on a `SteppedClock`), counting the replica-list changes the set announces."""
 
     async def main():
         changes = []
@@ -327,13 +358,14 @@ def serve_scaling(test, cfg: NodeConfig, confirm_drain=None):
         async def changed():
             changes.append([(i.replica, i.draining) for i in rs.infos()])
 
-        rs = ReplicaSet(cfg, RealClock(), on_change=changed, confirm_drain=confirm_drain)
+        rs = ReplicaSet(cfg, clock, on_change=changed, confirm_drain=confirm_drain)
         await rs.start()
         try:
-            return await test(Node(rs), changes)
+            return await test(Node(rs, clock), changes)
         finally:
             await rs.close()
 
+    clock = SteppedClock()
     return asyncio.run(main())
 
 
@@ -355,11 +387,12 @@ def test_scale_up_announces_a_new_replica_only_once_it_is_ready():
     async def test(node, changes):
         detail = node.rs.scale("lm", "emulated", 3)
         starting = ([i.replica for i in node.rs.infos()], node.rs.pools()[0].target)
-        await asyncio.sleep(0.1)
+        await node.until(lambda: node.clock.sleepers == 2)  # both in their start-up delay
         not_yet = [i.replica for i in node.rs.infos()]
-        await node.until(lambda: len(changes) == 2, within_s=3)
+        node.clock.advance(0.3)
+        await node.until(lambda: len(changes) == 2)
         node.submit(llm("c1", "node/lm#2"))
-        await node.until(lambda: "c1" in node.results)
+        await node.until(lambda: "c1" in node.results, jump=True)  # emulated steps: virtual
         return detail, starting, not_yet, changes, node.results["c1"], node.rs.pools()[0]
 
     detail, starting, not_yet, changes, result, pool = serve_scaling(
@@ -374,11 +407,10 @@ def test_scale_up_announces_a_new_replica_only_once_it_is_ready():
 
 
 async def two_replicas_one_busy(node, busy: str) -> Slow:
-    """Scale to two replicas and keep ``busy`` serving a slow call."""
+    """Scale to two replicas and keep ``busy`` serving a slow call (until the clock moves)."""
     node.rs.scale("lm", "emulated", 2)
     await node.until(lambda: len(node.rs.infos()) == 2)
-    slow = Slow()
-    node.rs.replicas[busy].backend = slow
+    slow = node.slow(busy)
     node.submit(llm("busy", busy))
     await node.until(lambda: slow.started == ["busy"])
     return slow
@@ -391,6 +423,7 @@ def test_scale_down_drains_the_named_replica_before_closing_it():
         detail = node.rs.scale("lm", "emulated", 1, remove=[LM1])
         during = [(i.replica, i.draining) for i in node.rs.infos()]
         target = node.rs.pools()[0].target
+        node.clock.advance(SLOW_S)  # its call ends
         await node.until(lambda: changes)
         return detail, during, target, changes, node.results, slow
 
@@ -407,7 +440,9 @@ def test_scale_down_cancels_replicas_still_starting_first():
     async def test(node, changes):
         node.rs.scale("lm", "emulated", 3)
         detail = node.rs.scale("lm", "emulated", 2)
-        await asyncio.sleep(0.5)
+        await node.until(lambda: node.clock.sleepers == 1)  # lm#1 in its start-up delay
+        node.clock.advance(0.2)
+        await node.until(lambda: changes)  # lm#1 is ready
         return detail, [i.replica for i in node.rs.infos()], node.rs.pools()[0].target
 
     detail, listed, target = serve_scaling(test, scalable_config(delay_s=0.2))
@@ -441,13 +476,13 @@ def test_a_drained_replica_stays_open_for_calls_until_the_drain_is_confirmed():
         await two_replicas_one_busy(node, LM0)
         changes.clear()
         detail = node.rs.scale("lm", "emulated", 1)
-        await asyncio.sleep(0.1)
+        await node.settle()  # room for the drain to close the idle replica, were it to
         idle_but_unconfirmed = [(i.replica, i.draining) for i in node.rs.infos()]
-        late = Slow()
-        node.rs.replicas[LM1].backend = late
+        late = node.slow(LM1)
         node.submit(llm("late", LM1))  # routed before the scheduler saw the mark
         await node.until(lambda: late.started == ["late"])
         confirms[0].set_result(None)
+        node.clock.advance(SLOW_S)  # "late" ends (and the busy call on LM0)
         await node.until(lambda: changes)
         return detail, idle_but_unconfirmed, node.results, late, changes
 
@@ -510,11 +545,11 @@ def test_the_torch_backend_scales_too():
 
     async def test(node, changes):
         node.rs.scale("tiny", "torch", 2)
-        await node.until(lambda: changes, within_s=30)
+        await node.until(lambda: changes, within_s=60)
         node.submit(Dispatch("c1", "wf", "s", "node/tiny#1", "llm", "tiny", "hello", 4))
-        await node.until(lambda: "c1" in node.results, within_s=30)
+        await node.until(lambda: "c1" in node.results, within_s=60)
         node.rs.scale("tiny", "torch", 1, remove=["node/tiny#1"])
-        await node.until(lambda: len(changes) == 2, within_s=30)
+        await node.until(lambda: len(changes) == 2, within_s=60)
         return node.results["c1"], [i.replica for i in node.rs.infos()]
 
     result, listed = serve_scaling(test, cfg)
@@ -524,16 +559,16 @@ def test_the_torch_backend_scales_too():
 
 def test_a_node_knows_which_calls_it_runs_and_which_ended():
     async def test(node):
-        slow = Slow()
-        node.rs.replicas[LM0].backend = slow
+        slow = node.slow(LM0)
         node.submit(llm("c1"))
         node.submit(llm("c2"))
         await node.until(lambda: slow.started == ["c1"])
         running = node.rs.running()
         seen = node.rs.seen("c1"), node.rs.seen("nope")
         node.rs.cancel(["c2"])
+        node.clock.advance(SLOW_S)
         await node.until(lambda: "c1" in node.results)
-        await asyncio.sleep(0.01)
+        await node.until(lambda: node.rs.seen("c2") == "ended")
         return running, seen, node.rs.seen("c1"), node.rs.seen("c2"), node.rs.running()
 
     running, seen, c1, c2, after = serve(test)
