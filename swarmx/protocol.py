@@ -89,6 +89,17 @@ class GpuInfo(msgspec.Struct, frozen=True):
     mem_total_bytes: Size
 
 
+def replica_name(node: str, model: str, index: int) -> str:
+    """``node/model#index``: the scheduler accepts only replicas named after their node."""
+    return f"{node}/{model}#{index}"
+
+
+def replica_index(replica: str) -> int:
+    """``node/model#3`` -> 3; -1 for a name without one."""
+    tail = replica.rpartition("#")[2]
+    return int(tail) if tail.isdigit() else -1
+
+
 class ReplicaInfo(msgspec.Struct, frozen=True):
     """A model server instance a node serves, ready for calls."""
 

@@ -22,7 +22,15 @@ from swarmx.backends.base import Backend, CallOutcome, CallRequest
 from swarmx.backends.tools import ToolRunner
 from swarmx.clock import Clock
 from swarmx.config import NodeConfig, ReplicaConfig
-from swarmx.protocol import Dispatch, ReplicaInfo, ReplicaPool, ReplicaRuntime, Result
+from swarmx.protocol import (
+    Dispatch,
+    ReplicaInfo,
+    ReplicaPool,
+    ReplicaRuntime,
+    Result,
+    replica_index,
+    replica_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +64,6 @@ def _finished(replica: Replica) -> None:
     replica.pending -= 1
     if replica.pending == 0:
         replica.idle.set()
-
-
-def _index(replica: str) -> int:
-    """``node/model#3`` -> 3."""
-    tail = replica.rpartition("#")[2]
-    return int(tail) if tail.isdigit() else -1
 
 
 @dataclass
@@ -166,7 +168,7 @@ class ReplicaSet:
                 pool.max_count += rc.scale_max
             for _ in range(rc.count):
                 info = ReplicaInfo(
-                    f"{cfg.name}/{rc.model}#{per_model[rc.model]}",
+                    replica_name(cfg.name, rc.model, per_model[rc.model]),
                     rc.model,
                     rc.backend,
                     device,
@@ -268,7 +270,7 @@ class ReplicaSet:
             return f"starting {', '.join(names)}"
         excess = current - target
         done: list[str] = []
-        for name in sorted(pool.starting, key=_index, reverse=True)[:excess]:
+        for name in sorted(pool.starting, key=replica_index, reverse=True)[:excess]:
             pool.starting.pop(name).cancel()
             done.append(f"cancelled {name}")
         excess -= len(done)
@@ -276,7 +278,7 @@ class ReplicaSet:
         chosen = [serving[n] for n in dict.fromkeys(remove) if n in serving][:excess]
         rest = sorted(
             (r for n, r in serving.items() if r not in chosen),
-            key=lambda r: (r.pending, -_index(r.info.replica)),
+            key=lambda r: (r.pending, -replica_index(r.info.replica)),
         )
         chosen += rest[: excess - len(chosen)]
         confirmed = self.confirm_drain() if chosen and self.confirm_drain is not None else None
@@ -288,12 +290,12 @@ class ReplicaSet:
         return "; ".join(done) or "nothing to do"
 
     def _new_names(self, model: str, n: int) -> list[str]:
-        taken = {_index(r) for r in self.replicas if r.startswith(f"{self.node}/{model}#")}
+        taken = {replica_index(r) for r in self.replicas if r.startswith(f"{self.node}/{model}#")}
         for pool in self._pools.values():
             if pool.template.model == model:
-                taken |= {_index(r) for r in pool.starting}
+                taken |= {replica_index(r) for r in pool.starting}
         free = (i for i in itertools.count() if i not in taken)
-        return [f"{self.node}/{model}#{next(free)}" for _ in range(n)]
+        return [replica_name(self.node, model, next(free)) for _ in range(n)]
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._lifecycle.add(task)

@@ -26,7 +26,7 @@ from swarmx.clock import Clock
 from swarmx.config import ScalerConfig
 from swarmx.daemon.workflows import WorkflowService
 from swarmx.models.dist import LatencyDist
-from swarmx.protocol import Hello, Message, ReplicaPool, ScaleCommand
+from swarmx.protocol import Hello, Message, ReplicaPool, ScaleCommand, replica_index
 from swarmx.sched.dispatch import TOOL_POOL
 from swarmx.sched.router import ReplicaView
 from swarmx.sched.scaler import PoolState, Scaler
@@ -316,7 +316,7 @@ class ScaleController:
                 return
             s = max(cands, key=idle)
             left = [v for v in s.ready if v.replica not in s.remove]
-            victim = min(left, key=lambda v: (v.outstanding, -_index(v.replica)))
+            victim = min(left, key=lambda v: (v.outstanding, -replica_index(v.replica)))
             s.remove.append(victim.replica)
             s.target -= 1
 
@@ -327,11 +327,6 @@ class ScaleController:
     def _cpu(self, node: str) -> float:
         tel = self.nodes.telemetry(node)
         return tel.host.cpu_percent if tel is not None else 0.0
-
-
-def _index(replica: str) -> int:
-    tail = replica.rpartition("#")[2]
-    return int(tail) if tail.isdigit() else -1
 
 
 def _reason(policy: str, s: PoolState, current: int, target: int, bound: bool) -> str:
