@@ -61,6 +61,10 @@ event-loop delays: ``bench_loop_gap_max_ms`` says how long those got, and ``benc
 much CPU the bench took (on a small machine it competes with the scheduler). Every process the
 bench starts is stopped when it ends, Ctrl-C and errors included; ``--keep DIR`` keeps the state
 directory (journal, keys, scheduler log) there.
+
+About 1,400 lines, on purpose: a bench is one script to copy and run (the emulated node agents,
+the client, the scheduler process and the report), and its node workers load it as their main
+module.
 """
 
 from __future__ import annotations
