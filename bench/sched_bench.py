@@ -8,6 +8,8 @@ workload classes and on the Azure and Mooncake traces.
 Every figure is measured in this run; nothing is carried over. Loads are fractions of each
 workload's measured capacity on the pool (its saturation throughput with the baseline stack), so
 "85%" means the same thing for every workload.
+
+About 700 lines, on purpose: one script that writes one section of RESULTS.md, in its order.
 """
 
 from __future__ import annotations
