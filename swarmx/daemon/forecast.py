@@ -14,25 +14,20 @@ from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch
 from swarmx.workflow.engine import CallSpec
 
 
+def _booked(view: ReplicaView) -> tuple[int, int]:
+    """(in flight, queued) on the replica as the scheduler booked them, before this call."""
+    return min(view.outstanding, view.concurrency), max(0, view.outstanding - view.concurrency)
+
+
 def runtime_of(view: ReplicaView) -> RuntimeAtDispatch:
-    """In flight and queued on the replica as the scheduler booked them, before this call."""
-    return RuntimeAtDispatch(
-        min(view.outstanding, view.concurrency), max(0, view.outstanding - view.concurrency)
-    )
+    """The replica's load as a trace records it."""
+    return RuntimeAtDispatch(*_booked(view))
 
 
 def candidate(device: DeviceAtDispatch, view: ReplicaView) -> Candidate:
-    """A replica as a placement for the predictor (its runtime as `runtime_of` says, without
-    the object: this runs for every candidate of every routed call)."""
-    outstanding, slots = view.outstanding, view.concurrency
-    return (
-        device.gpu,
-        device.gpu_util,
-        device.gpu_mem_frac,
-        device.cpu_util,
-        min(outstanding, slots),
-        max(0, outstanding - slots),
-    )
+    """A replica as a placement for the predictor (a plain tuple, not the trace's objects: this
+    runs for every candidate of every routed call)."""
+    return (device.gpu, device.gpu_util, device.gpu_mem_frac, device.cpu_util, *_booked(view))
 
 
 class LiveForecaster:
