@@ -146,6 +146,7 @@ SAMPLES = [
     HELLO,
     TELEMETRY,
     Heartbeat(3.0, 2, {"wf-1:a:0:1": "n1/lm#0"}),
+    Heartbeat(3.0, 0, {}, telemetry=TELEMETRY),
     Goodbye(True, ["wf-1:a:0:1"]),
     Dispatch("c1", "w1", "s1", "r1", "llm", "llama", "hi", 16, {"k": "v"}),
     Dispatch("c2", "w1", "t", "cpu", "tool", "", command=["pytest", "-q"], timeout_s=30.0),
@@ -341,6 +342,15 @@ def test_integers_are_accepted_as_floats_but_not_the_reverse():
 def test_numbers_out_of_range_are_refused_at_decode(value):
     with pytest.raises(ProtocolError, match=r"body\.uptime_s") as info:
         decode_frame(encode_frame("n", 1, 0.0, Heartbeat(value)))
+    assert info.value.reason == "schema"
+
+
+def test_telemetry_riding_on_a_heartbeat_is_checked_as_telemetry_is():
+    bad = msgspec.structs.replace(
+        TELEMETRY, host=msgspec.structs.replace(TELEMETRY.host, cpu_percent=math.nan)
+    )
+    with pytest.raises(ProtocolError, match=r"body\.telemetry\.host\.cpu_percent") as info:
+        decode_frame(encode_frame("n", 1, 0.0, Heartbeat(1.0, telemetry=bad)))
     assert info.value.reason == "schema"
 
 
