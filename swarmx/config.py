@@ -129,6 +129,10 @@ class SchedulerConfig:
     workflow_timeout_s: float = WorkflowLimits.workflow_timeout_s
     """Hard deadline of every workflow, SLO or not: past it, it fails and its calls are
     cancelled, so nothing stays ``running`` for ever."""
+    session_idle_s: float = 600.0
+    """A gateway session (``X-SwarmX-Session``) with no call for this long is over."""
+    max_gateway_calls_per_client: int = 1000
+    """Gateway calls one API key's client (or, without keys, all clients) may run at once."""
 
     def __post_init__(self) -> None:
         try:
@@ -146,6 +150,8 @@ class SchedulerConfig:
             "recovery_grace_s",
             "max_queued_workflows",
             "max_queued_calls",
+            "session_idle_s",
+            "max_gateway_calls_per_client",
         ):
             _check_positive(name, getattr(self, name))
         for name in ("trace_retention_rows", "workflow_retention_days"):
@@ -466,6 +472,65 @@ class SecurityConfig:
         return bool(self.key)
 
 
+DEFAULT_GATEWAY = "http://127.0.0.1:8000"
+MAX_GATEWAY_BODY_BYTES = 3 * 1024 * 1024 // 2
+"""Twice this (the body and its flattened text) fits the wire's 4 MiB frame."""
+
+
+def check_http_listen(url: str) -> tuple[str, int]:
+    """``http://HOST:PORT`` (or ``https://``) a gateway listens on -> (host, port); port 0
+    picks a free one."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise SchemaError("", f"expected http://HOST:PORT, got {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise SchemaError("", f"bad port in {url!r}") from None
+    if port is None:
+        raise SchemaError("", f"expected http://HOST:PORT (a port), got {url!r}")
+    return parts.hostname, port
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """`swarmx gateway`: the OpenAI-compatible endpoint (docs/gateway.md)."""
+
+    listen: str = DEFAULT_GATEWAY
+    scheduler: str = DEFAULT_SCHEDULER
+    api_keys: str = ""
+    """A TOML file of API keys (``[[keys]] client, sha256``) the gateway accepts as
+    ``Authorization: Bearer``; reread when it changes. Empty: callers on this host only."""
+    tls_cert: str = ""
+    """PEM certificate (with ``tls_key``): serve HTTPS. Needed to listen off loopback."""
+    tls_key: str = ""
+    call_timeout_s: float = 600.0
+    """A call with no end by then is stopped and answered 504."""
+    max_body_bytes: int = 1024 * 1024
+    """Largest request body. A call crosses the control plane as one frame carrying the body
+    and its text, so at most `MAX_GATEWAY_BODY_BYTES`."""
+    metrics_port: int = 0
+    metrics_addr: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        try:
+            check_http_listen(self.listen)
+        except SchemaError as exc:
+            raise SchemaError("listen", exc.message) from None
+        try:
+            check_address(self.scheduler)
+        except SchemaError as exc:
+            raise SchemaError("scheduler", exc.message) from None
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise SchemaError("tls_cert", "tls_cert and tls_key go together")
+        _check_positive("call_timeout_s", self.call_timeout_s)
+        if not 0 < self.max_body_bytes <= MAX_GATEWAY_BODY_BYTES:
+            raise SchemaError(
+                "max_body_bytes", f"must be 1..{MAX_GATEWAY_BODY_BYTES}, got {self.max_body_bytes}"
+            )
+        _check_metrics(self.metrics_port, self.metrics_addr)
+
+
 @dataclass(frozen=True)
 class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -476,6 +541,7 @@ class Config:
     scaler: ScalerConfig = field(default_factory=ScalerConfig)
     log: LogConfig = field(default_factory=LogConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:

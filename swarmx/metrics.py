@@ -434,4 +434,54 @@ def _fault_families(info_s: SchedulerInfo) -> list[Metric]:
         [],
     )
     gap.add_metric([], info_s.loop_gap_max_s)
-    return [dropped, fenced, overloaded, gap]
+    return [dropped, fenced, overloaded, gap, *_gateway_families(info_s)]
+
+
+def _gateway_families(info_s: SchedulerInfo) -> list[Metric]:
+    """The gateways' calls as the scheduler holds them (docs/gateway.md)."""
+    calls = _gauge("swarmx_gateway_calls_open", "Gateway calls queued or running.", [])
+    calls.add_metric([], info_s.gateway_calls)
+    sessions = _gauge("swarmx_gateway_sessions_open", "Gateway sessions open.", [])
+    sessions.add_metric([], info_s.gateway_sessions)
+    refused = CounterMetricFamily(
+        "swarmx_gateway_calls_refused",
+        "Gateway calls answered with an error before running, by reason (model, quota, "
+        "overloaded).",
+        labels=["reason"],
+    )
+    for reason, count in sorted(info_s.gateway_refused.items()):
+        refused.add_metric([reason], count)
+    return [calls, sessions, refused]
+
+
+# --- the gateway ------------------------------------------------------------------------------
+
+
+class GatewayMetrics:
+    """What `swarmx gateway` serves on its metrics port (docs/gateway.md)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "swarmx_gateway_requests",
+            "HTTP requests answered, by route and status.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            "swarmx_gateway_auth_refused",
+            "Requests refused before any work, by reason (missing_key, unknown_key, not_loopback).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "swarmx_gateway_time_to_first_token_seconds",
+            "Request received to first output chunk, streamed calls.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.aborted = Counter(
+            "swarmx_gateway_client_aborts",
+            "Calls whose client went away before the end (stopped on the engine).",
+            registry=self.registry,
+        )

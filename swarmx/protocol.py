@@ -273,6 +273,10 @@ class Dispatch(msgspec.Struct, frozen=True):
     )
     command: Annotated[list[str], Meta(max_length=MAX_LIST)] = _field(default_factory=list)
     timeout_s: Seconds | None = None
+    api: Literal["", "chat", "completions"] = ""
+    """A gateway call: the OpenAI endpoint it came to. The node streams `Chunk` frames for it."""
+    body: str = ""
+    """A gateway call: the client's request (a JSON object, without model and stream)."""
 
 
 class Result(msgspec.Struct, frozen=True):
@@ -289,6 +293,15 @@ class Result(msgspec.Struct, frozen=True):
     ttft_s: Seconds | None
     prompt_tokens: Count
     output_tokens: Count
+
+
+class Chunk(msgspec.Struct, frozen=True):
+    """Node -> scheduler -> gateway: output of a streamed gateway call so far, in order: each item
+    is one OpenAI streaming chunk's JSON (the ``data`` of one server-sent event)."""
+
+    TYPE: ClassVar[str] = "chunk"
+    call_id: Name
+    data: Annotated[list[str], Meta(max_length=MAX_LIST)]
 
 
 class CancelCalls(msgspec.Struct, frozen=True):
@@ -329,6 +342,55 @@ class Error(msgspec.Struct, frozen=True):
     ref_seq: Seq
     code: Name
     message: Note
+
+
+# --- the gateway ------------------------------------------------------------------------------
+
+
+class GatewayCall(msgspec.Struct, frozen=True):
+    """Gateway -> scheduler: route and run one OpenAI request. The scheduler answers with
+    `Chunk` frames as the engine streams, then one `CallEnded`."""
+
+    TYPE: ClassVar[str] = "gateway_call"
+    call_id: Name
+    """Chosen by the gateway, unique among its calls."""
+    session: Name
+    """The agent session (``X-SwarmX-Session``, else the request's ``user``); "" for none."""
+    client: Name
+    """The API key's client name ("" without keys): quotas and ownership."""
+    model: Name
+    api: Literal["chat", "completions"]
+    body: str
+    prompt: str
+    """The request flattened to text: what the predictor and the traces see."""
+    max_tokens: Count = 0
+    input_kinds: Annotated[list[Name], Meta(max_length=16)] = _field(default_factory=list)
+    slo_s: Annotated[float, Meta(gt=0, le=1e7)] | None = None
+    """``X-SwarmX-SLO-S``: seconds for the whole session (from its first call)."""
+    priority: Annotated[int, Meta(ge=-1000, le=1000)] = 0
+    timeout_s: Annotated[float, Meta(gt=0, le=86_400)] | None = None
+
+
+class CallEnded(msgspec.Struct, frozen=True):
+    """Scheduler -> gateway: a gateway call is over (after its last `Chunk`)."""
+
+    TYPE: ClassVar[str] = "call_ended"
+    call_id: Name
+    ok: bool
+    status: Annotated[int, Meta(ge=100, le=599)] = 200
+    """The HTTP status that fits the ending (200, 429, 503, 504, 502...)."""
+    error: Note = ""
+    prompt_tokens: Count = 0
+    output_tokens: Count = 0
+    replica: Name = ""
+    retry_after_s: Seconds | None = None
+
+
+class AbortCall(msgspec.Struct, frozen=True):
+    """Gateway -> scheduler: the client went away; stop the call, queued or running."""
+
+    TYPE: ClassVar[str] = "abort_call"
+    call_id: Name
 
 
 # --- client requests --------------------------------------------------------------------------
@@ -496,6 +558,13 @@ class SchedulerInfo(msgspec.Struct, frozen=True):
     """Submissions refused because the scheduler held its most queued workflows or calls."""
     loop_gap_max_s: float = 0.0
     """The longest stall of the scheduler's event loop over the last 10 s."""
+    gateway_calls: int = 0
+    """Gateway calls queued or running."""
+    gateway_sessions: int = 0
+    """Gateway sessions open (``X-SwarmX-Session``)."""
+    gateway_refused: dict[str, int] = _field(default_factory=dict)
+    """Gateway calls answered with an error before running, by reason: ``model`` (not
+    served), ``quota`` (the client's most), ``overloaded`` (the queue's most)."""
 
 
 class NodesReply(msgspec.Struct, frozen=True):
@@ -634,6 +703,7 @@ Message = (
     | Goodbye
     | Dispatch
     | Result
+    | Chunk
     | CancelCalls
     | ScaleCommand
     | Ack
@@ -652,6 +722,9 @@ Message = (
     | NodesReply
     | QueryTop
     | TopReply
+    | GatewayCall
+    | CallEnded
+    | AbortCall
 )
 
 MESSAGE_TYPES: dict[str, type[Message]] = {cls.TYPE: cls for cls in get_args(Message)}

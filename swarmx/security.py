@@ -7,7 +7,9 @@ folder a key lies in is its role:
   key first registered with (`NodeNames`), and results only for calls sent to that node;
 - ``clients/``: submit workflows, read and cancel their own, read the cluster's state;
 - ``admins/``: everything a client may, for every workflow, plus exporting traces and installing
-  predictors.
+  predictors;
+- ``gateways/``: the OpenAI-compatible gateways: run and abort gateway calls on behalf of the
+  clients their API keys name, and read the cluster's state (the models it serves).
 
 Without keys (loopback only, or ``--insecure``) every peer is `ANYONE`, as before keys existed.
 Pure code apart from reading the key directory; the transport checks the handshake, this module
@@ -27,10 +29,13 @@ from typing import Literal
 
 from swarmx.config import SecurityConfig
 from swarmx.protocol import (
+    AbortCall,
     Ack,
     CancelWorkflow,
+    Chunk,
     Error,
     ExportTraces,
+    GatewayCall,
     Goodbye,
     Heartbeat,
     Hello,
@@ -54,8 +59,13 @@ from swarmx.transport import (
 
 log = logging.getLogger(__name__)
 
-Role = Literal["node", "client", "admin", "any"]
-ROLE_DIRS: dict[str, Role] = {"nodes": "node", "clients": "client", "admins": "admin"}
+Role = Literal["node", "client", "admin", "gateway", "any"]
+ROLE_DIRS: dict[str, Role] = {
+    "nodes": "node",
+    "clients": "client",
+    "admins": "admin",
+    "gateways": "gateway",
+}
 
 
 @dataclass(frozen=True)
@@ -70,16 +80,18 @@ ANYONE = Peer("any", "")
 """Every peer of a scheduler without keys."""
 
 _NODE: frozenset[type[Message]] = frozenset(
-    {Hello, Telemetry, Heartbeat, Goodbye, Result, Ack, Error}
+    {Hello, Telemetry, Heartbeat, Goodbye, Result, Chunk, Ack, Error}
 )
 _CLIENT: frozenset[type[Message]] = frozenset(
     {Submit, QueryWorkflows, CancelWorkflow, QueryNodes, QueryTop, QueryPredictor}
 )
+_GATEWAY: frozenset[type[Message]] = frozenset({GatewayCall, AbortCall, QueryNodes})
 ALLOWED: dict[Role, frozenset[type[Message]]] = {
     "node": _NODE,
     "client": _CLIENT,
     "admin": _CLIENT | {ExportTraces, InstallPredictor},
-    "any": _NODE | _CLIENT | {ExportTraces, InstallPredictor},
+    "gateway": _GATEWAY,
+    "any": _NODE | _CLIENT | _GATEWAY | {ExportTraces, InstallPredictor},
 }
 
 
@@ -96,6 +108,8 @@ LOCAL_KEYS_DIR = "keys"
 """Under a `swarmx up` state directory: the keys it made for its own processes."""
 LOCAL_ADMIN_KEY = "admin"
 """The key the CLI uses against a `swarmx up` cluster it finds in the state directory."""
+LOCAL_GATEWAY_KEY = "gateway"
+"""The key `swarmx gateway` uses against a `swarmx up` cluster in the state directory."""
 
 
 def client_curve(sec: SecurityConfig, what: str = "[security]") -> ClientCurve | None:
@@ -107,10 +121,13 @@ def client_curve(sec: SecurityConfig, what: str = "[security]") -> ClientCurve |
     return ClientCurve(load_keypair(sec.key), load_public_key(sec.scheduler_key))
 
 
-def local_client_curve(state_dir: Path, scheduler_public: str) -> ClientCurve | None:
-    """The admin key a `swarmx up` in ``state_dir`` made, if there is one, against the public
-    key its scheduler published (so a stale keys folder never meets a keyless scheduler)."""
-    secret = state_dir / LOCAL_KEYS_DIR / f"{LOCAL_ADMIN_KEY}.key_secret"
+def local_client_curve(
+    state_dir: Path, scheduler_public: str, name: str = LOCAL_ADMIN_KEY
+) -> ClientCurve | None:
+    """A key a `swarmx up` in ``state_dir`` made (the CLI's admin key, or the gateway's), if
+    there is one, against the public key its scheduler published (so a stale keys folder never
+    meets a keyless scheduler)."""
+    secret = state_dir / LOCAL_KEYS_DIR / f"{name}.key_secret"
     if not scheduler_public or not secret.is_file():
         return None
     return ClientCurve(load_keypair(secret), scheduler_public.encode())
@@ -131,15 +148,20 @@ class LocalKeys:
 
 
 def make_local_keys(state_dir: Path, nodes: list[str]) -> LocalKeys:
-    """Key pairs for the scheduler, each node and the CLI (``admin``), kept across restarts,
-    and an authorized_keys directory holding exactly this cluster's node and admin keys."""
+    """Key pairs for the scheduler, each node, the CLI (``admin``) and a gateway, kept across
+    restarts, and an authorized_keys directory holding exactly this cluster's keys."""
     keys = LocalKeys(state_dir / LOCAL_KEYS_DIR, state_dir / LOCAL_KEYS_DIR / "authorized")
-    for name in ("scheduler", LOCAL_ADMIN_KEY, *nodes):
+    for name in ("scheduler", LOCAL_ADMIN_KEY, LOCAL_GATEWAY_KEY, *nodes):
         if not keys.secret(name).is_file():
             for stale in (keys.public(name), keys.secret(name)):
                 stale.unlink(missing_ok=True)
             generate_keys(keys.directory, name)
-    for folder, names in (("nodes", nodes), ("admins", [LOCAL_ADMIN_KEY]), ("clients", [])):
+    for folder, names in (
+        ("nodes", nodes),
+        ("admins", [LOCAL_ADMIN_KEY]),
+        ("clients", []),
+        ("gateways", [LOCAL_GATEWAY_KEY]),
+    ):
         target = keys.authorized / folder
         target.mkdir(parents=True, exist_ok=True, mode=0o700)
         for old in target.glob("*.key"):

@@ -8,10 +8,13 @@ the calls that are inside ``run`` at the same time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 CallKind = Literal["llm", "model", "tool"]
+Api = Literal["chat", "completions"]
+"""The OpenAI endpoint a gateway call came in on: its streamed chunks take that endpoint's shape."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,20 @@ class CallRequest:
     """Per-call parameters of ``model`` steps, e.g. ``image_px``, ``steps``."""
     command: list[str] = field(default_factory=list)
     timeout_s: float | None = None
+    api: Api = "chat"
+    """Which OpenAI endpoint the call is: ``/chat/completions`` or ``/completions``."""
+    body: str = ""
+    """A gateway call's request as a JSON object text, validated, without ``model``, ``stream``
+    and ``stream_options`` (the backend sets those). Empty for workflow calls, which send
+    ``prompt``. Only the OpenAI backend reads it; embedded models always read ``prompt`` (the
+    gateway flattens chat messages into it)."""
+    stream: Callable[[str], None] | None = None
+    """When set, called on the event loop's thread, in order, with the JSON text of each OpenAI
+    streaming chunk as it is produced (one SSE event's data, never ``[DONE]``): a
+    ``chat.completion.chunk`` (``choices[0].delta``) or a ``text_completion`` (``choices[0].text``)
+    as ``api`` says. The last chunk with a choice carries ``finish_reason``; after it comes one
+    usage chunk with ``"choices": []`` and ``usage``. ``run`` still returns the whole outcome.
+    It must not raise: it runs inside the backend's engine, which serves other calls too."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +70,9 @@ class Backend(Protocol):
         """Load weights / check the server; blocking work goes to a thread, not the event loop."""
 
     async def run(self, request: CallRequest) -> CallOutcome:
-        """Execute one call. Cancelling the awaiting task must abort the call and free its slot."""
+        """Execute one call and return its whole outcome, streaming its chunks to
+        ``request.stream`` on the way when that is set. Cancelling the awaiting task must abort
+        the call and free its slot (once ``run`` has raised CancelledError, no more chunks come)."""
 
     def metrics(self) -> BackendMetrics:
         """Cheap, non-blocking: called once per telemetry interval."""

@@ -14,7 +14,8 @@ weights (Llama-3-8B shapes: 32 layers, 8 KV heads of 128 dims, so 128 KiB of KV 
 So an H100 decodes a lone sequence at ~160 tokens/s and slows as the batch's KV cache grows: the
 batch-size dependence that makes routing matter. How many tokens a call outputs is drawn from a
 lognormal around a third of ``max_tokens``, seeded by the prompt (the same prompt always gives the
-same length), unless the caller fixes it (the simulator replays real output lengths).
+same length), unless the caller fixes it (the simulator replays real output lengths). A call with
+a ``stream`` gets each word as an OpenAI chunk when the decode step that makes it ends.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import random
 from dataclasses import dataclass, field
 
 from swarmx.backends.base import BackendMetrics, CallOutcome, CallRequest
+from swarmx.backends.chunks import ChunkWriter
 from swarmx.clock import Clock, RealClock
 from swarmx.config import ReplicaConfig
 
@@ -107,11 +109,18 @@ _WORDS = [
 ]
 
 
-def filler_text(seed_text: str, tokens: int) -> str:
-    """Deterministic words, ``tokens`` of them, a dozen per line (downstream steps split lines)."""
+def filler_tokens(seed_text: str, tokens: int) -> list[str]:
+    """`filler_text` token by token: each word with the space or newline that goes before it."""
     rng = random.Random(seed_text)
     words = [rng.choice(_WORDS) for _ in range(tokens)]
-    return "\n".join(" ".join(words[i : i + 12]) for i in range(0, len(words), 12))
+    return [
+        word if i == 0 else ("\n" if i % 12 == 0 else " ") + word for i, word in enumerate(words)
+    ]
+
+
+def filler_text(seed_text: str, tokens: int) -> str:
+    """Deterministic words, ``tokens`` of them, a dozen per line (downstream steps split lines)."""
+    return "".join(filler_tokens(seed_text, tokens))
 
 
 @dataclass
@@ -124,6 +133,10 @@ class _Seq:
     generated: int = 0
     ttft_s: float | None = None
     waiting_prefill: bool = True
+    text: list[str] = field(default_factory=list)
+    """The output, one entry per token (`filler_tokens`)."""
+    chunks: ChunkWriter | None = None
+    """Set when the caller streams: each token goes out through it as its step ends."""
 
 
 @dataclass
@@ -165,13 +178,20 @@ class EmulatedServer:
                 False, "", f"emulated replicas serve llm and model calls, not {request.kind}"
             )
         future: asyncio.Future[CallOutcome] = asyncio.get_running_loop().create_future()
+        target = drawn_output_tokens(request.prompt, max(1, request.max_tokens))
         seq = _Seq(
             request,
             prompt_tokens(request.prompt),
-            drawn_output_tokens(request.prompt, max(1, request.max_tokens)),
+            target,
             future,
             self.clock.monotonic(),
+            text=filler_tokens(request.prompt, target),
         )
+        if request.stream is not None:
+            created = int(self.clock.time())
+            seq.chunks = ChunkWriter(
+                request.api, request.call_id, request.model, created, request.stream
+            )
         self._active.append(seq)
         if self._engine is None or self._engine.done():
             self._engine = asyncio.create_task(self._steps())
@@ -213,16 +233,19 @@ class EmulatedServer:
                 seq.generated += 1
                 if seq.waiting_prefill:
                     seq.waiting_prefill, seq.ttft_s = False, now - seq.started
+                if seq.chunks is not None:
+                    seq.chunks.text(seq.text[seq.generated - 1])
                 if seq.generated >= seq.target_tokens:
                     self._active.remove(seq)
-                    if not seq.future.done():
-                        seq.future.set_result(
-                            CallOutcome(
-                                True,
-                                filler_text(seq.request.prompt, seq.generated),
-                                "",
-                                seq.prompt_tokens,
-                                seq.generated,
-                                seq.ttft_s,
-                            )
-                        )
+                    self._finish(seq)
+
+    def _finish(self, seq: _Seq) -> None:
+        """Resolve a call that made its last token: its stream's finish and usage chunks first."""
+        if seq.future.done():
+            return
+        if seq.chunks is not None:
+            capped = seq.generated >= max(1, seq.request.max_tokens)
+            seq.chunks.finish("length" if capped else "stop", seq.prompt_tokens, seq.generated)
+        seq.future.set_result(
+            CallOutcome(True, "".join(seq.text), "", seq.prompt_tokens, seq.generated, seq.ttft_s)
+        )

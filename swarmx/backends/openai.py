@@ -2,7 +2,10 @@
 
 Stdlib HTTP only, so driving a remote engine adds no dependency. Each call streams one chat
 completion on its own connection in a worker thread; cancelling the awaiting task shuts that
-socket down, which unblocks the thread and makes the server stop generating for it.
+socket down, which unblocks the thread and makes the server stop generating for it. A workflow
+call's prompt goes as one user message; a gateway call's own request body goes to its endpoint
+(chat or completions) as it is, and the server's chunks go back to the caller's ``stream`` as
+they are.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from swarmx.backends.base import BackendMetrics, CallOutcome, CallRequest
+from swarmx.backends.base import Api, BackendMetrics, CallOutcome, CallRequest
 from swarmx.config import ReplicaConfig
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,9 @@ _RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
 # vLLM renamed gpu_cache_usage_perc to kv_cache_usage_perc; both are 0-1 fractions, like SGLang's.
 _KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_ENDPOINTS: dict[Api, str] = {"chat": "/chat/completions", "completions": "/completions"}
+_CHUNK_HEAD = ("id", "object", "created", "model")
+"""What a usage chunk that the backend adds takes from the server's chunks."""
 
 
 def parse_prometheus(text: str) -> dict[str, list[float]]:
@@ -126,12 +132,18 @@ class StreamError(Exception):
 
 @dataclass
 class ChatStream:
-    """Folds the chunks of a streamed chat completion into text and token counts."""
+    """Folds the chunks of a streamed chat or text completion into text and token counts."""
 
     parts: list[str] = field(default_factory=list)
     content_chunks: int = 0
+    """Chunks that carried generated text: content, completion text or tool-call arguments."""
     prompt_tokens: int | None = None
     output_tokens: int | None = None
+    usage_chunk: bool = False
+    """A usage-only chunk (``"choices": []``) arrived; servers that ignore ``stream_options``
+    (llama-cpp-python) send none."""
+    head: dict[str, object] = field(default_factory=dict)
+    """The first chunk's id, object, created and model: a usage chunk the backend adds has them."""
     done: bool = False
     """``data: [DONE]`` arrived: nothing more will."""
     finished: bool = False
@@ -139,7 +151,9 @@ class ChatStream:
     is a stream the server cut short (llama-cpp-python does so to run a newer request)."""
 
     def feed(self, data: str) -> str:
-        """Take one event's data; return the content it adds ("" for role-only or usage chunks)."""
+        """Take one event's data; return the text it generates ("" for role-only or usage
+        chunks): chat content, completion text, or tool-call arguments. Only the first two are
+        the output text; the arguments count as output tokens when the server reports none."""
         if data.strip() == "[DONE]":
             self.done = True
             return ""
@@ -151,23 +165,45 @@ class ChatStream:
             raise StreamError(f"stream chunk is not an object: {_one_line(data)}")
         if "error" in chunk:
             raise StreamError(f"error in stream: {_error_message(chunk) or _one_line(data)}")
+        if not self.head:
+            self.head = {key: chunk[key] for key in _CHUNK_HEAD if key in chunk}
         usage = chunk.get("usage")
+        choices = chunk.get("choices")
         if isinstance(usage, dict):
             self.prompt_tokens = _count(usage.get("prompt_tokens"), self.prompt_tokens)
             self.output_tokens = _count(usage.get("completion_tokens"), self.output_tokens)
-        choices = chunk.get("choices")
+            self.usage_chunk = self.usage_chunk or choices == []
         choice = choices[0] if isinstance(choices, list) and choices else None
         if not isinstance(choice, dict):
             return ""
         if choice.get("finish_reason"):
             self.finished = True
         delta = choice.get("delta")
-        content = delta.get("content") if isinstance(delta, dict) else None
-        if not isinstance(content, str) or not content:
-            return ""
-        self.parts.append(content)
-        self.content_chunks += 1
-        return content
+        if not isinstance(delta, dict):  # a text completion's chunk
+            text = choice.get("text")
+            return self._output(text if isinstance(text, str) else "")
+        content = delta.get("content")
+        added = self._output(content if isinstance(content, str) else "")
+        arguments = "".join(_tool_arguments(delta.get("tool_calls")))
+        if arguments and not added:
+            self.content_chunks += 1
+        return added + arguments
+
+    def usage_json(self, outcome: CallOutcome) -> str:
+        """A usage-only chunk with ``outcome``'s counts, under the stream's own id, to end a
+        forwarded stream whose server sent none (as the `CallRequest.stream` contract asks)."""
+        usage = {
+            "prompt_tokens": outcome.prompt_tokens,
+            "completion_tokens": outcome.output_tokens,
+            "total_tokens": outcome.prompt_tokens + outcome.output_tokens,
+        }
+        return json.dumps({**self.head, "choices": [], "usage": usage}, separators=(",", ":"))
+
+    def _output(self, text: str) -> str:
+        if text:
+            self.parts.append(text)
+            self.content_chunks += 1
+        return text
 
     def outcome(self, prompt: str, ttft_s: float | None) -> CallOutcome:
         """The call's result. Without a ``usage`` chunk (servers that ignore ``stream_options``),
@@ -192,6 +228,15 @@ class ChatStream:
             ),
             ttft_s=ttft_s,
         )
+
+
+def _tool_arguments(tool_calls: object) -> Iterator[str]:
+    """The argument text in a chat delta's ``tool_calls``."""
+    for call in tool_calls if isinstance(tool_calls, list) else []:
+        function = call.get("function") if isinstance(call, dict) else None
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        if isinstance(arguments, str):
+            yield arguments
 
 
 def _count(value: object, default: int | None) -> int | None:
@@ -246,12 +291,28 @@ def _lines(resp: http.client.HTTPResponse, sock: socket.socket, deadline: float)
 
 
 class _Call:
-    """One in-flight request's socket, reachable from the cancelling side."""
+    """One in-flight request's socket, reachable from the cancelling side, and the way its
+    chunks go back to the caller's event loop."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, stream: Callable[[str], None] | None
+    ) -> None:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._aborted = False
+        self._loop = loop
+        self._stream = stream
+
+    def forward(self, chunk: str) -> None:
+        """Hand one chunk to the caller's stream on its event loop (called from the pool thread).
+        The call's result takes the same queue later, so chunks arrive in order and before it."""
+        if self._stream is not None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+                self._loop.call_soon_threadsafe(self._deliver, self._stream, chunk)
+
+    def _deliver(self, stream: Callable[[str], None], chunk: str) -> None:
+        if not self._aborted:  # both run on the loop: no chunk reaches a cancelled caller
+            stream(chunk)
 
     def attach(self, sock: socket.socket) -> None:
         with self._lock:
@@ -319,12 +380,11 @@ class OpenAIBackend:
         if self._closed:
             return _failed("backend closed")
         started = time.monotonic()
-        call = _Call()
+        loop = asyncio.get_running_loop()
+        call = _Call(loop, request.stream)
         self._active.add(call)
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._chat, request, call, started
-            )
+            return await loop.run_in_executor(self._pool, self._generate, request, call, started)
         except asyncio.CancelledError:
             call.abort()
             raise
@@ -366,18 +426,38 @@ class OpenAIBackend:
         finally:
             conn.close()
 
-    def _chat(self, request: CallRequest, call: _Call, started: float) -> CallOutcome:
-        """Blocking: one streamed chat completion, in a pool thread."""
-        timeout_s = request.timeout_s or DEFAULT_TIMEOUT_S
-        deadline = started + timeout_s
-        payload: dict[str, object] = {
+    def _payload(self, request: CallRequest) -> tuple[str, dict[str, object]]:
+        """The endpoint and JSON body of a call: a gateway call's own body for its ``api``, or
+        a workflow call's prompt as one user message; streamed, with usage, either way."""
+        payload: dict[str, object]
+        if request.body:
+            try:
+                payload = json.loads(request.body)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"the request body is not JSON: {exc.msg}") from None
+            if not isinstance(payload, dict):
+                raise ValueError("the request body is not a JSON object")
+            path = _ENDPOINTS[request.api]
+        else:
+            payload = {"messages": [{"role": "user", "content": request.prompt}]}
+            if request.max_tokens > 0:
+                payload["max_tokens"] = request.max_tokens
+            path = _ENDPOINTS["chat"]
+        payload |= {
             "model": self._model,
-            "messages": [{"role": "user", "content": request.prompt}],
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        if request.max_tokens > 0:
-            payload["max_tokens"] = request.max_tokens
+        return path, payload
+
+    def _generate(self, request: CallRequest, call: _Call, started: float) -> CallOutcome:
+        """Blocking: one streamed completion, in a pool thread (a client's body can be large)."""
+        try:
+            path, payload = self._payload(request)
+        except ValueError as exc:
+            return _failed(str(exc))
+        timeout_s = request.timeout_s or DEFAULT_TIMEOUT_S
+        deadline = started + timeout_s
         headers = {**self._headers(), "Accept": "text/event-stream"}
         conn = self._connection(min(CONNECT_TIMEOUT_S, timeout_s))
         try:
@@ -387,7 +467,7 @@ class OpenAIBackend:
             call.attach(sock)
             sock.settimeout(_remaining(deadline))
             body = json.dumps(payload).encode()
-            conn.request("POST", f"{self._path}/chat/completions", body, headers)
+            conn.request("POST", f"{self._path}{path}", body, headers)
             resp = conn.getresponse()
             if not 200 <= resp.status < 300:
                 return _failed(_http_error(resp))
@@ -401,7 +481,11 @@ class OpenAIBackend:
                     ttft_s = time.monotonic() - started
                 if stream.done:
                     break
-            return stream.outcome(request.prompt, ttft_s)
+                call.forward(data)
+            outcome = stream.outcome(request.prompt, ttft_s)
+            if outcome.ok and not stream.usage_chunk:
+                call.forward(stream.usage_json(outcome))
+            return outcome
         except StreamError as exc:
             return _failed(str(exc))
         except TimeoutError:

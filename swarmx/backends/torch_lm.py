@@ -10,17 +10,21 @@ predictors are trained on.
 Each replica owns one engine thread that runs the model one iteration at a time with torch
 limited to one thread, so several replicas can share a small CPU; ``device`` may also be a GPU.
 Times to first token are read from an injected `Clock` (the real one unless a test gives its own).
+A call with a ``stream`` gets each token as an OpenAI chunk the moment it is sampled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
+import functools
 import hashlib
 import math
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, NamedTuple, TypeVar
 
@@ -28,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from swarmx.backends.base import BackendMetrics, CallKind, CallOutcome, CallRequest
+from swarmx.backends.chunks import ChunkWriter
 from swarmx.clock import Clock, RealClock
 from swarmx.config import ReplicaConfig
 
@@ -97,6 +102,16 @@ class _Call:
         """Hand the outcome to the caller's event loop (called from the engine thread)."""
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
             self.loop.call_soon_threadsafe(_settle, self.future, outcome)
+
+    def post(self, stream: Callable[[str], None], chunk: str) -> None:
+        """Hand one streamed chunk to the caller's event loop (called from the engine thread).
+        It takes the same queue as the outcome, so chunks arrive in order and before it."""
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._deliver, stream, chunk)
+
+    def _deliver(self, stream: Callable[[str], None], chunk: str) -> None:
+        if not self.cancelled:  # both run on the loop: no chunk reaches a cancelled caller
+            stream(chunk)
 
 
 class _Engine(ABC, Generic[Job]):
@@ -285,6 +300,13 @@ class _Seq(_Call):
     done: bool = False
     t_first: float | None = None
     eos_shift: float = 0.0
+    chunks: ChunkWriter | None = None
+    """Set when the caller streams: each sampled token goes out through it."""
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+    """Tokens are bytes: a character split over tokens is streamed once its last byte arrives,
+    so the streamed text adds up to the outcome's exactly."""
 
 
 class TorchLM(_Engine[_Seq]):
@@ -330,6 +352,10 @@ class TorchLM(_Engine[_Seq]):
             max_new=max_new,
             gen=torch.Generator().manual_seed(_seed(data)),
         )
+        if request.stream is not None:
+            created = int(self._clock.time())
+            sink = functools.partial(seq.post, request.stream)
+            seq.chunks = ChunkWriter(request.api, request.call_id, request.model, created, sink)
         return await self._submit(seq)
 
     def metrics(self) -> BackendMetrics:
@@ -393,6 +419,8 @@ class TorchLM(_Engine[_Seq]):
             else:
                 seq.out.append(token)
                 seq.done = len(seq.out) >= seq.max_new
+                if seq.chunks is not None:
+                    seq.chunks.text(seq.decoder.decode(bytes((token,))))
 
     def _retire(self, model: _ByteLM) -> None:
         """Resolve the finished sequences and free their cache rows."""
@@ -401,6 +429,11 @@ class TorchLM(_Engine[_Seq]):
             if seq.done:
                 assert seq.t_first is not None, "a finished sequence has sampled a token"
                 self._evict(model, row)  # first, so metrics are current when the caller wakes
+                if seq.chunks is not None:
+                    seq.chunks.text(seq.decoder.decode(b"", final=True))
+                    seq.chunks.finish(
+                        "stop" if seq.last == EOS else "length", seq.prompt_tokens, len(seq.out)
+                    )
                 seq.resolve(
                     CallOutcome(
                         ok=True,

@@ -17,7 +17,7 @@ from swarmx.clock import RealClock
 from swarmx.config import Config, ConfigError, SchedulerConfig, load_config, override
 from swarmx.daemon.scheduler import read_state_file
 from swarmx.protocol import Error, Message
-from swarmx.security import client_curve, local_client_curve
+from swarmx.security import LOCAL_ADMIN_KEY, client_curve, local_client_curve
 from swarmx.transport import ClientCurve, TransportError, request
 
 EXIT_USAGE = 2
@@ -135,17 +135,17 @@ def setup_logging(cfg: Config, level: str | None, fmt: str | None) -> None:
         fail(str(exc))
 
 
-def curve_for(cfg: Config) -> ClientCurve | None:
+def curve_for(cfg: Config, local_key: str = LOCAL_ADMIN_KEY) -> ClientCurve | None:
     """The keys this client connects with: the config's ``[security]``, else those of a
-    `swarmx up` cluster in the state directory (``SWARMX_STATE_DIR``, or the config's), else
-    none. Exits 2 naming the file if a key cannot be read."""
+    `swarmx up` cluster in the state directory (``SWARMX_STATE_DIR``, or the config's; its
+    ``local_key``), else none. Exits 2 naming the file if a key cannot be read."""
     try:
         curve = client_curve(cfg.security)
         if curve is not None:
             return curve
         state_dir = Path(os.environ.get("SWARMX_STATE_DIR") or cfg.scheduler.state_dir)
         state = read_state_file(state_dir) or {}
-        return local_client_curve(state_dir, str(state.get("public_key") or ""))
+        return local_client_curve(state_dir, str(state.get("public_key") or ""), local_key)
     except TransportError as exc:
         fail(str(exc))
 

@@ -1,4 +1,5 @@
-"""`swarmx keys generate`: CURVE key pairs for the scheduler, nodes and clients."""
+"""`swarmx keys generate`: CURVE key pairs for the scheduler, nodes and clients; `swarmx keys
+api`: API keys for the gateway's HTTP callers."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from swarmx.cli.common import JsonOpt, fail, print_json
+from swarmx.cli.common import ConfigOpt, JsonOpt, fail, load, print_json
+from swarmx.gateway.apikeys import KeyFileError, add_key
 from swarmx.transport import TransportError, generate_keys
 
 keys_app = typer.Typer(help="CURVE keys for the control plane (docs/security.md).")
@@ -39,3 +41,30 @@ def generate(
         return
     typer.echo(f"public key: {public}")
     typer.echo(f"secret key: {secret} (mode 0600)")
+
+
+@keys_app.command("api")
+def api(
+    file: Annotated[
+        Path,
+        typer.Option(
+            "--file", help="The gateway's API key file ([gateway] api_keys).", dir_okay=False
+        ),
+    ],
+    name: Annotated[str, typer.Option("--name", help="The client the key belongs to.")],
+    json: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Make an API key for a gateway client: printed once, its digest appended to FILE."""
+    load(config)
+    try:
+        key = add_key(file, name)
+    except (KeyFileError, OSError) as exc:
+        fail(str(exc))
+    if json:
+        print_json({"client": name, "key": key, "file": str(file)})
+        return
+    typer.echo(key)
+    typer.echo(
+        f"(for client {name}; its SHA-256 is in {file}; this key is not stored anywhere)", err=True
+    )

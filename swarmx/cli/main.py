@@ -7,6 +7,7 @@ import typer
 from swarmx import __version__
 from swarmx.cli.common import ConfigOpt, JsonOpt, load, print_json
 from swarmx.cli.daemons import node_app, scheduler_app
+from swarmx.cli.gateway import gateway
 from swarmx.cli.keys import keys_app
 from swarmx.cli.nodes import nodes
 from swarmx.cli.predictor import predictor_app
@@ -35,6 +36,7 @@ app.command()(status)
 app.command()(result)
 app.command()(cancel)
 app.command()(sim)
+app.command()(gateway)
 
 
 @app.command()

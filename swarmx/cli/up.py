@@ -56,11 +56,23 @@ def up(
             show_default=False,
         ),
     ] = None,
+    gateway_port: Annotated[
+        int | None,
+        typer.Option(
+            "--gateway-port",
+            min=1,
+            max=65535,
+            help="Also serve the OpenAI API on http://127.0.0.1:PORT/v1 (callers on this host "
+            "only).",
+            show_default=False,
+        ),
+    ] = None,
     config: ConfigOpt = None,
     log_level: LogLevelOpt = "warning",
     log_format: LogFormatOpt = None,
 ) -> None:
-    """Start a scheduler and N node agents on this host; stop them all on Ctrl-C or SIGTERM."""
+    """Start a scheduler and N node agents (and a gateway) on this host; stop them all on Ctrl-C
+    or SIGTERM."""
     cfg = load(config)
     sched = scheduler_settings(cfg, listen, state_dir, metrics_port)
     if sched.metrics_port and sched.metrics_port + nodes > 65535:
@@ -90,6 +102,7 @@ def up(
         log_format=log_format,
         preset=preset,
         metrics_port=sched.metrics_port,
+        gateway_port=gateway_port,
     )
     try:
         with console.status(f"starting scheduler and {nodes} nodes..."):
@@ -107,6 +120,12 @@ def up(
             f"Try [bold]{escape(env)}swarmx top{hint}[/]. Ctrl-C stops it.",
             highlight=False,
         )
+        if cluster.gateway_url:
+            console.print(
+                f"OpenAI API: [bold]{cluster.gateway_url}/v1[/] "
+                f'(OpenAI(base_url="{cluster.gateway_url}/v1", api_key="none"))',
+                highlight=False,
+            )
         if sched.metrics_port:
             port = sched.metrics_port
             console.print(

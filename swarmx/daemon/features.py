@@ -20,6 +20,19 @@ _OUTPUT_KIND = {"tool": "tool_result", "model": "model_output", "llm": "llm_outp
 
 
 @dataclass
+class SessionInfo:
+    """A gateway session (`swarmx.daemon.gatewaycalls`), as features and traces see it: to them
+    it is a workflow whose calls arrive one at a time."""
+
+    key: str
+    """The session's name in traces and the learner: ``X-SwarmX-Session``, after the API key's
+    client (``alice/agent-7``) when the gateway has keys; "" for a call of no session."""
+    program: str
+    """What traces record as ``workflow_name``: the agent's name, or ``gateway``."""
+    slo_s: float | None = None
+
+
+@dataclass
 class Inflight:
     """A dispatched call, with what was known when it left: its trace is built from this."""
 
@@ -42,8 +55,14 @@ class Inflight:
 
 
 class CallFeatures:
-    def __init__(self, runs: Mapping[str, WorkflowRun], learner: OnlineLearner | None) -> None:
+    def __init__(
+        self,
+        runs: Mapping[str, WorkflowRun],
+        learner: OnlineLearner | None,
+        sessions: Mapping[str, SessionInfo],
+    ) -> None:
         self._runs = runs
+        self._sessions = sessions
         self._learner = learner
         self._turns: collections.Counter[str] = collections.Counter()
         """Per running workflow, the calls it has dispatched so far."""
@@ -61,11 +80,11 @@ class CallFeatures:
             call.prompt,
             self._estimate_tokens(call),
             call.max_tokens,
-            self._workflow_name(call),
+            self._program(call.workflow_id)[0],
             self._turns[call.workflow_id],
             self.input_kinds(call),
             _prefix_share(call.prompt, self._last_prompt.get(call.workflow_id, "")),
-            session=self._learner.sessions.context(call.workflow_id)
+            session=self._learner.sessions.context(self._session_id(call.workflow_id))
             if self._learner is not None
             else SessionContext(),
         )
@@ -87,6 +106,7 @@ class CallFeatures:
         """What the call's input carries besides its own text: outputs of tools, of models."""
         run = self._runs.get(call.workflow_id)
         kinds = {"image"} if call.kind == "model" else set()
+        kinds.update(call.input_kinds)
         if run is not None:
             for dep in call.deps:
                 kinds.add(_OUTPUT_KIND[run.spec.step(dep).kind])
@@ -94,7 +114,8 @@ class CallFeatures:
 
     def trace(self, f: Inflight, r: Result) -> TraceRecord:
         c = f.call
-        run = self._runs.get(c.workflow_id)
+        name, slo_s = self._program(c.workflow_id)
+        ses = self._sessions.get(c.workflow_id)
         return TraceRecord(
             ts=f.ready_ts,
             workflow=c.workflow_id,
@@ -119,8 +140,9 @@ class CallFeatures:
             index=c.index,
             attempt=c.attempt,
             turn=f.turn,
-            workflow_name=run.spec.name if run else "",
-            slo_s=run.spec.slo_s if run else None,
+            workflow_name=name,
+            slo_s=slo_s,
+            session=ses.key if ses is not None else "",
             input_kinds=f.input_kinds,
             prefix_share=f.prefix_share,
             pred=f.pred.as_dict() if f.pred else None,
@@ -143,7 +165,7 @@ class CallFeatures:
         self._turns.pop(workflow_id, None)
         self._last_prompt.pop(workflow_id, None)
         if self._learner is not None:
-            self._learner.sessions.forget(workflow_id)
+            self._learner.sessions.forget(self._session_id(workflow_id))
 
     def _estimate_tokens(self, call: CallSpec) -> int:
         if call.kind == "tool":
@@ -151,9 +173,18 @@ class CallFeatures:
         size = len(call.prompt.encode())
         return max(1, round(size / self._bytes_per_token.get(call.model, 4.0)))
 
-    def _workflow_name(self, call: CallSpec) -> str:
-        run = self._runs.get(call.workflow_id)
-        return run.spec.name if run else ""
+    def _program(self, workflow_id: str) -> tuple[str, float | None]:
+        """The name and SLO of a call's workflow, or of its gateway session."""
+        run = self._runs.get(workflow_id)
+        if run is not None:
+            return run.spec.name, run.spec.slo_s
+        ses = self._sessions.get(workflow_id)
+        return (ses.program, ses.slo_s) if ses is not None else ("", None)
+
+    def _session_id(self, workflow_id: str) -> str:
+        """The learner's session key: the trace's `TraceRecord.session_id`."""
+        ses = self._sessions.get(workflow_id)
+        return ses.key if ses is not None and ses.key else workflow_id
 
 
 def _prefix_share(prompt: str, previous: str) -> float:

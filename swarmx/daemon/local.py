@@ -1,4 +1,5 @@
-"""`swarmx up`: a scheduler and N node agents as child processes of one foreground supervisor.
+"""`swarmx up`: a scheduler, N node agents (and a gateway) as child processes of one foreground
+supervisor.
 
 Children are real daemons (the same commands systemd runs), so a local cluster exercises the same
 code as a real one. They get SIGTERM if the supervisor dies (PR_SET_PDEATHSIG on Linux), a crashed
@@ -17,13 +18,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from swarmx.clock import Clock
 from swarmx.daemon.scheduler import read_state_file
 from swarmx.protocol import NodesReply, QueryNodes
-from swarmx.security import LOCAL_ADMIN_KEY, make_local_keys
+from swarmx.security import LOCAL_ADMIN_KEY, LOCAL_GATEWAY_KEY, LocalKeys, make_local_keys
 from swarmx.transport import (
     ClientCurve,
     TransportError,
@@ -48,6 +50,14 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=1.0) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
 
 
 def connectable(endpoint: str) -> str:
@@ -86,6 +96,7 @@ class LocalCluster:
         log_format: str | None = None,
         preset: str = "none",
         metrics_port: int = 0,
+        gateway_port: int | None = None,
         ready_timeout_s: float = 60.0,
     ) -> None:
         self.n_nodes = nodes
@@ -95,6 +106,8 @@ class LocalCluster:
         self.ready_timeout_s = ready_timeout_s
         self.preset = preset
         self.metrics_port = metrics_port
+        self.gateway_url = "" if gateway_port is None else f"http://127.0.0.1:{gateway_port}"
+        """The OpenAI-compatible gateway's address, when one is asked for."""
         self._common = [
             *(["--config", str(config)] if config else []),
             *(["--log-level", log_level] if log_level else []),
@@ -166,6 +179,8 @@ class LocalCluster:
                 self._children.append(node)
                 node.start()
             self._wait_for_nodes()
+            if self.gateway_url:
+                self._start_gateway(keys)
         except BaseException:
             self.stop()
             raise
@@ -191,6 +206,30 @@ class LocalCluster:
             if state and state.get("pid") == scheduler.proc.pid:
                 return str(state["endpoint"])
             self._deadline_passed(deadline, "the scheduler was listening")
+
+    def _start_gateway(self, keys: LocalKeys) -> None:
+        """A gateway on loopback with no API keys: this host's callers only."""
+        gateway = _Child(
+            "gateway",
+            self._swarmx(
+                "gateway",
+                "--listen",
+                self.gateway_url,
+                "--scheduler",
+                self.endpoint,
+                "--key",
+                str(keys.secret(LOCAL_GATEWAY_KEY)),
+                "--scheduler-key",
+                str(keys.public("scheduler")),
+                "--metrics-port",
+                "0",
+            ),
+        )
+        self._children.append(gateway)
+        gateway.start()
+        deadline = self.clock.monotonic() + self.ready_timeout_s
+        while not _healthy(self.gateway_url):
+            self._deadline_passed(deadline, f"the gateway to serve {self.gateway_url}")
 
     def query_nodes(self, timeout_s: float = 2.0) -> NodesReply | None:
         try:

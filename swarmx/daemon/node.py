@@ -30,6 +30,7 @@ from swarmx.metrics import NodeMetrics, serve
 from swarmx.protocol import (
     Ack,
     CancelCalls,
+    Chunk,
     Dispatch,
     Envelope,
     Error,
@@ -417,6 +418,11 @@ class NodeAgent:
         assert self._channel is not None
         await self.outbox.send(self._channel, result)
 
+    async def _send_chunk(self, chunk: Chunk) -> None:
+        """Streamed output: sent once, not kept for re-sending (its result is)."""
+        assert self._channel is not None
+        await self._channel.send(chunk)
+
     async def _on_dispatch(self, env: Envelope) -> None:
         """Run a call, once: a call id given before is answered with where it stands (its
         result again, if that was never acknowledged), never run a second time."""
@@ -427,7 +433,7 @@ class NodeAgent:
             return
         seen = self.replicas.seen(d.call_id)
         if seen is None:
-            self.replicas.submit(d, self._send_result)
+            self.replicas.submit(d, self._send_result, self._send_chunk)
             return
         self.duplicate_dispatches += 1
         log.warning(

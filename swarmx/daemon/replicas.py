@@ -23,6 +23,7 @@ from swarmx.backends.tools import ToolRunner
 from swarmx.clock import Clock
 from swarmx.config import NodeConfig, ReplicaConfig
 from swarmx.protocol import (
+    Chunk,
     Dispatch,
     ReplicaInfo,
     ReplicaPool,
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 TOOL_MODEL = "tool"
 """The model name under which a node's tool slots appear to the scheduler."""
 RECENT_LATENCIES = 32
+STREAM_WINDOW_S = 0.01
+"""A gateway call's output after its first chunk leaves in frames this far apart at most
+often (tokens that come faster share one)."""
 ENDED_CALLS = 65_536
 """Call ids remembered after they end, so a dispatch of one again (a scheduler that restarted,
 a frame sent twice) is answered instead of run a second time; ~5 MB at most."""
@@ -365,12 +369,19 @@ class ReplicaSet:
         """The calls submitted and not ended, with their replicas."""
         return dict(self._running)
 
-    def submit(self, dispatch: Dispatch, reply: Callable[[Result], Awaitable[object]]) -> None:
-        """Run the call in the background and ``reply`` with its result (unless cancelled).
+    def submit(
+        self,
+        dispatch: Dispatch,
+        reply: Callable[[Result], Awaitable[object]],
+        chunks: Callable[[Chunk], Awaitable[object]] | None = None,
+    ) -> None:
+        """Run the call in the background and ``reply`` with its result (unless cancelled);
+        a gateway call's output goes to ``chunks`` as it streams, before its result.
         A call id is run once: the caller checks `seen` first."""
         call_id = dispatch.call_id
         replica = self.replicas.get(dispatch.replica)
-        task = asyncio.create_task(self._run(dispatch, reply, replica), name=call_id)
+        stream = _Stream(call_id, chunks) if dispatch.api and chunks is not None else None
+        task = asyncio.create_task(self._run(dispatch, reply, replica, stream), name=call_id)
         self._tasks[call_id] = task
         self._running[call_id] = dispatch.replica
         task.add_done_callback(lambda _: self._ended_call(call_id))
@@ -406,6 +417,7 @@ class ReplicaSet:
         d: Dispatch,
         reply: Callable[[Result], Awaitable[object]],
         replica: Replica | None,
+        stream: _Stream | None = None,
     ) -> None:
         if replica is None:
             await reply(
@@ -433,13 +445,15 @@ class ReplicaSet:
                 replica.inflight += 1
                 started = self.clock.monotonic()
                 try:
-                    outcome = await self._call(replica.backend, d)
+                    outcome = await self._call(replica.backend, d, stream)
                 finally:
                     replica.inflight -= 1
                 ended = self.clock.monotonic()
         finally:
             if not admitted:  # cancelled while waiting for a slot
                 replica.queued -= 1
+        if stream is not None:
+            await stream.drain()  # every chunk goes out before the result
         latency = ended - started
         replica.recent_latencies_s.append(latency)
         if outcome.ok:
@@ -462,9 +476,19 @@ class ReplicaSet:
         )
 
     @staticmethod
-    async def _call(backend: Backend, d: Dispatch) -> CallOutcome:
+    async def _call(backend: Backend, d: Dispatch, stream: _Stream | None) -> CallOutcome:
         request = CallRequest(
-            d.call_id, d.kind, d.model, d.prompt, d.max_tokens, d.inputs, d.command, d.timeout_s
+            d.call_id,
+            d.kind,
+            d.model,
+            d.prompt,
+            d.max_tokens,
+            d.inputs,
+            d.command,
+            d.timeout_s,
+            api=d.api or "chat",
+            body=d.body,
+            stream=None if stream is None else stream.put,
         )
         try:
             return await backend.run(request)
@@ -481,3 +505,53 @@ class ReplicaSet:
         await asyncio.gather(
             *(r.backend.close() for r in self.replicas.values()), return_exceptions=True
         )
+
+
+class _Stream:
+    """A gateway call's output on its way to the scheduler. The first chunk leaves at once (the
+    time to first token is what agents wait on); later ones leave together every
+    `STREAM_WINDOW_S`, so a fast engine costs the node, the scheduler and the gateway a frame
+    per window, not one per token."""
+
+    def __init__(self, call_id: str, send: Callable[[Chunk], Awaitable[object]]) -> None:
+        self.call_id = call_id
+        self._send = send
+        self._pending: list[str] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._started = False
+
+    def put(self, data: str) -> None:
+        """One chunk's JSON (the backend calls this on the loop thread, in order)."""
+        self._pending.append(data)
+        if self._flusher is not None or self._timer is not None:
+            return  # it goes with the frame being sent, or the next one
+        if self._started:
+            self._timer = asyncio.get_running_loop().call_later(STREAM_WINDOW_S, self._go)
+        else:
+            self._started = True
+            self._go()
+
+    def _go(self) -> None:
+        self._timer = None
+        if self._flusher is None and self._pending:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._send(Chunk(self.call_id, batch))
+        finally:
+            self._flusher = None
+
+    async def drain(self) -> None:
+        """Until every chunk put so far has been handed to the transport (the call ended: the
+        last window is not waited for)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        if self._pending:
+            await self._flush()

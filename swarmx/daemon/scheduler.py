@@ -35,6 +35,7 @@ from swarmx.config import (
     SecurityConfig,
     changed_fields,
 )
+from swarmx.daemon.gatewaycalls import ForeignChunk, GatewayCalls
 from swarmx.daemon.lifecycle import (
     LoopGap,
     SystemdNotifier,
@@ -49,11 +50,14 @@ from swarmx.daemon.workflows import INLINE_PARSE_BYTES, WorkflowService
 from swarmx.metrics import MetricsServer, SchedulerMetrics, serve
 from swarmx.models.online import OnlineLearner, load_model
 from swarmx.protocol import (
+    AbortCall,
     Ack,
     CancelWorkflow,
+    Chunk,
     Envelope,
     Error,
     ExportTraces,
+    GatewayCall,
     Goodbye,
     Heartbeat,
     Hello,
@@ -189,6 +193,7 @@ class SchedulerDaemon:
         self._channel: RouterChannel | None = None
         self.workflows: WorkflowService | None = None
         self.scaling: ScaleController | None = None
+        self.gateway: GatewayCalls | None = None
         self.learner: OnlineLearner | None = None
         self.observer: Observer | None = None
         self.metrics = SchedulerMetrics()
@@ -216,6 +221,9 @@ class SchedulerDaemon:
             QueryPredictor: self._on_query_predictor,
             InstallPredictor: self._on_install_predictor,
             QueryTop: self._on_query_top,
+            GatewayCall: self._on_gateway_call,
+            AbortCall: self._on_abort_call,
+            Chunk: self._on_chunk,
         }
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -231,48 +239,8 @@ class SchedulerDaemon:
         curve = self._curve(state_dir)
         with _exclusive(state_dir / "scheduler.lock"):
             store = Store(state_dir / DB_FILE)
-            self.learner = OnlineLearner(state_dir, self.predictor_cfg)
-            rc = self.router_cfg
-            self.workflows = WorkflowService(
-                store,
-                make_router(rc.policy, seed=rc.seed, level=rc.level),
-                self.nodes,
-                self.clock,
-                self._send_to_node,
-                learner=self.learner,
-                order=rc.queue,
-                replica_queue=rc.replica_queue,
-                max_candidates=rc.max_candidates,
-                limits=WorkflowLimits.of(self.cfg),
-                capacity=Capacity(
-                    self.cfg.max_queued_workflows,
-                    self.cfg.max_queued_calls,
-                    self.cfg.recovery_grace_s,
-                ),
-            )
-            self.scaling = ScaleController(
-                self.scaler_cfg,
-                build_scaler(self.scaler_cfg),
-                self.workflows,
-                self.clock,
-                self._send_to_node,
-            )
-            self.observer = Observer(
-                self.workflows,
-                self.nodes,
-                self.learner,
-                self.clock,
-                self.metrics,
-                router=rc.policy,
-                scaler=self.scaling.scaler.name,
-            )
-            log.info(
-                "router %s (queue %s), scaler %s every %gs",
-                rc.policy,
-                rc.queue,
-                self.scaling.scaler.name,
-                self.scaler_cfg.interval_s,
-            )
+            self._build(store, state_dir)
+            assert self.workflows is not None and self.learner is not None
             resumed = await self.workflows.recover()
             store.commit()
             if resumed:
@@ -497,9 +465,62 @@ class SchedulerDaemon:
                 took_s * 1000,
             )
 
+    def _build(self, store: Store, state_dir: Path) -> None:
+        """The services the handlers step into: calls and workflows, the gateway's calls, the
+        scaler, the observer behind `swarmx top` and the metrics, and the learner."""
+        self.learner = OnlineLearner(state_dir, self.predictor_cfg)
+        rc = self.router_cfg
+        self.workflows = WorkflowService(
+            store,
+            make_router(rc.policy, seed=rc.seed, level=rc.level),
+            self.nodes,
+            self.clock,
+            self._send_to_node,
+            learner=self.learner,
+            order=rc.queue,
+            replica_queue=rc.replica_queue,
+            max_candidates=rc.max_candidates,
+            limits=WorkflowLimits.of(self.cfg),
+            capacity=Capacity(
+                self.cfg.max_queued_workflows,
+                self.cfg.max_queued_calls,
+                self.cfg.recovery_grace_s,
+            ),
+        )
+        self.gateway = GatewayCalls(
+            self.workflows,
+            self._reply,
+            self.clock,
+            idle_s=self.cfg.session_idle_s,
+            max_calls_per_client=self.cfg.max_gateway_calls_per_client,
+        )
+        self.scaling = ScaleController(
+            self.scaler_cfg,
+            build_scaler(self.scaler_cfg),
+            self.workflows,
+            self.clock,
+            self._send_to_node,
+        )
+        self.observer = Observer(
+            self.workflows,
+            self.nodes,
+            self.learner,
+            self.clock,
+            self.metrics,
+            router=rc.policy,
+            scaler=self.scaling.scaler.name,
+        )
+        log.info(
+            "router %s (queue %s), scaler %s every %gs",
+            rc.policy,
+            rc.queue,
+            self.scaling.scaler.name,
+            self.scaler_cfg.interval_s,
+        )
+
     async def _sweep(self) -> None:
         assert self.workflows is not None
-        last = self.clock.monotonic()
+        last = expire_at = self.clock.monotonic()
         async for now in ticks(self.clock, SWEEP_INTERVAL_S):
             stall_s = now - last - SWEEP_INTERVAL_S
             last = now
@@ -519,6 +540,9 @@ class SchedulerDaemon:
                 if change.new == "down":
                     await self.workflows.on_node_down(change.node)
             await self.workflows.check_deadlines()
+            if self.gateway is not None and now >= expire_at:
+                self.gateway.expire()
+                expire_at = now + 1.0
             # what the sweep journaled (calls lost with a node, past their deadline) is durable
             # now, not whenever the next frame comes in (a no-op when it wrote nothing)
             self.workflows.store.commit()
@@ -715,6 +739,24 @@ class SchedulerDaemon:
         # the node stops re-sending it once acknowledged: only after the journal has it
         self._after_commit.append((peer, Ack(env.seq)))
 
+    async def _on_gateway_call(self, peer: bytes, env: Envelope, who: Peer) -> None:
+        assert isinstance(env.body, GatewayCall) and self.gateway is not None
+        await self.gateway.on_call(peer, env.body)
+
+    async def _on_abort_call(self, peer: bytes, env: Envelope, who: Peer) -> None:
+        assert isinstance(env.body, AbortCall) and self.gateway is not None
+        await self.gateway.on_abort(peer, env.body)
+
+    async def _on_chunk(self, peer: bytes, env: Envelope, who: Peer) -> None:
+        if not await self._seen(peer, env):
+            await self._unregistered(peer, env)
+            return
+        assert isinstance(env.body, Chunk) and self.gateway is not None
+        try:
+            await self.gateway.on_chunk(env.sender, env.body)
+        except ForeignChunk as exc:
+            raise Refused("foreign_result", str(exc)) from None
+
     async def _on_submit(self, peer: bytes, env: Envelope, who: Peer) -> None:
         """A small workflow is taken inline and its id sent once the batch is committed. A
         large one is parsed on a thread by a task of its own, so the receive loop goes on
@@ -842,6 +884,9 @@ class SchedulerDaemon:
             fenced_calls=faults.fenced_calls,
             overloaded=faults.overloaded,
             loop_gap_max_s=self.loop_gap.max_s(),
+            gateway_calls=self.gateway.in_flight if self.gateway else 0,
+            gateway_sessions=self.gateway.sessions if self.gateway else 0,
+            gateway_refused=dict(self.gateway.refused) if self.gateway else {},
         )
 
     async def _on_query_nodes(self, peer: bytes, env: Envelope, who: Peer) -> None:

@@ -30,7 +30,7 @@ import msgspec
 
 from swarmx.clock import Clock
 from swarmx.cluster import NodeTable
-from swarmx.daemon.features import CallFeatures, Inflight
+from swarmx.daemon.features import CallFeatures, Inflight, SessionInfo
 from swarmx.daemon.forecast import LiveForecaster, runtime_of
 from swarmx.daemon.limits import (
     DEFAULT_CAPACITY,
@@ -150,6 +150,12 @@ class ServiceHooks(Protocol):
     def workflow_finished(self, state: str, latency_s: float, slo_s: float | None) -> None: ...
 
 
+class ExternalCalls(Protocol):
+    """Whoever submitted calls that belong to no workflow (the gateway's): told how each ended."""
+
+    async def ended(self, call_id: str, done: CallDone, result: Result | None) -> None: ...
+
+
 class WorkflowService:
     def __init__(
         self,
@@ -174,7 +180,9 @@ class WorkflowService:
         self._send = send
         self.learner = learner
         self.runs: dict[str, WorkflowRun] = {}
-        self.features = CallFeatures(self.runs, learner)
+        self.sessions: dict[str, SessionInfo] = {}
+        """Gateway sessions by id: workflows to the features and traces, with no spec."""
+        self.features = CallFeatures(self.runs, learner, self.sessions)
         """The predictor's queries and the traces, with the session state they need."""
         self.dispatcher = Dispatcher(
             router,
@@ -207,6 +215,8 @@ class WorkflowService:
         """Submission time of each running workflow (its SLO counts from there)."""
         self.outlook = Outlook(self.steps.service)
         """Deadlines, slack and fan-out estimates of the running workflows."""
+        self.external: ExternalCalls | None = None
+        """Told how each gateway call (`CallSpec.api`) ended; they have no workflow."""
         self.observer: ServiceHooks | None = None
         """Told of every route, finished call and finished workflow (`swarmx top`, metrics)."""
         self._call_deadlines = Deadlines()
@@ -511,15 +521,13 @@ class WorkflowService:
         return None if f is None else f.node
 
     def _check_quota(self, client: str) -> None:
-        queued = self.dispatcher.queued() + len(self._recovery.adopting)
-        cap = self.capacity
-        if len(self.runs) >= cap.max_workflows or queued >= cap.max_queued_calls:
+        if len(self.runs) >= self.capacity.max_workflows:
             self.faults.overloaded += 1
             raise Overloaded(
                 f"the scheduler is full: {len(self.runs)} unfinished workflows (most"
-                f" {cap.max_workflows}) and {queued} calls waiting for a replica (most"
-                f" {cap.max_queued_calls}); nothing was accepted, submit again later"
+                f" {self.capacity.max_workflows}); nothing was accepted, submit again later"
             )
+        self.check_capacity()
         limit = self.limits.max_queued_workflows_per_client
         if self._unfinished[client] >= limit:
             who = f"client {client!r} already has" if client else "anonymous clients already have"
@@ -606,6 +614,10 @@ class WorkflowService:
         self.features.observe(record)
         if self.observer is not None:
             self.observer.call_done(record)
+        if f.call.api:
+            if self.external is not None:
+                await self.external.ended(call_id, done, result)
+            return
         run = self.runs.get(f.call.workflow_id)
         if run is not None:
             await self._execute(run, run.on_done(done))
@@ -624,7 +636,7 @@ class WorkflowService:
             if isinstance(ins, RunCall):
                 await self._submit_call(ins.call)
             elif isinstance(ins, StopCalls):
-                await self._cancel_calls(ins.call_ids)
+                await self.cancel_calls(ins.call_ids)
             elif isinstance(ins, Finished):
                 await self._finished(run, ins)
 
@@ -647,9 +659,23 @@ class WorkflowService:
         log.info("workflow %s %s%s", run.id, fin.state, f": {fin.reason}" if fin.reason else "")
 
     async def _submit_call(self, call: CallSpec) -> None:
+        await self.submit_ticket(self._ticket(call, self.clock.time()))
+
+    async def submit_ticket(self, ticket: Ticket) -> None:
+        """Queue a call ready now (a workflow's, or a gateway call with its own deadline)."""
         now = self.clock.time()
-        self._ready_ts[call.call_id] = now
-        await self.send_all(self.dispatcher.submit(self._ticket(call, now), now))
+        self._ready_ts[ticket.call.call_id] = now
+        await self.send_all(self.dispatcher.submit(ticket, now))
+
+    def check_capacity(self) -> None:
+        """Raise `Overloaded` when as many calls wait for a replica as the scheduler may hold."""
+        queued = self.dispatcher.queued() + len(self._recovery.adopting)
+        if queued >= self.capacity.max_queued_calls:
+            self.faults.overloaded += 1
+            raise Overloaded(
+                f"the scheduler is full: {queued} calls waiting for a replica (most"
+                f" {self.capacity.max_queued_calls}); retry later"
+            )
 
     # --- deadlines, slack and demand --------------------------------------------------------
 
@@ -711,7 +737,8 @@ class WorkflowService:
             self.observer.routed(a, now)
         self._inflight[call.call_id] = f
         self._call_deadlines.add(call.call_id, self.clock.monotonic() + _call_limit_s(call))
-        self.store.call_dispatched(call, view.node, view.replica, now)
+        if not call.api:  # a gateway call is not journaled: its client waits on a connection
+            self.store.call_dispatched(call, view.node, view.replica, now)
         msg = Dispatch(
             call.call_id,
             call.workflow_id,
@@ -724,14 +751,18 @@ class WorkflowService:
             call.inputs,
             call.command,
             call.timeout_s,
+            call.api,
+            call.body,
         )
         if not await self._send(view.node, msg):
             await self._give_up(call.call_id, f"node {view.node} unreachable")
 
-    async def _cancel_calls(self, call_ids: list[str]) -> None:
+    async def cancel_calls(self, call_ids: list[str]) -> None:
+        """Stop calls, queued or running: their nodes are told; no result is waited for."""
         by_node: dict[str, list[str]] = collections.defaultdict(list)
         for call_id in call_ids:
             f = self._inflight.pop(call_id, None)
+            self._ready_ts.pop(call_id, None)  # cancelled before it was sent
             self._call_deadlines.drop(call_id)
             self._recovery.adopting.pop(call_id, None)
             if f is not None:

@@ -52,6 +52,13 @@ class CallSpec:
     deps: list[str]
     avoid: list[str] = field(default_factory=list)
     """Replicas where this instance already failed: routers pick another one when they can."""
+    api: Literal["", "chat", "completions"] = ""
+    """A gateway call (`swarmx.daemon.gatewaycalls`): the OpenAI endpoint it came to; "" for
+    workflow calls."""
+    body: str = ""
+    """A gateway call: the client's request for the engine (JSON object text)."""
+    input_kinds: list[str] = field(default_factory=list)
+    """A gateway call: what its messages carry besides text (``tool_result``, ``image``)."""
 
 
 @frozen

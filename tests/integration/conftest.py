@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,6 +41,13 @@ concurrency = 4
 [client]
 timeout_s = 2.0
 """
+
+
+def free_port() -> int:
+    """A loopback port free now (for servers that cannot be told port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def wait_for(predicate, timeout_s=15.0, what="condition"):
@@ -115,6 +124,27 @@ class Procs:
             log=name,
             env=env,
         )
+
+    def gateway(self, endpoint: str, *args: str, name: str = "gateway") -> str:
+        """A `swarmx gateway` on an ephemeral loopback port; returns its base URL (``.../v1``)."""
+        proc = self.spawn(
+            "gateway",
+            "--listen",
+            "http://127.0.0.1:0",
+            "--scheduler",
+            endpoint,
+            "--log-level",
+            "debug",
+            *args,
+            log=name,
+        )
+
+        def url() -> str | None:
+            assert proc.poll() is None, self.log(name)
+            found = re.search(r"serving the OpenAI API on (\S+/v1)", self.log(name))
+            return found.group(1) if found else None
+
+        return wait_for(url, what="the gateway's address")
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         out = subprocess.run(

@@ -7,19 +7,20 @@ import asyncio
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
+import openai
 import pytest
 
-from swarmx.backends.base import CallOutcome, CallRequest
+from swarmx.backends.base import Api, CallOutcome, CallRequest
 from swarmx.backends.openai import OpenAIBackend
 from swarmx.config import ReplicaConfig
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import free_port, wait_for
 from tests.support.tiny_gguf import N_CTX, write_tiny_llama_gguf
 
 pytestmark = pytest.mark.integration
@@ -33,12 +34,6 @@ if not all(importlib.util.find_spec(m) for m in ("llama_cpp", "gguf")):
 MODEL = "tiny"
 API_KEY = "test-key"
 KEY_ENV = "SWARMX_TEST_LLAMA_KEY"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def models_answer(url: str, proc: subprocess.Popen[bytes], log: str) -> bool:
@@ -159,6 +154,69 @@ def test_streamed_chat_completion(server):
     assert 0 < outcome.ttft_s <= latency
 
 
+def passthrough(url: str, api: Api, body: dict[str, object]) -> tuple[CallOutcome, list[str]]:
+    """A gateway call of ``body`` on ``api`` through the backend, and the chunks it streamed."""
+    chunks: list[str] = []
+    request = CallRequest(
+        call_id="g",
+        kind="llm",
+        model=MODEL,
+        prompt="Say something.",
+        timeout_s=30,
+        api=api,
+        body=json.dumps(body),
+        stream=chunks.append,
+    )
+
+    async def go() -> CallOutcome:
+        b = backend(url)
+        try:
+            return await b.run(request)
+        finally:
+            await b.close()
+
+    return asyncio.run(go()), chunks
+
+
+def assert_ends_with_usage(chunks: list[dict[str, Any]], outcome: CallOutcome) -> None:
+    """A finish_reason on the last chunk with a choice, then one usage-only chunk."""
+    *content, usage = chunks
+    assert content[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"] for c in content)
+    assert usage["choices"] == []
+    assert usage["usage"]["completion_tokens"] == outcome.output_tokens
+    assert usage["id"] == content[0]["id"]
+
+
+def test_a_chat_body_streams_through(server: str) -> None:
+    body: dict[str, object] = {
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Say something."},
+        ],
+        "max_tokens": 6,
+        "temperature": 0.5,
+    }
+    outcome, raw = passthrough(server, "chat", body)
+    assert outcome.ok, outcome.error
+    assert outcome.output_tokens == 6
+    chunks = [json.loads(c) for c in raw]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == outcome.output
+    assert_ends_with_usage(chunks, outcome)
+
+
+def test_a_completions_body_streams_through(server: str) -> None:
+    outcome, raw = passthrough(server, "completions", {"prompt": "Once upon a", "max_tokens": 6})
+    assert outcome.ok, outcome.error
+    assert outcome.output_tokens == 6
+    chunks = [json.loads(c) for c in raw]
+    assert {c["object"] for c in chunks} == {"text_completion"}
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == outcome.output
+    assert_ends_with_usage(chunks, outcome)
+
+
 def test_concurrent_calls_all_complete(server):
     async def go() -> list[CallOutcome]:
         b = backend(server)
@@ -249,3 +307,58 @@ def test_a_workflow_runs_on_a_node_serving_the_real_engine(server, procs):
     ]
     assert [r["replica"] for r in rows] == ["llama-host/tiny#0"] * 2
     assert all(0 < r["ttft_s"] < r["latency_s"] for r in rows)
+
+
+def test_the_gateway_streams_the_real_engine_and_a_cancel_frees_it(server, procs):
+    """An OpenAI client -> `swarmx gateway` -> scheduler -> node -> llama.cpp, streamed and not;
+    a client that goes away stops llama.cpp's generation (it serves one call at a time, so the
+    next call would otherwise wait for the abandoned one)."""
+    procs.config.write_text(
+        "[node]\nheartbeat_interval_s = 0.2\ntelemetry_interval_s = 0.2\ntool_slots = 0\n"
+        f'[[node.replicas]]\nmodel = "{MODEL}"\nbackend = "openai"\nurl = "{server}"\n'
+        f'api_key_env = "{KEY_ENV}"\nconcurrency = 2\ndevice = "cpu"\n'
+    )
+    _, endpoint = procs.scheduler()
+    procs.node(endpoint, "llama-host")
+    wait_for(
+        lambda: (n := procs.nodes(endpoint).get("llama-host")) and n["hello"]["replicas"],
+        what="the node to register its openai replica",
+    )
+    oa = openai.OpenAI(base_url=procs.gateway(endpoint), api_key="none", max_retries=0)
+    chunks = list(
+        oa.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Say hi."}],
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+    done = oa.completions.create(model=MODEL, prompt="Once upon", max_tokens=6)
+    assert done.choices[0].text and done.usage is not None
+
+    stream = oa.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Go on for ever."}],
+        max_tokens=N_CTX - 64,
+        stream=True,
+    )
+    next(stream)
+    stream.close()
+    wait_for(
+        lambda: "cancelled 1 of 1 calls on request" in procs.log("llama-host"),
+        what="the node to stop the call",
+    )
+    after = oa.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "And now?"}], max_tokens=4
+    )
+    assert after.usage is not None and after.usage.completion_tokens == 4
+    rows = [
+        json.loads(r)
+        for r in procs.cli(
+            "traces", "export", "--out", "-", "--scheduler", endpoint
+        ).stdout.splitlines()
+    ]
+    assert [r["output_tokens"] for r in rows] == [12, 6, 4]  # the cancelled call left none

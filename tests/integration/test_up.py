@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import psutil
 import pytest
 
 from swarmx.daemon.scheduler import read_state_file
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import free_port, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
 
 
-def start_up(procs, nodes=2):
+def start_up(procs, nodes=2, *extra):
     state = procs.tmp / "up-state"
     up = procs.spawn(
         "up",
@@ -23,6 +29,7 @@ def start_up(procs, nodes=2):
         "tcp://127.0.0.1:0",
         "--state-dir",
         str(state),
+        *extra,
         log="up",
     )
     endpoint = wait_for(
@@ -36,7 +43,8 @@ def start_up(procs, nodes=2):
     wait_for(lambda: "local cluster up" in procs.log("up"), what="the ready message")
     children = psutil.Process(up.pid).children(recursive=True)
     daemons = [c for c in children if "swarmx.backends.reaper" not in " ".join(c.cmdline())]
-    assert len(daemons) == nodes + 1  # and each node's tool reaper (docs/reliability.md)
+    gateways = 1 if "--gateway-port" in extra else 0
+    assert len(daemons) == nodes + 1 + gateways  # and each node's tool reaper (reliability.md)
     return up, endpoint, children
 
 
@@ -75,3 +83,31 @@ def test_a_crashed_node_is_restarted(procs):
     )
     up.send_signal(signal.SIGTERM)
     assert up.wait(timeout=20) == 0
+
+
+def test_up_serves_the_openai_api_and_the_example_agent_runs(procs):
+    port = free_port()
+    up, endpoint, children = start_up(procs, 1, "--gateway-port", str(port))
+    url = f"http://127.0.0.1:{port}/v1"
+    assert url in procs.log("up")
+    agent = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "agent.py"), "--base-url", url, "--turns", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert agent.returncode == 0, agent.stderr
+    assert "turn 1: tool count_words ->" in agent.stdout
+    session = agent.stdout.split()[1]
+    rows = [
+        json.loads(line)
+        for line in procs.cli(
+            "traces", "export", "--out", "-", "--scheduler", endpoint
+        ).stdout.splitlines()
+    ]
+    assert [r["turn"] for r in rows if r["session"] == session] == [0, 1, 2]
+    up.send_signal(signal.SIGTERM)
+    assert up.wait(timeout=20) == 0
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert alive == []

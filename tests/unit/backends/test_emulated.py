@@ -1,10 +1,13 @@
 """The emulated GPU server: the roofline timing functions and continuous batching in fake time."""
 
 import asyncio
+import itertools
+import json
+from collections.abc import Callable
 
 import pytest
 
-from swarmx.backends.base import CallRequest
+from swarmx.backends.base import Api, CallOutcome, CallRequest
 from swarmx.backends.emulated import (
     GPUS,
     EmulatedServer,
@@ -12,6 +15,7 @@ from swarmx.backends.emulated import (
     decode_step_s,
     drawn_output_tokens,
     filler_text,
+    filler_tokens,
     prefill_s,
     prompt_tokens,
     vision_s,
@@ -25,6 +29,12 @@ M = ModelProfile()
 
 def llm(prompt: str, max_tokens: int = 64, call_id: str = "c") -> CallRequest:
     return CallRequest(call_id, "llm", "lm", prompt=prompt, max_tokens=max_tokens)
+
+
+def streamed(prompt: str, max_tokens: int, api: Api, stream: Callable[[str], None]) -> CallRequest:
+    return CallRequest(
+        "s", "llm", "lm", prompt=prompt, max_tokens=max_tokens, api=api, stream=stream
+    )
 
 
 def server(gpu: str = "H100") -> tuple[EmulatedServer, ManualClock]:
@@ -117,6 +127,14 @@ def test_filler_text_is_deterministic_with_a_dozen_words_per_line():
     assert text == filler_text("seed", 30)
     assert [len(line.split()) for line in text.splitlines()] == [12, 12, 6]
     assert filler_text("seed", 0) == ""
+
+
+def test_filler_tokens_are_the_text_word_by_word() -> None:
+    tokens = filler_tokens("seed", 30)
+    assert "".join(tokens) == filler_text("seed", 30)
+    assert tokens[0] == tokens[0].strip()
+    assert [t[0] for t in tokens[1:]] == ["\n" if i % 12 == 0 else " " for i in range(1, 30)]
+    assert filler_tokens("seed", 12) == tokens[:12]
 
 
 # --- the server -----------------------------------------------------------------------------
@@ -285,3 +303,72 @@ def test_close_fails_active_calls():
     out = asyncio.run(main())
     assert not out.ok
     assert out.error == "replica closed"
+
+
+def test_a_streamed_call_sends_a_chunk_per_token_as_each_step_ends() -> None:
+    prompt = "stream the plan " * 8
+    srv, clock = server("H100")
+    _, first_s, n = alone_s(H100, prompt, 64)
+    assert 12 < n < 64  # a newline among the words, and a stop before max_tokens
+    arrived: list[tuple[float, str]] = []
+
+    async def main() -> CallOutcome:
+        t0 = clock.monotonic()
+        out = await srv.run(
+            streamed(prompt, 64, "chat", lambda c: arrived.append((clock.monotonic() - t0, c)))
+        )
+        assert len(arrived) == 1 + n + 2  # all of them before the outcome
+        return out
+
+    out = asyncio.run(main())
+    times = [t for t, _ in arrived]
+    chunks = [json.loads(c) for _, c in arrived]
+    assert {(c["id"], c["object"], c["created"]) for c in chunks} == {
+        ("chatcmpl-s", "chat.completion.chunk", int(ManualClock(100.0).time()))
+    }
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    deltas = [c["choices"][0]["delta"]["content"] for c in chunks[1:-2]]
+    assert deltas == filler_tokens(prompt, n)
+    assert "".join(deltas) == out.output
+    assert times[1] == pytest.approx(first_s)  # the first token as its step ends
+    assert all(a < b for a, b in itertools.pairwise(times[1:-2]))  # a step each
+    assert chunks[-2]["choices"] == [{"index": 0, "delta": {}, "finish_reason": "stop"}]
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": n,
+        "total_tokens": out.prompt_tokens + n,
+    }
+
+
+def test_a_streamed_completion_that_hits_max_tokens_finishes_for_length() -> None:
+    srv, _ = server("H100")
+    chunks: list[str] = []
+    out = asyncio.run(srv.run(streamed("a prompt", 1, "completions", chunks.append)))
+    assert (out.ok, out.output_tokens) == (True, 1)
+    assert [json.loads(c)["choices"] for c in chunks] == [
+        [{"index": 0, "text": out.output, "finish_reason": None, "logprobs": None}],
+        [{"index": 0, "text": "", "finish_reason": "length", "logprobs": None}],
+        [],
+    ]
+
+
+def test_a_cancelled_streamed_call_sends_no_more_chunks() -> None:
+    srv, _ = server("H100")
+    chunks: list[str] = []
+
+    async def main() -> None:
+        def stream(chunk: str) -> None:
+            chunks.append(chunk)
+            if len(chunks) == 3:  # the role and two tokens
+                assert task.cancel()
+
+        task = asyncio.create_task(srv.run(streamed("to be cancelled " * 4, 256, "chat", stream)))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        seen = len(chunks)
+        assert (await srv.run(llm("next", 8))).ok  # steps go on for the server's other calls
+        assert len(chunks) == seen
+        assert not any(json.loads(c)["choices"] == [] for c in chunks)
+
+    asyncio.run(main())

@@ -61,6 +61,33 @@ STREAM = (
     b"\n"
 )
 STREAM_HEAD = STREAM[: STREAM.index(b'data: {"choices":[{"index":0,"delta":{},')]
+COMPLETIONS_STREAM = (
+    b'data: {"id":"cmpl-1","object":"text_completion","created":17,"model":"tiny",'
+    b'"choices":[{"index":0,"text":"Hel","finish_reason":null,"logprobs":null}]}\n'
+    b"\n"
+    b'data: {"id":"cmpl-1","object":"text_completion","created":17,"model":"tiny",'
+    b'"choices":[{"index":0,"text":"lo","finish_reason":"stop","logprobs":null}]}\n'
+    b"\n"
+    b"data: [DONE]\n"
+    b"\n"
+)
+"""No usage chunk: llama-cpp-python ignores ``stream_options``."""
+TOOL_CALL_STREAM = (
+    b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":null,"tool_calls":'
+    b'[{"index":0,"id":"call_1","type":"function","function":{"name":"weather","arguments":""}}]'
+    b"}}]}\n"
+    b"\n"
+    b'data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":'
+    b'{"arguments":"{\\"city\\":"}}]}}]}\n'
+    b"\n"
+    b'data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":'
+    b'{"arguments":"\\"Oslo\\"}"}}]}}]}\n'
+    b"\n"
+    b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}\n'
+    b"\n"
+    b"data: [DONE]\n"
+    b"\n"
+)
 WITHIN_S = 10.0
 """How long a wait polls before it fails: far beyond what any step here takes."""
 
@@ -116,6 +143,34 @@ def test_stream_with_usage():
     assert outcome.ok
     assert outcome.output == "Hello"
     assert (outcome.prompt_tokens, outcome.output_tokens, outcome.ttft_s) == (9, 2, 0.5)
+
+
+def test_completions_stream_folds_its_text() -> None:
+    stream = feed_all(COMPLETIONS_STREAM)
+    outcome = stream.outcome("x" * 41, ttft_s=None)
+    assert (outcome.ok, outcome.output, outcome.prompt_tokens, outcome.output_tokens) == (
+        True,
+        "Hello",
+        10,
+        2,
+    )
+    assert not stream.usage_chunk
+    assert json.loads(stream.usage_json(outcome)) == {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 17,
+        "model": "tiny",
+        "choices": [],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
+    }
+
+
+def test_tool_call_arguments_count_as_output_without_being_content() -> None:
+    stream = ChatStream()
+    added = [stream.feed(data) for data in iter_sse_data(TOOL_CALL_STREAM.splitlines(True))]
+    assert added == ["", '{"city":', '"Oslo"}', "", ""]  # what a time to first token sees
+    outcome = stream.outcome("weather in Oslo?", ttft_s=0.1)
+    assert (outcome.ok, outcome.output, outcome.output_tokens) == (True, "", 2)
 
 
 def test_stream_without_usage_counts_chunks_and_estimates_the_prompt():
@@ -180,7 +235,9 @@ class FakeServer(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.seen.append({"body": body, "auth": self.headers.get("Authorization")})
+        self.seen.append(
+            {"path": self.path, "body": body, "auth": self.headers.get("Authorization")}
+        )
         if self.mode == "error":
             message = "This model's maximum context length is 256 tokens. " + "x" * 1000
             error = {"error": {"message": message, "type": "BadRequestError", "code": 400}}
@@ -189,7 +246,10 @@ class FakeServer(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
-        self.wfile.write(STREAM if self.mode == "stream" else STREAM_HEAD)
+        if self.path == "/v1/completions":
+            self.wfile.write(COMPLETIONS_STREAM)
+        else:
+            self.wfile.write(STREAM if self.mode == "stream" else STREAM_HEAD)
         self.wfile.flush()
         if self.mode == "hang":  # keep generating until the client goes away
             self.streaming.set()
@@ -245,6 +305,7 @@ def test_streams_a_chat_completion_with_the_key(server, monkeypatch):
     assert outcome.ttft_s > 0
     assert handler.seen == [
         {
+            "path": "/v1/chat/completions",
             "body": {
                 "model": "tiny",
                 "messages": [{"role": "user", "content": "hello there"}],
@@ -255,6 +316,114 @@ def test_streams_a_chat_completion_with_the_key(server, monkeypatch):
             "auth": "Bearer sekrit",
         }
     ]
+
+
+class Collector:
+    """A `CallRequest.stream` that keeps each chunk and notes whether it came on the loop's
+    thread, as the contract says."""
+
+    def __init__(self) -> None:
+        self.chunks: list[str] = []
+        self.off_loop = 0
+        self.loop_thread = threading.get_ident()
+
+    def __call__(self, chunk: str) -> None:
+        self.chunks.append(chunk)
+        self.off_loop += threading.get_ident() != self.loop_thread
+
+
+def sse_data(raw: bytes) -> list[str]:
+    return [d for d in iter_sse_data(raw.splitlines(keepends=True)) if d != "[DONE]"]
+
+
+def test_a_gateway_chat_body_goes_as_is_and_its_chunks_come_back_as_they_are(
+    server: tuple[str, type[FakeServer]],
+) -> None:
+    url, handler = server
+    body = {
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        "temperature": 0.2,
+        "tools": [{"type": "function", "function": {"name": "weather", "parameters": {}}}],
+    }
+    got = Collector()
+    request = CallRequest(
+        "c1", "llm", "tiny", prompt="flattened", max_tokens=8, body=json.dumps(body), stream=got
+    )
+    outcome = asyncio.run(run_closing(backend(url, served_model="tiny-served"), request))
+    assert (outcome.ok, outcome.output, outcome.output_tokens) == (True, "Hello", 2)
+    assert handler.seen == [
+        {
+            "path": "/v1/chat/completions",
+            "body": {
+                **body,
+                "model": "tiny-served",
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+            "auth": None,
+        }
+    ]  # no max_tokens of its own: the client's body says what it wants
+    assert got.chunks == sse_data(STREAM)  # the server's usage chunk ends it
+    assert got.off_loop == 0
+
+
+def test_a_gateway_completions_body_gets_a_usage_chunk_the_server_did_not_send(
+    server: tuple[str, type[FakeServer]],
+) -> None:
+    url, handler = server
+    got = Collector()
+    request = CallRequest(
+        "c1",
+        "llm",
+        "tiny",
+        prompt="x" * 41,
+        api="completions",
+        body='{"prompt": "Once upon", "max_tokens": 2}',
+        stream=got,
+    )
+    outcome = asyncio.run(run_closing(backend(url), request))
+    assert (outcome.ok, outcome.output, outcome.prompt_tokens, outcome.output_tokens) == (
+        True,
+        "Hello",
+        10,
+        2,
+    )
+    assert handler.seen[0]["path"] == "/v1/completions"
+    assert handler.seen[0]["body"] == {
+        "prompt": "Once upon",
+        "max_tokens": 2,
+        "model": "tiny",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    assert got.chunks[:-1] == sse_data(COMPLETIONS_STREAM)
+    assert json.loads(got.chunks[-1])["choices"] == []
+    assert json.loads(got.chunks[-1])["usage"]["completion_tokens"] == 2
+    assert got.off_loop == 0
+
+
+def test_a_cut_stream_forwards_what_came_and_no_usage(server: tuple[str, type[FakeServer]]) -> None:
+    url, handler = server
+    handler.mode = "truncated"
+    got = Collector()
+    request = CallRequest("c1", "llm", "tiny", prompt="hi", stream=got)
+    outcome = asyncio.run(run_closing(backend(url), request))
+    assert not outcome.ok
+    assert got.chunks == sse_data(STREAM_HEAD)
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [("[1, 2]", "the request body is not a JSON object"), ("{", "the request body is not JSON")],
+)
+def test_a_bad_body_fails_the_call_before_any_request(
+    server: tuple[str, type[FakeServer]], body: str, error: str
+) -> None:
+    url, handler = server
+    outcome = asyncio.run(run_closing(backend(url), CallRequest("c1", "llm", "tiny", body=body)))
+    assert not outcome.ok
+    assert outcome.error.startswith(error)
+    assert handler.seen == []
 
 
 def test_http_error_carries_status_and_message(server):

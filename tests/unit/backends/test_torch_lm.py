@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,9 +19,10 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import pytest
+import torch
 
-from swarmx.backends.base import CallOutcome, CallRequest
-from swarmx.backends.torch_lm import VISION_WORDS, TorchLM, TorchVision, _ByteLM
+from swarmx.backends.base import Api, CallOutcome, CallRequest
+from swarmx.backends.torch_lm import EOS, VISION_WORDS, TorchLM, TorchVision, _ByteLM
 from swarmx.clock import RealClock
 from swarmx.config import ReplicaConfig
 
@@ -76,6 +78,40 @@ def llm(prompt: str, max_tokens: int) -> CallRequest:
     return CallRequest(
         call_id="c", kind="llm", model="tiny-lm", prompt=prompt, max_tokens=max_tokens
     )
+
+
+def streamed(prompt: str, max_tokens: int, api: Api, chunks: list[str]) -> CallRequest:
+    return CallRequest(
+        call_id="s",
+        kind="llm",
+        model="tiny-lm",
+        prompt=prompt,
+        max_tokens=max_tokens,
+        api=api,
+        stream=chunks.append,
+    )
+
+
+def texts(chunks: list[str]) -> list[str]:
+    """The text each chunk adds (chat deltas' content or completion text), "" where none."""
+    added = []
+    for chunk in map(json.loads, chunks):
+        choice = chunk["choices"][0] if chunk["choices"] else {}
+        added.append(choice.get("text") or choice.get("delta", {}).get("content") or "")
+    return added
+
+
+def assert_stream_ends(chunks: list[str], reason: str, out: CallOutcome) -> None:
+    """A finish chunk with ``reason`` and no text, then usage with the outcome's counts."""
+    *_, finish, usage = map(json.loads, chunks)
+    assert [c["finish_reason"] for c in finish["choices"]] == [reason]
+    assert texts(chunks[-2:]) == ["", ""]
+    assert usage["choices"] == []
+    assert usage["usage"] == {
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": out.output_tokens,
+        "total_tokens": out.prompt_tokens + out.output_tokens,
+    }
 
 
 def vision(prompt: str = "scan of an invoice", **inputs: str) -> CallRequest:
@@ -138,6 +174,93 @@ def test_outputs_are_text_with_lines_and_hit_max_tokens_without_eos():
             assert out.output_tokens == 256
             assert "\n" in out.output  # downstream steps split outputs into lines
             assert sum(c.isalpha() or c == " " for c in out.output) > 128
+
+    asyncio.run(main())
+
+
+def test_a_streamed_call_sends_its_tokens_as_openai_chunks() -> None:
+    async def main() -> None:
+        async with started(TorchLM(lm_cfg())) as lm:
+            chat: list[str] = []
+            # this prompt samples bytes that are no UTF-8: they stream as U+FFFD, as decoded
+            out = await lm.run(streamed("Write a haiku.", 64, "chat", chat))
+            assert out.ok
+            assert "\ufffd" in out.output
+            assert out.output_tokens == 64
+            assert json.loads(chat[0])["choices"][0]["delta"] == {
+                "role": "assistant",
+                "content": "",
+            }
+            assert {json.loads(c)["object"] for c in chat} == {"chat.completion.chunk"}
+            assert {json.loads(c)["id"] for c in chat} == {"chatcmpl-s"}
+            assert "".join(texts(chat)) == out.output
+            # role, a chunk a byte (but none for a byte that opens a character), finish, usage
+            assert all(texts(chat[1:-2]))
+            assert len(chat) - 3 == out.output_tokens - 1
+            assert_stream_ends(chat, "length", out)
+
+            completions: list[str] = []
+            out = await lm.run(streamed("Once upon a time", 64, "completions", completions))
+            assert out.ok
+            assert out.output_tokens < 64  # it sampled EOS
+            assert {json.loads(c)["object"] for c in completions} == {"text_completion"}
+            assert "".join(texts(completions)) == out.output
+            assert_stream_ends(completions, "stop", out)
+            plain = await lm.run(llm("Once upon a time", 64))
+            plain_counts = (plain.output, plain.prompt_tokens, plain.output_tokens)
+            assert plain_counts == (out.output, out.prompt_tokens, out.output_tokens)
+
+    asyncio.run(main())
+
+
+def test_a_character_split_over_byte_tokens_streams_once_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sampled = iter([*"é€".encode(), 0xFF, *b"ok", EOS])
+
+    def scripted(*args: object, **kwargs: object) -> torch.Tensor:
+        return torch.tensor([next(sampled)])
+
+    async def main() -> None:
+        async with started(TorchLM(lm_cfg())) as lm:
+            chunks: list[str] = []
+            with monkeypatch.context() as patch:
+                patch.setattr(torch, "multinomial", scripted)
+                out = await lm.run(streamed("hi", 16, "completions", chunks))
+            assert (out.output, out.output_tokens) == ("é€\ufffdok", 8)
+            assert texts(chunks)[:-2] == ["é", "€", "\ufffd", "o", "k"]  # none for part of one
+            assert_stream_ends(chunks, "stop", out)
+
+    asyncio.run(main())
+
+
+def test_no_chunk_reaches_a_cancelled_caller() -> None:
+    async def main() -> None:
+        async with started(TorchLM(lm_cfg(concurrency=1), eos_bias=NO_EOS)) as lm:
+            chunks: list[str] = []
+
+            def stream(chunk: str) -> None:
+                chunks.append(chunk)
+                if any(texts([chunk])):  # the first token: the call is still running
+                    assert task.cancel()
+
+            request = CallRequest(
+                call_id="s",
+                kind="llm",
+                model="tiny-lm",
+                prompt="long",
+                max_tokens=512,
+                stream=stream,
+            )
+            task = asyncio.create_task(lm.run(request))
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            seen = len(chunks)
+            # the engine drops the call before it runs this one, and its outcome comes after
+            # whatever the cancelled call had sampled meanwhile
+            assert (await lm.run(llm("short", 4))).ok
+            assert len(chunks) == seen
+            assert not any(c["choices"] == [] for c in map(json.loads, chunks))
 
     asyncio.run(main())
 

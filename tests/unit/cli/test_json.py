@@ -17,6 +17,7 @@ WITHOUT_JSON = {
     "up": "runs a local cluster in the foreground",
     "scheduler start": "a daemon",
     "node start": "a daemon",
+    "gateway": "a daemon",
     "cancel": "an action, answered in one line",
     "traces export": "writes JSONL to a file or stdout",
     "traces import": "writes JSONL",

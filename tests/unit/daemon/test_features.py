@@ -14,7 +14,7 @@ def call(wf: str, step: str, prompt: str, kind: str = "llm") -> CallSpec:
 
 
 def test_each_dispatch_is_the_next_turn_and_shares_the_prompt_it_repeats():
-    f = CallFeatures({}, None)
+    f = CallFeatures({}, None, {})
     assert f.dispatched(call("w1", "a", "You are a planner. Plan A")) == (0, [], 0.0)
     turn, _, share = f.dispatched(call("w1", "b", "You are a planner. Plan B"))
     assert turn == 1
@@ -26,7 +26,7 @@ def test_each_dispatch_is_the_next_turn_and_shares_the_prompt_it_repeats():
 
 
 def test_tokens_are_estimated_at_the_bytes_per_token_the_model_reported():
-    f = CallFeatures({}, None)
+    f = CallFeatures({}, None, {})
     c = call("w", "a", "x" * 400)
     assert f.query(c).prompt_tokens == 100  # 4 bytes a token until the model says otherwise
     done = f.trace(_inflight(c), _result(prompt_tokens=200))

@@ -576,3 +576,27 @@ def test_a_node_knows_which_calls_it_runs_and_which_ended():
     assert seen == ("running", None)
     assert (c1, c2) == ("ended", "ended")  # a cancelled id is not run again either
     assert after == {}
+
+
+def test_a_streamed_calls_first_chunk_leaves_at_once_and_the_rest_together() -> None:
+    """The first chunk is the time to first token; later ones share a frame per window, and
+    the call's end sends what is left without waiting for the window."""
+
+    async def main() -> list[list[str]]:
+        frames: list[list[str]] = []
+
+        async def send(chunk: replicas_mod.Chunk) -> None:
+            frames.append(list(chunk.data))
+
+        stream = replicas_mod._Stream("c1", send)
+        stream.put("a")
+        await asyncio.sleep(0)  # the first frame's task runs
+        assert frames == [["a"]]
+        stream.put("b")
+        stream.put("c")
+        await asyncio.sleep(0)
+        assert frames == [["a"]]  # waiting for the window
+        await stream.drain()
+        return frames
+
+    assert asyncio.run(main()) == [["a"], ["b", "c"]]

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible gateway: an HTTP front door that turns client calls into scheduled ones."""

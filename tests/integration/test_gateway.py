@@ -1,0 +1,161 @@
+"""`swarmx gateway` with the official `openai` client as the caller: a real scheduler, node
+agents and gateway on loopback (the emulated GPU replica and the embedded torch LM as engines;
+llama.cpp's server is in test_openai_backend.py)."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import openai
+import pytest
+
+from tests.integration.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def cluster(procs, node="alpha"):
+    _, endpoint = procs.scheduler()
+    procs.node(endpoint, node)
+    wait_for(
+        lambda: (n := procs.nodes(endpoint).get(node)) and n["state"] == "live",
+        what="the node to register",
+    )
+    return endpoint
+
+
+def client(url: str, key: str = "none", **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60, **kwargs)
+
+
+def traces(procs, endpoint: str) -> list[dict]:
+    out = procs.cli("traces", "export", "--out", "-", "--scheduler", endpoint)
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def test_chat_and_completions_streamed_and_not(procs):
+    endpoint = cluster(procs)
+    oa = client(procs.gateway(endpoint))
+
+    assert [m.id for m in oa.models.list()] == ["lm"]
+
+    whole = oa.chat.completions.create(
+        model="lm", messages=[{"role": "user", "content": "Plan the fix."}], max_tokens=24
+    )
+    text = whole.choices[0].message.content
+    assert text and whole.choices[0].finish_reason in ("stop", "length")
+    assert whole.usage is not None and whole.usage.completion_tokens == len(text.split())
+
+    stream = oa.chat.completions.create(
+        model="lm",
+        messages=[{"role": "user", "content": "Plan the fix."}],
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text  # the emulated engine is deterministic in the prompt
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    done = oa.completions.create(model="lm", prompt="def main():", max_tokens=8)
+    assert done.choices[0].text and done.usage is not None
+
+    with pytest.raises(openai.NotFoundError) as err:
+        oa.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert "nope" in str(err.value) and "lm" in str(err.value)
+    with pytest.raises(openai.BadRequestError) as bad:
+        oa.chat.completions.create(model="lm", messages=[])
+    assert "messages" in str(bad.value)
+
+
+def test_api_keys_name_the_client_and_unknown_keys_get_401(procs):
+    keys = procs.tmp / "api_keys.toml"
+    key = procs.cli("keys", "api", "--file", str(keys), "--name", "alice").stdout.strip()
+    endpoint = cluster(procs)
+    url = procs.gateway(endpoint, "--api-keys", str(keys))
+
+    with pytest.raises(openai.AuthenticationError):
+        client(url, "sk-swarmx-wrong").models.list()
+    answer = client(url, key).chat.completions.create(
+        model="lm", messages=[{"role": "user", "content": "hello"}], max_tokens=4
+    )
+    assert answer.choices[0].message.content
+    req = urllib.request.Request(f"{url}/models")  # no key at all
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(req, timeout=10)
+    assert missing.value.code == 401
+    assert json.loads(missing.value.read())["error"]["code"] == "invalid_api_key"
+
+
+def test_a_cancelled_stream_stops_the_engine(procs):
+    endpoint = cluster(procs)
+    oa = client(procs.gateway(endpoint))
+    stream = oa.chat.completions.create(
+        model="lm",
+        messages=[{"role": "user", "content": "Write a very long report."}],
+        max_tokens=50_000,  # minutes of decoding on the emulated H100
+        stream=True,
+    )
+    first = [next(stream) for _ in range(3)]
+    assert any(c.choices and c.choices[0].delta.content for c in first)
+    stream.close()  # the client goes away
+    wait_for(
+        lambda: "cancelled 1 of 1 calls on request" in procs.log("alpha"),
+        what="the node to stop the call",
+    )
+
+    def inflight() -> int | None:
+        tel = procs.nodes(endpoint)["alpha"]["telemetry"]
+        return None if tel is None else sum(r["inflight"] for r in tel["replicas"])
+
+    wait_for(lambda: inflight() == 0, what="the replica to be idle")
+    assert traces(procs, endpoint) == []  # a cancelled call leaves no trace
+
+
+def test_an_agent_loop_is_one_session_in_the_traces(procs):
+    endpoint = cluster(procs)
+    oa = client(procs.gateway(endpoint), default_headers={"X-SwarmX-Session": "agent-7"})
+    messages: list[dict] = [{"role": "user", "content": "Count the words of your plan."}]
+    for turn in range(3):
+        answer = oa.chat.completions.create(model="lm", messages=messages, max_tokens=16)
+        text = answer.choices[0].message.content or ""
+        call = {"id": f"call_{turn}", "type": "function"}
+        call["function"] = {"name": "word_count", "arguments": json.dumps({"text": text})}
+        messages += [
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": f"call_{turn}", "content": str(len(text.split()))},
+        ]
+    rows = traces(procs, endpoint)
+    assert [r["session"] for r in rows] == ["agent-7"] * 3
+    assert [r["turn"] for r in rows] == [0, 1, 2]
+    assert len({r["workflow"] for r in rows}) == 1
+    assert [r["input_kinds"] for r in rows] == [[], ["tool_result"], ["tool_result"]]
+    assert all(r["workflow_name"] == "gateway" and r["ok"] for r in rows)
+    assert all(r["prefix_share"] > 0.3 for r in rows[1:])  # each turn repeats the last one
+
+
+def test_the_embedded_torch_lm_answers_through_the_gateway(procs):
+    procs.config.write_text(
+        "[node]\nheartbeat_interval_s = 0.2\ntelemetry_interval_s = 0.2\ntool_slots = 0\n"
+        '[[node.replicas]]\nmodel = "tiny-lm"\nbackend = "torch"\nconcurrency = 2\n'
+    )
+    endpoint = cluster(procs)
+    oa = client(procs.gateway(endpoint))
+    stream = oa.chat.completions.create(
+        model="tiny-lm",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    usage = chunks[-1].usage
+    assert usage is not None and 0 < usage.completion_tokens <= 12
+    assert len(text.encode()) >= usage.completion_tokens - 3  # bytes; a few may be replaced
+    [row] = traces(procs, endpoint)
+    assert row["model"] == "tiny-lm" and row["output_tokens"] == usage.completion_tokens
