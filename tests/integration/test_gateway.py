@@ -5,6 +5,9 @@ llama.cpp's server is in test_openai_backend.py)."""
 from __future__ import annotations
 
 import json
+import shutil
+import ssl
+import subprocess
 import urllib.request
 
 import openai
@@ -136,6 +139,9 @@ def test_an_agent_loop_is_one_session_in_the_traces(procs):
     assert [r["input_kinds"] for r in rows] == [[], ["tool_result"], ["tool_result"]]
     assert all(r["workflow_name"] == "gateway" and r["ok"] for r in rows)
     assert all(r["prefix_share"] > 0.3 for r in rows[1:])  # each turn repeats the last one
+    top = json.loads(procs.cli("top", "--json", "--scheduler", endpoint).stdout)
+    routed = {d["detail"] for d in top["decisions"] if d["kind"] == "route"}
+    assert {r["call_id"] for r in rows} <= routed  # `swarmx top` shows where each went
 
 
 def test_the_embedded_torch_lm_answers_through_the_gateway(procs):
@@ -159,3 +165,29 @@ def test_the_embedded_torch_lm_answers_through_the_gateway(procs):
     assert len(text.encode()) >= usage.completion_tokens - 3  # bytes; a few may be replaced
     [row] = traces(procs, endpoint)
     assert row["model"] == "tiny-lm" and row["output_tokens"] == usage.completion_tokens
+
+
+def test_off_loopback_it_serves_https_or_refuses_to_start(procs):
+    refused = procs.cli("gateway", "--listen", "http://0.0.0.0:0", check=False)
+    assert refused.returncode == 2
+    assert "refusing to serve plain HTTP on http://0.0.0.0:0" in refused.stderr
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a test certificate")
+    cert, key = procs.tmp / "cert.pem", procs.tmp / "key.pem"
+    args = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=x"]
+    san = ["-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        ["openssl", *args, *san, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    endpoint = cluster(procs)
+    url = procs.gateway(endpoint, "--tls-cert", str(cert), "--tls-key", str(key))
+    assert url.startswith("https://127.0.0.1:")
+    trust = ssl.create_default_context(cafile=str(cert))
+    oa = client(url, http_client=openai.DefaultHttpxClient(verify=trust))
+    with oa:
+        answer = oa.chat.completions.create(
+            model="lm", messages=[{"role": "user", "content": "over TLS"}], max_tokens=4
+        )
+    assert answer.choices[0].message.content

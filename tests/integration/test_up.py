@@ -90,8 +90,17 @@ def test_up_serves_the_openai_api_and_the_example_agent_runs(procs):
     up, endpoint, children = start_up(procs, 1, "--gateway-port", str(port))
     url = f"http://127.0.0.1:{port}/v1"
     assert url in procs.log("up")
+    model = ["--model", "lm"]  # the tests' config serves the emulated "lm" on every node
     agent = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "agent.py"), "--base-url", url, "--turns", "2"],
+        [
+            sys.executable,
+            str(ROOT / "examples" / "agent.py"),
+            "--base-url",
+            url,
+            "--turns",
+            "2",
+            *model,
+        ],
         capture_output=True,
         text=True,
         timeout=120,
