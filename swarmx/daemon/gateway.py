@@ -438,7 +438,7 @@ def _response_id(api: Api, call_id: str) -> str:
 
 def _error(exc: ApiError) -> Response:
     headers: tuple[tuple[str, str], ...] = ()
-    if exc.status == 429:
+    if exc.status in (429, 503):  # busy, or no replica now: both pass
         headers = (("Retry-After", "1"),)
     return Response(exc.status, exc.body(), headers=headers)
 

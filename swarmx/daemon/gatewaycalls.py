@@ -109,7 +109,7 @@ class GatewayCalls:
         if refusal is not None:
             reason, status, error = refusal
             self.refused[reason] += 1
-            retry = RETRY_AFTER_S if status == 429 else None
+            retry = RETRY_AFTER_S if status in (429, 503) else None
             await self._reply(
                 peer, CallEnded(msg.call_id, False, status, error, retry_after_s=retry)
             )
@@ -157,6 +157,13 @@ class GatewayCalls:
         if msg.model not in models:
             served = ", ".join(sorted(models)) or "none"
             return "model", 404, f"the model {msg.model!r} is not served here (served: {served})"
+        if (
+            self.service.dispatcher.live_replicas(msg.model) == 0
+            and msg.model not in self.service.pools.scalable()
+        ):
+            # its nodes are stale or down, or its replicas draining, and none can be started:
+            # waiting in the queue would only reach the timeout
+            return "no_replica", 503, f"no replica of {msg.model!r} can take calls now"
         return None
 
     def _session(self, msg: GatewayCall, now: float) -> _Session:

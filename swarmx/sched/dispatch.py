@@ -325,6 +325,8 @@ class Dispatcher:
         """node -> the names of its replicas (an ordered set): a node's events touch its own."""
         self._models: collections.Counter[str] = collections.Counter()
         """model -> its replicas."""
+        self._taking: collections.Counter[str] = collections.Counter()
+        """model -> its replicas that take new calls."""
 
     # --- replicas ---------------------------------------------------------------------------
 
@@ -334,7 +336,9 @@ class Dispatcher:
         if old is not None:
             self._drop_open(old.view)
             self._unindex(old.view)
+            self._taking[old.view.model] -= old.live
         rep = _Replica(view, True, old.work if old else {})
+        self._taking[view.model] += 1
         self.replicas[view.replica] = rep
         self._by_node.setdefault(view.node, {})[view.replica] = None
         self._models[view.model] += 1
@@ -347,6 +351,7 @@ class Dispatcher:
         rep = self.replicas.pop(replica, None)
         if rep is None:
             return []
+        self._taking[rep.view.model] -= rep.live
         self._drop_open(rep.view)
         self._unindex(rep.view)
         for call_id in rep.work:
@@ -362,6 +367,7 @@ class Dispatcher:
         if rep is None or rep.live == live:
             return []
         rep.live = live
+        self._taking[rep.view.model] += 1 if live else -1
         self._refresh(rep)
         return self._drain(rep.view.model, now_s) if live else []
 
@@ -385,6 +391,10 @@ class Dispatcher:
     def models(self) -> set[str]:
         """The models some replica serves."""
         return set(self._models)
+
+    def live_replicas(self, model: str) -> int:
+        """Replicas of ``model`` that take new calls (their node live, not draining)."""
+        return self._taking[model]
 
     def views(self, model: str | None = None) -> list[ReplicaView]:
         return [

@@ -149,9 +149,9 @@ def test_an_ended_call_with_no_message_still_says_it_failed() -> None:
     assert _ended_error(CallEnded("1", False, 503)).message == "the call failed"
 
 
-def test_a_429_tells_the_client_when_to_retry() -> None:
+def test_a_429_or_503_tells_the_client_when_to_retry() -> None:
     assert _error(ApiError(429, "full", type="rate_limit_exceeded")).headers == (
         ("Retry-After", "1"),
     )
-    assert _error(ApiError(503, "down", type="server_error")).headers == ()
-    assert _error(ApiError(400, "bad")).status == 400
+    assert _error(ApiError(503, "down", type="server_error")).headers == (("Retry-After", "1"),)
+    assert _error(ApiError(400, "bad")).headers == ()

@@ -26,6 +26,7 @@ from swarmx.protocol import (
     Hello,
     Message,
     ReplicaInfo,
+    ReplicaPool,
     Result,
 )
 from swarmx.sched.dispatch import Assign, Ticket
@@ -70,6 +71,13 @@ class Gateways(Cluster):
     async def send_call(self, msg: GatewayCall, peer: bytes = GW) -> None:
         await self.calls.on_call(peer, msg)
 
+    def park(self) -> None:
+        """Calls for ``lm`` wait in the queue: its replica takes none, and the node says it can
+        start more (so they are not refused as having no replica)."""
+        pool = ReplicaPool("lm", "emulated", "emulated:H100", 8, 1, max_count=4, target=1)
+        self.service.pools.announce("n", [pool])
+        self.service.dispatcher.set_live("n/lm#0", False, self.clock.time())
+
     def ended(self) -> list[CallEnded]:
         return [m for _, m in self.replies if isinstance(m, CallEnded)]
 
@@ -80,6 +88,26 @@ class Gateways(Cluster):
 
 
 # --- refusals ---------------------------------------------------------------------------------
+
+
+def test_a_model_whose_replicas_take_no_calls_is_answered_503_at_once(tmp_path: Path) -> None:
+    """Its node is stale and no node can start one: queueing would only end at the timeout."""
+
+    async def main() -> Gateways:
+        g = Gateways(tmp_path)
+        await g.start()
+        await g.service.on_node_state("n", "stale")
+        await g.send_call(call("7"))
+        await g.service.on_node_state("n", "live")
+        await g.send_call(call("8"))
+        return g
+
+    g = run(main())
+    [ended] = g.ended()
+    assert (ended.call_id, ended.status, ended.retry_after_s) == ("7", 503, RETRY_AFTER_S)
+    assert "no replica of 'lm'" in ended.error
+    assert g.calls.refused == {"no_replica": 1}
+    assert [t.call.call_id for t in g.tickets] == [g.ours()]  # call 8 queued as usual
 
 
 def test_a_call_for_a_model_no_one_serves_is_answered_404_naming_the_served_ones(
@@ -344,7 +372,7 @@ def test_a_chunk_from_a_node_the_call_was_not_sent_to_is_refused(tmp_path: Path)
         with pytest.raises(ForeignChunk) as exc:
             await g.calls.on_chunk("m", Chunk(g.ours(), ["stolen"]))
         errors.append(str(exc.value))
-        g.service.dispatcher.set_live("n/lm#0", False, g.clock.time())
+        g.park()
         await g.send_call(call("2"))  # queued: sent nowhere yet
         with pytest.raises(ForeignChunk):
             await g.calls.on_chunk("n", Chunk(g.ours(), ["early"]))
@@ -383,7 +411,7 @@ def test_an_aborted_call_still_queued_leaves_the_queue(tmp_path: Path) -> None:
     async def main() -> Gateways:
         g = Gateways(tmp_path)
         await g.start()
-        g.service.dispatcher.set_live("n/lm#0", False, g.clock.time())
+        g.park()
         await g.send_call(call("1"))
         await g.calls.on_abort(GW, AbortCall("1"))
         g.service.dispatcher.set_live("n/lm#0", True, g.clock.time())
@@ -398,7 +426,7 @@ def test_an_aborted_queued_call_leaves_nothing_behind_in_the_service(tmp_path: P
     async def main() -> Gateways:
         g = Gateways(tmp_path)
         await g.start()
-        g.service.dispatcher.set_live("n/lm#0", False, g.clock.time())
+        g.park()
         await g.send_call(call("1"))
         await g.calls.on_abort(GW, AbortCall("1"))
         return g

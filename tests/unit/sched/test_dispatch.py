@@ -99,6 +99,23 @@ def test_a_stale_replica_gets_nothing_until_live_again():
     assert ids(d.set_live("a/lm", True, 1.0)) == ["w1:x"]
 
 
+def test_live_replicas_count_those_taking_calls_through_every_change():
+    d = Dispatcher(LeastOutstanding())
+    d.add_replica(replica("a/lm"), 0.0)
+    d.add_replica(replica("b/lm"), 0.0)
+    d.add_replica(replica("c/vis", "vis"), 0.0)
+    assert (d.live_replicas("lm"), d.live_replicas("vis"), d.live_replicas("x")) == (2, 1, 0)
+    d.set_live("a/lm", False, 0.0)
+    d.set_live("a/lm", False, 0.0)  # no change: counted once
+    assert d.live_replicas("lm") == 1
+    d.add_replica(replica("a/lm"), 1.0)  # re-registered: live again
+    assert d.live_replicas("lm") == 2
+    d.set_live("b/lm", False, 1.0)
+    d.remove_replica("b/lm")  # a stale one leaves: nothing to subtract
+    d.remove_replica("a/lm")
+    assert d.live_replicas("lm") == 0
+
+
 def test_removing_a_replica_hands_back_its_calls_and_cancel_frees_slots():
     d = Dispatcher(LeastOutstanding())
     d.add_replica(replica("a/lm", slots=2), 0.0)
