@@ -47,6 +47,24 @@ SchedulerOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        envvar="SWARMX_KEY",
+        help="This daemon's secret key file (NAME.key_secret) [default: [security] key].",
+        show_default=False,
+    ),
+]
+SchedulerKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--scheduler-key",
+        envvar="SWARMX_SCHEDULER_KEY",
+        help="The scheduler's public key file [default: [security] scheduler_key].",
+        show_default=False,
+    ),
+]
 LogLevelOpt = Annotated[
     str | None,
     typer.Option("--log-level", envvar="SWARMX_LOG_LEVEL", help="debug, info, warning or error."),

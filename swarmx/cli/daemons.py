@@ -10,10 +10,12 @@ import typer
 from swarmx.cli.common import (
     EXIT_UNAVAILABLE,
     ConfigOpt,
+    KeyOpt,
     ListenOpt,
     LogFormatOpt,
     LogLevelOpt,
     MetricsPortOpt,
+    SchedulerKeyOpt,
     SchedulerOpt,
     StateDirOpt,
     fail,
@@ -38,16 +40,6 @@ from swarmx.metrics import MetricsError
 from swarmx.security import client_curve
 from swarmx.store import StoreError
 from swarmx.transport import TransportError
-
-KeyOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--key",
-        envvar="SWARMX_KEY",
-        help="This daemon's secret key file (NAME.key_secret) [default: [security] key].",
-        show_default=False,
-    ),
-]
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +139,7 @@ def node_start(
     ] = None,
     metrics_port: MetricsPortOpt = None,
     key: KeyOpt = None,
-    scheduler_key: Annotated[
-        str | None,
-        typer.Option(
-            "--scheduler-key",
-            envvar="SWARMX_SCHEDULER_KEY",
-            help="The scheduler's public key file [default: [security] scheduler_key].",
-            show_default=False,
-        ),
-    ] = None,
+    scheduler_key: SchedulerKeyOpt = None,
     tool_commands: Annotated[
         str | None,
         typer.Option(

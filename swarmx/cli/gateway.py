@@ -10,9 +10,11 @@ import typer
 from swarmx.cli.common import (
     EXIT_UNAVAILABLE,
     ConfigOpt,
+    KeyOpt,
     LogFormatOpt,
     LogLevelOpt,
     MetricsPortOpt,
+    SchedulerKeyOpt,
     SchedulerOpt,
     curve_for,
     fail,
@@ -59,25 +61,8 @@ def gateway(
         str | None,
         typer.Option("--tls-key", envvar="SWARMX_TLS_KEY", help="PEM private key of --tls-cert."),
     ] = None,
-    key: Annotated[
-        str | None,
-        typer.Option(
-            "--key",
-            envvar="SWARMX_KEY",
-            help="This gateway's CURVE secret key file [default: [security] key, else the "
-            "gateway key of a `swarmx up` in SWARMX_STATE_DIR].",
-            show_default=False,
-        ),
-    ] = None,
-    scheduler_key: Annotated[
-        str | None,
-        typer.Option(
-            "--scheduler-key",
-            envvar="SWARMX_SCHEDULER_KEY",
-            help="The scheduler's public key file [default: [security] scheduler_key].",
-            show_default=False,
-        ),
-    ] = None,
+    key: KeyOpt = None,
+    scheduler_key: SchedulerKeyOpt = None,
     insecure: Annotated[
         bool,
         typer.Option(
@@ -92,7 +77,8 @@ def gateway(
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
 ) -> None:
-    """Serve the OpenAI API (chat, completions, models) in front of the scheduler."""
+    """Serve the OpenAI API (chat, completions, models) in front of the scheduler. Without
+    --key or [security] key, it uses the gateway key of a `swarmx up` in SWARMX_STATE_DIR."""
     cfg = load(config)
     try:
         gw = override(

@@ -163,8 +163,14 @@ def test_the_embedded_torch_lm_answers_through_the_gateway(procs):
     usage = chunks[-1].usage
     assert usage is not None and 0 < usage.completion_tokens <= 12
     assert len(text.encode()) >= usage.completion_tokens - 3  # bytes; a few may be replaced
-    [row] = traces(procs, endpoint)
-    assert row["model"] == "tiny-lm" and row["output_tokens"] == usage.completion_tokens
+    whole = oa.chat.completions.create(
+        model="tiny-lm", messages=[{"role": "user", "content": "hello"}], max_tokens=12
+    )
+    assert whole.choices[0].message.content == text  # seeded by the prompt: the same answer
+    assert whole.usage is not None and whole.usage.completion_tokens == usage.completion_tokens
+    rows = traces(procs, endpoint)
+    assert [r["model"] for r in rows] == ["tiny-lm"] * 2
+    assert [r["output_tokens"] for r in rows] == [usage.completion_tokens] * 2
 
 
 def test_off_loopback_it_serves_https_or_refuses_to_start(procs):
@@ -191,3 +197,27 @@ def test_off_loopback_it_serves_https_or_refuses_to_start(procs):
             model="lm", messages=[{"role": "user", "content": "over TLS"}], max_tokens=4
         )
     assert answer.choices[0].message.content
+
+
+def test_two_gateways_beside_one_scheduler_each_get_their_own_answers(procs):
+    """Both number their calls from 1: the scheduler keeps them apart by connection."""
+    endpoint = cluster(procs)
+    first = client(procs.gateway(endpoint, name="gw-a"))
+    second = client(procs.gateway(endpoint, name="gw-b"))
+    prompts = {first: "the first gateway's question", second: "a question for the second one"}
+    streams = {
+        oa: oa.chat.completions.create(
+            model="lm", messages=[{"role": "user", "content": p}], max_tokens=32, stream=True
+        )
+        for oa, p in prompts.items()
+    }
+    texts = {
+        oa: "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+        for oa, s in streams.items()
+    }
+    for oa, p in prompts.items():  # the emulated engine's text is a function of the prompt
+        whole = oa.chat.completions.create(
+            model="lm", messages=[{"role": "user", "content": p}], max_tokens=32
+        )
+        assert texts[oa] == whole.choices[0].message.content
+    assert texts[first] != texts[second]
