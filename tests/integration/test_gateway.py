@@ -13,7 +13,7 @@ import urllib.request
 import openai
 import pytest
 
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +79,8 @@ def test_api_keys_name_the_client_and_unknown_keys_get_401(procs):
     keys = procs.tmp / "api_keys.toml"
     key = procs.cli("keys", "api", "--file", str(keys), "--name", "alice").stdout.strip()
     endpoint = cluster(procs)
-    url = procs.gateway(endpoint, "--api-keys", str(keys))
+    port = free_port()
+    url = procs.gateway(endpoint, "--api-keys", str(keys), "--metrics-port", str(port))
 
     with pytest.raises(openai.AuthenticationError):
         client(url, "sk-swarmx-wrong").models.list()
@@ -92,6 +93,11 @@ def test_api_keys_name_the_client_and_unknown_keys_get_401(procs):
         urllib.request.urlopen(req, timeout=10)
     assert missing.value.code == 401
     assert json.loads(missing.value.read())["error"]["code"] == "invalid_api_key"
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        metrics = resp.read().decode()
+    assert 'swarmx_gateway_auth_refused_total{reason="unknown_key"} 1.0' in metrics
+    assert 'swarmx_gateway_auth_refused_total{reason="missing_key"} 1.0' in metrics
+    assert 'swarmx_gateway_requests_total{route="/v1/chat/completions",status="200"} 1.0' in metrics
 
 
 def test_a_cancelled_stream_stops_the_engine(procs):
