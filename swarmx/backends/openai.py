@@ -1,11 +1,11 @@
 """Client for any OpenAI-compatible server (vLLM, SGLang, llama.cpp server, Ollama).
 
 Stdlib HTTP only, so driving a remote engine adds no dependency. Each call streams one chat
-completion on its own connection in a worker thread; cancelling the awaiting task shuts that
-socket down, which unblocks the thread and makes the server stop generating for it. A workflow
-call's prompt goes as one user message; a gateway call's own request body goes to its endpoint
-(chat or completions) as it is, and the server's chunks go back to the caller's ``stream`` as
-they are.
+completion in a worker thread, on a keep-alive connection that later calls reuse; cancelling the
+awaiting task shuts that socket down, which unblocks the thread and makes the server stop
+generating for it (that connection is closed, not reused). A workflow call's prompt goes as one
+user message; a gateway call's own request body goes to its endpoint (chat or completions) as it
+is, and the server's chunks go back to the caller's ``stream`` as they are.
 """
 
 from __future__ import annotations
@@ -40,6 +40,12 @@ SCRAPE_INTERVAL_S = 1.0
 SCRAPE_TIMEOUT_S = 2.0
 ERROR_CHARS = 300
 """Server error text kept in a `CallOutcome.error`; bodies can be whole HTML pages."""
+TAIL_BYTES = 64 * 1024
+"""The most read of an error body, or of what a stream sends after ``[DONE]`` (the end of a
+chunked body), for its connection to be reused."""
+TAIL_TIMEOUT_S = 1.0
+"""How long the end of a stream's body may take after ``[DONE]``; a slower one closes the
+connection rather than delay the call's outcome."""
 
 _QUEUED = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
 _RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
@@ -265,7 +271,7 @@ def _error_message(body: object) -> str | None:
 
 
 def _http_error(resp: http.client.HTTPResponse) -> str:
-    raw = resp.read(64 * 1024).decode("utf-8", "replace")
+    raw = resp.read(TAIL_BYTES).decode("utf-8", "replace")
     try:
         message = _error_message(json.loads(raw))
     except json.JSONDecodeError:
@@ -291,44 +297,113 @@ def _lines(resp: http.client.HTTPResponse, sock: socket.socket, deadline: float)
 
 
 class _Call:
-    """One in-flight request's socket, reachable from the cancelling side, and the way its
+    """One in-flight request's connection, reachable from the cancelling side, and the way its
     chunks go back to the caller's event loop."""
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, stream: Callable[[str], None] | None
     ) -> None:
         self._lock = threading.Lock()
+        self._conn: http.client.HTTPConnection | None = None
         self._sock: socket.socket | None = None
+        """``_conn``'s socket, kept: the connection drops it when an answer says it closes."""
         self._aborted = False
         self._loop = loop
         self._stream = stream
+        self._batch: list[str] = []
+        """Chunks forwarded and not yet delivered; not empty exactly while a delivery is
+        scheduled on the loop."""
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
 
     def forward(self, chunk: str) -> None:
         """Hand one chunk to the caller's stream on its event loop (called from the pool thread).
-        The call's result takes the same queue later, so chunks arrive in order and before it."""
-        if self._stream is not None:
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-                self._loop.call_soon_threadsafe(self._deliver, self._stream, chunk)
-
-    def _deliver(self, stream: Callable[[str], None], chunk: str) -> None:
-        if not self._aborted:  # both run on the loop: no chunk reaches a cancelled caller
-            stream(chunk)
-
-    def attach(self, sock: socket.socket) -> None:
+        One wake-up of the loop delivers every chunk forwarded until it runs, so a fast stream
+        costs far fewer than one per chunk. The call's result takes the same queue later, after
+        the last delivery, so chunks arrive in order and before it."""
+        if self._stream is None:
+            return
         with self._lock:
+            self._batch.append(chunk)
+            if len(self._batch) > 1:  # the delivery already scheduled takes this one too
+                return
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            batch, self._batch = self._batch, []
+        if self._stream is not None and not self._aborted:  # no chunk reaches a cancelled caller
+            for chunk in batch:
+                self._stream(chunk)
+
+    def attach(self, conn: http.client.HTTPConnection) -> socket.socket:
+        """Make ``conn`` the call's connection, connecting it if it is new; its socket. From
+        here a cancel shuts that socket down, and `detach` hands the connection back to be
+        closed or kept, whatever happens."""
+        with self._lock:
+            self._conn = conn
+        if conn.sock is None:
+            conn.connect()
+        sock = conn.sock
+        assert isinstance(sock, socket.socket)
+        with self._lock:
+            self._sock = sock
             if self._aborted:
                 raise ConnectionAbortedError("call cancelled")
-            self._sock = sock
+        return sock
+
+    def detach(self) -> http.client.HTTPConnection | None:
+        """Take the connection back from the cancelling side: after this, `aborted` says for
+        good whether a cancel shut its socket down."""
+        with self._lock:
+            conn, self._conn, self._sock = self._conn, None, None
+        return conn
 
     def abort(self) -> None:
         """Shut the socket down: unlike close(), that wakes a thread blocked reading it, and the
         server sees the disconnect and aborts the generation."""
         with self._lock:
             self._aborted = True
-            sock = self._sock
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+
+
+class _IdleConnections:
+    """Keep-alive connections to the server between calls, the most recently used first.
+
+    Reuse saves a TCP (and TLS) handshake per call, and the sockets each closed connection
+    leaves in TIME_WAIT, which at a thousand calls a second run a host out of ephemeral ports.
+    At most ``limit`` are kept: the pool's threads never use more at once.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[http.client.HTTPConnection] = []
+        self._limit = limit
+        self._closed = False
+
+    def take(self) -> http.client.HTTPConnection | None:
+        with self._lock:
+            return self._idle.pop() if self._idle else None
+
+    def give(self, conn: http.client.HTTPConnection) -> None:
+        """Keep ``conn`` (its last response read to the end) for a later call, or close it."""
+        with self._lock:
+            if not self._closed and len(self._idle) < self._limit:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
 
 class OpenAIBackend:
@@ -343,6 +418,7 @@ class OpenAIBackend:
         self._path = parts.path.rstrip("/")
         self._model = cfg.served_model or cfg.model
         self._pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix=f"openai-{cfg.model}")
+        self._idle = _IdleConnections(cfg.concurrency)
         self._active: set[_Call] = set()
         self._closed = False
         self._stop = threading.Event()
@@ -401,6 +477,7 @@ class OpenAIBackend:
         for call in list(self._active):
             call.abort()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._idle.close()
         if self._scraper is not None:
             await asyncio.to_thread(self._scraper.join, SCRAPE_TIMEOUT_S + 1)
 
@@ -458,33 +535,20 @@ class OpenAIBackend:
             return _failed(str(exc))
         timeout_s = request.timeout_s or DEFAULT_TIMEOUT_S
         deadline = started + timeout_s
-        headers = {**self._headers(), "Accept": "text/event-stream"}
-        conn = self._connection(min(CONNECT_TIMEOUT_S, timeout_s))
+        reusable = False
         try:
-            conn.connect()
-            sock = conn.sock
-            assert isinstance(sock, socket.socket)
-            call.attach(sock)
-            sock.settimeout(_remaining(deadline))
-            body = json.dumps(payload).encode()
-            conn.request("POST", f"{self._path}{path}", body, headers)
-            resp = conn.getresponse()
+            resp, sock = self._post(
+                f"{self._path}{path}", json.dumps(payload).encode(), call, deadline, timeout_s
+            )
             if not 200 <= resp.status < 300:
-                return _failed(_http_error(resp))
-            ctype = resp.getheader("Content-Type") or ""
-            if "text/event-stream" not in ctype:
-                return _failed(f"expected an event stream, got Content-Type {ctype!r}")
-            stream = ChatStream()
-            ttft_s = None
-            for data in iter_sse_data(_lines(resp, sock, deadline)):
-                if stream.feed(data) and ttft_s is None:
-                    ttft_s = time.monotonic() - started
-                if stream.done:
-                    break
-                call.forward(data)
-            outcome = stream.outcome(request.prompt, ttft_s)
-            if outcome.ok and not stream.usage_chunk:
-                call.forward(stream.usage_json(outcome))
+                outcome = _failed(_http_error(resp))
+            elif "text/event-stream" not in (ctype := resp.getheader("Content-Type") or ""):
+                outcome = _failed(f"expected an event stream, got Content-Type {ctype!r}")
+            else:
+                outcome = _read_stream(
+                    resp, sock, call, prompt=request.prompt, started=started, deadline=deadline
+                )
+            reusable = _reusable(resp, sock, deadline)
             return outcome
         except StreamError as exc:
             return _failed(str(exc))
@@ -495,7 +559,39 @@ class OpenAIBackend:
         except (OSError, http.client.HTTPException, ValueError) as exc:
             return _failed(_one_line(f"{type(exc).__name__}: {exc}"))
         finally:
+            conn = call.detach()
+            if conn is not None and reusable and not call.aborted:
+                self._idle.give(conn)
+            elif conn is not None:
+                conn.close()
+
+    def _post(
+        self, url: str, body: bytes, call: _Call, deadline: float, timeout_s: float
+    ) -> tuple[http.client.HTTPResponse, socket.socket]:
+        """Send the request on an idle keep-alive connection, or a new one, attached to ``call``;
+        the response (its headers read) and its socket.
+
+        A reused connection that the server closed while it idled fails on the send or before
+        the status line: that request never reached the engine, so it goes once more on a new
+        connection (whose own failure is the call's).
+        """
+        headers = {**self._headers(), "Accept": "text/event-stream"}
+        conn = self._idle.take()
+        reused = conn is not None
+        while True:
+            if conn is None:
+                conn = self._connection(min(CONNECT_TIMEOUT_S, timeout_s))
+            sock = call.attach(conn)
+            try:
+                sock.settimeout(_remaining(deadline))
+                conn.request("POST", url, body, headers)
+                return conn.getresponse(), sock
+            except (BrokenPipeError, ConnectionResetError) as exc:  # incl. RemoteDisconnected
+                if not reused or call.aborted:
+                    raise
+                log.debug("%s: a kept-alive connection was closed (%s); retrying", url, exc)
             conn.close()
+            conn, reused = None, False
 
     def _scrape_loop(self) -> None:
         failing = False
@@ -514,6 +610,46 @@ class OpenAIBackend:
                     log.warning("%s: cannot scrape %s: %s", self._cfg.model, url, exc)
                 failing = True
             self._stop.wait(SCRAPE_INTERVAL_S)
+
+
+def _read_stream(
+    resp: http.client.HTTPResponse,
+    sock: socket.socket,
+    call: _Call,
+    *,
+    prompt: str,
+    started: float,
+    deadline: float,
+) -> CallOutcome:
+    """Fold an event stream into the call's outcome, forwarding each chunk to ``call``, then a
+    usage chunk if the server sent none; stops at ``[DONE]``."""
+    stream = ChatStream()
+    ttft_s = None
+    for data in iter_sse_data(_lines(resp, sock, deadline)):
+        if stream.feed(data) and ttft_s is None:
+            ttft_s = time.monotonic() - started
+        if stream.done:
+            break
+        call.forward(data)
+    outcome = stream.outcome(prompt, ttft_s)
+    if outcome.ok and not stream.usage_chunk:
+        call.forward(stream.usage_json(outcome))
+    return outcome
+
+
+def _reusable(resp: http.client.HTTPResponse, sock: socket.socket, deadline: float) -> bool:
+    """Whether the response's connection can carry another request: the server keeps it open
+    (not after an HTTP/1.0 answer or a ``Connection: close``) and the response is read to its
+    end, which takes reading what follows a stream's ``[DONE]`` (a chunked body's last chunk)."""
+    if resp.will_close:
+        return False
+    if not resp.isclosed():
+        try:
+            sock.settimeout(min(_remaining(deadline), TAIL_TIMEOUT_S))
+            resp.read(TAIL_BYTES)
+        except (OSError, http.client.HTTPException):
+            return False
+    return resp.isclosed()
 
 
 def _failed(error: str) -> CallOutcome:

@@ -13,14 +13,16 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import openai
+import psutil
 import pytest
 
 from swarmx.backends.base import Api, CallOutcome, CallRequest
 from swarmx.backends.openai import OpenAIBackend
 from swarmx.config import ReplicaConfig
-from tests.integration.conftest import free_port, wait_for
+from tests.integration.conftest import Procs, free_port, wait_for
 from tests.support.tiny_gguf import N_CTX, write_tiny_llama_gguf
 
 pytestmark = pytest.mark.integration
@@ -229,6 +231,35 @@ def test_concurrent_calls_all_complete(server):
     assert [(o.ok, o.error, o.output_tokens) for o in outcomes] == [(True, "", 8)] * 4
 
 
+def connections_to(url: str) -> set[int]:
+    """The local ports of this process's open connections to the server at ``url``."""
+    port = urlsplit(url).port
+    return {
+        c.laddr.port
+        for c in psutil.Process().net_connections("tcp")
+        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    }
+
+
+def test_sequential_calls_reuse_one_kept_alive_connection(server: str) -> None:
+    """llama-cpp-python's server (uvicorn) keeps a connection open after a stream: the calls
+    after the first go on it, with no new connection each."""
+
+    async def go() -> list[tuple[CallOutcome, set[int]]]:
+        b = backend(server)
+        try:
+            return [(await b.run(llm(p, 4)), connections_to(server)) for p in ("A.", "B.", "C.")]
+        finally:
+            await b.close()
+
+    calls = asyncio.run(go())
+    assert [(o.ok, o.error, o.output_tokens) for o, _ in calls] == [(True, "", 4)] * 3
+    first = calls[0][1]
+    assert len(first) == 1
+    assert [ports for _, ports in calls] == [first] * 3
+    assert not connections_to(server)  # closing the backend closed it
+
+
 def test_http_errors_are_outcomes_with_the_status(server, monkeypatch):
     monkeypatch.setenv("SWARMX_TEST_WRONG_KEY", "wrong")
 
@@ -275,8 +306,9 @@ def test_cancel_stops_a_long_generation(server):
     assert after_s < 1.5
 
 
-def test_a_workflow_runs_on_a_node_serving_the_real_engine(server, procs):
-    """The whole path: scheduler -> node agent -> OpenAI-compatible server -> trace."""
+def cluster_on(server: str, procs: Procs) -> str:
+    """A scheduler and a node agent (``llama-host``) whose one replica is the engine at
+    ``server``; returns the scheduler's address once the replica is registered."""
     procs.config.write_text(
         "[node]\nheartbeat_interval_s = 0.2\ntelemetry_interval_s = 0.2\ntool_slots = 0\n"
         f'[[node.replicas]]\nmodel = "{MODEL}"\nbackend = "openai"\nurl = "{server}"\n'
@@ -288,6 +320,12 @@ def test_a_workflow_runs_on_a_node_serving_the_real_engine(server, procs):
         lambda: (n := procs.nodes(endpoint).get("llama-host")) and n["hello"]["replicas"],
         what="the node to register its openai replica",
     )
+    return endpoint
+
+
+def test_a_workflow_runs_on_a_node_serving_the_real_engine(server, procs):
+    """The whole path: scheduler -> node agent -> OpenAI-compatible server -> trace."""
+    endpoint = cluster_on(server, procs)
     wf = procs.tmp / "ask.toml"
     wf.write_text(
         'name = "ask"\n[[steps]]\nid = "q"\nkind = "llm"\nafter = []\n'
@@ -313,17 +351,7 @@ def test_the_gateway_streams_the_real_engine_and_a_cancel_frees_it(server, procs
     """An OpenAI client -> `swarmx gateway` -> scheduler -> node -> llama.cpp, streamed and not;
     a client that goes away stops llama.cpp's generation (it serves one call at a time, so the
     next call would otherwise wait for the abandoned one)."""
-    procs.config.write_text(
-        "[node]\nheartbeat_interval_s = 0.2\ntelemetry_interval_s = 0.2\ntool_slots = 0\n"
-        f'[[node.replicas]]\nmodel = "{MODEL}"\nbackend = "openai"\nurl = "{server}"\n'
-        f'api_key_env = "{KEY_ENV}"\nconcurrency = 2\ndevice = "cpu"\n'
-    )
-    _, endpoint = procs.scheduler()
-    procs.node(endpoint, "llama-host")
-    wait_for(
-        lambda: (n := procs.nodes(endpoint).get("llama-host")) and n["hello"]["replicas"],
-        what="the node to register its openai replica",
-    )
+    endpoint = cluster_on(server, procs)
     oa = openai.OpenAI(base_url=procs.gateway(endpoint), api_key="none", max_retries=0)
     chunks = list(
         oa.chat.completions.create(

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from swarmx.backends.base import BackendMetrics, CallRequest
+from swarmx.backends.base import BackendMetrics, CallOutcome, CallRequest
 from swarmx.backends.openai import (
     ChatStream,
     OpenAIBackend,
@@ -206,17 +206,63 @@ def test_stream_errors(data, message):
         ChatStream().feed(data)
 
 
-class FakeServer(BaseHTTPRequestHandler):
-    """Answers like an OpenAI-compatible server; ``mode`` picks the chat endpoint's behaviour."""
+LONG_CHUNKS = 300
 
+
+def long_stream_events() -> list[bytes]:
+    """A stream of many numbered chunks, each sent on its own, without a usage chunk."""
+    events = [
+        b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"%d "}}]}\n\n' % i
+        for i in range(LONG_CHUNKS)
+    ]
+    return [*events, b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n']
+
+
+class FakeServer(BaseHTTPRequestHandler):
+    """Answers like an OpenAI-compatible server; ``mode`` picks the chat endpoint's behaviour.
+
+    It keeps connections alive (HTTP/1.1, streams in chunked encoding) as engines do, unless
+    ``protocol_version`` is set to HTTP/1.0: then a stream ends when the connection does.
+    """
+
+    protocol_version = "HTTP/1.1"
     mode = "stream"
     seen: list[dict[str, object]]
+    peers: list[tuple[str, int]]
+    """The address of each connection accepted, in order."""
     streaming: threading.Event
     """Set once a ``hang`` response is under way (the client's socket is attached by then)."""
     disconnected: threading.Event
 
     def log_message(self, format, *args):  # quiet
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.peers.append(self.client_address)
+
+    @property
+    def chunked(self) -> bool:
+        return self.protocol_version == "HTTP/1.1"
+
+    def start_events(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        if self.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        if self.mode == "close":
+            self.send_header("Connection", "close")
+        self.end_headers()
+
+    def write_events(self, raw: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw) if self.chunked else raw)
+        self.wfile.flush()
+
+    def end_events(self) -> None:
+        if self.chunked:
+            self.wfile.write(b"0\r\n\r\n")
+        if self.mode == "idle_close":  # as a server does whose keep-alive timeout passed
+            self.close_connection = True
 
     def send_body(self, status: int, body: bytes, ctype: str = "application/json") -> None:
         self.send_response(status)
@@ -243,29 +289,31 @@ class FakeServer(BaseHTTPRequestHandler):
             error = {"error": {"message": message, "type": "BadRequestError", "code": 400}}
             self.send_body(400, json.dumps(error).encode())
             return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
+        self.start_events()
         if self.path == "/v1/completions":
-            self.wfile.write(COMPLETIONS_STREAM)
+            self.write_events(COMPLETIONS_STREAM)
+        elif self.mode == "long":
+            for event in long_stream_events():
+                self.write_events(event)
+            self.write_events(b"data: [DONE]\n\n")
         else:
-            self.wfile.write(STREAM if self.mode == "stream" else STREAM_HEAD)
-        self.wfile.flush()
+            self.write_events(STREAM_HEAD if self.mode in {"truncated", "hang"} else STREAM)
         if self.mode == "hang":  # keep generating until the client goes away
             self.streaming.set()
             try:
                 while True:
                     time.sleep(0.02)
-                    self.wfile.write(b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n')
-                    self.wfile.flush()
+                    self.write_events(b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n')
             except OSError:
                 self.disconnected.set()
+                return
+        self.end_events()
 
 
 @pytest.fixture
 def server() -> Iterator[tuple[str, type[FakeServer]]]:
     events = {"streaming": threading.Event(), "disconnected": threading.Event()}
-    handler = type("Handler", (FakeServer,), {"seen": [], **events})
+    handler = type("Handler", (FakeServer,), {"seen": [], "peers": [], **events})
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -275,9 +323,11 @@ def server() -> Iterator[tuple[str, type[FakeServer]]]:
     thread.join()
 
 
-def backend(url: str, **kw: str) -> OpenAIBackend:
+def backend(url: str, concurrency: int = 2, **kw: str) -> OpenAIBackend:
     return OpenAIBackend(
-        ReplicaConfig(model="tiny", backend="openai", concurrency=2, url=f"{url}/v1", **kw)
+        ReplicaConfig(
+            model="tiny", backend="openai", concurrency=concurrency, url=f"{url}/v1", **kw
+        )
     )
 
 
@@ -473,10 +523,7 @@ def test_cancel_closes_the_connection(server):
 
     async def go() -> None:
         task = asyncio.create_task(b.run(llm()))
-        deadline = time.monotonic() + WITHIN_S
-        while not handler.streaming.is_set():  # the call is mid-stream, not still connecting
-            assert time.monotonic() < deadline, "the server never started streaming"
-            await asyncio.sleep(0.01)
+        await mid_stream(handler)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -484,6 +531,138 @@ def test_cancel_closes_the_connection(server):
 
     asyncio.run(go())
     assert handler.disconnected.wait(WITHIN_S)
+
+
+async def mid_stream(handler: type[FakeServer]) -> None:
+    """Wait until a ``hang`` call is mid-stream, not still connecting."""
+    assert await asyncio.to_thread(handler.streaming.wait, WITHIN_S), "no stream started"
+
+
+def test_sequential_calls_share_one_kept_alive_connection(
+    server: tuple[str, type[FakeServer]],
+) -> None:
+    """Calls reuse a connection the server keeps alive, after an HTTP error answer too (its body
+    read to the end), and whichever endpoint they call."""
+    url, handler = server
+    completions = CallRequest("c2", "llm", "tiny", api="completions", body='{"prompt": "Once"}')
+
+    async def go() -> list[CallOutcome]:
+        b = backend(url)
+        try:
+            outcomes = [await b.run(llm())]
+            handler.mode = "error"
+            outcomes.append(await b.run(llm()))
+            handler.mode = "stream"
+            return [*outcomes, await b.run(completions), await b.run(llm())]
+        finally:
+            await b.close()
+
+    outcomes = asyncio.run(go())
+    assert [(o.ok, o.output) for o in outcomes] == [
+        (True, "Hello"),
+        (False, ""),
+        (True, "Hello"),
+        (True, "Hello"),
+    ]
+    assert len(handler.seen) == 4
+    assert len(handler.peers) == 1
+
+
+@pytest.mark.parametrize(("protocol", "mode"), [("HTTP/1.0", "stream"), ("HTTP/1.1", "close")])
+def test_a_server_closing_after_each_answer_serves_each_call_on_a_new_connection(
+    server: tuple[str, type[FakeServer]], protocol: str, mode: str
+) -> None:
+    """An HTTP/1.0 stream ends with its connection; ``Connection: close`` says it will."""
+    url, handler = server
+    handler.protocol_version = protocol
+    handler.mode = mode
+
+    async def go() -> list[CallOutcome]:
+        b = backend(url)
+        try:
+            return [await b.run(llm()), await b.run(llm())]
+        finally:
+            await b.close()
+
+    assert [(o.ok, o.output, o.error) for o in asyncio.run(go())] == [(True, "Hello", "")] * 2
+    assert len(handler.peers) == 2
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced(
+    server: tuple[str, type[FakeServer]],
+) -> None:
+    """The server closes each connection after its answer without saying so (its keep-alive
+    timeout passing between calls looks the same): the next call's request, sent on it, fails
+    before any answer and goes again on a new connection."""
+    url, handler = server
+    handler.mode = "idle_close"
+
+    async def go() -> list[CallOutcome]:
+        b = backend(url)
+        try:
+            return [await b.run(llm()), await b.run(llm())]
+        finally:
+            await b.close()
+
+    assert [(o.ok, o.output, o.error) for o in asyncio.run(go())] == [(True, "Hello", "")] * 2
+    assert len(handler.seen) == 2  # the request on the closed connection reached no one
+    assert len(handler.peers) == 2
+
+
+def test_a_cancel_stops_a_call_on_a_reused_connection_and_drops_it(
+    server: tuple[str, type[FakeServer]],
+) -> None:
+    url, handler = server
+    b = backend(url, concurrency=1)  # a call starts once the one before let go of its connection
+
+    async def go() -> tuple[CallOutcome, int, CallOutcome]:
+        first = await b.run(llm())
+        handler.mode = "hang"
+        task = asyncio.create_task(b.run(llm()))
+        await mid_stream(handler)
+        peers_mid_stream = len(handler.peers)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        handler.mode = "stream"
+        after = await b.run(llm())
+        await b.close()
+        return first, peers_mid_stream, after
+
+    first, peers_mid_stream, after = asyncio.run(go())
+    assert peers_mid_stream == 1  # the cancelled call reused the first call's connection
+    assert handler.disconnected.wait(WITHIN_S)  # and the cancel reached the server
+    assert (first.ok, after.ok) == (True, True)
+    assert len(handler.peers) == 2
+
+
+def test_many_chunks_arrive_in_order_and_before_the_outcome(
+    server: tuple[str, type[FakeServer]],
+) -> None:
+    """Chunks reach the loop in batches: two concurrent streams of many chunks each arrive
+    whole, in order, on the loop's thread, before their call returns."""
+    url, handler = server
+    handler.mode = "long"
+    expected = [data for event in long_stream_events() for data in sse_data(event)]
+
+    async def one(b: OpenAIBackend) -> tuple[CallOutcome, Collector, list[str]]:
+        got = Collector()
+        outcome = await b.run(CallRequest("c", "llm", "tiny", prompt="hi", stream=got))
+        return outcome, got, list(got.chunks)  # as they stand when the call returns
+
+    async def go() -> list[tuple[CallOutcome, Collector, list[str]]]:
+        b = backend(url)
+        try:
+            return await asyncio.gather(one(b), one(b))
+        finally:
+            await b.close()
+
+    for outcome, got, chunks in asyncio.run(go()):
+        assert (outcome.ok, outcome.output_tokens) == (True, LONG_CHUNKS)
+        assert chunks == got.chunks
+        assert chunks[:-1] == expected
+        assert json.loads(chunks[-1])["usage"]["completion_tokens"] == LONG_CHUNKS
+        assert got.off_loop == 0
 
 
 def test_missing_api_key_fails_start(server, monkeypatch):
