@@ -24,7 +24,7 @@ import msgspec
 from swarmx import __version__
 from swarmx.clock import Clock, ticks
 from swarmx.config import NodeConfig, changed_fields
-from swarmx.daemon.lifecycle import SystemdNotifier, run_until_stopped
+from swarmx.daemon.lifecycle import SystemdNotifier, run_until_stopped, share_the_gil
 from swarmx.daemon.replicas import ReplicaSet, ScaleError
 from swarmx.metrics import NodeMetrics, serve
 from swarmx.protocol import (
@@ -167,6 +167,7 @@ class NodeAgent:
         }
 
     async def run(self, stop: asyncio.Event) -> None:
+        share_the_gil()  # engine calls stream on threads: the loop must not wait 5 ms per chunk
         loop = asyncio.get_running_loop()
         metrics = serve(self.metrics.registry, self.cfg.metrics_port, self.cfg.metrics_addr)
         if metrics is not None:

@@ -12,6 +12,7 @@ import collections
 import functools
 import itertools
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 TOOL_MODEL = "tool"
 """The model name under which a node's tool slots appear to the scheduler."""
 RECENT_LATENCIES = 32
+_TOKEN = re.compile(r'"(?:content|text|arguments)":\s*"[^"]')
+"""A chunk that carries output (text, or a tool call's arguments), not just a role."""
 STREAM_WINDOW_S = 0.01
 """A gateway call's output after its first chunk leaves in frames this far apart at most
 often (tokens that come faster share one)."""
@@ -508,10 +511,11 @@ class ReplicaSet:
 
 
 class _Stream:
-    """A gateway call's output on its way to the scheduler. The first chunk leaves at once (the
-    time to first token is what agents wait on); later ones leave together every
-    `STREAM_WINDOW_S`, so a fast engine costs the node, the scheduler and the gateway a frame
-    per window, not one per token."""
+    """A gateway call's output on its way to the scheduler. Until the first token has left,
+    every chunk leaves at once (engines often send a role-only chunk first, and the time to
+    first token is what agents wait on); later ones leave together every `STREAM_WINDOW_S`, so
+    a fast engine costs the node, the scheduler and the gateway a frame per window, not one per
+    token."""
 
     def __init__(self, call_id: str, send: Callable[[Chunk], Awaitable[object]]) -> None:
         self.call_id = call_id
@@ -519,18 +523,17 @@ class _Stream:
         self._pending: list[str] = []
         self._flusher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._started = False
+        self._first_token = False
 
     def put(self, data: str) -> None:
         """One chunk's JSON (the backend calls this on the loop thread, in order)."""
         self._pending.append(data)
-        if self._flusher is not None or self._timer is not None:
-            return  # it goes with the frame being sent, or the next one
-        if self._started:
+        if not self._first_token:
+            self._first_token = _TOKEN.search(data) is not None
+            if self._timer is None:
+                self._go()
+        elif self._flusher is None and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(STREAM_WINDOW_S, self._go)
-        else:
-            self._started = True
-            self._go()
 
     def _go(self) -> None:
         self._timer = None

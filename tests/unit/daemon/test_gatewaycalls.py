@@ -310,7 +310,7 @@ def test_the_slo_of_a_sessions_first_call_is_its_deadline_and_priority_takes_sla
     assert g.service.sessions[first.call.workflow_id].slo_s == 30.0
 
 
-def test_a_session_given_an_slo_after_its_first_call_counts_it_from_that_call(
+def test_a_session_given_an_slo_after_its_first_call_counts_it_from_its_first_call(
     tmp_path: Path,
 ) -> None:
     async def main() -> tuple[Gateways, float]:

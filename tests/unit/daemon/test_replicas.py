@@ -578,9 +578,11 @@ def test_a_node_knows_which_calls_it_runs_and_which_ended():
     assert after == {}
 
 
-def test_a_streamed_calls_first_chunk_leaves_at_once_and_the_rest_together() -> None:
-    """The first chunk is the time to first token; later ones share a frame per window, and
-    the call's end sends what is left without waiting for the window."""
+def test_a_streamed_calls_chunks_leave_at_once_until_its_first_token_then_together() -> None:
+    """A role-only chunk and the first token go at once (the time to first token); later ones
+    share a frame per window, and the call's end sends what is left without waiting for it."""
+    role = '{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}'
+    token = '{"choices":[{"index":0,"delta":{"content": "%s"}}]}'
 
     async def main() -> list[list[str]]:
         frames: list[list[str]] = []
@@ -589,14 +591,16 @@ def test_a_streamed_calls_first_chunk_leaves_at_once_and_the_rest_together() -> 
             frames.append(list(chunk.data))
 
         stream = replicas_mod._Stream("c1", send)
-        stream.put("a")
-        await asyncio.sleep(0)  # the first frame's task runs
-        assert frames == [["a"]]
-        stream.put("b")
-        stream.put("c")
+        stream.put(role)
+        await asyncio.sleep(0)  # the frame's task runs
+        stream.put(token % "a")
         await asyncio.sleep(0)
-        assert frames == [["a"]]  # waiting for the window
+        assert frames == [[role], [token % "a"]]
+        stream.put(token % "b")
+        stream.put(token % "c")
+        await asyncio.sleep(0)
+        assert len(frames) == 2  # waiting for the window
         await stream.drain()
         return frames
 
-    assert asyncio.run(main()) == [["a"], ["b", "c"]]
+    assert asyncio.run(main())[2:] == [[token % "b", token % "c"]]
