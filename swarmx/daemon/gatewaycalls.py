@@ -14,6 +14,7 @@ back as `Chunk` frames relayed from the node to the gateway as they come, then o
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,9 @@ Reply = Callable[[bytes, Message], Awaitable[bool]]
 
 SESSION_IDLE_S = 600.0
 """A session with no call for this long is over: its features and deadline are forgotten."""
+MAX_ATTEMPTS = 3
+"""Runs of one gateway call lost with its node or replica before any output reached its client:
+an infrastructure loss the client need not see."""
 RETRY_AFTER_S = 1.0
 """What a 429 tells the client to wait."""
 PROGRAM = "gateway"
@@ -65,6 +69,10 @@ class _Call:
     """The call id the gateway gave it (ours is the session's)."""
     session: _Session
     client: str
+    spec: CallSpec
+    priority: int = 0
+    streamed: bool = False
+    """Output went to the client: from then on the call cannot start again elsewhere."""
 
 
 class GatewayCalls:
@@ -91,6 +99,8 @@ class GatewayCalls:
         self.refused: collections.Counter[str] = collections.Counter()
         """Calls answered with an error before running, by reason (metrics)."""
         self.relayed_chunks = 0
+        self.retried = 0
+        """Calls run again after their node or replica was lost before any output."""
         service.external = self
 
     @property
@@ -137,7 +147,7 @@ class GatewayCalls:
             input_kinds=list(msg.input_kinds),
         )
         ses.open_calls.add(call.call_id)
-        self._calls[call.call_id] = _Call(peer, msg.call_id, ses, msg.client)
+        self._calls[call.call_id] = _Call(peer, msg.call_id, ses, msg.client, call, msg.priority)
         self._ours[(peer, msg.call_id)] = call.call_id
         self._per_client[msg.client] += 1
         deadline = ses.deadline_ts
@@ -191,6 +201,7 @@ class GatewayCalls:
         if self.service.dispatched_to(msg.call_id) != node:
             raise ForeignChunk(f"call {msg.call_id} was not sent to node {node}")
         self.relayed_chunks += len(msg.data)
+        c.streamed = True
         await self._reply(c.peer, Chunk(c.gateway_id, msg.data))
 
     async def on_abort(self, peer: bytes, msg: AbortCall) -> None:
@@ -202,13 +213,18 @@ class GatewayCalls:
         await self.service.cancel_calls([ours])
 
     async def ended(self, call_id: str, done: CallDone, result: Result | None) -> None:
-        c = self._end(call_id)
+        c = self._calls.get(call_id)
         if c is None:
             return
+        late = done.error.startswith("no result within")  # its hard deadline passed
+        if done.infra and not late and not c.streamed and c.spec.attempt < MAX_ATTEMPTS:
+            await self._again(call_id, c, done)  # lost before its client saw a byte
+            return
+        self._end(call_id)
         if done.ok:
             status = 200
         elif result is None:  # lost with its node or replica, or past its hard deadline
-            status = 504 if done.error.startswith("no result within") else 503
+            status = 504 if late else 503
         else:
             status = 502  # the engine failed it
         await self._reply(
@@ -223,6 +239,30 @@ class GatewayCalls:
                 done.replica,
             ),
         )
+
+    async def _again(self, call_id: str, c: _Call, done: CallDone) -> None:
+        """Run a call lost with its node or replica again elsewhere, as a new attempt under a
+        new id (the lost one's late output is dropped), avoiding the replica it was lost on."""
+        spec = c.spec
+        attempt = spec.attempt + 1
+        again = dataclasses.replace(
+            spec,
+            call_id=f"{spec.workflow_id}:{spec.step_id}:{attempt}",
+            attempt=attempt,
+            avoid=[*spec.avoid, done.replica] if done.replica else spec.avoid,
+        )
+        log.warning("gateway call %s: %s; running it again", call_id, done.error)
+        del self._calls[call_id]
+        c.session.open_calls.discard(call_id)
+        c.session.open_calls.add(again.call_id)
+        c.spec = again
+        self._calls[again.call_id] = c
+        self._ours[(c.peer, c.gateway_id)] = again.call_id
+        self.retried += 1
+        now = self.clock.time()
+        deadline = c.session.deadline_ts
+        slack = None if deadline is None else deadline - now - c.priority
+        await self.service.submit_ticket(Ticket(again, now, deadline, slack))
 
     def _end(self, call_id: str) -> _Call | None:
         c = self._calls.pop(call_id, None)

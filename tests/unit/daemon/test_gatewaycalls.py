@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import pytest
 
 from swarmx.daemon.features import SessionInfo
-from swarmx.daemon.gatewaycalls import RETRY_AFTER_S, ForeignChunk, GatewayCalls
+from swarmx.daemon.gatewaycalls import MAX_ATTEMPTS, RETRY_AFTER_S, ForeignChunk, GatewayCalls
 from swarmx.daemon.limits import Capacity
 from swarmx.daemon.workflows import CALL_GRACE_S, WorkflowService
 from swarmx.models.online import OnlineLearner
@@ -456,11 +456,48 @@ def test_an_engine_failure_ends_the_call_with_502_and_its_message(tmp_path: Path
     assert len(g.sent) == 1  # not re-run: its client is told
 
 
-def test_a_call_lost_with_its_node_ends_with_503(tmp_path: Path) -> None:
+async def second_node(g: Gateways) -> None:
+    """Node ``m`` with replica ``m/lm#0`` beside ``n``."""
+    infos = [ReplicaInfo("m/lm#0", "lm", "emulated", "emulated:H100", 8)]
+    hello = Hello("m", "h2", 2, "0", 2, 1, 1 << 30, [], infos, 1.0, 1.0, 0.0)
+    g.nodes.register(hello, b"m", g.clock.monotonic(), g.clock.time())
+    await g.service.on_hello(hello)
+
+
+def test_a_call_lost_before_any_output_runs_again_elsewhere_unseen(tmp_path: Path) -> None:
     async def main() -> Gateways:
         g = Gateways(tmp_path)
         await g.start()
         await g.send_call(call("1", session="s"))
+        await second_node(g)
+        first = g.sent[-1]
+        await g.service.on_node_state(first.replica.partition("/")[0], "down")
+        await g.service.on_node_down(first.replica.partition("/")[0])
+        again = g.sent[-1]
+        await g.calls.on_chunk(again.replica.partition("/")[0], Chunk(again.call_id, ["x"]))
+        await g.service.on_result(
+            again.replica.partition("/")[0],
+            Result(again.call_id, again.replica, True, "x", "", 0.0, 1.0, None, 3, 1),
+        )
+        return g
+
+    g = run(main())
+    first, again = g.sent
+    assert first.replica != again.replica  # it avoids the replica it was lost on
+    assert again.call_id == f"{first.call_id}:2"  # a new attempt under a new id
+    assert [m for _, m in g.replies] == [
+        Chunk("1", ["x"]),
+        CallEnded("1", True, 200, "", 3, 1, again.replica),
+    ]
+    assert g.calls.retried == 1 and g.calls.in_flight == 0
+
+
+def test_a_call_lost_after_its_output_began_ends_with_503(tmp_path: Path) -> None:
+    async def main() -> Gateways:
+        g = Gateways(tmp_path)
+        await g.start()
+        await g.send_call(call("1", session="s"))
+        await g.calls.on_chunk("n", Chunk(g.ours(), ["half an answer"]))
         await g.service.on_node_down("n")
         return g
 
@@ -468,7 +505,24 @@ def test_a_call_lost_with_its_node_ends_with_503(tmp_path: Path) -> None:
     [ended] = g.ended()
     assert (ended.call_id, ended.ok, ended.status) == ("1", False, 503)
     assert ended.error == "node n down" and ended.prompt_tokens == 0
-    assert len(g.sent) == 1 and g.calls.in_flight == 0
+    assert len(g.sent) == 1 and g.calls.in_flight == 0 and g.calls.retried == 0
+
+
+def test_a_call_lost_again_and_again_ends_with_503_after_its_last_attempt(
+    tmp_path: Path,
+) -> None:
+    async def main() -> Gateways:
+        g = Gateways(tmp_path)
+        await g.start()
+        await g.send_call(call("1"))
+        for _ in range(MAX_ATTEMPTS):
+            await g.service.on_node_down("n")  # the node comes back each time, and dies again
+        return g
+
+    g = run(main())
+    [ended] = g.ended()
+    assert (ended.status, ended.error) == (503, "node n down")
+    assert len(g.sent) == MAX_ATTEMPTS and g.calls.retried == MAX_ATTEMPTS - 1
 
 
 def test_a_call_with_no_result_by_its_hard_deadline_ends_with_504(tmp_path: Path) -> None:
