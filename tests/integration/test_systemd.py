@@ -43,3 +43,17 @@ def test_scheduler_and_node_notify_systemd(procs, notify_socket, tmp_path):
     sched.send_signal(signal.SIGTERM)
     assert sched.wait(timeout=10) == 0
     messages_until(notify_socket, "STOPPING=1")
+
+
+def test_the_gateway_notifies_systemd(procs, notify_socket, tmp_path):
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000"}
+    _, endpoint = procs.scheduler()
+    gateway = procs.spawn(
+        "gateway", "--listen", "http://127.0.0.1:0", "--scheduler", endpoint, log="gw", env=env
+    )
+    ready = messages_until(notify_socket, "READY=1")
+    assert any(m.startswith("STATUS=serving http://127.0.0.1:") for m in ready)
+    assert "WATCHDOG=1" in messages_until(notify_socket, "WATCHDOG=1")
+    gateway.send_signal(signal.SIGTERM)
+    assert gateway.wait(timeout=10) == 0
+    messages_until(notify_socket, "STOPPING=1")
