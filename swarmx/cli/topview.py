@@ -438,6 +438,8 @@ def workflows_pane(reply: TopReply, sort: str) -> _Pane:
         if w.state == "running" and w.steps_total:
             frac = (w.steps_done or 0) / w.steps_total
             progress: str | Text = Text.assemble(bar(frac, 5), f" {w.steps_done}/{w.steps_total}")
+        elif w.state == "running" and w.steps_done is not None:  # a gateway session: no end known
+            progress = f"{w.steps_done} calls"
         else:
             progress = "-"
         slack: str | Text = "-"

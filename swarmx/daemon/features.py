@@ -30,6 +30,11 @@ class SessionInfo:
     program: str
     """What traces record as ``workflow_name``: the agent's name, or ``gateway``."""
     slo_s: float | None = None
+    started_ts: float = 0.0
+    """Its first call's arrival (wall clock): `swarmx top` lists open sessions with workflows."""
+    deadline_ts: float | None = None
+    calls_done: int = 0
+    calls_open: int = 0
 
 
 @dataclass

@@ -147,6 +147,7 @@ class GatewayCalls:
             input_kinds=list(msg.input_kinds),
         )
         ses.open_calls.add(call.call_id)
+        ses.info.calls_open = len(ses.open_calls)
         self._calls[call.call_id] = _Call(peer, msg.call_id, ses, msg.client, call, msg.priority)
         self._ours[(peer, msg.call_id)] = call.call_id
         self._per_client[msg.client] += 1
@@ -184,13 +185,14 @@ class GatewayCalls:
             deadline = None if msg.slo_s is None else now + msg.slo_s
             # the learner keeps a session's history by this name: two clients' "s" are two
             named = f"{msg.client}/{msg.session}" if msg.client and msg.session else msg.session
-            info = SessionInfo(named, PROGRAM, msg.slo_s)
+            info = SessionInfo(named, PROGRAM, msg.slo_s, now, deadline)
             ses = _Session(sid, msg.client, msg.session, info, now, deadline, 0.0)
             self.service.sessions[sid] = info
             if msg.session:
                 self._sessions[key] = ses
         elif ses.deadline_ts is None and msg.slo_s is not None:
             ses.deadline_ts, ses.info.slo_s = ses.started_ts + msg.slo_s, msg.slo_s
+            ses.info.deadline_ts = ses.deadline_ts
         return ses
 
     async def on_chunk(self, node: str, msg: Chunk) -> None:
@@ -274,6 +276,8 @@ class GatewayCalls:
             del self._per_client[c.client]
         ses = c.session
         ses.open_calls.discard(call_id)
+        ses.info.calls_open = len(ses.open_calls)
+        ses.info.calls_done += 1
         ses.last_active_s = self.clock.monotonic()
         if not ses.key:
             self._forget(ses)

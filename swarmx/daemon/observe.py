@@ -285,6 +285,7 @@ class Observer:
     def _workflows(self, limit: int, now: float) -> list[WorkflowBrief]:
         running = self.service.running()[:limit]
         out = [self._running(run, submitted, now) for run, submitted in running]
+        out += self._sessions(limit - len(out), now)
         if len(out) < limit:
             for row in self.service.store.workflows(limit=limit):
                 if row.state == "running" or len(out) >= limit:
@@ -304,6 +305,26 @@ class Observer:
                     )
                 )
         return out
+
+    def _sessions(self, limit: int, now: float) -> list[WorkflowBrief]:
+        """Open gateway sessions, oldest first, as running workflows of no fixed length: their
+        calls done so far, those running, and their slack to the session's deadline."""
+        sessions = sorted(self.service.sessions.items(), key=lambda item: item[1].started_ts)
+        return [
+            WorkflowBrief(
+                ses_id,
+                ses.key or ses.program,
+                "running",
+                ses.started_ts,
+                now - ses.started_ts,
+                ses.slo_s,
+                None if ses.deadline_ts is None else ses.deadline_ts - now,
+                ses.calls_done,
+                None,
+                ses.calls_open,
+            )
+            for ses_id, ses in sessions[: max(limit, 0)]
+        ]
 
     def _running(self, run: WorkflowRun, submitted: float, now: float) -> WorkflowBrief:
         steps = run.spec.steps

@@ -148,6 +148,9 @@ def test_an_agent_loop_is_one_session_in_the_traces(procs):
     top = json.loads(procs.cli("top", "--json", "--scheduler", endpoint).stdout)
     routed = {d["detail"] for d in top["decisions"] if d["kind"] == "route"}
     assert {r["call_id"] for r in rows} <= routed  # `swarmx top` shows where each went
+    [session] = [w for w in top["workflows"] if w["id"] == rows[0]["workflow"]]
+    assert (session["name"], session["state"], session["steps_done"]) == ("agent-7", "running", 3)
+    assert session["calls_running"] == 0 and session["steps_total"] is None
 
 
 def test_the_embedded_torch_lm_answers_through_the_gateway(procs):

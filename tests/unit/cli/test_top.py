@@ -329,3 +329,13 @@ def test_bad_use_exits_2_on_one_line(args, message):
     assert result.exit_code == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: {message}")
+
+
+def test_a_gateway_session_shows_its_calls_so_far_not_a_fraction() -> None:
+    session = WorkflowBrief(
+        "ses-0a1b2c3d4e5f", "agent-7", "running", 990.0, 10.0, 30.0, 20.0, 4, None, 1
+    )
+    reply = msgspec.structs.replace(cluster(1, gpus=1), workflows=[session])
+    text = frame(reply, View(pane=PANES.index("workflows")), 100, 24)
+    assert "ses-0a1b2c3d4e5f agent-7 running" in " ".join(text.split())
+    assert "4 calls" in text

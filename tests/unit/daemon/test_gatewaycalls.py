@@ -236,7 +236,10 @@ def test_a_call_is_queued_as_a_turn_of_its_session_with_the_request_for_the_engi
     assert ticket.arrived_s == g.clock.time()
     assert (ticket.deadline_s, ticket.slack_s) == (None, None)
     # the client's name goes first, so two clients' "agent-1" are two histories
-    assert g.service.sessions == {sid: SessionInfo("alice/agent-1", "gateway", None)}
+    now = g.clock.time()
+    assert g.service.sessions == {
+        sid: SessionInfo("alice/agent-1", "gateway", None, now, None, calls_done=0, calls_open=1)
+    }
     [dispatch] = g.sent
     assert (dispatch.call_id, dispatch.api, dispatch.body) == (c.call_id, "completions", body)
     assert g.replies == [] and g.calls.in_flight == 1 and g.calls.sessions == 1
