@@ -54,8 +54,7 @@ class _Session:
     client: str
     key: str
     info: SessionInfo
-    started_ts: float
-    deadline_ts: float | None
+    """Its start, deadline and counts, as features, traces and `swarmx top` read them."""
     last_active_s: float
     """Monotonic time of its latest call's start or end."""
     turns: int = 0
@@ -151,7 +150,7 @@ class GatewayCalls:
         self._calls[call.call_id] = _Call(peer, msg.call_id, ses, msg.client, call, msg.priority)
         self._ours[(peer, msg.call_id)] = call.call_id
         self._per_client[msg.client] += 1
-        deadline = ses.deadline_ts
+        deadline = ses.info.deadline_ts
         slack = None if deadline is None else deadline - now - msg.priority
         await self.service.submit_ticket(Ticket(call, now, deadline, slack))
 
@@ -186,13 +185,12 @@ class GatewayCalls:
             # the learner keeps a session's history by this name: two clients' "s" are two
             named = f"{msg.client}/{msg.session}" if msg.client and msg.session else msg.session
             info = SessionInfo(named, PROGRAM, msg.slo_s, now, deadline)
-            ses = _Session(sid, msg.client, msg.session, info, now, deadline, 0.0)
+            ses = _Session(sid, msg.client, msg.session, info, 0.0)
             self.service.sessions[sid] = info
             if msg.session:
                 self._sessions[key] = ses
-        elif ses.deadline_ts is None and msg.slo_s is not None:
-            ses.deadline_ts, ses.info.slo_s = ses.started_ts + msg.slo_s, msg.slo_s
-            ses.info.deadline_ts = ses.deadline_ts
+        elif ses.info.deadline_ts is None and msg.slo_s is not None:
+            ses.info.deadline_ts, ses.info.slo_s = ses.info.started_ts + msg.slo_s, msg.slo_s
         return ses
 
     async def on_chunk(self, node: str, msg: Chunk) -> None:
@@ -262,7 +260,7 @@ class GatewayCalls:
         self._ours[(c.peer, c.gateway_id)] = again.call_id
         self.retried += 1
         now = self.clock.time()
-        deadline = c.session.deadline_ts
+        deadline = c.session.info.deadline_ts
         slack = None if deadline is None else deadline - now - c.priority
         await self.service.submit_ticket(Ticket(again, now, deadline, slack))
 

@@ -414,3 +414,32 @@ def test_deep_nesting_is_a_protocol_error(depth):
     assert frame.count(b"\x91\x07") == 1
     nested = b"\x91" * depth + b"\x07"  # [[[...7...]]] as the body
     assert _reason(frame.replace(b"\x91\x07", nested)) in {"schema", "garbage"}
+
+
+_GATEWAY_CALL = {
+    "call_id": "7",
+    "session": "s",
+    "client": "alice",
+    "model": "lm",
+    "api": "chat",
+    "body": "{}",
+    "prompt": "user: hi",
+}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("priority", 5000),  # past the header's range: no call jumps every queue
+        ("slo_s", 0.0),  # a deadline already passed
+        ("slo_s", math.nan),
+        ("timeout_s", -1.0),
+        ("api", "embeddings"),  # an endpoint no backend speaks
+        ("session", "s" * 300),  # names become trace fields and log lines
+        ("input_kinds", ["tool_result"] * 17),
+    ],
+)
+def test_a_gateway_calls_worst_values_are_refused_at_decode(field, value):
+    with pytest.raises(ProtocolError) as info:
+        decode_frame(_raw(type="gateway_call", body={**_GATEWAY_CALL, field: value}))
+    assert info.value.reason == "schema" and f"body.{field}" in str(info.value)

@@ -8,21 +8,25 @@ from collections.abc import Mapping
 
 import pytest
 
+from swarmx.clock import ManualClock
+from swarmx.config import GatewayConfig
 from swarmx.daemon.gateway import (
     MAX_NAME,
     PRIORITY_HEADER,
     SESSION_HEADER,
     SLO_HEADER,
+    GatewayDaemon,
     _ended_error,
     _error,
     _loopback,
+    _Pending,
     _priority,
     _session,
     _slo,
 )
 from swarmx.gateway.http import Request
 from swarmx.gateway.openai_api import ApiError, ParsedCall, parse_request
-from swarmx.protocol import CallEnded
+from swarmx.protocol import CallEnded, NodesReply, SchedulerInfo
 
 
 def request(headers: Mapping[str, str] | None = None) -> Request:
@@ -155,3 +159,27 @@ def test_a_429_or_503_tells_the_client_when_to_retry() -> None:
     )
     assert _error(ApiError(503, "down", type="server_error")).headers == (("Retry-After", "1"),)
     assert _error(ApiError(400, "bad")).headers == ()
+
+
+def test_calls_open_when_the_scheduler_restarts_end_with_503_not_at_the_timeout() -> None:
+    """The scheduler does not journal gateway calls: a crash right after one was sent loses it,
+    so the gateway ends what it waits on once the scheduler's uptime says it started again."""
+
+    def reply(uptime_s: float) -> NodesReply:
+        return NodesReply(SchedulerInfo("tcp://127.0.0.1:7700", "0", uptime_s, {}), [])
+
+    clock = ManualClock()
+    gw = GatewayDaemon(GatewayConfig(), clock)
+    pending = gw._pending["7"] = _Pending()
+    gw._check_restart(reply(100.0))
+    clock.now += 5.0
+    gw._check_restart(reply(105.0))  # the same scheduler, 5 s on
+    clock.now += 0.5
+    gw._check_restart(reply(104.9))  # jitter of its clock against ours: not a restart
+    assert pending.events.empty()
+    clock.now += 5.0
+    gw._check_restart(reply(1.0))  # started again a second ago
+    ended = pending.events.get_nowait()
+    assert isinstance(ended, CallEnded)
+    assert (ended.call_id, ended.ok, ended.status) == ("7", False, 503)
+    assert "restarted" in ended.error
