@@ -325,7 +325,8 @@ def _pace_range(records: list[TraceRecord], window: int = 200) -> str:
 def shift_sections(
     seed: int, examples: list[TraceRecord], cc: list[TraceRecord] | None
 ) -> list[str]:
-    cfg = PredictorConfig(levels=list(LEVELS), retrain_every_s=1e9)  # the replay has no clock
+    # The replay has no clock: time-based retraining and the trainer's rest are off.
+    cfg = PredictorConfig(levels=list(LEVELS), retrain_every_s=1e9, trainer_duty=1.0)
     shifted = read_traces([SHIFTED])
     new_models = sorted({r.model for r in shifted if r.kind == "llm"})
     out = [
@@ -346,7 +347,8 @@ def shift_sections(
         "",
         "All three arms forecast the new mix's calls in the order they arrived. `frozen`: the "
         "model trained on the old mix. `online`: the scheduler's `OnlineLearner` with the "
-        "default `[predictor]` settings (time-based retraining off: the replay has no clock), "
+        "default `[predictor]` settings (time-based retraining and the trainer's rest off: the "
+        "replay has no clock), "
         "that model installed and the old mix in its buffer; each call is forecast when it "
         "arrives and learned from when it finishes; a training run pauses the replay and its "
         f"candidate is considered {TRAIN_DELAY_S:g} s of traffic later. `reference` (the upper "

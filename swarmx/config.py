@@ -340,6 +340,10 @@ class PredictorConfig:
     window_calls: int = 200
     fine_tune_epochs: int = 3
     keep_versions: int = 5
+    trainer_duty: float = 0.25
+    """The most of the time the trainer process may run: after a round of T seconds the next
+    waits at least T * (1 / trainer_duty - 1). Bounds what retraining costs the scheduler's host
+    whatever asks for it; 1 lets rounds run back to back."""
 
     def __post_init__(self) -> None:
         if not self.levels or any(not 0 < p < 1 for p in self.levels):
@@ -348,6 +352,8 @@ class PredictorConfig:
             raise SchemaError("levels", "must be distinct and increasing")
         if not 0 < self.holdout_frac < 1:
             raise SchemaError("holdout_frac", "must be in (0, 1)")
+        if not 0 < self.trainer_duty <= 1:
+            raise SchemaError("trainer_duty", "must be in (0, 1]")
         for name in (
             "buffer_calls",
             "min_calls_to_train",

@@ -1,33 +1,31 @@
 """Client for any OpenAI-compatible server (vLLM, SGLang, llama.cpp server, Ollama).
 
-Stdlib HTTP only, so driving a remote engine adds no dependency. Each call streams one chat
-completion in a worker thread, on a keep-alive connection that later calls reuse; cancelling the
-awaiting task shuts that socket down, which unblocks the thread and makes the server stop
-generating for it (that connection is closed, not reused). A workflow call's prompt goes as one
-user message; a gateway call's own request body goes to its endpoint (chat or completions) as it
-is, and the server's chunks go back to the caller's ``stream`` as they are.
+Stdlib only (`swarmx.backends.http1`), so driving a remote engine adds no dependency. Each call
+streams one completion on the node's event loop, on a keep-alive connection that later calls
+reuse; cancelling the call closes its connection, so the server stops generating for it. A
+workflow call's prompt goes as one user message; a gateway call's own request body goes to its
+endpoint (chat or completions) as it is, and the server's chunks go back to the caller's
+``stream`` as they are.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.client
 import json
 import logging
 import math
 import os
 import re
-import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from swarmx.backends.base import Api, BackendMetrics, CallOutcome, CallRequest
+from swarmx.backends.http1 import HttpClient, ProtocolError, Response, time_limit
 from swarmx.config import ReplicaConfig
 
 log = logging.getLogger(__name__)
@@ -40,12 +38,10 @@ SCRAPE_INTERVAL_S = 1.0
 SCRAPE_TIMEOUT_S = 2.0
 ERROR_CHARS = 300
 """Server error text kept in a `CallOutcome.error`; bodies can be whole HTML pages."""
-TAIL_BYTES = 64 * 1024
-"""The most read of an error body, or of what a stream sends after ``[DONE]`` (the end of a
-chunked body), for its connection to be reused."""
-TAIL_TIMEOUT_S = 1.0
-"""How long the end of a stream's body may take after ``[DONE]``; a slower one closes the
-connection rather than delay the call's outcome."""
+ERROR_BYTES = 64 * 1024
+"""The most read of an error body."""
+MODELS_BYTES = 4 * 1024 * 1024
+"""The most read of a ``/models`` answer."""
 
 _QUEUED = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
 _RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
@@ -114,22 +110,49 @@ def metrics_from_prometheus(samples: dict[str, list[float]]) -> BackendMetrics:
     )
 
 
+MAX_EVENT_LINE_BYTES = 4 * 1024 * 1024
+"""Longest event-stream line accepted: a chunk is a token or a tool call's arguments, not more."""
+
+
+class SseParser:
+    """Incremental server-sent events: bytes in, the ``data`` of each complete event out
+    (multi-line data joined by newlines); other fields and ``:`` comment lines are ignored, as
+    the SSE spec says."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._data: list[str] = []
+
+    def feed(self, raw: bytes) -> list[str]:
+        *lines, self._buf = (self._buf + raw).split(b"\n")
+        if len(self._buf) > MAX_EVENT_LINE_BYTES:
+            raise StreamError(f"an event stream line over {MAX_EVENT_LINE_BYTES} bytes")
+        events: list[str] = []
+        for raw_line in lines:
+            line = raw_line.decode("utf-8", "replace").rstrip("\r")
+            if not line:
+                if self._data:
+                    events.append("\n".join(self._data))
+                    self._data = []
+                continue
+            name, _, value = line.partition(":")
+            if name == "data":
+                self._data.append(value[1:] if value.startswith(" ") else value)
+        return events
+
+    def end(self) -> list[str]:
+        """The stream ended: an event its server did not finish with a blank line."""
+        events = self.feed(b"\n\n") if self._buf or self._data else []
+        self._buf, self._data = b"", []
+        return events
+
+
 def iter_sse_data(lines: Iterable[bytes]) -> Iterator[str]:
-    """The ``data`` of each server-sent event (multi-line data joined by newlines); other fields
-    and ``:`` comment lines are ignored, as the SSE spec says."""
-    data: list[str] = []
+    """`SseParser` over a body given as pieces (lines, or any split)."""
+    parser = SseParser()
     for raw in lines:
-        line = raw.decode("utf-8", "replace").rstrip("\r\n")
-        if not line:
-            if data:
-                yield "\n".join(data)
-                data = []
-            continue
-        name, _, value = line.partition(":")
-        if name == "data":
-            data.append(value[1:] if value.startswith(" ") else value)
-    if data:
-        yield "\n".join(data)
+        yield from parser.feed(raw)
+    yield from parser.end()
 
 
 class StreamError(Exception):
@@ -270,140 +293,13 @@ def _error_message(body: object) -> str | None:
     return None
 
 
-def _http_error(resp: http.client.HTTPResponse) -> str:
-    raw = resp.read(TAIL_BYTES).decode("utf-8", "replace")
+async def _http_error(resp: Response) -> str:
+    raw = (await resp.read(ERROR_BYTES)).decode("utf-8", "replace")
     try:
         message = _error_message(json.loads(raw))
     except json.JSONDecodeError:
         message = None
     return _one_line(f"HTTP {resp.status} {resp.reason}: {message or raw or '(empty body)'}")
-
-
-def _remaining(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("deadline passed")
-    return left
-
-
-def _lines(resp: http.client.HTTPResponse, sock: socket.socket, deadline: float) -> Iterator[bytes]:
-    """Response lines until EOF, each read bounded by what is left of the call's deadline."""
-    while True:
-        sock.settimeout(_remaining(deadline))
-        line = resp.readline()
-        if not line:
-            return
-        yield line
-
-
-class _Call:
-    """One in-flight request's connection, reachable from the cancelling side, and the way its
-    chunks go back to the caller's event loop."""
-
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, stream: Callable[[str], None] | None
-    ) -> None:
-        self._lock = threading.Lock()
-        self._conn: http.client.HTTPConnection | None = None
-        self._sock: socket.socket | None = None
-        """``_conn``'s socket, kept: the connection drops it when an answer says it closes."""
-        self._aborted = False
-        self._loop = loop
-        self._stream = stream
-        self._batch: list[str] = []
-        """Chunks forwarded and not yet delivered; not empty exactly while a delivery is
-        scheduled on the loop."""
-
-    @property
-    def aborted(self) -> bool:
-        return self._aborted
-
-    def forward(self, chunk: str) -> None:
-        """Hand one chunk to the caller's stream on its event loop (called from the pool thread).
-        One wake-up of the loop delivers every chunk forwarded until it runs, so a fast stream
-        costs far fewer than one per chunk. The call's result takes the same queue later, after
-        the last delivery, so chunks arrive in order and before it."""
-        if self._stream is None:
-            return
-        with self._lock:
-            self._batch.append(chunk)
-            if len(self._batch) > 1:  # the delivery already scheduled takes this one too
-                return
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-            self._loop.call_soon_threadsafe(self._deliver)
-
-    def _deliver(self) -> None:
-        with self._lock:
-            batch, self._batch = self._batch, []
-        if self._stream is not None and not self._aborted:  # no chunk reaches a cancelled caller
-            for chunk in batch:
-                self._stream(chunk)
-
-    def attach(self, conn: http.client.HTTPConnection) -> socket.socket:
-        """Make ``conn`` the call's connection, connecting it if it is new; its socket. From
-        here a cancel shuts that socket down, and `detach` hands the connection back to be
-        closed or kept, whatever happens."""
-        with self._lock:
-            self._conn = conn
-        if conn.sock is None:
-            conn.connect()
-        sock = conn.sock
-        assert isinstance(sock, socket.socket)
-        with self._lock:
-            self._sock = sock
-            if self._aborted:
-                raise ConnectionAbortedError("call cancelled")
-        return sock
-
-    def detach(self) -> http.client.HTTPConnection | None:
-        """Take the connection back from the cancelling side: after this, `aborted` says for
-        good whether a cancel shut its socket down."""
-        with self._lock:
-            conn, self._conn, self._sock = self._conn, None, None
-        return conn
-
-    def abort(self) -> None:
-        """Shut the socket down: unlike close(), that wakes a thread blocked reading it, and the
-        server sees the disconnect and aborts the generation."""
-        with self._lock:
-            self._aborted = True
-            if self._sock is not None:
-                with contextlib.suppress(OSError):
-                    self._sock.shutdown(socket.SHUT_RDWR)
-
-
-class _IdleConnections:
-    """Keep-alive connections to the server between calls, the most recently used first.
-
-    Reuse saves a TCP (and TLS) handshake per call, and the sockets each closed connection
-    leaves in TIME_WAIT, which at a thousand calls a second run a host out of ephemeral ports.
-    At most ``limit`` are kept: the pool's threads never use more at once.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self._lock = threading.Lock()
-        self._idle: list[http.client.HTTPConnection] = []
-        self._limit = limit
-        self._closed = False
-
-    def take(self) -> http.client.HTTPConnection | None:
-        with self._lock:
-            return self._idle.pop() if self._idle else None
-
-    def give(self, conn: http.client.HTTPConnection) -> None:
-        """Keep ``conn`` (its last response read to the end) for a later call, or close it."""
-        with self._lock:
-            if not self._closed and len(self._idle) < self._limit:
-                self._idle.append(conn)
-                return
-        conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
 
 
 class OpenAIBackend:
@@ -412,14 +308,17 @@ class OpenAIBackend:
     def __init__(self, cfg: ReplicaConfig) -> None:
         self._cfg = cfg
         parts = urlsplit(cfg.url)
-        self._https = parts.scheme == "https"
         self._host = parts.hostname or ""
-        self._port = parts.port or (443 if self._https else 80)
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._path = parts.path.rstrip("/")
         self._model = cfg.served_model or cfg.model
-        self._pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix=f"openai-{cfg.model}")
-        self._idle = _IdleConnections(cfg.concurrency)
-        self._active: set[_Call] = set()
+        self._http = HttpClient(
+            parts.scheme,
+            self._host,
+            self._port,
+            max_idle=cfg.concurrency,
+            connect_timeout_s=CONNECT_TIMEOUT_S,
+        )
         self._closed = False
         self._stop = threading.Event()
         self._scraper: threading.Thread | None = None
@@ -431,8 +330,9 @@ class OpenAIBackend:
         if env and not os.environ.get(env):
             raise RuntimeError(f"{self._cfg.model}: api_key_env is {env!r} but ${env} is not set")
         try:
-            body = await asyncio.get_running_loop().run_in_executor(self._pool, self._get_models)
-        except (OSError, http.client.HTTPException, ValueError) as exc:
+            async with time_limit(START_TIMEOUT_S):
+                body = await self._get_models()
+        except (OSError, asyncio.IncompleteReadError, ProtocolError, ValueError) as exc:
             raise RuntimeError(
                 f"{self._cfg.model}: OpenAI-compatible server not reachable at "
                 f"{self._cfg.url}/models: {_one_line(str(exc) or type(exc).__name__)}"
@@ -451,21 +351,40 @@ class OpenAIBackend:
             self._scraper.start()
 
     async def run(self, request: CallRequest) -> CallOutcome:
+        """One streamed completion. Cancelling it closes its connection: the server sees the
+        client go and stops generating for it."""
         if request.kind != "llm":
             return _failed(f"the openai backend runs llm calls, not {request.kind!r}")
         if self._closed:
             return _failed("backend closed")
         started = time.monotonic()
-        loop = asyncio.get_running_loop()
-        call = _Call(loop, request.stream)
-        self._active.add(call)
         try:
-            return await loop.run_in_executor(self._pool, self._generate, request, call, started)
-        except asyncio.CancelledError:
-            call.abort()
-            raise
-        finally:
-            self._active.discard(call)
+            path, payload = self._payload(request)
+        except ValueError as exc:
+            return _failed(str(exc))
+        timeout_s = request.timeout_s or DEFAULT_TIMEOUT_S
+        body = json.dumps(payload).encode()
+        headers = {**self._headers(), "Accept": "text/event-stream"}
+        try:
+            async with time_limit(timeout_s):
+                resp = await self._http.request("POST", f"{self._path}{path}", headers, body)
+                try:
+                    outcome = await self._outcome(resp, request, started)
+                except BaseException:
+                    self._http.discard(resp)
+                    raise
+            await self._http.release(resp)
+            return outcome
+        except StreamError as exc:
+            return _failed(str(exc))
+        except TimeoutError:
+            return _failed(f"no complete response within {timeout_s:g} s")
+        except ConnectionRefusedError:
+            return _failed(f"connection refused by {self._host}:{self._port}")
+        except asyncio.IncompleteReadError:
+            return _failed("the server closed the connection mid-answer")
+        except (OSError, ProtocolError, ValueError) as exc:
+            return _failed(_one_line(f"{type(exc).__name__}: {exc}"))
 
     def metrics(self) -> BackendMetrics:
         """The latest scrape of ``metrics_url``; all None without one or while it fails."""
@@ -474,34 +393,28 @@ class OpenAIBackend:
     async def close(self) -> None:
         self._closed = True
         self._stop.set()
-        for call in list(self._active):
-            call.abort()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self._idle.close()
+        await self._http.close()
         if self._scraper is not None:
             await asyncio.to_thread(self._scraper.join, SCRAPE_TIMEOUT_S + 1)
 
     def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", "User-Agent": "swarmx"}
         key = os.environ.get(self._cfg.api_key_env) if self._cfg.api_key_env else None
         if key:
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
-    def _connection(self, timeout_s: float) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-        return cls(self._host, self._port, timeout=timeout_s)
-
-    def _get_models(self) -> object:
-        conn = self._connection(START_TIMEOUT_S)
+    async def _get_models(self) -> object:
+        resp = await self._http.request("GET", f"{self._path}/models", self._headers())
         try:
-            conn.request("GET", f"{self._path}/models", headers=self._headers())
-            resp = conn.getresponse()
             if not 200 <= resp.status < 300:
-                raise OSError(_http_error(resp))
-            return json.loads(resp.read())
-        finally:
-            conn.close()
+                raise OSError(await _http_error(resp))
+            body = json.loads(await resp.read(MODELS_BYTES))
+        except BaseException:
+            self._http.discard(resp)
+            raise
+        await self._http.release(resp)
+        return body
 
     def _payload(self, request: CallRequest) -> tuple[str, dict[str, object]]:
         """The endpoint and JSON body of a call: a gateway call's own body for its ``api``, or
@@ -527,71 +440,13 @@ class OpenAIBackend:
         }
         return path, payload
 
-    def _generate(self, request: CallRequest, call: _Call, started: float) -> CallOutcome:
-        """Blocking: one streamed completion, in a pool thread (a client's body can be large)."""
-        try:
-            path, payload = self._payload(request)
-        except ValueError as exc:
-            return _failed(str(exc))
-        timeout_s = request.timeout_s or DEFAULT_TIMEOUT_S
-        deadline = started + timeout_s
-        reusable = False
-        try:
-            resp, sock = self._post(
-                f"{self._path}{path}", json.dumps(payload).encode(), call, deadline, timeout_s
-            )
-            if not 200 <= resp.status < 300:
-                outcome = _failed(_http_error(resp))
-            elif "text/event-stream" not in (ctype := resp.getheader("Content-Type") or ""):
-                outcome = _failed(f"expected an event stream, got Content-Type {ctype!r}")
-            else:
-                outcome = _read_stream(
-                    resp, sock, call, prompt=request.prompt, started=started, deadline=deadline
-                )
-            reusable = _reusable(resp, sock, deadline)
-            return outcome
-        except StreamError as exc:
-            return _failed(str(exc))
-        except TimeoutError:
-            return _failed(f"no complete response within {timeout_s:g} s")
-        except ConnectionRefusedError:
-            return _failed(f"connection refused by {self._host}:{self._port}")
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            return _failed(_one_line(f"{type(exc).__name__}: {exc}"))
-        finally:
-            conn = call.detach()
-            if conn is not None and reusable and not call.aborted:
-                self._idle.give(conn)
-            elif conn is not None:
-                conn.close()
-
-    def _post(
-        self, url: str, body: bytes, call: _Call, deadline: float, timeout_s: float
-    ) -> tuple[http.client.HTTPResponse, socket.socket]:
-        """Send the request on an idle keep-alive connection, or a new one, attached to ``call``;
-        the response (its headers read) and its socket.
-
-        A reused connection that the server closed while it idled fails on the send or before
-        the status line: that request never reached the engine, so it goes once more on a new
-        connection (whose own failure is the call's).
-        """
-        headers = {**self._headers(), "Accept": "text/event-stream"}
-        conn = self._idle.take()
-        reused = conn is not None
-        while True:
-            if conn is None:
-                conn = self._connection(min(CONNECT_TIMEOUT_S, timeout_s))
-            sock = call.attach(conn)
-            try:
-                sock.settimeout(_remaining(deadline))
-                conn.request("POST", url, body, headers)
-                return conn.getresponse(), sock
-            except (BrokenPipeError, ConnectionResetError) as exc:  # incl. RemoteDisconnected
-                if not reused or call.aborted:
-                    raise
-                log.debug("%s: a kept-alive connection was closed (%s); retrying", url, exc)
-            conn.close()
-            conn, reused = None, False
+    async def _outcome(self, resp: Response, request: CallRequest, started: float) -> CallOutcome:
+        if not 200 <= resp.status < 300:
+            return _failed(await _http_error(resp))
+        ctype = resp.headers.get("content-type", "")
+        if "text/event-stream" not in ctype:
+            return _failed(f"expected an event stream, got Content-Type {ctype!r}")
+        return await _read_stream(resp, request, started)
 
     def _scrape_loop(self) -> None:
         failing = False
@@ -612,44 +467,29 @@ class OpenAIBackend:
             self._stop.wait(SCRAPE_INTERVAL_S)
 
 
-def _read_stream(
-    resp: http.client.HTTPResponse,
-    sock: socket.socket,
-    call: _Call,
-    *,
-    prompt: str,
-    started: float,
-    deadline: float,
-) -> CallOutcome:
-    """Fold an event stream into the call's outcome, forwarding each chunk to ``call``, then a
-    usage chunk if the server sent none; stops at ``[DONE]``."""
+async def _read_stream(resp: Response, request: CallRequest, started: float) -> CallOutcome:
+    """Fold an event stream into the call's outcome, forwarding each chunk to the request's
+    ``stream``, then a usage chunk if the server sent none; stops at ``[DONE]`` (what follows is
+    the body's end, read when the connection is released)."""
     stream = ChatStream()
+    parser = SseParser()
+    forward = request.stream
     ttft_s = None
-    for data in iter_sse_data(_lines(resp, sock, deadline)):
-        if stream.feed(data) and ttft_s is None:
-            ttft_s = time.monotonic() - started
-        if stream.done:
+    while not stream.done:
+        raw = await resp.read_some()
+        for data in parser.feed(raw) if raw else parser.end():
+            if stream.feed(data) and ttft_s is None:
+                ttft_s = time.monotonic() - started
+            if stream.done:
+                break
+            if forward is not None:
+                forward(data)
+        if not raw:
             break
-        call.forward(data)
-    outcome = stream.outcome(prompt, ttft_s)
-    if outcome.ok and not stream.usage_chunk:
-        call.forward(stream.usage_json(outcome))
+    outcome = stream.outcome(request.prompt, ttft_s)
+    if outcome.ok and not stream.usage_chunk and forward is not None:
+        forward(stream.usage_json(outcome))
     return outcome
-
-
-def _reusable(resp: http.client.HTTPResponse, sock: socket.socket, deadline: float) -> bool:
-    """Whether the response's connection can carry another request: the server keeps it open
-    (not after an HTTP/1.0 answer or a ``Connection: close``) and the response is read to its
-    end, which takes reading what follows a stream's ``[DONE]`` (a chunked body's last chunk)."""
-    if resp.will_close:
-        return False
-    if not resp.isclosed():
-        try:
-            sock.settimeout(min(_remaining(deadline), TAIL_TIMEOUT_S))
-            resp.read(TAIL_BYTES)
-        except (OSError, http.client.HTTPException):
-            return False
-    return resp.isclosed()
 
 
 def _failed(error: str) -> CallOutcome:

@@ -167,7 +167,7 @@ class NodeAgent:
         }
 
     async def run(self, stop: asyncio.Event) -> None:
-        share_the_gil()  # engine calls stream on threads: the loop must not wait 5 ms per chunk
+        share_the_gil()  # torch replicas and the metrics thread: the loop must not wait 5 ms
         loop = asyncio.get_running_loop()
         metrics = serve(self.metrics.registry, self.cfg.metrics_port, self.cfg.metrics_addr)
         if metrics is not None:

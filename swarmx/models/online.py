@@ -249,6 +249,13 @@ class OnlineLearner:
         self._since_train = 0
         self._last_train_mono = time.monotonic()
         self._hurry = False
+        self._hurried = 0
+        """Rounds brought forward by drift since calibration last held for a whole window: each
+        one doubles the calls the next must wait (`_hurry_gap`)."""
+        self._quiet = 0
+        """Calls observed since coverage last drifted."""
+        self._rest_until = 0.0
+        """Monotonic time before which no round starts (`PredictorConfig.trainer_duty`)."""
         self._regime: int | None = None
         """Calls observed since the current shift was detected; None when there is none (or it
         has filled the buffer, which then holds nothing older)."""
@@ -296,7 +303,11 @@ class OnlineLearner:
             pred = {float(k): v for k, v in rec.pred.items()}
             self.monitor.add(pred, rec.latency_s)
             self._track(pred, rec.latency_s)
-            if drifted := self.monitor.drifted():
+            drifted = self.monitor.drifted()
+            self._quiet = 0 if drifted else self._quiet + 1
+            if self._quiet >= self.cfg.window_calls:  # calibration held for a whole window:
+                self._hurry, self._hurried = False, 0  # the correction did; drift may hurry again
+            if drifted:
                 if self._regime is None:  # a new shift: its calls are the window's
                     self._regime, self._regime_trained = self.monitor.calls(), 0
                 correction = self.monitor.correction(drifted)
@@ -328,12 +339,25 @@ class OnlineLearner:
     def due(self) -> bool:
         if self.training or len(self.buffer) < self.cfg.min_calls_to_train:
             return False
-        if self.live is self.fallback or self._hurry:
-            return self._since_train >= min(self.cfg.min_calls_to_train, 100) or self._hurry
+        if time.monotonic() < self._rest_until:
+            return False
+        if self._hurry and self._since_train >= self._hurry_gap():
+            return True
+        if self.live is self.fallback:
+            return self._since_train >= min(self.cfg.min_calls_to_train, 100)
         regime = self._regime
         if regime is not None and self._adapting():
             return regime >= self._regime_trained + self.cfg.window_calls or self._time_due()
         return self._since_train >= self.cfg.retrain_every_calls or self._time_due()
+
+    def _hurry_gap(self) -> int:
+        """Calls a drift-hurried round waits for since the last round: none the first time;
+        then, while drift keeps coming back though rounds keep running (traffic no model
+        calibrates, such as lockstep bursts), twice as many each time, up to the regular
+        ``retrain_every_calls``, so a trainer that cannot fix it stops running flat out."""
+        if self._hurried == 0:
+            return 0
+        return min(self.cfg.window_calls << self._hurried, self.cfg.retrain_every_calls)
 
     def _time_due(self) -> bool:
         return time.monotonic() - self._last_train_mono >= self.cfg.retrain_every_s
@@ -351,6 +375,8 @@ class OnlineLearner:
         records = list(self.buffer)
         recent = len(records) if self._regime is None else min(self._regime, len(records))
         self._regime_trained = self._regime or 0
+        if self._hurry:
+            self._hurried += 1
         self._since_train, self._hurry = 0, False
         self._last_train_mono = time.monotonic()
         base = None if self.live is self.fallback else self._live_file
@@ -424,6 +450,8 @@ class OnlineLearner:
     def _collect(self, run: _Round) -> None:
         """A round ended: a candidate that beat the live model is loaded (a thread reads its
         file; `poll` installs it), a worse one dropped, a failure logged for `status`."""
+        took_s = time.monotonic() - self._last_train_mono
+        self._rest_until = time.monotonic() + took_s * (1 / self.cfg.trainer_duty - 1)
         result = run.result()
         if isinstance(result, str):
             run.clear()

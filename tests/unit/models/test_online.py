@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -326,8 +327,10 @@ def test_guard_judges_the_live_model_as_served(tmp_path, monkeypatch):
 
 @pytest.fixture
 def learner(tmp_path):
-    """A fallback learner with a round due; closed at the end, so no trainer outlives a test."""
-    learner = OnlineLearner(tmp_path, PredictorConfig(levels=list(LEVELS), min_calls_to_train=50))
+    """A fallback learner with a round due; closed at the end, so no trainer outlives a test.
+    Its trainer needs no rest between rounds, so a round is due by calls alone."""
+    cfg = PredictorConfig(levels=list(LEVELS), min_calls_to_train=50, trainer_duty=1.0)
+    learner = OnlineLearner(tmp_path, cfg)
     for i in range(60):
         learner.observe(record(i, 1.0 + 0.1 * (i % 5)))
     yield learner
@@ -386,6 +389,95 @@ def test_a_killed_trainer_is_reported_and_training_retried(learner, monkeypatch)
     for i in range(60, 110):
         learner.observe(record(i, 1.0))
     assert learner.maybe_retrain()
+
+
+def test_the_trainer_rests_between_rounds(tmp_path, monkeypatch):
+    """With ``trainer_duty`` 0.5, a round that ran T seconds is followed by T of rest: no round
+    starts then however many calls ask for one."""
+    monkeypatch.setattr(online, "TRAINER", f"{HERE}:_stuck_trainer")
+    cfg = PredictorConfig(levels=list(LEVELS), min_calls_to_train=50, trainer_duty=0.5)
+    learner = OnlineLearner(tmp_path, cfg)
+    try:
+        for i in range(60):
+            learner.observe(record(i, 1.0))
+        started = time.monotonic()
+        assert learner.maybe_retrain()
+        time.sleep(0.5)
+        os.kill(_started(learner).pid, signal.SIGKILL)
+        learner.wait_training(10)
+        took_s = time.monotonic() - started
+        for i in range(60, 400):
+            learner.observe(record(i, 1.0))
+        assert not learner.due()
+        time.sleep(max(0.0, started + 2 * took_s + 0.05 - time.monotonic()))
+        assert learner.due()
+    finally:
+        learner.close()
+
+
+def _drifting(tmp_path):
+    cfg = PredictorConfig(
+        levels=list(LEVELS),
+        window_calls=50,
+        min_calls_to_train=50,
+        retrain_every_calls=400,
+        trainer_duty=1.0,
+    )
+    learner = OnlineLearner(tmp_path, cfg)
+    learner.install_model(Scaled(1.0, "live"))
+    return learner
+
+
+def _calibrated(i: int, d: LatencyDist) -> float:
+    """Of every 10 calls, 5 under the median, 4 between it and p90, 1 above: exact coverage."""
+    low, high = d.quantile(0.5), d.quantile(0.9)
+    k = i % 10
+    return 0.5 * low if k < 5 else (low + high) / 2 if k < 9 else 2 * high
+
+
+def test_drift_that_keeps_coming_back_hurries_rounds_less_and_less(tmp_path):
+    """Latencies that flip every window (lockstep bursts do that) drift the coverage each time.
+    The shift's first ``retrain_every_calls`` calls retrain every window, as adapting does; past
+    them, each round that drift brings forward waits twice the calls of the one before, up to
+    the regular cadence, rather than one round per window."""
+    learner = _drifting(tmp_path)
+    q = Query("lm", "llm", "hi", 10, 64)
+    rounds = []
+    for i in range(3000):
+        (d,) = learner.forecast([q])
+        actual_s = 5.0 if (i // 50) % 2 == 0 else 0.2
+        learner.observe(record(i, actual_s, d.as_dict(), learner.live.version))
+        if learner.take_job() is not None:
+            rounds.append(i)
+    gaps = [b - a for a, b in itertools.pairwise(rounds)]
+    assert len(rounds) < 20  # not 60, one a window
+    assert gaps[-3:] == [400, 400, 400]
+    assert gaps == sorted(gaps)
+
+
+def test_hurried_rounds_are_at_once_again_after_a_calm_window(tmp_path):
+    """Once coverage holds for a whole window, the next drift is a new one: its round is
+    brought forward at once again."""
+    learner = _drifting(tmp_path)
+    q = Query("lm", "llm", "hi", 10, 64)
+    rounds, drifts = [], []
+    for i in range(1700):
+        (d,) = learner.forecast([q])
+        if i < 1000:  # drift after drift
+            actual_s = 5.0 if (i // 50) % 2 == 0 else 0.2
+        elif i < 1600:  # calibrated: calm
+            actual_s = _calibrated(i, d)
+        else:  # a new shift
+            actual_s = 50.0 * d.quantile(0.9)
+        hurried = learner._hurry
+        learner.observe(record(i, actual_s, d.as_dict(), learner.live.version))
+        if learner._hurry and not hurried:
+            drifts.append(i)
+        if learner.take_job() is not None:
+            rounds.append(i)
+    assert [i for i in drifts if 1050 <= i < 1600] == []
+    shift = next(i for i in drifts if i >= 1600)
+    assert shift in rounds  # at once
 
 
 def test_a_trainer_that_fails_says_why(learner, monkeypatch):
