@@ -12,6 +12,7 @@ sender's public key (ZeroMQ's ``User-Id``), from which the daemon, not the messa
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import logging
@@ -19,6 +20,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import zmq
 import zmq.asyncio
@@ -184,10 +186,13 @@ class _Channel:
     ) -> None:
         self._sock = sock
         self._now: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
-        """The same socket without asyncio: a send never waits (NOBLOCK), and frames already
-        queued are read without a future each, which costs more than the frame itself. Used
-        only while no receive waits on the socket (``_waiting``)."""
-        self._waiting = False
+        """The same socket without pyzmq's asyncio layer, which costs a future per frame (more
+        than the frame itself) and a loop turn per send. Frames are read and sent with NOBLOCK;
+        a receive with nothing waiting sleeps on the socket's fd (`_wait_readable`)."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop watching the socket's fd, from the first receive that had to wait."""
+        self._wakeup: asyncio.Future[None] | None = None
+        """What the receive waiting for a frame sleeps on; None while none waits."""
         self._ctx = ctx
         self.sender = sender
         self._clock = clock
@@ -217,24 +222,47 @@ class _Channel:
         return env
 
     async def _wait_frames(self) -> list[zmq.Frame]:
-        """The next frames, waiting for them (sends meanwhile take pyzmq's asyncio path)."""
-        self._waiting = True
+        """The next frames, waiting for them."""
+        while True:
+            try:
+                return self._now.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                await self._wait_readable()
+
+    async def _wait_readable(self) -> None:
+        """Until a frame may be waiting. ZeroMQ's fd is edge-triggered: it signals that the
+        socket's state changed, and reading ``EVENTS`` (which every send and receive also does)
+        both takes that signal and says whether a frame is in; so the fd's callback and each
+        send look at ``EVENTS`` and wake the receive themselves (`_frames_in`)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+            loop.add_reader(self._now.FD, self._frames_in)
+        self._wakeup = wakeup = loop.create_future()
         try:
-            return await self._sock.recv_multipart(copy=False)
+            if not self._pollin():
+                await wakeup
         finally:
-            self._waiting = False
+            self._wakeup = None
+
+    def _frames_in(self) -> None:
+        """Reads ``EVENTS`` every time, waiter or not: that takes the fd's signal, which would
+        otherwise call this again on every turn of the loop."""
+        if self._pollin() and self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def _pollin(self) -> bool:
+        return bool(cast(int, self._now.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
     async def _send(self, frames: list[bytes]) -> bool:
         try:
-            if self._waiting:  # pyzmq must see the socket's events after the send, or the
-                # receive waiting on its edge-triggered fd may never wake
-                await self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
-            else:
-                self._now.send_multipart(frames, flags=zmq.NOBLOCK)
+            self._now.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # Again (no peer / queue full) or EHOSTUNREACH (peer gone)
             self.stats.unsent += 1
             log.debug("frame not sent: %s", exc)
             return False
+        finally:
+            self._frames_in()  # the send may have taken the fd's signal of a frame come in
         self.stats.sent += 1
         return True
 
@@ -252,6 +280,10 @@ class _Channel:
     def close(self) -> None:
         """Idempotent; never blocks on unsent frames."""
         if not self._sock.closed:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._now.FD)
+            if self._wakeup is not None and not self._wakeup.done():
+                self._wakeup.cancel()
             if self._monitor is not None:
                 with contextlib.suppress(zmq.ZMQError):
                     self._sock.disable_monitor()
@@ -275,9 +307,7 @@ class RouterChannel(_Channel):
         return await self._accept(await self._wait_frames())
 
     async def recv_ready(self) -> tuple[bytes, Envelope, bytes] | None:
-        """As `recv`, for a frame already waiting; raises `NothingWaiting` when none is. Read
-        through the shadow socket: no receive is waiting (the caller is the only reader), and
-        the next `recv` checks the socket's events before it waits, so nothing is missed."""
+        """As `recv`, for a frame already waiting; raises `NothingWaiting` when none is."""
         try:
             frames = self._now.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Literal
+
+from swarmx.clock import time_limit
 
 MAX_HEAD_BYTES = 64 * 1024
 """Largest response head (status line and headers) accepted."""
@@ -29,43 +29,6 @@ TAIL_TIMEOUT_S = 1.0
 """How long that end may take to come; a slower one closes the connection."""
 
 Framing = Literal["none", "length", "chunked", "close"]
-
-
-class _TimeLimit:
-    """``asyncio.timeout`` for Python 3.10: past ``delay_s`` the task is cancelled and the block
-    raises `TimeoutError` (without `Task.uncancel`, a cancel from outside that lands in the same
-    instant reads as the timeout)."""
-
-    def __init__(self, delay_s: float) -> None:
-        self._delay_s = delay_s
-        self._expired = False
-        self._timer: asyncio.TimerHandle | None = None
-
-    async def __aenter__(self) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._timer = asyncio.get_running_loop().call_later(self._delay_s, self._expire, task)
-
-    def _expire(self, task: asyncio.Task[object]) -> None:
-        self._expired = True
-        task.cancel()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._expired and exc_type is asyncio.CancelledError:
-            raise TimeoutError from exc
-
-
-if sys.version_info >= (3, 11):
-    time_limit = asyncio.timeout
-else:
-    time_limit = _TimeLimit
 
 
 class ProtocolError(Exception):

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from swarmx.backends.base import Api, BackendMetrics, CallOutcome, CallRequest
-from swarmx.backends.http1 import HttpClient, ProtocolError, Response, time_limit
+from swarmx.backends.http1 import HttpClient, ProtocolError, Response
+from swarmx.clock import time_limit
 from swarmx.config import ReplicaConfig
 
 log = logging.getLogger(__name__)

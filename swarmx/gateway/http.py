@@ -21,6 +21,7 @@ from http import HTTPStatus
 from ssl import SSLContext
 from typing import Any
 
+from swarmx.clock import time_limit
 from swarmx.gateway.openai_api import ApiError
 
 log = logging.getLogger(__name__)
@@ -300,11 +301,10 @@ class HttpServer:
 
     async def _read_request(self, conn: _Conn, first: bytes, deadline: float) -> _Head:
         limits = self._limits
-        try:
-            rest = await asyncio.wait_for(
-                conn.reader.readuntil(b"\r\n\r\n"), deadline - asyncio.get_running_loop().time()
-            )
-        except asyncio.TimeoutError:
+        try:  # a time limit, not wait_for: no task of its own, no extra turn of the loop
+            async with time_limit(deadline - asyncio.get_running_loop().time()):
+                rest = await conn.reader.readuntil(b"\r\n\r\n")
+        except (TimeoutError, asyncio.TimeoutError):
             raise _Refusal(408, "timeout", "the request head took too long") from None
         except asyncio.LimitOverrunError:
             message = f"the request head is over {limits.max_header_bytes} bytes"
@@ -346,8 +346,9 @@ class HttpServer:
         if expect_continue:
             conn.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
-            return await asyncio.wait_for(read, limits.body_timeout_s)
-        except asyncio.TimeoutError:
+            async with time_limit(limits.body_timeout_s):
+                return await read
+        except (TimeoutError, asyncio.TimeoutError):
             raise _Refusal(408, "timeout", "the request body took too long") from None
         except asyncio.LimitOverrunError:
             raise _Refusal(400, "bad_request", "a chunk-size line is too long") from None

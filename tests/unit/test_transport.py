@@ -101,6 +101,85 @@ def test_frames_travel_both_ways_with_sender_seq_and_time():
     asyncio.run(main())
 
 
+def test_frames_arriving_while_both_sides_send_wake_the_waiting_receive():
+    """ZeroMQ's fd is edge-triggered, and a send can take the signal of a frame that came in
+    meanwhile. Both sides keep sending while a receive waits on each: every frame still
+    arrives, and a receive with nothing to read does not spin the loop."""
+    clock = ManualClock()
+    rounds = 300
+
+    async def main() -> None:
+        router = bind_router(LOOPBACK, "scheduler", clock)
+        dealer = connect_dealer(router.endpoint, "node-a", clock)
+        try:
+            await send_when_connected(dealer, Heartbeat(uptime_s=0.0))
+            first = await within(router.recv())
+            assert first is not None
+            peer = first[0]
+
+            async def echo() -> None:
+                for _ in range(rounds):
+                    got = await router.recv()
+                    assert got is not None
+                    await router.send(peer, Ack(ref_seq=got[1].seq))
+                    await router.send(peer, Ack(ref_seq=got[1].seq, detail="again"))
+
+            async def replies() -> int:
+                n = 0
+                while n < 2 * rounds:
+                    await dealer.recv()
+                    n += 1
+                return n
+
+            echoing = asyncio.create_task(echo())
+            receiving = asyncio.create_task(replies())
+            for i in range(rounds):
+                assert await dealer.send(Heartbeat(uptime_s=float(i))) is not None
+                if i % 7 == 0:
+                    await asyncio.sleep(0)
+            assert await within(receiving) == 2 * rounds
+            await within(echoing)
+            idle = asyncio.create_task(dealer.recv())
+            cpu = time.process_time()
+            await asyncio.sleep(0.2)
+            assert time.process_time() - cpu < 0.1  # waiting on the fd, not polling it
+            idle.cancel()
+        finally:
+            dealer.close()
+            router.close()
+
+    asyncio.run(main())
+
+
+def test_a_send_that_takes_the_signal_of_a_frame_come_in_still_wakes_the_receive():
+    """The hazard itself, made to happen: a frame reaches the dealer while its loop is busy, and
+    the dealer sends before the loop looks at the fd; that send takes the fd's signal, so only
+    the send's own look at the socket's events can wake the receive waiting meanwhile."""
+    clock = ManualClock()
+
+    async def main() -> None:
+        router = bind_router(LOOPBACK, "scheduler", clock)
+        dealer = connect_dealer(router.endpoint, "node-a", clock)
+        try:
+            await send_when_connected(dealer, Heartbeat(uptime_s=0.0))
+            first = await within(router.recv())
+            assert first is not None
+            for i in range(20):
+                waiting = asyncio.create_task(dealer.recv())
+                await asyncio.sleep(0.01)  # the receive waits on the fd
+                assert await router.send(first[0], Ack(ref_seq=i + 1))
+                time.sleep(0.02)  # the loop is busy: the frame arrives, its signal unread
+                assert await dealer.send(Heartbeat(uptime_s=float(i))) is not None
+                reply = await within(waiting)
+                assert reply.body == Ack(ref_seq=i + 1)
+                assert await within(router.recv()) is not None
+        finally:
+            dealer.close()
+            router.close()
+
+    asyncio.run(main())
+
+
 def test_closing_is_idempotent_and_closes_every_socket_and_context(zmq_tracker: ZmqTracker):
     async def main() -> None:
         router = bind_router(LOOPBACK, "scheduler", ManualClock())

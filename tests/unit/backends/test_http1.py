@@ -14,8 +14,8 @@ from swarmx.backends.http1 import (
     HttpClient,
     ProtocolError,
     Response,
-    _TimeLimit,
 )
+from swarmx.clock import _TimeLimit
 
 CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n"
 
