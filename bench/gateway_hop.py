@@ -19,7 +19,9 @@ the gateway (and the scheduler and node agent every gateway call crosses) spends
   gateway``, every one on 127.0.0.1 with ephemeral ports, at the default log level, in a
   temporary state directory; the router is the default unless ``--router`` names one.
 - **Client**: this process, stdlib asyncio, ``--concurrency`` streams, each on its own keep-alive
-  connection, in a closed loop (the next call as soon as one ends, or ``--think-ms`` later):
+  connection, in a closed loop (the next call as soon as one ends, or after a think time of
+  ``--think-ms`` on average: drawn from an exponential distribution, each stream its own, unless
+  ``--think fixed``, which keeps streams that start together in step, arriving in bursts):
   the same streamed chat request (with ``include_usage``) to the engine directly and to the
   gateway. The two paths alternate in ``--rounds`` rounds ordered ABBA (direct, gateway, gateway,
   direct, ...), each phase ``--seconds / --rounds`` measured after ``--warmup-s`` of calls that
@@ -52,6 +54,7 @@ import itertools
 import json
 import os
 import platform
+import random
 import re
 import signal
 import subprocess
@@ -583,8 +586,12 @@ class Phase:
         self.first_error.setdefault(label, str(exc)[:200])
 
 
-async def _stream_loop(stream: Stream, phase: Phase, timeout_s: float, think_s: float) -> None:
-    """Calls back to back until the window ends; those inside it are recorded."""
+async def _stream_loop(stream: Stream, phase: Phase, load: Load, rng: random.Random | None) -> None:
+    """Calls back to back until the window ends; those inside it are recorded. With ``rng``,
+    think times are exponential (the first one too, so streams do not start in step)."""
+    timeout_s, think_s = load.timeout_s, load.think_s
+    if think_s and rng is not None:
+        await asyncio.sleep(rng.expovariate(1 / think_s))
     try:
         while (start := time.perf_counter()) < phase.window_end:
             try:
@@ -598,7 +605,7 @@ async def _stream_loop(stream: Stream, phase: Phase, timeout_s: float, think_s: 
             if start >= phase.window_start and time.perf_counter() <= phase.window_end:
                 phase.samples.append((ttft_s, total_s))
             if think_s:
-                await asyncio.sleep(think_s)
+                await asyncio.sleep(rng.expovariate(1 / think_s) if rng is not None else think_s)
     finally:
         stream.close()
 
@@ -619,6 +626,7 @@ class Load:
     warmup_s: float
     phase_s: float
     think_s: float
+    exponential: bool
     timeout_s: float
     tokens: int
 
@@ -632,9 +640,14 @@ async def _phase(
     request = _request(target, load.tokens)
     streams = [
         asyncio.create_task(
-            _stream_loop(Stream(target, request, load.tokens), phase, load.timeout_s, load.think_s)
+            _stream_loop(
+                Stream(target, request, load.tokens),
+                phase,
+                load,
+                random.Random(i) if load.exponential else None,
+            )
         )
-        for _ in range(load.concurrency)
+        for i in range(load.concurrency)
     ]
     probe = asyncio.create_task(_lag_probe(phase))
     try:
@@ -790,6 +803,7 @@ class Setup:
     order: list[str]
     warmup_s: float
     think_ms: float
+    think: str
     tokens: int
     ttft_ms: float
     itl_ms: float
@@ -871,7 +885,8 @@ def _markdown(doc: dict[str, object], paths: dict[str, PathFigures]) -> str:
         f"{machine['shared']}, so every figure holds their contention for the CPUs.",
         f"Setup: {setup['concurrency']} streams, {setup['seconds_per_path']:g} s measured per "
         f"path in phases ordered {', '.join(setup['order'])}, {setup['warmup_s']:g} s of "
-        f"uncounted warm-up before each; think time {setup['think_ms']:g} ms; engine: "
+        f"uncounted warm-up before each; think time {setup['think_ms']:g} ms "
+        f"({setup['think']}); engine: "
         f"{setup['tokens']} tokens, the first {setup['ttft_ms']:g} ms after the request, then "
         f"{setup['itl_ms']:g} ms apart; router {setup['router']}; replica concurrency "
         f"{setup['replica_concurrency']}.",
@@ -961,7 +976,15 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--seconds", type=float, default=20.0, help="measured seconds per path")
     ap.add_argument("--rounds", type=int, default=2, help="phases per path, ordered ABBA")
     ap.add_argument("--warmup-s", type=float, default=3.0, help="uncounted calls before a phase")
-    ap.add_argument("--think-ms", type=float, default=0.0, help="pause between a stream's calls")
+    ap.add_argument(
+        "--think-ms", type=float, default=0.0, help="mean pause between a stream's calls"
+    )
+    ap.add_argument(
+        "--think",
+        choices=("exponential", "fixed"),
+        default="exponential",
+        help="think times drawn at random, or all equal (streams in step: bursts)",
+    )
     ap.add_argument("--tokens", type=int, default=16, help="content chunks per answer")
     ap.add_argument("--ttft-ms", type=float, default=20.0, help="engine: time to first token")
     ap.add_argument("--itl-ms", type=float, default=5.0, help="engine: time between tokens")
@@ -997,6 +1020,7 @@ def main() -> None:
         order=_order(args.rounds),
         warmup_s=args.warmup_s,
         think_ms=args.think_ms,
+        think=args.think,
         tokens=args.tokens,
         ttft_ms=args.ttft_ms,
         itl_ms=args.itl_ms,
@@ -1008,6 +1032,7 @@ def main() -> None:
         args.warmup_s,
         args.seconds / args.rounds,
         args.think_ms / 1e3,
+        args.think == "exponential",
         args.timeout_s,
         args.tokens,
     )
