@@ -77,6 +77,13 @@ class TraceRecord:
     """What the input carries besides text: ``tool_result``, ``image``, ``model_output``..."""
     prefix_share: float | None = None
     """Share of the prompt that repeats the session's previous call (0..1), where known."""
+    prefix_blocks: list[int] = field(default_factory=list)
+    """Chained hashes of the prompt's whole blocks of ``block_tokens`` tokens
+    (`swarmx.sched.prefix`): two calls share their first k blocks exactly when their first k
+    ids are equal. Empty where unknown (tool calls, traces without them)."""
+    block_tokens: int = 0
+    """Tokens per block of ``prefix_blocks``: 64 for SwarmX's own (256 bytes of the prompt's
+    UTF-8, an estimate without the engine's tokenizer), 512 for Mooncake's ``hash_ids``."""
     pred: dict[str, float] | None = None
     """The live predictor's quantiles for this call at dispatch (``{"0.9": s}``), if any."""
     predictor: str = ""
@@ -113,7 +120,15 @@ def read_records(
         yield lineno, obj, rec
 
 
-_COUNTS = ("prompt_tokens", "max_tokens", "output_tokens", "index", "attempt", "turn")
+_COUNTS = (
+    "prompt_tokens",
+    "max_tokens",
+    "output_tokens",
+    "index",
+    "attempt",
+    "turn",
+    "block_tokens",
+)
 
 
 def _record(obj: Mapping[str, Any]) -> TraceRecord:
@@ -132,6 +147,8 @@ def _record(obj: Mapping[str, Any]) -> TraceRecord:
             raise SchemaError(name, f"must be >= 0, got {value}")
     if rec.slo_s is not None and rec.slo_s <= 0:
         raise SchemaError("slo_s", f"must be > 0, got {rec.slo_s}")
+    if rec.prefix_blocks and rec.block_tokens < 1:
+        raise SchemaError("block_tokens", "must be >= 1 when prefix_blocks are given")
     return rec
 
 

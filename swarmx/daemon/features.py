@@ -13,6 +13,7 @@ from swarmx.models.dist import LatencyDist
 from swarmx.models.online import OnlineLearner
 from swarmx.models.query import Query, SessionContext
 from swarmx.protocol import Result
+from swarmx.sched.prefix import BLOCK_TOKENS, block_hashes
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
 from swarmx.workflow.engine import CallSpec, WorkflowRun
 
@@ -121,6 +122,7 @@ class CallFeatures:
         c = f.call
         name, slo_s = self._program(c.workflow_id)
         ses = self._sessions.get(c.workflow_id)
+        blocks = block_hashes(c.prompt) if c.kind != "tool" else []
         return TraceRecord(
             ts=f.ready_ts,
             workflow=c.workflow_id,
@@ -150,6 +152,8 @@ class CallFeatures:
             session=ses.key if ses is not None else "",
             input_kinds=f.input_kinds,
             prefix_share=f.prefix_share,
+            prefix_blocks=blocks,
+            block_tokens=BLOCK_TOKENS if blocks else 0,
             pred=f.pred.as_dict() if f.pred else None,
             predictor=f.predictor,
             pred_completion=f.completion.as_dict() if f.completion else None,

@@ -4,6 +4,7 @@ on the model's own scale, and the bounded memory of forecasts for the step views
 from swarmx.daemon.features import CallFeatures, Inflight
 from swarmx.daemon.views import MAX_REMEMBERED_PREDS, WorkflowViews
 from swarmx.protocol import Result
+from swarmx.sched.prefix import BLOCK_TOKENS, block_hashes
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch
 from swarmx.workflow.engine import CallSpec
 from swarmx.workflow.spec import DEFAULT_LIMITS
@@ -35,6 +36,16 @@ def test_tokens_are_estimated_at_the_bytes_per_token_the_model_reported():
     assert f.query(call("w", "t", "sleep 1", kind="tool")).prompt_tokens == 0
 
 
+def test_a_trace_carries_the_prompts_block_hashes():
+    f = CallFeatures({}, None, {})
+    prompt = "You are a careful planner. " * 40  # 1,040 bytes: four whole blocks
+    rec = f.trace(_inflight(call("w", "a", prompt)), _result())
+    assert rec.prefix_blocks == block_hashes(prompt)
+    assert (len(rec.prefix_blocks), rec.block_tokens) == (4, BLOCK_TOKENS)
+    tool = f.trace(_inflight(call("w", "t", "cat " + prompt, kind="tool")), _result())
+    assert (tool.prefix_blocks, tool.block_tokens) == ([], 0)
+
+
 def test_views_remember_the_latest_forecasts_only():
     views = WorkflowViews(None, {}, DEFAULT_LIMITS)  # type: ignore[arg-type]
     for i in range(MAX_REMEMBERED_PREDS + 10):
@@ -60,5 +71,5 @@ def _inflight(c: CallSpec) -> Inflight:
     )
 
 
-def _result(prompt_tokens: int) -> Result:
+def _result(prompt_tokens: int = 10) -> Result:
     return Result("c", "n/lm#0", True, "ok", "", 0.0, 1.0, None, prompt_tokens, 3)

@@ -1,0 +1,144 @@
+"""Prefix identity and per-replica prefix indexes: which replica holds how much of a call's
+prompt in its KV cache.
+
+A prompt is identified by chained hashes of fixed-size blocks: block i's hash covers blocks
+0..i, so two prompts share their first k blocks exactly when their first k hashes are equal,
+and a replica that holds a block holds the prefix through it (engines cache whole blocks, and
+evict a sequence's tail before its head). Imported traces bring their own ids (Mooncake's
+``hash_ids``, 512-token blocks); SwarmX hashes the text it routes.
+
+Pure code: no I/O, no clock. The scheduler, the simulator and the engines' cache-event feeds
+share it.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from collections.abc import Iterable, Sequence
+
+BLOCK_TOKENS = 64
+"""Tokens per block of SwarmX's own hashing (as claude-code's traces; vLLM uses 16, Mooncake's
+trace 512)."""
+BYTES_PER_TOKEN = 4
+"""Without the engine's tokenizer a block is this many bytes of UTF-8 a token: the routing
+index is approximate (an engine that reports its cache is precise). The embedded torch LM's
+tokens are bytes, and its cache keys its blocks by these same hashes."""
+BLOCK_BYTES = BLOCK_TOKENS * BYTES_PER_TOKEN
+HASH_BITS = 53
+"""Block hashes fit a JSON number any language reads exactly (2^53); a false match between two
+given blocks has odds of 2^-53."""
+_HASH_MASK = (1 << HASH_BITS) - 1
+
+
+def block_hashes(prompt: str | bytes, block_bytes: int = BLOCK_BYTES) -> list[int]:
+    """Chained hashes of the prompt's whole blocks of ``block_bytes`` bytes of UTF-8 (a partial
+    last block is not hashed: engines cache whole blocks only). Deterministic across processes
+    and machines (BLAKE2b, not Python's salted ``hash``)."""
+    if block_bytes < 1:
+        raise ValueError(f"block_bytes must be >= 1, got {block_bytes}")
+    data = prompt.encode("utf-8", "surrogatepass") if isinstance(prompt, str) else prompt
+    out: list[int] = []
+    parent = b""
+    for start in range(0, len(data) - block_bytes + 1, block_bytes):
+        parent = hashlib.blake2b(parent + data[start : start + block_bytes], digest_size=8).digest()
+        out.append(int.from_bytes(parent, "little") & _HASH_MASK)
+    return out
+
+
+def shared_blocks(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading blocks two prompts share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PrefixIndex:
+    """The blocks one replica's KV cache holds, at most ``capacity_blocks``, least recently
+    used evicted first.
+
+    A sequence's blocks are touched tail first, so its head is the most recent: under pressure
+    the cache sheds a sequence from its end, as engines do, and a shorter prefix stays usable.
+    """
+
+    def __init__(self, capacity_blocks: int) -> None:
+        if capacity_blocks < 0:
+            raise ValueError(f"capacity_blocks must be >= 0, got {capacity_blocks}")
+        self.capacity_blocks = capacity_blocks
+        self._blocks: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.evicted = 0
+        """Blocks dropped to stay within capacity, since the index was made."""
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, block: int) -> bool:
+        return block in self._blocks
+
+    def match(self, hashes: Sequence[int]) -> int:
+        """Leading blocks of ``hashes`` held here (stops at the first one not held)."""
+        blocks = self._blocks
+        n = 0
+        for h in hashes:
+            if h not in blocks:
+                break
+            n += 1
+        return n
+
+    def insert(self, hashes: Sequence[int]) -> None:
+        """The replica now holds these blocks (it ran a call with this prompt): each is the most
+        recently used, the head most of all; the least recently used go past capacity."""
+        blocks = self._blocks
+        for h in reversed(hashes[: self.capacity_blocks]):
+            if h in blocks:
+                blocks.move_to_end(h)
+            else:
+                blocks[h] = None
+        while len(blocks) > self.capacity_blocks:
+            blocks.popitem(last=False)
+            self.evicted += 1
+
+    def remove(self, hashes: Iterable[int]) -> None:
+        """The replica dropped these blocks (its engine said so)."""
+        for h in hashes:
+            self._blocks.pop(h, None)
+
+    def clear(self) -> None:
+        """The replica's cache is empty (it restarted, or its engine reset the cache)."""
+        self._blocks.clear()
+
+
+class PrefixIndexes:
+    """A `PrefixIndex` per replica, each sized by its replica's KV cache."""
+
+    def __init__(self) -> None:
+        self._by_replica: dict[str, PrefixIndex] = {}
+
+    def get(self, replica: str) -> PrefixIndex | None:
+        return self._by_replica.get(replica)
+
+    def ensure(self, replica: str, capacity_blocks: int) -> PrefixIndex:
+        """The replica's index, made (or resized, keeping its most recent blocks) to hold
+        ``capacity_blocks``."""
+        index = self._by_replica.get(replica)
+        if index is None:
+            index = self._by_replica[replica] = PrefixIndex(capacity_blocks)
+        elif index.capacity_blocks != capacity_blocks:
+            index.capacity_blocks = capacity_blocks
+            index.insert([])  # evicts down to the new capacity
+        return index
+
+    def cached_blocks(self, replica: str, hashes: Sequence[int]) -> int:
+        """Leading blocks of ``hashes`` the replica holds (0 for one without an index)."""
+        index = self._by_replica.get(replica)
+        return 0 if index is None else index.match(hashes)
+
+    def drop(self, replica: str) -> None:
+        """The replica is gone: its cache with it."""
+        self._by_replica.pop(replica, None)
+
+    def replicas(self) -> list[str]:
+        return sorted(self._by_replica)
