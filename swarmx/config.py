@@ -375,6 +375,8 @@ RouterPolicy = Literal[
     "mean_predicted",
     "p90_load",
     "tail",
+    "prefix_affinity",
+    "kv_cost",
 ]
 ScalerPolicy = Literal["none", "threshold", "tail"]
 
@@ -398,8 +400,13 @@ class RouterConfig:
     max_candidates: int = 64
     """Replicas a forecasting router scores per call, the least loaded: each costs a forecast,
     and among many replicas the least loaded hold the choice."""
+    kv_overlap_weight: float = 1.0
+    """The ``kv_cost`` router's weight of a block to prefill against a block to decode
+    (Dynamo's ``overlap_score_weight``)."""
 
     def __post_init__(self) -> None:
+        if self.kv_overlap_weight < 0:
+            raise SchemaError("kv_overlap_weight", f"must be >= 0, got {self.kv_overlap_weight}")
         if self.max_candidates < 1:
             raise SchemaError("max_candidates", f"must be >= 1, got {self.max_candidates}")
         if not 0.5 < self.level < 1:

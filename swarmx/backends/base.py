@@ -53,6 +53,9 @@ class CallOutcome:
     output_tokens: int = 0
     ttft_s: float | None = None
     """Seconds from the start of ``run`` to the first output token (None if not a token stream)."""
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the backend's prefix cache instead of being prefilled
+    (0 where the backend has no such cache or does not say)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,11 @@ class BackendMetrics:
     queued: int | None = None
     running: int | None = None
     kv_cache_usage: float | None = None
+    prefix_cache_blocks: int | None = None
+    """Prompt blocks (`swarmx.sched.prefix` hashes) the backend's prefix cache holds now."""
+    prefix_cache_capacity: int | None = None
+    """Blocks its prefix cache may hold at most (0: it has none): how far prefix routing to this
+    replica can pay off."""
 
 
 class Backend(Protocol):

@@ -11,6 +11,8 @@ Each replica owns one engine thread that runs the model one iteration at a time 
 limited to one thread, so several replicas can share a small CPU; ``device`` may also be a GPU.
 Times to first token are read from an injected `Clock` (the real one unless a test gives its own).
 A call with a ``stream`` gets each token as an OpenAI chunk the moment it is sampled.
+`TorchLM` keeps the KV of recent prompts' whole blocks in a prefix cache, so a call that re-sends
+an earlier prompt's start (an agent's next turn) prefills only the rest.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import hashlib
 import math
 import threading
 from abc import ABC, abstractmethod
-from collections import deque
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, NamedTuple, TypeVar
 
@@ -35,6 +37,7 @@ from swarmx.backends.base import BackendMetrics, CallKind, CallOutcome, CallRequ
 from swarmx.backends.chunks import ChunkWriter
 from swarmx.clock import Clock, RealClock
 from swarmx.config import ReplicaConfig
+from swarmx.sched.prefix import BLOCK_BYTES, block_hashes
 
 EOS = 256
 """Byte tokens are 0-255; this one ends an output (and opens every prompt)."""
@@ -250,6 +253,9 @@ class _ByteLM:
         shape = (slots, N_HEADS, MAX_CONTEXT, HEAD_DIM)
         self.keys = [torch.zeros(shape, device=device) for _ in range(N_LAYERS)]
         self.values = [torch.zeros(shape, device=device) for _ in range(N_LAYERS)]
+        self.forward(torch.tensor([[EOS]], device=device), [0], 0)  # no grad: no weight wants it
+        self.eos_kv = self.read(0, 0, 1)
+        """Position 0's KV: every prompt opens with EOS, so it is the same for all."""
 
     def forward(self, ids: torch.Tensor, starts: list[int], first_slot: int) -> torch.Tensor:
         """Feed ``ids`` [B, T] to the sequences in cache rows ``first_slot..+B`` (row b's tokens
@@ -285,17 +291,90 @@ class _ByteLM:
         for cache in (*self.keys, *self.values):
             cache[dst, :, :length] = cache[src, :, :length]
 
+    def read(self, row: int, start: int, stop: int) -> torch.Tensor:
+        """A copy (not a view: rows are reused) of row ``row``'s KV at positions
+        ``start..stop``, as [2 (keys, values), N_LAYERS, N_HEADS, stop - start, HEAD_DIM]."""
+        return torch.stack(
+            [
+                torch.stack([c[row, :, start:stop] for c in caches])
+                for caches in (self.keys, self.values)
+            ]
+        )
+
+    def write(self, row: int, start: int, kv: torch.Tensor) -> None:
+        """Put KV shaped as `read` returns it into row ``row`` from position ``start`` on."""
+        stop = start + kv.shape[3]
+        for caches, part in zip((self.keys, self.values), kv, strict=True):
+            for cache, layer in zip(caches, part, strict=True):
+                cache[row, :, start:stop] = layer
+
+
+class _PrefixStore:
+    """The KV of whole prompt blocks, every layer's keys and values, keyed by the chained hashes
+    of `swarmx.sched.prefix` (what the scheduler computes for the same prompt), at most
+    ``capacity_blocks`` of them, least recently used evicted first.
+
+    A prompt's blocks are touched tail first, so its head is the most recent (the rule of
+    `PrefixIndex`): the store sheds a prompt from its end and a shorter prefix stays usable. The
+    engine thread is the only writer and takes the lock to write; other threads take it to read.
+    """
+
+    def __init__(self, capacity_blocks: int) -> None:
+        if capacity_blocks < 0:
+            raise ValueError(f"prefix_cache_blocks must be >= 0, got {capacity_blocks}")
+        self.capacity_blocks = capacity_blocks
+        self._kv: OrderedDict[int, torch.Tensor] = OrderedDict()
+        """Least recently used first; each [2, N_LAYERS, N_HEADS, BLOCK_BYTES, HEAD_DIM]."""
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._kv)
+
+    def ids(self) -> list[int]:
+        with self._lock:
+            return list(self._kv)
+
+    def match(self, hashes: Sequence[int]) -> list[torch.Tensor]:
+        """The KV of the leading blocks of ``hashes`` held here (stops at the first not held)."""
+        held = []
+        for h in hashes:
+            kv = self._kv.get(h)
+            if kv is None:
+                break
+            held.append(kv)
+        return held
+
+    def insert(self, hashes: Sequence[int], read: Callable[[int], torch.Tensor]) -> None:
+        """Hold a prompt's blocks, ``read(k)`` giving block k's KV for those not held yet: each
+        is the most recently used, the head most of all; the least recently used go past
+        capacity."""
+        kept = hashes[: self.capacity_blocks]
+        new = {h: read(k) for k, h in enumerate(kept) if h not in self._kv}  # copies: no lock
+        with self._lock:
+            for h in reversed(kept):
+                if h in new:
+                    self._kv[h] = new[h]
+                else:
+                    self._kv.move_to_end(h)
+            while len(self._kv) > self.capacity_blocks:
+                self._kv.popitem(last=False)
+
 
 @dataclass(eq=False, kw_only=True)
 class _Seq(_Call):
     ids: list[int]
     """EOS then the prompt's bytes."""
+    blocks: list[int]
+    """The prompt's block hashes (`block_hashes`): block k is the positions
+    ``1 + k * BLOCK_BYTES .. 1 + (k + 1) * BLOCK_BYTES`` of ``ids``."""
     max_new: int
     gen: torch.Generator
     """Seeded from the prompt, so the same prompt samples the same output."""
     out: list[int] = field(default_factory=list)
     cached: int = 0
     """Tokens in the KV cache: the position the next fed token takes."""
+    reused: int = 0
+    """Prompt tokens whose KV came from the prefix store, not from prefill."""
     last: int = EOS
     done: bool = False
     t_first: float | None = None
@@ -317,13 +396,26 @@ class TorchLM(_Engine[_Seq]):
     concurrent calls share steps and every step gets slower as the batch grows. ``eos_bias``
     shifts the EOS logit (``-inf`` makes every call emit exactly ``max_tokens``); ``clock``
     times each call's first token.
+
+    A prefix cache outside the rows keeps the KV of prompts' whole blocks (`_PrefixStore`): a
+    new call copies its longest cached leading blocks into its row and prefills only the rest,
+    and the output is the same as without. ``prefix_cache_blocks`` is its budget (None: as much
+    KV again as the rows hold, ``concurrency * MAX_CONTEXT // BLOCK_BYTES`` blocks; 0: no cache).
     """
 
     def __init__(
-        self, cfg: ReplicaConfig, *, eos_bias: float = EOS_BIAS, clock: Clock | None = None
+        self,
+        cfg: ReplicaConfig,
+        *,
+        eos_bias: float = EOS_BIAS,
+        clock: Clock | None = None,
+        prefix_cache_blocks: int | None = None,
     ) -> None:
         super().__init__(cfg, "llm", clock)
         self._eos_bias = eos_bias
+        if prefix_cache_blocks is None:
+            prefix_cache_blocks = cfg.concurrency * MAX_CONTEXT // BLOCK_BYTES
+        self._prefix = _PrefixStore(prefix_cache_blocks)
         self._model: _ByteLM | None = None
         self._admitted: list[_Seq] = []
         self._active: list[_Seq] = []
@@ -349,6 +441,7 @@ class TorchLM(_Engine[_Seq]):
             prompt_tokens=len(prompt),
             t_start=self._clock.monotonic(),
             ids=[EOS, *prompt],
+            blocks=block_hashes(prompt),  # what is fed: the scheduler hashes the same bytes
             max_new=max_new,
             gen=torch.Generator().manual_seed(_seed(data)),
         )
@@ -365,7 +458,14 @@ class TorchLM(_Engine[_Seq]):
             queued=len(self._waiting),
             running=len(active) + len(self._admitted),
             kv_cache_usage=used / (self._cfg.concurrency * MAX_CONTEXT),
+            prefix_cache_blocks=len(self._prefix),
+            prefix_cache_capacity=self._prefix.capacity_blocks,
         )
+
+    def cached_block_ids(self) -> list[int]:
+        """The block hashes the prefix cache holds, least recently used first: a snapshot, safe
+        from any thread while the engine runs."""
+        return self._prefix.ids()
 
     def _admit(self) -> None:
         while self._waiting and len(self._active) + len(self._admitted) < self._cfg.concurrency:
@@ -389,10 +489,13 @@ class TorchLM(_Engine[_Seq]):
         while self._admitted:
             seq = self._admitted.pop(0)
             self._active.append(seq)
-            ids = torch.tensor([seq.ids], device=self._device)
-            logits = model.forward(ids, [0], len(self._active) - 1)
+            row = len(self._active) - 1
+            start = self._restore(model, seq, row)
+            ids = torch.tensor([seq.ids[start:]], device=self._device)
+            logits = model.forward(ids, [start], row)
             seq.cached = len(seq.ids)
             seq.eos_shift = VERBOSITY * float(logits[0, EOS])
+            self._store(model, seq, row)  # before _retire can move the row
             self._sample(model, [seq], logits)
             self._retire(model)
         if self._active:
@@ -402,6 +505,27 @@ class TorchLM(_Engine[_Seq]):
                 seq.cached += 1
             self._sample(model, self._active, logits)
             self._retire(model)
+
+    def _restore(self, model: _ByteLM, seq: _Seq, row: int) -> int:
+        """Copy the KV of the prompt's leading blocks that the prefix store holds into ``row``
+        and return the position its prefill starts at (0 when none is held). The last prompt
+        token is always fed, even when cached: its logits sample the first output token."""
+        blocks = self._prefix.match(seq.blocks)
+        if not blocks:
+            return 0
+        model.write(row, 0, torch.cat([model.eos_kv, *blocks], dim=3))
+        start = min(1 + len(blocks) * BLOCK_BYTES, len(seq.ids) - 1)
+        seq.reused = start - 1
+        return start
+
+    def _store(self, model: _ByteLM, seq: _Seq, row: int) -> None:
+        """Put the prompt's whole blocks into the prefix store from ``row``, whose prefill has
+        just computed them in full (an error before leaves the store as it was)."""
+
+        def block(k: int) -> torch.Tensor:
+            return model.read(row, 1 + k * BLOCK_BYTES, 1 + (k + 1) * BLOCK_BYTES)
+
+        self._prefix.insert(seq.blocks, block)
 
     def _sample(self, model: _ByteLM, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Draw each sequence's next token with its own prompt-seeded generator."""
@@ -441,6 +565,7 @@ class TorchLM(_Engine[_Seq]):
                         prompt_tokens=seq.prompt_tokens,
                         output_tokens=len(seq.out),
                         ttft_s=seq.t_first - seq.t_start,
+                        cached_tokens=seq.reused,
                     )
                 )
 

@@ -126,7 +126,9 @@ def sim(
     if rate_scale <= 0 or (load_ is not None and load_ <= 0):
         fail("--rate-scale and --load must be positive")
     try:
-        router = make_router(policy, seed=seed, level=level)
+        router = make_router(
+            policy, seed=seed, level=level, kv_overlap_weight=cfg.router.kv_overlap_weight
+        )
         scale = make_scaler(scaler, **(cfg.scaler.options if scaler == cfg.scaler.policy else {}))
         wfs = _workflows(workload, trace, workflows, limit, slo_s, seed)
     except (ValueError, OSError) as exc:

@@ -472,7 +472,9 @@ class SchedulerDaemon:
         rc = self.router_cfg
         self.workflows = WorkflowService(
             store,
-            make_router(rc.policy, seed=rc.seed, level=rc.level),
+            make_router(
+                rc.policy, seed=rc.seed, level=rc.level, kv_overlap_weight=rc.kv_overlap_weight
+            ),
             self.nodes,
             self.clock,
             self._send_to_node,

@@ -26,11 +26,16 @@ from typing import Literal
 from swarmx.frozen import frozen
 from swarmx.models.dist import LatencyDist, trusted_dists
 from swarmx.sched import tailmath
+from swarmx.sched.prefix import PrefixIndexes
 from swarmx.sched.router import Forecaster, ReplicaView, RouteInput, Router, Work
 from swarmx.stats import upper_quantile
 from swarmx.workflow.engine import CallSpec
 
 QueueOrder = Literal["fifo", "slack"]
+
+DEFAULT_KV_CACHE_TOKENS = 500_000
+"""A replica's KV-cache capacity when it announces none: an 8B model's on an 80 GB GPU, about
+(80 - 16) GB at 128 KiB a token."""
 
 TOOL_POOL = "tool"
 """The model name under which nodes announce their tool-run slots."""
@@ -327,6 +332,9 @@ class Dispatcher:
         """model -> its replicas."""
         self._taking: collections.Counter[str] = collections.Counter()
         """model -> its replicas that take new calls."""
+        self.prefixes = PrefixIndexes()
+        """What each replica's prefix cache holds, as the calls routed to it say (approximate:
+        an engine's own evictions are not seen unless it reports them)."""
 
     # --- replicas ---------------------------------------------------------------------------
 
@@ -354,6 +362,7 @@ class Dispatcher:
         self._taking[rep.view.model] -= rep.live
         self._drop_open(rep.view)
         self._unindex(rep.view)
+        self.prefixes.drop(replica)
         for call_id in rep.work:
             where = self._where.pop(call_id, None)
             if where is not None:
@@ -568,7 +577,10 @@ class Dispatcher:
             forecasts = fc.service(call, cands)
         elif fc is not None and kind == "load_only":
             forecasts = fc.load_only(call, cands)
-        decision = self.router.choose(RouteInput(call, cands, now_s, forecasts, ticket.deadline_s))
+        cached = self._cached(call, cands) if self.router.uses_prefix else None
+        decision = self.router.choose(
+            RouteInput(call, cands, now_s, forecasts, ticket.deadline_s, cached)
+        )
         chosen = cands[decision.index]
         service: LatencyDist | None = None
         if fc is not None:  # the full forecast on the chosen replica is recorded, whatever ranked
@@ -582,10 +594,22 @@ class Dispatcher:
             occupancy = len(rep.work) / max(1, chosen.concurrency)
             band = min(LOAD_BANDS - 1, int(occupancy * LOAD_BANDS))
             self._band[call.call_id] = (band, service.quantile(0.5))
-        rep.work[call.call_id] = Work(call.call_id, now_s, service)
+        blocks = call.prefix_blocks
+        rep.work[call.call_id] = Work(call.call_id, now_s, service, len(blocks) * call.block_tokens)
+        if blocks and call.block_tokens > 0:
+            capacity = chosen.kv_cache_tokens or DEFAULT_KV_CACHE_TOKENS
+            self.prefixes.ensure(chosen.replica, capacity // call.block_tokens).insert(blocks)
         self._refresh(rep)
         self._where[call.call_id] = (chosen.replica, ticket)
         return Assign(ticket, chosen, service, decision.completion)
+
+    def _cached(self, call: CallSpec, cands: Sequence[ReplicaView]) -> list[int] | None:
+        """Prompt tokens of ``call`` each candidate holds, by the prefix index."""
+        blocks = call.prefix_blocks
+        if not blocks or call.block_tokens < 1:
+            return None
+        per = call.block_tokens
+        return [self.prefixes.cached_blocks(v.replica, blocks) * per for v in cands]
 
     def _note_service(self, model: str, dist: LatencyDist) -> None:
         stats = self.pools.setdefault(model, PoolStats())

@@ -34,6 +34,8 @@ class Work:
     dispatched_s: float
     service: LatencyDist | None
     """Predicted service time of that call on that replica (None: no forecast was made)."""
+    kv_tokens: int = 0
+    """The call's prompt tokens, as far as known (its prefix blocks): the KV it holds there."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class ReplicaView:
     work: tuple[Work, ...] = ()
     """The outstanding calls, oldest first (``len(work) == outstanding`` when the dispatcher
     builds the view)."""
+    kv_cache_tokens: int = 0
+    """Tokens the replica's KV cache holds at most, where known (0: unknown)."""
 
 
 ForecastKind = Literal["none", "service", "load_only"]
@@ -71,6 +75,10 @@ class RouteInput:
     present when the router's ``forecast`` is not ``none``."""
     deadline_s: float | None = None
     """Absolute time by which this call should finish to keep its workflow on schedule."""
+    cached_tokens: Sequence[int] | None = None
+    """Prompt tokens of this call each candidate holds in its prefix cache (aligned with
+    ``candidates``), as the dispatcher's index estimates; present for routers that use it
+    (``uses_prefix``) and calls with prefix blocks."""
 
 
 @frozen
@@ -87,6 +95,9 @@ class Choice:
 class Router(Protocol):
     name: str
     forecast: ForecastKind
+    uses_prefix: bool
+    """Wants ``RouteInput.cached_tokens``: the dispatcher then looks each candidate up in its
+    prefix index."""
 
     def choose(self, inp: RouteInput) -> Choice: ...
 
@@ -187,6 +198,7 @@ class RoundRobin:
 
     name = "round_robin"
     forecast: ForecastKind = "none"
+    uses_prefix = False
 
     def __init__(self) -> None:
         self._last: str | None = None
@@ -205,6 +217,7 @@ class RandomChoice:
 
     name = "random"
     forecast: ForecastKind = "none"
+    uses_prefix = False
 
     def __init__(self, seed: int = 0) -> None:
         self._rng = random.Random(seed)
@@ -218,6 +231,7 @@ class LeastOutstanding:
 
     name = "least_outstanding"
     forecast: ForecastKind = "none"
+    uses_prefix = False
 
     def __init__(self) -> None:
         self._ties = _Rotation()
@@ -242,6 +256,7 @@ class PowerOfTwo:
 
     name = "power_of_two"
     forecast: ForecastKind = "none"
+    uses_prefix = False
 
     def __init__(self, seed: int = 0) -> None:
         self._rng = random.Random(seed)
@@ -356,6 +371,7 @@ class MeanPredicted(_Completion):
 
     name = "mean_predicted"
     forecast: ForecastKind = "service"
+    uses_prefix = False
 
     def __init__(self, near: float = NEAR) -> None:
         super().__init__(hi=0.95)
@@ -381,6 +397,7 @@ class P90Load:
 
     name = "p90_load"
     forecast: ForecastKind = "load_only"
+    uses_prefix = False
 
     def __init__(self) -> None:
         self._ties = _Rotation()
@@ -408,6 +425,7 @@ class TailRouter(_Completion):
 
     name = "tail"
     forecast: ForecastKind = "service"
+    uses_prefix = False
 
     def __init__(self, level: float = 0.95, near: float = NEAR) -> None:
         if not 0.5 < level < 1:
@@ -443,20 +461,109 @@ class TailRouter(_Completion):
         return self.choice(inp, forecasts, index, preds[index][0])
 
 
-ROUTERS: dict[str, Callable[[int, float], Router]] = {
-    "round_robin": lambda seed, level: RoundRobin(),
-    "random": lambda seed, level: RandomChoice(seed),
-    "least_outstanding": lambda seed, level: LeastOutstanding(),
-    "power_of_two": lambda seed, level: PowerOfTwo(seed),
-    "mean_predicted": lambda seed, level: MeanPredicted(),
-    "p90_load": lambda seed, level: P90Load(),
-    "tail": lambda seed, level: TailRouter(level),
+def _cached(inp: RouteInput) -> Sequence[int]:
+    return inp.cached_tokens if inp.cached_tokens is not None else [0] * len(inp.candidates)
+
+
+class PrefixAffinity:
+    """The cache-aware policy of SGLang's router (and vLLM's), with their defaults, as a
+    baseline: the replica holding the longest prefix of the call, unless load is imbalanced
+    (the busiest has more than ``balance_abs`` calls over the idlest *and* more than
+    ``balance_rel`` times its calls: then the least loaded) or no replica holds more than
+    ``cache_threshold`` of the prompt (then the one whose cache holds least, as SGLang's
+    smallest radix tree, approximated by the least prompt KV outstanding there)."""
+
+    name = "prefix_affinity"
+    forecast: ForecastKind = "none"
+    uses_prefix = True
+
+    def __init__(
+        self, balance_abs: int = 64, balance_rel: float = 1.5, cache_threshold: float = 0.3
+    ) -> None:
+        self.balance_abs, self.balance_rel = balance_abs, balance_rel
+        self.cache_threshold = cache_threshold
+        self._ties = _Rotation()
+
+    def choose(self, inp: RouteInput) -> Choice:
+        cands = inp.candidates
+        pool = usable(inp.call, cands)
+        load = [c.outstanding for c in cands]
+        most, least = max(load[i] for i in pool), min(load[i] for i in pool)
+        cached = _cached(inp)
+        prompt = len(inp.call.prefix_blocks) * inp.call.block_tokens
+        imbalanced = most - least > self.balance_abs and most > self.balance_rel * least
+        if not imbalanced and prompt > 0:
+            best = max(cached[i] for i in pool)
+            if best / prompt > self.cache_threshold:
+                tied = [i for i in pool if cached[i] == best]
+                fewest = min(load[i] for i in tied)
+                return Choice(self._ties.pick(cands, [i for i in tied if load[i] == fewest]))
+            held = [sum(w.kv_tokens for w in c.work) for c in cands]
+            score = [float(held[i]) for i in range(len(cands))]
+            return Choice(self._ties.pick(cands, _lowest(pool, score)))
+        return Choice(self._ties.pick(cands, [i for i in pool if load[i] == least]))
+
+
+class KvCost:
+    """Dynamo's KV router as a baseline: the least ``overlap_weight * blocks to prefill + blocks
+    of KV the replica decodes``, i.e. the prefill this call would cost there (what its cache
+    does not hold) against the decode load already there (the prompt KV of its outstanding
+    calls), in blocks of the call's size; Dynamo's default temperature 0 (the least, no
+    sampling); equal costs go to the least loaded."""
+
+    name = "kv_cost"
+    forecast: ForecastKind = "none"
+    uses_prefix = True
+
+    def __init__(self, overlap_weight: float = 1.0) -> None:
+        if overlap_weight < 0:
+            raise ValueError(f"kv_cost overlap weight must be >= 0, got {overlap_weight}")
+        self.overlap_weight = overlap_weight
+        self._ties = _Rotation()
+
+    def choose(self, inp: RouteInput) -> Choice:
+        cands = inp.candidates
+        pool = usable(inp.call, cands)
+        block = max(1, inp.call.block_tokens)
+        blocks = len(inp.call.prefix_blocks)
+        cached = _cached(inp)
+        score = [0.0] * len(cands)
+        for i in pool:
+            prefill = blocks - cached[i] / block
+            decode = sum(w.kv_tokens for w in cands[i].work) / block
+            score[i] = self.overlap_weight * prefill + decode
+        tied = _lowest(pool, score)
+        fewest = min(cands[i].outstanding for i in tied)
+        return Choice(self._ties.pick(cands, [i for i in tied if cands[i].outstanding == fewest]))
+
+
+@frozen
+class RouterOptions:
+    """What configures a router beyond its name (`swarmx.config.RouterConfig`)."""
+
+    seed: int = 0
+    level: float = 0.95
+    kv_overlap_weight: float = 1.0
+
+
+ROUTERS: dict[str, Callable[[RouterOptions], Router]] = {
+    "round_robin": lambda o: RoundRobin(),
+    "random": lambda o: RandomChoice(o.seed),
+    "least_outstanding": lambda o: LeastOutstanding(),
+    "power_of_two": lambda o: PowerOfTwo(o.seed),
+    "mean_predicted": lambda o: MeanPredicted(),
+    "p90_load": lambda o: P90Load(),
+    "tail": lambda o: TailRouter(o.level),
+    "prefix_affinity": lambda o: PrefixAffinity(),
+    "kv_cost": lambda o: KvCost(o.kv_overlap_weight),
 }
-"""Router name -> factory taking ``(seed, level)``."""
+"""Router name -> factory."""
 
 
-def make_router(name: str, *, seed: int = 0, level: float = 0.95) -> Router:
+def make_router(
+    name: str, *, seed: int = 0, level: float = 0.95, kv_overlap_weight: float = 1.0
+) -> Router:
     factory = ROUTERS.get(name)
     if factory is None:
         raise ValueError(f"unknown router {name!r} (known: {', '.join(ROUTERS)})")
-    return factory(seed, level)
+    return factory(RouterOptions(seed, level, kv_overlap_weight))

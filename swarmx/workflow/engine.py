@@ -59,6 +59,11 @@ class CallSpec:
     """A gateway call: the client's request for the engine (JSON object text)."""
     input_kinds: list[str] = field(default_factory=list)
     """A gateway call: what its messages carry besides text (``tool_result``, ``image``)."""
+    prefix_blocks: list[int] = field(default_factory=list)
+    """Chained hashes of the prompt's whole blocks (`swarmx.sched.prefix`): what a replica's
+    prefix cache may already hold of it. Empty for tool calls and where unknown."""
+    block_tokens: int = 0
+    """Tokens per block of ``prefix_blocks``."""
 
 
 @frozen

@@ -1,5 +1,6 @@
 """The embedded torch models: outcomes, determinism, and latency that truly follows prompt length,
-output length and load (continuous batching), plus cancellation and close.
+output length and load (continuous batching), the LM's prefix cache (the same outputs, fewer
+tokens prefilled, an LRU budget), plus cancellation and close.
 
 Cost checks compare medians of a few runs as ratios of compute, read from the process's CPU time
 (`CpuClock`, which the backend is also given): other processes on a busy machine stretch wall
@@ -25,6 +26,7 @@ from swarmx.backends.base import Api, CallOutcome, CallRequest
 from swarmx.backends.torch_lm import EOS, VISION_WORDS, TorchLM, TorchVision, _ByteLM
 from swarmx.clock import RealClock
 from swarmx.config import ReplicaConfig
+from swarmx.sched.prefix import BLOCK_BYTES, block_hashes
 
 B = TypeVar("B", TorchLM, TorchVision)
 NO_EOS = float("-inf")
@@ -295,7 +297,9 @@ def test_same_prompt_same_output_and_lengths_vary_by_prompt():
 
 def test_latency_grows_with_output_and_prompt_length():
     async def main() -> None:
-        async with started(TorchLM(lm_cfg(), eos_bias=NO_EOS, clock=CPU)) as lm:
+        # no prefix cache: the runs after the first would find the long prompt's blocks cached
+        lm = TorchLM(lm_cfg(), eos_bias=NO_EOS, clock=CPU, prefix_cache_blocks=0)
+        async with started(lm):
             await lm.run(llm("warm up", 4))
             short_out = await median_s(lambda: lm.run(llm(TEXT[:20], 8)))
             long_out = await median_s(lambda: lm.run(llm(TEXT[:20], 128)))
@@ -400,11 +404,135 @@ def test_a_model_error_fails_the_call_not_the_replica(monkeypatch: pytest.Monkey
         async with started(TorchLM(lm_cfg())) as lm:
             with monkeypatch.context() as patch:
                 patch.setattr(_ByteLM, "forward", out_of_memory)
-                out = await lm.run(llm("hello", 8))
+                out = await lm.run(llm(TEXT, 8))
             assert not out.ok
             assert "out of memory" in out.error
+            assert lm.cached_block_ids() == []  # no block of a failed prefill is kept
             assert lm.metrics().running == 0
             assert (await lm.run(llm("hello", 8))).ok
+
+    asyncio.run(main())
+
+
+def uncached() -> TorchLM:
+    return TorchLM(lm_cfg(), eos_bias=NO_EOS, prefix_cache_blocks=0)
+
+
+def test_a_cached_prefix_is_not_prefilled_and_changes_no_output():
+    turn1 = TEXT[:700]
+    turn2 = TEXT[:900]  # the next agent turn: the first one's prompt plus more
+
+    async def main() -> None:
+        async with started(uncached()) as plain:
+            want1 = await plain.run(llm(turn1, 16))
+            want2 = await plain.run(llm(turn2, 16))
+            whole = await plain.run(llm(TEXT[: 2 * BLOCK_BYTES], 16))
+            assert (want1.cached_tokens, want2.cached_tokens) == (0, 0)
+            assert plain.cached_block_ids() == []
+            metrics = plain.metrics()
+            assert (metrics.prefix_cache_blocks, metrics.prefix_cache_capacity) == (0, 0)
+        async with started(TorchLM(lm_cfg(), eos_bias=NO_EOS)) as lm:
+            first = await lm.run(llm(turn1, 16))
+            again = await lm.run(llm(turn1, 16))
+            assert (first.cached_tokens, again.cached_tokens) == (0, 2 * BLOCK_BYTES)
+            assert first.output == again.output == want1.output
+            assert again.prompt_tokens == want1.prompt_tokens == 700
+            extended = await lm.run(llm(turn2, 16))
+            assert extended.cached_tokens == 2 * BLOCK_BYTES  # turn 1 held its first two blocks
+            assert extended.output == want2.output
+            # a prompt of whole blocks, all held, still prefills its last token
+            ends_a_block = await lm.run(llm(TEXT[: 2 * BLOCK_BYTES], 16))
+            assert ends_a_block.cached_tokens == 2 * BLOCK_BYTES - 1
+            assert ends_a_block.output == whole.output
+            # the blocks are the scheduler's: the same hashes of the same prompt
+            assert set(lm.cached_block_ids()) == set(block_hashes(turn2))
+            metrics = lm.metrics()
+            assert (metrics.prefix_cache_blocks, metrics.prefix_cache_capacity) == (3, 16)
+
+    asyncio.run(main())
+
+
+def test_a_cached_prefix_saves_its_prefill_compute():
+    prompt = TEXT[:800]
+
+    async def main() -> None:
+        async with started(uncached()) as plain, started(TorchLM(lm_cfg(), eos_bias=NO_EOS)) as lm:
+            await lm.run(llm(prompt, 2))  # now holds its three blocks
+            computed = await median_s(lambda: plain.run(llm(prompt, 2)))
+            reused = await median_s(lambda: lm.run(llm(prompt, 2)))
+        assert reused < 0.5 * computed  # 33 tokens prefilled instead of 801
+
+    asyncio.run(main())
+
+
+def test_a_truncated_prompt_caches_the_blocks_it_feeds():
+    prompt = TEXT * 3
+
+    async def main() -> None:
+        async with started(TorchLM(lm_cfg(), eos_bias=NO_EOS)) as lm:
+            first = await lm.run(llm(prompt, 16))
+            fed = prompt.encode()[-first.prompt_tokens :]
+            assert lm.cached_block_ids() == block_hashes(fed)[::-1]  # least recent (tail) first
+            again = await lm.run(llm(prompt, 16))
+            assert again.cached_tokens == 3 * BLOCK_BYTES
+            assert again.output == first.output
+
+    asyncio.run(main())
+
+
+def test_a_prompt_shorter_than_a_block_caches_nothing():
+    async def main() -> None:
+        async with started(TorchLM(lm_cfg(), eos_bias=NO_EOS)) as lm:
+            for _ in range(2):
+                out = await lm.run(llm(TEXT[: BLOCK_BYTES - 1], 8))
+                assert out.ok
+                assert out.cached_tokens == 0
+            assert lm.cached_block_ids() == []
+            assert lm.metrics().prefix_cache_blocks == 0
+
+    asyncio.run(main())
+
+
+def test_the_prefix_cache_keeps_its_budget_and_evicts_the_least_recently_used():
+    with pytest.raises(ValueError, match="prefix_cache_blocks"):
+        TorchLM(lm_cfg(), prefix_cache_blocks=-1)
+    a, b, c, d = (f"{name}: {TEXT}"[:600] for name in ("a", "b", "c", "d"))  # two blocks each
+
+    async def cached_tokens(lm: TorchLM, prompt: str) -> int:
+        out = await lm.run(llm(prompt, 4))
+        assert out.ok
+        held = lm.metrics().prefix_cache_blocks
+        assert held is not None
+        assert held <= 4
+        return out.cached_tokens
+
+    async def main() -> None:
+        async with started(TorchLM(lm_cfg(), eos_bias=NO_EOS, prefix_cache_blocks=4)) as lm:
+            assert lm.metrics().prefix_cache_capacity == 4
+            assert [await cached_tokens(lm, p) for p in (a, b, a, c)] == [0, 0, 512, 0]
+            # a, used again, outlives b, left alone since
+            assert set(lm.cached_block_ids()) == set(block_hashes(a) + block_hashes(c))
+            # one more block sheds a's tail, not its head: its first block still serves
+            assert await cached_tokens(lm, d[:BLOCK_BYTES]) == 0
+            assert await cached_tokens(lm, a) == BLOCK_BYTES
+            assert await cached_tokens(lm, b) == 0
+
+    asyncio.run(main())
+
+
+def test_concurrent_calls_sharing_a_prefix_match_the_uncached_outputs():
+    shared = TEXT[:600]
+    calls = [(f"{shared} Question {i}: why?", 6 + 3 * i) for i in range(6)]
+
+    async def main() -> None:
+        async with started(uncached()) as plain:
+            want = [(await plain.run(llm(p, n))).output for p, n in calls]
+        # four rows for six calls: rows free up and move while later calls are admitted
+        async with started(TorchLM(lm_cfg(concurrency=4), eos_bias=NO_EOS)) as lm:
+            outs = await asyncio.gather(*(lm.run(llm(p, n)) for p, n in calls))
+        assert [out.output for out in outs] == want
+        # the first one admitted prefilled the shared blocks, the others found them
+        assert sorted(out.cached_tokens for out in outs) == [0, *[2 * BLOCK_BYTES] * 5]
 
     asyncio.run(main())
 

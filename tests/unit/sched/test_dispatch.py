@@ -1,6 +1,7 @@
 """The dispatcher: calls wait until a replica has room, leave in queue order, go where the router
 says, and every slot is given back."""
 
+import dataclasses
 import heapq
 import itertools
 import math
@@ -140,7 +141,7 @@ def test_replica_queue_lets_calls_wait_at_the_replica():
 
 def test_every_candidate_is_forecast_for_a_forecasting_router_and_the_choice_recorded():
     class Fastest:
-        name, forecast = "fastest", "service"
+        name, forecast, uses_prefix = "fastest", "service", False
 
         def choose(self, inp):
             from swarmx.sched.router import Choice
@@ -463,3 +464,53 @@ def test_queue_counts_order_and_budgets_match_a_naive_model_on_random_operations
             for cid in d.remove_replica(replicas.pop(rng.randrange(len(replicas)))):
                 del naive.running[cid]
         naive.check(d)
+
+
+# --- the prefix index -----------------------------------------------------------------------
+
+
+def with_prefix(cid: str, blocks: list[int]) -> CallSpec:
+    return dataclasses.replace(call(cid), prefix_blocks=blocks, block_tokens=64)
+
+
+def test_calls_routed_to_a_replica_teach_its_prefix_index_what_it_holds():
+    """A prefix-using router sees what the calls routed before left in each replica's cache:
+    the next turn of a session follows its prefix, another session's call does not."""
+    d = Dispatcher(make_router("prefix_affinity"))
+    for name in ("a", "b", "c"):
+        d.add_replica(replica(name, slots=4), 0.0)
+    first = d.submit(Ticket(with_prefix("s1-t1", [1, 2, 3, 4]), 0.0), 0.0)
+    holder = first[0].replica.replica
+    d.submit(Ticket(with_prefix("s2-t1", [9, 8, 7]), 0.0), 0.0)
+    d.finished("s1-t1", 1.0)
+    again = d.submit(Ticket(with_prefix("s1-t2", [1, 2, 3, 4, 5, 6]), 1.0), 1.0)
+    assert again[0].replica.replica == holder
+    assert d.prefixes.cached_blocks(holder, [1, 2, 3, 4, 5, 6, 7]) == 6
+    assert d.replicas[holder].work["s1-t2"].kv_tokens == 6 * 64
+    d.remove_replica(holder)
+    assert d.prefixes.get(holder) is None
+
+
+def test_the_index_holds_no_more_than_the_replicas_kv_cache():
+    d = Dispatcher(make_router("kv_cost"))
+    small = dataclasses.replace(replica("a", slots=8), kv_cache_tokens=4 * 64)
+    d.add_replica(small, 0.0)
+    d.submit(Ticket(with_prefix("c1", list(range(10))), 0.0), 0.0)
+    index = d.prefixes.get("a")
+    assert index is not None
+    assert len(index) == 4
+    assert index.match(list(range(10))) == 4  # the head stays
+
+
+def test_routers_that_do_not_use_prefixes_are_not_given_cached_tokens():
+    seen = []
+
+    class Spy(LeastOutstanding):
+        def choose(self, inp):
+            seen.append(inp.cached_tokens)
+            return super().choose(inp)
+
+    d = Dispatcher(Spy())
+    d.add_replica(replica("a"), 0.0)
+    d.submit(Ticket(with_prefix("c1", [1, 2]), 0.0), 0.0)
+    assert seen == [None]

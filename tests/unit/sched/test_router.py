@@ -1,5 +1,6 @@
 """Routers: hand-made cases where the right replica is known."""
 
+import dataclasses
 import math
 import random
 import statistics
@@ -11,10 +12,12 @@ from swarmx.models.dist import LatencyDist
 from swarmx.sched.router import (
     ROUTERS,
     Choice,
+    KvCost,
     LeastOutstanding,
     MeanPredicted,
     P90Load,
     PowerOfTwo,
+    PrefixAffinity,
     RandomChoice,
     ReplicaView,
     RoundRobin,
@@ -300,6 +303,66 @@ def test_forecast_routers_need_one_forecast_per_candidate():
         route(TailRouter(), pool, [dist(1.0)])
 
 
+# --- prefix-cache baselines -----------------------------------------------------------------
+
+
+def prefixed(blocks: int, block_tokens: int = 64, call_id: str = "c") -> CallSpec:
+    c = call(call_id=call_id)
+    return dataclasses.replace(c, prefix_blocks=list(range(blocks)), block_tokens=block_tokens)
+
+
+def kv_work(*prompt_tokens: int) -> tuple[Work, ...]:
+    return tuple(Work(f"w{i}", NOW, None, n) for i, n in enumerate(prompt_tokens))
+
+
+def route_cached(router, pool, cached, c) -> int:
+    return router.choose(RouteInput(c, pool, NOW, None, None, cached)).index
+
+
+def test_prefix_affinity_follows_the_longest_cached_prefix_while_load_is_balanced():
+    router = PrefixAffinity()
+    pool = [view("a/lm#0", 3), view("b/lm#0", 0), view("c/lm#0", 1)]
+    c = prefixed(10)  # 640 prompt tokens
+    assert route_cached(router, pool, [512, 0, 64], c) == 0  # 80% held: the busier holder
+    # under the 30% threshold: the replica with the least prompt KV in flight
+    pool = [
+        view("a/lm#0", 1, work=kv_work(5000)),
+        view("b/lm#0", 2, work=kv_work(100, 100)),
+        view("c/lm#0", 0, work=kv_work(900)),
+    ]
+    assert route_cached(router, pool, [128, 0, 0], c) == 1
+
+
+def test_prefix_affinity_goes_to_the_least_loaded_when_load_is_imbalanced():
+    router = PrefixAffinity()
+    c = prefixed(10)
+    # 70 over the idlest (more than 64) and more than 1.5x its load: balance wins
+    pool = [view("a/lm#0", 80, concurrency=256), view("b/lm#0", 10), view("c/lm#0", 40)]
+    assert route_cached(router, pool, [640, 0, 0], c) == 1
+    # 70 over, but only 1.4x: not imbalanced, the cache wins
+    pool = [view("a/lm#0", 245, concurrency=256), view("b/lm#0", 175, concurrency=256)]
+    assert route_cached(router, pool, [640, 0], c) == 0
+
+
+def test_prefix_affinity_without_blocks_is_least_loaded():
+    router = PrefixAffinity()
+    pool = [view("a/lm#0", 2), view("b/lm#0", 1)]
+    assert route_cached(router, pool, None, call()) == 1
+
+
+def test_kv_cost_weighs_prefill_saved_against_decode_load():
+    c = prefixed(20)  # 20 blocks of 64 tokens
+    hot = view("a/lm#0", 2, work=kv_work(640, 640))  # 20 blocks decoding, holds all 20
+    idle = view("b/lm#0", 0)
+    # a: 1 * 0 + 20 = 20; b: 1 * 20 + 0 = 20, tied on cost; b is less loaded by the tie-break
+    assert route_cached(KvCost(), [hot, idle], [1280, 0], c) == 1
+    hot = view("a/lm#0", 1, work=kv_work(640))  # 10 blocks decoding
+    assert route_cached(KvCost(), [hot, idle], [1280, 0], c) == 0  # 10 < 20
+    assert route_cached(KvCost(overlap_weight=0.25), [hot, idle], [1280, 0], c) == 1  # 10 > 5
+    with pytest.raises(ValueError, match="overlap weight"):
+        KvCost(-1)
+
+
 # --- registry -------------------------------------------------------------------------------
 
 
@@ -313,6 +376,12 @@ def test_make_router_knows_every_policy():
         "mean_predicted": "service",
         "p90_load": "load_only",
         "tail": "service",
+        "prefix_affinity": "none",
+        "kv_cost": "none",
+    }
+    assert {name for name in ROUTERS if make_router(name).uses_prefix} == {
+        "prefix_affinity",
+        "kv_cost",
     }
     assert all(make_router(name).name == name for name in ROUTERS)
     tail = make_router("tail", level=0.99)
