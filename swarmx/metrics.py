@@ -218,6 +218,18 @@ class SchedulerMetrics:
             ["model", "outcome"],
             registry=r,
         )
+        self.prompt_tokens = Counter(
+            "swarmx_prompt_tokens",
+            "Prompt tokens of finished calls whose engine reports its prefix-cache hits, by model.",
+            ["model"],
+            registry=r,
+        )
+        self.cached_tokens = Counter(
+            "swarmx_cached_prompt_tokens",
+            "Of those, the prompt tokens the engine served from its prefix cache, by model.",
+            ["model"],
+            registry=r,
+        )
         self.routes = Counter(
             "swarmx_route_decisions",
             "Calls sent to a replica, by model, node and router policy.",
@@ -310,8 +322,15 @@ def scheduler_families(reply: TopReply) -> list[Metric]:
         "Calls the scheduler has sent to the replica and not seen finish.",
         ["node", "model", "replica"],
     )
+    hit = _gauge(
+        "swarmx_replica_prefix_hit_ratio",
+        "Share of the replica's recent prompt tokens its engine served from its prefix cache.",
+        ["node", "model", "replica"],
+    )
     for r in reply.replicas:
         outstanding.add_metric([r.node, r.model, r.replica], r.outstanding)
+        if r.prefix_hit is not None:
+            hit.add_metric([r.node, r.model, r.replica], r.prefix_hit)
 
     s = reply.summary
     running = _gauge("swarmx_workflows_running", "Workflows running now.", [])

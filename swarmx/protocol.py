@@ -293,6 +293,8 @@ class Result(msgspec.Struct, frozen=True):
     ttft_s: Seconds | None
     prompt_tokens: Count
     output_tokens: Count
+    cached_tokens: Count | None = None
+    """Prompt tokens the engine served from its prefix cache; None where it does not say."""
 
 
 class Chunk(msgspec.Struct, frozen=True):
@@ -615,6 +617,12 @@ class ReplicaStats(msgspec.Struct, frozen=True):
     """Mean of those calls' forecast quantiles, by level."""
     covered: dict[str, float]
     """Share of those calls that finished within their forecast quantile, by level."""
+    prefix_hit: float | None = None
+    """Of the recent calls' prompt tokens, the share the engine served from its prefix cache,
+    over the calls whose engine said (None if none did)."""
+    prefix_hit_est: float | None = None
+    """The same share as the scheduler's prefix index expected at dispatch (None if no recent
+    call had prefix blocks)."""
 
 
 class ModelStats(msgspec.Struct, frozen=True):

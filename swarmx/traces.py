@@ -84,6 +84,12 @@ class TraceRecord:
     block_tokens: int = 0
     """Tokens per block of ``prefix_blocks``: 64 for SwarmX's own (256 bytes of the prompt's
     UTF-8, an estimate without the engine's tokenizer), 512 for Mooncake's ``hash_ids``."""
+    cached_tokens: int | None = None
+    """Prompt tokens the engine served from its prefix cache instead of prefilling them, as it
+    reported; None where it does not say."""
+    cached_tokens_est: int | None = None
+    """Prompt tokens the scheduler's prefix index expected the chosen replica to hold at
+    dispatch (what routing saw); None where the call had no prefix blocks."""
     pred: dict[str, float] | None = None
     """The live predictor's quantiles for this call at dispatch (``{"0.9": s}``), if any."""
     predictor: str = ""
@@ -128,6 +134,8 @@ _COUNTS = (
     "attempt",
     "turn",
     "block_tokens",
+    "cached_tokens",
+    "cached_tokens_est",
 )
 
 

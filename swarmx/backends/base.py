@@ -53,9 +53,10 @@ class CallOutcome:
     output_tokens: int = 0
     ttft_s: float | None = None
     """Seconds from the start of ``run`` to the first output token (None if not a token stream)."""
-    cached_tokens: int = 0
-    """Prompt tokens whose KV came from the backend's prefix cache instead of being prefilled
-    (0 where the backend has no such cache or does not say)."""
+    cached_tokens: int | None = None
+    """Prompt tokens whose KV came from the backend's prefix cache instead of being prefilled;
+    None where the backend does not say (an OpenAI-compatible server that reports no
+    ``usage.prompt_tokens_details.cached_tokens``)."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ weights (Llama-3-8B shapes: 32 layers, 8 KV heads of 128 dims, so 128 KiB of KV 
   3.35 TB/s; A100 80GB SXM 312 TFLOPS, 2.04 TB/s; L40S 362 TFLOPS, 0.864 TB/s.
 
 So an H100 decodes a lone sequence at ~160 tokens/s and slows as the batch's KV cache grows: the
-batch-size dependence that makes routing matter. How many tokens a call outputs is drawn from a
+batch-size dependence that makes routing matter. A replica keeps a prefix cache (`PrefixCache`) in
+the KV memory its running contexts leave free: a call whose leading prompt blocks it holds prefills
+only the rest. How many tokens a call outputs is drawn from a
 lognormal around a third of ``max_tokens``, seeded by the prompt (the same prompt always gives the
 same length), unless the caller fixes it (the simulator replays real output lengths). A call with
 a ``stream`` gets each word as an OpenAI chunk when the decode step that makes it ends.
@@ -24,12 +26,14 @@ import asyncio
 import hashlib
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from swarmx.backends.base import BackendMetrics, CallOutcome, CallRequest
 from swarmx.backends.chunks import ChunkWriter
 from swarmx.clock import Clock, RealClock
 from swarmx.config import ReplicaConfig
+from swarmx.sched.prefix import BLOCK_TOKENS, PrefixIndex, block_hashes
 
 
 @dataclass(frozen=True)
@@ -40,12 +44,13 @@ class GpuProfile:
     mfu: float = 0.5
     bandwidth_efficiency: float = 0.8
     step_overhead_s: float = 0.002
+    memory_bytes: float = 80e9
 
 
 GPUS: dict[str, GpuProfile] = {
     "H100": GpuProfile("H100", 989e12, 3.35e12),
     "A100": GpuProfile("A100", 312e12, 2.04e12),
-    "L40S": GpuProfile("L40S", 362e12, 0.864e12),
+    "L40S": GpuProfile("L40S", 362e12, 0.864e12, memory_bytes=48e9),
 }
 
 
@@ -54,6 +59,17 @@ class ModelProfile:
     params: float = 8.0e9
     bytes_per_param: float = 2.0
     kv_bytes_per_token: float = 131072.0
+
+
+KV_MEMORY_SHARE = 0.9
+"""Share of the GPU's memory the engine takes (vLLM's ``gpu_memory_utilization`` default)."""
+
+
+def kv_capacity_tokens(gpu: GpuProfile, model: ModelProfile) -> int:
+    """Tokens of KV cache a replica has room for: the engine's memory less the weights (the 8B
+    model: 427k on an 80 GB A100 or H100, 207k on a 48 GB L40S)."""
+    free = gpu.memory_bytes * KV_MEMORY_SHARE - model.params * model.bytes_per_param
+    return max(0, int(free // model.kv_bytes_per_token))
 
 
 def prefill_s(gpu: GpuProfile, model: ModelProfile, tokens: int) -> float:
@@ -123,6 +139,74 @@ def filler_text(seed_text: str, tokens: int) -> str:
     return "".join(filler_tokens(seed_text, tokens))
 
 
+class PrefixCache:
+    """A replica's prefix cache: the prompt blocks (`swarmx.sched.prefix`) of the calls it ran,
+    least recently used evicted first, in the KV memory its running contexts leave free.
+
+    A joining call's leading blocks held here need no prefill (all but its last prompt token at
+    most). Its blocks enter the cache as it joins: prefills run one after another, so every later
+    prefill finds them computed. While it runs they count once, as cached blocks (an engine shares
+    a block between its sequences and its cache); the rest of its context (generated tokens, a
+    partial last block) is running KV, and cached blocks are evicted until cached + running KV fit
+    ``capacity_tokens``. A running call's blocks are not pinned: under heavy pressure the oldest
+    may go before it ends. The block size is the first call's; blocks of another size miss.
+    """
+
+    def __init__(self, capacity_tokens: int) -> None:
+        if capacity_tokens < 0:
+            raise ValueError(f"capacity_tokens must be >= 0, got {capacity_tokens}")
+        self.capacity_tokens = capacity_tokens
+        self.block_tokens = 0
+        self.index = PrefixIndex(0)
+        self._held: dict[str, int] = {}
+        """Running call -> tokens of its prompt that its blocks in the cache hold."""
+        self._held_tokens = 0
+        self.prompt_tokens = 0
+        """Prompt tokens of the calls that joined."""
+        self.cached_tokens = 0
+        """Of those, the tokens served from the cache."""
+
+    def lookup(self, blocks: Sequence[int], block_tokens: int, prompt_tokens: int) -> int:
+        """Prompt tokens of a call the cache would serve now."""
+        if not blocks or block_tokens != self.block_tokens:
+            return 0
+        return max(0, min(self.index.match(blocks) * block_tokens, prompt_tokens - 1))
+
+    def join(
+        self,
+        call_id: str,
+        blocks: Sequence[int],
+        block_tokens: int,
+        prompt_tokens: int,
+        running_tokens: float,
+    ) -> int:
+        """A call starts its prefill, the running contexts (it included) holding
+        ``running_tokens``: the prompt tokens it finds cached. Its blocks enter the cache."""
+        if not self.block_tokens and blocks and block_tokens > 0:
+            self.block_tokens = block_tokens
+        cached = self.lookup(blocks, block_tokens, prompt_tokens)
+        self.prompt_tokens += prompt_tokens
+        self.cached_tokens += cached
+        if blocks and block_tokens == self.block_tokens:
+            self.leave(call_id)
+            held = self._held[call_id] = min(len(blocks) * block_tokens, prompt_tokens)
+            self._held_tokens += held
+            self.fit(running_tokens)
+            self.index.insert(blocks)
+        return cached
+
+    def leave(self, call_id: str) -> None:
+        """A call ended: its blocks stay cached, free to evict."""
+        self._held_tokens -= self._held.pop(call_id, 0)
+
+    def fit(self, running_tokens: float) -> None:
+        """Evict down to the memory the running contexts leave: their KV beyond their blocks."""
+        if self.block_tokens:
+            free = self.capacity_tokens - max(0.0, running_tokens - self._held_tokens)
+            self.index.capacity_blocks = int(max(0.0, free) // self.block_tokens)
+            self.index.insert(())
+
+
 @dataclass
 class _Seq:
     request: CallRequest
@@ -132,6 +216,7 @@ class _Seq:
     started: float
     generated: int = 0
     ttft_s: float | None = None
+    cached_tokens: int = 0
     waiting_prefill: bool = True
     text: list[str] = field(default_factory=list)
     """The output, one entry per token (`filler_tokens`)."""
@@ -152,6 +237,7 @@ class EmulatedServer:
         if self.cfg.gpu not in GPUS:
             raise ValueError(f"unknown GPU {self.cfg.gpu!r} (known: {', '.join(GPUS)})")
         self.gpu = GPUS[self.cfg.gpu]
+        self.cache = PrefixCache(kv_capacity_tokens(self.gpu, self.model))
         self._active: list[_Seq] = []
         self._engine: asyncio.Task[None] | None = None
 
@@ -160,7 +246,12 @@ class EmulatedServer:
 
     def metrics(self) -> BackendMetrics:
         waiting = sum(s.waiting_prefill for s in self._active)
-        return BackendMetrics(queued=waiting, running=len(self._active) - waiting)
+        return BackendMetrics(
+            queued=waiting,
+            running=len(self._active) - waiting,
+            prefix_cache_blocks=len(self.cache.index),
+            prefix_cache_capacity=self.cache.capacity_tokens // BLOCK_TOKENS,
+        )
 
     async def close(self) -> None:
         if self._engine is not None:
@@ -198,6 +289,7 @@ class EmulatedServer:
         try:
             return await future
         finally:
+            self.cache.leave(request.call_id)
             if seq in self._active:  # cancelled: leave the batch
                 self._active.remove(seq)
 
@@ -220,11 +312,17 @@ class EmulatedServer:
         while self._active:
             # a sequence arriving during the step joins the next one (and pays its prefill there)
             batch = list(self._active)
-            fresh = [s for s in batch if s.waiting_prefill]
-            step = sum(prefill_s(self.gpu, self.model, s.prompt_tokens) for s in fresh)
-            step += decode_step_s(
-                self.gpu, self.model, [s.prompt_tokens + s.generated for s in batch]
-            )
+            contexts = [s.prompt_tokens + s.generated for s in batch]
+            running = sum(contexts)
+            self.cache.fit(running)
+            step = decode_step_s(self.gpu, self.model, contexts)
+            for s in batch:
+                if s.waiting_prefill:  # its cached prefix needs no prefill
+                    blocks = block_hashes(s.request.prompt)
+                    s.cached_tokens = self.cache.join(
+                        s.request.call_id, blocks, BLOCK_TOKENS, s.prompt_tokens, running
+                    )
+                    step += prefill_s(self.gpu, self.model, s.prompt_tokens - s.cached_tokens)
             await self.clock.sleep(step)
             now = self.clock.monotonic()
             for seq in batch:
@@ -247,5 +345,13 @@ class EmulatedServer:
             capped = seq.generated >= max(1, seq.request.max_tokens)
             seq.chunks.finish("length" if capped else "stop", seq.prompt_tokens, seq.generated)
         seq.future.set_result(
-            CallOutcome(True, "".join(seq.text), "", seq.prompt_tokens, seq.generated, seq.ttft_s)
+            CallOutcome(
+                True,
+                "".join(seq.text),
+                "",
+                seq.prompt_tokens,
+                seq.generated,
+                seq.ttft_s,
+                cached_tokens=seq.cached_tokens,
+            )
         )

@@ -169,6 +169,9 @@ class ChatStream:
     """Chunks that carried generated text: content, completion text or tool-call arguments."""
     prompt_tokens: int | None = None
     output_tokens: int | None = None
+    cached_tokens: int | None = None
+    """``usage.prompt_tokens_details.cached_tokens``: the prompt tokens the server's prefix
+    cache served (vLLM with ``--enable-prompt-tokens-details``, SGLang, OpenAI)."""
     usage_chunk: bool = False
     """A usage-only chunk (``"choices": []``) arrived; servers that ignore ``stream_options``
     (llama-cpp-python) send none."""
@@ -202,6 +205,9 @@ class ChatStream:
         if isinstance(usage, dict):
             self.prompt_tokens = _count(usage.get("prompt_tokens"), self.prompt_tokens)
             self.output_tokens = _count(usage.get("completion_tokens"), self.output_tokens)
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict):
+                self.cached_tokens = _count(details.get("cached_tokens"), self.cached_tokens)
             self.usage_chunk = self.usage_chunk or choices == []
         choice = choices[0] if isinstance(choices, list) and choices else None
         if not isinstance(choice, dict):
@@ -257,6 +263,7 @@ class ChatStream:
                 self.output_tokens if self.output_tokens is not None else self.content_chunks
             ),
             ttft_s=ttft_s,
+            cached_tokens=self.cached_tokens,
         )
 
 

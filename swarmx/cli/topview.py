@@ -400,6 +400,7 @@ def replicas_pane(reply: TopReply, sort: str) -> _Pane:
                 *_vs(_quant(r.actual_s, "0.5"), _quant(r.pred_s, "0.5")),
                 *_vs(_quant(r.actual_s, "0.95"), _quant(r.pred_s, "0.95")),
                 "-" if cov is None else f"{cov * 100:.0f}%",
+                _hit(r),
             ]
         )
     return _Pane(
@@ -414,9 +415,19 @@ def replicas_pane(reply: TopReply, sort: str) -> _Pane:
             Col("P95", "right", 5),
             Col("PRED", "right", 5),
             Col("COV95", "right", 5),
+            Col("HIT", "right", 4),
         ],
         rows,
     )
+
+
+def _hit(r: ReplicaStats) -> Text:
+    """The prefix-cache hit rate the engine reported, else (dim) what the index expected."""
+    if r.prefix_hit is not None:
+        return Text(f"{r.prefix_hit * 100:.0f}%")
+    if r.prefix_hit_est is not None:
+        return Text(f"{r.prefix_hit_est * 100:.0f}%", style="dim")
+    return Text("-")
 
 
 def _workflow_key(sort: str) -> Callable[[WorkflowBrief], Any]:

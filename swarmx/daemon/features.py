@@ -13,7 +13,6 @@ from swarmx.models.dist import LatencyDist
 from swarmx.models.online import OnlineLearner
 from swarmx.models.query import Query, SessionContext
 from swarmx.protocol import Result
-from swarmx.sched.prefix import BLOCK_TOKENS, block_hashes
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
 from swarmx.workflow.engine import CallSpec, WorkflowRun
 
@@ -58,6 +57,8 @@ class Inflight:
     """The router's predicted completion time (wait + service), where it made one."""
     budget_s: float | None = None
     """Deadline of the call minus its arrival, for calls of workflows with an SLO."""
+    cached_est: int | None = None
+    """Prompt tokens the prefix index expected the replica to hold (`Assign.cached_tokens`)."""
 
 
 class CallFeatures:
@@ -122,7 +123,6 @@ class CallFeatures:
         c = f.call
         name, slo_s = self._program(c.workflow_id)
         ses = self._sessions.get(c.workflow_id)
-        blocks = block_hashes(c.prompt) if c.kind != "tool" else []
         return TraceRecord(
             ts=f.ready_ts,
             workflow=c.workflow_id,
@@ -152,8 +152,10 @@ class CallFeatures:
             session=ses.key if ses is not None else "",
             input_kinds=f.input_kinds,
             prefix_share=f.prefix_share,
-            prefix_blocks=blocks,
-            block_tokens=BLOCK_TOKENS if blocks else 0,
+            prefix_blocks=c.prefix_blocks,
+            block_tokens=c.block_tokens,
+            cached_tokens=r.cached_tokens,
+            cached_tokens_est=f.cached_est,
             pred=f.pred.as_dict() if f.pred else None,
             predictor=f.predictor,
             pred_completion=f.completion.as_dict() if f.completion else None,

@@ -90,6 +90,30 @@ class Recent:
         return actual, pred, covered
 
 
+@dataclass
+class PrefixHits:
+    """The last finished calls of one replica: prompt tokens, those the engine served from its
+    prefix cache (None where it did not say) and those the prefix index expected."""
+
+    calls: collections.deque[tuple[int, int | None, int | None]] = field(
+        default_factory=lambda: collections.deque(maxlen=RECENT_CALLS)
+    )
+
+    def add(self, rec: TraceRecord) -> None:
+        if rec.kind != "tool" and rec.prompt_tokens > 0:
+            self.calls.append((rec.prompt_tokens, rec.cached_tokens, rec.cached_tokens_est))
+
+    def rates(self) -> tuple[float | None, float | None]:
+        """(reported share, expected share) of the prompt tokens, each over the calls that have
+        the figure."""
+        return self._rate(1), self._rate(2)
+
+    def _rate(self, k: int) -> float | None:
+        pairs = [(c[0], c[k]) for c in self.calls if c[k] is not None]
+        prompt = sum(p for p, _ in pairs)
+        return min(1.0, sum(h or 0 for _, h in pairs) / prompt) if prompt else None
+
+
 @dataclass(frozen=True)
 class _Finished:
     mono: float
@@ -124,6 +148,7 @@ class Observer:
         self.window_s = window_s
         self.levels = [f"{p:g}" for p in learner.levels]
         self.replicas: dict[str, Recent] = {}
+        self.hits: dict[str, PrefixHits] = {}
         self.models: dict[str, Recent] = {}
         self.decisions: collections.deque[DecisionView] = collections.deque(maxlen=DECISIONS)
         self.finished = 0
@@ -155,6 +180,10 @@ class Observer:
             return
         self.metrics.call_latency.labels(model).observe(rec.latency_s)
         self.metrics.call_queue.labels(model).observe(rec.queue_s)
+        if rec.cached_tokens is not None and rec.kind != "tool":
+            self.metrics.prompt_tokens.labels(model).inc(rec.prompt_tokens)
+            self.metrics.cached_tokens.labels(model).inc(min(rec.cached_tokens, rec.prompt_tokens))
+        self.hits.setdefault(rec.replica, PrefixHits()).add(rec)
         self.replicas.setdefault(rec.replica, Recent()).add(rec.latency_s, rec.pred)
         self.models.setdefault(model, Recent()).add(rec.latency_s, rec.pred)
 
@@ -229,6 +258,7 @@ class Observer:
             rt = next((r for r in tel.replicas if r.replica == v.replica), None) if tel else None
             recent = self.replicas.get(v.replica, Recent())
             actual, pred, covered = recent.figures(self.levels)
+            hit, hit_est = self.hits.get(v.replica, PrefixHits()).rates()
             state: ReplicaState = (
                 "draining"
                 if v.replica in self.service.draining
@@ -253,6 +283,8 @@ class Observer:
                     actual_s=actual,
                     pred_s=pred,
                     covered=covered,
+                    prefix_hit=hit,
+                    prefix_hit_est=hit_est,
                 )
             )
         return out
@@ -281,6 +313,8 @@ class Observer:
         """Drop the recent calls of replicas that are gone (scaled down, node lost)."""
         for name in [r for r in self.replicas if r not in replicas]:
             del self.replicas[name]
+        for name in [r for r in self.hits if r not in replicas]:
+            del self.hits[name]
 
     def _workflows(self, limit: int, now: float) -> list[WorkflowBrief]:
         running = self.service.running()[:limit]

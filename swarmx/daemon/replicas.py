@@ -475,6 +475,7 @@ class ReplicaSet:
                 outcome.ttft_s,
                 outcome.prompt_tokens,
                 outcome.output_tokens,
+                outcome.cached_tokens,
             )
         )
 

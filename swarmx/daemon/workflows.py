@@ -54,6 +54,7 @@ from swarmx.protocol import (
 )
 from swarmx.sched.dispatch import TOOL_POOL, Assign, Dispatcher, QueueOrder, Ticket
 from swarmx.sched.outlook import Outlook
+from swarmx.sched.prefix import BLOCK_TOKENS, block_hashes
 from swarmx.sched.router import ReplicaView, Router
 from swarmx.store import Store, WorkflowRow
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
@@ -662,9 +663,16 @@ class WorkflowService:
         await self.submit_ticket(self._ticket(call, self.clock.time()))
 
     async def submit_ticket(self, ticket: Ticket) -> None:
-        """Queue a call ready now (a workflow's, or a gateway call with its own deadline)."""
+        """Queue a call ready now (a workflow's, or a gateway call with its own deadline), its
+        prompt's prefix blocks hashed for the prefix index and the trace."""
         now = self.clock.time()
-        self._ready_ts[ticket.call.call_id] = now
+        call = ticket.call
+        if call.kind == "llm" and call.prompt and not call.prefix_blocks:
+            blocks = block_hashes(call.prompt)
+            if blocks:
+                call = dataclasses.replace(call, prefix_blocks=blocks, block_tokens=BLOCK_TOKENS)
+                ticket = dataclasses.replace(ticket, call=call)
+        self._ready_ts[call.call_id] = now
         await self.send_all(self.dispatcher.submit(ticket, now))
 
     def check_capacity(self) -> None:
@@ -725,6 +733,7 @@ class WorkflowService:
             self.learner.live.version if self.learner is not None and a.service else "",
             a.completion,
             None if a.ticket.deadline_s is None else a.ticket.deadline_s - a.ticket.arrived_s,
+            a.cached_tokens,
         )
         self.views.remember(
             call.call_id,

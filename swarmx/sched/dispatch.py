@@ -71,6 +71,9 @@ class Assign:
     """The call's predicted service time on that replica, where a forecast was made."""
     completion: LatencyDist | None
     """The router's predicted completion time (wait + service), where it made one."""
+    cached_tokens: int | None = None
+    """Prompt tokens of the call the prefix index expected that replica to hold; None for a
+    call without prefix blocks."""
 
 
 @dataclass
@@ -594,14 +597,18 @@ class Dispatcher:
             occupancy = len(rep.work) / max(1, chosen.concurrency)
             band = min(LOAD_BANDS - 1, int(occupancy * LOAD_BANDS))
             self._band[call.call_id] = (band, service.quantile(0.5))
-        blocks = call.prefix_blocks
-        rep.work[call.call_id] = Work(call.call_id, now_s, service, len(blocks) * call.block_tokens)
-        if blocks and call.block_tokens > 0:
+        blocks, per = call.prefix_blocks, call.block_tokens
+        rep.work[call.call_id] = Work(call.call_id, now_s, service, len(blocks) * per)
+        held: int | None = None
+        if blocks and per > 0:
+            held = cached[decision.index] if cached is not None else None
             capacity = chosen.kv_cache_tokens or DEFAULT_KV_CACHE_TOKENS
-            self.prefixes.ensure(chosen.replica, capacity // call.block_tokens).insert(blocks)
+            index = self.prefixes.ensure(chosen.replica, capacity // per)
+            held = index.match(blocks) * per if held is None else held
+            index.insert(blocks)
         self._refresh(rep)
         self._where[call.call_id] = (chosen.replica, ticket)
-        return Assign(ticket, chosen, service, decision.completion)
+        return Assign(ticket, chosen, service, decision.completion, held)
 
     def _cached(self, call: CallSpec, cands: Sequence[ReplicaView]) -> list[int] | None:
         """Prompt tokens of ``call`` each candidate holds, by the prefix index."""

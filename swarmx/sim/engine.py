@@ -4,16 +4,21 @@ scalers resize the pools, and emulated servers (`swarmx.sim.servers`) take the s
 
 Nothing here decides anything: every decision is made by the same objects the scheduler daemon
 runs. The simulated clock is the event heap's time.
+
+Workflows arrive at their arrival times, or, for session replays (``SimConfig.sessions``), a fixed
+number run at once and the next starts when one ends.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import heapq
 import itertools
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from swarmx.backends.emulated import GPUS, ModelProfile, prefill_s, vision_s
@@ -21,11 +26,13 @@ from swarmx.models.dist import LatencyDist
 from swarmx.models.query import SessionTracker
 from swarmx.sched.dispatch import TOOL_POOL, Assign, Dispatcher, QueueOrder, Ticket
 from swarmx.sched.outlook import Outlook
+from swarmx.sched.prefix import BLOCK_TOKENS, block_hashes
 from swarmx.sched.router import ReplicaView, Router
 from swarmx.sched.scaler import PoolState, Scaler
 from swarmx.sim.forecast import Replica, SimForecaster
+from swarmx.sim.servers import Finished as Served
 from swarmx.sim.servers import LlmServer, SharedServer
-from swarmx.sim.simworkflow import CallTruth, SimWorkflow
+from swarmx.sim.simworkflow import BlockChains, CallTruth, SimWorkflow
 from swarmx.stats import quantile
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
 from swarmx.workflow.engine import (
@@ -68,6 +75,12 @@ class SimConfig:
     """For workflows without an SLO of their own."""
     replica_queue: int = 0
     seed: int = 0
+    kv_cache_tokens: int | None = None
+    """KV-cache tokens of an LLM replica, its prefix cache's room (default: what its GPU's
+    memory holds, `swarmx.backends.emulated.kv_capacity_tokens`)."""
+    sessions: int | None = None
+    """Run this many workflows at once, the next starting as one ends (a closed loop over
+    recorded sessions), instead of at their arrival times."""
 
 
 @dataclass
@@ -81,6 +94,8 @@ class _Call:
     placed: ReplicaView | None = None
     """The replica as the router saw it when it chose it (its load before this call)."""
     pred: LatencyDist | None = None
+    ttft_s: float | None = None
+    """From reaching its replica to the end of its prefill (LLM calls)."""
 
 
 @dataclass
@@ -88,6 +103,7 @@ class _Flow:
     sw: SimWorkflow
     run: WorkflowRun
     deadline_s: float | None
+    start_s: float
 
 
 @dataclass
@@ -106,6 +122,12 @@ class SimResult:
     scale_events: int
     peak_replicas: int
     by_class: dict[str, list[float]]
+    ttft_s: list[float] = field(default_factory=list)
+    """Per LLM call, from its release to the end of its prefill (queueing included)."""
+    prompt_tokens: int = 0
+    """Prompt tokens of the LLM calls the replicas took."""
+    cached_tokens: int = 0
+    """Of those, the tokens their prefix caches served."""
 
 
 class Simulation:
@@ -152,6 +174,9 @@ class Simulation:
         self._last_scale_s = 0.0
         self._starting: dict[str, int] = {}
         self._budget: dict[str, float] = {}
+        self._chains = BlockChains()
+        self._next: deque[tuple[str, SimWorkflow]] = deque()
+        """Session replays: the workflows waiting for one running to end."""
         self.models = sorted({s.model for w in workflows for s in w.spec.steps if s.kind != "tool"})
         self._kind = {
             s.model: ("vision" if s.kind == "model" else "llm")
@@ -188,10 +213,8 @@ class Simulation:
         kind = self._kind.get(model, "llm")
         server: LlmServer | SharedServer
         if kind == "llm":
-            server, slots = (
-                LlmServer(profile, ModelProfile(), self.cfg.llm_slots),
-                self.cfg.llm_slots,
-            )
+            server = LlmServer(profile, ModelProfile(), self.cfg.llm_slots, self.cfg.kv_cache_tokens)
+            slots = self.cfg.llm_slots
         else:
             server, slots = SharedServer(1.0), self.cfg.vision_slots
         rep = Replica(name, model, gpu, profile, kind, server, slots, self.now, ready_s)
@@ -199,6 +222,7 @@ class Simulation:
         return rep
 
     def _announce(self, rep: Replica) -> None:
+        s = rep.server
         view = ReplicaView(
             rep.name,
             rep.name.split("/")[0],
@@ -208,6 +232,7 @@ class Simulation:
             rep.slots,
             0,
             gpu=rep.gpu,
+            kv_cache_tokens=s.cache.capacity_tokens if isinstance(s, LlmServer) else 0,
         )
         self._assign_all(self.dispatcher.add_replica(view, self.now))
 
@@ -256,11 +281,18 @@ class Simulation:
 
     def _run(self) -> SimResult:
         self._build()
-        for i, w in enumerate(self.workflows):
-            self._push(w.arrival_s, self._ARRIVE, (f"wf{i}", w))
+        flows = [(f"wf{i}", w) for i, w in enumerate(self.workflows)]
+        sessions = self.cfg.sessions
+        if sessions is not None:
+            self._next.extend(flows[sessions:])
+            for flow in flows[:sessions]:
+                self._push(0.0, self._ARRIVE, flow)
+        else:
+            for flow in flows:
+                self._push(flow[1].arrival_s, self._ARRIVE, flow)
         if self.scaler.name != "none":
             self._push(self.cfg.scale_interval_s, self._SCALE, None)
-        first = self.workflows[0].arrival_s if self.workflows else 0.0
+        first = self.workflows[0].arrival_s if self.workflows and sessions is None else 0.0
         self._to_arrive = len(self.workflows)
         while self._events:
             t, _, kind, payload = heapq.heappop(self._events)
@@ -282,6 +314,9 @@ class Simulation:
         for rep in self.replicas.values():
             if rep.kind != "tool":
                 self.result.replica_seconds += (rep.retired_s or end) - rep.created_s
+            if isinstance(rep.server, LlmServer):
+                self.result.prompt_tokens += rep.server.cache.prompt_tokens
+                self.result.cached_tokens += rep.server.cache.cached_tokens
         self.result.duration_s = end - first
         self.result.workflows = len(self.workflows)
         return self.result
@@ -289,7 +324,7 @@ class Simulation:
     def _arrive(self, wf_id: str, sw: SimWorkflow) -> None:
         self._to_arrive -= 1
         slo = sw.spec.slo_s if sw.spec.slo_s is not None else self.cfg.slo_s
-        flow = _Flow(sw, WorkflowRun(wf_id, sw.spec), self.now + slo if slo else None)
+        flow = _Flow(sw, WorkflowRun(wf_id, sw.spec), self.now + slo if slo else None, self.now)
         self._flows[wf_id] = flow
         self._execute(flow, flow.run.start())
 
@@ -300,7 +335,10 @@ class Simulation:
                 truth = flow.sw.truth[(call.step_id, call.index)]
                 c = _Call(call, truth, self.now, flow)
                 self._calls[call.call_id] = c
-                release = flow.sw.arrival_s + flow.sw.release_s.get(call.step_id, 0.0)
+                release = flow.start_s + flow.sw.release_s.get(call.step_id, 0.0)
+                think_s = flow.sw.think_s.get(call.step_id)
+                if think_s:
+                    release = max(release, self.now + think_s)
                 if release > self.now:
                     c.ready_s = release
                     self._push(release, self._RELEASE, c)
@@ -313,13 +351,28 @@ class Simulation:
 
     def _submit(self, c: _Call) -> None:
         flow = c.wf
+        if c.call.kind == "llm":
+            c.call = self._with_blocks(c.call, c.truth)
         if self._plain:
             ticket = Ticket(c.call, self.now)
         else:
-            ticket = self.outlook.ticket(
-                flow.run, c.call, flow.sw.arrival_s, self.now, self.cfg.slo_s
-            )
+            ticket = self.outlook.ticket(flow.run, c.call, flow.start_s, self.now, self.cfg.slo_s)
         self._assign_all(self.dispatcher.submit(ticket, self.now))
+
+    def _with_blocks(self, call: CallSpec, truth: CallTruth) -> CallSpec:
+        """The call with its prompt's prefix blocks, which routers and replicas' caches read:
+        made up for a replayed agent (only now, from its previous call's), as recorded, or
+        hashed from the prompt text."""
+        if truth.agent_blocks is not None:
+            blocks = self._chains.blocks(call.workflow_id, truth.agent_blocks)
+            per = truth.block_tokens
+        elif truth.prefix_blocks:
+            blocks, per = list(truth.prefix_blocks), truth.block_tokens
+        else:
+            blocks, per = block_hashes(call.prompt), BLOCK_TOKENS
+        if not blocks:
+            return call
+        return dataclasses.replace(call, prefix_blocks=blocks, block_tokens=per)
 
     def _step_service(self, run: WorkflowRun, step: StepSpec) -> LatencyDist:
         """A typical call of the step: the recent forecasts for its pool (none yet: 1 s)."""
@@ -335,7 +388,15 @@ class Simulation:
             c.pred = a.service
             s = rep.server
             if isinstance(s, LlmServer):
-                s.admit(c.call.call_id, c.truth.prompt_tokens, c.truth.output_tokens, self.now)
+                call, truth = c.call, c.truth
+                s.admit(
+                    call.call_id,
+                    truth.prompt_tokens,
+                    truth.output_tokens,
+                    self.now,
+                    call.prefix_blocks,
+                    call.block_tokens,
+                )
             elif rep.kind == "vision":
                 assert rep.profile is not None
                 px = int(c.call.inputs.get("image_px", "224"))
@@ -357,17 +418,21 @@ class Simulation:
 
     def _wake(self, rep: Replica) -> None:
         for f in rep.server.advance(self.now):
-            self._done(f.call_id)
+            self._done(f)
         self._reschedule(rep)
         if rep.draining and rep.server.outstanding == 0 and rep.retired_s is None:
             rep.retired_s = self.now
             self.dispatcher.remove_replica(rep.name)
 
-    def _done(self, call_id: str) -> None:
+    def _done(self, served: Served) -> None:
+        call_id = served.call_id
         c = self._calls.pop(call_id)
         r = self.result
         r.calls += 1
         r.call_latency_s.append(self.now - c.ready_s)
+        if served.ttft_s is not None:
+            c.ttft_s = served.ttft_s
+            r.ttft_s.append(c.start_s - c.ready_s + served.ttft_s)
         service = self.now - c.start_s
         self.forecaster.observe(c.call, lambda: self._trace(c, service), service)
         if self.record is not None:
@@ -397,7 +462,7 @@ class Simulation:
             output_tokens=c.truth.output_tokens if call.kind == "llm" else 0,
             latency_s=service_s,
             queue_s=c.start_s - c.ready_s,
-            ttft_s=None,
+            ttft_s=c.ttft_s,
             node=c.replica.split("/")[0],
             replica=c.replica,
             device=DeviceAtDispatch(
@@ -414,8 +479,11 @@ class Simulation:
 
     def _finish(self, flow: _Flow, fin: Finished) -> None:
         del self._flows[flow.run.id]
+        self._chains.forget(flow.run.id)
+        if self._next:
+            self._push(self.now, self._ARRIVE, self._next.popleft())
         r = self.result
-        latency = self.now - flow.sw.arrival_s
+        latency = self.now - flow.start_s
         if fin.state != "succeeded":
             r.failed += 1
         r.workflow_latency_s.append(latency)
@@ -545,8 +613,13 @@ def summary(result: SimResult) -> dict[str, Any]:
     return {
         "calls": result.calls,
         "workflows": result.workflows,
+        "sessions_completed": len(result.workflow_latency_s),
         "workflow_latency_s": pct(result.workflow_latency_s),
         "call_latency_s": pct(result.call_latency_s),
+        "ttft_s": pct(result.ttft_s),
+        "prefix_hit_rate": (
+            result.cached_tokens / result.prompt_tokens if result.prompt_tokens else None
+        ),
         "slo_attainment": met / result.with_slo if result.with_slo else None,
         "goodput_wps": met / result.duration_s if result.duration_s > 0 else 0.0,
         "replica_seconds": result.replica_seconds,

@@ -3,12 +3,14 @@ and reference forecasters that bound what prediction can buy.
 
 - ``oracle``: knows each call's true output tokens (or tool work) and computes its service time
   from the emulated timing model at the replica's current batch, behind the prefills already
-  under way there; a point forecast.
+  under way there, with the prefix the replica's cache holds of the call; a point forecast.
 - ``noisy:SIGMA``: the oracle times lognormal noise of that sigma, drawn once per call, with the
   matching lognormal spread (an honest forecaster of that accuracy).
 - ``shuffled``: the oracle of another, random call of the same model: the right marginal with no
   per-call information.
 - ``constant``: one forecast per model whatever the call and the replica.
+- ``oracle``, ``noisy:SIGMA`` or ``shuffled`` with the suffix ``:nocache``: the same, blind to
+  the replicas' prefix caches (every prompt forecast as if none of it were cached).
 - a model file path: the trained `QuantilePredictor`, fed the same features as live; with the
   suffix ``:noload`` its load features are zeroed (the ablation without load features), with
   ``:point`` only its median is passed on, with no spread (what a point-estimate router sees).
@@ -72,11 +74,18 @@ class CallInfo(Protocol):
         ...
 
 
-def oracle_s(call: CallSpec, truth: CallTruth, rep: Replica, now_s: float) -> float:
-    """Service time if the replica's load stayed as it is now."""
+def oracle_s(
+    call: CallSpec, truth: CallTruth, rep: Replica, now_s: float, cache: bool = True
+) -> float:
+    """Service time if the replica's load (and, with ``cache``, its prefix cache) stayed as it
+    is now."""
     s = rep.server
     if isinstance(s, LlmServer):
-        return s.solo_now_s(truth.prompt_tokens, truth.output_tokens, now_s)
+        if not cache:
+            return s.solo_now_s(truth.prompt_tokens, truth.output_tokens, now_s)
+        return s.solo_now_s(
+            truth.prompt_tokens, truth.output_tokens, now_s, call.prefix_blocks, call.block_tokens
+        )
     if rep.kind == "vision":
         px = int(call.inputs.get("image_px", "224"))
         steps = int(call.inputs.get("steps", "1"))
@@ -115,9 +124,17 @@ class SimForecaster:
         self.sigma = 0.0
         self._model = None
         self._noload = self._median_only = False
-        kind, _, arg = spec.partition(":")
+        base, _, variant = spec.rpartition(":")
+        self._cache = variant != "nocache"
+        if not self._cache and base.partition(":")[0] not in ("oracle", "noisy", "shuffled"):
+            raise ValueError(f"{spec!r}: only oracle, noisy:SIGMA and shuffled take :nocache")
+        kind, _, arg = (spec if self._cache else base).partition(":")
+        self._kind = kind
         if kind == "noisy":
-            self.sigma = float(arg)
+            try:
+                self.sigma = float(arg)
+            except ValueError:
+                self.sigma = math.nan
             if not self.sigma >= 0:
                 raise ValueError(f"noisy:SIGMA needs SIGMA >= 0, got {arg!r}")
         elif kind not in ("oracle", "shuffled", "constant"):
@@ -134,7 +151,6 @@ class SimForecaster:
         self.wants_constant = spec == "constant"
 
     def _pick(self) -> Callable[[CallSpec, Sequence[ReplicaView]], list[LatencyDist]]:
-        kind = self.spec.partition(":")[0]
         if self._model is not None:
             return self._predicted
         return {
@@ -142,7 +158,7 @@ class SimForecaster:
             "noisy": self._noisy,
             "shuffled": self._shuffled,
             "constant": self._constant_of,
-        }[kind]
+        }[self._kind]
 
     def observe(self, call: CallSpec, rec: Callable[[], TraceRecord], service_s: float) -> None:
         """A finished call. The constant forecaster and the load-only baseline are fitted on the
@@ -189,8 +205,11 @@ class SimForecaster:
         return self._load_model.predict_candidates(query, places)
 
     def _oracle(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
-        truth, now_s = self.info.truth(call), self.info.now
-        return [_point(oracle_s(call, truth, self.replicas[v.replica], now_s)) for v in candidates]
+        truth, now_s, cache = self.info.truth(call), self.info.now, self._cache
+        return [
+            _point(oracle_s(call, truth, self.replicas[v.replica], now_s, cache))
+            for v in candidates
+        ]
 
     def _noisy(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
         z = self._noise.get(call.call_id)
@@ -201,7 +220,7 @@ class SimForecaster:
         truth, now_s = self.info.truth(call), self.info.now
         out = []
         for v in candidates:
-            true_s = oracle_s(call, truth, self.replicas[v.replica], now_s)
+            true_s = oracle_s(call, truth, self.replicas[v.replica], now_s, self._cache)
             # the forecaster's median is off by exp(sigma z); its spread says so
             out.append(LatencyDist.lognormal(true_s * math.exp(self.sigma * z), self.sigma, LEVELS))
         return out
@@ -212,8 +231,11 @@ class SimForecaster:
         pool.append(truth)
         if len(pool) > 1000:
             pool.pop(0)
-        other, now_s = self._rng.choice(pool), self.info.now
-        return [_point(oracle_s(call, other, self.replicas[v.replica], now_s)) for v in candidates]
+        other, now_s, cache = self._rng.choice(pool), self.info.now, self._cache
+        return [
+            _point(oracle_s(call, other, self.replicas[v.replica], now_s, cache))
+            for v in candidates
+        ]
 
     def _constant_of(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
         dist = self._constant.get(call.model) or LatencyDist.lognormal(1.0, 1.0, LEVELS)

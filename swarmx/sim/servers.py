@@ -6,7 +6,8 @@ An LLM replica runs continuous batching with the emulated backend's timing model
 Steps are treated as a fluid (fractional steps), so the time to run from step K1 to K2 with a fixed
 batch is a closed-form integral and the simulator only wakes when a sequence finishes or joins:
 that keeps a simulated call to a few events whatever its length. A joining sequence's prefill
-stalls the batch for its prefill time (no chunked prefill), as in the emulated backend.
+stalls the batch for its prefill time (no chunked prefill), as in the emulated backend, and the
+backend's prefix cache (`PrefixCache`) spares it the prefill of its cached leading blocks.
 
 Vision replicas and CPU tool hosts are processor-sharing servers: ``n`` jobs on ``cores`` cores
 each progress at ``min(1, cores / n)`` of their solo speed.
@@ -16,20 +17,44 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from swarmx.backends.emulated import GpuProfile, ModelProfile, prefill_s
+from swarmx.backends.emulated import (
+    GpuProfile,
+    ModelProfile,
+    PrefixCache,
+    kv_capacity_tokens,
+    prefill_s,
+)
 
 
 @dataclass
 class Finished:
     call_id: str
     ttft_s: float | None
+    """LLM calls: from the call reaching the server (its wait for a slot included) to the end of
+    its prefill."""
+
+
+_Waiting = tuple[str, int, int, Sequence[int], int, float]
+"""(call id, prompt tokens, output tokens, prefix blocks, tokens per block, when it came)."""
 
 
 class LlmServer:
-    def __init__(self, gpu: GpuProfile, model: ModelProfile, slots: int) -> None:
+    def __init__(
+        self,
+        gpu: GpuProfile,
+        model: ModelProfile,
+        slots: int,
+        kv_cache_tokens: int | None = None,
+    ) -> None:
         self.gpu, self.model, self.slots = gpu, model, slots
+        self.cache = PrefixCache(
+            kv_capacity_tokens(gpu, model) if kv_cache_tokens is None else kv_cache_tokens
+        )
+        """Its prefix cache, whose ``prompt_tokens`` and ``cached_tokens`` count the calls that
+        joined; ``kv_cache_tokens`` in all (default: what the GPU's memory holds)."""
         eff_bw = gpu.hbm_bytes_per_s * gpu.bandwidth_efficiency
         self._w = model.params * model.bytes_per_param / eff_bw
         """Seconds to read the weights once."""
@@ -47,9 +72,8 @@ class LlmServer:
         self._active: list[tuple[float, int, str]] = []
         """Heap of (step at which it finishes, tie-break, call id)."""
         self._info: dict[str, tuple[int, float, float]] = {}
-        """call id -> (prompt tokens, joined at step, time it joined)."""
-        self._waiting: list[tuple[str, int, int]] = []
-        self._first_token: dict[str, float] = {}
+        """call id -> (prompt tokens, joined at step, its TTFT)."""
+        self._waiting: list[_Waiting] = []
         self._tie = 0
 
     @property
@@ -67,23 +91,39 @@ class LlmServer:
         """One decode step of ``batch`` sequences holding ``kv_tokens`` tokens in all."""
         return max(self._w + kv_tokens * self._kv, self._flop * batch) + self.gpu.step_overhead_s
 
-    def solo_s(self, prompt_tokens: int, output_tokens: int, batch: int, kv_tokens: float) -> float:
+    def solo_s(
+        self,
+        prompt_tokens: int,
+        output_tokens: int,
+        batch: int,
+        kv_tokens: float,
+        cached_tokens: int = 0,
+    ) -> float:
         """A call's service time if the batch it joins stayed as it is (the oracle's estimate):
-        its prefill (``_flop`` per prompt token, as `prefill_s`) and its decode steps at the
-        batch's mid-call KV cache."""
+        the prefill of its uncached prompt (``_flop`` per token, as `prefill_s`) and its decode
+        steps at the batch's mid-call KV cache."""
         n = batch + 1
         mid_kv = kv_tokens + prompt_tokens + n * output_tokens / 2
         step = max(self._w + mid_kv * self._kv, self._flop * n) + self.gpu.step_overhead_s
-        return self._flop * prompt_tokens + output_tokens * step
+        return self._flop * (prompt_tokens - cached_tokens) + output_tokens * step
 
-    def solo_now_s(self, prompt_tokens: int, output_tokens: int, now_s: float) -> float:
+    def solo_now_s(
+        self,
+        prompt_tokens: int,
+        output_tokens: int,
+        now_s: float,
+        blocks: Sequence[int] = (),
+        block_tokens: int = 0,
+    ) -> float:
         """`solo_s` joining the batch as it is now (the oracle asks this of every candidate),
-        behind the prefills already under way: without chunked prefill they run one after
+        behind the prefills already under way (without chunked prefill they run one after
         another, so a call sent to a replica that has just taken long prompts waits for them
-        before its own prefill starts."""
+        before its own prefill starts), with the prefix its cache holds now of ``blocks``."""
         backlog_s = max(0.0, self.stall_until_s - now_s)
         n = len(self._info)
-        return backlog_s + self.solo_s(prompt_tokens, output_tokens, n, self._ctx0 + n * self.k)
+        cached = self.cache.lookup(blocks, block_tokens, prompt_tokens)
+        kv = self._ctx0 + n * self.k
+        return backlog_s + self.solo_s(prompt_tokens, output_tokens, n, kv, cached)
 
     # --- fluid integration ------------------------------------------------------------------
 
@@ -131,24 +171,39 @@ class LlmServer:
         start = max(self.now_s, self.stall_until_s)
         if now_s > start:
             self.k = self._steps_in(self.k, now_s - start)
+            self.cache.fit(self.kv_tokens())  # the contexts grew: memory pressure
         self.now_s = max(self.now_s, now_s)
 
     # --- events -----------------------------------------------------------------------------
 
-    def admit(self, call_id: str, prompt_tokens: int, output_tokens: int, now_s: float) -> None:
+    def admit(
+        self,
+        call_id: str,
+        prompt_tokens: int,
+        output_tokens: int,
+        now_s: float,
+        blocks: Sequence[int] = (),
+        block_tokens: int = 0,
+    ) -> None:
+        """A call reaches the server; ``blocks`` (of ``block_tokens`` tokens each) are its
+        prompt's prefix blocks, where known."""
         self._advance(now_s)
+        waiting = (call_id, prompt_tokens, output_tokens, blocks, block_tokens, now_s)
         if len(self._info) >= self.slots:
-            self._waiting.append((call_id, prompt_tokens, output_tokens))
+            self._waiting.append(waiting)
             return
-        self._join(call_id, prompt_tokens, output_tokens, now_s)
+        self._join(waiting, now_s)
 
-    def _join(self, call_id: str, prompt_tokens: int, output_tokens: int, now_s: float) -> None:
+    def _join(self, waiting: _Waiting, now_s: float) -> None:
+        call_id, prompt_tokens, output_tokens, blocks, block_tokens, came_s = waiting
+        running = self.kv_tokens() + prompt_tokens
+        cached = self.cache.join(call_id, blocks, block_tokens, prompt_tokens, running)
         self.stall_until_s = max(self.stall_until_s, now_s) + prefill_s(
-            self.gpu, self.model, prompt_tokens
+            self.gpu, self.model, prompt_tokens - cached
         )
         self._tie += 1
         heapq.heappush(self._active, (self.k + max(1, output_tokens), self._tie, call_id))
-        self._info[call_id] = (prompt_tokens, self.k, now_s)
+        self._info[call_id] = (prompt_tokens, self.k, self.stall_until_s - came_s)
         self._ctx0 += prompt_tokens - self.k
 
     def next_event_s(self) -> float:
@@ -166,13 +221,14 @@ class LlmServer:
         done: list[Finished] = []
         while self._active and self._active[0][0] <= self.k + 1e-9:
             _, _, call_id = heapq.heappop(self._active)
-            prompt, joined_k, _ = self._info.pop(call_id)
+            prompt, joined_k, ttft_s = self._info.pop(call_id)
             self._ctx0 -= prompt - joined_k
-            done.append(Finished(call_id, None))
+            self.cache.leave(call_id)
+            done.append(Finished(call_id, ttft_s))
         if not self._info:
             self._ctx0 = 0.0  # no float drift carried into the next busy period
         while self._waiting and len(self._info) < self.slots:
-            self._join(*self._waiting.pop(0), now_s)
+            self._join(self._waiting.pop(0), now_s)
         return done
 
     def cancel(self, call_id: str, now_s: float) -> None:
@@ -181,6 +237,7 @@ class LlmServer:
         info = self._info.pop(call_id, None)
         if info is not None:
             self._ctx0 -= info[0] - info[1]
+            self.cache.leave(call_id)
             self._active = [e for e in self._active if e[2] != call_id]
             heapq.heapify(self._active)
 

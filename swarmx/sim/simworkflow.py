@@ -1,10 +1,11 @@
 """What the simulator runs: workflows with their arrival times, and the truth about each call
 (how many tokens it really outputs, how long a tool really takes), which policies never see;
-and the measures of a workload that generators and traces share (`critical_path_s`,
-`describe`)."""
+the prompt blocks a replayed agent's calls share (`AgentBlocks`, `BlockChains`); and the
+measures of a workload that generators and traces share (`critical_path_s`, `describe`)."""
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,18 @@ VISION_MODEL = "vit-l"
 
 
 @dataclass(frozen=True)
+class AgentBlocks:
+    """The prompt blocks of a replayed agent's call, made up when it is submitted: a trace that
+    records only how many leading blocks each call shares with its agent's previous one. Its
+    ``total`` blocks are the previous call's first ``shared``, then fresh ones."""
+
+    agent: str
+    """Unique within its workflow."""
+    total: int
+    shared: int
+
+
+@dataclass(frozen=True)
 class CallTruth:
     """What only the world knows about one call instance, before it runs."""
 
@@ -34,6 +47,14 @@ class CallTruth:
     output: str = ""
     """Text the workflow engine sees as the step's output; a dynamic fan-out's source step lists
     one item per line here, which is how the agent's call structure depends on the prompt."""
+    prefix_blocks: tuple[int, ...] = ()
+    """The prompt's prefix-cache block ids where the workload records them (Mooncake's hash ids,
+    a trace's ``prefix_blocks``): visible to policies, as the prompt is. Otherwise the
+    simulator hashes the prompt text (`swarmx.sched.prefix.block_hashes`)."""
+    block_tokens: int = 0
+    """Tokens per block of ``prefix_blocks`` or ``agent_blocks``."""
+    agent_blocks: AgentBlocks | None = None
+    """Blocks made up at submission instead (`BlockChains`)."""
 
 
 Truth = dict[tuple[str, int | None], CallTruth]
@@ -51,6 +72,33 @@ class SimWorkflow:
     does not start before it was recorded to arrive, nor before its dependencies finish)."""
     name: str = ""
     """Workload class (``codegen``, ``azure-conv``, ...) for per-class results."""
+    think_s: dict[str, float] = field(default_factory=dict)
+    """Per step id, how long after its dependencies finish the call is released (a replayed
+    agent's think and tool time between its calls)."""
+
+
+class BlockChains:
+    """Makes up the blocks of `AgentBlocks` calls as they are submitted, from their agent's
+    previous call's: only each running agent's last list is held (a long session's calls
+    carry over a thousand blocks each). Fresh ids are unique across agents and workflows."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, dict[str, list[int]]] = {}
+        """workflow id -> agent -> the blocks of its last call."""
+        self._fresh = itertools.count()
+
+    def blocks(self, workflow_id: str, made: AgentBlocks) -> list[int]:
+        agents = self._last.setdefault(workflow_id, {})
+        prev = agents.get(made.agent, [])
+        shared = min(made.shared, made.total, len(prev))
+        out = prev[:shared]
+        out.extend(itertools.islice(self._fresh, made.total - shared))
+        agents[made.agent] = out
+        return out
+
+    def forget(self, workflow_id: str) -> None:
+        """The workflow ended: its agents' blocks are no longer needed."""
+        self._last.pop(workflow_id, None)
 
 
 # --- unloaded critical path -------------------------------------------------------------------
@@ -84,7 +132,8 @@ def critical_path_s(wf: SimWorkflow, gpu: str = "A100") -> float:
     for (step_id, _), t in wf.truth.items():
         by_step.setdefault(step_id, []).append(t)
     for step in wf.spec.steps:  # topological order
-        start = max([wf.release_s.get(step.id, 0.0), *(finish[d] for d in step.after)])
+        ready = max((finish[d] for d in step.after), default=0.0) + wf.think_s.get(step.id, 0.0)
+        start = max(wf.release_s.get(step.id, 0.0), ready)
         truths = by_step.get(step.id, [])
         finish[step.id] = start + max((call_s(step, t, gpu) for t in truths), default=0.0)
     return max(finish.values(), default=0.0)

@@ -143,6 +143,20 @@ def test_stream_with_usage():
     assert outcome.ok
     assert outcome.output == "Hello"
     assert (outcome.prompt_tokens, outcome.output_tokens, outcome.ttft_s) == (9, 2, 0.5)
+    assert outcome.cached_tokens is None  # the server did not say
+
+
+def test_cached_prompt_tokens_are_read_from_the_usage_details() -> None:
+    usage = {
+        "prompt_tokens": 900,
+        "completion_tokens": 1,
+        "prompt_tokens_details": {"cached_tokens": 768},
+    }
+    stream = ChatStream()
+    stream.feed(json.dumps({"choices": [{"delta": {"content": "x"}, "finish_reason": "stop"}]}))
+    stream.feed(json.dumps({"choices": [], "usage": usage}))
+    outcome = stream.outcome("p", ttft_s=0.1)
+    assert (outcome.prompt_tokens, outcome.cached_tokens) == (900, 768)
 
 
 def test_completions_stream_folds_its_text() -> None:

@@ -100,6 +100,8 @@ def replica(n: NodeView, actual95: float, pred95: float) -> ReplicaStats:
         actual_s={"0.5": 1.2, "0.95": actual95},
         pred_s={"0.5": 1.3, "0.95": pred95},
         covered={"0.5": 0.52, "0.95": 0.93},
+        prefix_hit=0.61 if n.name.endswith("2") else None,
+        prefix_hit_est=0.4,
     )
 
 
@@ -185,8 +187,9 @@ def test_a_small_cluster_fits_80x24_on_every_pane():
     assert "gpu-node-001 down" in seen["nodes"]
     assert "0 H100 50% 61/80G 412W 67C" in seen["nodes"]
     replicas = seen["replicas"]
-    assert "P50  PRED   P95  PRED COV95" in replicas
-    assert "llama-8b gpu-node-002 0 2 30/32 1.20s 1.30s 5.00s 6.00s   93%" in replicas
+    assert "P50  PRED   P95  PRED COV95  HIT" in replicas
+    assert "llama-8b gpu-node-002 0 2 30/32 1.20s 1.30s 5.00s 6.00s   93%  61%" in replicas
+    assert "llama-8b gpu-node-001 0 2 30/32 1.20s 1.30s 7.00s 6.00s   93%  40%" in replicas
     workflows = seen["workflows"]
     assert "wf-run0000  research running" in workflows
     assert "rows 1-" in workflows  # 31 workflows do not fit: paged

@@ -1,6 +1,8 @@
 """What the scheduler knows of a call: its session's turn and previous prompt, tokens estimated
 on the model's own scale, and the bounded memory of forecasts for the step views."""
 
+import dataclasses
+
 from swarmx.daemon.features import CallFeatures, Inflight
 from swarmx.daemon.views import MAX_REMEMBERED_PREDS, WorkflowViews
 from swarmx.protocol import Result
@@ -36,14 +38,19 @@ def test_tokens_are_estimated_at_the_bytes_per_token_the_model_reported():
     assert f.query(call("w", "t", "sleep 1", kind="tool")).prompt_tokens == 0
 
 
-def test_a_trace_carries_the_prompts_block_hashes():
+def test_a_trace_carries_the_calls_prefix_blocks_and_what_was_cached():
     f = CallFeatures({}, None, {})
     prompt = "You are a careful planner. " * 40  # 1,040 bytes: four whole blocks
-    rec = f.trace(_inflight(call("w", "a", prompt)), _result())
+    c = dataclasses.replace(
+        call("w", "a", prompt), prefix_blocks=block_hashes(prompt), block_tokens=BLOCK_TOKENS
+    )
+    inflight = dataclasses.replace(_inflight(c), cached_est=128)
+    rec = f.trace(inflight, Result("c", "n/lm#0", True, "ok", "", 0.0, 1.0, None, 10, 3, 192))
     assert rec.prefix_blocks == block_hashes(prompt)
     assert (len(rec.prefix_blocks), rec.block_tokens) == (4, BLOCK_TOKENS)
-    tool = f.trace(_inflight(call("w", "t", "cat " + prompt, kind="tool")), _result())
-    assert (tool.prefix_blocks, tool.block_tokens) == ([], 0)
+    assert (rec.cached_tokens, rec.cached_tokens_est) == (192, 128)
+    plain = f.trace(_inflight(call("w", "b", prompt)), _result())
+    assert (plain.prefix_blocks, plain.cached_tokens, plain.cached_tokens_est) == ([], None, None)
 
 
 def test_views_remember_the_latest_forecasts_only():

@@ -11,7 +11,7 @@ import pytest
 
 from swarmx.clock import ManualClock
 from swarmx.cluster import NodeTable
-from swarmx.daemon.observe import REPLICAS_PER_STEP, Observer, Recent
+from swarmx.daemon.observe import REPLICAS_PER_STEP, Observer, PrefixHits, Recent
 from swarmx.daemon.scaling import Decision
 from swarmx.daemon.workflows import WorkflowService
 from swarmx.metrics import SchedulerMetrics
@@ -29,6 +29,7 @@ from swarmx.protocol import (
 )
 from swarmx.sched.router import LeastOutstanding
 from swarmx.store import Store
+from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
 from tests.unit.test_protocol import HOST
 
 FAN = """
@@ -262,3 +263,30 @@ def test_a_snapshot_of_many_replicas_lets_the_loop_run_between_them(tmp_path):
     top, ran = asyncio.run(main())
     assert len(top.replicas) == 2 * REPLICAS_PER_STEP + 1
     assert ran >= 2
+
+
+def test_prefix_hits_are_shares_of_prompt_tokens_each_over_the_calls_that_have_the_figure():
+    hits = PrefixHits()
+    assert hits.rates() == (None, None)
+    base = dict(ts=0.0, workflow="w", step="s", deps=[], model="lm", prompt="p", max_tokens=8)
+    more = dict(output_tokens=1, latency_s=1.0, queue_s=0.0, ttft_s=None, node="n", replica="r")
+    dev = dict(device=DeviceAtDispatch("cpu", 0, 0, 0), runtime=RuntimeAtDispatch(0, 0))
+
+    def rec(prompt: int, cached: int | None, est: int | None, kind: str = "llm") -> TraceRecord:
+        return TraceRecord(
+            kind=kind,
+            prompt_tokens=prompt,
+            cached_tokens=cached,
+            cached_tokens_est=est,
+            **base,  # type: ignore[arg-type]
+            **more,  # type: ignore[arg-type]
+            **dev,  # type: ignore[arg-type]
+        )
+
+    hits.add(rec(1000, 750, 512))
+    hits.add(rec(1000, None, 0))  # the engine did not say: only the estimate counts it
+    hits.add(rec(500, 0, None))
+    hits.add(rec(0, None, None, kind="tool"))  # tools have no prompt cache
+    reported, expected = hits.rates()
+    assert reported == pytest.approx(750 / 1500)
+    assert expected == pytest.approx(512 / 2000)
