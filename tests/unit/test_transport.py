@@ -8,10 +8,11 @@ transport leaves open fails it. Waits have generous deadlines; nothing asserts h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -24,6 +25,7 @@ from swarmx.transport import (
     ClientCurve,
     DealerChannel,
     KeyPair,
+    RouterChannel,
     ServerCurve,
     TransportError,
     bind_router,
@@ -61,6 +63,22 @@ async def send_when_connected(dealer: DealerChannel, body: Heartbeat) -> int:
         assert time.monotonic() < deadline, "the dealer never connected"
         await asyncio.sleep(0.005)
     return seq
+
+
+@contextlib.asynccontextmanager
+async def connected() -> AsyncIterator[tuple[RouterChannel, DealerChannel, bytes]]:
+    """A router and a dealer connected to it, with the dealer's routing id; closed after."""
+    clock = ManualClock()
+    router = bind_router(LOOPBACK, "scheduler", clock)
+    dealer = connect_dealer(router.endpoint, "node-a", clock)
+    try:
+        await send_when_connected(dealer, Heartbeat(uptime_s=0.0))
+        first = await within(router.recv())
+        assert first is not None
+        yield router, dealer, first[0]
+    finally:
+        dealer.close()
+        router.close()
 
 
 def unused_url() -> str:
@@ -105,17 +123,10 @@ def test_frames_arriving_while_both_sides_send_wake_the_waiting_receive():
     """ZeroMQ's fd is edge-triggered, and a send can take the signal of a frame that came in
     meanwhile. Both sides keep sending while a receive waits on each: every frame still
     arrives, and a receive with nothing to read does not spin the loop."""
-    clock = ManualClock()
     rounds = 300
 
     async def main() -> None:
-        router = bind_router(LOOPBACK, "scheduler", clock)
-        dealer = connect_dealer(router.endpoint, "node-a", clock)
-        try:
-            await send_when_connected(dealer, Heartbeat(uptime_s=0.0))
-            first = await within(router.recv())
-            assert first is not None
-            peer = first[0]
+        async with connected() as (router, dealer, peer):
 
             async def echo() -> None:
                 for _ in range(rounds):
@@ -144,9 +155,6 @@ def test_frames_arriving_while_both_sides_send_wake_the_waiting_receive():
             await asyncio.sleep(0.2)
             assert time.process_time() - cpu < 0.1  # waiting on the fd, not polling it
             idle.cancel()
-        finally:
-            dealer.close()
-            router.close()
 
     asyncio.run(main())
 
@@ -155,27 +163,18 @@ def test_a_send_that_takes_the_signal_of_a_frame_come_in_still_wakes_the_receive
     """The hazard itself, made to happen: a frame reaches the dealer while its loop is busy, and
     the dealer sends before the loop looks at the fd; that send takes the fd's signal, so only
     the send's own look at the socket's events can wake the receive waiting meanwhile."""
-    clock = ManualClock()
 
     async def main() -> None:
-        router = bind_router(LOOPBACK, "scheduler", clock)
-        dealer = connect_dealer(router.endpoint, "node-a", clock)
-        try:
-            await send_when_connected(dealer, Heartbeat(uptime_s=0.0))
-            first = await within(router.recv())
-            assert first is not None
+        async with connected() as (router, dealer, peer):
             for i in range(20):
                 waiting = asyncio.create_task(dealer.recv())
                 await asyncio.sleep(0.01)  # the receive waits on the fd
-                assert await router.send(first[0], Ack(ref_seq=i + 1))
+                assert await router.send(peer, Ack(ref_seq=i + 1))
                 time.sleep(0.02)  # the loop is busy: the frame arrives, its signal unread
                 assert await dealer.send(Heartbeat(uptime_s=float(i))) is not None
                 reply = await within(waiting)
                 assert reply.body == Ack(ref_seq=i + 1)
                 assert await within(router.recv()) is not None
-        finally:
-            dealer.close()
-            router.close()
 
     asyncio.run(main())
 
