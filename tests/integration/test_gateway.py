@@ -182,6 +182,43 @@ def test_the_embedded_torch_lm_answers_through_the_gateway(procs):
     assert [r["output_tokens"] for r in rows] == [usage.completion_tokens] * 2
 
 
+def test_an_agent_sessions_turns_follow_their_prefix_to_the_replica_holding_it(procs):
+    """Two torch replicas behind the prefix-affinity router: each turn of a session re-sends
+    the turns before, so every later turn lands on the replica that ran the first, whose
+    prefix cache serves the shared blocks (the engine says how many), as the scheduler's
+    index expected; `swarmx top` shows that replica's hit rate."""
+    procs.config.write_text(
+        "[node]\nheartbeat_interval_s = 0.2\ntelemetry_interval_s = 0.2\ntool_slots = 0\n"
+        '[[node.replicas]]\nmodel = "tiny-lm"\nbackend = "torch"\ncount = 2\nconcurrency = 2\n'
+        '[router]\npolicy = "prefix_affinity"\n'
+    )
+    endpoint = cluster(procs)
+
+    def replicas() -> int:
+        tel = procs.nodes(endpoint)["alpha"]["telemetry"]
+        return 0 if tel is None else len(tel["replicas"])
+
+    wait_for(lambda: replicas() == 2, what="two replicas")
+    oa = client(procs.gateway(endpoint), default_headers={"X-SwarmX-Session": "coder"})
+    system = "You are a careful coding agent. Read the task, plan, then answer briefly. " * 8
+    messages: list[dict] = [{"role": "system", "content": system}]
+    for turn in range(3):
+        messages.append({"role": "user", "content": f"Step {turn}: what next?"})
+        answer = oa.chat.completions.create(model="tiny-lm", messages=messages, max_tokens=8)
+        messages.append({"role": "assistant", "content": answer.choices[0].message.content or ""})
+    rows = traces(procs, endpoint)
+    assert [r["turn"] for r in rows] == [0, 1, 2]
+    assert all(len(r["prefix_blocks"]) >= 2 and r["block_tokens"] == 64 for r in rows)
+    assert {r["replica"] for r in rows} == {rows[0]["replica"]}  # the prefix's holder
+    assert rows[0]["cached_tokens"] == 0 and rows[0]["cached_tokens_est"] == 0
+    for later in rows[1:]:
+        assert later["cached_tokens_est"] >= 2 * 64  # the index expected the first blocks...
+        assert later["cached_tokens"] >= 2 * 256  # ...and the engine served them (byte tokens)
+    top = json.loads(procs.cli("top", "--json", "--scheduler", endpoint).stdout)
+    [holder] = [r for r in top["replicas"] if r["replica"] == rows[0]["replica"]]
+    assert holder["prefix_hit"] > 0
+
+
 def test_off_loopback_it_serves_https_or_refuses_to_start(procs):
     refused = procs.cli("gateway", "--listen", "http://0.0.0.0:0", check=False)
     assert refused.returncode == 2
