@@ -82,8 +82,9 @@ class TraceRecord:
     (`swarmx.sched.prefix`): two calls share their first k blocks exactly when their first k
     ids are equal. Empty where unknown (tool calls, traces without them)."""
     block_tokens: int = 0
-    """Tokens per block of ``prefix_blocks``: 64 for SwarmX's own (256 bytes of the prompt's
-    UTF-8, an estimate without the engine's tokenizer), 512 for Mooncake's ``hash_ids``."""
+    """Tokens per block of ``prefix_blocks``: for SwarmX's own (256 bytes of the prompt's UTF-8)
+    the model's tokens in 256 bytes as its server's counts have shown so far (64 at the start,
+    256 for the byte-level torch LM), 512 for Mooncake's ``hash_ids``."""
     cached_tokens: int | None = None
     """Prompt tokens the engine served from its prefix cache instead of prefilling them, as it
     reported; None where it does not say."""

@@ -13,6 +13,7 @@ from swarmx.models.dist import LatencyDist
 from swarmx.models.online import OnlineLearner
 from swarmx.models.query import Query, SessionContext
 from swarmx.protocol import Result
+from swarmx.sched.prefix import BLOCK_BYTES
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
 from swarmx.workflow.engine import CallSpec, WorkflowRun
 
@@ -177,6 +178,12 @@ class CallFeatures:
         self._last_prompt.pop(workflow_id, None)
         if self._learner is not None:
             self._learner.sessions.forget(self._session_id(workflow_id))
+
+    def tokens_per_block(self, model: str) -> int:
+        """Tokens in one prefix block (`BLOCK_BYTES` of prompt) on ``model``'s own scale, from the
+        bytes per token its server reported (4 until it has): cached-token estimates then read
+        in the same tokens as the engine's counts (the torch LM's tokens are bytes)."""
+        return max(1, round(BLOCK_BYTES / self._bytes_per_token.get(model, 4.0)))
 
     def _estimate_tokens(self, call: CallSpec) -> int:
         if call.kind == "tool":

@@ -54,7 +54,7 @@ from swarmx.protocol import (
 )
 from swarmx.sched.dispatch import TOOL_POOL, Assign, Dispatcher, QueueOrder, Ticket
 from swarmx.sched.outlook import Outlook
-from swarmx.sched.prefix import BLOCK_TOKENS, block_hashes
+from swarmx.sched.prefix import block_hashes
 from swarmx.sched.router import ReplicaView, Router
 from swarmx.store import Store, WorkflowRow
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
@@ -670,7 +670,8 @@ class WorkflowService:
         if call.kind == "llm" and call.prompt and not call.prefix_blocks:
             blocks = block_hashes(call.prompt)
             if blocks:
-                call = dataclasses.replace(call, prefix_blocks=blocks, block_tokens=BLOCK_TOKENS)
+                per = self.features.tokens_per_block(call.model)
+                call = dataclasses.replace(call, prefix_blocks=blocks, block_tokens=per)
                 ticket = dataclasses.replace(ticket, call=call)
         self._ready_ts[call.call_id] = now
         await self.send_all(self.dispatcher.submit(ticket, now))

@@ -208,12 +208,15 @@ def test_an_agent_sessions_turns_follow_their_prefix_to_the_replica_holding_it(p
         messages.append({"role": "assistant", "content": answer.choices[0].message.content or ""})
     rows = traces(procs, endpoint)
     assert [r["turn"] for r in rows] == [0, 1, 2]
-    assert all(len(r["prefix_blocks"]) >= 2 and r["block_tokens"] == 64 for r in rows)
+    assert all(len(r["prefix_blocks"]) >= 2 for r in rows)
+    # a block is 256 bytes: 64 tokens until the model's counts show its tokens are bytes
+    assert [r["block_tokens"] for r in rows] == [64, 256, 256]
     assert {r["replica"] for r in rows} == {rows[0]["replica"]}  # the prefix's holder
     assert rows[0]["cached_tokens"] == 0 and rows[0]["cached_tokens_est"] == 0
     for later in rows[1:]:
-        assert later["cached_tokens_est"] >= 2 * 64  # the index expected the first blocks...
-        assert later["cached_tokens"] >= 2 * 256  # ...and the engine served them (byte tokens)
+        assert later["cached_tokens_est"] >= 2 * 256  # the index expected the first blocks...
+        assert later["cached_tokens"] >= later["cached_tokens_est"] - 1  # ...the engine served
+        # them (less the prompt's last token, always fed again, when it ends a block)
     top = json.loads(procs.cli("top", "--json", "--scheduler", endpoint).stdout)
     [holder] = [r for r in top["replicas"] if r["replica"] == rows[0]["replica"]]
     assert holder["prefix_hit"] > 0
