@@ -74,9 +74,13 @@ class PerPlacement:
         raise NotImplementedError
 
     def predict_candidates(
-        self, query: Query, candidates: Sequence[Candidate]
+        self,
+        query: Query,
+        candidates: Sequence[Candidate],
+        cached_tokens: Sequence[int] | None = None,
     ) -> list[LatencyDist]:
-        return self.predict([place(query, c) for c in candidates])
+        cached = cached_tokens if cached_tokens is not None else [0] * len(candidates)
+        return self.predict([place(query, c, n) for c, n in zip(candidates, cached, strict=True)])
 
 
 class BaselineType(Protocol):

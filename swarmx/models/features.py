@@ -26,8 +26,10 @@ from swarmx.models.query import Candidate, Query, place_of
 
 CALL_FEATURES = 17
 """Numeric call features (`_call_row`), before the novelty and the input-kind columns."""
-PLACE_FEATURES = 5
-"""Numeric placement features: gpu_util, gpu_mem_frac, cpu_util, log1p inflight, log1p queue."""
+PLACE_FEATURES = 6
+"""Numeric placement features: gpu_util, gpu_mem_frac, cpu_util, log1p inflight, log1p queue,
+log1p cached prompt tokens (model files from before the last one read the first 5:
+`FeatureConfig.place_features`)."""
 
 _WORD = re.compile(r"\w+")
 
@@ -64,6 +66,9 @@ class FeatureConfig:
     """Ensemble std times the level's normal score is added to the members' mean quantile."""
     load_edges: tuple[int, ...] = (1, 3, 8)
     """Conformal load buckets by inflight + queue_depth: 0, 1-2, 3-7, 8+."""
+    place_features: int = PLACE_FEATURES
+    """Placement columns the model reads: the first this many of `PLACE_FEATURES` (5 in files
+    from before cached prompt tokens were one: `swarmx.models.modelfile.load`)."""
     min_bucket_calls: int = 50
     """A load bucket with fewer calibration calls uses the global shift."""
 
@@ -145,16 +150,24 @@ def _call_row(q: Query, has_text: bool) -> list[float]:
     ]
 
 
-def _place_raw(places: Sequence[Candidate]) -> tuple[Tensor, Tensor]:
-    """[N, 5] unstandardised placement features and each placement's load (inflight + queue)."""
+def _place_raw(
+    places: Sequence[Candidate], cached_tokens: Sequence[int] | None = None
+) -> tuple[Tensor, Tensor]:
+    """[N, PLACE_FEATURES] unstandardised placement features and each placement's load
+    (inflight + queue); ``cached_tokens`` (aligned with ``places``; none: 0) is the last."""
     if not places:
         return torch.zeros(0, PLACE_FEATURES), torch.zeros(0)
-    columns = itertools.chain.from_iterable(list(zip(*places, strict=True))[1:])
+    cached = cached_tokens if cached_tokens is not None else itertools.repeat(0, len(places))
+    columns = itertools.chain(*list(zip(*places, strict=True))[1:], cached)
     flat = array.array("f", columns)
     raw = torch.frombuffer(flat, dtype=torch.float32).view(PLACE_FEATURES, -1).t()
     counts = raw[:, 3:].clamp(min=0)
     raw[:, 3:] = torch.log1p(counts)
-    return raw, counts.sum(1)
+    return raw, counts[:, :2].sum(1)
+
+
+def _places_of(queries: Sequence[Query]) -> tuple[Tensor, Tensor]:
+    return _place_raw([place_of(q) for q in queries], [q.cached_tokens for q in queries])
 
 
 def _standardise(raw: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -278,7 +291,7 @@ class Encoder:
         call_mean, call_std = _moments(
             torch.tensor([_call_row(q, bool(g)) for q, g in zip(queries, grams, strict=True)])
         )
-        place_mean, place_std = _moments(_place_raw([place_of(q) for q in queries])[0])
+        place_mean, place_std = _moments(_places_of(queries)[0][:, : cfg.place_features])
         norm = {"call_mean": call_mean, "call_std": call_std}
         norm |= {"place_mean": place_mean, "place_std": place_std}
         seen = torch.zeros(cfg.hash_buckets, dtype=torch.bool)
@@ -359,8 +372,11 @@ class Encoder:
             novelty=floats[:, CALL_FEATURES],
         )
 
-    def encode_places(self, places: Sequence[Candidate]) -> Places:
-        raw, load = _place_raw(places)
+    def encode_places(
+        self, places: Sequence[Candidate], cached_tokens: Sequence[int] | None = None
+    ) -> Places:
+        raw, load = _place_raw(places, cached_tokens)
+        raw = raw[:, : self.cfg.place_features]
         return Places(
             gpu=longs([self._gpus.get(c[0], 0) for c in places]),
             num=_standardise(raw, self.norm["place_mean"], self.norm["place_std"]),
@@ -368,4 +384,6 @@ class Encoder:
         )
 
     def encode(self, queries: Sequence[Query]) -> tuple[Calls, Places]:
-        return self.encode_calls(queries), self.encode_places([place_of(q) for q in queries])
+        return self.encode_calls(queries), self.encode_places(
+            [place_of(q) for q in queries], [q.cached_tokens for q in queries]
+        )

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from swarmx.models.features import CALL_FEATURES, PLACE_FEATURES, Calls, FeatureConfig, Vocab
+from swarmx.models.features import CALL_FEATURES, Calls, FeatureConfig, Vocab
 
 
 def _uniform(*shape: int, fan_in: int, gen: torch.Generator | None) -> nn.Parameter:
@@ -79,7 +79,8 @@ class QuantileNet(nn.Module):
         self.inputs = uniform(n_inputs, e * h, fan_in=n_in)  # multi-hot rows, likewise
         self.w1, self.b1 = uniform(e, n_in, h, fan_in=n_in), uniform(e, 1, h, fan_in=n_in)
         self.w2, self.b2 = uniform(e, h, h, fan_in=h), uniform(e, 1, h, fan_in=h)
-        self.wp = uniform(e, s + PLACE_FEATURES, h, fan_in=s + PLACE_FEATURES)
+        p = cfg.place_features
+        self.wp = uniform(e, s + p, h, fan_in=s + p)
         g = cfg.head_hidden
         self.w3, self.b3 = uniform(e, h, g, fan_in=h), uniform(e, 1, g, fan_in=h)
         self.w4, self.b4 = uniform(e, g, k, fan_in=g), uniform(e, 1, k, fan_in=g)

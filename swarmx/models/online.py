@@ -103,9 +103,13 @@ class Predictor(Protocol):
     def predict(self, queries: Sequence[Query]) -> list[LatencyDist]: ...
 
     def predict_candidates(
-        self, query: Query, candidates: Sequence[Candidate]
+        self,
+        query: Query,
+        candidates: Sequence[Candidate],
+        cached_tokens: Sequence[int] | None = None,
     ) -> list[LatencyDist]:
-        """``query`` on each placement: a routing decision's forecasts."""
+        """``query`` on each placement, holding ``cached_tokens`` of its prompt there: a
+        routing decision's forecasts."""
         ...
 
 
@@ -204,9 +208,12 @@ class _Served:
         return _apply_shift(self.model.predict(queries), self.shift)
 
     def predict_candidates(
-        self, query: Query, candidates: Sequence[Candidate]
+        self,
+        query: Query,
+        candidates: Sequence[Candidate],
+        cached_tokens: Sequence[int] | None = None,
     ) -> list[LatencyDist]:
-        dists = self.model.predict_candidates(query, candidates)
+        dists = self.model.predict_candidates(query, candidates, cached_tokens)
         return _apply_shift(dists, self.shift)
 
 
@@ -276,10 +283,13 @@ class OnlineLearner:
         return self._shifted(self.live.predict(queries))
 
     def forecast_candidates(
-        self, query: Query, candidates: Sequence[Candidate]
+        self,
+        query: Query,
+        candidates: Sequence[Candidate],
+        cached_tokens: Sequence[int] | None = None,
     ) -> list[LatencyDist]:
         """``query`` on each placement, as the live model (and calibration monitor) see it."""
-        return self._shifted(self.live.predict_candidates(query, candidates))
+        return self._shifted(self.live.predict_candidates(query, candidates, cached_tokens))
 
     def _shifted(self, dists: list[LatencyDist]) -> list[LatencyDist]:
         return _apply_shift(dists, self.shift) if self.shift else dists

@@ -178,14 +178,18 @@ class QuantilePredictor:
         return self._dists(self.predict_log(queries))
 
     def predict_candidates(
-        self, query: Query, candidates: Sequence[Candidate]
+        self,
+        query: Query,
+        candidates: Sequence[Candidate],
+        cached_tokens: Sequence[int] | None = None,
     ) -> list[LatencyDist]:
         """``query`` placed on each candidate (gpu, gpu_util, gpu_mem_frac, cpu_util, inflight,
-        queue_depth): the call is encoded and run through the trunk once."""
+        queue_depth), each holding ``cached_tokens`` of its prompt (none: 0): the call is
+        encoded and run through the trunk once."""
         if not candidates:
             return []
         net = self._routing_net()
-        places = self.encoder.encode_places(candidates)
+        places = self.encoder.encode_places(candidates, cached_tokens)
         with torch.inference_mode():
             call = net.call(self.encoder.call_fields(query))
             raw = self.combine(net.head(call, places.gpu, places.num))

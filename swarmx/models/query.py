@@ -45,6 +45,9 @@ class Query:
     inflight: int = 0
     queue_depth: int = 0
     session: SessionContext = field(default_factory=SessionContext)
+    cached_tokens: int = 0
+    """Prompt tokens the placement's prefix cache holds (the engine's count in a trace, else
+    the scheduler's estimate): a placement feature, as they cut the prefill there."""
 
 
 Candidate = tuple[str, float, float, float, int, int]
@@ -56,8 +59,8 @@ def place_of(q: Query) -> Candidate:
     return (q.gpu, q.gpu_util, q.gpu_mem_frac, q.cpu_util, q.inflight, q.queue_depth)
 
 
-def place(q: Query, c: Candidate) -> Query:
-    """The query as it would be on placement ``c``."""
+def place(q: Query, c: Candidate, cached_tokens: int = 0) -> Query:
+    """The query as it would be on placement ``c``, holding ``cached_tokens`` of its prompt."""
     return dataclasses.replace(
         q,
         gpu=c[0],
@@ -66,6 +69,7 @@ def place(q: Query, c: Candidate) -> Query:
         cpu_util=c[3],
         inflight=c[4],
         queue_depth=c[5],
+        cached_tokens=cached_tokens,
     )
 
 
@@ -87,7 +91,15 @@ def query_from_record(rec: TraceRecord, ctx: SessionContext) -> Query:
         inflight=rec.runtime.inflight,
         queue_depth=rec.runtime.queue_depth,
         session=ctx,
+        cached_tokens=_cached(rec),
     )
+
+
+def _cached(rec: TraceRecord) -> int:
+    """What the engine served from its cache; where it did not say, what the index expected."""
+    if rec.cached_tokens is not None:
+        return rec.cached_tokens
+    return rec.cached_tokens_est or 0
 
 
 class SessionTracker:

@@ -16,7 +16,6 @@ from torch import Tensor
 
 from swarmx.models.features import (
     CALL_FEATURES,
-    PLACE_FEATURES,
     CallFields,
     FeatureConfig,
     longs,
@@ -65,7 +64,7 @@ class RoutingNet:
             self.num_w = w1[:, 2 * d + s :].permute(1, 0, 2).reshape(CALL_FEATURES + 1, -1)
             self.w2, self.b2 = net.w2.detach(), net.b2.detach()
             self.gpu = _projected(net.gpu.detach(), net.wp.detach()[:, :s])
-            self.place_w = net.wp.detach()[:, s:].permute(1, 0, 2).reshape(PLACE_FEATURES, -1)
+            self.place_w = net.wp.detach()[:, s:].permute(1, 0, 2).reshape(cfg.place_features, -1)
             self.w3, self.b3 = net.w3.detach(), net.b3.detach()
             self.w4, self.b4 = net.w4.detach(), net.b4.detach()
         self.members = e

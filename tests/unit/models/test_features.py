@@ -6,6 +6,7 @@ import torch
 
 from swarmx.models.features import (
     CALL_FEATURES,
+    PLACE_FEATURES,
     Encoder,
     FeatureConfig,
     ngram_buckets,
@@ -82,7 +83,12 @@ def test_place_encoding_and_load_buckets():
     encoded = enc.encode_places(places)
     assert encoded.bucket.tolist() == [0, 1, 1, 2, 2, 3, 3]  # 0, 1-2, 3-7, 8+
     assert encoded.gpu.tolist() == [2] * 7
-    assert encoded.num.shape == (7, 5)
+    assert encoded.num.shape == (7, PLACE_FEATURES)
+    # cached prompt tokens are the last column, and no part of the load
+    cached = enc.encode_places(places[:2], [0, 5000])
+    assert cached.bucket.tolist() == [0, 1]
+    assert cached.num[1, -1] > cached.num[0, -1]
+    assert torch.equal(cached.num[:, :-1], encoded.num[:2, :-1])
     calls, same = enc.encode([query(gpu="A10")])
     assert same.gpu.tolist() == [1]
     assert enc.encode_places([place_of(query(gpu="A10"))]).gpu.tolist() == [1]

@@ -246,3 +246,39 @@ def test_online_shift(trained):
     assert torch.equal(model.predict_log(q)[0, :3], base[0, :3])
     with pytest.raises(ValueError, match="no such levels"):
         model.set_online_shift({0.42: 1.0})
+
+
+def test_a_cached_prefix_shortens_the_forecast_where_it_is_held():
+    """Calls whose prefill a replica's prefix cache cut short, as the traces record: the
+    trained model forecasts the same call faster on the placement holding its prompt."""
+    rng = random.Random(4)
+    recs = []
+    for r in synth(300, seed=3, models=("large",)):
+        cached = rng.choice((0, 0, r.prompt_tokens * 9 // 10))
+        uncached = r.prompt_tokens - cached
+        latency = 0.2 + uncached / 500 * math.exp(rng.gauss(0, 0.1))  # prefill-bound calls
+        recs.append(dataclasses.replace(r, latency_s=latency, cached_tokens=cached))
+    model, _ = train(recs, CFG, seed=0, max_epochs=30, batch_size=256)
+    place = ("H100", 0.5, 0.3, 0.2, 0, 0)
+    q = query(prompt_tokens=3000)
+    cold, warm = model.predict_candidates(q, [place, place], [0, 2700])
+    assert warm.quantile(0.5) < 0.5 * cold.quantile(0.5)
+    same = model.predict_candidates(q, [place, place])  # none said: as if nothing were held
+    assert same[0].values_s == cold.values_s
+
+
+def test_a_model_file_from_before_the_cache_feature_still_loads(tmp_path):
+    """Files saved before cached tokens were a placement feature read five columns."""
+    old = FeatureConfig(levels=CFG.levels, place_features=5)
+    model, _ = train(synth(60, seed=2), old, seed=0, max_epochs=2)
+    path = tmp_path / "old.pt"
+    model.save(path)
+    contents = torch.load(path, weights_only=True)
+    del contents["config"]["place_features"]  # as the old writer left it
+    torch.save(contents, path)
+    loaded = QuantilePredictor.load(path)
+    assert loaded.cfg.place_features == 5
+    place = ("H100", 0.5, 0.3, 0.2, 1, 0)
+    a, b = loaded.predict_candidates(query(), [place, place], [0, 5000])
+    assert a.values_s == b.values_s  # the cache column is not read
+    assert a.values_s == model.predict_candidates(query(), [place])[0].values_s
