@@ -12,12 +12,12 @@ weights (Llama-3-8B shapes: 32 layers, 8 KV heads of 128 dims, so 128 KiB of KV 
   3.35 TB/s; A100 80GB SXM 312 TFLOPS, 2.04 TB/s; L40S 362 TFLOPS, 0.864 TB/s.
 
 So an H100 decodes a lone sequence at ~160 tokens/s and slows as the batch's KV cache grows: the
-batch-size dependence that makes routing matter. A replica keeps a prefix cache (`PrefixCache`) in
-the KV memory its running contexts leave free: a call whose leading prompt blocks it holds prefills
-only the rest. How many tokens a call outputs is drawn from a
-lognormal around a third of ``max_tokens``, seeded by the prompt (the same prompt always gives the
-same length), unless the caller fixes it (the simulator replays real output lengths). A call with
-a ``stream`` gets each word as an OpenAI chunk when the decode step that makes it ends.
+batch-size dependence that makes routing matter. A replica keeps a prefix cache (`PrefixCache`,
+the simulator's too) in the KV memory its running contexts leave free: a call whose leading prompt
+blocks it holds prefills only the rest. How many tokens a call outputs is drawn from a lognormal
+around a third of ``max_tokens``, seeded by the prompt (the same prompt always gives the same
+length), unless the caller fixes it (the simulator replays real output lengths). A call with a
+``stream`` gets each word as an OpenAI chunk when the decode step that makes it ends.
 """
 
 from __future__ import annotations

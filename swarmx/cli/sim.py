@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
+from swarmx.backends.emulated import GPUS, ModelProfile, kv_capacity_tokens
 from swarmx.cli.common import ConfigOpt, JsonOpt, fail, load, print_json
 from swarmx.config import RouterConfig, RouterPolicy, ScalerConfig, ScalerPolicy
 from swarmx.sched.dispatch import QueueOrder
@@ -36,15 +37,21 @@ def sim(
     trace: Annotated[
         Path | None,
         typer.Option(
-            help="Replay a trace: SwarmX trace JSONL, an Azure LLM CSV or a Mooncake JSONL.",
+            help="Replay a trace: SwarmX trace JSONL, an Azure LLM CSV, a Mooncake JSONL or a "
+            "claude-code requests.csv (sessions of agents in closed loop).",
             dir_okay=False,
         ),
     ] = None,
     workflows: Annotated[int, typer.Option(help="Workflows to generate (built-ins).")] = 2000,
-    limit: Annotated[int | None, typer.Option(help="Read at most this many trace rows.")] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(help="Replay at most this many of a trace's workflows (its first)."),
+    ] = None,
     policy: Annotated[
         RouterPolicy | None,
         typer.Option(
+            "--policy",
+            "--router",
             help="Router " + _config_default("router", "policy", RouterConfig.policy) + ".",
             show_default=False,
         ),
@@ -79,8 +86,38 @@ def sim(
         ),
     ] = None,
     rate_scale: Annotated[
-        float, typer.Option(help="Multiply the arrival rate (after --load).")
+        float,
+        typer.Option(
+            help="Multiply the arrival rate (after --load); in a claude-code replay, divide the "
+            "agents' think times and sub-agents' start offsets instead."
+        ),
     ] = 1.0,
+    sessions: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Run this many workflows (a claude-code trace's sessions) at once, the next "
+            "starting as one ends, instead of at their arrival times "
+            + _default("all at once for claude-code, else as they arrive")
+            + ".",
+            show_default=False,
+        ),
+    ] = None,
+    kv_cache_tokens: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="KV-cache tokens of an LLM replica, its prefix cache's room beside its running "
+            "contexts "
+            + _default(
+                "from the GPU's memory: 90% less the 16 GB of weights, at 128 KiB a token: "
+                f"{kv_capacity_tokens(GPUS['A100'], ModelProfile()):,} on an A100 or H100, "
+                f"{kv_capacity_tokens(GPUS['L40S'], ModelProfile()):,} on an L40S"
+            )
+            + ".",
+            show_default=False,
+        ),
+    ] = None,
     slo_s: Annotated[
         float | None, typer.Option(help="SLO for workflows without one (seconds).")
     ] = None,
@@ -88,7 +125,8 @@ def sim(
         str,
         typer.Option(
             help="Forecasts for policies: a model file, oracle, constant, shuffled or noisy:SIGMA "
-            "(MODEL:noload drops load features, MODEL:point keeps only the median)."
+            "(MODEL:noload drops load features, MODEL:point keeps only the median; oracle, "
+            "shuffled and noisy:SIGMA with :nocache ignore the replicas' prefix caches)."
         ),
     ] = "oracle",
     slots: Annotated[int, typer.Option(help="Sequences an LLM replica batches.")] = 32,
@@ -114,6 +152,7 @@ def sim(
     from swarmx.sched.router import make_router
     from swarmx.sched.scaler import make_scaler
     from swarmx.sim.engine import SimConfig, Simulation, offered_load, summary
+    from swarmx.sim.importers import detect_format
     from swarmx.traces import TraceRecord, write_traces
 
     cfg = load(config)
@@ -130,18 +169,18 @@ def sim(
             policy, seed=seed, level=level, kv_overlap_weight=cfg.router.kv_overlap_weight
         )
         scale = make_scaler(scaler, **(cfg.scaler.options if scaler == cfg.scaler.policy else {}))
+        agents = trace is not None and detect_format(trace) == "claude-code"
         wfs = _workflows(workload, trace, workflows, limit, slo_s, seed)
     except (ValueError, OSError) as exc:
         fail(str(exc))
     if not wfs:
         fail("the workload has no workflows")
-    if load_ is None and trace is None:
+    closed = agents or sessions is not None  # no arrival rate: workflows start as others end
+    if closed and load_ is not None:
+        fail("--load sets arrival rates: a closed loop (--sessions, claude-code) has none")
+    if load_ is None and trace is None and not closed:
         load_ = 0.7
-    stretch = 1.0 / rate_scale
-    if load_ is not None:
-        stretch *= offered_load(wfs, replicas, slots) / load_
-    t0 = wfs[0].arrival_s
-    wfs = [dataclasses.replace(w, arrival_s=(w.arrival_s - t0) * stretch) for w in wfs]
+    wfs = _on_clock(wfs, agents, load_, rate_scale, replicas, slots)
     sim_cfg = SimConfig(
         replicas=replicas,
         max_replicas=max_replicas,
@@ -150,6 +189,8 @@ def sim(
         startup_s=startup_s,
         slo_s=slo_s,
         seed=seed,
+        kv_cache_tokens=kv_cache_tokens,
+        sessions=sessions,
     )
     recorded: list[TraceRecord] = []
     try:
@@ -177,7 +218,8 @@ def sim(
         "gpu": gpu,
         "predictor": predictor,
         "workload": workload or str(trace),
-        "load": offered_load(wfs, replicas, slots),
+        "load": None if closed else offered_load(wfs, replicas, slots),
+        "sessions": sessions,
         **summary(result),
         "wall_s": wall,
         "calls_per_wall_s": result.calls / wall if wall > 0 else None,
@@ -185,13 +227,42 @@ def sim(
     if json_:
         print_json(data)
         return
-    for key in ("workflow_latency_s", "call_latency_s"):
+    for key in ("workflow_latency_s", "call_latency_s", "ttft_s"):
         figures = data.pop(key)
         data[key.removesuffix("_s")] = "  ".join(f"{k} {v:.2f}s" for k, v in figures.items())
     width = max(map(len, data))
     for key, value in data.items():
         shown = f"{value:.3f}" if isinstance(value, float) else value
         typer.echo(f"{key:<{width}}  {shown}")
+
+
+def _on_clock(
+    wfs: list[SimWorkflow],
+    agents: bool,
+    load: float | None,
+    rate_scale: float,
+    replicas: int,
+    slots: int,
+) -> list[SimWorkflow]:
+    """The workflows on the run's clock: in a claude-code replay the agents' think times and
+    start offsets over ``rate_scale``; otherwise the arrivals from 0, stretched to ``load`` and
+    by ``rate_scale``."""
+    from swarmx.sim.engine import offered_load
+
+    if agents:
+        return [
+            dataclasses.replace(
+                w,
+                release_s={k: v / rate_scale for k, v in w.release_s.items()},
+                think_s={k: v / rate_scale for k, v in w.think_s.items()},
+            )
+            for w in wfs
+        ]
+    stretch = 1.0 / rate_scale
+    if load is not None:
+        stretch *= offered_load(wfs, replicas, slots) / load
+    t0 = wfs[0].arrival_s
+    return [dataclasses.replace(w, arrival_s=(w.arrival_s - t0) * stretch) for w in wfs]
 
 
 def _workflows(

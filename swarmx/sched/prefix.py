@@ -97,9 +97,10 @@ class PrefixIndex:
                 blocks.move_to_end(h)
             else:
                 blocks[h] = None
-        while len(blocks) > self.capacity_blocks:
+        excess = len(blocks) - self.capacity_blocks
+        for _ in range(excess):
             blocks.popitem(last=False)
-            self.evicted += 1
+        self.evicted += max(0, excess)
 
     def remove(self, hashes: Iterable[int]) -> None:
         """The replica dropped these blocks (its engine said so)."""

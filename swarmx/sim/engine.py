@@ -213,7 +213,9 @@ class Simulation:
         kind = self._kind.get(model, "llm")
         server: LlmServer | SharedServer
         if kind == "llm":
-            server = LlmServer(profile, ModelProfile(), self.cfg.llm_slots, self.cfg.kv_cache_tokens)
+            server = LlmServer(
+                profile, ModelProfile(), self.cfg.llm_slots, self.cfg.kv_cache_tokens
+            )
             slots = self.cfg.llm_slots
         else:
             server, slots = SharedServer(1.0), self.cfg.vision_slots
@@ -394,8 +396,8 @@ class Simulation:
                     truth.prompt_tokens,
                     truth.output_tokens,
                     self.now,
-                    call.prefix_blocks,
-                    call.block_tokens,
+                    blocks=call.prefix_blocks,
+                    block_tokens=call.block_tokens,
                 )
             elif rep.kind == "vision":
                 assert rep.profile is not None

@@ -81,10 +81,9 @@ def oracle_s(
     is now."""
     s = rep.server
     if isinstance(s, LlmServer):
-        if not cache:
-            return s.solo_now_s(truth.prompt_tokens, truth.output_tokens, now_s)
+        blocks = call.prefix_blocks if cache else ()
         return s.solo_now_s(
-            truth.prompt_tokens, truth.output_tokens, now_s, call.prefix_blocks, call.block_tokens
+            truth.prompt_tokens, truth.output_tokens, now_s, blocks, call.block_tokens
         )
     if rep.kind == "vision":
         px = int(call.inputs.get("image_px", "224"))

@@ -1,6 +1,7 @@
 """Recorded traces replayed as simulator workloads (``swarmx sim --trace``): SwarmX trace JSONL
 (read and checked by `swarmx.traces`, the one reader of that format), the Azure LLM inference
-2023 CSVs and Mooncake JSONL. Documented in docs/simulator.md ("Traces")."""
+2023 CSVs, Mooncake JSONL, and claude-code ``requests.csv`` sessions (each agent a closed loop).
+Documented in docs/simulator.md ("Traces")."""
 
 from __future__ import annotations
 
@@ -15,26 +16,42 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
-from swarmx.sim.simworkflow import LLM_MODEL, VISION_MODEL, CallTruth, SimWorkflow, Truth
+from swarmx.sched.prefix import BLOCK_TOKENS
+from swarmx.sim.simworkflow import (
+    LLM_MODEL,
+    VISION_MODEL,
+    AgentBlocks,
+    CallTruth,
+    SimWorkflow,
+    Truth,
+)
+from swarmx.tracefmt import CLAUDE_CODE_COLUMNS
 from swarmx.traces import TraceError, TraceRecord, json_lines, read_records, trace_lines
 from swarmx.workflow.spec import StepSpec, WorkflowSpec
 
-TraceFormat = Literal["swarmx", "azure", "mooncake"]
+TraceFormat = Literal["swarmx", "azure", "mooncake", "claude-code"]
 
 AZURE_MAX_TOKENS = 2048
 """``max_tokens`` of a replayed Azure or Mooncake call (or its output, if longer): the traces
 record no limit, and a constant one tells policies nothing the trace does not."""
+MOONCAKE_BLOCK_TOKENS = 512
+"""Tokens per block of Mooncake's ``hash_ids``."""
+CLAUDE_CODE_BLOCK_TOKENS = BLOCK_TOKENS
+"""Tokens per block of the claude-code traces' ``n_blocks`` (64, as SwarmX's own)."""
 
 
 def detect_format(path: Path) -> TraceFormat:
-    """From the first non-empty line: a ``TIMESTAMP,...`` CSV header (Azure), or a JSON object
-    with ``ts`` and ``workflow`` (SwarmX) or ``timestamp`` and ``input_length`` (Mooncake)."""
+    """From the first non-empty line: a ``TIMESTAMP,...`` CSV header (Azure), a
+    ``trace_id,agent_id,...`` one (claude-code), or a JSON object with ``ts`` and ``workflow``
+    (SwarmX) or ``timestamp`` and ``input_length`` (Mooncake)."""
     for lineno, line in trace_lines(path):
         text = line.strip()
         if not text:
             continue
         if text.startswith("TIMESTAMP"):
             return "azure"
+        if text.startswith("trace_id,"):
+            return "claude-code"
         try:
             obj = json.loads(text)
         except ValueError:
@@ -46,8 +63,9 @@ def detect_format(path: Path) -> TraceFormat:
                 return "mooncake"
         raise TraceError(
             f"{path}:{lineno}: unknown trace format (expected a SwarmX trace JSONL line with ts and"
-            " workflow, an Azure CSV header TIMESTAMP,ContextTokens,GeneratedTokens, or a"
-            " Mooncake JSONL line with timestamp and input_length)"
+            " workflow, an Azure CSV header TIMESTAMP,ContextTokens,GeneratedTokens, a"
+            " claude-code CSV header trace_id,agent_id,..., or a Mooncake JSONL line with"
+            " timestamp and input_length)"
         )
     raise TraceError(f"{path}: empty trace file")
 
@@ -56,10 +74,11 @@ def load_trace(
     path: Path, *, limit: int | None = None, slo_s: float | None = None, model: str = LLM_MODEL
 ) -> list[SimWorkflow]:
     """Workflows replayed from a trace file, in arrival order, arrivals relative to the earliest
-    record; the format is detected (`detect_format`). ``limit`` keeps the first workflows;
-    ``slo_s`` applies where the trace records none; ``model`` names the model of calls that
-    record none (all of Azure and Mooncake). A malformed line raises `TraceError` (a
-    ValueError) naming ``file:line``."""
+    record; the format is detected (`detect_format`). ``limit`` keeps the first workflows (a
+    claude-code trace's sessions); ``slo_s`` applies where the trace records none; ``model``
+    names the model of calls that record none (all of Azure, Mooncake and claude-code, whose
+    hosted models are not emulated). A malformed line raises `TraceError` (a ValueError) naming
+    ``file:line``."""
     path = Path(path)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
@@ -68,28 +87,46 @@ def load_trace(
         return _load_swarmx(path, limit, slo_s, model)
     if fmt == "azure":
         return _load_azure(path, limit, slo_s, model)
+    if fmt == "claude-code":
+        return _load_claude_code(path, limit, slo_s, model)
     return _load_mooncake(path, limit, slo_s, model)
 
 
 # --- one call per record: Azure and Mooncake ---------------------------------------------------
 
 
-def _one_call(
-    name: str, prompt_tokens: int, output_tokens: int, *, slo_s: float | None, model: str
-) -> SimWorkflow:
-    """A one-call workflow (arrival filled in by `_relative`). Its prompt is a fixed neutral
-    string: these traces hold no text, and none is invented for a text-aware predictor."""
-    out = max(1, output_tokens)
-    step = StepSpec(
-        id="call",
+def _llm_step(step_id: str, after: list[str], prompt: str, model: str, output: int) -> StepSpec:
+    """A replayed call with no recorded text: its prompt is a fixed neutral string (nothing is
+    invented for a text-aware predictor) and its ``max_tokens`` `AZURE_MAX_TOKENS`."""
+    return StepSpec(
+        id=step_id,
         kind="llm",
-        after=[],
+        after=after,
         model=model,
-        prompt=f"{name} request",
-        max_tokens=max(out, AZURE_MAX_TOKENS),
+        prompt=prompt,
+        max_tokens=max(output, AZURE_MAX_TOKENS),
     )
+
+
+def _one_call(
+    name: str,
+    prompt_tokens: int,
+    output_tokens: int,
+    *,
+    slo_s: float | None,
+    model: str,
+    blocks: tuple[int, ...] = (),
+    block_tokens: int = 0,
+) -> SimWorkflow:
+    """A one-call workflow (arrival filled in by `_relative`)."""
+    out = max(1, output_tokens)
+    step = _llm_step("call", [], f"{name} request", model, out)
     spec = WorkflowSpec(name=name, slo_s=slo_s, inputs={}, steps=[step], source=name)
-    truth: Truth = {("call", None): CallTruth(max(1, prompt_tokens), out)}
+    truth: Truth = {
+        ("call", None): CallTruth(
+            max(1, prompt_tokens), out, prefix_blocks=blocks, block_tokens=block_tokens
+        )
+    }
     return SimWorkflow(0.0, spec, truth, name=name)
 
 
@@ -166,6 +203,16 @@ def _count(obj: dict[str, Any], key: str) -> int:
     return int(value)
 
 
+def _hash_ids(obj: dict[str, Any]) -> tuple[int, ...]:
+    """Mooncake's ``hash_ids`` (optional): integers."""
+    value = obj.get("hash_ids", [])
+    if not isinstance(value, list) or not all(
+        isinstance(h, int) and not isinstance(h, bool) for h in value
+    ):
+        raise ValueError(f"field 'hash_ids': expected a list of integers, got {value!r}")
+    return tuple(value)
+
+
 def _timestamp_s(obj: dict[str, Any]) -> float:
     """A Mooncake ``timestamp`` (ms) in seconds."""
     value = obj.get("timestamp")
@@ -184,10 +231,139 @@ def _load_mooncake(
         try:
             ts = _timestamp_s(obj)
             prompt, output = _count(obj, "input_length"), _count(obj, "output_length")
+            blocks = _hash_ids(obj)
         except ValueError as exc:
             raise TraceError(f"{path}:{lineno}: {exc}") from None
-        rows.append((ts, _one_call("mooncake", prompt, output, slo_s=slo_s, model=model)))
+        wf = _one_call(
+            "mooncake",
+            prompt,
+            output,
+            slo_s=slo_s,
+            model=model,
+            blocks=blocks,
+            block_tokens=MOONCAKE_BLOCK_TOKENS if blocks else 0,
+        )
+        rows.append((ts, wf))
     return _relative(rows)
+
+
+# --- claude-code sessions: each agent a closed loop --------------------------------------------
+
+_CLAUDE_CODE_REPLAY = (*CLAUDE_CODE_COLUMNS, "think_time_s")
+"""The columns of ``requests.csv`` the replay needs: what `swarmx.tracefmt` reads, and the
+think time."""
+
+
+@dataclass(frozen=True)
+class _AgentCall:
+    """One row of a claude-code ``requests.csv`` as the replay needs it."""
+
+    lineno: int
+    agent: str
+    req: int
+    agent_start_s: float
+    think_s: float
+    prompt_tokens: int
+    output_tokens: int
+    blocks: int
+    shared: int
+
+
+def _agent_call(lineno: int, row: dict[str, str]) -> _AgentCall:
+    def number(key: str, empty: float | None = None) -> float:
+        text = row[key].strip()
+        if not text and empty is not None:
+            return empty
+        value = float(text)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{key}: expected a finite number >= 0, got {text!r}")
+        return value
+
+    def count(key: str) -> int:
+        value = number(key)
+        if value != int(value):
+            raise ValueError(f"{key}: expected an integer, got {row[key]!r}")
+        return int(value)
+
+    if not row["agent_id"]:
+        raise ValueError("agent_id: must not be empty")
+    return _AgentCall(
+        lineno=lineno,
+        agent=row["agent_id"],
+        req=count("req_idx"),
+        agent_start_s=number("agent_start_s"),
+        think_s=number("think_time_s", empty=0.0),
+        prompt_tokens=count("in_tokens"),
+        output_tokens=count("out_tokens"),
+        blocks=count("n_blocks"),
+        shared=count("prefix_blocks_shared_prev"),
+    )
+
+
+def _load_claude_code(
+    path: Path, limit: int | None, slo_s: float | None, model: str
+) -> list[SimWorkflow]:
+    """One workflow per ``trace_id`` (a session), all arriving at 0 (each trace's clock starts
+    there). Each agent's calls form a chain: a call is released its recorded ``think_time_s``
+    after the agent's previous call ends, a sub-agent's first call at its ``agent_start_s``
+    after the session starts. Prompt blocks are made up at submission (`AgentBlocks`)."""
+    reader = csv.DictReader(line for _, line in trace_lines(path))
+    missing = [c for c in _CLAUDE_CODE_REPLAY if c not in (reader.fieldnames or [])]
+    if missing:
+        raise TraceError(f"{path}:1: claude-code CSV header lacks {', '.join(missing)}")
+    sessions: dict[str, dict[str, list[_AgentCall]]] = {}
+    for row in reader:
+        trace = row["trace_id"]
+        if trace not in sessions and limit is not None and len(sessions) >= limit:
+            break
+        if None in row or None in row.values() or not trace:
+            raise TraceError(
+                f"{path}:{reader.line_num}: expected {len(reader.fieldnames or [])}"
+                " columns and a trace_id"
+            )
+        try:
+            call = _agent_call(reader.line_num, row)
+        except ValueError as exc:
+            raise TraceError(f"{path}:{reader.line_num}: {exc}") from None
+        sessions.setdefault(trace, {}).setdefault(call.agent, []).append(call)
+    return [_session(path, trace, agents, slo_s, model) for trace, agents in sessions.items()]
+
+
+def _session(
+    path: Path,
+    trace: str,
+    agents: dict[str, list[_AgentCall]],
+    slo_s: float | None,
+    model: str,
+) -> SimWorkflow:
+    steps: list[StepSpec] = []
+    truth: Truth = {}
+    release: dict[str, float] = {}
+    think: dict[str, float] = {}
+    for agent, calls in agents.items():
+        prev: str | None = None
+        for call in sorted(calls, key=lambda c: c.req):
+            sid = f"{agent}/req{call.req}"
+            if (sid, None) in truth:
+                raise TraceError(f"{path}:{call.lineno}: {trace} has {sid} twice")
+            out = max(1, call.output_tokens)
+            steps.append(_llm_step(sid, [prev] if prev else [], "claude-code request", model, out))
+            if prev is None:
+                release[sid] = call.agent_start_s
+            else:
+                think[sid] = call.think_s
+            made = AgentBlocks(agent, call.blocks, call.shared)
+            truth[sid, None] = CallTruth(
+                max(1, call.prompt_tokens),
+                out,
+                block_tokens=CLAUDE_CODE_BLOCK_TOKENS,
+                agent_blocks=made,
+            )
+            prev = sid
+    spec = WorkflowSpec(
+        name="claude-code", slo_s=slo_s, inputs={}, steps=steps, source=f"{path} {trace}"
+    )
+    return SimWorkflow(0.0, spec, truth, release, "claude-code", think)
 
 
 # --- SwarmX traces: one workflow per recorded workflow -----------------------------------------
@@ -307,7 +483,12 @@ def _replay(
                 inputs=call.inputs if rec.kind == "model" else {},
             )
         )
-        truth[sid, None] = CallTruth(rec.prompt_tokens, out)
+        truth[sid, None] = CallTruth(
+            rec.prompt_tokens,
+            out,
+            prefix_blocks=tuple(rec.prefix_blocks),
+            block_tokens=rec.block_tokens if rec.prefix_blocks else 0,
+        )
     recs = [c.rec for c in calls]
     slo = next((r.slo_s for r in recs if r.slo_s is not None), slo_s)
     name = next((r.workflow_name for r in recs if r.workflow_name), "") or "trace"

@@ -182,6 +182,7 @@ class LlmServer:
         prompt_tokens: int,
         output_tokens: int,
         now_s: float,
+        *,
         blocks: Sequence[int] = (),
         block_tokens: int = 0,
     ) -> None:

@@ -126,7 +126,7 @@ def call_s(step: StepSpec, truth: CallTruth, gpu: str = "A100") -> float:
 
 def critical_path_s(wf: SimWorkflow, gpu: str = "A100") -> float:
     """The workflow's makespan with every call alone on its own idle replica: the least it
-    can take on any cluster of that GPU (release times of replayed traces included)."""
+    can take on any cluster of that GPU (release and think times of replayed traces included)."""
     finish: dict[str, float] = {}
     by_step: dict[str, list[CallTruth]] = {}
     for (step_id, _), t in wf.truth.items():

@@ -16,6 +16,7 @@ from swarmx.backends.emulated import (
     drawn_output_tokens,
     filler_text,
     filler_tokens,
+    kv_capacity_tokens,
     prefill_s,
     prompt_tokens,
     vision_s,
@@ -372,3 +373,27 @@ def test_a_cancelled_streamed_call_sends_no_more_chunks() -> None:
         assert not any(json.loads(c)["choices"] == [] for c in chunks)
 
     asyncio.run(main())
+
+
+def test_a_prompt_seen_before_prefills_only_its_uncached_tail() -> None:
+    """The emulated replica keeps the prompt blocks of the calls it ran (`PrefixCache`, the
+    simulator's too): a call repeating a prompt prefills only its last partial block."""
+    prompt = "the repository layout, file by file: " * 40  # 1,520 bytes: 5 whole blocks
+    srv, clock = server("H100")
+
+    async def timed() -> tuple[CallOutcome, float]:
+        t0 = clock.monotonic()
+        out = await srv.run(llm(prompt, 64))
+        return out, clock.monotonic() - t0
+
+    cold, cold_s = asyncio.run(timed())
+    warm, warm_s = asyncio.run(timed())
+    tokens = prompt_tokens(prompt)
+    assert (cold.cached_tokens, warm.cached_tokens) == (0, 5 * 64)
+    saved_s = prefill_s(H100, M, tokens) - prefill_s(H100, M, tokens - 5 * 64)
+    assert cold.ttft_s - warm.ttft_s == pytest.approx(saved_s)
+    assert cold_s - warm_s == pytest.approx(saved_s)
+    metrics = srv.metrics()
+    assert metrics.prefix_cache_blocks == 5
+    assert metrics.prefix_cache_capacity == kv_capacity_tokens(H100, M) // 64
+    assert (srv.cache.prompt_tokens, srv.cache.cached_tokens) == (2 * tokens, 5 * 64)

@@ -9,6 +9,7 @@ from swarmx.backends.emulated import GPUS
 from swarmx.cli.main import app
 from swarmx.cli.sim import Gpu
 from swarmx.traces import read_traces
+from tests.unit.sim.tracefiles import AgentCall, conversations, write_claude_code, write_mooncake
 
 runner = CliRunner()
 KEYS = {
@@ -83,7 +84,8 @@ def test_bad_choices_are_usage_errors():
     ):
         result = sim(*args)
         assert result.exit_code == 2, args
-        assert message in result.stderr and "is not one of" in result.stderr, (args, result.stderr)
+        text = " ".join(result.stderr.replace("│", " ").split())  # unwrapped from Rich's box
+        assert message in text and "is not one of" in text, (args, result.stderr)
 
 
 def test_errors_of_the_command_are_one_line():
@@ -111,3 +113,72 @@ def test_policies_default_to_the_config(tmp_path):
 
 def test_gpu_choices_are_the_emulated_gpus():
     assert get_args(Gpu) == (*GPUS, "mixed")
+
+
+PREFIX_KEYS = {"ttft_s", "call_latency_s", "prefix_hit_rate", "sessions_completed"}
+
+
+def test_a_mooncake_trace_replays_with_its_hash_ids(tmp_path):
+    trace = write_mooncake(tmp_path / "mc.jsonl", conversations(3, turns=8))
+
+    def run(router: str) -> dict:
+        result = sim("--trace", str(trace), "--replicas", "4", "--router", router, "--json")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    affinity, rotation = run("prefix_affinity"), run("round_robin")
+    assert affinity.keys() >= PREFIX_KEYS
+    assert affinity["policy"] == "prefix_affinity" and affinity["calls"] == 24
+    for key in ("ttft_s", "call_latency_s"):
+        assert {"p50", "p95", "p99"} <= set(affinity[key])
+        assert 0 < affinity[key]["p50"] <= affinity[key]["p99"]
+    assert affinity["ttft_s"]["p99"] < affinity["call_latency_s"]["p99"]
+    # each turn holds its conversation's previous turns: only affinity keeps them together
+    assert 0.6 < affinity["prefix_hit_rate"] < 1
+    assert affinity["prefix_hit_rate"] > rotation["prefix_hit_rate"] + 0.2
+    assert affinity["ttft_s"]["mean"] < rotation["ttft_s"]["mean"]
+    assert run("kv_cost")["prefix_hit_rate"] > rotation["prefix_hit_rate"]
+
+
+def test_claude_code_sessions_replay_in_closed_loop(tmp_path):
+    rows = [
+        AgentCall(f"t{t}", "parent", 0.0, k, 2.0 if k else 0.0, 20 + 10 * k, 20 + 10 * k - 10)
+        for t in range(4)
+        for k in range(3)
+    ]
+    trace = write_claude_code(tmp_path / "requests.csv", rows)
+    args = [
+        "--trace",
+        str(trace),
+        "--replicas",
+        "2",
+        "--sessions",
+        "2",
+        "--scaler",
+        "none",
+        "--json",
+    ]
+    result = sim(*args, "--router", "prefix_affinity", "--kv-cache-tokens", "100000")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data.keys() >= PREFIX_KEYS
+    assert (data["sessions_completed"], data["calls"], data["sessions"]) == (4, 12, 2)
+    assert data["load"] is None
+    assert data["prefix_hit_rate"] > 0.5
+    quick = json.loads(sim(*args, "--rate-scale", "4").stdout)  # think times over 4
+    assert quick["duration_s"] < data["duration_s"] - 4.0  # two waves of 2 x 1.5 s less think
+    result = sim(*args, "--load", "0.5")
+    assert result.exit_code == 2 and "closed loop" in result.stderr
+
+
+def test_tail_with_and_without_the_cache(tmp_path):
+    trace = write_mooncake(tmp_path / "mc.jsonl", conversations(3, turns=6))
+    rates = []
+    for predictor in ("oracle", "oracle:nocache"):
+        result = sim(
+            *("--trace", str(trace), "--replicas", "4", "--router", "tail"),
+            *("--predictor", predictor, "--json"),
+        )
+        assert result.exit_code == 0, result.output
+        rates.append(json.loads(result.stdout)["prefix_hit_rate"])
+    assert rates[0] > rates[1]

@@ -1,11 +1,12 @@
 """The simulator's forecasters: what each variant of ``--predictor`` tells the policies, on one
 call and candidates whose true service times are known."""
 
+import dataclasses
 import math
 
 import pytest
 
-from swarmx.backends.emulated import GPUS, ModelProfile
+from swarmx.backends.emulated import GPUS, ModelProfile, prefill_s
 from swarmx.models.features import FeatureConfig
 from swarmx.models.query import SessionTracker
 from swarmx.models.train import train
@@ -135,3 +136,50 @@ def test_an_unknown_model_file_or_a_bare_variant_fails_clearly():
         forecaster("/nonexistent/model.pt:point")
     with pytest.raises(ValueError, match="MODEL:point"):
         forecaster("point")
+
+
+def cached_pool() -> tuple[dict[str, Replica], list[ReplicaView], CallSpec]:
+    """Two idle H100s, one of which has just run a call with the same 12 prompt blocks."""
+    blocks = list(range(12))  # 768 of the call's 800 prompt tokens
+    reps, views = {}, []
+    for name in ("warm/m", "cold/m"):
+        server = LlmServer(GPUS["H100"], ModelProfile(), 32)
+        if name == "warm/m":
+            server.admit("before", 800, 1, 0.0, blocks=blocks, block_tokens=64)
+            server.advance(server.next_event_s())
+        reps[name] = Replica(name, "m", "H100", GPUS["H100"], "llm", server, 32, 0.0, 0.0)
+        views.append(ReplicaView(name, name[:4], "m", "emulated", "H100", 32, 0, gpu="H100"))
+    now = max(r.server.now_s for r in reps.values())
+    for rep in reps.values():
+        rep.server.advance(now)
+    cached_call = dataclasses.replace(call(), prefix_blocks=blocks, block_tokens=64)
+    return reps, views, cached_call
+
+
+class Later(Info):
+    now = 1.0
+
+
+@pytest.mark.parametrize("spec", ["oracle", "noisy:0.5", "shuffled"])
+def test_the_oracle_sees_the_prefix_cache_and_nocache_does_not(spec):
+    reps, views, cached_call = cached_pool()
+    warm, cold = SimForecaster(spec, reps, Later(), SessionTracker(), seed=1).service(
+        cached_call, views
+    )
+    assert warm.quantile(0.5) < cold.quantile(0.5)
+    saved_s = cold.quantile(0.5) - warm.quantile(0.5)
+    if spec == "oracle":  # exactly the prefill of the 768 cached tokens
+        gpu, model = GPUS["H100"], ModelProfile()
+        assert saved_s == pytest.approx(prefill_s(gpu, model, 768))
+    blind = SimForecaster(f"{spec}:nocache", reps, Later(), SessionTracker(), seed=1)
+    warm, cold = blind.service(cached_call, views)
+    assert warm.values_s == pytest.approx(cold.values_s)
+
+
+def test_nocache_is_only_for_forecasts_made_from_the_servers():
+    reps, _ = pool()
+    for spec in ("constant:nocache", "nocache", "/some/model.pt:nocache"):
+        with pytest.raises(ValueError, match="nocache"):
+            SimForecaster(spec, reps, Info(), SessionTracker())
+    with pytest.raises(ValueError, match="noisy:SIGMA"):
+        SimForecaster("noisy:nocache", reps, Info(), SessionTracker())

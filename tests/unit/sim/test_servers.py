@@ -6,7 +6,7 @@ import math
 import pytest
 
 from swarmx.backends.emulated import GPUS, ModelProfile, decode_step_s, prefill_s
-from swarmx.sim.servers import LlmServer, SharedServer
+from swarmx.sim.servers import Finished, LlmServer, SharedServer
 
 
 def stepped(gpu: str, calls: list[tuple[str, int, int]]) -> dict[str, float]:
@@ -138,3 +138,106 @@ def test_every_wake_at_the_next_event_finishes_a_call(seed):
             done = server.advance(due)
             assert done, "woken for a finish that did not happen"
             left -= len(done)
+
+
+# --- prefix caches ------------------------------------------------------------------------------
+
+
+def finishes(server: LlmServer) -> dict[str, Finished]:
+    """Run the server dry: each call's `Finished`, by id."""
+    out: dict[str, Finished] = {}
+    while (t := server.next_event_s()) < math.inf:
+        out.update((f.call_id, f) for f in server.advance(t))
+    return out
+
+
+def test_a_cached_prefix_cuts_the_prefill_and_the_time_to_first_token():
+    gpu, model = GPUS["A100"], ModelProfile()
+    blocks = list(range(40))  # 2,560 of the prompt's 2,600 tokens
+    warm = LlmServer(gpu, model, slots=8)
+    warm.admit("first", 2600, 50, 0.0, blocks=blocks, block_tokens=64)
+    first = finishes(warm)["first"]
+    assert first.ttft_s == pytest.approx(prefill_s(gpu, model, 2600))
+    now = warm.now_s
+    warm.admit("again", 2600, 50, now, blocks=blocks, block_tokens=64)
+    cold = LlmServer(gpu, model, slots=8)
+    cold.admit("again", 2600, 50, now, blocks=blocks, block_tokens=64)
+    again, fresh = finishes(warm)["again"], finishes(cold)["again"]
+    assert again.ttft_s == pytest.approx(prefill_s(gpu, model, 40))
+    assert fresh.ttft_s == pytest.approx(prefill_s(gpu, model, 2600))
+    assert warm.now_s - now < cold.now_s - now  # the whole call is quicker too
+    # counters: every prompt token seen, the cached ones among them
+    assert (warm.cache.prompt_tokens, warm.cache.cached_tokens) == (5200, 2560)
+    assert (cold.cache.prompt_tokens, cold.cache.cached_tokens) == (2600, 0)
+
+
+def test_a_fully_cached_prompt_still_prefills_one_token():
+    server = LlmServer(GPUS["H100"], ModelProfile(), slots=4)
+    for call in ("a", "b"):
+        server.admit(call, 640, 5, server.now_s, blocks=list(range(10)), block_tokens=64)
+        finishes(server)
+    assert server.cache.cached_tokens == 639
+
+
+def test_only_the_shared_leading_blocks_hit():
+    server = LlmServer(GPUS["H100"], ModelProfile(), slots=4)
+    server.admit("a", 640, 5, 0.0, blocks=[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], block_tokens=64)
+    server.admit("b", 640, 5, 0.0, blocks=[1, 2, 3, 99, 5, 6, 7, 8, 9, 10], block_tokens=64)
+    server.admit("c", 640, 5, 0.0, blocks=[77, 2, 3, 4, 5, 6, 7, 8, 9, 10], block_tokens=64)
+    finishes(server)
+    assert server.cache.cached_tokens == 3 * 64  # b's first three; c none: its head differs
+
+
+def test_time_to_first_token_includes_the_wait_for_a_slot():
+    gpu, model = GPUS["H100"], ModelProfile()
+    server = LlmServer(gpu, model, slots=1)
+    server.admit("first", 100, 100, 0.0)
+    server.admit("second", 300, 10, 0.0)
+    first_end_s = server.next_event_s()
+    (first,) = server.advance(first_end_s)
+    (second,) = server.advance(server.next_event_s())
+    assert (first.call_id, second.call_id) == ("first", "second")
+    assert first.ttft_s == pytest.approx(prefill_s(gpu, model, 100))
+    assert second.ttft_s == pytest.approx(first_end_s + prefill_s(gpu, model, 300))
+
+
+def test_the_cache_holds_what_fits_beside_the_running_contexts():
+    """640 tokens of blocks cached, then a call that runs long: as its context grows, the
+    cached blocks are evicted, least recently used first (a sequence's tail before its head),
+    so cached blocks and running KV stay within the capacity."""
+    capacity = 64 * 20
+    server = LlmServer(GPUS["H100"], ModelProfile(), slots=4, kv_cache_tokens=capacity)
+    old = list(range(100, 110))
+    server.admit("old", 640, 1, 0.0, blocks=old, block_tokens=64)
+    finishes(server)
+    assert len(server.cache.index) == 10
+    server.admit("long", 512, 600, server.now_s, blocks=list(range(8)), block_tokens=64)
+    assert len(server.cache.index) == 18
+    start, step_s = server.now_s, server.step_s(1, 900)
+    for generated in (100, 200, 400, 599):
+        server.advance(start + generated * step_s)
+        decoded = server.kv_tokens() - 512  # the running KV its cached blocks do not hold
+        assert len(server.cache.index) * 64 + decoded <= capacity
+    assert len(server.cache.index) < 18
+    assert 0 < server.cache.index.match(old) < 10  # the old prompt lost its tail, kept its head
+
+
+def test_a_small_cache_keeps_the_most_recent_prompts():
+    server = LlmServer(GPUS["H100"], ModelProfile(), slots=4, kv_cache_tokens=64 * 12)
+    for i in range(5):
+        server.admit(
+            f"c{i}", 512, 1, server.now_s, blocks=[i * 100 + k for k in range(8)], block_tokens=64
+        )
+        finishes(server)
+        assert len(server.cache.index) <= 12
+    assert server.cache.index.match([400 + k for k in range(8)]) == 8
+    assert server.cache.index.match([0 + k for k in range(8)]) == 0
+
+
+def test_blocks_of_another_size_miss():
+    server = LlmServer(GPUS["H100"], ModelProfile(), slots=4)
+    server.admit("a", 1024, 1, 0.0, blocks=[1, 2], block_tokens=512)
+    finishes(server)
+    server.admit("b", 1024, 1, server.now_s, blocks=[1, 2], block_tokens=64)
+    finishes(server)
+    assert server.cache.cached_tokens == 0 and server.cache.block_tokens == 512
