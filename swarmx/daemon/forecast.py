@@ -46,8 +46,15 @@ class LiveForecaster:
         device_of = self._device_of
         return [candidate(device_of(v), v) for v in candidates]
 
-    def service(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
-        return self.learner.forecast_candidates(self._query_of(call), self._placements(candidates))
+    def service(
+        self,
+        call: CallSpec,
+        candidates: Sequence[ReplicaView],
+        cached_tokens: Sequence[int] | None = None,
+    ) -> list[LatencyDist]:
+        return self.learner.forecast_candidates(
+            self._query_of(call), self._placements(candidates), cached_tokens
+        )
 
     def load_only(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
         """The llm-d-style baseline fitted with the live model, else the cold-start fallback."""

@@ -576,11 +576,12 @@ class Dispatcher:
     def _assign(self, ticket: Ticket, cands: list[ReplicaView], now_s: float) -> Assign:
         call, fc, kind = ticket.call, self.forecaster, self.router.forecast
         forecasts: list[LatencyDist] | None = None
+        wants = self.router.uses_prefix or (fc is not None and kind == "service")
+        cached = self._cached(call, cands) if wants else None
         if fc is not None and kind == "service":
-            forecasts = fc.service(call, cands)
+            forecasts = fc.service(call, cands, cached)
         elif fc is not None and kind == "load_only":
             forecasts = fc.load_only(call, cands)
-        cached = self._cached(call, cands) if self.router.uses_prefix else None
         decision = self.router.choose(
             RouteInput(call, cands, now_s, forecasts, ticket.deadline_s, cached)
         )
@@ -588,7 +589,8 @@ class Dispatcher:
         service: LatencyDist | None = None
         if fc is not None:  # the full forecast on the chosen replica is recorded, whatever ranked
             service = forecasts[decision.index] if forecasts and kind == "service" else None
-            service = service or fc.service(call, [chosen])[0]
+            own = None if cached is None else [cached[decision.index]]
+            service = service or fc.service(call, [chosen], own)[0]
         rep = self.replicas[chosen.replica]
         if service is not None:
             self._note_service(pool_of(call), service)

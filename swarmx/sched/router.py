@@ -105,7 +105,15 @@ class Router(Protocol):
 class Forecaster(Protocol):
     """Service-time distributions of one call on each of several candidate replicas."""
 
-    def service(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]: ...
+    def service(
+        self,
+        call: CallSpec,
+        candidates: Sequence[ReplicaView],
+        cached_tokens: Sequence[int] | None = None,
+    ) -> list[LatencyDist]:
+        """``cached_tokens``: of the call's prompt, what each candidate's prefix cache holds by
+        the dispatcher's index (None: no estimate)."""
+        ...
 
     def load_only(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]: ...
 

@@ -146,18 +146,18 @@ class SimForecaster:
                 raise ValueError(f"{spec!r} needs a model file before it: MODEL:{variant}")
             self._noload, self._median_only = variant == "noload", variant == "point"
             self._model = QuantilePredictor.load(path)
-        self._service = self._pick()
+        self._service = self._pick(kind if self._model is None else "oracle")
         self.wants_constant = spec == "constant"
 
-    def _pick(self) -> Callable[[CallSpec, Sequence[ReplicaView]], list[LatencyDist]]:
-        if self._model is not None:
-            return self._predicted
+    def _pick(self, kind: str) -> Callable[[CallSpec, Sequence[ReplicaView]], list[LatencyDist]]:
+        """The forecast of a kind of spec (a learned model's is `_predicted`, which `service`
+        calls itself: it takes the cached tokens too)."""
         return {
             "oracle": self._oracle,
             "noisy": self._noisy,
             "shuffled": self._shuffled,
             "constant": self._constant_of,
-        }[self._kind]
+        }[kind]
 
     def observe(self, call: CallSpec, rec: Callable[[], TraceRecord], service_s: float) -> None:
         """A finished call. The constant forecaster and the load-only baseline are fitted on the
@@ -179,7 +179,16 @@ class SimForecaster:
             if self._seen in (200, 1000) or self._seen % 5000 == 0:
                 self._load_model = MeanConformal.fit(self._recent, LEVELS)
 
-    def service(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
+    def service(
+        self,
+        call: CallSpec,
+        candidates: Sequence[ReplicaView],
+        cached_tokens: Sequence[int] | None = None,
+    ) -> list[LatencyDist]:
+        """The oracle and its ablations read each replica's real cache; a learned model is
+        given the dispatcher's estimate (``cached_tokens``), as the live one is."""
+        if self._model is not None:
+            return self._predicted(call, candidates, cached_tokens)
         return self._service(call, candidates)
 
     def load_only(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
@@ -240,21 +249,29 @@ class SimForecaster:
         dist = self._constant.get(call.model) or LatencyDist.lognormal(1.0, 1.0, LEVELS)
         return [dist] * len(candidates)
 
-    def _predicted(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
+    def _predicted(
+        self,
+        call: CallSpec,
+        candidates: Sequence[ReplicaView],
+        cached_tokens: Sequence[int] | None,
+    ) -> list[LatencyDist]:
         assert self._model is not None
         truth = self.info.truth(call)
-        keys: dict[tuple[str, int, int], int] = {}
+        keys: dict[tuple[str, int, int, int], int] = {}
         places: list[Candidate] = []
+        cached: list[int] = []
         slot: list[int] = []
-        for v in candidates:
+        for k, v in enumerate(candidates):
             rep = self.replicas[v.replica]
             s = rep.server
             kv = s.kv_tokens() if isinstance(s, LlmServer) else 0.0
             inflight = 0 if self._noload else min(v.outstanding, v.concurrency)
             queued = 0 if self._noload else max(0, v.outstanding - v.concurrency)
-            key = (rep.gpu, inflight, queued)
+            held = cached_tokens[k] if cached_tokens is not None else 0
+            key = (rep.gpu, inflight, queued, held)
             if key not in keys:
                 keys[key] = len(places)
+                cached.append(held)
                 places.append(
                     (
                         rep.gpu,
@@ -275,7 +292,7 @@ class SimForecaster:
             self.info.workflow_name(call),
             session=self.sessions.context(call.workflow_id),
         )
-        dists = self._model.predict_candidates(query, places)
+        dists = self._model.predict_candidates(query, places, cached)
         if self._median_only:
             dists = [_point(d.quantile(0.5)) for d in dists]
         return [dists[i] for i in slot]

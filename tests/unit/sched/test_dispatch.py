@@ -30,9 +30,13 @@ class Fixed:
     def __init__(self, seconds: dict[str, float]) -> None:
         self.seconds = seconds
         self.asked: list[int] = []
+        self.cached: list[Sequence[int] | None] = []
 
-    def service(self, c: CallSpec, cands: Sequence[ReplicaView]) -> list[LatencyDist]:
+    def service(
+        self, c: CallSpec, cands: Sequence[ReplicaView], cached: Sequence[int] | None = None
+    ) -> list[LatencyDist]:
         self.asked.append(len(cands))
+        self.cached.append(cached)
         return [LatencyDist.lognormal(self.seconds[v.replica], 0.1, (0.5, 0.9)) for v in cands]
 
     def load_only(self, c: CallSpec, cands: Sequence[ReplicaView]) -> list[LatencyDist]:
@@ -514,3 +518,21 @@ def test_routers_that_do_not_use_prefixes_are_not_given_cached_tokens():
     d.add_replica(replica("a"), 0.0)
     d.submit(Ticket(with_prefix("c1", [1, 2]), 0.0), 0.0)
     assert seen == [None]
+
+
+def test_a_forecasting_router_gets_forecasts_that_know_each_candidates_cached_prefix():
+    """The service forecast is asked with what each candidate holds of the call's prompt, so
+    `tail` compares completion times with the prefill each cache saves."""
+    fixed = Fixed({"a": 1.0, "b": 1.0})
+    d = Dispatcher(make_router("tail"), forecaster=fixed)
+    for name in ("a", "b"):
+        d.add_replica(replica(name, slots=4), 0.0)
+    first = d.submit(Ticket(with_prefix("t1", [1, 2, 3]), 0.0), 0.0)
+    holder = first[0].replica.replica
+    d.finished("t1", 1.0)
+    second = d.submit(Ticket(with_prefix("t2", [1, 2, 3, 4]), 1.0), 1.0)
+    names = [v.replica for v in d.views()]
+    expected = [3 * 64 if n == holder else 0 for n in names]
+    assert fixed.cached[0] == [0, 0]
+    assert sorted(fixed.cached[-1] or []) == sorted(expected)
+    assert second[0].cached_tokens == (3 * 64 if second[0].replica.replica == holder else 0)

@@ -183,3 +183,62 @@ def test_nocache_is_only_for_forecasts_made_from_the_servers():
             SimForecaster(spec, reps, Info(), SessionTracker())
     with pytest.raises(ValueError, match="noisy:SIGMA"):
         SimForecaster("noisy:nocache", reps, Info(), SessionTracker())
+
+
+class Sized(Info):
+    """Calls of a given prompt length, 200 output tokens."""
+
+    def __init__(self, prompt_tokens: int) -> None:
+        self.prompt_tokens = prompt_tokens
+
+    def truth(self, call: CallSpec) -> CallTruth:
+        return CallTruth(prompt_tokens=self.prompt_tokens, output_tokens=200)
+
+
+def hot_and_idle(
+    prompt_tokens: int, busy: int, slots: int
+) -> tuple[dict[str, Replica], list[ReplicaView], CallSpec]:
+    """An H100 that just ran this prompt (its cache holds it) with ``busy`` calls of 1k-token
+    prompts decoding in a batch of ``slots``, and an idle one that never saw it."""
+    blocks = list(range(prompt_tokens // 64))
+    reps, views = {}, []
+    for name in ("hot/m", "idle/m"):
+        server = LlmServer(GPUS["H100"], ModelProfile(), slots)
+        load = 0
+        if name == "hot/m":
+            server.admit("before", prompt_tokens, 1, 0.0, blocks=blocks, block_tokens=64)
+            server.advance(server.next_event_s())
+            for k in range(busy):
+                server.admit(f"x{k}", 1000, 5000, server.now_s)
+            load = busy
+        reps[name] = Replica(name, "m", "H100", GPUS["H100"], "llm", server, slots, 0.0, 0.0)
+        views.append(ReplicaView(name, name[:3], "m", "emulated", "H100", slots, load, gpu="H100"))
+    now = max(r.server.now_s for r in reps.values())
+    for rep in reps.values():
+        rep.server.advance(now)
+    return reps, views, dataclasses.replace(call(), prefix_blocks=blocks, block_tokens=64)
+
+
+@pytest.mark.parametrize(
+    ("prompt_tokens", "busy", "slots", "winner"),
+    [
+        (32_000, 8, 32, "hot/m"),  # a 32k-token prefill saved beats decoding in a busy batch
+        (1_024, 4, 4, "idle/m"),  # 1k tokens saved do not pay for waiting on a full replica
+        (32_000, 4, 4, "idle/m"),  # nor do 32k: the calls ahead there take longer still
+    ],
+)
+def test_a_hot_replica_holding_the_prefix_wins_when_it_should_and_loses_when_it_should(
+    prompt_tokens: int, busy: int, slots: int, winner: str
+) -> None:
+    """The tail router on the oracle's forecasts, which include what each replica's cache
+    holds: the hand-made hot-spot cases of issue 21. A cache-blind forecast sends the first
+    case to the idle replica."""
+    from swarmx.sched.router import RouteInput, TailRouter
+
+    reps, views, c = hot_and_idle(prompt_tokens, busy, slots)
+    info = Sized(prompt_tokens)
+    info.now = max(r.server.now_s for r in reps.values())
+    for spec, expected in (("oracle", winner), ("oracle:nocache", "idle/m")):
+        forecasts = SimForecaster(spec, reps, info, SessionTracker()).service(c, views)
+        choice = TailRouter().choose(RouteInput(c, views, info.now, forecasts))
+        assert views[choice.index].replica == expected, spec
