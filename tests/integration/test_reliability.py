@@ -268,7 +268,7 @@ def test_a_full_scheduler_refuses_at_once_and_keeps_what_it_accepted(procs):
     configure(procs, {"max_queued_workflows": 2})
     effects = Effects(procs)
     _, endpoint, _ = start(procs, names=("alpha",))
-    path = effects.workflow(procs, 2)
+    path = effects.workflow(procs, 6)  # still running at the third submit on a loaded machine
     ids = [submit(procs, endpoint, path).stdout.strip() for _ in range(2)]
     refused = submit(procs, endpoint, path, check=False)
     assert refused.returncode == 3, refused.stderr
