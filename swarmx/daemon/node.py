@@ -419,10 +419,11 @@ class NodeAgent:
         assert self._channel is not None
         await self.outbox.send(self._channel, result)
 
-    async def _send_chunk(self, chunk: Chunk) -> None:
-        """Streamed output: sent once, not kept for re-sending (its result is)."""
+    async def _send_chunk(self, chunk: Chunk) -> bool:
+        """Streamed output: not kept for re-sending once the transport took it (its result
+        is); False when it could not take it (the stream tries again, then gives up)."""
         assert self._channel is not None
-        await self._channel.send(chunk)
+        return await self._channel.send(chunk) is not None
 
     async def _on_dispatch(self, env: Envelope) -> None:
         """Run a call, once: a call id given before is answered with where it stands (its

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import itertools
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -44,6 +46,12 @@ _TOKEN = re.compile(r'"(?:content|text|arguments)":\s*"[^"]')
 STREAM_WINDOW_S = 0.01
 """A gateway call's output after its first chunk leaves in frames this far apart at most
 often (tokens that come faster share one)."""
+CHUNK_RETRY_S = 0.02
+"""A chunk frame the transport could not take (no connection, its queue full) goes again
+this much later..."""
+CHUNK_GIVE_UP_S = 2.0
+"""...for this long in all; then its chunks are lost and the call ends as failed, so the
+client sees an error rather than a stream with text missing."""
 ENDED_CALLS = 65_536
 """Call ids remembered after they end, so a dispatch of one again (a scheduler that restarted,
 a frame sent twice) is answered instead of run a second time; ~5 MB at most."""
@@ -376,14 +384,18 @@ class ReplicaSet:
         self,
         dispatch: Dispatch,
         reply: Callable[[Result], Awaitable[object]],
-        chunks: Callable[[Chunk], Awaitable[object]] | None = None,
+        chunks: Callable[[Chunk], Awaitable[bool]] | None = None,
     ) -> None:
         """Run the call in the background and ``reply`` with its result (unless cancelled);
         a gateway call's output goes to ``chunks`` as it streams, before its result.
         A call id is run once: the caller checks `seen` first."""
         call_id = dispatch.call_id
         replica = self.replicas.get(dispatch.replica)
-        stream = _Stream(call_id, chunks) if dispatch.api and chunks is not None else None
+        stream = (
+            _Stream(call_id, chunks, self.clock.monotonic)
+            if dispatch.api and chunks is not None
+            else None
+        )
         task = asyncio.create_task(self._run(dispatch, reply, replica, stream), name=call_id)
         self._tasks[call_id] = task
         self._running[call_id] = dispatch.replica
@@ -457,6 +469,9 @@ class ReplicaSet:
                 replica.queued -= 1
         if stream is not None:
             await stream.drain()  # every chunk goes out before the result
+            if stream.lost and outcome.ok:
+                error = f"{stream.lost} streamed chunks could not reach the scheduler"
+                outcome = dataclasses.replace(outcome, ok=False, error=error)
         latency = ended - started
         replica.recent_latencies_s.append(latency)
         if outcome.ok:
@@ -518,9 +533,17 @@ class _Stream:
     a fast engine costs the node, the scheduler and the gateway a frame per window, not one per
     token."""
 
-    def __init__(self, call_id: str, send: Callable[[Chunk], Awaitable[object]]) -> None:
+    def __init__(
+        self,
+        call_id: str,
+        send: Callable[[Chunk], Awaitable[bool]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.call_id = call_id
         self._send = send
+        self._clock = clock
+        self.lost = 0
+        """Chunks given up on: the call's result says it failed."""
         self._pending: list[str] = []
         self._flusher: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -542,10 +565,29 @@ class _Stream:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
     async def _flush(self) -> None:
+        """Send what is pending, in order; a frame the transport refuses goes again (the chunks
+        put meanwhile join it) until `CHUNK_GIVE_UP_S`, then every chunk after it is lost too:
+        a stream with a hole is worth nothing."""
+        failing_since: float | None = None
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                await self._send(Chunk(self.call_id, batch))
+                if self.lost:
+                    self.lost += len(batch)
+                    continue
+                if await self._send(Chunk(self.call_id, batch)):
+                    failing_since = None
+                    continue
+                now = self._clock()
+                failing_since = now if failing_since is None else failing_since
+                if now - failing_since >= CHUNK_GIVE_UP_S:
+                    self.lost += len(batch)
+                    log.warning(
+                        "call %s: stream chunks lost (the scheduler is unreachable)", self.call_id
+                    )
+                    continue
+                self._pending = batch + self._pending
+                await asyncio.sleep(CHUNK_RETRY_S)
         finally:
             self._flusher = None
 

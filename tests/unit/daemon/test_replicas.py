@@ -9,6 +9,7 @@ exact, and waits for a state poll with a generous deadline instead of sleeping.
 import asyncio
 import time
 
+import msgspec
 import psutil
 import pytest
 
@@ -587,8 +588,9 @@ def test_a_streamed_calls_chunks_leave_at_once_until_its_first_token_then_togeth
     async def main() -> list[list[str]]:
         frames: list[list[str]] = []
 
-        async def send(chunk: replicas_mod.Chunk) -> None:
+        async def send(chunk: replicas_mod.Chunk) -> bool:
             frames.append(list(chunk.data))
+            return True
 
         stream = replicas_mod._Stream("c1", send)
         stream.put(role)
@@ -604,3 +606,53 @@ def test_a_streamed_calls_chunks_leave_at_once_until_its_first_token_then_togeth
         return frames
 
     assert asyncio.run(main())[2:] == [[token % "b", token % "c"]]
+
+
+def test_a_chunk_frame_the_transport_refuses_goes_again_in_order() -> None:
+    """No connection for a moment: the frame is sent again, the chunks put meanwhile with it,
+    and nothing is lost or reordered."""
+
+    async def main() -> tuple[list[list[str]], int]:
+        frames: list[list[str]] = []
+        refusals = [True, True]  # the first two tries fail
+
+        async def send(chunk: replicas_mod.Chunk) -> bool:
+            if refusals:
+                refusals.pop()
+                return False
+            frames.append(list(chunk.data))
+            return True
+
+        stream = replicas_mod._Stream("c1", send)
+        stream.put('{"choices":[{"delta":{"content":"a"}}]}')
+        await asyncio.sleep(0)
+        stream.put('{"choices":[{"delta":{"content":"b"}}]}')
+        await stream.drain()
+        return frames, stream.lost
+
+    frames, lost = asyncio.run(main())
+    assert [c for frame in frames for c in frame] == [
+        '{"choices":[{"delta":{"content":"a"}}]}',
+        '{"choices":[{"delta":{"content":"b"}}]}',
+    ]
+    assert lost == 0
+
+
+def test_chunks_the_transport_never_takes_are_lost_and_the_call_fails():
+    """A scheduler out of reach for longer than `CHUNK_GIVE_UP_S`: the stream gives up on
+    those chunks and every later one (a stream with a hole is worth nothing), and the call's
+    result says it failed, so the client gets an error instead of text with a hole."""
+    clock = ManualClock()
+
+    async def test(node):
+        async def refuse(chunk: replicas_mod.Chunk) -> bool:
+            clock.now += 1.0  # each try takes a second of the scheduler's absence
+            return False
+
+        node.rs.submit(msgspec.structs.replace(llm("c1", LM1), api="chat"), node.reply, refuse)
+        await node.until(lambda: "c1" in node.results)
+        return node.results["c1"]
+
+    result = serve(test, clock=clock)
+    assert not result.ok
+    assert "streamed chunks could not reach the scheduler" in result.error
