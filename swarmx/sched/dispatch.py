@@ -603,10 +603,9 @@ class Dispatcher:
         rep.work[call.call_id] = Work(call.call_id, now_s, service, len(blocks) * per)
         held: int | None = None
         if blocks and per > 0:
-            held = cached[decision.index] if cached is not None else None
             capacity = chosen.kv_cache_tokens or DEFAULT_KV_CACHE_TOKENS
             index = self.prefixes.ensure(chosen.replica, capacity // per)
-            held = index.match(blocks) * per if held is None else held
+            held = cached[decision.index] if cached is not None else index.match(blocks) * per
             index.insert(blocks)
         self._refresh(rep)
         self._where[call.call_id] = (chosen.replica, ticket)

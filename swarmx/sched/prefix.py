@@ -37,12 +37,13 @@ def block_hashes(prompt: str | bytes, block_bytes: int = BLOCK_BYTES) -> list[in
     and machines (BLAKE2b, not Python's salted ``hash``)."""
     if block_bytes < 1:
         raise ValueError(f"block_bytes must be >= 1, got {block_bytes}")
-    data = prompt.encode("utf-8", "surrogatepass") if isinstance(prompt, str) else prompt
+    raw = prompt.encode("utf-8", "surrogatepass") if isinstance(prompt, str) else prompt
+    data = memoryview(raw)
     out: list[int] = []
-    parent = b""
+    running = hashlib.blake2b(digest_size=8)  # block i's id: the hash of every byte through it
     for start in range(0, len(data) - block_bytes + 1, block_bytes):
-        parent = hashlib.blake2b(parent + data[start : start + block_bytes], digest_size=8).digest()
-        out.append(int.from_bytes(parent, "little") & _HASH_MASK)
+        running.update(data[start : start + block_bytes])
+        out.append(int.from_bytes(running.digest(), "little") & _HASH_MASK)
     return out
 
 

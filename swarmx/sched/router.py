@@ -473,6 +473,16 @@ def _cached(inp: RouteInput) -> Sequence[int]:
     return inp.cached_tokens if inp.cached_tokens is not None else [0] * len(inp.candidates)
 
 
+def _kv_held(view: ReplicaView) -> int:
+    """Prompt KV of the calls outstanding on a replica (what it decodes, what it caches)."""
+    return sum(w.kv_tokens for w in view.work)
+
+
+def _least_loaded(cands: Sequence[ReplicaView], pool: list[int]) -> list[int]:
+    fewest = min(cands[i].outstanding for i in pool)
+    return [i for i in pool if cands[i].outstanding == fewest]
+
+
 class PrefixAffinity:
     """The cache-aware policy of SGLang's router (and vLLM's), with their defaults, as a
     baseline: the replica holding the longest prefix of the call, unless load is imbalanced
@@ -504,12 +514,10 @@ class PrefixAffinity:
             best = max(cached[i] for i in pool)
             if best / prompt > self.cache_threshold:
                 tied = [i for i in pool if cached[i] == best]
-                fewest = min(load[i] for i in tied)
-                return Choice(self._ties.pick(cands, [i for i in tied if load[i] == fewest]))
-            held = [sum(w.kv_tokens for w in c.work) for c in cands]
-            score = [float(held[i]) for i in range(len(cands))]
+                return Choice(self._ties.pick(cands, _least_loaded(cands, tied)))
+            score = [float(_kv_held(c)) for c in cands]
             return Choice(self._ties.pick(cands, _lowest(pool, score)))
-        return Choice(self._ties.pick(cands, [i for i in pool if load[i] == least]))
+        return Choice(self._ties.pick(cands, _least_loaded(cands, pool)))
 
 
 class KvCost:
@@ -538,11 +546,8 @@ class KvCost:
         score = [0.0] * len(cands)
         for i in pool:
             prefill = blocks - cached[i] / block
-            decode = sum(w.kv_tokens for w in cands[i].work) / block
-            score[i] = self.overlap_weight * prefill + decode
-        tied = _lowest(pool, score)
-        fewest = min(cands[i].outstanding for i in tied)
-        return Choice(self._ties.pick(cands, [i for i in tied if cands[i].outstanding == fewest]))
+            score[i] = self.overlap_weight * prefill + _kv_held(cands[i]) / block
+        return Choice(self._ties.pick(cands, _least_loaded(cands, _lowest(pool, score))))
 
 
 @frozen
