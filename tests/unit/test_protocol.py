@@ -443,3 +443,30 @@ def test_a_gateway_calls_worst_values_are_refused_at_decode(field, value):
     with pytest.raises(ProtocolError) as info:
         decode_frame(_raw(type="gateway_call", body={**_GATEWAY_CALL, field: value}))
     assert info.value.reason == "schema" and f"body.{field}" in str(info.value)
+
+
+_RESULT = {
+    "call_id": "c1",
+    "replica": "n/lm#0",
+    "ok": True,
+    "output": "hi",
+    "error": "",
+    "queue_s": 0.0,
+    "latency_s": 1.0,
+    "ttft_s": 0.1,
+    "prompt_tokens": 10,
+    "output_tokens": 2,
+}
+
+
+@pytest.mark.parametrize("value", [-1, 1 << 41, 1.5, "10"])
+def test_a_results_worst_cached_token_counts_are_refused_at_decode(value):
+    with pytest.raises(ProtocolError) as info:
+        decode_frame(_raw(type="result", body={**_RESULT, "cached_tokens": value}))
+    assert info.value.reason == "schema" and "body.cached_tokens" in str(info.value)
+
+
+def test_a_result_from_a_node_that_does_not_say_what_was_cached_decodes_as_none():
+    """An older node's frame has no ``cached_tokens``: unknown, not zero."""
+    env = decode_frame(_raw(type="result", body=_RESULT))
+    assert isinstance(env.body, Result) and env.body.cached_tokens is None

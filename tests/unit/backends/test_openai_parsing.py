@@ -14,8 +14,10 @@ import pytest
 
 from swarmx.backends.base import BackendMetrics, CallOutcome, CallRequest
 from swarmx.backends.openai import (
+    MAX_EVENT_LINE_BYTES,
     ChatStream,
     OpenAIBackend,
+    SseParser,
     StreamError,
     iter_sse_data,
     metrics_from_prometheus,
@@ -134,6 +136,20 @@ def test_prometheus_tricky_lines():
 def test_sse_events_and_multiline_data():
     raw = [b"event: x\n", b"data: one\n", b"data:two\n", b"\n", b"id: 3\n", b"data: tail"]
     assert list(iter_sse_data(raw)) == ["one\ntwo", "tail"]
+
+
+def test_an_event_stream_line_without_end_is_refused_not_buffered_forever():
+    """A broken or hostile engine sends data with no newline: past `MAX_EVENT_LINE_BYTES` the
+    stream fails, rather than the node holding all of it; one split over many reads is fine."""
+    parser = SseParser()
+    piece = b"x" * (1 << 20)
+    for _ in range(MAX_EVENT_LINE_BYTES // len(piece)):
+        parser.feed(piece)  # at the limit: still buffered
+    with pytest.raises(StreamError, match="an event stream line over"):
+        parser.feed(piece)
+    whole = SseParser()
+    events = [e for chunk in (b"data: he", b"llo\r", b"\n", b"\n") for e in whole.feed(chunk)]
+    assert events == ["hello"]
 
 
 def test_stream_with_usage():

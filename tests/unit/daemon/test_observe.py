@@ -290,3 +290,22 @@ def test_prefix_hits_are_shares_of_prompt_tokens_each_over_the_calls_that_have_t
     reported, expected = hits.rates()
     assert reported == pytest.approx(750 / 1500)
     assert expected == pytest.approx(512 / 2000)
+
+
+def test_an_engine_claiming_more_cached_than_prompt_tokens_reads_as_all_cached():
+    hits = PrefixHits()
+    base = dict(ts=0.0, workflow="w", step="s", deps=[], model="lm", prompt="p", max_tokens=8)
+    more = dict(output_tokens=1, latency_s=1.0, queue_s=0.0, ttft_s=None, node="n", replica="r")
+    dev = dict(device=DeviceAtDispatch("cpu", 0, 0, 0), runtime=RuntimeAtDispatch(0, 0))
+    hits.add(
+        TraceRecord(
+            kind="llm",
+            prompt_tokens=100,
+            cached_tokens=10**9,
+            cached_tokens_est=None,
+            **base,  # type: ignore[arg-type]
+            **more,  # type: ignore[arg-type]
+            **dev,  # type: ignore[arg-type]
+        )
+    )
+    assert hits.rates() == (1.0, None)
