@@ -96,6 +96,8 @@ class _Call:
     pred: LatencyDist | None = None
     ttft_s: float | None = None
     """From reaching its replica to the end of its prefill (LLM calls)."""
+    floor: tuple[float, float] | None = None
+    """LLM calls: (TTFT, latency) no router could beat (`Simulation._floor`)."""
 
 
 @dataclass
@@ -128,6 +130,10 @@ class SimResult:
     """Prompt tokens of the LLM calls the replicas took."""
     cached_tokens: int = 0
     """Of those, the tokens their prefix caches served."""
+    ttft_floor_s: list[float] = field(default_factory=list)
+    call_latency_floor_s: list[float] = field(default_factory=list)
+    """Per LLM call, aligned with ``ttft_s``: the least TTFT and latency any routing could give
+    it (`Simulation._floor`)."""
 
 
 class Simulation:
@@ -175,6 +181,8 @@ class Simulation:
         self._starting: dict[str, int] = {}
         self._budget: dict[str, float] = {}
         self._chains = BlockChains()
+        self._seen_blocks: set[int] = set()
+        """Every prefix block a call has sent so far (`_floor`)."""
         self._next: deque[tuple[str, SimWorkflow]] = deque()
         """Session replays: the workflows waiting for one running to end."""
         self.models = sorted({s.model for w in workflows for s in w.spec.steps if s.kind != "tool"})
@@ -355,6 +363,7 @@ class Simulation:
         flow = c.wf
         if c.call.kind == "llm":
             c.call = self._with_blocks(c.call, c.truth)
+            c.floor = self._floor(c.call, c.truth)
         if self._plain:
             ticket = Ticket(c.call, self.now)
         else:
@@ -375,6 +384,30 @@ class Simulation:
         if not blocks:
             return call
         return dataclasses.replace(call, prefix_blocks=blocks, block_tokens=per)
+
+    def _floor(self, call: CallSpec, truth: CallTruth) -> tuple[float, float] | None:
+        """A call's TTFT and latency alone on the fastest replica of its model, its cache
+        holding every block any earlier call sent (unbounded): a bound below what any router
+        can give it (a batch only slows a call, a queue only delays it, a real cache holds no
+        more). Their quantiles bound the routers' from below, so a target under them is out of
+        any router's reach."""
+        blocks, per = call.prefix_blocks, call.block_tokens
+        seen = self._seen_blocks
+        held = next((k for k, b in enumerate(blocks) if b not in seen), len(blocks))
+        seen.update(blocks)
+        cached = max(0, min(held * per, truth.prompt_tokens - 1))
+        servers = {
+            rep.gpu: rep.server
+            for rep in self.replicas.values()
+            if rep.model == call.model and isinstance(rep.server, LlmServer)
+        }
+        if not servers:
+            return None
+        prompt, output = truth.prompt_tokens, truth.output_tokens
+        return (
+            min(prefill_s(s.gpu, s.model, prompt - cached) for s in servers.values()),
+            min(s.solo_s(prompt, output, 0, 0.0, cached) for s in servers.values()),
+        )
 
     def _step_service(self, run: WorkflowRun, step: StepSpec) -> LatencyDist:
         """A typical call of the step: the recent forecasts for its pool (none yet: 1 s)."""
@@ -435,6 +468,9 @@ class Simulation:
         if served.ttft_s is not None:
             c.ttft_s = served.ttft_s
             r.ttft_s.append(c.start_s - c.ready_s + served.ttft_s)
+            if c.floor is not None:
+                r.ttft_floor_s.append(c.floor[0])
+                r.call_latency_floor_s.append(c.floor[1])
         service = self.now - c.start_s
         self.forecaster.observe(c.call, lambda: self._trace(c, service), service)
         if self.record is not None:
@@ -619,6 +655,8 @@ def summary(result: SimResult) -> dict[str, Any]:
         "workflow_latency_s": pct(result.workflow_latency_s),
         "call_latency_s": pct(result.call_latency_s),
         "ttft_s": pct(result.ttft_s),
+        "ttft_floor_s": pct(result.ttft_floor_s),
+        "call_latency_floor_s": pct(result.call_latency_floor_s),
         "prefix_hit_rate": (
             result.cached_tokens / result.prompt_tokens if result.prompt_tokens else None
         ),

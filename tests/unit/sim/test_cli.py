@@ -3,6 +3,7 @@
 import json
 from typing import get_args
 
+import pytest
 from typer.testing import CliRunner
 
 from swarmx.backends.emulated import GPUS
@@ -138,6 +139,28 @@ def test_a_mooncake_trace_replays_with_its_hash_ids(tmp_path):
     assert affinity["prefix_hit_rate"] > rotation["prefix_hit_rate"] + 0.2
     assert affinity["ttft_s"]["mean"] < rotation["ttft_s"]["mean"]
     assert run("kv_cost")["prefix_hit_rate"] > rotation["prefix_hit_rate"]
+
+
+def test_the_floor_bounds_every_router_from_below_and_is_the_same_for_each(tmp_path):
+    """The floor: each call alone on an idle replica holding every block sent before it."""
+    trace = write_mooncake(tmp_path / "mc.jsonl", conversations(4, turns=6))
+    floors = []
+    for router in ("round_robin", "least_outstanding", "prefix_affinity", "kv_cost"):
+        result = sim("--trace", str(trace), "--replicas", "3", "--router", router, "--json")
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        floor = (data["ttft_floor_s"], data["call_latency_floor_s"])
+        for got, least in zip((data["ttft_s"], data["call_latency_s"]), floor, strict=True):
+            assert all(0 < least[q] <= got[q] + 1e-9 for q in ("p50", "p95", "p99", "mean"))
+        floors.append(floor)
+        if router == "round_robin":
+            rotated = data["ttft_s"]
+    assert all(f == floors[0] for f in floors)
+    # each turn adds one block to what its conversation sent before: the floor prefills just
+    # that block, every call alike, where a rotation misses blocks it sent elsewhere
+    ttft = floors[0][0]
+    assert ttft["p50"] == pytest.approx(ttft["p99"])
+    assert rotated["p99"] > 2 * ttft["p99"]
 
 
 def test_claude_code_sessions_replay_in_closed_loop(tmp_path):
