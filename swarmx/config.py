@@ -12,6 +12,8 @@ import ipaddress
 import os
 import re
 import socket
+import string
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -164,6 +166,24 @@ class SchedulerConfig:
         _check_positive("max_frame_bytes", self.max_frame_bytes)
 
 
+PLACEHOLDERS = frozenset({"port", "gpu", "model", "served_model", "replica", "host"})
+"""What a launch template may name: ``{port}`` (the port the node picked), ``{gpu}`` (the GPU
+indices it assigned, comma-separated), ``{model}``, ``{served_model}``, ``{replica}`` (the
+replica's name) and ``{host}`` (the address the engine should listen on)."""
+
+
+def template_fields(parts: Sequence[str]) -> set[str]:
+    """The placeholders a template names (``{{`` and ``}}`` are literal braces)."""
+    names: set[str] = set()
+    for part in parts:
+        for _, name, spec, conv in string.Formatter().parse(part):
+            if name is not None:
+                if spec or conv or not name.isidentifier():
+                    raise ValueError(f"{part!r}: write placeholders as {{name}}, got {{{name}}}")
+                names.add(name)
+    return names
+
+
 @dataclass(frozen=True)
 class ReplicaConfig:
     """One model this node serves, ``count`` times (``[[node.replicas]]``)."""
@@ -197,9 +217,29 @@ class ReplicaConfig:
     startup_delay_s: float = 0.0
     """Extra time a replica started by the scaler waits, once its backend is up, before the node
     announces it ready (emulates a model server's load time; the backend's own start-up always
-    counts)."""
+    counts). For launched engines, the scaler's lead time until start-ups are measured."""
+    launch: list[str] = field(default_factory=list)
+    """openai: the command that starts one engine (argv, no shell), with placeholders
+    ``{port}``, ``{gpu}``, ``{model}``, ``{served_model}``, ``{replica}``, ``{host}``; the node
+    then starts, supervises and stops engines itself, up to ``max_count`` (docs/backends.md)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """launch: environment variables added to the engine's (values take placeholders)."""
+    health_path: str = "/v1/models"
+    """launch: the path that answers 2xx once the engine serves."""
+    metrics_path: str = ""
+    """launch: the engine's Prometheus path (e.g. ``/metrics``), scraped for queue and KV use."""
+    ready_timeout_s: float = 600.0
+    """launch: how long an engine may take to answer its health path."""
+    stop_timeout_s: float = 30.0
+    """launch: how long an engine has after SIGTERM before SIGKILL."""
+    gpus_per_replica: int = 0
+    """launch: GPUs each engine gets (``{gpu}``), never shared unless ``[node]
+    replicas_per_gpu`` says so."""
+    drain_timeout_s: float = 300.0
+    """launch: on scale-down, how long in-flight calls may take before the engine is stopped."""
 
     def __post_init__(self) -> None:
+        self._check_launch()
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}", self.model):
             raise SchemaError(
                 "model", f"must be 1-128 of A-Z a-z 0-9 . _ : / -, got {self.model!r}"
@@ -208,7 +248,11 @@ class ReplicaConfig:
             raise SchemaError("count", "must be >= 1")
         if self.concurrency < 1:
             raise SchemaError("concurrency", "must be >= 1")
-        if self.backend == "openai" and not self.url.startswith(("http://", "https://")):
+        if (
+            self.backend == "openai"
+            and not self.launch
+            and not self.url.startswith(("http://", "https://"))
+        ):
             raise SchemaError(
                 "url", f"openai replicas need an http(s):// base URL, got {self.url!r}"
             )
@@ -216,20 +260,73 @@ class ReplicaConfig:
             raise SchemaError("device", f"must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.max_count is not None and self.max_count < self.count:
             raise SchemaError("max_count", f"must be >= count ({self.count}), got {self.max_count}")
-        if self.backend == "openai" and self.max_count is not None and self.max_count > self.count:
+        if (
+            self.backend == "openai"
+            and not self.launch
+            and self.max_count is not None
+            and self.max_count > self.count
+        ):
             raise SchemaError(
                 "max_count",
-                "openai replicas cannot be started by the node: max_count must not exceed count",
+                "openai replicas without `launch` cannot be started by the node: max_count must"
+                " not exceed count",
             )
         if self.startup_delay_s < 0:
             raise SchemaError("startup_delay_s", f"must be >= 0, got {self.startup_delay_s}")
+
+    def _check_launch(self) -> None:
+        if not self.launch:
+            for name in ("env", "metrics_path"):
+                if getattr(self, name):
+                    raise SchemaError(name, "takes effect only with `launch`")
+            if self.gpus_per_replica:
+                raise SchemaError("gpus_per_replica", "takes effect only with `launch`")
+            return
+        if self.backend != "openai":
+            raise SchemaError("launch", f"only openai replicas launch engines, not {self.backend}")
+        if not self.launch[0]:
+            raise SchemaError("launch", "the command (its first word) is empty")
+        where = {
+            "launch": self.launch,
+            "url": [self.url],
+            **{f"env.{k}": [v] for k, v in self.env.items()},
+        }
+        used: set[str] = set()
+        for name, parts in where.items():
+            try:
+                fields = template_fields(parts)
+            except ValueError as exc:
+                raise SchemaError(name, str(exc)) from None
+            unknown = fields - PLACEHOLDERS
+            if unknown:
+                raise SchemaError(
+                    name,
+                    f"unknown placeholder {{{sorted(unknown)[0]}}}"
+                    f" (known: {', '.join(f'{{{p}}}' for p in sorted(PLACEHOLDERS))})",
+                )
+            used |= fields
+        if "port" not in used:
+            raise SchemaError("launch", "never names {port}: the node cannot tell the engine where")
+        if "gpu" in used and self.gpus_per_replica < 1:
+            raise SchemaError("gpus_per_replica", "must be >= 1 where the template names {gpu}")
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise SchemaError("url", f"must be an http(s):// base URL, got {self.url!r}")
+        if not self.health_path.startswith("/"):
+            raise SchemaError("health_path", f"must start with /, got {self.health_path!r}")
+        if self.metrics_path and not self.metrics_path.startswith("/"):
+            raise SchemaError("metrics_path", f"must start with /, got {self.metrics_path!r}")
+        if self.gpus_per_replica < 0:
+            raise SchemaError("gpus_per_replica", f"must be >= 0, got {self.gpus_per_replica}")
+        for name in ("ready_timeout_s", "stop_timeout_s", "drain_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise SchemaError(name, f"must be > 0, got {getattr(self, name)}")
 
     @property
     def scale_max(self) -> int:
         """The effective ``max_count``."""
         if self.max_count is not None:
             return self.max_count
-        return self.count if self.backend == "openai" else 4 * self.count
+        return self.count if self.backend == "openai" and not self.launch else 4 * self.count
 
 
 @dataclass(frozen=True)
@@ -281,9 +378,22 @@ class NodeConfig:
     metrics_port: int = 0
     """Serve this agent's Prometheus metrics on this port; 0 means off (docs/metrics.md)."""
     metrics_addr: str = "127.0.0.1"
+    engine_gpus: list[int] | None = None
+    """GPU indices launched engines may use; default: every GPU NVML finds (none with
+    ``gpus = "off"``)."""
+    replicas_per_gpu: int = 1
+    """Launched engines one GPU may hold at once."""
+    state_dir: str = field(default_factory=default_state_dir)
+    """Where the agent records the engines it launched (``engines-NAME.json``), so the next
+    agent stops any a killed one left behind."""
 
     def __post_init__(self) -> None:
         _check_metrics(self.metrics_port, self.metrics_addr)
+        if self.replicas_per_gpu < 1:
+            raise SchemaError("replicas_per_gpu", f"must be >= 1, got {self.replicas_per_gpu}")
+        for i, gpu in enumerate(self.engine_gpus or []):
+            if gpu < 0:
+                raise SchemaError(f"engine_gpus[{i}]", f"must be a GPU index >= 0, got {gpu}")
         if self.tool_lease_s < 0:
             raise SchemaError("tool_lease_s", f"must be >= 0 (0: off), got {self.tool_lease_s}")
         if self.drain_timeout_s < 0:

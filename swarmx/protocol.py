@@ -100,6 +100,10 @@ def replica_index(replica: str) -> int:
     return int(tail) if tail.isdigit() else -1
 
 
+MAX_WARMUPS = 32
+"""Start-up times a node reports per pool."""
+
+
 class ReplicaInfo(msgspec.Struct, frozen=True):
     """A model server instance a node serves, ready for calls."""
 
@@ -127,6 +131,15 @@ class ReplicaPool(msgspec.Struct, frozen=True):
     target: Replicas
     """Replicas running (not draining) or starting now: the node's latest scale target."""
     startup_delay_s: Seconds = 0.0
+    """The configured start-up time: the prior for the lead time until starts are measured."""
+    warmup_s: Annotated[list[Seconds], Meta(max_length=MAX_WARMUPS)] = msgspec.field(
+        default_factory=list
+    )
+    """Measured times from launch to ready of this node's recent starts of this pool, oldest
+    first (at most `MAX_WARMUPS`): the lead time a scale-up takes here."""
+    restarts: Count = 0
+    """Launched engines of this pool that failed (exited, or stopped answering their health
+    path) and were started again, since the agent started."""
 
 
 class Hello(msgspec.Struct, frozen=True):
@@ -295,6 +308,9 @@ class Result(msgspec.Struct, frozen=True):
     output_tokens: Count
     cached_tokens: Count | None = None
     """Prompt tokens the engine served from its prefix cache; None where it does not say."""
+    infra: bool = False
+    """It failed because its replica failed (the engine died or hung), not because of the call:
+    the scheduler runs it elsewhere without using up the step's retries."""
 
 
 class Chunk(msgspec.Struct, frozen=True):
@@ -635,6 +651,10 @@ class ModelStats(msgspec.Struct, frozen=True):
     actual_s: dict[str, float]
     pred_s: dict[str, float]
     covered: dict[str, float]
+    warmup_p90_s: float | None = None
+    """The p90 of the start-ups the live nodes measured for this model (their pools'
+    ``warmup_s``, pooled): the lead time the scaler plans on. None before 3 were measured (it
+    plans on the configured ``startup_delay_s`` then)."""
 
 
 class WorkflowBrief(msgspec.Struct, frozen=True):

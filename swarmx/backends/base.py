@@ -57,6 +57,9 @@ class CallOutcome:
     """Prompt tokens whose KV came from the backend's prefix cache instead of being prefilled;
     None where the backend does not say (an OpenAI-compatible server that reports no
     ``usage.prompt_tokens_details.cached_tokens``)."""
+    infra: bool = False
+    """Failed because the backend failed (its engine died), not because of the call: it may
+    run elsewhere without using up the step's retries."""
 
 
 @dataclass(frozen=True)

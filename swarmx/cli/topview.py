@@ -203,8 +203,9 @@ def _quant(values: dict[str, float] | None, level: str) -> float | None:
 
 
 def header(screen: Screen, view: View) -> list[Text]:
-    """Scheduler and uptime; nodes; replicas by model; workflows, SLO and tail latency; the
-    predictor. A lost connection or a pause is said on the first line."""
+    """Scheduler and uptime; nodes; replicas by model; the measured warm-up of the models the
+    nodes can scale (the scaler's lead time); workflows, SLO and tail latency; the predictor. A
+    lost connection or a pause is said on the first line."""
     reply = screen.reply
     status: tuple[str, str]
     if screen.error:
@@ -249,6 +250,10 @@ def header(screen: Screen, view: View) -> list[Text]:
             *((("   waiting ", "bold"), waiting) if waiting else ()),
         )
     )
+    scalable = {p.model for n in reply.nodes if n.state == "live" for p in n.hello.pools}
+    warmups = [f"{m.model} {_secs(m.warmup_p90_s)}" for m in reply.models if m.model in scalable]
+    if warmups:
+        lines.append(_line(("warm-up p90 ", "bold"), " · ".join(warmups)))
     s = reply.summary
     attainment: tuple[str, str] = ("-", "")
     if s.window_slo_total:

@@ -141,8 +141,13 @@ class NodeAgent:
         self._latest: Telemetry | None = None
         """Last sample, sent the moment registration is acknowledged so the scheduler never
         shows a registered node without telemetry for a whole interval."""
+        launches = any(rc.launch for rc in cfg.replicas) and cfg.engine_gpus is None
         self.replicas = ReplicaSet(
-            cfg, clock, on_change=self._announce, confirm_drain=self._scheduler_told
+            cfg,
+            clock,
+            on_change=self._announce,
+            confirm_drain=self._scheduler_told,
+            gpus=[g.index for g in self.gpus.inventory()] if launches and self.gpus else (),
         )
         self._told: list[tuple[int, asyncio.Future[None]]] = []
         """Drains waiting for the scheduler to acknowledge a hello numbered above the seq they

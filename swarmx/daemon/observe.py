@@ -34,6 +34,7 @@ from swarmx.protocol import (
     from_builtins,
 )
 from swarmx.sched.dispatch import TOOL_POOL, Assign, pool_of
+from swarmx.sched.scaler import lead_time_s
 from swarmx.stats import quantile
 from swarmx.traces import TraceRecord
 from swarmx.workflow.engine import WorkflowRun
@@ -290,8 +291,10 @@ class Observer:
         return out
 
     def _model_stats(self, replicas: list[ReplicaStats]) -> list[ModelStats]:
+        """Per model served, queued for or scalable (a pool scaled to zero is shown too)."""
         dispatcher = self.service.dispatcher
-        names = {r.model for r in replicas} | set(dispatcher.queued_models())
+        warmups = self._warmups()
+        names = {r.model for r in replicas} | set(dispatcher.queued_models()) | set(warmups)
         out = []
         for model in sorted(names):
             recent = self.models.get(model, Recent())
@@ -305,8 +308,21 @@ class Observer:
                     actual_s=actual,
                     pred_s=pred,
                     covered=covered,
+                    warmup_p90_s=lead_time_s(warmups.get(model, []), 0.0),
                 )
             )
+        return out
+
+    def _warmups(self) -> dict[str, list[float]]:
+        """Per model the live nodes can scale, the start-ups they measured, pooled as the
+        scaler pools them (`ScaleController`)."""
+        out: dict[str, list[float]] = {}
+        for node, pools in self.service.pools.items():
+            if node not in self.nodes or self.nodes.state(node) != "live":
+                continue
+            for pool in pools:
+                if pool.model != TOOL_POOL:
+                    out.setdefault(pool.model, []).extend(pool.warmup_s)
         return out
 
     def _forget(self, replicas: set[str]) -> None:

@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import msgspec
 import psutil
@@ -25,7 +26,9 @@ from swarmx.backends.base import Backend, CallOutcome, CallRequest
 from swarmx.backends.tools import ToolRunner
 from swarmx.clock import Clock
 from swarmx.config import NodeConfig, ReplicaConfig
+from swarmx.daemon.engines import Backoff, EngineLedger, GpuAllocator, LaunchedEngine
 from swarmx.protocol import (
+    MAX_WARMUPS,
     Chunk,
     Dispatch,
     ReplicaInfo,
@@ -134,6 +137,14 @@ class _Pool:
     declared: int
     max_count: int
     starting: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    """Replicas being started (a scale-up, or a failed engine's restart)."""
+    warmups: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=MAX_WARMUPS)
+    )
+    """Measured times from start to ready of the replicas it started while serving (scale-ups,
+    restarts), oldest first: the lead time of the next."""
+    restarts: int = 0
+    """Engines of this pool that failed and were started again."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -151,9 +162,24 @@ class ReplicaSet:
         clock: Clock,
         on_change: Changed | None = None,
         confirm_drain: Confirm | None = None,
+        gpus: Sequence[int] = (),
     ) -> None:
+        """``gpus``: the GPU indices launched engines may take (``[node] engine_gpus``, else
+        every GPU the node has)."""
         self.node = cfg.name
         self.clock = clock
+        self.gpus = GpuAllocator(
+            list(cfg.engine_gpus if cfg.engine_gpus is not None else gpus), cfg.replicas_per_gpu
+        )
+        self.ledger = (
+            EngineLedger(Path(cfg.state_dir) / f"engines-{cfg.name}.json")
+            if any(rc.launch for rc in cfg.replicas)
+            else None
+        )
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        """Launched replica -> the task that restarts its engine when it fails."""
+        self._backoffs: dict[str, Backoff] = {}
+        """Launched replica -> the delays between its restarts."""
         self.on_change = on_change
         """Awaited after a replica started by `scale` is ready or a drained one has closed (the
         node announces its new replica list)."""
@@ -190,7 +216,7 @@ class ReplicaSet:
                     rc.concurrency,
                 )
                 per_model[rc.model] += 1
-                self._configs.append((info, functools.partial(make_backend, rc, clock)))
+                self._configs.append((info, functools.partial(self._backend, rc, info.replica)))
         slots = (psutil.cpu_count() or 1) if cfg.tool_slots == -1 else cfg.tool_slots
         if slots > 0:
             info = ReplicaInfo(f"{cfg.name}/{TOOL_MODEL}", TOOL_MODEL, "tool", "cpu", slots)
@@ -205,22 +231,46 @@ class ReplicaSet:
             )
             self._configs.append((info, tools))
 
+    def _backend(self, rc: ReplicaConfig, replica: str) -> Backend:
+        if rc.launch:
+            return LaunchedEngine(rc, replica, self.gpus, self.ledger)
+        return make_backend(rc, self.clock)
+
     async def start(self) -> None:
-        """Start every backend; one that fails is logged and left out, the others serve."""
+        """Start every backend; one that fails is logged and left out, the others serve (a
+        launched engine that fails is started again, as one that fails later would be).
+        First, engines an agent before this one left running are stopped."""
+        if self.ledger is not None:
+            await asyncio.to_thread(self.ledger.sweep)
 
         async def one(info: ReplicaInfo, factory: Callable[[], Backend]) -> None:
+            backend: Backend | None = None
+            began = self.clock.monotonic()
             try:
                 backend = factory()
                 await backend.start()
             except Exception as exc:  # any backend's start failure: keep the node serving
                 log.error("replica %s (%s) failed to start: %s", info.replica, info.backend, exc)
+                if isinstance(backend, LaunchedEngine):
+                    self._restart_later(self._pools[(info.model, info.backend)], info.replica, 0.0)
                 return
+            assert backend is not None
+            if isinstance(backend, LaunchedEngine):  # a real start-up (others: their delay)
+                self._pools[(info.model, info.backend)].warmups.append(
+                    self.clock.monotonic() - began
+                )
             self._add(info, backend)
 
         await asyncio.gather(*(one(info, factory) for info, factory in self._configs))
 
     def _add(self, info: ReplicaInfo, backend: Backend) -> None:
         self.replicas[info.replica] = Replica(info, backend, asyncio.Semaphore(info.concurrency))
+        if isinstance(backend, LaunchedEngine):
+            pool = self._pools[(info.model, info.backend)]
+            watcher = asyncio.create_task(
+                self._supervise(pool, info.replica, backend), name=f"supervise {info.replica}"
+            )
+            self._watchers[info.replica] = watcher
         log.info(
             "replica %s ready (%s on %s, %d slots)",
             info.replica,
@@ -253,6 +303,8 @@ class ReplicaSet:
                 pool.max_count,
                 self._target(pool),
                 pool.template.startup_delay_s,
+                list(pool.warmups),
+                pool.restarts,
             )
             for _, pool in sorted(self._pools.items())
         ]
@@ -320,25 +372,35 @@ class ReplicaSet:
         if self.on_change is not None:
             await self.on_change()
 
-    async def _start_one(self, pool: _Pool, name: str) -> None:
+    async def _start_one(self, pool: _Pool, name: str, delay_s: float = 0.0) -> None:
+        """Start one replica (after ``delay_s``). A launched engine that fails to start is
+        tried again after a backoff; any other failed start lowers the target, which the
+        scheduler sees."""
         rc = pool.template
         info = ReplicaInfo(name, rc.model, rc.backend, pool.device, rc.concurrency)
         backend: Backend | None = None
         try:
-            backend = make_backend(rc, self.clock)
+            if delay_s > 0:
+                await self.clock.sleep(delay_s)
+            backend = self._backend(rc, name)
+            began = self.clock.monotonic()
             await backend.start()
-            if rc.startup_delay_s > 0:
+            if rc.startup_delay_s > 0 and not rc.launch:  # a launched engine's is measured
                 await self.clock.sleep(rc.startup_delay_s)
+            pool.warmups.append(self.clock.monotonic() - began)
         except asyncio.CancelledError:
             if backend is not None:
                 await backend.close()
             log.info("replica %s: start cancelled", name)
             raise
-        except Exception as exc:  # a failed start lowers the target; the scheduler sees it
+        except Exception as exc:
             log.error("replica %s (%s) failed to start: %s", name, rc.backend, exc)
             pool.starting.pop(name, None)
             if backend is not None:
                 await backend.close()
+            if rc.launch:
+                self._restart_later(pool, name, 0.0)
+                return
             await self._changed()
             return
         pool.starting.pop(name, None)
@@ -350,11 +412,60 @@ class ReplicaSet:
         log.info("replica %s draining: %d calls to finish", name, replica.pending)
         if confirmed is not None:  # calls routed here before the mark was seen count as pending
             await asyncio.shield(confirmed)
-        await replica.idle.wait()
+        backend = replica.backend
+        if isinstance(backend, LaunchedEngine):
+            limit_s = backend.cfg.drain_timeout_s
+            try:
+                await asyncio.wait_for(replica.idle.wait(), limit_s)
+            except TimeoutError:
+                log.warning(
+                    "replica %s: %d calls still running after %g s (drain_timeout_s): stopping"
+                    " its engine; they fail and run elsewhere",
+                    name,
+                    replica.pending,
+                    limit_s,
+                )
+        else:
+            await replica.idle.wait()
         self.replicas.pop(name, None)
+        await self._unwatch(name)
         await replica.backend.close()
         log.info("replica %s stopped", name)
         await self._changed()
+
+    # --- supervision of launched engines ---------------------------------------------------
+
+    async def _unwatch(self, name: str) -> None:
+        watcher = self._watchers.pop(name, None)
+        if watcher is not None and watcher is not asyncio.current_task():
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    async def _supervise(self, pool: _Pool, name: str, backend: LaunchedEngine) -> None:
+        """Wait for the engine to fail; then take the replica out at once (its running calls
+        fail and run elsewhere, the scheduler routes nothing more here) and start it again."""
+        up_since = self.clock.monotonic()
+        reason = await backend.failure()
+        replica = self.replicas.get(name)
+        if replica is None or replica.backend is not backend or replica.info.draining:
+            return  # being stopped on purpose
+        log.error("replica %s failed: %s; restarting it", name, reason)
+        self._watchers.pop(name, None)
+        self.replicas.pop(name, None)
+        pool.restarts += 1
+        await backend.close()
+        self._restart_later(pool, name, self.clock.monotonic() - up_since)
+        await self._changed()
+
+    def _restart_later(self, pool: _Pool, name: str, up_s: float) -> None:
+        """Start the replica again after a backoff; it counts as starting meanwhile, so a
+        scale-down may cancel it."""
+        backoff = self._backoffs.setdefault(name, Backoff())
+        delay_s = backoff.next_s(up_s)
+        log.info("replica %s: next start in %g s", name, delay_s)
+        task = asyncio.create_task(self._start_one(pool, name, delay_s), name=f"restart {name}")
+        pool.starting[name] = task
+        self._track(task)
 
     # --- calls ------------------------------------------------------------------------------
 
@@ -491,6 +602,7 @@ class ReplicaSet:
                 outcome.prompt_tokens,
                 outcome.output_tokens,
                 outcome.cached_tokens,
+                outcome.infra,
             )
         )
 
@@ -518,9 +630,10 @@ class ReplicaSet:
             return CallOutcome(False, "", f"{type(exc).__name__}: {exc}")
 
     async def close(self) -> None:
-        for task in [*self._tasks.values(), *self._lifecycle]:
+        tasks = [*self._tasks.values(), *self._lifecycle, *self._watchers.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), *self._lifecycle, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(
             *(r.backend.close() for r in self.replicas.values()), return_exceptions=True
         )

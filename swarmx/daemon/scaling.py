@@ -1,6 +1,8 @@
 """The scheduler's scaling loop: every ``[scaler] interval_s`` it describes each model's pool to
 the scaler (pure code shared with the simulator, `swarmx.sched.scaler`) and carries out the
-targets it returns with `ScaleCommand`s to node agents.
+targets it returns with `ScaleCommand`s to node agents. A model's lead time (how long a replica
+asked for takes to serve: `PoolState.lead_s`) is the p90 of the start-ups its nodes measured
+(their pools' ``warmup_s``, pooled), else the largest configured ``startup_delay_s``.
 
 Placement: a node can scale a model it declares in its ``[[node.replicas]]`` (its hello's
 ``pools``), up to that entry's ``max_count``. A scale-up goes to the node with the fewest replicas
@@ -29,7 +31,7 @@ from swarmx.models.dist import LatencyDist
 from swarmx.protocol import Hello, Message, ReplicaPool, ScaleCommand, replica_index
 from swarmx.sched.dispatch import TOOL_POOL
 from swarmx.sched.router import ReplicaView
-from swarmx.sched.scaler import PoolState, Scaler
+from swarmx.sched.scaler import PoolState, Scaler, lead_time_s
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +218,12 @@ class ScaleController:
         concurrency = max(
             [v.concurrency for s in slots for v in s.ready] or [slots[0].pool.concurrency]
         )
+        # the nodes start the same servers: their start-ups are pooled, and the slowest
+        # configured one is the prior until enough are measured
+        lead_s = lead_time_s(
+            [w for s in slots for w in s.pool.warmup_s],
+            max(s.pool.startup_delay_s for s in slots),
+        )
         return PoolState(
             model=model,
             ready=ready,
@@ -232,6 +240,7 @@ class ScaleController:
             expected_calls=self.service.expected_calls(model),
             min_replicas=lo,
             max_replicas=hi,
+            lead_s=lead_s,
         )
 
     # --- carrying out -----------------------------------------------------------------------
@@ -333,7 +342,9 @@ def _reason(policy: str, s: PoolState, current: int, target: int, bound: bool) -
     why = "outside min/max" if bound else policy
     service = f", p50 service {s.service.quantile(0.5):.2f}s" if s.service is not None else ""
     budget = f", budget {s.budget_s:.2f}s" if s.budget_s is not None else ""
+    lead = f", lead {s.lead_s:.1f}s" if s.lead_s is not None else ""
     return (
         f"{why}: {s.ready} ready + {s.starting} starting, {s.busy} busy, {s.waiting} waiting, "
-        f"{s.arrivals} arrived in {s.interval_s:.1f}s, {s.expected_calls} expected{service}{budget}"
+        f"{s.arrivals} arrived in {s.interval_s:.1f}s, {s.expected_calls} expected"
+        f"{service}{budget}{lead}"
     )

@@ -596,7 +596,14 @@ class WorkflowService:
         if f is None:
             self.faults.results_dropped["late"] += 1  # cancelled, re-run elsewhere, or a duplicate
             return
-        done = CallDone(result.call_id, result.ok, result.output, result.error, result.replica)
+        done = CallDone(
+            result.call_id,
+            result.ok,
+            result.output,
+            result.error,
+            result.replica,
+            infra=result.infra and not result.ok,
+        )
         await self._done(result.call_id, done, result)
 
     async def _done(self, call_id: str, done: CallDone, result: Result | None) -> None:

@@ -17,6 +17,7 @@ from swarmx.models.dist import LatencyDist
 from swarmx.sched import tailmath
 from swarmx.sched.dispatch import LOAD_BANDS
 from swarmx.schema import SchemaError, decode
+from swarmx.stats import quantile
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,23 @@ class PoolState:
     (`Dispatcher.service_by_load`): how load slows calls down."""
     min_replicas: int = 0
     max_replicas: int = 1 << 30
+    lead_s: float | None = None
+    """How long a replica asked for now takes to serve: a high quantile of the measured
+    start-ups, else the configured prior (`lead_time_s`); None: unknown."""
+
+
+MIN_WARMUPS = 3
+"""Measured start-ups that replace the configured prior: one or two say little of the tail."""
+
+
+def lead_time_s(warmups_s: Sequence[float], prior_s: float, level: float = 0.9) -> float | None:
+    """How long a replica asked for now takes to serve: the ``level`` quantile of the measured
+    start-ups once there are `MIN_WARMUPS` (a high one: a scale-up planned on the typical
+    start-up comes late half the time), else the configured start-up ``prior_s`` if set, else
+    None (unknown)."""
+    if len(warmups_s) >= MIN_WARMUPS:
+        return quantile(sorted(warmups_s), level)
+    return prior_s if prior_s > 0 else None
 
 
 class Scaler(Protocol):
@@ -222,8 +240,9 @@ class TailOptions(ScalerOptions):
     hysteresis_s: float = _option(120.0, "[0, inf)")
     """Scale-down stabilisation window."""
     horizon_s: float = _option(30.0, "(0, inf)")
-    """How far ahead the arrival rate's trend (and the expected fan-out calls) is provisioned
-    for: about a replica's start-up."""
+    """How far ahead the arrival rate's trend is provisioned for where a pool's start-up time is
+    unknown (`PoolState.lead_s`): about a replica's start-up; and the window the expected
+    fan-out calls are spread over."""
     alpha: float = _option(0.5, "(0, 1]")
     """Holt smoothing of the arrival rate's level."""
     beta: float = _option(0.3, "[0, 1]")
@@ -250,8 +269,10 @@ class TailScaler:
     """The fewest replicas whose predicted tail latency of a call meets the budget.
 
     Arrival rate: Holt's linear smoothing of ``arrivals / interval_s`` (so a rising rate is
-    extrapolated ``horizon_s`` ahead, about a replica's start-up), plus ``expected_calls``
-    spread over ``horizon_s`` (fan-outs known or predicted but not submitted yet).
+    extrapolated a replica's start-up ahead: the pool's ``lead_s`` where known, measured on its
+    nodes, else ``horizon_s``; see `ahead_s`), plus ``expected_calls`` spread over
+    ``horizon_s`` (fan-outs known or predicted but not submitted yet: how soon they come is
+    the workload's, not the start-up's).
 
     Latency: the pool as a GI/G/c queue with ``c = n * concurrency`` servers. Erlang C gives the
     chance a call waits; Allen-Cunneen scales the wait by ``(ca2 + cs2) / 2`` (``cs2``: the
@@ -338,8 +359,17 @@ class TailScaler:
                 trend = (level - holt.rate) / pool.interval_s
                 holt.trend = o.beta * trend + (1 - o.beta) * holt.trend
                 holt.rate = level
-        smoothed = 0.0 if holt is None else max(holt.rate, holt.rate + holt.trend * o.horizon_s)
+        ahead = self.ahead_s(pool)
+        smoothed = 0.0 if holt is None else max(holt.rate, holt.rate + holt.trend * ahead)
         return max(smoothed, 0.0) + pool.expected_calls / o.horizon_s
+
+    def ahead_s(self, pool: PoolState) -> float:
+        """How far ahead ``pool``'s arrival trend is provisioned: until a replica asked for now
+        serves (its ``lead_s``), but at least until the next decision (the target holds that
+        long); ``horizon_s`` where the start-up is unknown."""
+        if pool.lead_s is None:
+            return self.options.horizon_s
+        return max(pool.lead_s, pool.interval_s)
 
     def needed(self, pool: PoolState, rate: float) -> int:
         """The fewest replicas meeting the budget at this arrival rate (calls/s)."""

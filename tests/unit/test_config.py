@@ -116,7 +116,7 @@ level = "debug"
         (
             '[[node.replicas]]\nmodel = "lm"\nbackend = "openai"\nurl = "http://h/v1"\n'
             "max_count = 2\n",
-            r"node.replicas\[0\].max_count: openai replicas cannot be started by the node",
+            r"node.replicas\[0\].max_count: openai replicas without `launch` cannot be started",
         ),
         (
             '[scaler]\npolicy = "threshold"\noptions = { target = 0.5, tolerence = 0.1 }\n',

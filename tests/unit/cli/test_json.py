@@ -7,11 +7,16 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import typer.main
 from typer.testing import CliRunner
 
+import swarmx.cli.nodes
+import swarmx.cli.top
 from swarmx import __version__
 from swarmx.cli.main import app
+from swarmx.protocol import ModelStats, NodesReply, NodeView, ReplicaPool
+from tests.unit.test_protocol import HELLO, TELEMETRY, TOP
 
 WITHOUT_JSON = {
     "up": "runs a local cluster in the foreground",
@@ -49,3 +54,28 @@ def test_version_json_is_one_document():
     result = CliRunner().invoke(app, ["version", "--json"])
     assert result.exit_code == 0
     assert json.loads(result.stdout) == {"version": __version__}
+
+
+def test_the_warm_ups_reach_the_json_per_node_pool_and_pooled_per_model(tmp_path, monkeypatch):
+    """``nodes --json``: each node's pools with the start-ups it measured; ``top --json``: per
+    model, their p90 over the live nodes (the scaler's lead time), null until measured."""
+    pool = ReplicaPool("llama", "torch", "cpu", 4, 1, 4, 2, 30.0, warmup_s=[41.5, 38.0, 44.0])
+    hello = msgspec.structs.replace(HELLO, pools=[pool])
+    nodes = [NodeView("n1", "live", 1.0, 0.5, 0.5, 9, hello, TELEMETRY)]
+    models = [
+        ModelStats("llama", 1, 0, 20, {}, {}, {}, warmup_p90_s=44.0),
+        ModelStats("qwen", 0, 0, 0, {}, {}, {}),
+    ]
+    monkeypatch.setattr(swarmx.cli.nodes, "ask", lambda *_: NodesReply(TOP.scheduler, nodes))
+    monkeypatch.setattr(
+        swarmx.cli.top, "fetch", lambda *_: msgspec.structs.replace(TOP, models=models)
+    )
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[client]\ntimeout_s = 0.3\n")
+    listed = CliRunner().invoke(app, ["nodes", "--json", "--config", str(cfg)])
+    top = CliRunner().invoke(app, ["top", "--json", "--config", str(cfg)])
+    assert listed.exit_code == top.exit_code == 0, (listed.output, top.output)
+    [shown] = json.loads(listed.stdout)["nodes"][0]["hello"]["pools"]
+    assert (shown["startup_delay_s"], shown["warmup_s"]) == (30.0, [41.5, 38.0, 44.0])
+    by_model = {m["model"]: m["warmup_p90_s"] for m in json.loads(top.stdout)["models"]}
+    assert by_model == {"llama": 44.0, "qwen": None}

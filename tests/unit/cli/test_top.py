@@ -31,6 +31,7 @@ from swarmx.protocol import (
     ModelStats,
     NodeView,
     ReplicaInfo,
+    ReplicaPool,
     ReplicaRuntime,
     ReplicaStats,
     Telemetry,
@@ -342,3 +343,34 @@ def test_a_gateway_session_shows_its_calls_so_far_not_a_fraction() -> None:
     text = frame(reply, View(pane=PANES.index("workflows")), 100, 24)
     assert "ses-0a1b2c3d4e5f agent-7 running" in " ".join(text.split())
     assert "4 calls" in text
+
+
+def test_the_header_shows_the_warm_up_of_each_model_live_nodes_can_scale() -> None:
+    reply = cluster(3, gpus=1)
+    assert "warm-up" not in frame(reply, View(), 80, 24)  # no node can scale anything
+    pools = [
+        ReplicaPool("llama-8b", "openai", "gpu", 32, 1, 4, 1),
+        ReplicaPool("qwen-3b", "openai", "gpu", 8, 0, 2, 0),
+    ]
+    nodes = [
+        msgspec.structs.replace(n, hello=msgspec.structs.replace(n.hello, pools=pools))
+        if n.state == "live"
+        else n
+        for n in reply.nodes
+    ]
+    down_only = ReplicaPool("mistral-7b", "openai", "gpu", 8, 0, 2, 0)
+    nodes[1] = msgspec.structs.replace(
+        nodes[1], hello=msgspec.structs.replace(nodes[1].hello, pools=[down_only])
+    )
+    models = [
+        ModelStats("llama-8b", 3, 12, 200, {}, {}, {}, warmup_p90_s=42.0),
+        ModelStats("mistral-7b", 0, 0, 0, {}, {}, {}, warmup_p90_s=75.0),
+        ModelStats("qwen-3b", 0, 0, 0, {}, {}, {}),
+        ModelStats("tool", 2, 0, 9, {}, {}, {}),
+    ]
+    scaled = msgspec.structs.replace(reply, nodes=nodes, models=models)
+    for pane in range(len(PANES)):
+        lines = check_fits(frame(scaled, View(pane=pane), 80, 24), 80, 24)
+        assert lines[1].startswith("nodes 2 up")
+        assert lines[2] == "warm-up p90 llama-8b 42.0s · qwen-3b -"  # mistral: on a down node
+    assert "warm-up p90 llama-8b 42.0s · qwen-3b -" in frame(scaled, View(), 80, None)

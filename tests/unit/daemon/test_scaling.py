@@ -11,9 +11,12 @@ from swarmx.clock import ManualClock
 from swarmx.cluster import NodeTable
 from swarmx.config import ScalerConfig
 from swarmx.daemon import scaling
+from swarmx.daemon.observe import Observer
 from swarmx.daemon.scaling import ScaleController
 from swarmx.daemon.workflows import WorkflowService
-from swarmx.protocol import Hello, ReplicaInfo, ReplicaPool, ScaleCommand
+from swarmx.metrics import SchedulerMetrics
+from swarmx.models.online import OnlineLearner
+from swarmx.protocol import Hello, ReplicaInfo, ReplicaPool, ScaleCommand, SchedulerInfo
 from swarmx.sched.dispatch import Ticket
 from swarmx.sched.router import LeastOutstanding
 from swarmx.sched.scaler import NoScaler, PoolState
@@ -35,16 +38,36 @@ class Fixed:
         return dict(self.targets)
 
 
-def hello(node: str, replicas: list[str], target: int | None = None, draining=(), max_count=3):
+def hello(
+    node: str,
+    replicas: list[str],
+    target: int | None = None,
+    draining=(),
+    max_count=3,
+    *,
+    startup_delay_s=0.0,
+    warmup_s=(),
+):
     infos = [
         ReplicaInfo(r, "lm", "emulated", "emulated:H100", 2, draining=r in draining)
         for r in replicas
     ]
     serving = len([r for r in replicas if r not in draining])
     pool = ReplicaPool(
-        "lm", "emulated", "emulated:H100", 2, 1, max_count, serving if target is None else target
+        "lm",
+        "emulated",
+        "emulated:H100",
+        2,
+        1,
+        max_count,
+        serving if target is None else target,
+        startup_delay_s=startup_delay_s,
+        warmup_s=list(warmup_s),
     )
     return Hello(node, "host", 1, "0", 2, 1, 1 << 30, [], infos, 1.0, 1.0, 0.0, {}, [pool])
+
+
+INFO = SchedulerInfo("tcp://127.0.0.1:7700", "0.1.0", 1.0, {})
 
 
 def call(n: int) -> CallSpec:
@@ -262,3 +285,51 @@ def test_models_no_node_can_scale_are_left_alone(tmp_path):
         return c.commands()
 
     assert run(main()) == []
+
+
+def test_the_lead_time_is_the_nodes_measured_start_ups_pooled_else_the_slowest_prior(tmp_path):
+    async def main():
+        c = Cluster(tmp_path, Fixed({"lm": 3}))
+        leads = []
+        await c.hello(hello("a", ["a/lm#0"]))
+        await c.ctl.tick()
+        leads.append(c.ctl.scaler.seen[0].lead_s)
+        await c.hello(hello("a", ["a/lm#0"], startup_delay_s=40.0, warmup_s=[20.0]))
+        await c.hello(hello("b", ["b/lm#0"], startup_delay_s=60.0, warmup_s=[25.0]))
+        await c.ctl.tick()
+        leads.append(c.ctl.scaler.seen[0].lead_s)
+        await c.hello(hello("b", ["b/lm#0"], startup_delay_s=60.0, warmup_s=[25.0, 90.0, 30.0]))
+        await c.ctl.tick()
+        leads.append(c.ctl.scaler.seen[0].lead_s)
+        return leads, c.commands()
+
+    leads, commands = run(main())
+    assert leads[0] is None  # neither configured nor measured
+    assert leads[1] == 60.0  # two start-ups measured: the slowest configured one
+    assert leads[2] == 90.0  # the p90 of a's 20 s and b's 25, 90 and 30 s
+    first, second = (cmd.reason for _, cmd in commands)  # up to 3 on a; down to 3 with b
+    assert "lead" not in first and second.endswith(", lead 60.0s")  # the decision says its lead
+
+
+def test_top_shows_each_scalable_models_measured_warm_up_even_at_zero_replicas(tmp_path):
+    async def main():
+        c = Cluster(tmp_path, Fixed({}))
+        learner = OnlineLearner(tmp_path)
+        observer = Observer(
+            c.service, c.nodes, learner, c.clock, SchedulerMetrics(), router="r", scaler="s"
+        )
+        tops = []
+        await c.hello(hello("a", [], startup_delay_s=40.0, warmup_s=[20.0, 30.0]))
+        tops.append(await observer.snapshot(INFO))
+        await c.hello(hello("b", ["b/lm#0"], warmup_s=[90.0]))
+        tops.append(await observer.snapshot(INFO))
+        c.clock.now += 5  # b goes stale: its start-ups no longer count
+        c.nodes.seen("a", b"a", c.clock.monotonic(), c.clock.time())
+        c.nodes.sweep(c.clock.monotonic())
+        tops.append(await observer.snapshot(INFO))
+        return [[(m.model, m.replicas, m.warmup_p90_s) for m in t.models] for t in tops]
+
+    unmeasured, measured, stale = run(main())
+    assert unmeasured == [("lm", 0, None)]  # scaled to zero, listed; the prior is not shown
+    assert measured == [("lm", 1, 90.0)]  # the p90 of 20, 30 and 90 s
+    assert stale == [("lm", 0, None)]

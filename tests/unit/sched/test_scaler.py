@@ -20,6 +20,7 @@ from swarmx.sched.scaler import (
     ThresholdOptions,
     ThresholdScaler,
     erlang_c,
+    lead_time_s,
     make_scaler,
     scaler_options,
 )
@@ -171,6 +172,55 @@ def test_tail_extrapolates_a_rising_arrival_rate():
     for _ in range(5):
         flat = steady.rate(pool(arrivals=30, interval_s=10.0))
     assert flat == pytest.approx(3.0)
+
+
+def test_lead_time_is_the_prior_until_three_start_ups_are_measured():
+    assert lead_time_s([], 40.0) == 40.0
+    assert lead_time_s([10.0, 12.0], 40.0) == 40.0  # two say little: the prior stays
+    assert lead_time_s([12.0, 50.0, 10.0], 40.0) == 50.0  # the p90 of three is the slowest
+    ten = [float(s) for s in range(10, 0, -1)]  # newest last, not sorted
+    assert lead_time_s(ten, 40.0) == 9.0  # measured: the prior no longer counts
+    assert lead_time_s(ten, 0.0, level=0.5) == 5.0
+    assert lead_time_s([10.0, 12.0], 0.0) is None  # neither measured nor configured
+    assert lead_time_s([], 0.0) is None
+
+
+def ramp(lead_s: float | None, scaler: TailScaler | None = None) -> list[int]:
+    """The tail scaler's targets over a rate rising by 1 call/s every 10 s decision."""
+    scaler = scaler or TailScaler()
+    out = []
+    for k in range(1, 9):
+        state = pool(
+            ready=1,
+            concurrency=1,
+            arrivals=10 * k,
+            service=EXP_1S,
+            budget_s=4.375,
+            max_replicas=1000,
+            lead_s=lead_s,
+        )
+        out.append(scaler.decide(10.0 * k, [state])["lm"])
+    return out
+
+
+def test_tail_provisions_a_rising_rate_for_the_pools_lead_time():
+    slow, fast = ramp(lead_s=120.0), ramp(lead_s=5.0)
+    assert all(s >= f for s, f in zip(slow, fast, strict=True))
+    assert slow[-1] > fast[-1] + 5  # 2 minutes of trend ahead, not one decision's
+    assert ramp(lead_s=None) == [3, 4, 6, 9, 11, 13, 15, 17]  # horizon_s, as before
+    assert ramp(lead_s=None) == ramp(lead_s=30.0)  # an unknown lead is horizon_s
+    longer = ramp(None, TailScaler(TailOptions(horizon_s=120.0)))
+    assert longer == slow  # a lead stands in for horizon_s exactly
+
+
+def test_expected_calls_spread_over_the_horizon_whatever_the_lead():
+    """How soon known fan-outs come is the workload's; a quick start-up is no reason to
+    provision them at a higher rate."""
+    for lead_s in (None, 1.0, 60.0):
+        assert TailScaler().rate(pool(expected_calls=120, lead_s=lead_s)) == 4.0  # 120 / 30 s
+    assert TailScaler().ahead_s(pool(lead_s=1.0)) == 10.0  # at least the 10 s interval
+    assert TailScaler().ahead_s(pool(lead_s=60.0)) == 60.0
+    assert TailScaler().ahead_s(pool()) == 30.0
 
 
 def test_tail_scales_up_at_once_and_down_after_hysteresis():
