@@ -15,7 +15,7 @@ quantile, state), never call or workflow ids.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from swarmx.protocol import SchedulerInfo, Telemetry, TopReply
+from swarmx.protocol import ReplicaPool, SchedulerInfo, Telemetry, TopReply
 
 log = logging.getLogger(__name__)
 
@@ -160,20 +160,24 @@ class NodeMetrics:
     def __init__(self, node: str) -> None:
         self.node = node
         self.registry = CollectorRegistry()
-        self._latest: tuple[Telemetry, bool, dict[str, int]] | None = None
+        self._latest: tuple[Telemetry, bool, dict[str, int], Sequence[ReplicaPool]] | None = None
         self.registry.register(_Snapshot(self._families))
 
     def publish(
-        self, telemetry: Telemetry, registered: bool, bad_frames: dict[str, int] | None = None
+        self,
+        telemetry: Telemetry,
+        registered: bool,
+        bad_frames: dict[str, int] | None = None,
+        pools: Sequence[ReplicaPool] = (),
     ) -> None:
         """Called from the event loop; replaces the reference the HTTP thread reads."""
-        self._latest = (telemetry, registered, dict(bad_frames or {}))
+        self._latest = (telemetry, registered, dict(bad_frames or {}), list(pools))
 
     def _families(self) -> list[Metric]:
         latest = self._latest
         if latest is None:
             return []
-        tel, registered, bad_frames = latest
+        tel, registered, bad_frames, pools = latest
         up = _gauge(
             "swarmx_node_registered",
             "1 while the agent is registered with a scheduler that answers.",
@@ -187,7 +191,22 @@ class NodeMetrics:
         )
         for reason, count in sorted(bad_frames.items()):
             bad.add_metric([self.node, reason], count)
-        return [*node_families([(self.node, tel)]), up, bad]
+        restarts = CounterMetricFamily(
+            "swarmx_engine_restarts",
+            "Launched engines that failed (exited or hung) and were started again, by model.",
+            labels=["node", "model", "backend"],
+        )
+        warmup = _gauge(
+            "swarmx_engine_warmup_seconds",
+            "The latest start-up of a replica the node started, launch to ready, by model.",
+            ["node", "model", "backend"],
+        )
+        for pool in pools:
+            labels = [self.node, pool.model, pool.backend]
+            restarts.add_metric(labels, pool.restarts)
+            if pool.warmup_s:
+                warmup.add_metric(labels, pool.warmup_s[-1])
+        return [*node_families([(self.node, tel)]), up, bad, restarts, warmup]
 
 
 # --- the scheduler ------------------------------------------------------------------------------

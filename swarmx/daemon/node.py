@@ -355,7 +355,7 @@ class NodeAgent:
         sample = await asyncio.get_running_loop().run_in_executor(executor, self._collect)
         self._latest = self._with_runtime(sample)
         bad = {**channel.stats.dropped, "internal": self.handler_errors}
-        self.metrics.publish(self._latest, self.registered, bad)
+        self.metrics.publish(self._latest, self.registered, bad, self.replicas.pools())
         return self._latest
 
     def _handshake_refused(self, reason: str) -> None:

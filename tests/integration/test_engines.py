@@ -17,6 +17,7 @@ import sys
 import psutil
 import pytest
 
+from swarmx.backends.tiny_gguf import N_CTX, write_tiny_llama_gguf
 from swarmx.clock import RealClock
 from swarmx.protocol import (
     NodesReply,
@@ -28,7 +29,6 @@ from swarmx.protocol import (
 )
 from swarmx.transport import request
 from tests.integration.conftest import wait_for
-from tests.support.tiny_gguf import N_CTX, write_tiny_llama_gguf
 
 pytestmark = pytest.mark.integration
 

@@ -21,9 +21,9 @@ import pytest
 
 from swarmx.backends.base import Api, CallOutcome, CallRequest
 from swarmx.backends.openai import OpenAIBackend
+from swarmx.backends.tiny_gguf import N_CTX, write_tiny_llama_gguf
 from swarmx.config import ReplicaConfig
 from tests.integration.conftest import Procs, free_port, wait_for
-from tests.support.tiny_gguf import N_CTX, write_tiny_llama_gguf
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from swarmx.cli.main import app
 from swarmx.metrics import MetricsError, MetricsServer, NodeMetrics, SchedulerMetrics, serve
-from swarmx.protocol import GpuSample
+from swarmx.protocol import GpuSample, ReplicaPool
 from tests.unit.test_protocol import GPU, TELEMETRY, TOP
 
 
@@ -164,6 +164,19 @@ def test_metrics_keys_in_the_config(tmp_path):
     result = CliRunner().invoke(app, ["version", "--config", str(cfg)])
     assert result.exit_code == 2
     assert f"{cfg}:3: node.metrics_addr: must be a host name or address" in result.stderr
+
+
+def test_the_node_reports_its_engines_restarts_and_start_ups(served):
+    metrics = NodeMetrics("n1")
+    server = served(metrics.registry)
+    launched = ReplicaPool("qwen", "openai", "gpu", 8, 1, 4, 2, 0.0, [41.5, 38.25], 3)
+    idle = ReplicaPool("lm", "emulated", "emulated:H100", 4, 1, 4, 1)
+    metrics.publish(TELEMETRY, registered=True, pools=[launched, idle])
+    m = scrape(server)
+    qwen = (("backend", "openai"), ("model", "qwen"), ("node", "n1"))
+    lm = (("backend", "emulated"), ("model", "lm"), ("node", "n1"))
+    assert m["swarmx_engine_restarts_total"] == {qwen: 3, lm: 0}
+    assert m["swarmx_engine_warmup_seconds"] == {qwen: 38.25}  # the latest; none measured: none
 
 
 def test_the_node_counts_the_frames_it_dropped(served):

@@ -1,5 +1,9 @@
-"""A tiny random-weight llama GGUF, written on the fly, so tests drive a real inference engine
-(llama.cpp) without downloading a model."""
+"""A tiny random-weight llama GGUF, written on the fly, so tests and the quickstart's llama path
+drive a real inference engine (llama.cpp) without downloading a model: the GGUF counterpart of
+the torch backend's random-weight stand-ins. Needs the ``llama`` extra (gguf, numpy).
+
+    python -m swarmx.backends.tiny_gguf PATH
+"""
 
 from __future__ import annotations
 
@@ -73,3 +77,9 @@ def write_tiny_llama_gguf(path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_tiny_llama_gguf(Path(sys.argv[1]))
