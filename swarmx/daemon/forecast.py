@@ -15,8 +15,10 @@ from swarmx.workflow.engine import CallSpec
 
 
 def _booked(view: ReplicaView) -> tuple[int, int]:
-    """(in flight, queued) on the replica as the scheduler booked them, before this call."""
-    return min(view.outstanding, view.concurrency), max(0, view.outstanding - view.concurrency)
+    """(in flight, queued) on the replica before this call: what the scheduler booked there,
+    and calls its engine runs for others (`ReplicaView.external`)."""
+    load = view.load
+    return min(load, view.concurrency), max(0, load - view.concurrency)
 
 
 def runtime_of(view: ReplicaView) -> RuntimeAtDispatch:

@@ -725,6 +725,8 @@ class SchedulerDaemon:
             return
         assert isinstance(env.body, Telemetry)
         self.nodes.update_telemetry(env.sender, env.body)
+        if self.workflows is not None:
+            self.workflows.on_telemetry(env.sender, env.body)
 
     async def _on_result(self, peer: bytes, env: Envelope, who: Peer) -> None:
         if not await self._seen(peer, env):

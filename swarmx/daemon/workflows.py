@@ -51,6 +51,7 @@ from swarmx.protocol import (
     ReplicaPool,
     Result,
     Submit,
+    Telemetry,
 )
 from swarmx.sched.dispatch import TOOL_POOL, Assign, Dispatcher, QueueOrder, Ticket
 from swarmx.sched.outlook import Outlook
@@ -397,6 +398,15 @@ class WorkflowService:
             log.warning("call %s: %s; re-running it", a.call.call_id, done.error)
             self.store.call_done(done, None, None)
             await self._execute(run, run.on_done(done))
+
+    def on_telemetry(self, node: str, telemetry: Telemetry) -> None:
+        """Calls the node's engines run for others (their own running and waiting requests,
+        less the node's calls in them), for the routers to weigh (`ReplicaView.external`)."""
+        mine = {v.replica for v in self.dispatcher.node_views(node)}
+        for r in telemetry.replicas:
+            if r.replica in mine and (r.engine_running is not None or r.engine_queued is not None):
+                theirs = (r.engine_running or 0) + (r.engine_queued or 0) - r.inflight
+                self.dispatcher.set_external(r.replica, max(0, theirs))
 
     async def on_node_down(self, node: str) -> None:
         """Calls on a lost node are re-run elsewhere; this does not use up a step's retries."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import dataclasses
 import heapq
 import itertools
 import math
@@ -186,7 +187,8 @@ class PoolStats:
 
 
 class _OpenSet:
-    """One model's replicas with room, by name, also grouped by outstanding calls: a
+    """One model's replicas with room, by name, also grouped by load (calls outstanding, and
+    others' on their engines): a
     forecasting router's candidates, the least loaded, are found without a scan of the pool
     (at 1,000 replicas the scan cost more than the forecasts). Ties keep the order in which
     replicas joined the set, as a scan would, so the choice does not depend on the index."""
@@ -198,7 +200,7 @@ class _OpenSet:
         self._joined: dict[str, int] = {}
         """When each replica joined (a counter): the order ties keep."""
         self._by_load: dict[int, list[tuple[int, str]]] = {}
-        """Outstanding calls -> (joined, replica) of the replicas with that many, sorted."""
+        """Load -> (joined, replica) of the replicas with that much, sorted."""
         self._seq = itertools.count()
 
     def __len__(self) -> int:
@@ -208,11 +210,11 @@ class _OpenSet:
         name, old = view.replica, self._views.get(view.replica)
         if old is None:
             self._joined[name] = next(self._seq)
-        elif old.outstanding != view.outstanding:
+        elif old.load != view.load:
             self._leave(old)
         self._views[name] = view
-        if old is None or old.outstanding != view.outstanding:
-            tier = self._by_load.setdefault(view.outstanding, [])
+        if old is None or old.load != view.load:
+            tier = self._by_load.setdefault(view.load, [])
             bisect.insort(tier, (self._joined[name], name))
 
     def drop(self, replica: str) -> None:
@@ -222,16 +224,16 @@ class _OpenSet:
             del self._joined[replica]
 
     def _leave(self, view: ReplicaView) -> None:
-        tier = self._by_load[view.outstanding]
+        tier = self._by_load[view.load]
         del tier[bisect.bisect_left(tier, (self._joined[view.replica], view.replica))]
         if not tier:
-            del self._by_load[view.outstanding]
+            del self._by_load[view.load]
 
     def all(self) -> list[ReplicaView]:
         return list(self._views.values())
 
     def least_loaded(self, k: int) -> list[ReplicaView]:
-        """The ``k`` replicas with the fewest outstanding calls, ties in the order they joined
+        """The ``k`` least loaded replicas, ties in the order they joined
         (what ``heapq.nsmallest`` over `all` gives)."""
         out: list[ReplicaView] = []
         for load in sorted(self._by_load):
@@ -372,6 +374,16 @@ class Dispatcher:
                 self._forget(where[1])
             self._band.pop(call_id, None)
         return list(rep.work)
+
+    def set_external(self, replica: str, calls: int) -> None:
+        """Calls on the replica's engine that are not this scheduler's, as its node last said
+        (`ReplicaView.external`): the routers weigh them; admission does not (the node's
+        slots are this scheduler's alone)."""
+        rep = self.replicas.get(replica)
+        if rep is None or rep.view.external == calls:
+            return
+        rep.view = dataclasses.replace(rep.view, external=calls)
+        self._refresh(rep)
 
     def set_live(self, replica: str, live: bool, now_s: float) -> list[Assign]:
         """Stale nodes get nothing new; their outstanding calls stay booked to them."""

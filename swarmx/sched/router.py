@@ -57,6 +57,16 @@ class ReplicaView:
     builds the view)."""
     kv_cache_tokens: int = 0
     """Tokens the replica's KV cache holds at most, where known (0: unknown)."""
+    external: int = 0
+    """Calls on the replica's engine that did not come through this scheduler (another router's,
+    a user's): the engine's own running and waiting requests, as its metrics say, less those
+    the node has in it; 0 where the engine does not say. Load the routers weigh, which the
+    scheduler's bookkeeping (``outstanding``) cannot see."""
+
+    @property
+    def load(self) -> int:
+        """Calls on the replica: this scheduler's and others'."""
+        return self.outstanding + self.external
 
 
 ForecastKind = Literal["none", "service", "load_only"]
@@ -186,8 +196,8 @@ def _near_best(
     if margin <= 0:
         return _lowest(pool, score)
     close = [i for i in pool if score[i] <= best + margin]
-    least = min(cands[i].outstanding for i in close)
-    return _lowest([i for i in close if cands[i].outstanding == least], score)
+    least = min(cands[i].load for i in close)
+    return _lowest([i for i in close if cands[i].load == least], score)
 
 
 def _by_name(cands: Sequence[ReplicaView], pool: list[int]) -> list[int]:
@@ -247,7 +257,7 @@ class LeastOutstanding:
     def choose(self, inp: RouteInput) -> Choice:
         cands = inp.candidates
         # comprehensions, not one loop: this runs for every call over every open replica
-        load = [c.outstanding for c in cands]
+        load = [c.load for c in cands]
         if inp.call.avoid:
             pool = usable(inp.call, cands)
             least = min(load[i] for i in pool)
@@ -275,11 +285,11 @@ class PowerOfTwo:
         if len(pool) == 1:
             return Choice(pool[0])
         a, b = self._rng.sample(pool, 2)
-        return Choice(b if cands[b].outstanding < cands[a].outstanding else a)
+        return Choice(b if cands[b].load < cands[a].load else a)
 
 
 def _has_slot(view: ReplicaView) -> bool:
-    return view.outstanding < max(view.concurrency, 1)
+    return view.load < max(view.concurrency, 1)
 
 
 class _Completion:
@@ -331,7 +341,7 @@ class _Completion:
             else:
                 queued_mean += m.mean_s
                 queued_var += m.var_s2
-        unlisted = view.outstanding - len(view.work)
+        unlisted = view.load - len(view.work)
         if unlisted > 0:
             queued_mean += unlisted * own.mean_s
             queued_var += unlisted * own.var_s2
@@ -479,8 +489,8 @@ def _kv_held(view: ReplicaView) -> int:
 
 
 def _least_loaded(cands: Sequence[ReplicaView], pool: list[int]) -> list[int]:
-    fewest = min(cands[i].outstanding for i in pool)
-    return [i for i in pool if cands[i].outstanding == fewest]
+    fewest = min(cands[i].load for i in pool)
+    return [i for i in pool if cands[i].load == fewest]
 
 
 class PrefixAffinity:
@@ -505,7 +515,7 @@ class PrefixAffinity:
     def choose(self, inp: RouteInput) -> Choice:
         cands = inp.candidates
         pool = usable(inp.call, cands)
-        load = [c.outstanding for c in cands]
+        load = [c.load for c in cands]
         most, least = max(load[i] for i in pool), min(load[i] for i in pool)
         cached = _cached(inp)
         prompt = len(inp.call.prefix_blocks) * inp.call.block_tokens

@@ -16,12 +16,21 @@ from swarmx.daemon.scaling import ScaleController
 from swarmx.daemon.workflows import WorkflowService
 from swarmx.metrics import SchedulerMetrics
 from swarmx.models.online import OnlineLearner
-from swarmx.protocol import Hello, ReplicaInfo, ReplicaPool, ScaleCommand, SchedulerInfo
+from swarmx.protocol import (
+    Hello,
+    ReplicaInfo,
+    ReplicaPool,
+    ReplicaRuntime,
+    ScaleCommand,
+    SchedulerInfo,
+    Telemetry,
+)
 from swarmx.sched.dispatch import Ticket
 from swarmx.sched.router import LeastOutstanding
 from swarmx.sched.scaler import NoScaler, PoolState
 from swarmx.store import Store
 from swarmx.workflow.engine import CallSpec
+from tests.unit.test_protocol import TELEMETRY
 
 
 class Fixed:
@@ -333,3 +342,29 @@ def test_top_shows_each_scalable_models_measured_warm_up_even_at_zero_replicas(t
     assert unmeasured == [("lm", 0, None)]  # scaled to zero, listed; the prior is not shown
     assert measured == [("lm", 1, 90.0)]  # the p90 of 20, 30 and 90 s
     assert stale == [("lm", 0, None)]
+
+
+def test_an_engines_own_queue_reaches_the_routers_as_calls_from_elsewhere(tmp_path):
+    """vLLM on a/lm#0 says 6 running and 2 waiting, of which the node has 3 in it: 5 are not
+    this scheduler's; the least-outstanding router then sends the next call to a/lm#1."""
+
+    async def main():
+        c = Cluster(tmp_path, Fixed({}))
+        await c.hello(hello("a", ["a/lm#0", "a/lm#1"]))
+        rt = [
+            ReplicaRuntime("a/lm#0", "lm", 0, 3, 0, 0, [], engine_queued=2, engine_running=6),
+            ReplicaRuntime("a/lm#1", "lm", 0, 0, 0, 0, []),  # its engine says nothing
+            ReplicaRuntime("b/lm#0", "lm", 0, 0, 0, 0, [], engine_running=9),  # not a's
+        ]
+        c.service.on_telemetry("a", Telemetry(TELEMETRY.host, [], rt, 0.0))
+        d = c.service.dispatcher
+        external = {v.replica: v.external for v in d.views()}
+        sent = d.submit(Ticket(call(1), 0.0), 0.0)
+        quiet = [ReplicaRuntime("a/lm#0", "lm", 0, 0, 0, 0, [], engine_running=0)]
+        c.service.on_telemetry("a", Telemetry(TELEMETRY.host, [], quiet, 0.0))
+        return external, [a.replica.replica for a in sent], d.view("a/lm#0")
+
+    external, sent, after = run(main())
+    assert external == {"a/lm#0": 5, "a/lm#1": 0}
+    assert sent == ["a/lm#1"]
+    assert after is not None and after.external == 0 and after.load == 0

@@ -409,3 +409,21 @@ def test_tail_completion_is_never_faster_than_the_service_alone():
     assert decision.completion.quantile(0.5) > 3.0
     assert all(c >= s for c, s in zip(decision.completion.values_s, service.values_s, strict=True))
     assert decision.completion.quantile(0.999) == pytest.approx(service.quantile(0.999))
+
+
+# --- calls the engines run for others ---------------------------------------------------------
+
+
+def test_the_routers_weigh_calls_an_engine_runs_for_others():
+    """Replica a looks idle to the scheduler, but its engine runs 5 calls that came from
+    elsewhere (vLLM's own counts): every router that weighs load goes to b."""
+    busy = dataclasses.replace(view("n1/a", outstanding=0), external=5)
+    pool = [busy, view("n2/b", outstanding=1)]
+    assert busy.load == 5 and not busy.work
+    assert route(LeastOutstanding(), pool).index == 1
+    assert route(PrefixAffinity(), pool).index == 1
+    # same forecast on both: the tail router sees a has no free slot, and the work ahead
+    assert route(TailRouter(), pool, [dist(1.0), dist(1.0)]).index == 1
+    plain = [view("n1/a"), view("n2/b", outstanding=1)]
+    assert route(LeastOutstanding(), plain).index == 0
+    assert route(TailRouter(), plain, [dist(1.0), dist(1.0)]).index == 0
