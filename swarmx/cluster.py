@@ -3,6 +3,7 @@ alive. Pure state: callers pass the time in, so liveness is tested without sleep
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -31,7 +32,7 @@ class _Node:
     telemetry: Telemetry | None = None
     frames: int = 0
     devices: dict[str, DeviceAtDispatch] = field(default_factory=dict)
-    """`device_at` of this telemetry, per device name (cleared with each new sample)."""
+    """`device_at` of this telemetry, per device and replica (cleared with each new sample)."""
 
 
 class NodeTable:
@@ -75,16 +76,23 @@ class NodeTable:
         node.telemetry = telemetry
         node.devices.clear()
 
-    def device_at(self, name: str, device: str) -> DeviceAtDispatch:
+    def device_at(self, name: str, device: str, replica: str = "") -> DeviceAtDispatch:
         """The state of ``device`` (a replica's device name) on node ``name`` as its latest
         telemetry tells it: asked for every candidate of every routed call, so it is worked
-        out once per sample."""
+        out once per sample. Where ``replica``'s engine reports the KV cache it uses, that is
+        the memory figure: an engine such as vLLM takes most of its GPU's memory at start, so
+        the device's memory use says nothing of its load, and its KV cache in use does."""
         node = self._nodes.get(name)
         if node is None:
             return device_at(None, device)
-        known = node.devices.get(device)
+        key = f"{device}|{replica}"
+        known = node.devices.get(key)
         if known is None:
-            known = node.devices[device] = device_at(node.telemetry, device)
+            known = device_at(node.telemetry, device)
+            kv = _kv_usage(node.telemetry, replica) if replica else None
+            if kv is not None:
+                known = dataclasses.replace(known, gpu_mem_frac=kv)
+            node.devices[key] = known
         return known
 
     def peer(self, name: str) -> bytes:
@@ -143,6 +151,12 @@ class NodeTable:
             )
             for name, node in sorted(self._nodes.items())
         ]
+
+
+def _kv_usage(tel: Telemetry | None, replica: str) -> float | None:
+    if tel is None:
+        return None
+    return next((r.kv_cache_usage for r in tel.replicas if r.replica == replica), None)
 
 
 def device_at(tel: Telemetry | None, device: str) -> DeviceAtDispatch:

@@ -655,6 +655,9 @@ class ModelStats(msgspec.Struct, frozen=True):
     """The p90 of the start-ups the live nodes measured for this model (their pools'
     ``warmup_s``, pooled): the lead time the scaler plans on. None before 3 were measured (it
     plans on the configured ``startup_delay_s`` then)."""
+    engine_restarts: int = 0
+    """Launched engines of this model the live nodes restarted after a failure (their pools'
+    ``restarts``, added up)."""
 
 
 class WorkflowBrief(msgspec.Struct, frozen=True):

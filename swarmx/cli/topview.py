@@ -251,7 +251,16 @@ def header(screen: Screen, view: View) -> list[Text]:
         )
     )
     scalable = {p.model for n in reply.nodes if n.state == "live" for p in n.hello.pools}
-    warmups = [f"{m.model} {_secs(m.warmup_p90_s)}" for m in reply.models if m.model in scalable]
+    warmups = [
+        f"{m.model} {_secs(m.warmup_p90_s)}"
+        + (
+            f" ({m.engine_restarts} restart{'s' * (m.engine_restarts != 1)})"
+            if m.engine_restarts
+            else ""
+        )
+        for m in reply.models
+        if m.model in scalable
+    ]
     if warmups:
         lines.append(_line(("warm-up p90 ", "bold"), " · ".join(warmups)))
     s = reply.summary

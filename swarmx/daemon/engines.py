@@ -371,11 +371,13 @@ class LaunchedEngine:
         """Launch to ready, once started."""
         self.engine: Engine | None = None
         self.client: OpenAIBackend | None = None
+        self.gpu_ids: list[int] = []
+        """The GPUs (NVML indices) it holds, once started."""
 
     async def start(self) -> None:
         cfg = self.cfg
         port = free_port()
-        ids = self.gpus.take(self.replica, cfg.gpus_per_replica)
+        ids = self.gpu_ids = self.gpus.take(self.replica, cfg.gpus_per_replica)
         values = {
             "port": str(port),
             "gpu": ",".join(map(str, ids)),

@@ -293,7 +293,7 @@ class Observer:
     def _model_stats(self, replicas: list[ReplicaStats]) -> list[ModelStats]:
         """Per model served, queued for or scalable (a pool scaled to zero is shown too)."""
         dispatcher = self.service.dispatcher
-        warmups = self._warmups()
+        warmups, restarts = self._pools()
         names = {r.model for r in replicas} | set(dispatcher.queued_models()) | set(warmups)
         out = []
         for model in sorted(names):
@@ -309,21 +309,24 @@ class Observer:
                     pred_s=pred,
                     covered=covered,
                     warmup_p90_s=lead_time_s(warmups.get(model, []), 0.0),
+                    engine_restarts=restarts.get(model, 0),
                 )
             )
         return out
 
-    def _warmups(self) -> dict[str, list[float]]:
-        """Per model the live nodes can scale, the start-ups they measured, pooled as the
-        scaler pools them (`ScaleController`)."""
-        out: dict[str, list[float]] = {}
+    def _pools(self) -> tuple[dict[str, list[float]], dict[str, int]]:
+        """Per model the live nodes can scale, the start-ups they measured (pooled as the
+        scaler pools them: `ScaleController`) and the engines they restarted."""
+        warmups: dict[str, list[float]] = {}
+        restarts: dict[str, int] = {}
         for node, pools in self.service.pools.items():
             if node not in self.nodes or self.nodes.state(node) != "live":
                 continue
             for pool in pools:
                 if pool.model != TOOL_POOL:
-                    out.setdefault(pool.model, []).extend(pool.warmup_s)
-        return out
+                    warmups.setdefault(pool.model, []).extend(pool.warmup_s)
+                    restarts[pool.model] = restarts.get(pool.model, 0) + pool.restarts
+        return warmups, restarts
 
     def _forget(self, replicas: set[str]) -> None:
         """Drop the recent calls of replicas that are gone (scaled down, node lost)."""

@@ -264,6 +264,8 @@ class ReplicaSet:
         await asyncio.gather(*(one(info, factory) for info, factory in self._configs))
 
     def _add(self, info: ReplicaInfo, backend: Backend) -> None:
+        if isinstance(backend, LaunchedEngine) and backend.gpu_ids:  # its GPU's telemetry
+            info = msgspec.structs.replace(info, device=f"cuda:{backend.gpu_ids[0]}")
         self.replicas[info.replica] = Replica(info, backend, asyncio.Semaphore(info.concurrency))
         if isinstance(backend, LaunchedEngine):
             pool = self._pools[(info.model, info.backend)]

@@ -802,7 +802,7 @@ class WorkflowService:
         await self.send_all(self.dispatcher.cancel(call_ids, self.clock.time()))
 
     def _device(self, view: ReplicaView) -> DeviceAtDispatch:
-        return self.nodes.device_at(view.node, view.device)
+        return self.nodes.device_at(view.node, view.device, view.replica)
 
 
 def _call_limit_s(call: CallSpec) -> float:

@@ -1,6 +1,9 @@
+import dataclasses
+
 from msgspec.structs import replace
 
 from swarmx.cluster import NodeTable, Transition
+from swarmx.protocol import ReplicaRuntime
 from tests.unit.test_protocol import HELLO, TELEMETRY
 
 
@@ -72,3 +75,19 @@ def test_a_node_that_left_is_forgotten():
     t.register(HELLO, b"p1", 0.0, 0.0)
     t.remove("n1")
     assert "n1" not in t and t.sweep(100.0) == []
+
+
+def test_an_engines_kv_cache_in_use_is_its_replicas_memory_figure():
+    """vLLM takes its GPU's memory at start: the predictor reads the KV cache the engine uses
+    (per replica), where the engine reports it, instead of the device's flat memory use."""
+    t = table()
+    t.register(HELLO, b"p1", 0.0, 0.0)
+    reps = [
+        ReplicaRuntime("n1/vllm#0", "m", 0, 2, 0, 0, [], kv_cache_usage=0.75),
+        ReplicaRuntime("n1/lm#0", "m", 0, 2, 0, 0, []),
+    ]
+    t.update_telemetry("n1", replace(TELEMETRY, replicas=reps))
+    gpu = t.device_at("n1", "cuda:0")
+    assert gpu.gpu_mem_frac == TELEMETRY.gpus[0].mem_used_bytes / TELEMETRY.gpus[0].mem_total_bytes
+    assert t.device_at("n1", "cuda:0", "n1/vllm#0") == dataclasses.replace(gpu, gpu_mem_frac=0.75)
+    assert t.device_at("n1", "cuda:0", "n1/lm#0") == gpu  # says nothing: the device's figure

@@ -365,12 +365,14 @@ def test_the_header_shows_the_warm_up_of_each_model_live_nodes_can_scale() -> No
     models = [
         ModelStats("llama-8b", 3, 12, 200, {}, {}, {}, warmup_p90_s=42.0),
         ModelStats("mistral-7b", 0, 0, 0, {}, {}, {}, warmup_p90_s=75.0),
-        ModelStats("qwen-3b", 0, 0, 0, {}, {}, {}),
+        ModelStats("qwen-3b", 0, 0, 0, {}, {}, {}, engine_restarts=2),
         ModelStats("tool", 2, 0, 9, {}, {}, {}),
     ]
     scaled = msgspec.structs.replace(reply, nodes=nodes, models=models)
     for pane in range(len(PANES)):
         lines = check_fits(frame(scaled, View(pane=pane), 80, 24), 80, 24)
         assert lines[1].startswith("nodes 2 up")
-        assert lines[2] == "warm-up p90 llama-8b 42.0s · qwen-3b -"  # mistral: on a down node
-    assert "warm-up p90 llama-8b 42.0s · qwen-3b -" in frame(scaled, View(), 80, None)
+        assert (
+            lines[2] == "warm-up p90 llama-8b 42.0s · qwen-3b - (2 restarts)"
+        )  # mistral: on a down node
+    assert "warm-up p90 llama-8b 42.0s · qwen-3b - (2 restarts)" in frame(scaled, View(), 80, None)

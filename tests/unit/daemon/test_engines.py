@@ -332,3 +332,42 @@ def test_a_node_launches_restarts_scales_and_stops_its_engines(tmp_path, monkeyp
         assert (tmp_path / "engines-n.json").read_text() == "{}"
 
     asyncio.run(main())
+
+
+def test_each_engine_gets_gpus_of_its_own_and_reads_as_that_device(tmp_path, caplog):
+    """Two engines on GPUs 3 and 5 (the node's engine_gpus): each sees its own in
+    CUDA_VISIBLE_DEVICES and is listed as that device, so its GPU's telemetry is its load. A
+    third finds no GPU free: it fails its start, and is tried again later, not run on a taken
+    GPU."""
+    caplog.set_level(logging.INFO)
+    rc = launched(count=2, max_count=3, gpus_per_replica=1, env={"FAKE_ENGINE_CVD": "{gpu}"})
+    cfg = NodeConfig(
+        name="n",
+        replicas=[rc],
+        tool_slots=0,
+        gpus="off",
+        engine_gpus=[3, 5],
+        state_dir=str(tmp_path),
+    )
+
+    async def main() -> tuple[dict[str, str], str]:
+        rs = ReplicaSet(cfg, RealClock())
+        await rs.start()
+        try:
+            devices = {i.replica: i.device for i in rs.infos()}
+            rs.scale("fake", "openai", 3)
+            await until(lambda: "n/fake#2 (openai) failed to start" in caplog.text)
+            return devices, str(rs.pools()[0].target)
+        finally:
+            await rs.close()
+
+    devices, target = asyncio.run(main())
+    assert devices == {"n/fake#0": "cuda:3", "n/fake#1": "cuda:5"}
+    logged = caplog.text
+    assert (
+        "[n/fake#0] env FAKE_ENGINE_CVD=3" in logged
+        and "[n/fake#1] env FAKE_ENGINE_CVD=5" in logged
+    )
+    assert "[n/fake#0] env CUDA_DEVICE_ORDER=PCI_BUS_ID" in logged
+    assert "needs 1 GPU(s), 0 free of 2" in logged
+    assert target == "3"  # still asked for: it is started again when a GPU frees
