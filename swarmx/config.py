@@ -88,6 +88,11 @@ def _check_metrics(port: int, addr: str) -> None:
         raise SchemaError("metrics_addr", f"must be a host name or address, got {addr!r}")
 
 
+def _systemd_state_dir() -> str:
+    """The first ``StateDirectory`` systemd made for the unit, if running under one."""
+    return os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+
+
 def default_state_dir() -> str:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return str(Path(base) / "swarmx")
@@ -383,9 +388,10 @@ class NodeConfig:
     ``gpus = "off"``)."""
     replicas_per_gpu: int = 1
     """Launched engines one GPU may hold at once."""
-    state_dir: str = field(default_factory=default_state_dir)
+    state_dir: str = field(default_factory=lambda: _systemd_state_dir() or default_state_dir())
     """Where the agent records the engines it launched (``engines-NAME.json``), so the next
-    agent stops any a killed one left behind."""
+    agent stops any a killed one left behind; default: the unit's ``StateDirectory`` under
+    systemd, else ``default_state_dir()``."""
 
     def __post_init__(self) -> None:
         _check_metrics(self.metrics_port, self.metrics_addr)

@@ -271,6 +271,7 @@ class EngineLedger:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._entries: dict[str, tuple[int, float]] = {}
+        self._warned = False
 
     def add(self, name: str, pid: int) -> None:
         try:
@@ -285,11 +286,23 @@ class EngineLedger:
             self._write()
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
+        """Best effort: an unwritable state directory costs the sweep after a crash, not the
+        engines (their leaders die with the agent anyway), and is said once."""
         data = {n: {"pid": p, "created": c} for n, (p, c) in self._entries.items()}
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            if not self._warned:
+                log.warning(
+                    "cannot record launched engines in %s (%s): an agent after this one will"
+                    " not find any it leaves behind ([node] state_dir)",
+                    self.path,
+                    exc,
+                )
+                self._warned = True
 
     def sweep(self, stop_timeout_s: float = 10.0) -> list[str]:
         """Stop the engines a previous agent recorded and left running, with everything in

@@ -371,3 +371,27 @@ def test_each_engine_gets_gpus_of_its_own_and_reads_as_that_device(tmp_path, cap
     assert "[n/fake#0] env CUDA_DEVICE_ORDER=PCI_BUS_ID" in logged
     assert "needs 1 GPU(s), 0 free of 2" in logged
     assert target == "3"  # still asked for: it is started again when a GPU frees
+
+
+def test_an_unwritable_ledger_costs_the_sweep_not_the_engine(tmp_path, caplog):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    ledger = EngineLedger(blocked / "engines.json")
+    port = free_port()
+
+    async def main() -> float:
+        engine = Engine(spec(port), ledger)
+        try:
+            return await engine.start()
+        finally:
+            await engine.stop()
+
+    assert asyncio.run(main()) > 0
+    assert caplog.text.count("cannot record launched engines") == 1
+
+
+def test_under_systemd_the_node_keeps_its_state_in_the_units_state_directory(monkeypatch):
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/swarmx-node:/var/lib/other")
+    assert NodeConfig().state_dir == "/var/lib/swarmx-node"
+    monkeypatch.delenv("STATE_DIRECTORY")
+    assert NodeConfig().state_dir.endswith("swarmx")
