@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 from rich.table import Table
 from rich.text import Text
 
@@ -62,6 +64,10 @@ def nodes_table(reply: NodesReply) -> Table:
         ("GPUs (util, mem GiB)", "left"),
     ):
         table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    replicas = [f"{n.name}: {_replicas(n)}" for n in reply.nodes]
+    if replicas:  # under the table, where a narrow terminal wraps it rather than the figures
+        table.caption = "replicas  " + " · ".join(replicas)
+        table.caption_justify = "left"
     for node in reply.nodes:
         cores = node.hello.cpu_cores_logical
         tel = node.telemetry
@@ -80,6 +86,22 @@ def nodes_table(reply: NodesReply) -> Table:
             _gpus(node),
         )
     return table
+
+
+def _replicas(node: NodeView) -> str:
+    """Serving replicas per model (the node's tool slots aside), with their engines' restarts:
+    ``qwen 2 (1 restart)``."""
+    serving = collections.Counter(
+        r.model for r in node.hello.replicas if not r.draining and r.backend != "tool"
+    )
+    restarts = collections.Counter[str]()
+    for pool in node.hello.pools:
+        restarts[pool.model] += pool.restarts
+    parts = []
+    for model in sorted(set(serving) | {m for m, n in restarts.items() if n}):
+        n = restarts[model]
+        parts.append(f"{model} {serving[model]}" + (f" ({n} restart{'s' * (n != 1)})" if n else ""))
+    return ", ".join(parts) or "-"
 
 
 _WF_STYLE = {

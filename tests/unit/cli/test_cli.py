@@ -2,6 +2,7 @@ import json
 import socket
 from pathlib import Path
 
+import msgspec
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
@@ -10,6 +11,7 @@ from swarmx import __version__
 from swarmx.cli.main import app
 from swarmx.cli.render import nodes_table
 from swarmx.config import load_config
+from swarmx.protocol import ReplicaInfo, ReplicaPool
 from tests.unit.test_protocol import SAMPLES
 
 runner = CliRunner()
@@ -139,3 +141,20 @@ def test_an_idempotency_key_too_long_for_the_wire_exits_2_before_any_network(tmp
     result = run("submit", str(wf), "--idempotency-key", "k" * 257)
     assert result.exit_code == 2
     assert "--idempotency-key: 1 to 256 characters, got 257" in result.stderr
+
+
+def test_nodes_table_says_what_each_node_serves_and_its_engines_restarts():
+    reply = SAMPLES[-1]
+    node = reply.nodes[0]
+    infos = [
+        ReplicaInfo("n1/qwen#0", "qwen", "openai", "cuda:0", 8),
+        ReplicaInfo("n1/qwen#1", "qwen", "openai", "cuda:1", 8),
+        ReplicaInfo("n1/qwen#2", "qwen", "openai", "cuda:2", 8, draining=True),
+        ReplicaInfo("n1/tool", "tool", "tool", "cpu", 2),
+    ]
+    pools = [ReplicaPool("qwen", "openai", "gpu", 8, 1, 4, 2, 0.0, [40.0], 1)]
+    hello = msgspec.structs.replace(node.hello, replicas=infos, pools=pools)
+    reply = msgspec.structs.replace(reply, nodes=[msgspec.structs.replace(node, hello=hello)])
+    console = Console(width=80, record=True, color_system=None)
+    console.print(nodes_table(reply))
+    assert "replicas  n1: qwen 2 (1 restart)" in console.export_text()
