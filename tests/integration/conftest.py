@@ -3,6 +3,7 @@ so a failing test never leaks a process or a port."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -15,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from swarmx.clock import RealClock
 from swarmx.daemon.scheduler import read_state_file
+from swarmx.protocol import Message, QueryWorkflows, Submit, Submitted, WorkflowsReply
+from swarmx.transport import request
 
 FAST_CONFIG = """
 [scheduler]
@@ -41,6 +45,34 @@ concurrency = 4
 [client]
 timeout_s = 2.0
 """
+
+
+def needs_llama() -> None:
+    """At a module's top: skip it where llama-cpp-python's server is not installed, or fail
+    in CI, where the test setup installs it."""
+    if not all(importlib.util.find_spec(m) for m in ("llama_cpp", "gguf")):
+        message = "llama-cpp-python[server] or gguf is not installed: run scripts/setup-test.sh"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message, allow_module_level=True)
+
+
+def ask(endpoint: str, body: Message) -> Message:
+    """One request to the scheduler as an unauthenticated client on loopback."""
+    return request(endpoint, body, "test", RealClock(), 5.0).body
+
+
+def submit_text(endpoint: str, source: str, text: str) -> str:
+    reply = ask(endpoint, Submit(source, text))
+    assert isinstance(reply, Submitted), reply
+    return reply.workflow_id
+
+
+def states(endpoint: str, ids: list[str], limit: int = 100) -> dict[str, str]:
+    """The states of these workflows, as the scheduler lists them."""
+    reply = ask(endpoint, QueryWorkflows("", limit))
+    assert isinstance(reply, WorkflowsReply)
+    return {v.id: v.state for v in reply.workflows if v.id in ids}
 
 
 def free_port() -> int:

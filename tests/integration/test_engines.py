@@ -7,7 +7,6 @@ node agent leaves no engine behind."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -18,25 +17,15 @@ import psutil
 import pytest
 
 from swarmx.backends.tiny_gguf import N_CTX, write_tiny_llama_gguf
-from swarmx.clock import RealClock
 from swarmx.protocol import (
     NodesReply,
     QueryNodes,
-    QueryWorkflows,
-    Submit,
-    Submitted,
-    WorkflowsReply,
 )
-from swarmx.transport import request
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import ask, needs_llama, states, submit_text, wait_for
 
 pytestmark = pytest.mark.integration
 
-if not all(importlib.util.find_spec(m) for m in ("llama_cpp", "gguf")):
-    message = "llama-cpp-python[server] or gguf is not installed: run scripts/setup-test.sh"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message, allow_module_level=True)
+needs_llama()
 
 
 def config(model_path: str, state_dir: str) -> str:
@@ -102,10 +91,6 @@ fan_out = 4
 """
 
 
-def ask(endpoint, body):
-    return request(endpoint, body, "test", RealClock(), 5.0).body
-
-
 def alpha(endpoint):
     reply = ask(endpoint, QueryNodes())
     assert isinstance(reply, NodesReply)
@@ -140,18 +125,10 @@ def launched_pids(log: str) -> dict[str, int]:
     return {m[0]: int(m[1]) for m in re.findall(r"engine (\S+): launched pid (\d+)", log)}
 
 
-def states(endpoint, ids):
-    reply = ask(endpoint, QueryWorkflows("", 100))
-    assert isinstance(reply, WorkflowsReply)
-    return {v.id: v.state for v in reply.workflows if v.id in ids}
-
-
 def submit(endpoint, n: int) -> list[str]:
     ids = []
     for i in range(n):
-        reply = ask(endpoint, Submit(f"burst-{i}.toml", WORKFLOW))
-        assert isinstance(reply, Submitted), reply
-        ids.append(reply.workflow_id)
+        ids.append(submit_text(endpoint, f"burst-{i}.toml", WORKFLOW))
     return ids
 
 

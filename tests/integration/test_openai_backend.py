@@ -4,9 +4,7 @@ random-weight GGUF written by the test (no model download)."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 import time
@@ -23,15 +21,11 @@ from swarmx.backends.base import Api, CallOutcome, CallRequest
 from swarmx.backends.openai import OpenAIBackend
 from swarmx.backends.tiny_gguf import N_CTX, write_tiny_llama_gguf
 from swarmx.config import ReplicaConfig
-from tests.integration.conftest import Procs, free_port, wait_for
+from tests.integration.conftest import Procs, free_port, needs_llama, wait_for
 
 pytestmark = pytest.mark.integration
 
-if not all(importlib.util.find_spec(m) for m in ("llama_cpp", "gguf")):
-    message = "llama-cpp-python[server] or gguf is not installed: run scripts/setup-test.sh"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message, allow_module_level=True)
+needs_llama()
 
 MODEL = "tiny"
 API_KEY = "test-key"

@@ -12,17 +12,14 @@ import time
 import pytest
 
 from swarmx.backends.emulated import GPUS, ModelProfile, decode_step_s, drawn_output_tokens
-from swarmx.clock import RealClock
 from swarmx.protocol import (
     NodesReply,
     QueryNodes,
     QueryWorkflows,
-    Submit,
-    Submitted,
     WorkflowsReply,
 )
-from swarmx.transport import request
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import ask, states, wait_for
+from tests.integration.conftest import submit_text as submit
 
 pytestmark = pytest.mark.integration
 
@@ -83,16 +80,6 @@ fan_out = 3
 WORKFLOWS = 8
 
 
-def ask(endpoint, body):
-    return request(endpoint, body, "test", RealClock(), 5.0).body
-
-
-def submit(endpoint, source, text):
-    reply = ask(endpoint, Submit(source, text))
-    assert isinstance(reply, Submitted), reply
-    return reply.workflow_id
-
-
 def replicas(endpoint):
     """Node alpha's replicas as its latest hello lists them: (replica, draining), or None."""
     reply = ask(endpoint, QueryNodes())
@@ -101,12 +88,6 @@ def replicas(endpoint):
     if node is None:
         return None
     return [(r.replica, r.draining) for r in node.hello.replicas]
-
-
-def states(endpoint, ids):
-    reply = ask(endpoint, QueryWorkflows("", 50))
-    assert isinstance(reply, WorkflowsReply)
-    return {v.id: v.state for v in reply.workflows if v.id in ids}
 
 
 def start_alpha(procs, text):
