@@ -46,7 +46,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
@@ -68,6 +68,21 @@ log = logging.getLogger(__name__)
 
 ACI_GAIN = 0.02
 """Log-space step of the per-call coverage tracking: a miss at p=0.99 widens that quantile by 2%."""
+MAX_SHIFT = math.log(10.0)
+"""The most the online correction moves a quantile, either way (10x): past that the model is
+wrong, not off, and retraining is the remedy; an unbounded correction swung by e^22."""
+GROUPS_REMEMBERED = 4096
+"""Recent evidence groups (`evidence_group`) whose calls are counted."""
+
+
+def evidence_group(rec: TraceRecord) -> str:
+    """The unit of evidence a call belongs to: the instances of one fan-out step (same workflow
+    and step) ran together on the same inputs, so their misses are one event, not hundreds;
+    any other call is its own."""
+    if rec.index is not None:
+        return f"{rec.workflow}\x00{rec.step}"
+    return rec.call_id or f"{rec.workflow}\x00{rec.step}\x00{rec.ts}"
+
 
 SHIFT_CAL_FRAC = 0.25
 """After a shift, the newest share of its calls (before the held-out ones) that recalibrates a
@@ -122,14 +137,20 @@ class Monitor:
     hits: dict[float, collections.deque[bool]] = field(default_factory=dict)
     residuals: dict[float, collections.deque[float]] = field(default_factory=dict)
     losses: dict[float, collections.deque[float]] = field(default_factory=dict)
+    groups: dict[float, collections.deque[str]] = field(default_factory=dict)
+    """Each call's evidence group (`evidence_group`), aligned with ``hits``."""
+    _seq: Iterator[int] = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
         for p in self.levels:
             self.hits[p] = collections.deque(maxlen=self.size)
             self.residuals[p] = collections.deque(maxlen=self.size)
             self.losses[p] = collections.deque(maxlen=self.size)
+            self.groups[p] = collections.deque(maxlen=self.size)
 
-    def add(self, pred: dict[float, float], actual_s: float) -> None:
+    def add(self, pred: dict[float, float], actual_s: float, group: str = "") -> None:
+        """One call's forecast and outcome; ``group``: its evidence group (default: its own)."""
+        group = group or f"#{next(self._seq)}"
         for p in self.levels:
             q = pred.get(p)
             if q is None or q <= 0:
@@ -137,6 +158,7 @@ class Monitor:
             self.hits[p].append(actual_s <= q)
             self.residuals[p].append(math.log(max(actual_s, 1e-6)) - math.log(q))
             self.losses[p].append(stats.pinball(actual_s, q, p))
+            self.groups[p].append(group)
 
     def calls(self) -> int:
         """Calls in the window (of the level with the most)."""
@@ -149,34 +171,47 @@ class Monitor:
         return {p: sum(v) / len(v) for p, v in self.losses.items() if v}
 
     def _estimable(self, p: float, n: int) -> bool:
-        """Enough calls in the window to see this level's misses (at least 5 expected)."""
-        return n >= self.size and n * min(p, 1 - p) >= 5 - 1e-9
+        """Enough independent evidence in the window to see this level's misses (at least 5
+        expected); ``n``: its evidence groups."""
+        return len(self.hits[p]) >= self.size and n * min(p, 1 - p) >= 5 - 1e-9
 
     def drifted(self) -> list[float]:
         """Levels whose coverage is off by more than sampling noise (2 standard errors, at least
-        3 points), among those the window can judge."""
+        3 points), among those the window can judge. The noise is that of the window's evidence
+        groups, not its calls: a fan-out of 256 calls that all missed together is one event,
+        and no more than sampling noise on its own."""
         out = []
         for p, h in self.hits.items():
-            if not self._estimable(p, len(h)):
+            n = len(set(self.groups[p]))
+            if not self._estimable(p, n):
                 continue
-            tol = max(0.03, 2 * math.sqrt(p * (1 - p) / len(h)))
+            tol = max(0.03, 2 * math.sqrt(p * (1 - p) / n))
             if abs(sum(h) / len(h) - p) > tol:
                 out.append(p)
         return out
 
     def correction(self, levels: list[float]) -> dict[float, float]:
         """For ``levels``, the log-space shift that would have given nominal coverage in the
-        window (the finite-sample conformal quantile of the residuals)."""
-        return {
-            p: stats.conformal_quantile(sorted(self.residuals[p]), p)
-            for p in levels
-            if self.residuals[p]
-        }
+        window: the finite-sample conformal quantile of the residuals, one per evidence group
+        (its median), so a burst weighs as one call."""
+        out = {}
+        for p in levels:
+            by_group: dict[str, list[float]] = {}
+            for g, r in zip(self.groups[p], self.residuals[p], strict=True):
+                by_group.setdefault(g, []).append(r)
+            if by_group:
+                medians = sorted(stats.quantile(sorted(rs), 0.5) for rs in by_group.values())
+                out[p] = stats.conformal_quantile(medians, p)
+        return out
 
     def clear(self) -> None:
-        for table in (self.hits, self.residuals, self.losses):
+        for table in (self.hits, self.residuals, self.losses, self.groups):
             for d in table.values():
                 d.clear()
+
+
+def _bounded(shift: float) -> float:
+    return max(-MAX_SHIFT, min(MAX_SHIFT, shift))
 
 
 def _apply_shift(dists: list[LatencyDist], shift: dict[float, float]) -> list[LatencyDist]:
@@ -248,6 +283,8 @@ class OnlineLearner:
             maxlen=self.cfg.buffer_calls
         )
         self.monitor = Monitor(self.levels, self.cfg.window_calls)
+        self._group_calls: dict[str, int] = {}
+        """Calls seen per recent evidence group, oldest group first (`_track`)."""
         self.shift: dict[float, float] = {}
         self.calls_seen = 0
         self.swaps = 0
@@ -311,8 +348,9 @@ class OnlineLearner:
         self.sessions.observe(rec.session_id, rec.output_tokens, rec.latency_s)
         if rec.pred and rec.predictor == self.live.version:
             pred = {float(k): v for k, v in rec.pred.items()}
-            self.monitor.add(pred, rec.latency_s)
-            self._track(pred, rec.latency_s)
+            group = evidence_group(rec)
+            self.monitor.add(pred, rec.latency_s, group)
+            self._track(pred, rec.latency_s, group)
             drifted = self.monitor.drifted()
             self._quiet = 0 if drifted else self._quiet + 1
             if self._quiet >= self.cfg.window_calls:  # calibration held for a whole window:
@@ -321,7 +359,9 @@ class OnlineLearner:
                 if self._regime is None:  # a new shift: its calls are the window's
                     self._regime, self._regime_trained = self.monitor.calls(), 0
                 correction = self.monitor.correction(drifted)
-                self.shift = {p: self.shift.get(p, 0.0) + c for p, c in correction.items()}
+                self.shift = {
+                    p: _bounded(self.shift.get(p, 0.0) + c) for p, c in correction.items()
+                }
                 log.warning(
                     "predictor %s: coverage drifted (%s); conformal correction %s, "
                     "retraining sooner",
@@ -332,14 +372,24 @@ class OnlineLearner:
                 self.monitor.clear()
                 self._hurry = True
 
-    def _track(self, pred: dict[float, float], actual_s: float) -> None:
+    def _track(self, pred: dict[float, float], actual_s: float, group: str = "") -> None:
         """Adaptive conformal inference (Gibbs & Candes, 2021): after every call, move each
         level's log-space shift up by ``gain * level`` on a miss and down by ``gain * (1 - level)``
-        on a hit, so long-run coverage converges to the level whatever the shift in traffic."""
+        on a hit, so long-run coverage converges to the level whatever the shift in traffic.
+        The k-th call of an evidence group moves it 1/k as far (a fan-out of n weighs about
+        ln n calls), and the shift stays within `MAX_SHIFT`."""
+        weight = 1.0
+        if group:
+            seen = self._group_calls.pop(group, 0) + 1
+            self._group_calls[group] = seen
+            if len(self._group_calls) > GROUPS_REMEMBERED:
+                del self._group_calls[next(iter(self._group_calls))]
+            weight = 1.0 / seen
         for p, q in pred.items():
             if p in self.levels and q > 0:
                 miss = actual_s > q
-                self.shift[p] = self.shift.get(p, 0.0) + ACI_GAIN * (miss - (1 - p))
+                step = weight * ACI_GAIN * (miss - (1 - p))
+                self.shift[p] = _bounded(self.shift.get(p, 0.0) + step)
 
     def _adapting(self) -> bool:
         """Early in a shift: fewer of its calls than the regular retraining cadence, so it retrains

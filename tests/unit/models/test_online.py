@@ -526,3 +526,54 @@ with tempfile.TemporaryDirectory() as tmp:
         [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_a_fan_out_that_misses_together_is_one_piece_of_evidence(tmp_path):
+    """256 instances of one fan-out step all run 10x slower than forecast (one slow input, one
+    hot replica): one event. It moves the correction by about ln(256) calls' worth, not 256,
+    and sets off no drift; the same slowdown over independent calls does."""
+    learner = _drifting(tmp_path)
+    q = Query("lm", "llm", "hi", 10, 64)
+    for i in range(200):  # calibrated, independent calls
+        (d,) = learner.forecast([q])
+        learner.observe(record(i, _calibrated(i, d), d.as_dict(), learner.live.version))
+    before = dict(learner.shift)
+    assert not learner._hurry
+    for k in range(256):
+        (d,) = learner.forecast([q])
+        rec = record(1000 + k, 10 * d.quantile(0.9), d.as_dict(), learner.live.version)
+        learner.observe(dataclasses.replace(rec, workflow="burst", step="write", index=k))
+    assert not learner._hurry  # no drift from one event
+    assert learner.shift[0.9] - before[0.9] < 0.15  # ~ 0.018 x (1 + 1/2 + ... + 1/256)
+    for i in range(2000, 2200):  # the same, one call at a time: a shift in the traffic
+        (d,) = learner.forecast([q])
+        learner.observe(record(i, 10 * d.quantile(0.9), d.as_dict(), learner.live.version))
+    assert learner._hurry
+    assert learner.shift[0.9] > math.log(5)
+
+
+def test_the_online_correction_is_bounded(tmp_path):
+    """Calls 1000x slower than forecast, forever: the correction stops at 10x either way (the
+    model is wrong, which retraining fixes), instead of swinging by e^22."""
+    learner = _drifting(tmp_path)
+    q = Query("lm", "llm", "hi", 10, 64)
+    for i in range(3000):
+        (d,) = learner.forecast([q])
+        learner.observe(record(i, 1000 * d.quantile(0.9), d.as_dict(), learner.live.version))
+    assert all(abs(s) <= online.MAX_SHIFT + 1e-9 for s in learner.shift.values())
+    assert max(learner.shift.values()) == pytest.approx(math.log(10))
+    (served,) = learner.forecast([q])
+    assert served.quantile(0.9) <= 10 * 1.5 + 1e-9
+
+
+def test_the_monitor_judges_drift_on_independent_evidence():
+    """A window of 100 misses: from 100 calls, drift; from 4 fan-outs of 25, no more than noise
+    (4 events); the correction weighs each fan-out once."""
+    independent, bursts = Monitor((0.9,), size=100), Monitor((0.9,), size=100)
+    for i in range(100):
+        independent.add({0.9: 1.0}, 2.0)
+        bursts.add({0.9: 1.0}, 2.0 if i < 75 else 8.0, group=f"fan-out {i // 25}")
+    assert independent.drifted() == [0.9]
+    assert bursts.drifted() == []
+    # one residual a fan-out: log 2 three times and log 8 once; their 0.9 conformal quantile
+    assert bursts.correction([0.9]) == {0.9: pytest.approx(math.log(8))}
