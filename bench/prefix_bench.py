@@ -7,13 +7,15 @@ what it is given:
 - ``least_outstanding``: load only, the cache-blind baseline;
 - ``prefix_affinity``, ``kv_cost``: SGLang's/vLLM's and Dynamo's cache-aware routers, on the
   dispatcher's prefix index;
-- ``tail`` with the oracle's forecasts (exact service times, the replica's cache included):
+- ``tail`` with the oracle's forecasts (exact service times, the replica's cache included)
+  and the capacity price (``--capacity-price``: each candidate charged the pool capacity its
+  prefill burns): the SwarmX policy the targets are checked on; the same without the price:
   tail with affinity; ``tail`` + ``oracle:nocache``: the same forecasts blind to the cache;
   ``tail`` + ``noisy:0.5``: the oracle's medians off by a lognormal error of sigma 0.5, stated
   as the forecast's spread (a predictor that is often wrong by 1.6x, and says so);
-- ablations: ``tail`` + ``shuffled`` (another call's lengths, this call's cache) and ``tail`` +
-  ``constant`` (one distribution for every call and replica): what the win needs of the
-  forecast.
+- ablations, with and without the price: ``tail`` + ``shuffled`` (another call's lengths, this
+  call's cache) and ``tail`` + ``constant`` (one distribution for every call and replica):
+  what the win needs of the forecast.
 
 Mooncake (its `hash_ids`, 512-token blocks) at four offered loads on 16 replicas and at 85% on
 64; claude-code sessions (blocks shared with each agent's previous call as recorded; agents in
@@ -47,11 +49,14 @@ ARMS: list[tuple[str, str, str | None]] = [
     ("least_outstanding", "least_outstanding", None),
     ("prefix_affinity", "prefix_affinity", None),
     ("kv_cost", "kv_cost", None),
+    ("tail, affinity, priced", "tail+price", "oracle"),
     ("tail, affinity", "tail", "oracle"),
     ("tail, no affinity", "tail", "oracle:nocache"),
     ("tail, noisy 0.5", "tail", "noisy:0.5"),
     ("tail, shuffled", "tail", "shuffled"),
     ("tail, constant", "tail", "constant"),
+    ("tail, priced, shuffled", "tail+price", "shuffled"),
+    ("tail, priced, constant", "tail+price", "constant"),
 ]
 """(label, router, forecaster)."""
 
@@ -86,7 +91,10 @@ def _runs(quick: bool) -> list[Run]:
 
 
 def _simulate(run: Run) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "swarmx", "sim", *run.args, "--router", run.router]
+    router, _, priced = run.router.partition("+")
+    argv = [sys.executable, "-m", "swarmx", "sim", *run.args, "--router", router]
+    if priced:
+        argv.append("--capacity-price")
     argv += ["--queue", "fifo", "--scaler", "none", "--gpu", "A100", "--json"]
     if run.predictor is not None:
         argv += ["--predictor", run.predictor]
@@ -139,7 +147,7 @@ def _verdicts(results: list[tuple[Run, dict[str, Any]]]) -> list[str]:
     }
     out = []
     for trace, point in dict.fromkeys((r.trace, r.point) for r, _ in results):
-        tail = by.get((trace, point, "tail, affinity"))
+        tail = by.get((trace, point, "tail, affinity, priced"))
         rivals = [by.get((trace, point, a)) for a in ("prefix_affinity", "kv_cost")]
         if tail is None or None in rivals:
             continue
@@ -160,7 +168,7 @@ def _verdicts(results: list[tuple[Run, dict[str, Any]]]) -> list[str]:
             f"({'met' if ok_ttft else 'not met'}: 20% below{reach})"
         )
     lo = by.get(("mooncake, 16 replicas", "0.85", "least_outstanding"))
-    tail = by.get(("mooncake, 16 replicas", "0.85", "tail, affinity"))
+    tail = by.get(("mooncake, 16 replicas", "0.85", "tail, affinity, priced"))
     if lo is not None and tail is not None:
         cut = 1 - tail["call_latency_s"]["p99"] / lo["call_latency_s"]["p99"]
         out.append(
@@ -193,12 +201,16 @@ def main() -> None:
         "`swarmx sim --json`: the scheduler's own policies on emulated A100s with prefix caches "
         "(8B model, 427k KV tokens each), fixed pools, FIFO queues, no scaler. Arms: "
         "`least_outstanding` (load only); `prefix_affinity` and `kv_cost` (SGLang's/vLLM's and "
-        "Dynamo's cache-aware routers on the scheduler's prefix index); `tail, affinity` (the "
-        "oracle's forecasts, each replica's cache included); `tail, no affinity` (the same, "
+        "Dynamo's cache-aware routers on the scheduler's prefix index); `tail, affinity, "
+        "priced` (the oracle's forecasts, each replica's cache included, and the capacity "
+        "price: each candidate charged the seconds of prompt it would prefill times the pool's "
+        "mean calls per replica; `[router] capacity_price`, `swarmx sim --capacity-price`); "
+        "`tail, affinity` (the same without the price); `tail, no affinity` (the same, "
         "blind to the cache); `tail, noisy 0.5` (the oracle's medians off by a lognormal error "
-        "of sigma 0.5, stated as the forecast's spread); ablations `tail, shuffled` (another "
-        "call's lengths, this call's cache) and `tail, constant` (one distribution for every "
-        "call and replica).",
+        "of sigma 0.5, stated as the forecast's spread); ablations, without and with the price, "
+        "`tail, shuffled` (another call's lengths, this call's cache) and `tail, constant` (one "
+        "distribution for every call and replica). The targets are checked on `tail, affinity, "
+        "priced`.",
         "",
         "Mooncake: "
         + ("the first 3,000 rows" if args.quick else "all 12,031 rows")

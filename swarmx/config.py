@@ -519,6 +519,9 @@ class RouterConfig:
     kv_overlap_weight: float = 1.0
     """The ``kv_cost`` router's weight of a block to prefill against a block to decode
     (Dynamo's ``overlap_score_weight``)."""
+    capacity_price: bool = False
+    """The ``tail`` router charges each candidate the pool capacity its prefill would burn
+    (docs/scheduling.md): keeps prefixes where they are cached when the pool is loaded."""
 
     def __post_init__(self) -> None:
         if self.kv_overlap_weight < 0:

@@ -118,6 +118,14 @@ def sim(
             show_default=False,
         ),
     ] = None,
+    capacity_price: Annotated[
+        bool,
+        typer.Option(
+            "--capacity-price",
+            help="The tail router charges the pool capacity a prefill burns (also [router] "
+            "capacity_price).",
+        ),
+    ] = False,
     slo_s: Annotated[
         float | None, typer.Option(help="SLO for workflows without one (seconds).")
     ] = None,
@@ -166,7 +174,11 @@ def sim(
         fail("--rate-scale and --load must be positive")
     try:
         router = make_router(
-            policy, seed=seed, level=level, kv_overlap_weight=cfg.router.kv_overlap_weight
+            policy,
+            seed=seed,
+            level=level,
+            kv_overlap_weight=cfg.router.kv_overlap_weight,
+            capacity_price=capacity_price or cfg.router.capacity_price,
         )
         scale = make_scaler(scaler, **(cfg.scaler.options if scaler == cfg.scaler.policy else {}))
         agents = trace is not None and detect_format(trace) == "claude-code"

@@ -473,7 +473,11 @@ class SchedulerDaemon:
         self.workflows = WorkflowService(
             store,
             make_router(
-                rc.policy, seed=rc.seed, level=rc.level, kv_overlap_weight=rc.kv_overlap_weight
+                rc.policy,
+                seed=rc.seed,
+                level=rc.level,
+                kv_overlap_weight=rc.kv_overlap_weight,
+                capacity_price=rc.capacity_price,
             ),
             self.nodes,
             self.clock,

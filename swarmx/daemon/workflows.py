@@ -622,6 +622,9 @@ class WorkflowService:
         if result is not None:
             self._ended[call_id] = f.node
             self._trim_ended()
+            if result.ok:
+                uncached = result.prompt_tokens - (result.cached_tokens or 0)
+                self.dispatcher.observe_prefill(result.replica, uncached, result.ttft_s)
         await self.send_all(self.dispatcher.finished(call_id, self.clock.time()))
         # a lost attempt (its node gone, no result in time) is traced too, failed, with the
         # time it was out: the trace shows every attempt

@@ -29,7 +29,7 @@ from swarmx.models.dist import LatencyDist, trusted_dists
 from swarmx.sched import tailmath
 from swarmx.sched.prefix import PrefixIndexes
 from swarmx.sched.router import Forecaster, ReplicaView, RouteInput, Router, Work
-from swarmx.stats import upper_quantile
+from swarmx.stats import quantile, upper_quantile
 from swarmx.workflow.engine import CallSpec
 
 QueueOrder = Literal["fifo", "slack"]
@@ -186,6 +186,12 @@ class PoolStats:
     with_deadline: int = 0
 
 
+PREFILL_SAMPLES = 32
+"""Recent first tokens per replica its prefill speed is read from."""
+MIN_PREFILL_TOKENS = 512
+"""Prompt tokens to prefill below which a first token says more of overheads than speed."""
+
+
 class _OpenSet:
     """One model's replicas with room, by name, also grouped by load (calls outstanding, and
     others' on their engines): a
@@ -338,6 +344,8 @@ class Dispatcher:
         self._taking: collections.Counter[str] = collections.Counter()
         """model -> its replicas that take new calls."""
         self.prefixes = PrefixIndexes()
+        self._prefill: dict[str, deque[float]] = {}
+        """Replica -> tokens a second of its recent prefills (`observe_prefill`)."""
         """What each replica's prefix cache holds, as the calls routed to it say (approximate:
         an engine's own evictions are not seen unless it reports them)."""
 
@@ -350,6 +358,10 @@ class Dispatcher:
             self._drop_open(old.view)
             self._unindex(old.view)
             self._taking[old.view.model] -= old.live
+            if not view.prefill_tokens_per_s:  # measured here, not announced: kept
+                view = dataclasses.replace(view, prefill_tokens_per_s=old.view.prefill_tokens_per_s)
+            if not view.external:
+                view = dataclasses.replace(view, external=old.view.external)
         rep = _Replica(view, True, old.work if old else {})
         self._taking[view.model] += 1
         self.replicas[view.replica] = rep
@@ -368,12 +380,28 @@ class Dispatcher:
         self._drop_open(rep.view)
         self._unindex(rep.view)
         self.prefixes.drop(replica)
+        self._prefill.pop(replica, None)
         for call_id in rep.work:
             where = self._where.pop(call_id, None)
             if where is not None:
                 self._forget(where[1])
             self._band.pop(call_id, None)
         return list(rep.work)
+
+    def observe_prefill(self, replica: str, uncached_tokens: int, ttft_s: float | None) -> None:
+        """A finished call's first token: how fast the replica prefills
+        (`ReplicaView.prefill_tokens_per_s`), the 0.9 quantile of its last `PREFILL_SAMPLES`
+        calls with at least `MIN_PREFILL_TOKENS` to prefill (a first token also waits for the
+        engine's queue and a decode step, which only slow it: the fast ones say the speed)."""
+        rep = self.replicas.get(replica)
+        if rep is None or ttft_s is None or ttft_s <= 0 or uncached_tokens < MIN_PREFILL_TOKENS:
+            return
+        seen = self._prefill.setdefault(replica, deque(maxlen=PREFILL_SAMPLES))
+        seen.append(uncached_tokens / ttft_s)
+        rate = quantile(sorted(seen), 0.9)
+        if rate != rep.view.prefill_tokens_per_s:
+            rep.view = dataclasses.replace(rep.view, prefill_tokens_per_s=rate)
+            self._refresh(rep)
 
     def set_external(self, replica: str, calls: int) -> None:
         """Calls on the replica's engine that are not this scheduler's, as its node last said

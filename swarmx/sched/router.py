@@ -57,6 +57,9 @@ class ReplicaView:
     builds the view)."""
     kv_cache_tokens: int = 0
     """Tokens the replica's KV cache holds at most, where known (0: unknown)."""
+    prefill_tokens_per_s: float = 0.0
+    """How fast the replica prefills a prompt, where known (0: unknown): the simulator's timing
+    model, or live, what its calls' first tokens took (`Dispatcher.observe_prefill`)."""
     external: int = 0
     """Calls on the replica's engine that did not come through this scheduler (another router's,
     a user's): the engine's own running and waiting requests, as its metrics say, less those
@@ -445,13 +448,18 @@ class TailRouter(_Completion):
     forecast: ForecastKind = "service"
     uses_prefix = False
 
-    def __init__(self, level: float = 0.95, near: float = NEAR) -> None:
+    def __init__(
+        self, level: float = 0.95, near: float = NEAR, capacity_price: bool = False
+    ) -> None:
         if not 0.5 < level < 1:
             raise ValueError(f"tail level must be in (0.5, 1), got {level}")
         super().__init__(hi=max(level, 0.9))
         self.level = level
         self.near = near
         """Margin within which tails count as alike, in forecast log spreads (`_near_best`)."""
+        self.capacity_price = capacity_price
+        """Charge each candidate the pool capacity its prefill burns (`_priced`)."""
+        self.uses_prefix = capacity_price
         self._ties = _Rotation()
 
     def choose(self, inp: RouteInput) -> Choice:
@@ -465,6 +473,8 @@ class TailRouter(_Completion):
             tail[i] = done.mu + done.sigma * z
             if done is not service:
                 tail[i] = max(tail[i], service.mu + service.sigma * z)
+        if self.capacity_price and inp.cached_tokens is not None:
+            _priced(inp, pool, tail)
         if inp.deadline_s is not None:
             left_s = inp.deadline_s - inp.now_s
             on_time = [0.0] * len(cands)
@@ -477,6 +487,30 @@ class TailRouter(_Completion):
         near = _near_best(cands, pool, tail, lambda i: preds[i][0].sigma, self.near)
         index = self._ties.pick(cands, near)
         return self.choice(inp, forecasts, index, preds[index][0])
+
+
+def _priced(inp: RouteInput, pool: list[int], tail: list[float]) -> None:
+    """Add to each candidate's log tail the capacity its prefill burns: the seconds of prompt it
+    would prefill there (what its prefix cache does not hold, at its prefill speed) times the
+    pool's mean calls per replica.
+
+    Greedy routing counts a prefill only in the call's own time. But a busy pool's GPU time is
+    shared: a second spent prefilling on a replica is a second the calls sharing it (the pool's
+    mean load, by Little's law) wait, and a prefix prefilled again elsewhere takes cache room
+    that later calls' prefixes needed. Priced this way, a prefix holder that is a little busier
+    keeps the call when the pool is loaded, and an idle pool routes as before (a price of
+    nothing). Candidates whose prefill speed is unknown are charged nothing."""
+    cands, cached = inp.candidates, inp.cached_tokens
+    assert cached is not None
+    prompt = len(inp.call.prefix_blocks) * inp.call.block_tokens
+    price = sum(c.load for c in cands) / len(cands)
+    if price <= 0 or prompt <= 0:
+        return
+    for i in pool:
+        rate = cands[i].prefill_tokens_per_s
+        if rate > 0 and tail[i] < math.inf:
+            burnt_s = max(0, prompt - cached[i]) / rate
+            tail[i] = math.log(math.exp(tail[i]) + price * burnt_s)
 
 
 def _cached(inp: RouteInput) -> Sequence[int]:
@@ -567,6 +601,7 @@ class RouterOptions:
     seed: int = 0
     level: float = 0.95
     kv_overlap_weight: float = 1.0
+    capacity_price: bool = False
 
 
 ROUTERS: dict[str, Callable[[RouterOptions], Router]] = {
@@ -576,7 +611,7 @@ ROUTERS: dict[str, Callable[[RouterOptions], Router]] = {
     "power_of_two": lambda o: PowerOfTwo(o.seed),
     "mean_predicted": lambda o: MeanPredicted(),
     "p90_load": lambda o: P90Load(),
-    "tail": lambda o: TailRouter(o.level),
+    "tail": lambda o: TailRouter(o.level, capacity_price=o.capacity_price),
     "prefix_affinity": lambda o: PrefixAffinity(),
     "kv_cost": lambda o: KvCost(o.kv_overlap_weight),
 }
@@ -584,9 +619,14 @@ ROUTERS: dict[str, Callable[[RouterOptions], Router]] = {
 
 
 def make_router(
-    name: str, *, seed: int = 0, level: float = 0.95, kv_overlap_weight: float = 1.0
+    name: str,
+    *,
+    seed: int = 0,
+    level: float = 0.95,
+    kv_overlap_weight: float = 1.0,
+    capacity_price: bool = False,
 ) -> Router:
     factory = ROUTERS.get(name)
     if factory is None:
         raise ValueError(f"unknown router {name!r} (known: {', '.join(ROUTERS)})")
-    return factory(RouterOptions(seed, level, kv_overlap_weight))
+    return factory(RouterOptions(seed, level, kv_overlap_weight, capacity_price))

@@ -243,6 +243,9 @@ class Simulation:
             0,
             gpu=rep.gpu,
             kv_cache_tokens=s.cache.capacity_tokens if isinstance(s, LlmServer) else 0,
+            prefill_tokens_per_s=1 / prefill_s(s.gpu, s.model, 1)
+            if isinstance(s, LlmServer)
+            else 0,
         )
         self._assign_all(self.dispatcher.add_replica(view, self.now))
 

@@ -536,3 +536,23 @@ def test_a_forecasting_router_gets_forecasts_that_know_each_candidates_cached_pr
     assert fixed.cached[0] == [0, 0]
     assert sorted(fixed.cached[-1] or []) == sorted(expected)
     assert second[0].cached_tokens == (3 * 64 if second[0].replica.replica == holder else 0)
+
+
+def test_a_replicas_prefill_speed_is_read_from_its_first_tokens():
+    """The fast first tokens say the speed (queueing only slows them): the 0.9 quantile of the
+    recent ones with enough to prefill; short prompts and calls without a first token say
+    nothing; a replica that leaves takes its figures with it."""
+    d = Dispatcher(LeastOutstanding())
+    d.add_replica(replica("n/a"), 0.0)
+    assert d.view("n/a").prefill_tokens_per_s == 0.0  # unknown until measured
+    for k in range(10):  # 8,000 tokens a second at best; queueing made most slower
+        d.observe_prefill("n/a", 8000, 1.0 + 0.25 * k)
+    d.observe_prefill("n/a", 100, 0.001)  # a short prompt: overheads, not speed
+    d.observe_prefill("n/a", 8000, None)
+    d.observe_prefill("n/gone", 8000, 1.0)
+    assert d.view("n/a").prefill_tokens_per_s == pytest.approx(8000 / 1.25, rel=0.05)
+    d.add_replica(replica("n/a"), 1.0)  # announced again (a new hello): what was measured stays
+    assert d.view("n/a").prefill_tokens_per_s == pytest.approx(8000 / 1.25, rel=0.05)
+    d.remove_replica("n/a")
+    d.add_replica(replica("n/a"), 2.0)
+    assert d.view("n/a").prefill_tokens_per_s == 0.0

@@ -427,3 +427,44 @@ def test_the_routers_weigh_calls_an_engine_runs_for_others():
     plain = [view("n1/a"), view("n2/b", outstanding=1)]
     assert route(LeastOutstanding(), plain).index == 0
     assert route(TailRouter(), plain, [dist(1.0), dist(1.0)]).index == 0
+
+
+# --- the capacity price -----------------------------------------------------------------------
+
+
+def _prefixed(blocks: int = 40) -> CallSpec:
+    c = call()
+    return dataclasses.replace(c, prefix_blocks=list(range(blocks)), block_tokens=256)
+
+
+def _priced_pool(busy_others: int) -> list[ReplicaView]:
+    """A holds 36 of the call's 40 blocks and has a call running; B is idle and holds none;
+    ``busy_others`` more replicas have their 4 slots full. All prefill 8,000 tokens a second."""
+    hot = dataclasses.replace(view("n1/a", outstanding=1), prefill_tokens_per_s=8000.0)
+    idle = dataclasses.replace(view("n2/b"), prefill_tokens_per_s=8000.0)
+    full = [
+        dataclasses.replace(view(f"n{3 + k}/c", outstanding=4), prefill_tokens_per_s=8000.0)
+        for k in range(busy_others)
+    ]
+    return [hot, idle, *full]
+
+
+def test_the_capacity_price_keeps_a_prefix_where_it_is_cached_only_when_the_pool_is_busy():
+    """The forecasts already count each call's own prefill: on A it is 2 s, on idle B 1.5 s
+    despite the 8,000 tokens B must prefill. An idle pool gives that prefill away: B. A busy
+    pool pays for it in the other calls' time: A, the replica holding the prefix."""
+    priced = TailRouter(capacity_price=True)
+    assert priced.uses_prefix and not TailRouter().uses_prefix
+
+    def pick(router: TailRouter, pool: list[ReplicaView]) -> str:
+        cached = [36 * 256, 0] + [0] * (len(pool) - 2)
+        forecasts = [dist(2.0), dist(1.5)] + [dist(1.5)] * (len(pool) - 2)
+        inp = RouteInput(_prefixed(), pool, NOW, forecasts, cached_tokens=cached)
+        return pool[router.choose(inp).index].replica
+
+    quiet, busy = _priced_pool(0), _priced_pool(6)
+    assert pick(priced, quiet) == "n2/b"  # 0.5 calls a replica: the greedy choice stands
+    assert pick(priced, busy) == "n1/a"  # 3.1 calls a replica: 1.3 s of prefill costs 4 s
+    assert pick(TailRouter(), busy) == "n2/b"  # unpriced, the idle replica every time
+    unknown = [dataclasses.replace(v, prefill_tokens_per_s=0.0) for v in busy]
+    assert pick(priced, unknown) == "n2/b"  # speeds unknown: nothing is charged

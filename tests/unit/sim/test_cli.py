@@ -205,3 +205,9 @@ def test_tail_with_and_without_the_cache(tmp_path):
         assert result.exit_code == 0, result.output
         rates.append(json.loads(result.stdout)["prefix_hit_rate"])
     assert rates[0] > rates[1]
+    priced = sim(
+        *("--trace", str(trace), "--replicas", "4", "--router", "tail"),
+        *("--predictor", "oracle", "--capacity-price", "--json"),
+    )
+    assert priced.exit_code == 0, priced.output
+    assert json.loads(priced.stdout)["prefix_hit_rate"] >= rates[1]
