@@ -291,7 +291,7 @@ class _Channel:
             self._sock.close(linger=0)
             if self._auth is not None:
                 self._auth.stop()
-            self._ctx.term()
+            self._ctx.destroy(linger=0)  # closes any socket still open, so it cannot block
 
 
 class RouterChannel(_Channel):

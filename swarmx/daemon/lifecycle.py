@@ -68,8 +68,9 @@ class SystemdNotifier:
     def notify(self, *fields: str) -> bool:
         if not self._address:
             return False
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:  # never blocks: a full queue (systemd slow to read) drops this one, not the loop
+            flags = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            with socket.socket(socket.AF_UNIX, flags) as sock:
                 sock.sendto("\n".join(fields).encode(), self._address)
         except OSError as exc:
             log.warning("sd_notify to %r failed: %s", self._address, exc)
@@ -131,6 +132,10 @@ def run_daemon(
     asyncio.run(runner())
 
 
+STOP_TASKS_S = 5.0
+"""How long a daemon's tasks have to end once cancelled at stop."""
+
+
 async def run_until_stopped(
     stop: asyncio.Event,
     tasks: list[asyncio.Task[None]],
@@ -150,7 +155,12 @@ async def run_until_stopped(
     finally:
         for task in [stopper, *tasks]:
             task.cancel()
-        await asyncio.gather(stopper, *tasks, return_exceptions=True)
+        _, stuck = await asyncio.wait([stopper, *tasks], timeout=STOP_TASKS_S)
+        for task in stuck:  # a task that will not end must not keep the daemon from stopping
+            log.error(
+                "task %s did not end %g s after it was cancelled", task.get_name(), STOP_TASKS_S
+            )
+        await asyncio.gather(*(t for t in [stopper, *tasks] if t.done()), return_exceptions=True)
 
 
 class LoopGap:

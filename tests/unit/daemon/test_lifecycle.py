@@ -1,6 +1,7 @@
 import asyncio
 import os
 import socket
+import time
 
 import pytest
 
@@ -134,3 +135,47 @@ def test_run_until_stopped_runs_the_leave_while_the_tasks_still_run():
 
     task, result = asyncio.run(main())
     assert task.cancelled() and result[0] > 0
+
+
+def test_a_task_that_will_not_end_does_not_keep_the_daemon_from_stopping(monkeypatch, caplog):
+    from swarmx.daemon import lifecycle
+
+    monkeypatch.setattr(lifecycle, "STOP_TASKS_S", 0.2)
+
+    async def main():
+        release = asyncio.Event()
+
+        async def stubborn():
+            while not release.is_set():
+                try:
+                    await release.wait()
+                except asyncio.CancelledError:
+                    continue  # a bug: swallows its cancellation
+
+        stop = asyncio.Event()
+        task = asyncio.create_task(stubborn(), name="stubborn")
+        stop.set()
+        await run_until_stopped(stop, [task])
+        returned_first = not task.done()
+        release.set()
+        await task
+        return returned_first
+
+    assert asyncio.run(main()) is True  # it returned while the task still ran
+    assert "task stubborn did not end 0.2 s after it was cancelled" in caplog.text
+
+
+def test_a_notify_queue_systemd_does_not_read_never_blocks_the_daemon(tmp_path, caplog):
+    """A datagram socket nobody reads fills up (10 datagrams by default on Linux): notify then
+    fails at once, where a blocking send would freeze the event loop."""
+    path = str(tmp_path / "notify")
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(path)
+    try:
+        n = SystemdNotifier(environ={"NOTIFY_SOCKET": path})
+        t0 = time.monotonic()
+        sent = [n.notify("WATCHDOG=1") for _ in range(5000)]
+        assert time.monotonic() - t0 < 5
+        assert sent[0] is True and sent[-1] is False
+    finally:
+        sink.close()
