@@ -31,7 +31,7 @@ class _Node:
     state: NodeState = "live"
     telemetry: Telemetry | None = None
     frames: int = 0
-    devices: dict[str, DeviceAtDispatch] = field(default_factory=dict)
+    devices: dict[tuple[str, str], DeviceAtDispatch] = field(default_factory=dict)
     """`device_at` of this telemetry, per device and replica (cleared with each new sample)."""
 
 
@@ -85,7 +85,7 @@ class NodeTable:
         node = self._nodes.get(name)
         if node is None:
             return device_at(None, device)
-        key = f"{device}|{replica}"
+        key = (device, replica)  # a tuple, not a string built for every candidate
         known = node.devices.get(key)
         if known is None:
             known = device_at(node.telemetry, device)
