@@ -236,6 +236,7 @@ class Engine:
         if proc is not None:
             _signal_group(proc.pid, signal.SIGKILL)  # what it forked, whether or not it exited
             await proc.wait()
+            await _group_gone(proc.pid)
         if self._logger is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._logger
@@ -257,6 +258,24 @@ class Engine:
             if line:
                 self._tail = [*self._tail[-LOG_TAIL_LINES + 1 :], line]
                 log.info("[%s] %s", self.spec.name, line, extra={"replica": self.spec.name})
+
+
+GROUP_GONE_S = 5.0
+"""How long a stop waits for the last of an engine's processes to go after SIGKILL."""
+
+
+async def _group_gone(pgid: int) -> None:
+    """Until no process is left in the group (a worker it forked dies a moment after its
+    SIGKILL, and holds its GPU's memory until then: a restart on that GPU must not start
+    before). Zombies count until their parent reaps them."""
+    deadline = time.monotonic() + GROUP_GONE_S
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        await asyncio.sleep(0.01)
+    log.warning("process group %d still has processes %g s after SIGKILL", pgid, GROUP_GONE_S)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -324,6 +343,8 @@ class EngineLedger:
                 pgid, created = int(entry["pid"]), float(entry["created"])
             except (KeyError, TypeError, ValueError):
                 continue
+            if pgid <= 1 or pgid == os.getpgrp() or created < psutil.boot_time():
+                continue  # never init's group, the agent's own, or a time before this boot
             procs = _group(pgid, created)
             if not procs:
                 continue

@@ -6,6 +6,7 @@ import msgspec
 import pytest
 
 from swarmx.protocol import (
+    MAX_WARMUPS,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
     AbortCall,
@@ -283,6 +284,32 @@ def test_an_older_peer_without_the_scaling_fields_still_decodes():
     raw = msgpack.unpackb(encode_frame("s", 2, 0.0, ScaleCommand("llama", "torch", 2)))
     del raw["body"]["remove"]
     assert decode_frame(msgpack.packb(raw)).body == ScaleCommand("llama", "torch", 2)
+
+
+def test_a_nodes_engine_figures_are_checked_at_decode():
+    """What a node says of its launched engines: an older node's hello has none (defaults); more
+    start-ups than `MAX_WARMUPS`, a negative one or negative restarts are refused, naming the
+    field; a result says nothing of infra unless it does."""
+    raw = msgpack.unpackb(encode_frame("n1", 1, 0.0, HELLO))
+    for pool in raw["body"]["pools"]:
+        del pool["warmup_s"], pool["restarts"]
+    [pool] = decode_frame(msgpack.packb(raw)).body.pools
+    assert (pool.warmup_s, pool.restarts) == ([], 0)
+    for bad, where in (
+        ({"warmup_s": [1.0] * (MAX_WARMUPS + 1)}, "warmup_s"),
+        ({"warmup_s": [-1.0]}, "warmup_s"),
+        ({"restarts": -1}, "restarts"),
+    ):
+        raw = msgpack.unpackb(encode_frame("n1", 1, 0.0, HELLO))
+        raw["body"]["pools"][0].update(bad)
+        with pytest.raises(ProtocolError, match=where) as info:
+            decode_frame(msgpack.packb(raw))
+        assert info.value.reason == "schema"
+    result = msgpack.unpackb(
+        encode_frame("n1", 2, 0.0, Result("c", "r", False, "", "x", 0, 0, None, 0, 0))
+    )
+    del result["body"]["infra"]
+    assert decode_frame(msgpack.packb(result)).body.infra is False
 
 
 def test_version_mismatch_is_refused():

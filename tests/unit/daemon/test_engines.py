@@ -395,3 +395,26 @@ def test_under_systemd_the_node_keeps_its_state_in_the_units_state_directory(mon
     assert NodeConfig().state_dir == "/var/lib/swarmx-node"
     monkeypatch.delenv("STATE_DIRECTORY")
     assert NodeConfig().state_dir.endswith("swarmx")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",  # cut short: the agent died while writing? (it writes through a rename)
+        "[1, 2]",  # not a table
+        '{"n/lm#0": {"pid": "one", "created": 1.0}, "n/lm#1": [], "n/lm#2": {"pid": 1}}',
+        '{"n/lm#0": {"pid": -5, "created": 0.0}}',  # no such group
+        '{"n/lm#0": {"pid": 1, "created": 0.0}}',  # init's group: never
+        f'{{"n/lm#0": {{"pid": {os.getpgrp()}, "created": 0.0}}}}',  # the agent's own group
+    ],
+)
+def test_a_ledger_that_makes_no_sense_stops_nothing_and_does_not_stop_the_agent(
+    tmp_path, caplog, text
+):
+    """The ledger is the agent's own file, but a disk, an editor or a bug can spoil it: the
+    sweep then stops nothing (it never guesses at a pid) and the agent starts as usual."""
+    path = tmp_path / "engines.json"
+    path.write_text(text)
+    assert EngineLedger(path).sweep(stop_timeout_s=1) == []
+    if text.startswith("{not"):
+        assert "unreadable" in caplog.text
