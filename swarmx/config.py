@@ -171,10 +171,11 @@ class SchedulerConfig:
         _check_positive("max_frame_bytes", self.max_frame_bytes)
 
 
-PLACEHOLDERS = frozenset({"port", "gpu", "model", "served_model", "replica", "host"})
+PLACEHOLDERS = frozenset({"port", "gpu", "model", "served_model", "replica", "host", "kv_port"})
 """What a launch template may name: ``{port}`` (the port the node picked), ``{gpu}`` (the GPU
 indices it assigned, comma-separated), ``{model}``, ``{served_model}``, ``{replica}`` (the
-replica's name) and ``{host}`` (the address the engine should listen on)."""
+replica's name), ``{host}`` (the address the engine should listen on) and ``{kv_port}`` (a
+second free port, for the engine's KV-event publisher)."""
 
 
 def template_fields(parts: Sequence[str]) -> set[str]:
@@ -242,9 +243,19 @@ class ReplicaConfig:
     replicas_per_gpu`` says so."""
     drain_timeout_s: float = 300.0
     """launch: on scale-down, how long in-flight calls may take before the engine is stopped."""
+    kv_events: str = ""
+    """openai: the engine's KV-event publisher (vLLM's and SGLang's ``--kv-events-config``
+    endpoint), e.g. ``tcp://127.0.0.1:5557``; with ``launch`` it may name ``{kv_port}``. The node
+    follows what the engine evicts, so the scheduler's prefix index does (docs/backends.md)."""
+    kv_events_topic: str = "kv-events"
+    """kv_events: the topic the engine publishes on."""
+    tokenize_path: str = "/tokenize"
+    """kv_events: the engine's tokenizer endpoint, from its server's root (vLLM's, SGLang's):
+    how the node joins a prompt's blocks to the engine's."""
 
     def __post_init__(self) -> None:
         self._check_launch()
+        self._check_kv_events()
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}", self.model):
             raise SchemaError(
                 "model", f"must be 1-128 of A-Z a-z 0-9 . _ : / -, got {self.model!r}"
@@ -278,6 +289,20 @@ class ReplicaConfig:
             )
         if self.startup_delay_s < 0:
             raise SchemaError("startup_delay_s", f"must be >= 0, got {self.startup_delay_s}")
+
+    def _check_kv_events(self) -> None:
+        if not self.kv_events:
+            return
+        if self.backend != "openai":
+            raise SchemaError("kv_events", f"only openai engines publish them, not {self.backend}")
+        if not self.kv_events.startswith(("tcp://", "ipc://")):
+            raise SchemaError(
+                "kv_events", f"must be a tcp:// or ipc:// endpoint, got {self.kv_events!r}"
+            )
+        if "{kv_port}" in self.kv_events and "kv_port" not in template_fields(self.launch):
+            raise SchemaError("kv_events", "names {kv_port}, which `launch` never does")
+        if not self.tokenize_path.startswith("/"):
+            raise SchemaError("tokenize_path", f"must start with /, got {self.tokenize_path!r}")
 
     def _check_launch(self) -> None:
         if not self.launch:

@@ -110,6 +110,16 @@ def node_families(samples: Iterable[tuple[str, Telemetry]]) -> list[Metric]:
         "Calls the replica finished since it started, by outcome (ok, error).",
         labels=[*rep, "outcome"],
     )
+    refused = CounterMetricFamily(
+        "swarmx_replica_kv_events_refused",
+        "The engine's KV-event frames and events the node could not read.",
+        labels=rep,
+    )
+    resets = CounterMetricFamily(
+        "swarmx_replica_prefix_cache_resets",
+        "Times the engine's prefix cache started over (cleared, restarted, events missed).",
+        labels=rep,
+    )
     for name, tel in samples:
         host = tel.host
         cpu.add_metric([name], host.cpu_percent / 100)
@@ -136,6 +146,8 @@ def node_families(samples: Iterable[tuple[str, Telemetry]]) -> list[Metric]:
                 kv.add_metric(which, r.kv_cache_usage)
             calls.add_metric([*which, "ok"], r.completed)
             calls.add_metric([*which, "error"], r.failed)
+            refused.add_metric(which, r.cache_events_refused)
+            resets.add_metric(which, r.cache_resets)
     return [
         cpu,
         mem_used,
@@ -151,6 +163,8 @@ def node_families(samples: Iterable[tuple[str, Telemetry]]) -> list[Metric]:
         inflight,
         kv,
         calls,
+        refused,
+        resets,
     ]
 
 

@@ -75,6 +75,10 @@ MAX_REPLICAS = 4096
 MAX_CORES = 16_384
 MAX_LIST = 1 << 20
 """Call ids, latencies, inputs, command arguments: far above any real frame's."""
+MAX_REMOVED = 1 << 16
+"""Evicted prefix blocks one telemetry frame reports (`swarmx.backends.kvevents.MAX_REMOVED`)."""
+BlockId = Annotated[int, Meta(ge=0, lt=1 << 53)]
+"""A prefix block's id (`swarmx.sched.prefix.HASH_BITS`)."""
 MAX_RUNNING = 65_536
 """Calls one node reports running at once."""
 
@@ -229,6 +233,17 @@ class ReplicaRuntime(msgspec.Struct, frozen=True):
     engine_running: Count | None = None
     kv_cache_usage: Fraction | None = None
     """Fraction of the server's KV cache in use (0..1), where it reports it."""
+    cache_removed: Annotated[list[BlockId], Meta(max_length=MAX_REMOVED)] = _field(
+        default_factory=list
+    )
+    """Prefix blocks (`swarmx.sched.prefix` ids) the engine evicted since the last telemetry,
+    where it says (`swarmx.backends.base.CacheReport`)."""
+    cache_resets: Count = 0
+    """Whole-cache clears the engine reported since its backend started."""
+    cache_capacity_tokens: Count | None = None
+    """Tokens the engine's prefix cache holds at most, where it says."""
+    cache_events_refused: Count = 0
+    """The engine's KV-event frames and events the node could not read, since the start."""
 
 
 class Telemetry(msgspec.Struct, frozen=True):

@@ -508,3 +508,45 @@ def request(
         monitor.close(linger=0)
         sock.close(linger=0)
         ctx.term()
+
+
+# --- engine events --------------------------------------------------------------------------------
+
+ENGINE_EVENT_BYTES = 64 * 1024 * 1024
+"""The largest engine event frame read; zmq drops a publisher's larger ones unread."""
+
+
+class EventSubscriber:
+    """A SUB socket on an engine's KV-event publisher (vLLM's and SGLang's ``zmq`` publisher):
+    each message is ``[topic, sequence number (8 bytes, big-endian), payload]``. Reconnects on its
+    own when the engine restarts; what was published meanwhile is lost (the sequence numbers say
+    so)."""
+
+    def __init__(self, url: str, topic: str) -> None:
+        self.url = url
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.SUB)
+        try:
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.setsockopt(zmq.MAXMSGSIZE, ENGINE_EVENT_BYTES)
+            self._sock.setsockopt(zmq.RCVHWM, 100_000)
+            self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            self._sock.setsockopt_string(zmq.SUBSCRIBE, topic)
+            self._sock.connect(url)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise TransportError(f"cannot subscribe to {url}: {exc.strerror}") from None
+
+    async def recv(self) -> tuple[int, bytes] | None:
+        """The next message's sequence number and payload; None for a message of another shape
+        (the caller counts it)."""
+        frames = await self._sock.recv_multipart()
+        if len(frames) != 3 or len(frames[1]) != 8:
+            return None
+        return int.from_bytes(frames[1], "big"), frames[2]
+
+    def close(self) -> None:
+        """Idempotent."""
+        self._sock.close(linger=0)
+        self._ctx.destroy(linger=0)

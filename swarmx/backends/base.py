@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 CallKind = Literal["llm", "model", "tool"]
 Api = Literal["chat", "completions"]
@@ -75,6 +75,31 @@ class BackendMetrics:
     prefix_cache_capacity: int | None = None
     """Blocks its prefix cache may hold at most (0: it has none): how far prefix routing to this
     replica can pay off."""
+
+
+@dataclass
+class CacheReport:
+    """What a replica's engine said of its prefix cache since the last report, in SwarmX's block
+    ids (`swarmx.sched.prefix`): the scheduler's prefix index, which otherwise only guesses from
+    the calls it routed, drops what the engine evicted."""
+
+    removed: list[int]
+    """Block ids it no longer holds."""
+    resets: int
+    """Whole-cache clears since the backend started: the index starts over when this changes."""
+    capacity_tokens: int | None
+    """Tokens its cache holds at most, where known."""
+    refused: int = 0
+    """The engine's event frames, and events in them, that could not be read, since the start."""
+
+
+@runtime_checkable
+class ReportsCache(Protocol):
+    """A backend whose engine says what its prefix cache drops (the embedded torch LM, whose
+    cache is keyed by SwarmX's ids; an OpenAI-compatible engine that publishes KV events)."""
+
+    def cache_report(self) -> CacheReport | None:
+        """Since the last call; None while it has nothing to say. Cheap, non-blocking."""
 
 
 class Backend(Protocol):

@@ -11,6 +11,7 @@ endpoint (chat or completions) as it is, and the server's chunks go back to the 
 from __future__ import annotations
 
 import asyncio
+import collections
 import http.client
 import json
 import logging
@@ -24,10 +25,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from swarmx.backends.base import Api, BackendMetrics, CallOutcome, CallRequest
+from swarmx.backends.base import Api, BackendMetrics, CacheReport, CallOutcome, CallRequest
 from swarmx.backends.http1 import HttpClient, ProtocolError, Response
+from swarmx.backends.kvevents import EngineBlocks, EventError, decode_batch
 from swarmx.clock import time_limit
 from swarmx.config import ReplicaConfig
+from swarmx.sched.prefix import block_hashes
+from swarmx.transport import EventSubscriber, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,15 @@ ERROR_BYTES = 64 * 1024
 """The most read of an error body."""
 MODELS_BYTES = 4 * 1024 * 1024
 """The most read of a ``/models`` answer."""
+TOKENIZE_BYTES = 32 * 1024 * 1024
+"""The most read of a ``/tokenize`` answer (a 1M-token prompt's ids)."""
+TOKENIZE_TIMEOUT_S = 10.0
+JOINS_WAITING = 64
+"""Finished calls waiting to be joined to the engine's blocks (`_join`); older ones go first."""
+_TOKENIZE_KEYS = frozenset(
+    {"messages", "prompt", "tools", "chat_template_kwargs", "add_generation_prompt"}
+)
+"""What of a call's body the engine's tokenizer reads: the same prompt tokens, template and all."""
 
 _QUEUED = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
 _RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
@@ -331,6 +344,13 @@ class OpenAIBackend:
         self._stop = threading.Event()
         self._scraper: threading.Thread | None = None
         self._metrics = BackendMetrics()
+        self._blocks: EngineBlocks | None = EngineBlocks() if cfg.kv_events else None
+        """The engine's prefix cache, as its KV events tell (``kv_events``)."""
+        self._joins: collections.deque[tuple[str, dict[str, object]]] = collections.deque(
+            maxlen=JOINS_WAITING
+        )
+        self._joined = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Fail fast, with the reason, when the server is down or the API key is missing."""
@@ -357,6 +377,11 @@ class OpenAIBackend:
                 target=self._scrape_loop, name=f"openai-metrics-{self._cfg.model}", daemon=True
             )
             self._scraper.start()
+        if self._blocks is not None and not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._follow_events(self._blocks), name="kv-events"),
+                asyncio.create_task(self._join_loop(self._blocks), name="kv-join"),
+            ]
 
     async def run(self, request: CallRequest) -> CallOutcome:
         """One streamed completion. Cancelling it closes its connection: the server sees the
@@ -382,6 +407,9 @@ class OpenAIBackend:
                     self._http.discard(resp)
                     raise
             await self._http.release(resp)
+            if outcome.ok and self._blocks is not None and request.prompt:
+                self._joins.append((request.prompt, payload))
+                self._joined.set()
             return outcome
         except StreamError as exc:
             return _failed(str(exc))
@@ -398,9 +426,95 @@ class OpenAIBackend:
         """The latest scrape of ``metrics_url``; all None without one or while it fails."""
         return self._metrics
 
+    def cache_report(self) -> CacheReport | None:
+        """What the engine's KV events said since the last report (None without ``kv_events``)."""
+        return None if self._blocks is None else self._blocks.report()
+
+    async def _follow_events(self, blocks: EngineBlocks) -> None:
+        """Mirror the engine's prefix cache from its KV events. A frame that cannot be read is
+        counted and skipped; a gap in the engine's numbering (frames lost, or the engine
+        restarted) makes the mirror, and so the scheduler's index, start over."""
+        try:
+            sub = EventSubscriber(self._cfg.kv_events, self._cfg.kv_events_topic)
+        except TransportError as exc:
+            log.error("%s: no KV events: %s", self._cfg.model, exc)
+            return
+        last: int | None = None
+        try:
+            while True:
+                got = await sub.recv()
+                try:
+                    if got is None:
+                        raise EventError("not [topic, sequence number, payload]")
+                    seq, payload = got
+                    events = decode_batch(payload)
+                except EventError as exc:
+                    blocks.refused += 1
+                    if blocks.refused & (blocks.refused - 1) == 0:  # 1, 2, 4, ...: not a flood
+                        log.warning(
+                            "%s: unreadable KV-event frame from %s (%d so far): %s",
+                            self._cfg.model,
+                            self._cfg.kv_events,
+                            blocks.refused,
+                            exc,
+                        )
+                    continue
+                if last is not None and seq != last + 1:
+                    log.info(
+                        "%s: KV events %d..%d missed; the prefix index starts over",
+                        self._cfg.model,
+                        last + 1,
+                        seq - 1,
+                    )
+                    blocks.clear()
+                last = seq
+                blocks.apply(events)
+        finally:
+            sub.close()
+
+    async def _join_loop(self, blocks: EngineBlocks) -> None:
+        """Join each finished call's prompt to the engine blocks that hold it
+        (`EngineBlocks.track`), one at a time, off the calls' path: the engine tokenizes the
+        call's own request."""
+        while True:
+            await self._joined.wait()
+            self._joined.clear()
+            while self._joins:
+                prompt, payload = self._joins.popleft()
+                try:
+                    tokens = await self._tokenize(payload)
+                except (OSError, TimeoutError, ProtocolError, ValueError) as exc:
+                    log.debug("%s: tokenize failed: %s", self._cfg.model, exc)
+                    continue
+                blocks.track(block_hashes(prompt), tokens)
+
+    async def _tokenize(self, payload: dict[str, object]) -> list[int]:
+        body = {k: v for k, v in payload.items() if k in _TOKENIZE_KEYS}
+        body["model"] = self._model
+        path = self._path.removesuffix("/v1") + self._cfg.tokenize_path
+        async with time_limit(TOKENIZE_TIMEOUT_S):
+            resp = await self._http.request(
+                "POST", path, self._headers(), json.dumps(body).encode()
+            )
+            try:
+                if not 200 <= resp.status < 300:
+                    raise OSError(await _http_error(resp))
+                answer = json.loads(await resp.read(TOKENIZE_BYTES))
+            except BaseException:
+                self._http.discard(resp)
+                raise
+        await self._http.release(resp)
+        tokens = answer.get("tokens") if isinstance(answer, dict) else None
+        if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+            raise ValueError("the tokenizer's answer has no list of token ids")
+        return tokens
+
     async def close(self) -> None:
         self._closed = True
         self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._http.close()
         if self._scraper is not None:
             await asyncio.to_thread(self._scraper.join, SCRAPE_TIMEOUT_S + 1)

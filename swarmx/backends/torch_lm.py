@@ -33,7 +33,7 @@ from typing import Generic, NamedTuple, TypeVar
 import torch
 import torch.nn.functional as F
 
-from swarmx.backends.base import BackendMetrics, CallKind, CallOutcome, CallRequest
+from swarmx.backends.base import BackendMetrics, CacheReport, CallKind, CallOutcome, CallRequest
 from swarmx.backends.chunks import ChunkWriter
 from swarmx.clock import Clock, RealClock
 from swarmx.config import ReplicaConfig
@@ -326,6 +326,8 @@ class _PrefixStore:
         self._kv: OrderedDict[int, torch.Tensor] = OrderedDict()
         """Least recently used first; each [2, N_LAYERS, N_HEADS, BLOCK_BYTES, HEAD_DIM]."""
         self._lock = threading.Lock()
+        self._dropped: dict[int, None] = {}
+        """Evicted since the last `take_dropped` (the scheduler's index drops them too)."""
 
     def __len__(self) -> int:
         return len(self._kv)
@@ -357,7 +359,15 @@ class _PrefixStore:
                 else:
                     self._kv.move_to_end(h)
             while len(self._kv) > self.capacity_blocks:
-                self._kv.popitem(last=False)
+                self._dropped[self._kv.popitem(last=False)[0]] = None
+            for h in kept:
+                self._dropped.pop(h, None)
+
+    def take_dropped(self) -> list[int]:
+        with self._lock:
+            dropped = list(self._dropped)
+            self._dropped.clear()
+        return dropped
 
 
 @dataclass(eq=False, kw_only=True)
@@ -461,6 +471,12 @@ class TorchLM(_Engine[_Seq]):
             prefix_cache_blocks=len(self._prefix),
             prefix_cache_capacity=self._prefix.capacity_blocks,
         )
+
+    def cache_report(self) -> CacheReport:
+        """Its prefix cache is keyed by the scheduler's own block ids, and its tokens are
+        bytes: what it evicts, and its size, are exact."""
+        capacity = self._prefix.capacity_blocks * BLOCK_BYTES
+        return CacheReport(self._prefix.take_dropped(), 0, capacity)
 
     def cached_block_ids(self) -> list[int]:
         """The block hashes the prefix cache holds, least recently used first: a snapshot, safe

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 
-from swarmx.backends.base import BackendMetrics, CallOutcome, CallRequest
+from swarmx.backends.base import BackendMetrics, CacheReport, CallOutcome, CallRequest
 from swarmx.backends.http1 import HttpClient, ProtocolError
 from swarmx.backends.openai import OpenAIBackend
 from swarmx.clock import time_limit
@@ -411,6 +411,9 @@ class LaunchedEngine:
     async def start(self) -> None:
         cfg = self.cfg
         port = free_port()
+        kv_port = free_port()
+        while kv_port == port:  # the kernel may hand the same free port out twice in a row
+            kv_port = free_port()
         ids = self.gpu_ids = self.gpus.take(self.replica, cfg.gpus_per_replica)
         values = {
             "port": str(port),
@@ -419,6 +422,7 @@ class LaunchedEngine:
             "served_model": cfg.served_model or cfg.model,
             "replica": self.replica,
             "host": HOST,
+            "kv_port": str(kv_port),
         }
         env = {k: v.format_map(values) for k, v in cfg.env.items()}
         if ids:  # NVML numbers GPUs in PCI order; CUDA, unless told, fastest first
@@ -438,7 +442,10 @@ class LaunchedEngine:
         try:
             self.warmup_s = await self.engine.start()
             metrics = f"http://{HOST}:{port}{cfg.metrics_path}" if cfg.metrics_path else ""
-            self.client = OpenAIBackend(dataclasses.replace(cfg, url=url, metrics_url=metrics))
+            events = cfg.kv_events.format_map(values)
+            self.client = OpenAIBackend(
+                dataclasses.replace(cfg, url=url, metrics_url=metrics, kv_events=events)
+            )
             await self.client.start()
         except BaseException:
             await self.close()
@@ -469,6 +476,9 @@ class LaunchedEngine:
 
     def metrics(self) -> BackendMetrics:
         return self.client.metrics() if self.client is not None else BackendMetrics()
+
+    def cache_report(self) -> CacheReport | None:
+        return self.client.cache_report() if self.client is not None else None
 
     async def close(self) -> None:
         """Stop taking calls, stop the engine (its calls still running fail), free its GPUs."""

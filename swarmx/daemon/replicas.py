@@ -22,12 +22,13 @@ from pathlib import Path
 import msgspec
 import psutil
 
-from swarmx.backends.base import Backend, CallOutcome, CallRequest
+from swarmx.backends.base import Backend, CallOutcome, CallRequest, ReportsCache
 from swarmx.backends.tools import ToolRunner
 from swarmx.clock import Clock
 from swarmx.config import NodeConfig, ReplicaConfig
 from swarmx.daemon.engines import Backoff, EngineLedger, GpuAllocator, LaunchedEngine
 from swarmx.protocol import (
+    MAX_REMOVED,
     MAX_WARMUPS,
     Chunk,
     Dispatch,
@@ -100,12 +101,19 @@ class Replica:
     """Calls submitted and not finished (counted from submission, before they queue)."""
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     """Set while ``pending`` is 0 (a drain waits on it)."""
+    cache_overflows: int = 0
+    """Engine cache reports with more evictions than a frame carries: each is sent as a reset
+    (the scheduler's index starts over, which is what so many evictions amount to)."""
 
     def __post_init__(self) -> None:
         self.idle.set()
 
     def runtime(self) -> ReplicaRuntime:
         m = self.backend.metrics()
+        report = self.backend.cache_report() if isinstance(self.backend, ReportsCache) else None
+        if report is not None and len(report.removed) > MAX_REMOVED:
+            self.cache_overflows += 1
+            report.removed = []
         return ReplicaRuntime(
             self.info.replica,
             self.info.model,
@@ -117,6 +125,10 @@ class Replica:
             m.queued,
             m.running,
             m.kv_cache_usage,
+            [] if report is None else report.removed,
+            self.cache_overflows + (0 if report is None else report.resets),
+            None if report is None else report.capacity_tokens,
+            0 if report is None else report.refused,
         )
 
 

@@ -700,7 +700,7 @@ class SchedulerDaemon:
             return
         assert isinstance(env.body, Heartbeat) and self.workflows is not None
         if env.body.telemetry is not None:
-            self.nodes.update_telemetry(env.sender, env.body.telemetry)
+            self._telemetry_in(env.sender, env.body.telemetry)
         await self.workflows.reconcile(env.sender, env.body.running)
         await self._reply(peer, Ack(env.seq))
 
@@ -728,9 +728,13 @@ class SchedulerDaemon:
             await self._unregistered(peer, env)
             return
         assert isinstance(env.body, Telemetry)
-        self.nodes.update_telemetry(env.sender, env.body)
+        self._telemetry_in(env.sender, env.body)
+
+    def _telemetry_in(self, node: str, telemetry: Telemetry) -> None:
+        """A node's telemetry, on its own or riding on a heartbeat (the default)."""
+        self.nodes.update_telemetry(node, telemetry)
         if self.workflows is not None:
-            self.workflows.on_telemetry(env.sender, env.body)
+            self.workflows.on_telemetry(node, telemetry)
 
     async def _on_result(self, peer: bytes, env: Envelope, who: Peer) -> None:
         if not await self._seen(peer, env):

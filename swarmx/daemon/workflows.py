@@ -401,12 +401,18 @@ class WorkflowService:
 
     def on_telemetry(self, node: str, telemetry: Telemetry) -> None:
         """Calls the node's engines run for others (their own running and waiting requests,
-        less the node's calls in them), for the routers to weigh (`ReplicaView.external`)."""
+        less the node's calls in them), for the routers to weigh (`ReplicaView.external`);
+        what the engines evicted from their prefix caches, for the index."""
         mine = {v.replica for v in self.dispatcher.node_views(node)}
         for r in telemetry.replicas:
-            if r.replica in mine and (r.engine_running is not None or r.engine_queued is not None):
+            if r.replica not in mine:
+                continue
+            if r.engine_running is not None or r.engine_queued is not None:
                 theirs = (r.engine_running or 0) + (r.engine_queued or 0) - r.inflight
                 self.dispatcher.set_external(r.replica, max(0, theirs))
+            self.dispatcher.engine_cache(
+                r.replica, r.cache_removed, r.cache_resets, r.cache_capacity_tokens
+            )
 
     async def on_node_down(self, node: str) -> None:
         """Calls on a lost node are re-run elsewhere; this does not use up a step's retries."""

@@ -344,10 +344,12 @@ class Dispatcher:
         self._taking: collections.Counter[str] = collections.Counter()
         """model -> its replicas that take new calls."""
         self.prefixes = PrefixIndexes()
+        """What each replica's prefix cache holds, as the calls routed to it say, less what its
+        engine said it evicted (`engine_cache`)."""
+        self._resets: dict[str, int] = {}
+        """Replica -> the engine's count of whole-cache clears, as last reported."""
         self._prefill: dict[str, deque[float]] = {}
         """Replica -> tokens a second of its recent prefills (`observe_prefill`)."""
-        """What each replica's prefix cache holds, as the calls routed to it say (approximate:
-        an engine's own evictions are not seen unless it reports them)."""
 
     # --- replicas ---------------------------------------------------------------------------
 
@@ -362,6 +364,8 @@ class Dispatcher:
                 view = dataclasses.replace(view, prefill_tokens_per_s=old.view.prefill_tokens_per_s)
             if not view.external:
                 view = dataclasses.replace(view, external=old.view.external)
+            if not view.kv_cache_tokens:  # the engine's own figure, from telemetry: kept
+                view = dataclasses.replace(view, kv_cache_tokens=old.view.kv_cache_tokens)
         rep = _Replica(view, True, old.work if old else {})
         self._taking[view.model] += 1
         self.replicas[view.replica] = rep
@@ -380,6 +384,7 @@ class Dispatcher:
         self._drop_open(rep.view)
         self._unindex(rep.view)
         self.prefixes.drop(replica)
+        self._resets.pop(replica, None)
         self._prefill.pop(replica, None)
         for call_id in rep.work:
             where = self._where.pop(call_id, None)
@@ -412,6 +417,27 @@ class Dispatcher:
             return
         rep.view = dataclasses.replace(rep.view, external=calls)
         self._refresh(rep)
+
+    def engine_cache(
+        self, replica: str, removed: Sequence[int], resets: int, capacity_tokens: int | None
+    ) -> None:
+        """What the replica's engine said of its prefix cache (`ReplicaRuntime.cache_removed`
+        and the rest): the index drops the blocks it evicted, starts over when its count of
+        clears changes, and takes its size. Idempotent: the same report twice does nothing
+        more."""
+        rep = self.replicas.get(replica)
+        if rep is None:
+            return
+        if capacity_tokens and capacity_tokens != rep.view.kv_cache_tokens:
+            rep.view = dataclasses.replace(rep.view, kv_cache_tokens=capacity_tokens)
+            self._refresh(rep)
+        index = self.prefixes.get(replica)
+        if self._resets.get(replica, 0) != resets:
+            self._resets[replica] = resets
+            if index is not None:
+                index.clear()
+        if index is not None and removed:
+            index.remove(removed)
 
     def set_live(self, replica: str, live: bool, now_s: float) -> list[Assign]:
         """Stale nodes get nothing new; their outstanding calls stay booked to them."""

@@ -512,10 +512,16 @@ def test_the_prefix_cache_keeps_its_budget_and_evicts_the_least_recently_used():
             assert [await cached_tokens(lm, p) for p in (a, b, a, c)] == [0, 0, 512, 0]
             # a, used again, outlives b, left alone since
             assert set(lm.cached_block_ids()) == set(block_hashes(a) + block_hashes(c))
+            report = lm.cache_report()  # what the scheduler's index is told: b's blocks went
+            assert report.removed == block_hashes(b)[::-1]
+            assert (report.resets, report.capacity_tokens) == (0, 4 * BLOCK_BYTES)
+            assert lm.cache_report().removed == []  # told once
             # one more block sheds a's tail, not its head: its first block still serves
             assert await cached_tokens(lm, d[:BLOCK_BYTES]) == 0
             assert await cached_tokens(lm, a) == BLOCK_BYTES
             assert await cached_tokens(lm, b) == 0
+            held = set(lm.cached_block_ids())
+            assert not held & set(lm.cache_report().removed)  # evicted, then back: not gone
 
     asyncio.run(main())
 

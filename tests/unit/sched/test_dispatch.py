@@ -506,6 +506,33 @@ def test_the_index_holds_no_more_than_the_replicas_kv_cache():
     assert index.match(list(range(10))) == 4  # the head stays
 
 
+def test_what_the_engine_evicted_leaves_the_index_and_a_clear_empties_it():
+    """The engine's own account (`Dispatcher.engine_cache`): the blocks it evicted leave the
+    index, so the next call's estimate matches what the engine will serve; a changed count of
+    clears starts the index over; the engine's cache size bounds the index, and stays when the
+    replica is announced again. The same report twice does nothing more."""
+    d = Dispatcher(make_router("prefix_affinity"))
+    d.add_replica(replica("a", slots=8), 0.0)
+    d.submit(Ticket(with_prefix("c1", [1, 2, 3, 4]), 0.0), 0.0)
+    d.finished("c1", 0.5)
+    d.engine_cache("a", [3, 4], 0, 10 * 64)
+    d.engine_cache("a", [3, 4], 0, 10 * 64)
+    assert d.prefixes.cached_blocks("a", [1, 2, 3, 4]) == 2
+    assert d.view("a").kv_cache_tokens == 10 * 64
+    d.add_replica(replica("a", slots=8), 1.0)  # a new hello: the engine's figure stays
+    assert d.view("a").kv_cache_tokens == 10 * 64
+    [assign] = d.submit(Ticket(with_prefix("c2", [1, 2, 3, 4]), 1.0), 1.0)
+    assert assign.cached_tokens == 2 * 64  # what the engine still holds
+    d.finished("c2", 1.5)
+    d.engine_cache("a", [], 1, None)  # the engine cleared its cache
+    assert d.prefixes.cached_blocks("a", [1, 2, 3, 4]) == 0
+    d.submit(Ticket(with_prefix("c3", [1, 2]), 2.0), 2.0)
+    d.engine_cache("a", [], 1, None)  # the same count again: not a new clear
+    assert d.prefixes.cached_blocks("a", [1, 2]) == 2
+    d.engine_cache("gone", [1], 5, 64)  # a replica not (or no longer) known: nothing
+    assert d.prefixes.get("gone") is None
+
+
 def test_routers_that_do_not_use_prefixes_are_not_given_cached_tokens():
     seen = []
 
