@@ -29,7 +29,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from swarmx.backends.base import BackendMetrics, CallOutcome, CallRequest
+from swarmx.backends.base import BackendMetrics, CacheReport, CallOutcome, CallRequest
 from swarmx.backends.chunks import ChunkWriter
 from swarmx.clock import Clock, RealClock
 from swarmx.config import ReplicaConfig
@@ -238,6 +238,8 @@ class EmulatedServer:
             raise ValueError(f"unknown GPU {self.cfg.gpu!r} (known: {', '.join(GPUS)})")
         self.gpu = GPUS[self.cfg.gpu]
         self.cache = PrefixCache(kv_capacity_tokens(self.gpu, self.model))
+        self._evicted: list[int] = []
+        self.cache.index.on_evict = self._evicted.extend
         self._active: list[_Seq] = []
         self._engine: asyncio.Task[None] | None = None
 
@@ -252,6 +254,11 @@ class EmulatedServer:
             prefix_cache_blocks=len(self.cache.index),
             prefix_cache_capacity=self.cache.capacity_tokens // BLOCK_TOKENS,
         )
+
+    def cache_report(self) -> CacheReport:
+        """Its cache is keyed by the scheduler's block ids: what it evicts is exact."""
+        gone, self._evicted[:] = list(self._evicted), []
+        return CacheReport(gone, 0, self.cache.capacity_tokens)
 
     async def close(self) -> None:
         if self._engine is not None:

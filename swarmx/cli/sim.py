@@ -118,6 +118,14 @@ def sim(
             show_default=False,
         ),
     ] = None,
+    kv_events: Annotated[
+        bool,
+        typer.Option(
+            "--kv-events",
+            help="Replicas tell the prefix index what their caches evict, as vLLM and SGLang do "
+            "with KV events; without, the index knows only what was routed.",
+        ),
+    ] = False,
     capacity_price: Annotated[
         bool,
         typer.Option(
@@ -203,6 +211,7 @@ def sim(
         seed=seed,
         kv_cache_tokens=kv_cache_tokens,
         sessions=sessions,
+        kv_events=kv_events,
     )
     recorded: list[TraceRecord] = []
     try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 BLOCK_TOKENS = 64
 """Tokens per block of SwarmX's own hashing (as claude-code's traces; vLLM uses 16, Mooncake's
@@ -72,12 +72,19 @@ class PrefixIndex:
         self._blocks: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.evicted = 0
         """Blocks dropped to stay within capacity, since the index was made."""
+        self.on_evict: Callable[[list[int]], None] | None = None
+        """Told the blocks dropped to stay within capacity (an engine's cache that reports its
+        evictions, as vLLM's KV events do)."""
 
     def __len__(self) -> int:
         return len(self._blocks)
 
     def __contains__(self, block: int) -> bool:
         return block in self._blocks
+
+    def __iter__(self) -> Iterator[int]:
+        """The blocks held, least recently used first."""
+        return iter(self._blocks)
 
     def match(self, hashes: Sequence[int]) -> int:
         """Leading blocks of ``hashes`` held here (stops at the first one not held)."""
@@ -99,9 +106,11 @@ class PrefixIndex:
             else:
                 blocks[h] = None
         excess = len(blocks) - self.capacity_blocks
-        for _ in range(excess):
-            blocks.popitem(last=False)
-        self.evicted += max(0, excess)
+        if excess > 0:
+            gone = [blocks.popitem(last=False)[0] for _ in range(excess)]
+            self.evicted += excess
+            if self.on_evict is not None:
+                self.on_evict(gone)
 
     def remove(self, hashes: Iterable[int]) -> None:
         """The replica dropped these blocks (its engine said so)."""

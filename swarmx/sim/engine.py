@@ -81,6 +81,10 @@ class SimConfig:
     sessions: int | None = None
     """Run this many workflows at once, the next starting as one ends (a closed loop over
     recorded sessions), instead of at their arrival times."""
+    kv_events: bool = False
+    """LLM replicas tell the dispatcher's prefix index what their caches evict, as vLLM and
+    SGLang do with KV events (`Dispatcher.engine_cache`); without, the index knows only what
+    was routed (approximate)."""
 
 
 @dataclass
@@ -247,6 +251,9 @@ class Simulation:
             if isinstance(s, LlmServer)
             else 0,
         )
+        if self.cfg.kv_events and isinstance(s, LlmServer):
+            name, dispatcher = rep.name, self.dispatcher
+            s.cache.index.on_evict = lambda gone: dispatcher.engine_cache(name, gone, 0, None)
         self._assign_all(self.dispatcher.add_replica(view, self.now))
 
     def _build(self) -> None:

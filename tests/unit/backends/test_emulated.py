@@ -23,6 +23,7 @@ from swarmx.backends.emulated import (
 )
 from swarmx.clock import ManualClock
 from swarmx.config import ReplicaConfig
+from swarmx.sched.prefix import block_hashes
 
 H100, A100, L40S = GPUS["H100"], GPUS["A100"], GPUS["L40S"]
 M = ModelProfile()
@@ -397,3 +398,8 @@ def test_a_prompt_seen_before_prefills_only_its_uncached_tail() -> None:
     assert metrics.prefix_cache_blocks == 5
     assert metrics.prefix_cache_capacity == kv_capacity_tokens(H100, M) // 64
     assert (srv.cache.prompt_tokens, srv.cache.cached_tokens) == (2 * tokens, 5 * 64)
+    report = srv.cache_report()  # nothing evicted: the scheduler's index is told so
+    assert (report.removed, report.capacity_tokens) == ([], kv_capacity_tokens(H100, M))
+    srv.cache.fit(kv_capacity_tokens(H100, M) - 2 * 64)  # running contexts take the room
+    assert srv.cache_report().removed == block_hashes(prompt)[:1:-1]  # 2 stay: the tail went
+    assert srv.cache_report().removed == []

@@ -131,6 +131,19 @@ def test_engine_reports_remove_blocks_and_a_reset_clears() -> None:
     assert len(index) == 0
 
 
+def test_what_capacity_evicts_is_told_least_recently_used_first() -> None:
+    index = PrefixIndex(4)
+    told: list[list[int]] = []
+    index.on_evict = told.append
+    index.insert([1, 2, 3])
+    index.insert([7, 8])  # one must go: 1..3 touched tail first, so 3 is the oldest
+    index.insert([7])  # nothing goes: told nothing
+    assert told == [[3]]
+    index.capacity_blocks = 1
+    index.insert([])
+    assert told == [[3], [2, 1, 8]]
+
+
 def test_indexes_per_replica_resize_and_forget_a_replica() -> None:
     indexes = PrefixIndexes()
     assert indexes.cached_blocks("r1", [1, 2]) == 0

@@ -8,8 +8,11 @@ from swarmx.sched.router import LeastOutstanding, make_router
 from swarmx.sched.scaler import NoScaler
 from swarmx.sim.engine import SimConfig, Simulation, offered_load, summary
 from swarmx.sim.generators import generate
+from swarmx.sim.importers import load_trace
+from swarmx.sim.servers import LlmServer
 from swarmx.sim.simworkflow import LLM_MODEL, CallTruth, SimWorkflow
 from swarmx.workflow.spec import StepSpec, WorkflowSpec
+from tests.unit.sim.tracefiles import conversations, write_mooncake
 
 TOOL = WorkflowSpec("mm1", None, {}, [StepSpec(id="t", kind="tool", after=[], command=["x"])], "-")
 
@@ -111,3 +114,26 @@ def test_a_run_that_reads_no_forecast_makes_none_and_decides_the_same():
     assert a.workflow_latency_s == b.workflow_latency_s and a.calls == b.calls
     assert plain.dispatcher.typical_service(LLM_MODEL) is None
     assert recorded.dispatcher.typical_service(LLM_MODEL) is not None
+
+
+@pytest.mark.parametrize("kv_events", [False, True])
+def test_with_kv_events_the_index_holds_nothing_the_replicas_caches_evicted(tmp_path, kv_events):
+    """Replicas whose caches report evictions (`SimConfig.kv_events`, vLLM's KV events) keep
+    the dispatcher's index to what they hold; fed by routing alone it keeps blocks they lost."""
+    trace = write_mooncake(tmp_path / "mc.jsonl", conversations(12, turns=8, gap_s=0.2))
+    sim = Simulation(
+        SimConfig(replicas=2, kv_cache_tokens=12 * 512, kv_events=kv_events),
+        load_trace(trace),
+        router=make_router("prefix_affinity"),
+        order="fifo",
+        scaler=NoScaler(),
+    )
+    sim.run()
+    stale = 0
+    for name, rep in sim.replicas.items():
+        if isinstance(rep.server, LlmServer):
+            index = sim.dispatcher.prefixes.get(name)
+            assert index is not None
+            held = rep.server.cache.index
+            stale += sum(1 for block in index if block not in held)
+    assert (stale == 0) == kv_events
