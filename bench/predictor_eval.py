@@ -18,7 +18,7 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -393,8 +393,11 @@ def shift_sections(
 def decision_timing(model: QuantilePredictor, records: list[TraceRecord]) -> list[str]:
     """Routing decisions over 64 candidate replicas, as the scheduler makes them: each one for a
     different held-out call (its prompt encoded afresh), on replicas of mixed GPUs, loads and
-    work in flight. Timed twice: the forecast alone (`predict_candidates`), and the forecast
-    plus the `tail` router's choice."""
+    work in flight. Timed: the forecast alone (`predict_candidates`), for a prompt scored before
+    (a retry, a requeued call: its n-grams cached) and a new one; the forecast plus the `tail`
+    router's choice, without and with a deadline; and the forecast plus every candidate's
+    completion worked out, as the router did before it pruned the candidates that cannot
+    matter."""
     torch.set_num_threads(1)
     rng = random.Random(0)
     recs = [r for r in records if r.kind != "tool"] or records
@@ -424,23 +427,38 @@ def decision_timing(model: QuantilePredictor, records: list[TraceRecord]) -> lis
         for i, r in enumerate(recs)
     ]
 
+    texts = model.encoder._texts  # the per-prompt cache: emptied where a prompt is new
+
     def forecast(i: int) -> None:
         model.predict_candidates(qs[i % len(qs)], pools[i % 4][1])
 
-    def decide(i: int) -> None:
+    def decide(i: int, deadline_s: float | None = None) -> None:
         views, places = pools[i % 4]
         dists = model.predict_candidates(qs[i % len(qs)], places)
-        router.choose(RouteInput(calls[i % len(qs)], views, 0.0, dists))
+        router.choose(RouteInput(calls[i % len(qs)], views, 0.0, dists, deadline_s))
 
+    def score_all(i: int) -> None:
+        views, places = pools[i % 4]
+        dists = model.predict_candidates(qs[i % len(qs)], places)
+        inp = RouteInput(calls[i % len(qs)], views, 0.0, dists)
+        done = router.completions(inp, dists, list(range(len(views))))
+        min(done, key=lambda j: done[j][0].mu + done[j][0].sigma * 1.645)
+
+    cases: list[tuple[str, Callable[[int], None], bool]] = [
+        ("forecast (`predict_candidates`), a prompt seen before", forecast, False),
+        ("forecast, a new prompt", forecast, True),
+        ("forecast + `tail` router, a new prompt", decide, True),
+        ("forecast + `tail` router, a new prompt, a deadline", lambda i: decide(i, 4.0), True),
+        ("forecast + every candidate's completion (the router before pruning)", score_all, True),
+    ]
     rows = []
-    for name, fn in (
-        ("forecast (`predict_candidates`)", forecast),
-        ("forecast + `tail` router", decide),
-    ):
+    for name, fn, new in cases:
         for i in range(100):
             fn(i)
         times = []
         for i in range(2000):
+            if new:
+                texts.clear()
             t0 = time.perf_counter()
             fn(i)
             times.append(time.perf_counter() - t0)

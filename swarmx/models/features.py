@@ -11,6 +11,7 @@ through these functions, so changing one changes what every saved model predicts
 from __future__ import annotations
 
 import array
+import collections
 import functools
 import itertools
 import math
@@ -112,6 +113,10 @@ def ngram_buckets(text: str, buckets: int, max_words: int) -> list[int]:
     parts = [_word(w, buckets) for w in words]
     bigrams = (zlib.crc32(b[2], a[1]) % buckets for a, b in itertools.pairwise(parts))
     return list(dict.fromkeys(itertools.chain(*(p[0] for p in parts), bigrams)))
+
+
+TEXTS_CACHED = 4096
+"""Prompts whose n-grams `Encoder` keeps, most recently scored first."""
 
 
 # --- numeric rows ----------------------------------------------------------------------------
@@ -277,6 +282,11 @@ class Encoder:
         self._edges = torch.tensor(cfg.load_edges, dtype=torch.float32)
         self._reindex()
         self._seen_bytes = bytes(self.seen.to(torch.uint8).tolist())  # fast lookups in encoding
+        self._texts: collections.OrderedDict[tuple[int, int], tuple[list[int], int]]
+        self._texts = collections.OrderedDict()
+        """(Prompt hash, length) -> (its seen n-grams, how many it has): a call scored again (a
+        retry, a call that waited in the queue, a fan-out's shared prompt) is not hashed
+        again."""
 
     @classmethod
     def fit(cls, cfg: FeatureConfig, queries: Sequence[Query]) -> Encoder:
@@ -326,15 +336,31 @@ class Encoder:
         ]
         self.seen[torch.tensor(grams, dtype=torch.long)] = True
         self._seen_bytes = bytes(self.seen.to(torch.uint8).tolist())
+        self._texts.clear()  # which n-grams are seen changed
         return added
+
+    def _text(self, prompt: str) -> tuple[list[int], int]:
+        """The prompt's seen n-grams and how many it has, from the cache where it was scored
+        before (keyed by its hash and length, not held: prompts can be megabytes)."""
+        texts, key = self._texts, (hash(prompt), len(prompt))
+        hit = texts.get(key)
+        if hit is not None:
+            texts.move_to_end(key)
+            return hit
+        cfg, seen = self.cfg, self._seen_bytes
+        grams = ngram_buckets(prompt, cfg.hash_buckets, cfg.max_words)
+        kept = list(itertools.compress(grams, map(seen.__getitem__, grams)))
+        hit = texts[key] = kept, len(grams)
+        if len(texts) > TEXTS_CACHED:
+            texts.popitem(last=False)
+        return hit
 
     def call_fields(self, q: Query) -> CallFields:
         """One query's `CallFields`. The novelty is the share of its n-grams never seen in
         training, whose embeddings are untrained noise and are left out."""
-        cfg, seen = self.cfg, self._seen_bytes
-        grams = ngram_buckets(q.prompt, cfg.hash_buckets, cfg.max_words)
-        kept = list(itertools.compress(grams, map(seen.__getitem__, grams)))
-        row = [*_call_row(q, bool(grams)), (len(grams) - len(kept)) / max(len(grams), 1)]
+        cfg = self.cfg
+        kept, n_grams = self._text(q.prompt)
+        row = [*_call_row(q, n_grams > 0), (n_grams - len(kept)) / max(n_grams, 1)]
         inputs = sorted({self._inputs.get(name, 0) for name in q.input_kinds})
         ids = [
             self._models.get(q.model, 0),

@@ -19,6 +19,7 @@ from swarmx.sched.tailmath import (
     LogNormal,
     Moments,
     fit,
+    fit_many,
     log_quantile,
     residuals,
     z_score,
@@ -354,21 +355,23 @@ class _Completion:
     def completions(
         self, inp: RouteInput, forecasts: Sequence[LatencyDist], pool: list[int]
     ) -> dict[int, tuple[LogNormal, LogNormal]]:
-        """Per candidate in ``pool``: ``(completion, service)`` fits. With a slot free the
-        completion is the service; else wait + service by Fenton-Wilkinson, which scorers floor
-        at the service's own figures (moment matching can thin a far tail below the service's,
-        and waiting never makes a call faster)."""
-        now_s, hi = inp.now_s, self.hi
-        out: dict[int, tuple[LogNormal, LogNormal]] = {}
-        for i in pool:
-            service = fit(forecasts[i], hi)
-            if _has_slot(inp.candidates[i]):
-                out[i] = (service, service)
-                continue
-            own = Moments.of(service)
-            wait = self._wait(inp.candidates[i], own, now_s)
-            out[i] = (LogNormal.from_moments(wait[0] + own.mean_s, wait[1] + own.var_s2), service)
-        return out
+        """Per candidate in ``pool``: ``(completion, service)`` fits (`completion`)."""
+        hi = self.hi
+        return {i: self.completion(inp, i, fit(forecasts[i], hi)) for i in pool}
+
+    def completion(
+        self, inp: RouteInput, i: int, service: LogNormal
+    ) -> tuple[LogNormal, LogNormal]:
+        """Candidate ``i``'s ``(completion, service)`` fits, given its service fit. With a slot
+        free the completion is the service; else wait + service by Fenton-Wilkinson, which
+        scorers floor at the service's own figures (moment matching can thin a far tail below
+        the service's, and waiting never makes a call faster)."""
+        view = inp.candidates[i]
+        if _has_slot(view):
+            return service, service
+        own = Moments.of(service)
+        wait = self._wait(view, own, inp.now_s)
+        return LogNormal.from_moments(wait[0] + own.mean_s, wait[1] + own.var_s2), service
 
     @staticmethod
     def choice(
@@ -463,27 +466,61 @@ class TailRouter(_Completion):
         self._ties = _Rotation()
 
     def choose(self, inp: RouteInput) -> Choice:
+        """Scores only the candidates that can matter, exactly as scoring all would choose.
+
+        A candidate's tail is at least its service's (waiting never makes a call faster) and
+        its chance of finishing on time at most its service's: both come from the forecast
+        alone, for a few logs. Working out the wait (the residuals of every call on a full
+        replica) is the expensive part, so it is done only for full candidates whose bounds
+        say they could be the best, or close enough to it to share its near-tie, or raise the
+        best chance of being on time; those added can only tighten the bar the others must
+        pass."""
         cands = inp.candidates
         pool = usable(inp.call, cands)
         forecasts = _forecasts(inp, self.name)
-        preds = self.completions(inp, forecasts, pool)
         z = z_score(self.level)
-        tail = [math.inf] * len(cands)  # log quantile
-        for i, (done, service) in preds.items():
-            tail[i] = done.mu + done.sigma * z
-            if done is not service:
-                tail[i] = max(tail[i], service.mu + service.sigma * z)
+        services = dict(zip(pool, fit_many((forecasts[i] for i in pool), self.hi), strict=True))
+        free = [c.outstanding + c.external < max(c.concurrency, 1) for c in cands]  # _has_slot
+        low = [math.inf] * len(cands)  # log tail at least
+        for i, service in services.items():
+            low[i] = service.mu + service.sigma * z
         if self.capacity_price and inp.cached_tokens is not None:
-            _priced(inp, pool, tail)
-        if inp.deadline_s is not None:
-            left_s = inp.deadline_s - inp.now_s
-            on_time = [0.0] * len(cands)
-            for i, (done, service) in preds.items():
-                on_time[i] = min(done.cdf(left_s), forecasts[i].levels[-1])
-                if done is not service:
-                    on_time[i] = min(on_time[i], service.cdf(left_s))
-            best = max(on_time[i] for i in pool)
-            pool = [i for i in pool if on_time[i] >= best - _SAME_PROBABILITY]
+            _priced(inp, pool, low)
+        left_s = None if inp.deadline_s is None else inp.deadline_s - inp.now_s
+        high = [0.0] * len(cands)  # chance on time at most
+        if left_s is not None:
+            for i, service in services.items():
+                high[i] = min(service.cdf(left_s), forecasts[i].levels[-1])
+        preds: dict[int, tuple[LogNormal, LogNormal]] = {}
+        tail = [math.inf] * len(cands)
+        on_time = [0.0] * len(cands)
+        waiting = sorted((i for i in pool if not free[i]), key=low.__getitem__)
+        todo = [i for i in pool if free[i]] or waiting[:1]
+        while todo:
+            for i in todo:
+                done, service = preds[i] = self.completion(inp, i, services[i])
+                tail[i] = max(done.mu + done.sigma * z, service.mu + service.sigma * z)
+                if left_s is not None:
+                    on_time[i] = min(done.cdf(left_s), high[i])
+            if self.capacity_price and inp.cached_tokens is not None:
+                _priced(inp, todo, tail)
+            best_on_time = max(on_time[i] for i in preds)
+            alive = [i for i in preds if on_time[i] >= best_on_time - _SAME_PROBABILITY]
+            best = min(alive, key=tail.__getitem__)
+            bar = tail[best] + max(self.near * preds[best][0].sigma, _SAME * abs(tail[best]))
+            todo = [
+                j
+                for j in waiting
+                if j not in preds
+                and (
+                    high[j] > best_on_time
+                    or (high[j] >= best_on_time - _SAME_PROBABILITY and low[j] <= bar)
+                )
+            ]
+        pool = list(preds)
+        if left_s is not None:
+            best_on_time = max(on_time[i] for i in pool)
+            pool = [i for i in pool if on_time[i] >= best_on_time - _SAME_PROBABILITY]
         near = _near_best(cands, pool, tail, lambda i: preds[i][0].sigma, self.near)
         index = self._ties.pick(cands, near)
         return self.choice(inp, forecasts, index, preds[index][0])

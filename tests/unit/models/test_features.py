@@ -95,6 +95,25 @@ def test_place_encoding_and_load_buckets():
     assert calls.num.shape[0] == 1
 
 
+def test_a_prompt_scored_again_is_not_hashed_again_and_the_cache_stays_bounded(monkeypatch):
+    from swarmx.models import features
+
+    enc = fitted()
+    hashed = []
+    real = features.ngram_buckets
+    monkeypatch.setattr(features, "ngram_buckets", lambda t, *a: hashed.append(t) or real(t, *a))
+    monkeypatch.setattr(features, "TEXTS_CACHED", 2)
+    q = Query("small", "llm", "brand new words", 10, 10)
+    first = enc.call_fields(q)
+    assert repr(enc.call_fields(q)) == repr(first) and hashed == ["brand new words"]  # NaNs
+    for text in ("a b", "c d", "brand new words"):  # it aged out
+        enc.call_fields(Query("small", "llm", text, 10, 10))
+    assert hashed == ["brand new words", "a b", "c d", "brand new words"]
+    assert len(enc._texts) == 2
+    enc.grow([q])  # its n-grams are seen now: not what the cache said
+    assert enc.call_fields(q)[1][-1] == 0.0 < first[1][-1]
+
+
 def test_grow_appends_new_names_and_marks_their_ngrams_seen():
     enc = fitted()
     new = Query("huge", "llm", "brand new words", 10, 10, gpu="B200", input_kinds=["audio"])

@@ -468,3 +468,82 @@ def test_the_capacity_price_keeps_a_prefix_where_it_is_cached_only_when_the_pool
     assert pick(TailRouter(), busy) == "n2/b"  # unpriced, the idle replica every time
     unknown = [dataclasses.replace(v, prefill_tokens_per_s=0.0) for v in busy]
     assert pick(priced, unknown) == "n2/b"  # speeds unknown: nothing is charged
+
+
+# --- scoring only the candidates that can matter ----------------------------------------------
+
+
+def _score_all(router: TailRouter, inp: RouteInput) -> int:
+    """The tail router's choice with every candidate's wait worked out: the naive model the
+    pruned `TailRouter.choose` must match."""
+    from swarmx.sched.router import (
+        _SAME_PROBABILITY,
+        _near_best,
+        _priced,
+        _Rotation,
+    )
+    from swarmx.sched.tailmath import z_score
+
+    cands, forecasts = inp.candidates, inp.forecasts
+    assert forecasts is not None
+    pool = usable(inp.call, cands)
+    preds = router.completions(inp, forecasts, pool)
+    z = z_score(router.level)
+    tail = [math.inf] * len(cands)
+    for i, (done, service) in preds.items():
+        tail[i] = max(done.mu + done.sigma * z, service.mu + service.sigma * z)
+    if router.capacity_price and inp.cached_tokens is not None:
+        _priced(inp, pool, tail)
+    if inp.deadline_s is not None:
+        left_s = inp.deadline_s - inp.now_s
+        on_time = [0.0] * len(cands)
+        for i, (done, service) in preds.items():
+            on_time[i] = min(done.cdf(left_s), forecasts[i].levels[-1], service.cdf(left_s))
+        best = max(on_time[i] for i in pool)
+        pool = [i for i in pool if on_time[i] >= best - _SAME_PROBABILITY]
+    near = _near_best(cands, pool, tail, lambda i: preds[i][0].sigma, router.near)
+    return _Rotation().pick(cands, near)
+
+
+@pytest.mark.parametrize("seed", range(1000))
+def test_scoring_only_the_candidates_that_can_matter_chooses_as_scoring_all_does(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 24)
+    busy_of = rng.choice(
+        (
+            lambda slots: rng.choice((0, slots - 1, slots, slots + 2, slots + 6)),  # mixed
+            lambda slots: rng.choice((slots, slots + 1, slots + 6)),  # all full
+            lambda slots: rng.choice((slots - 1, slots, slots + 1)),  # just full, or free
+        )
+    )
+    short = rng.random() < 0.5  # calls ahead nearly done: waits a hair, near-ties
+    pool = []
+    for i in range(n):
+        slots = rng.choice((1, 2, 4))
+        busy = busy_of(slots)
+        work = tuple(
+            running(NOW - rng.uniform(0, 0.01), 0.01, 0.1, f"w{i}-{k}")
+            if short
+            else running(
+                NOW - rng.uniform(0, 8), rng.uniform(0.2, 6), rng.uniform(0, 1), f"w{i}-{k}"
+            )
+            for k in range(max(busy - rng.randint(0, 1), 0))  # some counted, not listed
+        )
+        v = view(f"n{i}/lm", busy, slots, work)
+        pool.append(
+            dataclasses.replace(
+                v, prefill_tokens_per_s=rng.choice((0.0, 4000.0)), external=rng.randint(0, 1)
+            )
+        )
+    if short:  # near-ties: alike forecasts, so the least loaded of the close ones wins
+        sigma = rng.choice((0.0, 0.3, 1.0))
+        forecasts = [dist(rng.uniform(1, 1.1), sigma) for _ in range(n)]
+    else:
+        forecasts = [dist(rng.uniform(0.3, 5), rng.choice((0.0, 0.3, 1.0))) for _ in range(n)]
+    deadline = None if rng.random() < 0.4 else NOW + rng.uniform(0.5, 12)
+    blocks = list(range(rng.randint(0, 40)))
+    c = dataclasses.replace(call(), prefix_blocks=blocks, block_tokens=64)
+    cached = [rng.randint(0, len(blocks)) * 64 for _ in range(n)] if rng.random() < 0.5 else None
+    router = TailRouter(level=rng.choice((0.9, 0.95, 0.99)), capacity_price=cached is not None)
+    inp = RouteInput(c, pool, NOW, forecasts, deadline, cached)
+    assert router.choose(inp).index == _score_all(router, inp)
