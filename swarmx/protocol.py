@@ -326,6 +326,12 @@ class Result(msgspec.Struct, frozen=True):
     infra: bool = False
     """It failed because its replica failed (the engine died or hung), not because of the call:
     the scheduler runs it elsewhere without using up the step's retries."""
+    stop_reason: Annotated[str, Meta(max_length=64)] = ""
+    """Why the output ended, in the engine's words (``stop``, ``length``, ``tool_calls``)."""
+    output_kinds: Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=8)] = _field(
+        default_factory=list
+    )
+    """What the output carried: ``text``, ``tool_use``."""
 
 
 class Chunk(msgspec.Struct, frozen=True):

@@ -25,6 +25,8 @@ CLAUDE_CODE_COLUMNS = (
     "api_time_s",
     "ttft_s",
     "input_types",
+    "stop",
+    "output_types",
     "n_blocks",
     "prefix_blocks_shared_prev",
 )
@@ -107,6 +109,8 @@ def _claude_code_record(
         session=session,
         input_kinds=[k for k in row["input_types"].split("|") if k],
         prefix_share=shared / n_blocks if n_blocks > 0 else None,
+        stop_reason=row["stop"],
+        output_kinds=[k for k in row["output_types"].split("|") if k],
     )
 
 

@@ -102,6 +102,11 @@ class TraceRecord:
     budget_s: float | None = None
     """Seconds from ``ts`` by which the call had to finish to keep its workflow within its SLO
     (the predicted remaining critical path subtracted), as the scheduler saw it at arrival."""
+    stop_reason: str = ""
+    """Why the output ended, as the engine said (OpenAI's ``stop``, ``length``, ``tool_calls``;
+    Anthropic's ``end_turn``, ``max_tokens``, ``tool_use``); empty where unknown."""
+    output_kinds: list[str] = field(default_factory=list)
+    """What the output carried: ``text``, ``tool_use``; empty where unknown."""
 
     @property
     def session_id(self) -> str:

@@ -60,6 +60,11 @@ class CallOutcome:
     infra: bool = False
     """Failed because the backend failed (its engine died), not because of the call: it may
     run elsewhere without using up the step's retries."""
+    stop_reason: str = ""
+    """Why the output ended, in the engine's words (``stop``, ``length``, ``tool_calls``);
+    "" where unknown. The next call of the session is forecast knowing it."""
+    output_kinds: list[str] = field(default_factory=list)
+    """What the output carried: ``text``, ``tool_use``."""
 
 
 @dataclass(frozen=True)

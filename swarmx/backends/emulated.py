@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from swarmx.backends.base import BackendMetrics, CacheReport, CallOutcome, CallRequest
-from swarmx.backends.chunks import ChunkWriter
+from swarmx.backends.chunks import ChunkWriter, FinishReason
 from swarmx.clock import Clock, RealClock
 from swarmx.config import ReplicaConfig
 from swarmx.sched.prefix import BLOCK_TOKENS, PrefixIndex, block_hashes
@@ -348,9 +348,10 @@ class EmulatedServer:
         """Resolve a call that made its last token: its stream's finish and usage chunks first."""
         if seq.future.done():
             return
+        capped = seq.generated >= max(1, seq.request.max_tokens)
+        reason: FinishReason = "length" if capped else "stop"
         if seq.chunks is not None:
-            capped = seq.generated >= max(1, seq.request.max_tokens)
-            seq.chunks.finish("length" if capped else "stop", seq.prompt_tokens, seq.generated)
+            seq.chunks.finish(reason, seq.prompt_tokens, seq.generated)
         seq.future.set_result(
             CallOutcome(
                 True,
@@ -360,5 +361,7 @@ class EmulatedServer:
                 seq.generated,
                 seq.ttft_s,
                 cached_tokens=seq.cached_tokens,
+                stop_reason=reason,
+                output_kinds=["text"],
             )
         )

@@ -195,6 +195,9 @@ class ChatStream:
     finished: bool = False
     """A choice carried a ``finish_reason``: the generation completed. A ``[DONE]`` without one
     is a stream the server cut short (llama-cpp-python does so to run a newer request)."""
+    finish_reason: str = ""
+    tool_calls: bool = False
+    """A delta carried ``tool_calls``: the output asks for a tool."""
 
     def feed(self, data: str) -> str:
         """Take one event's data; return the text it generates ("" for role-only or usage
@@ -225,14 +228,18 @@ class ChatStream:
         choice = choices[0] if isinstance(choices, list) and choices else None
         if not isinstance(choice, dict):
             return ""
-        if choice.get("finish_reason"):
+        reason = choice.get("finish_reason")
+        if reason:
             self.finished = True
+            self.finish_reason = reason[:64] if isinstance(reason, str) else "other"
         delta = choice.get("delta")
         if not isinstance(delta, dict):  # a text completion's chunk
             text = choice.get("text")
             return self._output(text if isinstance(text, str) else "")
         content = delta.get("content")
         added = self._output(content if isinstance(content, str) else "")
+        if delta.get("tool_calls"):
+            self.tool_calls = True
         arguments = "".join(_tool_arguments(delta.get("tool_calls")))
         if arguments and not added:
             self.content_chunks += 1
@@ -277,6 +284,8 @@ class ChatStream:
             ),
             ttft_s=ttft_s,
             cached_tokens=self.cached_tokens,
+            stop_reason=self.finish_reason,
+            output_kinds=(["text"] if text else []) + (["tool_use"] if self.tool_calls else []),
         )
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from swarmx.backends.base import BackendMetrics, CacheReport, CallKind, CallOutcome, CallRequest
-from swarmx.backends.chunks import ChunkWriter
+from swarmx.backends.chunks import ChunkWriter, FinishReason
 from swarmx.clock import Clock, RealClock
 from swarmx.config import ReplicaConfig
 from swarmx.sched.prefix import BLOCK_BYTES, block_hashes
@@ -569,11 +569,10 @@ class TorchLM(_Engine[_Seq]):
             if seq.done:
                 assert seq.t_first is not None, "a finished sequence has sampled a token"
                 self._evict(model, row)  # first, so metrics are current when the caller wakes
+                reason: FinishReason = "stop" if seq.last == EOS else "length"
                 if seq.chunks is not None:
                     seq.chunks.text(seq.decoder.decode(b"", final=True))
-                    seq.chunks.finish(
-                        "stop" if seq.last == EOS else "length", seq.prompt_tokens, len(seq.out)
-                    )
+                    seq.chunks.finish(reason, seq.prompt_tokens, len(seq.out))
                 seq.resolve(
                     CallOutcome(
                         ok=True,
@@ -582,6 +581,8 @@ class TorchLM(_Engine[_Seq]):
                         output_tokens=len(seq.out),
                         ttft_s=seq.t_first - seq.t_start,
                         cached_tokens=seq.reused,
+                        stop_reason=reason,
+                        output_kinds=["text"],
                     )
                 )
 

@@ -9,6 +9,7 @@ import collections
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from swarmx.clock import Clock
 from swarmx.models.dist import LatencyDist
 from swarmx.models.online import OnlineLearner
 from swarmx.models.query import Query, SessionContext
@@ -68,7 +69,9 @@ class CallFeatures:
         runs: Mapping[str, WorkflowRun],
         learner: OnlineLearner | None,
         sessions: Mapping[str, SessionInfo],
+        clock: Clock,
     ) -> None:
+        self._clock = clock
         self._runs = runs
         self._sessions = sessions
         self._learner = learner
@@ -92,7 +95,9 @@ class CallFeatures:
             self._turns[call.workflow_id],
             self.input_kinds(call),
             _prefix_share(call.prompt, self._last_prompt.get(call.workflow_id, "")),
-            session=self._learner.sessions.context(self._session_id(call.workflow_id))
+            session=self._learner.sessions.context(
+                self._session_id(call.workflow_id), call.model, self._clock.time()
+            )
             if self._learner is not None
             else SessionContext(),
         )
@@ -161,6 +166,8 @@ class CallFeatures:
             predictor=f.predictor,
             pred_completion=f.completion.as_dict() if f.completion else None,
             budget_s=f.budget_s,
+            stop_reason=r.stop_reason,
+            output_kinds=list(r.output_kinds),
         )
 
     def observe(self, rec: TraceRecord) -> None:

@@ -617,6 +617,8 @@ class ReplicaSet:
                 outcome.output_tokens,
                 outcome.cached_tokens,
                 outcome.infra,
+                outcome.stop_reason[:64],
+                [k[:64] for k in outcome.output_kinds[:8]],
             )
         )
 

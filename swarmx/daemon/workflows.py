@@ -184,7 +184,7 @@ class WorkflowService:
         self.runs: dict[str, WorkflowRun] = {}
         self.sessions: dict[str, SessionInfo] = {}
         """Gateway sessions by id: workflows to the features and traces, with no spec."""
-        self.features = CallFeatures(self.runs, learner, self.sessions)
+        self.features = CallFeatures(self.runs, learner, self.sessions, clock)
         """The predictor's queries and the traces, with the session state they need."""
         self.dispatcher = Dispatcher(
             router,

@@ -25,8 +25,10 @@ from torch import Tensor
 
 from swarmx.models.query import Candidate, Query, place_of
 
-CALL_FEATURES = 17
-"""Numeric call features (`_call_row`), before the novelty and the input-kind columns."""
+CALL_FEATURES = 26
+"""Numeric call features (`_call_row`), before the novelty and the input-kind columns (model
+files from before the session's stops, tool loop, pause and the serving side's last minute
+read the first 17: `FeatureConfig.call_features`)."""
 PLACE_FEATURES = 6
 """Numeric placement features: gpu_util, gpu_mem_frac, cpu_util, log1p inflight, log1p queue,
 log1p cached prompt tokens (model files from before the last one read the first 5:
@@ -63,13 +65,21 @@ class FeatureConfig:
     tail_weight: float = 0.5
     """Each level's training loss is weighted by pdf(z_p) ** -tail_weight: pinball gradients
     at tail levels are rare and small, so unweighted the tails learn last."""
-    spread: float = 1.0
-    """Ensemble std times the level's normal score is added to the members' mean quantile."""
+    spread: float = 0.5
+    """Ensemble std times the level's normal score, times this, is added to the members' mean
+    quantile. 1.0 in files from before the session features: with them, members disagree most
+    where training calls are few (a pause under a second before a call: 57 of 24,585
+    claude-code calls), and the full widening put some p99 forecasts at hours where nothing
+    took five minutes (p99 pinball 1.1-2.6x the per-model baseline's over three seeds, against
+    0.83-0.87x at 0.5; p50 and p90 alike)."""
     load_edges: tuple[int, ...] = (1, 3, 8)
     """Conformal load buckets by inflight + queue_depth: 0, 1-2, 3-7, 8+."""
     place_features: int = PLACE_FEATURES
     """Placement columns the model reads: the first this many of `PLACE_FEATURES` (5 in files
     from before cached prompt tokens were one: `swarmx.models.modelfile.load`)."""
+    call_features: int = CALL_FEATURES
+    """Call columns the model reads: the first this many of `CALL_FEATURES` (17 in files from
+    before the session's stops and the serving side's state were)."""
     min_bucket_calls: int = 50
     """A load bucket with fewer calibration calls uses the global shift."""
 
@@ -152,6 +162,15 @@ def _call_row(q: Query, has_text: bool) -> list[float]:
         float(s.mean_log_latency is None),
         float(s.mean_output_tokens is None),
         float(has_text),
+        float(s.last_stop == "tool"),
+        float(s.last_stop == "length"),
+        float(s.last_stop == "end"),
+        math.log1p(s.tool_loop),
+        _log1p(s.since_last_s),
+        math.log1p(s.recent_calls),
+        math.nan if s.recent_log_latency is None else s.recent_log_latency,
+        math.nan if s.recent_log_pace is None else s.recent_log_pace,
+        float(s.since_last_s is None),
     ]
 
 
@@ -299,7 +318,12 @@ class Encoder:
         )
         grams = [ngram_buckets(q.prompt, cfg.hash_buckets, cfg.max_words) for q in queries]
         call_mean, call_std = _moments(
-            torch.tensor([_call_row(q, bool(g)) for q, g in zip(queries, grams, strict=True)])
+            torch.tensor(
+                [
+                    _call_row(q, bool(g))[: cfg.call_features]
+                    for q, g in zip(queries, grams, strict=True)
+                ]
+            )
         )
         place_mean, place_std = _moments(_places_of(queries)[0][:, : cfg.place_features])
         norm = {"call_mean": call_mean, "call_std": call_std}
@@ -360,7 +384,8 @@ class Encoder:
         training, whose embeddings are untrained noise and are left out."""
         cfg = self.cfg
         kept, n_grams = self._text(q.prompt)
-        row = [*_call_row(q, n_grams > 0), (n_grams - len(kept)) / max(n_grams, 1)]
+        row = _call_row(q, n_grams > 0)[: cfg.call_features]
+        row.append((n_grams - len(kept)) / max(n_grams, 1))
         inputs = sorted({self._inputs.get(name, 0) for name in q.input_kinds})
         ids = [
             self._models.get(q.model, 0),
@@ -382,8 +407,8 @@ class Encoder:
                 hot[i] = 1.0
             rows.append(row + hot)
             ints.append([len(kept), *idx])
-        n = len(queries)
-        floats = torch.tensor(rows, dtype=torch.float32).view(n, CALL_FEATURES + 1 + n_inputs)
+        n, k = len(queries), self.cfg.call_features
+        floats = torch.tensor(rows, dtype=torch.float32).view(n, k + 1 + n_inputs)
         columns = torch.tensor(ints, dtype=torch.long).view(n, 4)
         return Calls(
             ids=torch.tensor(ids, dtype=torch.long),
@@ -391,11 +416,9 @@ class Encoder:
             model=columns[:, 1],
             workflow=columns[:, 2],
             kind=columns[:, 3],
-            inputs=floats[:, CALL_FEATURES + 1 :],
-            num=_standardise(
-                floats[:, :CALL_FEATURES], self.norm["call_mean"], self.norm["call_std"]
-            ),
-            novelty=floats[:, CALL_FEATURES],
+            inputs=floats[:, k + 1 :],
+            num=_standardise(floats[:, :k], self.norm["call_mean"], self.norm["call_std"]),
+            novelty=floats[:, k],
         )
 
     def encode_places(

@@ -62,7 +62,8 @@ def load(path: str | Path) -> ModelFile:
     d = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ValueError(f"{path}: not a swarmx quantile predictor (format {FORMAT})")
-    cfg = FeatureConfig(**{"place_features": 5, **d["config"]})  # older files: 5 columns
+    # older files: 5 placement columns, 17 call columns
+    cfg = FeatureConfig(**{"place_features": 5, "call_features": 17, **d["config"]})
     vocab = Vocab(**{k: list(v) for k, v in d["vocab"].items()})
     net = QuantileNet(cfg, vocab)
     net.load_state_dict(d["state"])

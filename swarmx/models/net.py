@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from swarmx.models.features import CALL_FEATURES, Calls, FeatureConfig, Vocab
+from swarmx.models.features import Calls, FeatureConfig, Vocab
 
 
 def _uniform(*shape: int, fan_in: int, gen: torch.Generator | None) -> nn.Parameter:
@@ -74,7 +74,7 @@ class QuantileNet(nn.Module):
         self.model = normal(n_models, e * d)
         self.workflow = normal(cfg.workflow_buckets, e * s)
         self.gpu = normal(n_gpus, e * s)
-        n_in = 2 * d + s + CALL_FEATURES + 1
+        n_in = 2 * d + s + cfg.call_features + 1
         self.kind = uniform(n_kinds, e * h, fan_in=n_in)  # one-hot rows into the first layer
         self.inputs = uniform(n_inputs, e * h, fan_in=n_in)  # multi-hot rows, likewise
         self.w1, self.b1 = uniform(e, n_in, h, fan_in=n_in), uniform(e, 1, h, fan_in=n_in)

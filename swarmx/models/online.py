@@ -345,7 +345,7 @@ class OnlineLearner:
                 self._regime = None
         self.buffer.append(rec)
         self.fallback.observe(rec)
-        self.sessions.observe(rec.session_id, rec.output_tokens, rec.latency_s)
+        self.sessions.observe_record(rec)
         if rec.pred and rec.predictor == self.live.version:
             pred = {float(k): v for k, v in rec.pred.items()}
             group = evidence_group(rec)

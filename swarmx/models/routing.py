@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from swarmx.models.features import (
-    CALL_FEATURES,
     CallFields,
     FeatureConfig,
     longs,
@@ -61,7 +60,7 @@ class RoutingNet:
             self.input_row = self.kind_row + n_kinds
             self.text = net.text.weight.detach()
             self.text_w = w1[:, :d]  # [E, d, H]
-            self.num_w = w1[:, 2 * d + s :].permute(1, 0, 2).reshape(CALL_FEATURES + 1, -1)
+            self.num_w = w1[:, 2 * d + s :].permute(1, 0, 2).reshape(cfg.call_features + 1, -1)
             self.w2, self.b2 = net.w2.detach(), net.b2.detach()
             self.gpu = _projected(net.gpu.detach(), net.wp.detach()[:, :s])
             self.place_w = net.wp.detach()[:, s:].permute(1, 0, 2).reshape(cfg.place_features, -1)

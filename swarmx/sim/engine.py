@@ -485,7 +485,9 @@ class Simulation:
         self.forecaster.observe(c.call, lambda: self._trace(c, service), service)
         if self.record is not None:
             self.record(self._trace(c, service))
-        self.sessions.observe(c.call.workflow_id, c.truth.output_tokens, service)
+        self.sessions.observe(
+            c.call.workflow_id, c.truth.output_tokens, service, end_ts=self.now, model=c.call.model
+        )
         self._assign_all(self.dispatcher.finished(call_id, self.now))
         self._execute(
             c.wf, c.wf.run.on_done(CallDone(call_id, True, c.truth.output, "", c.replica))

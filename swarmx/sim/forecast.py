@@ -290,7 +290,7 @@ class SimForecaster:
             truth.prompt_tokens,
             call.max_tokens,
             self.info.workflow_name(call),
-            session=self.sessions.context(call.workflow_id),
+            session=self.sessions.context(call.workflow_id, call.model, self.info.now),
         )
         dists = self._model.predict_candidates(query, places, cached)
         if self._median_only:

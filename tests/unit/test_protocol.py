@@ -312,6 +312,25 @@ def test_a_nodes_engine_figures_are_checked_at_decode():
     assert decode_frame(msgpack.packb(result)).body.infra is False
 
 
+def test_a_results_stop_and_output_kinds_are_bounded_and_optional():
+    """An older node's result has neither (defaults); a long reason or too many kinds is
+    refused, naming the field."""
+    good = Result("c", "r", True, "", "", 0, 0, None, 0, 0, stop_reason="tool_calls")
+    raw = msgpack.unpackb(encode_frame("n1", 2, 0.0, good))
+    assert decode_frame(msgpack.packb(raw)).body.stop_reason == "tool_calls"
+    del raw["body"]["stop_reason"], raw["body"]["output_kinds"]
+    assert decode_frame(msgpack.packb(raw)).body.output_kinds == []
+    for bad, where in (
+        ({"stop_reason": "x" * 65}, "stop_reason"),
+        ({"output_kinds": ["text"] * 9}, "output_kinds"),
+        ({"output_kinds": ["x" * 65]}, "output_kinds"),
+    ):
+        raw = msgpack.unpackb(encode_frame("n1", 2, 0.0, good))
+        raw["body"].update(bad)
+        with pytest.raises(ProtocolError, match=where):
+            decode_frame(msgpack.packb(raw))
+
+
 def test_version_mismatch_is_refused():
     assert _reason(_raw(v=PROTOCOL_VERSION + 1)) == "version"
     assert _reason(_raw(v=None)) == "version"

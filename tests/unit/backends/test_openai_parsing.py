@@ -201,6 +201,9 @@ def test_tool_call_arguments_count_as_output_without_being_content() -> None:
     assert added == ["", '{"city":', '"Oslo"}', "", ""]  # what a time to first token sees
     outcome = stream.outcome("weather in Oslo?", ttft_s=0.1)
     assert (outcome.ok, outcome.output, outcome.output_tokens) == (True, "", 2)
+    assert (outcome.stop_reason, outcome.output_kinds) == ("tool_calls", ["tool_use"])
+    text = feed_all(STREAM).outcome("x", ttft_s=None)  # the session's next call reads these
+    assert (text.stop_reason, text.output_kinds) == ("length", ["text"])
 
 
 def test_stream_without_usage_counts_chunks_and_estimates_the_prompt():

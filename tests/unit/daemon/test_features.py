@@ -3,6 +3,7 @@ on the model's own scale, and the bounded memory of forecasts for the step views
 
 import dataclasses
 
+from swarmx.clock import ManualClock
 from swarmx.daemon.features import CallFeatures, Inflight
 from swarmx.daemon.views import MAX_REMEMBERED_PREDS, WorkflowViews
 from swarmx.protocol import Result
@@ -17,7 +18,7 @@ def call(wf: str, step: str, prompt: str, kind: str = "llm") -> CallSpec:
 
 
 def test_each_dispatch_is_the_next_turn_and_shares_the_prompt_it_repeats():
-    f = CallFeatures({}, None, {})
+    f = CallFeatures({}, None, {}, ManualClock())
     assert f.dispatched(call("w1", "a", "You are a planner. Plan A")) == (0, [], 0.0)
     turn, _, share = f.dispatched(call("w1", "b", "You are a planner. Plan B"))
     assert turn == 1
@@ -29,7 +30,7 @@ def test_each_dispatch_is_the_next_turn_and_shares_the_prompt_it_repeats():
 
 
 def test_tokens_are_estimated_at_the_bytes_per_token_the_model_reported():
-    f = CallFeatures({}, None, {})
+    f = CallFeatures({}, None, {}, ManualClock())
     c = call("w", "a", "x" * 400)
     assert f.query(c).prompt_tokens == 100  # 4 bytes a token until the model says otherwise
     done = f.trace(_inflight(c), _result(prompt_tokens=200))
@@ -39,7 +40,7 @@ def test_tokens_are_estimated_at_the_bytes_per_token_the_model_reported():
 
 
 def test_a_trace_carries_the_calls_prefix_blocks_and_what_was_cached():
-    f = CallFeatures({}, None, {})
+    f = CallFeatures({}, None, {}, ManualClock())
     prompt = "You are a careful planner. " * 40  # 1,040 bytes: four whole blocks
     c = dataclasses.replace(
         call("w", "a", prompt), prefix_blocks=block_hashes(prompt), block_tokens=BLOCK_TOKENS

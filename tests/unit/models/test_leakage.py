@@ -1,7 +1,9 @@
 """The leakage guard: no feature of a call may read the outcome of a call that had not finished
 when it arrived. Training featurizes whole traces at once (`queries`), where every outcome is
 at hand, so this is checked on random traces: change what any unfinished call did (its latency,
-output, success) and every feature of the call must stay as it was."""
+output, success, why it stopped, what it output) and every feature of the call must stay as it
+was. Calls of two models across three sessions, so the serving side's last minute (any
+session's calls of the model) is checked too."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from swarmx.models.query import queries
 from swarmx.traces import TraceRecord
 from tests.support.records import trace_record
 
+STOPS = ("end_turn", "tool_use", "max_tokens", "")
+
 calls = st.lists(
     st.tuples(
         st.integers(0, 2),  # session
@@ -22,13 +26,15 @@ calls = st.lists(
         st.floats(0.0, 5.0),  # queue
         st.integers(1, 500),  # output tokens
         st.booleans(),  # ok
+        st.integers(0, 1),  # model
+        st.sampled_from(STOPS),  # stop reason
     ),
     min_size=2,
     max_size=12,
 )
 
 
-def _trace(rows: list[tuple[int, float, float, float, int, bool]]) -> list[TraceRecord]:
+def _trace(rows: list[tuple[int, float, float, float, int, bool, int, str]]) -> list[TraceRecord]:
     return [
         trace_record(
             workflow=f"agent-{s}",
@@ -39,8 +45,11 @@ def _trace(rows: list[tuple[int, float, float, float, int, bool]]) -> list[Trace
             queue_s=q,
             output_tokens=out,
             ok=ok,
+            model=f"m{m}",
+            stop_reason=stop,
+            output_kinds=["tool_use"] if stop == "tool_use" else ["text"],
         )
-        for i, (s, ts, lat, q, out, ok) in enumerate(rows)
+        for i, (s, ts, lat, q, out, ok, m, stop) in enumerate(rows)
     ]
 
 
@@ -51,8 +60,15 @@ def _later(records: list[TraceRecord], i: int) -> list[int]:
     ]
 
 
-def _redone(r: TraceRecord, slower: float, output: int, ok: bool) -> TraceRecord:
-    return dataclasses.replace(r, latency_s=r.latency_s * slower, output_tokens=output, ok=ok)
+def _redone(r: TraceRecord, slower: float, output: int, ok: bool, stop: str) -> TraceRecord:
+    return dataclasses.replace(
+        r,
+        latency_s=r.latency_s * slower,
+        output_tokens=output,
+        ok=ok,
+        stop_reason=stop,
+        output_kinds=["tool_use"] if stop == "tool_use" else [],
+    )
 
 
 @settings(max_examples=300, deadline=None)
@@ -69,6 +85,7 @@ def test_no_feature_reads_an_outcome_that_was_not_known_yet(rows, data):
             data.draw(st.floats(1.0, 100.0), label=f"slower {j}"),
             data.draw(st.integers(1, 10_000), label=f"output {j}"),
             data.draw(st.booleans(), label=f"ok {j}"),
+            data.draw(st.sampled_from(STOPS), label=f"stop {j}"),
         )
     assert queries(changed)[i] == queries(records)[i]
 
@@ -81,13 +98,15 @@ def test_the_guard_catches_a_feature_that_peeks(monkeypatch):
     def whole_session(records):
         tracker = query_mod.SessionTracker()
         for r in records:
-            tracker.observe(r.session_id, r.output_tokens, r.latency_s)
-        return [tracker.context(r.session_id) for r in records]
+            tracker.observe_record(r)
+        return [tracker.context(r.session_id, r.model, r.ts) for r in records]
 
-    records = _trace([(0, 0.0, 1.0, 0.0, 10, True), (0, 5.0, 30.0, 0.0, 10, True)])
+    records = _trace(
+        [(0, 0.0, 1.0, 0.0, 10, True, 0, "end_turn"), (0, 5.0, 30.0, 0.0, 10, True, 0, "")]
+    )
     changed = list(records)
     for j in _later(records, 0):
-        changed[j] = _redone(records[j], 2.0, 99, True)
+        changed[j] = _redone(records[j], 2.0, 99, True, "tool_use")
     assert queries(changed)[0] == queries(records)[0]  # the real one: no leak
     monkeypatch.setattr(query_mod, "session_contexts", whole_session)
     assert queries(changed)[0] != queries(records)[0]  # the leaky one: caught

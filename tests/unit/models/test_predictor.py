@@ -267,6 +267,30 @@ def test_a_cached_prefix_shortens_the_forecast_where_it_is_held():
     assert same[0].values_s == cold.values_s
 
 
+def test_a_model_file_from_before_the_session_features_still_loads(tmp_path):
+    """Files saved before the session's stops and the serving side's state read 17 call
+    columns (and widen by the ensemble's full spread, as they were trained to)."""
+    old = FeatureConfig(levels=CFG.levels, call_features=17, spread=1.0)
+    model, _ = train(synth(60, seed=2), old, seed=0, max_epochs=2)
+    path = tmp_path / "old.pt"
+    model.save(path)
+    contents = torch.load(path, weights_only=True)
+    del contents["config"]["call_features"]  # as the old writer left it
+    torch.save(contents, path)
+    loaded = QuantilePredictor.load(path)
+    assert (loaded.cfg.call_features, loaded.cfg.spread) == (17, 1.0)
+    place = ("H100", 0.5, 0.3, 0.2, 1, 0)
+    busy = dataclasses.replace(
+        query(), session=SessionContext(3, 10, 1.0, 0.0, 10.0, "tool", 2, 0.5, 9, 1.0, -2.0)
+    )
+    quiet = dataclasses.replace(busy, session=SessionContext(3, 10, 1.0, 0.0, 10.0))
+    assert (
+        loaded.predict_candidates(busy, [place])[0].values_s
+        == loaded.predict_candidates(quiet, [place])[0].values_s
+        == model.predict_candidates(quiet, [place])[0].values_s
+    )  # the new columns are not read
+
+
 def test_a_model_file_from_before_the_cache_feature_still_loads(tmp_path):
     """Files saved before cached tokens were a placement feature read five columns."""
     old = FeatureConfig(levels=CFG.levels, place_features=5)
