@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import style_shift
 import torch
 
 from swarmx.config import PredictorConfig
@@ -82,6 +83,21 @@ def verdict(results: list[EvalResult]) -> str:
         f"beats every baseline on pinball at every level: **{'yes' if beats else 'no'}**; "
         f"0.9 and 0.99 coverage within 3 points: **{'yes' if cov else 'no'}** "
         f"({ours.coverage[0.9]:.3f}, {ours.coverage[0.99]:.3f})"
+    )
+
+
+def against_per_model(results: list[EvalResult]) -> str:
+    """Pinball as a share of the per-model empirical baseline's (issue 23: at most 0.82x at 0.5
+    and 0.9, coverage within 2 points)."""
+    by = {r.name: r for r in results}
+    ours, base = by["swarmx"], by["empirical-per-model"]
+    ratios = ", ".join(f"p{p:g} {ours.pinball[p] / base.pinball[p]:.3f}x" for p in LEVELS)
+    met = all(ours.pinball[p] <= 0.82 * base.pinball[p] for p in (0.5, 0.9)) and all(
+        abs(ours.coverage[p] - p) <= 0.02 for p in (0.5, 0.9)
+    )
+    return (
+        f"pinball against the per-model empirical baseline: {ratios}; at most 0.82x at 0.5 and "
+        f"0.9 with coverage within 2 points: **{'yes' if met else 'no'}**"
     )
 
 
@@ -519,6 +535,8 @@ def main() -> None:
             "",
             verdict(results),
             "",
+            against_per_model(results),
+            "",
             f"![reliability and scatter]({plot.name})",
             "",
         ]
@@ -535,6 +553,12 @@ def main() -> None:
             "",
         ]
     out += shift_sections(args.seed, ex, cc)
+    out += [
+        "### Unfamiliar wording: the same tasks in styles it never trained on",
+        "",
+        *style_shift.section(args.seed),
+        "",
+    ]
     assert model_for_timing is not None
     out += [
         "### One routing decision over 64 candidate replicas",

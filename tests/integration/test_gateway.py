@@ -180,6 +180,9 @@ def test_the_embedded_torch_lm_answers_through_the_gateway(procs):
     rows = traces(procs, endpoint)
     assert [r["model"] for r in rows] == ["tiny-lm"] * 2
     assert [r["output_tokens"] for r in rows] == [usage.completion_tokens] * 2
+    # why each stopped, as the next call of a session is forecast knowing it
+    finish = whole.choices[0].finish_reason
+    assert [(r["stop_reason"], r["output_kinds"]) for r in rows] == [(finish, ["text"])] * 2
 
 
 def test_an_agent_sessions_turns_follow_their_prefix_to_the_replica_holding_it(procs):
