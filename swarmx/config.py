@@ -247,8 +247,9 @@ class ReplicaConfig:
     """openai: the engine's KV-event publisher (vLLM's and SGLang's ``--kv-events-config``
     endpoint), e.g. ``tcp://127.0.0.1:5557``; with ``launch`` it may name ``{kv_port}``. The node
     follows what the engine evicts, so the scheduler's prefix index does (docs/backends.md)."""
-    kv_events_topic: str = "kv-events"
-    """kv_events: the topic the engine publishes on."""
+    kv_events_topic: str = ""
+    """kv_events: the topic the engine publishes on, as a prefix ("": every topic, which is
+    vLLM's default; its example configurations name ``kv-events``)."""
     tokenize_path: str = "/tokenize"
     """kv_events: the engine's tokenizer endpoint, from its server's root (vLLM's, SGLang's):
     how the node joins a prompt's blocks to the engine's."""
