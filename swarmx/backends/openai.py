@@ -502,17 +502,7 @@ class OpenAIBackend:
         body["model"] = self._model
         path = self._path.removesuffix("/v1") + self._cfg.tokenize_path
         async with time_limit(TOKENIZE_TIMEOUT_S):
-            resp = await self._http.request(
-                "POST", path, self._headers(), json.dumps(body).encode()
-            )
-            try:
-                if not 200 <= resp.status < 300:
-                    raise OSError(await _http_error(resp))
-                answer = json.loads(await resp.read(TOKENIZE_BYTES))
-            except BaseException:
-                self._http.discard(resp)
-                raise
-        await self._http.release(resp)
+            answer = await self._json("POST", path, TOKENIZE_BYTES, json.dumps(body).encode())
         tokens = answer.get("tokens") if isinstance(answer, dict) else None
         if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
             raise ValueError("the tokenizer's answer has no list of token ids")
@@ -536,16 +526,21 @@ class OpenAIBackend:
         return headers
 
     async def _get_models(self) -> object:
-        resp = await self._http.request("GET", f"{self._path}/models", self._headers())
+        return await self._json("GET", f"{self._path}/models", MODELS_BYTES)
+
+    async def _json(self, method: str, path: str, max_bytes: int, body: bytes = b"") -> object:
+        """A request whose answer is one JSON document of at most ``max_bytes``; a status
+        other than 2xx raises OSError with the server's message."""
+        resp = await self._http.request(method, path, self._headers(), body)
         try:
             if not 200 <= resp.status < 300:
                 raise OSError(await _http_error(resp))
-            body = json.loads(await resp.read(MODELS_BYTES))
+            answer = json.loads(await resp.read(max_bytes))
         except BaseException:
             self._http.discard(resp)
             raise
         await self._http.release(resp)
-        return body
+        return answer
 
     def _payload(self, request: CallRequest) -> tuple[str, dict[str, object]]:
         """The endpoint and JSON body of a call: a gateway call's own body for its ``api``, or

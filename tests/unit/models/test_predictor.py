@@ -267,17 +267,25 @@ def test_a_cached_prefix_shortens_the_forecast_where_it_is_held():
     assert same[0].values_s == cold.values_s
 
 
+def _saved_by_an_older_writer(
+    tmp_path, cfg: FeatureConfig, missing: str
+) -> tuple[QuantilePredictor, QuantilePredictor]:
+    """A model trained with ``cfg``, and the same model loaded from a file whose config lacks
+    ``missing`` (as the writer of the day left it)."""
+    model, _ = train(synth(60, seed=2), cfg, seed=0, max_epochs=2)
+    path = tmp_path / "old.pt"
+    model.save(path)
+    contents = torch.load(path, weights_only=True)
+    del contents["config"][missing]
+    torch.save(contents, path)
+    return model, QuantilePredictor.load(path)
+
+
 def test_a_model_file_from_before_the_session_features_still_loads(tmp_path):
     """Files saved before the session's stops and the serving side's state read 17 call
     columns (and widen by the ensemble's full spread, as they were trained to)."""
     old = FeatureConfig(levels=CFG.levels, call_features=17, spread=1.0)
-    model, _ = train(synth(60, seed=2), old, seed=0, max_epochs=2)
-    path = tmp_path / "old.pt"
-    model.save(path)
-    contents = torch.load(path, weights_only=True)
-    del contents["config"]["call_features"]  # as the old writer left it
-    torch.save(contents, path)
-    loaded = QuantilePredictor.load(path)
+    model, loaded = _saved_by_an_older_writer(tmp_path, old, "call_features")
     assert (loaded.cfg.call_features, loaded.cfg.spread) == (17, 1.0)
     place = ("H100", 0.5, 0.3, 0.2, 1, 0)
     busy = dataclasses.replace(
@@ -294,13 +302,7 @@ def test_a_model_file_from_before_the_session_features_still_loads(tmp_path):
 def test_a_model_file_from_before_the_cache_feature_still_loads(tmp_path):
     """Files saved before cached tokens were a placement feature read five columns."""
     old = FeatureConfig(levels=CFG.levels, place_features=5)
-    model, _ = train(synth(60, seed=2), old, seed=0, max_epochs=2)
-    path = tmp_path / "old.pt"
-    model.save(path)
-    contents = torch.load(path, weights_only=True)
-    del contents["config"]["place_features"]  # as the old writer left it
-    torch.save(contents, path)
-    loaded = QuantilePredictor.load(path)
+    model, loaded = _saved_by_an_older_writer(tmp_path, old, "place_features")
     assert loaded.cfg.place_features == 5
     place = ("H100", 0.5, 0.3, 0.2, 1, 0)
     a, b = loaded.predict_candidates(query(), [place, place], [0, 5000])
