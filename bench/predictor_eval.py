@@ -158,7 +158,8 @@ def online_replay(
                 ready_at = None
             r = new[i]
             if what == 1:
-                q = dataclasses.replace(qs[i], session=learner.sessions.context(r.session_id))
+                ctx = learner.sessions.context(r.session_id, r.model, r.ts)
+                q = dataclasses.replace(qs[i], session=ctx)
                 (d,) = learner.forecast([q])
                 made[i] = (d, learner.live.version)
                 arrived += 1

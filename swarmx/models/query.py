@@ -201,7 +201,9 @@ class SessionTracker:
             model=rec.model,
         )
 
-    def context(self, session: str, model: str = "", now_ts: float | None = None) -> SessionContext:
+    def context(self, session: str, model: str, now_ts: float | None) -> SessionContext:
+        """What a call of ``session`` on ``model`` arriving at ``now_ts`` may know (no time:
+        nothing of pauses or of the last minute)."""
         recent: tuple[int, float | None, float | None] = (0, None, None)
         if model and now_ts is not None and model in self._recent:
             calls, sums = self._recent[model], self._recent_sums[model]

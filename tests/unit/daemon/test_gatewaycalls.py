@@ -647,7 +647,7 @@ def test_an_expired_sessions_history_is_forgotten(tmp_path: Path) -> None:
     g, expired, fresh = run(main())
     assert expired == 1
     assert own(fresh) == SessionContext()
-    assert g.learner.sessions.context("s") == SessionContext()
+    assert g.learner.sessions.context("s", "", None) == SessionContext()
 
 
 def test_two_clients_sessions_of_one_name_have_separate_histories(tmp_path: Path) -> None:

@@ -239,7 +239,8 @@ def _feed(learner, recs):
     from swarmx.models.query import query_from_record
 
     for r in recs:
-        (d,) = learner.forecast([query_from_record(r, learner.sessions.context(r.session_id))])
+        ctx = learner.sessions.context(r.session_id, r.model, r.ts)
+        (d,) = learner.forecast([query_from_record(r, ctx)])
         learner.observe(dataclasses.replace(r, pred=d.as_dict(), predictor=learner.live.version))
 
 

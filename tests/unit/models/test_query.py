@@ -43,7 +43,7 @@ def test_the_session_and_the_models_last_minute_as_of_arrival():
     assert (later.recent_calls, later.prior_calls) == (2, 3)
     assert t.context("z", "m", 1e6) == SessionContext()  # a new session, nothing recent
     t.forget("a")
-    assert t.context("a").prior_calls == 0
+    assert t.context("a", "m", None).prior_calls == 0
 
 
 def test_claude_code_rows_bring_their_stops_and_output_kinds(tmp_path):
