@@ -512,8 +512,12 @@ def request(
 
 # --- engine events --------------------------------------------------------------------------------
 
-ENGINE_EVENT_BYTES = 64 * 1024 * 1024
-"""The largest engine event frame read; zmq drops a publisher's larger ones unread."""
+ENGINE_EVENT_BYTES = 8 * 1024 * 1024
+"""The largest engine event frame read (a batch storing a 1M-token prompt is about 3 MB); zmq
+drops a publisher's larger ones unread."""
+ENGINE_EVENTS_QUEUED = 1024
+"""Frames queued unread at most: past it zmq drops new ones, the sequence numbers show the gap,
+and the mirror starts over, rather than the node's memory growing with a runaway engine."""
 
 
 class EventSubscriber:
@@ -529,7 +533,7 @@ class EventSubscriber:
         try:
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.setsockopt(zmq.MAXMSGSIZE, ENGINE_EVENT_BYTES)
-            self._sock.setsockopt(zmq.RCVHWM, 100_000)
+            self._sock.setsockopt(zmq.RCVHWM, ENGINE_EVENTS_QUEUED)
             self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
             self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
             self._sock.setsockopt_string(zmq.SUBSCRIBE, topic)
