@@ -34,6 +34,7 @@ from swarmx.models.predictor import QuantilePredictor
 from swarmx.models.query import Query, queries
 from swarmx.models.train import train
 from swarmx.sched.router import ReplicaView, RouteInput, Work, make_router
+from swarmx.stats import quantile
 from swarmx.tracefmt import import_claude_code, split_by_session
 from swarmx.traces import TraceRecord, read_traces, split_keys
 from swarmx.workflow.engine import CallSpec
@@ -83,6 +84,33 @@ def verdict(results: list[EvalResult]) -> str:
         f"beats every baseline on pinball at every level: **{'yes' if beats else 'no'}**; "
         f"0.9 and 0.99 coverage within 3 points: **{'yes' if cov else 'no'}** "
         f"({ours.coverage[0.9]:.3f}, {ours.coverage[0.99]:.3f})"
+    )
+
+
+def output_lengths(
+    model: QuantilePredictor, train_set: list[TraceRecord], test_set: list[TraceRecord]
+) -> str:
+    """The output-length head against each model's empirical output-token quantiles from the
+    same training calls: pinball in tokens, and coverage."""
+    test_set = ok(test_set)
+    tokens = [float(r.output_tokens) for r in test_set]
+    by_model: dict[str, list[float]] = {}
+    for r in ok(train_set):
+        by_model.setdefault(r.model, []).append(float(r.output_tokens))
+    everyone = sorted(t for v in by_model.values() for t in v)
+    sorted_by = {m: sorted(v) for m, v in by_model.items()}
+
+    def empirical(model_name: str) -> LatencyDist:
+        v = sorted_by.get(model_name, everyone)
+        return LatencyDist(LEVELS, tuple(quantile(v, p) for p in LEVELS))
+
+    ours = evaluate("head", model.predict_output_tokens(queries(test_set)), tokens, LEVELS)
+    base = evaluate("base", [empirical(r.model) for r in test_set], tokens, LEVELS)
+    ratios = ", ".join(f"p{p:g} {ours.pinball[p] / base.pinball[p]:.3f}x" for p in LEVELS)
+    cover = ", ".join(f"{ours.coverage[p]:.3f}" for p in LEVELS)
+    return (
+        f"Output tokens (the output-length head): pinball against each model's empirical "
+        f"output-token quantiles: {ratios}; coverage {cover}."
     )
 
 
@@ -537,6 +565,8 @@ def main() -> None:
             verdict(results),
             "",
             against_per_model(results),
+            "",
+            output_lengths(model, tr, te),
             "",
             f"![reliability and scatter]({plot.name})",
             "",

@@ -23,6 +23,8 @@ from swarmx.models.features import Encoder, FeatureConfig, Vocab
 from swarmx.models.net import QuantileNet
 
 FORMAT = 1
+OUTPUT_HEAD = {"wo", "bo"}
+"""The output-length head's weights, which files from before it lack."""
 
 
 @dataclass
@@ -36,6 +38,8 @@ class ModelFile:
     extras: dict[str, Any]
     cal_shift: Tensor
     online_shift: Tensor
+    output_shift: Tensor | None = None
+    """None in files from before the output-length head (its weights are then untrained)."""
 
 
 def save(contents: ModelFile, path: str | Path) -> None:
@@ -51,6 +55,7 @@ def save(contents: ModelFile, path: str | Path) -> None:
             "state": contents.net.state_dict(),
             "cal_shift": contents.cal_shift,
             "online_shift": contents.online_shift,
+            "output_shift": contents.output_shift,
             "metrics": contents.metrics,
             "extras": contents.extras,
         },
@@ -66,7 +71,9 @@ def load(path: str | Path) -> ModelFile:
     cfg = FeatureConfig(**{"place_features": 5, "call_features": 17, **d["config"]})
     vocab = Vocab(**{k: list(v) for k, v in d["vocab"].items()})
     net = QuantileNet(cfg, vocab)
-    net.load_state_dict(d["state"])
+    missing, unexpected = net.load_state_dict(d["state"], strict=False)
+    if unexpected or set(missing) - OUTPUT_HEAD:
+        raise ValueError(f"{path}: weights do not fit the network ({missing + unexpected})")
     return ModelFile(
         Encoder(cfg, vocab, dict(d["norm"]), d["seen"]),
         net,
@@ -75,6 +82,7 @@ def load(path: str | Path) -> ModelFile:
         extras=d["extras"],
         cal_shift=d["cal_shift"],
         online_shift=d["online_shift"],
+        output_shift=None if missing else d.get("output_shift"),
     )
 
 

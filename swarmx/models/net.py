@@ -84,6 +84,9 @@ class QuantileNet(nn.Module):
         g = cfg.head_hidden
         self.w3, self.b3 = uniform(e, h, g, fan_in=h), uniform(e, 1, g, fan_in=h)
         self.w4, self.b4 = uniform(e, g, k, fan_in=g), uniform(e, 1, k, fan_in=g)
+        self.wo, self.bo = uniform(e, h, k, fan_in=h), uniform(e, 1, k, fan_in=h)
+        """The output-length head: log1p output-token quantiles from the call alone (a call's
+        length does not depend on where it runs; how fast it runs does)."""
 
     def tables(self) -> list[nn.Parameter]:
         """The vocabulary tables: a row of one is trained only by the calls that use it."""
@@ -120,6 +123,10 @@ class QuantileNet(nn.Module):
             + _by_member(calls.inputs @ self.inputs, n, e)
         )
         return torch.baddbmm(self.b2, torch.relu(pre), self.w2)
+
+    def output_head(self, call: Tensor) -> Tensor:
+        """[E, N, K] monotone log1p output-token quantiles of ``call_part``'s calls."""
+        return monotone(torch.baddbmm(self.bo, torch.relu(call), self.wo))
 
     def head(self, call: Tensor, gpu: Tensor, place_num: Tensor) -> Tensor:
         """[E, N, K] monotone log quantiles; ``call`` is [E, N, H] or [E, 1, H] (broadcast)."""

@@ -56,6 +56,7 @@ class QuantilePredictor:
         extras: dict[str, Any] | None = None,
         cal_shift: Tensor | None = None,
         online_shift: Tensor | None = None,
+        output_shift: Tensor | None = None,
     ) -> None:
         cfg = encoder.cfg
         k = len(cfg.levels)
@@ -70,6 +71,9 @@ class QuantilePredictor:
         )
         """[load buckets, K] conformal log-space shifts."""
         self.online_shift = online_shift if online_shift is not None else torch.zeros(k)
+        self.output_shift = output_shift
+        """[K] conformal shifts of the output-length head (log1p tokens); None where the model
+        has no trained output head (files from before it)."""
         self._widen = cfg.spread * torch.tensor([NormalDist().inv_cdf(p) for p in cfg.levels])
         self._routing: tuple[tuple[int, ...], RoutingNet] | None = None
 
@@ -85,25 +89,31 @@ class QuantilePredictor:
 
     @classmethod
     def fresh(
-        cls, cfg: FeatureConfig, queries: Sequence[Query], log_latency: Tensor, seed: int
+        cls,
+        cfg: FeatureConfig,
+        queries: Sequence[Query],
+        log_latency: Tensor,
+        seed: int,
+        log_output: Tensor | None = None,
     ) -> QuantilePredictor:
         """An untrained predictor with vocabularies, normalisation and seen n-grams from
-        ``queries``, its output biases at the marginal quantiles of ``log_latency``."""
+        ``queries``, its output biases at the marginal quantiles of ``log_latency`` (and of
+        ``log_output``, log1p output tokens, for the output-length head)."""
         encoder = Encoder.fit(cfg, queries)
         net = QuantileNet(cfg, encoder.vocab, torch.Generator().manual_seed(seed))
         model = cls(encoder, net)
-        model._init_output(log_latency)
+        model._init_output(net.b4, net.w4, log_latency)
+        if log_output is not None:
+            model._init_output(net.bo, net.wo, log_output)
         return model
 
-    def _init_output(self, log_latency: Tensor) -> None:
+    def _init_output(self, bias: Tensor, weight: Tensor, target: Tensor) -> None:
         """Start every member at the marginal quantiles, so training refines, not discovers."""
-        q = torch.quantile(log_latency.float(), torch.tensor(self.levels))
+        q = torch.quantile(target.float(), torch.tensor(self.levels))
         gaps = (q[1:] - q[:-1]).clamp(min=1e-3)
         with torch.no_grad():
-            self.net.b4.copy_(
-                torch.cat([q[:1], gaps + torch.log(-torch.expm1(-gaps))]).view(1, 1, -1)
-            )
-            self.net.w4.mul_(0.1)
+            bias.copy_(torch.cat([q[:1], gaps + torch.log(-torch.expm1(-gaps))]).view(1, 1, -1))
+            weight.mul_(0.1)
 
     def grow(self, queries: Sequence[Query]) -> None:
         """Add the models, GPUs, kinds and input kinds of ``queries`` not yet in the vocabularies
@@ -143,6 +153,34 @@ class QuantilePredictor:
             hide = torch.rand(gpu.shape[0], generator=gen) < self.cfg.unknown_p
             gpu = torch.where(hide, torch.zeros_like(gpu), gpu)
         return self.net.head(self._call_part(calls, gen), gpu, places.num)
+
+    def members_both(
+        self, calls: Calls, places: Places, gen: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """([E, N, K] log latency, [E, N, K] log1p output tokens) of each member, one trunk
+        pass for both heads (training)."""
+        gpu = places.gpu
+        if gen is not None:
+            hide = torch.rand(gpu.shape[0], generator=gen) < self.cfg.unknown_p
+            gpu = torch.where(hide, torch.zeros_like(gpu), gpu)
+        call = self._call_part(calls, gen)
+        return self.net.head(call, gpu, places.num), self.net.output_head(call)
+
+    def predict_output_tokens(self, queries: Sequence[Query]) -> list[LatencyDist]:
+        """Quantiles of each call's output tokens (the values are tokens, not seconds): what
+        a service time is made of besides the replica's speed. Raises for a model without a
+        trained output head."""
+        if self.output_shift is None:
+            raise ValueError(f"{self.version} has no output-length head (trained before it)")
+        if not queries:
+            return []
+        calls, _ = self.encoder.encode(queries)
+        with torch.inference_mode():
+            call = self._call_part(calls, None)
+            log_q = self.combine(self.net.output_head(call)) + self.output_shift
+            # tokens are whole: a quantile at 63.99 of a call capped at 64 tokens is 64
+            tokens = torch.ceil(torch.expm1(torch.cummax(log_q, 1).values) - 1e-3).clamp(min=0.0)
+        return trusted_dists(self.levels, tokens.tolist())
 
     def combine(self, members: Tensor) -> Tensor:
         """[N, K] uncalibrated log quantiles: members' mean, widened by their disagreement."""
@@ -218,11 +256,22 @@ class QuantilePredictor:
         log_latency = torch.log(torch.tensor(latency_s, dtype=torch.float32).clamp(min=1e-6))
         self.calibrate_encoded(*self.encoder.encode(queries), log_latency)
 
-    def calibrate_encoded(self, calls: Calls, places: Places, log_latency: Tensor) -> None:
+    def calibrate_encoded(
+        self,
+        calls: Calls,
+        places: Places,
+        log_latency: Tensor,
+        log_output: Tensor | None = None,
+    ) -> None:
         """Per level, the finite-sample corrected quantile of log(actual) - forecast over
-        held-out calls, per load bucket; buckets with too few calls get the global one."""
+        held-out calls, per load bucket; buckets with too few calls get the global one. With
+        ``log_output`` (log1p output tokens), the output-length head's shifts likewise."""
         if log_latency.shape[0] == 0:
             raise ValueError("no calibration calls")
+        if log_output is not None:
+            with torch.inference_mode():
+                raw = self.combine(self.net.output_head(self._call_part(calls, None)))
+            self.output_shift = self._conformal(log_output.view(-1, 1) - raw)
         scores = log_latency.view(-1, 1) - self.raw_log(calls, places)
         shift = self._conformal(scores).expand(len(self.cfg.load_edges) + 1, -1).clone()
         for b in range(shift.shape[0]):
@@ -266,6 +315,7 @@ class QuantilePredictor:
                 self.extras,
                 self.cal_shift,
                 self.online_shift,
+                self.output_shift,
             ),
             path,
         )
@@ -281,4 +331,5 @@ class QuantilePredictor:
             extras=f.extras,
             cal_shift=f.cal_shift,
             online_shift=f.online_shift,
+            output_shift=f.output_shift,
         )

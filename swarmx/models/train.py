@@ -62,13 +62,19 @@ def pinball(log_latency: Tensor, log_q: Tensor, levels: Sequence[float]) -> Tens
     return r * (tau - (r < 0).to(log_q.dtype))
 
 
+OUTPUT_WEIGHT = 0.5
+"""The output-length head's share of the training loss, beside the latency head's."""
+
+
 @dataclass
 class _Data:
-    """The usable calls (ok, positive latency): queries, sessions, log latencies."""
+    """The usable calls (ok, positive latency): queries, sessions, log latencies, log1p output
+    tokens."""
 
     queries: list[Query]
     sessions: list[str]
     log_latency: Tensor
+    log_output: Tensor
 
 
 def _usable(records: Sequence[TraceRecord]) -> _Data:
@@ -82,6 +88,9 @@ def _usable(records: Sequence[TraceRecord]) -> _Data:
         [qs[i] for i in keep],
         [records[i].session_id for i in keep],
         torch.log(torch.tensor([records[i].latency_s for i in keep], dtype=torch.float32)),
+        torch.log1p(
+            torch.tensor([max(records[i].output_tokens, 0) for i in keep], dtype=torch.float32)
+        ),
     )
 
 
@@ -92,13 +101,15 @@ def _epoch(
     calls: Calls,
     places: Places,
     log_latency: Tensor,
+    log_output: Tensor,
     weights: Tensor,
     batch_size: int,
     gen: torch.Generator,
 ) -> float:
     """One pass in random minibatches; each member's loss is weighted by its bootstrap weights
-    (so members differ in data as well as initialisation). Returns the members' mean pinball
-    loss over levels, unweighted, comparable with the validation loss."""
+    (so members differ in data as well as initialisation), the output-length head's added at
+    `OUTPUT_WEIGHT`. Returns the members' mean latency pinball loss over levels, unweighted,
+    comparable with the validation loss."""
     n, total, steps = log_latency.shape[0], 0.0, 0
     normal = NormalDist()
     level_w = torch.tensor(
@@ -108,10 +119,11 @@ def _epoch(
     perm = torch.randperm(n, generator=gen)
     for start in range(0, n, batch_size):
         idx = perm[start : start + batch_size]
-        q = model.members(calls.take(idx), places.take(idx), gen)  # [E, B, K]
+        q, out = model.members_both(calls.take(idx), places.take(idx), gen)  # [E, B, K] each
         loss_k = pinball(log_latency[idx], q, model.levels)  # [E, B, K]
+        both = loss_k + OUTPUT_WEIGHT * pinball(log_output[idx], out, model.levels)
         w = weights[idx].T
-        loss = (((loss_k * level_w).mean(2) * w).sum(1) / w.sum(1).clamp(min=1.0)).sum()
+        loss = (((both * level_w).mean(2) * w).sum(1) / w.sum(1).clamp(min=1.0)).sum()
         opt.zero_grad()
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
@@ -157,7 +169,9 @@ def train(
         val, cal = val or fit, cal or val or fit
         y = data.log_latency
         gen = torch.Generator().manual_seed(seed)
-        model = QuantilePredictor.fresh(cfg, [data.queries[i] for i in fit], y[fit], seed)
+        model = QuantilePredictor.fresh(
+            cfg, [data.queries[i] for i in fit], y[fit], seed, data.log_output[fit]
+        )
         calls, places = model.encoder.encode(data.queries)
         fit_t, val_t, cal_t = (torch.tensor(ix, dtype=torch.long) for ix in (fit, val, cal))
         fit_c, fit_p = calls.take(fit_t), places.take(fit_t)
@@ -174,6 +188,7 @@ def train(
                 calls=fit_c,
                 places=fit_p,
                 log_latency=y[fit_t],
+                log_output=data.log_output[fit_t],
                 weights=weights,
                 batch_size=batch_size,
                 gen=gen,
@@ -190,7 +205,9 @@ def train(
                 if bad >= patience:
                     break
         model.net.load_state_dict(best_state)
-        model.calibrate_encoded(calls.take(cal_t), places.take(cal_t), y[cal_t])
+        model.calibrate_encoded(
+            calls.take(cal_t), places.take(cal_t), y[cal_t], data.log_output[cal_t]
+        )
         val_q = model.predict_encoded(val_c, val_p)
         loss_k = pinball(y[val_t], val_q, model.levels).mean(0)
         hits = (y[val_t].unsqueeze(1) <= val_q).float().mean(0)
@@ -255,6 +272,7 @@ def fine_tune(
                 calls=fit_c,
                 places=fit_p,
                 log_latency=y[fit_t],
+                log_output=data.log_output[fit_t],
                 weights=weights,
                 batch_size=batch_size,
                 gen=gen,
@@ -263,7 +281,9 @@ def fine_tune(
         ]
         if cal:
             cal_t = torch.tensor(cal, dtype=torch.long)
-            new.calibrate_encoded(calls.take(cal_t), places.take(cal_t), y[cal_t])
+            new.calibrate_encoded(
+                calls.take(cal_t), places.take(cal_t), y[cal_t], data.log_output[cal_t]
+            )
     finally:
         torch.set_num_threads(threads)
     new.online_shift = torch.zeros_like(new.online_shift)

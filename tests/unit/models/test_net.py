@@ -18,7 +18,7 @@ def test_parameter_names_are_the_model_files_keys():
     net = QuantileNet(CFG, Vocab(models=["m"]), torch.Generator().manual_seed(0))
     assert list(net.state_dict()) == [
         *("model", "workflow", "gpu", "kind", "inputs"),
-        *("w1", "b1", "w2", "b2", "wp", "w3", "b3", "w4", "b4", "text.weight"),
+        *("w1", "b1", "w2", "b2", "wp", "w3", "b3", "w4", "b4", "wo", "bo", "text.weight"),
     ]
 
 
@@ -40,6 +40,10 @@ def test_forward_shapes_and_monotone_members():
         out = net.head(call, torch.tensor([0, 1, 1]), torch.randn(n, PLACE_FEATURES))
     assert call.shape == (CFG.ensemble, n, CFG.hidden)
     assert out.shape == (CFG.ensemble, n, len(CFG.levels))
+    with torch.no_grad():
+        tokens = net.output_head(call)  # the output-length head: the call alone
+    assert tokens.shape == (CFG.ensemble, n, len(CFG.levels))
+    assert bool((tokens.diff(dim=2) >= 0).all())
     assert bool((out[..., 1:] >= out[..., :-1]).all())
 
 

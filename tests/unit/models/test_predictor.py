@@ -308,3 +308,38 @@ def test_a_model_file_from_before_the_cache_feature_still_loads(tmp_path):
     a, b = loaded.predict_candidates(query(), [place, place], [0, 5000])
     assert a.values_s == b.values_s  # the cache column is not read
     assert a.values_s == model.predict_candidates(query(), [place])[0].values_s
+
+
+def test_the_output_length_head_reads_the_prompt_and_covers_held_out_calls(trained):
+    """Its own head, from the call alone: a detailed prompt's answer runs about four times as
+    long as a brief one's (the synthetic traces' rule), wherever it runs."""
+    model, _, test = trained
+    detailed, brief = query(prompt=prompt(True, "databases")), query()
+    long, short = model.predict_output_tokens([detailed, brief])
+    assert 2.5 < long.quantile(0.5) / short.quantile(0.5) < 6
+    elsewhere = dataclasses.replace(detailed, gpu="A100", inflight=7, queue_depth=3)
+    assert model.predict_output_tokens([elsewhere])[0].values_s == long.values_s
+    dists = model.predict_output_tokens(queries(test))
+    covered = sum(r.output_tokens <= d.quantile(0.9) for r, d in zip(test, dists, strict=True))
+    assert abs(covered / len(test) - 0.9) < 0.05
+    assert all(v == int(v) for d in dists for v in d.values_s)  # whole tokens
+
+
+def test_a_model_file_from_before_the_output_head_still_loads(tmp_path):
+    """Files saved before it lack its weights: they load, forecast latency as they did, and
+    say they have no output-length forecast rather than make one up."""
+    model, _ = train(synth(60, seed=2), CFG, seed=0, max_epochs=2)
+    path = tmp_path / "old.pt"
+    model.save(path)
+    contents = torch.load(path, weights_only=True)
+    del contents["state"]["wo"], contents["state"]["bo"], contents["output_shift"]
+    torch.save(contents, path)
+    loaded = QuantilePredictor.load(path)
+    assert loaded.output_shift is None
+    assert loaded.predict([query()])[0].values_s == model.predict([query()])[0].values_s
+    with pytest.raises(ValueError, match="no output-length head"):
+        loaded.predict_output_tokens([query()])
+    contents["state"]["stray"] = torch.zeros(1)
+    torch.save(contents, path)
+    with pytest.raises(ValueError, match="do not fit"):
+        QuantilePredictor.load(path)
