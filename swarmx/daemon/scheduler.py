@@ -258,6 +258,7 @@ class SchedulerDaemon:
                 store.close()
                 raise
             metrics: MetricsServer | None = None
+            importer: threading.Thread | None = None
             try:
                 loop = asyncio.get_running_loop()
                 self.metrics.refresh = lambda: self._scrape_snapshot(loop)
@@ -283,7 +284,7 @@ class SchedulerDaemon:
                     if self.keys is None
                     else f"CURVE, {len(self.keys)} authorized keys in {self.keys.directory}",
                 )
-                _settle_for_serving()
+                importer = _settle_for_serving()
                 self.notifier.notify("READY=1", f"STATUS=listening on {channel.endpoint}")
                 tasks = [
                     asyncio.create_task(self._receive(channel), name="receive"),
@@ -309,6 +310,8 @@ class SchedulerDaemon:
                 self.learner.close()
                 with contextlib.suppress(OSError):
                     (state_dir / STATE_FILE).unlink()
+                if importer is not None:  # see `_settle_for_serving`
+                    importer.join(IMPORT_WAIT_S)
         log.info("scheduler stopped")
 
     def _curve(self, state_dir: Path) -> ServerCurve | None:
@@ -909,11 +912,19 @@ class SchedulerDaemon:
         await self._reply(peer, await self.observer.snapshot(self._info(), env.body))
 
 
-def _settle_for_serving() -> None:
+IMPORT_WAIT_S = 60.0
+"""How long a stopping scheduler waits for its torch import to end (it takes a few seconds)."""
+
+
+def _settle_for_serving() -> threading.Thread:
     """The process as it serves: long-lived objects out of the collector's way, the GIL handed
     over sooner, and torch imported now, beside the loop. The online learner loads its first
     model after a few hundred calls; importing torch then held the GIL, and so the loop, for
-    about 300 ms mid-run (and grew memory by 170 MiB there). At start nothing waits."""
+    about 300 ms mid-run (and grew memory by 170 MiB there). At start nothing waits.
+
+    Returns the importing thread: a scheduler stopped while it runs must join it before the
+    interpreter finalizes, or torch's half-made C++ state aborts the process (``terminate
+    called without an active exception``, exit -6 instead of 0)."""
     settle_heap()
     share_the_gil()
 
@@ -924,7 +935,9 @@ def _settle_for_serving() -> None:
             log.warning("torch is not importable (%s): no trained predictor can run", exc)
         settle_heap()  # torch's objects too
 
-    threading.Thread(target=load, name="swarmx-import-torch", daemon=True).start()
+    importer = threading.Thread(target=load, name="swarmx-import-torch", daemon=True)
+    importer.start()
+    return importer
 
 
 def build_scaler(cfg: ScalerConfig) -> Scaler:
