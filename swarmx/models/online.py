@@ -502,10 +502,12 @@ class OnlineLearner:
     def close(self) -> None:
         """Stop the round under way, its trainer process included (the scheduler calls this
         as it stops, so no trainer outlives it). Idempotent."""
-        run, self._round, self._loading = self._round, None, None
+        run, loading, self._round, self._loading = self._round, self._loading, None, None
         if run is not None:
             run.stop()
             log.info("predictor training stopped")
+        if loading is not None:  # a thread still in torch's C++ when the interpreter ends aborts
+            loading.wait(LOAD_WAIT_S)
 
     def _collect(self, run: _Round) -> None:
         """A round ended: a candidate that beat the live model is loaded (a thread reads its
@@ -833,6 +835,10 @@ class _Round:
         """Remove the round's files (the job's records are the large one)."""
         for name in (JOB_FILE, RESULT_FILE, CANDIDATE_FILE):
             (self.work / name).unlink(missing_ok=True)
+
+
+LOAD_WAIT_S = 60.0
+"""How long `OnlineLearner.close` waits for a model file being read (with torch) to be read."""
 
 
 class _Loading:
