@@ -492,10 +492,17 @@ class OpenAIBackend:
                 prompt, payload = self._joins.popleft()
                 try:
                     tokens = await self._tokenize(payload)
-                except (OSError, TimeoutError, ProtocolError, ValueError) as exc:
+                    blocks.track(block_hashes(prompt), tokens)
+                except (
+                    OSError,
+                    TimeoutError,
+                    ProtocolError,
+                    ValueError,
+                    asyncio.IncompleteReadError,  # the engine hung up mid-answer
+                ) as exc:
                     log.debug("%s: tokenize failed: %s", self._cfg.model, exc)
-                    continue
-                blocks.track(block_hashes(prompt), tokens)
+                except Exception:  # a task's boundary: the next call is joined all the same
+                    log.exception("%s: joining a prompt to the engine's blocks", self._cfg.model)
 
     async def _tokenize(self, payload: dict[str, object]) -> list[int]:
         body = {k: v for k, v in payload.items() if k in _TOKENIZE_KEYS}

@@ -181,3 +181,55 @@ def test_a_removal_of_blocks_never_seen_changes_nothing():
     blocks.track(ours, tokens)
     blocks.apply([BlockRemoved([b"unknown", 12345])])
     assert blocks.report().removed == [] and len(blocks) == len(chain(tokens))
+
+
+# --- the node's join loop (`OpenAIBackend._join_loop`) --------------------------------------
+
+
+def test_the_join_goes_on_after_a_tokenizer_that_hangs_up_or_answers_garbage():
+    """Whatever one `/tokenize` answer does (the engine hangs up mid-answer, sends no token
+    list, errors), the calls after it are still joined: one bad answer must not end the task
+    that keeps the index precise."""
+    import asyncio
+
+    from swarmx.backends.openai import OpenAIBackend
+    from swarmx.config import ReplicaConfig
+
+    ours, tokens = prompt("w" * 1024)
+    answers: list[object] = [
+        asyncio.IncompleteReadError(b"", 10),
+        ValueError("the tokenizer's answer has no list of token ids"),
+        OSError("500 Internal Server Error"),
+        RuntimeError("a bug"),
+        tokens,
+    ]
+
+    async def main() -> int:
+        backend = OpenAIBackend(
+            ReplicaConfig("m", "openai", url="http://127.0.0.1:9/v1", kv_events="tcp://x:1")
+        )
+        blocks = backend._blocks
+        assert blocks is not None
+        blocks.apply([stored(tokens)])
+
+        async def tokenize(payload: dict[str, object]) -> list[int]:
+            answer = answers.pop(0)
+            if isinstance(answer, BaseException):
+                raise answer
+            assert isinstance(answer, list)
+            return answer
+
+        backend._tokenize = tokenize  # type: ignore[method-assign]
+        task = asyncio.create_task(backend._join_loop(blocks))
+        for _ in range(len(answers)):
+            backend._joins.append(("w" * 1024, {}))
+        backend._joined.set()
+        while answers:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)
+        assert not task.done()  # still joining
+        task.cancel()
+        blocks.apply([BlockRemoved(chain(tokens)[::-1])])
+        return len(blocks.report().removed)
+
+    assert asyncio.run(main()) == len(ours)  # the last call was joined: its eviction is told
