@@ -274,3 +274,20 @@ def test_bind_only_addresses(url):
 def test_bad_addresses(url):
     with pytest.raises(SchemaError):
         check_address(url, bind=True)
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "why"),
+    [
+        ({"kv_events": "http://127.0.0.1:5557"}, "kv_events", "tcp:// or ipc://"),
+        ({"kv_events": "tcp://127.0.0.1:{kv_port}"}, "kv_events", "which `launch` never does"),
+        ({"kv_events": "tcp://127.0.0.1:1", "tokenize_path": "tok"}, "tokenize_path", "with /"),
+    ],
+)
+def test_a_bad_kv_events_setting_names_its_field(extra, field, why):
+    with pytest.raises(SchemaError, match=f"{field}.*{why}"):
+        ReplicaConfig("lm", "openai", url="http://127.0.0.1:8000/v1", **extra)
+    with pytest.raises(SchemaError, match="only openai engines"):
+        ReplicaConfig("lm", "torch", kv_events="tcp://127.0.0.1:1")
+    ok = ReplicaConfig("lm", "openai", url="http://x/v1", kv_events="ipc:///run/vllm.events")
+    assert ok.kv_events_topic == ""  # every topic: vLLM's default

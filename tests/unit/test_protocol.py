@@ -516,3 +516,18 @@ def test_a_result_from_a_node_that_does_not_say_what_was_cached_decodes_as_none(
     """An older node's frame has no ``cached_tokens``: unknown, not zero."""
     env = decode_frame(_raw(type="result", body=_RESULT))
     assert isinstance(env.body, Result) and env.body.cached_tokens is None
+
+
+def test_an_engines_cache_report_is_bounded_at_decode():
+    """Telemetry's evicted block ids are 53-bit and at most `MAX_REMOVED` a frame; an older
+    node's telemetry has none (defaults)."""
+    from swarmx.protocol import MAX_REMOVED
+
+    raw = msgpack.unpackb(encode_frame("n1", 1, 0.0, TELEMETRY))
+    [rep] = decode_frame(msgpack.packb(raw)).body.replicas
+    assert (rep.cache_removed, rep.cache_resets, rep.cache_capacity_tokens) == ([], 0, None)
+    for bad in ([1 << 53], [-1], [1] * (MAX_REMOVED + 1)):
+        raw = msgpack.unpackb(encode_frame("n1", 1, 0.0, TELEMETRY))
+        raw["body"]["replicas"][0]["cache_removed"] = bad
+        with pytest.raises(ProtocolError, match="cache_removed"):
+            decode_frame(msgpack.packb(raw))
