@@ -548,6 +548,9 @@ class RouterConfig:
     capacity_price: bool = False
     """The ``tail`` router charges each candidate the pool capacity its prefill would burn
     (docs/scheduling.md): keeps prefixes where they are cached when the pool is loaded."""
+    session_value: bool = False
+    """The ``tail`` router charges each candidate the prefill its call would cost the sessions
+    whose cached prefixes it evicts while they are still wanted (docs/scheduling.md)."""
 
     def __post_init__(self) -> None:
         if self.kv_overlap_weight < 0:

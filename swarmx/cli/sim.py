@@ -134,6 +134,14 @@ def sim(
             "capacity_price).",
         ),
     ] = False,
+    session_value: Annotated[
+        bool,
+        typer.Option(
+            "--session-value",
+            help="The tail router charges the prefill a call's evictions cost the sessions "
+            "still wanting those prefixes (also [router] session_value).",
+        ),
+    ] = False,
     slo_s: Annotated[
         float | None, typer.Option(help="SLO for workflows without one (seconds).")
     ] = None,
@@ -187,6 +195,7 @@ def sim(
             level=level,
             kv_overlap_weight=cfg.router.kv_overlap_weight,
             capacity_price=capacity_price or cfg.router.capacity_price,
+            session_value=session_value or cfg.router.session_value,
         )
         scale = make_scaler(scaler, **(cfg.scaler.options if scaler == cfg.scaler.policy else {}))
         agents = trace is not None and detect_format(trace) == "claude-code"

@@ -481,6 +481,7 @@ class SchedulerDaemon:
                 level=rc.level,
                 kv_overlap_weight=rc.kv_overlap_weight,
                 capacity_price=rc.capacity_price,
+                session_value=rc.session_value,
             ),
             self.nodes,
             self.clock,

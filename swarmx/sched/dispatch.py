@@ -27,7 +27,7 @@ from typing import Literal
 from swarmx.frozen import frozen
 from swarmx.models.dist import LatencyDist, trusted_dists
 from swarmx.sched import tailmath
-from swarmx.sched.prefix import PrefixIndexes
+from swarmx.sched.prefix import PrefixIndexes, ReuseGaps
 from swarmx.sched.router import Forecaster, ReplicaView, RouteInput, Router, Work
 from swarmx.stats import quantile, upper_quantile
 from swarmx.workflow.engine import CallSpec
@@ -346,6 +346,8 @@ class Dispatcher:
         self.prefixes = PrefixIndexes()
         """What each replica's prefix cache holds, as the calls routed to it say, less what its
         engine said it evicted (`engine_cache`)."""
+        self.reuse = ReuseGaps()
+        """How long after their last use the prefixes routed on are used again."""
         self._resets: dict[str, int] = {}
         """Replica -> the engine's count of whole-cache clears, as last reported."""
         self._prefill: dict[str, deque[float]] = {}
@@ -648,8 +650,9 @@ class Dispatcher:
             forecasts = fc.service(call, cands, cached)
         elif fc is not None and kind == "load_only":
             forecasts = fc.load_only(call, cands)
+        evicted = self._evicted(call, cands, cached, now_s) if self.router.uses_evictions else None
         decision = self.router.choose(
-            RouteInput(call, cands, now_s, forecasts, ticket.deadline_s, cached)
+            RouteInput(call, cands, now_s, forecasts, ticket.deadline_s, cached, evicted)
         )
         chosen = cands[decision.index]
         service: LatencyDist | None = None
@@ -672,7 +675,10 @@ class Dispatcher:
             capacity = chosen.kv_cache_tokens or DEFAULT_KV_CACHE_TOKENS
             index = self.prefixes.ensure(chosen.replica, capacity // per)
             held = cached[decision.index] if cached is not None else index.match(blocks) * per
-            index.insert(blocks)
+            last_s = index.last_used_s(blocks[held // per - 1]) if held >= per else None
+            if last_s is not None:
+                self.reuse.observe(now_s - last_s)
+            index.insert(blocks, now_s)
         self._refresh(rep)
         self._where[call.call_id] = (chosen.replica, ticket)
         return Assign(ticket, chosen, service, decision.completion, held)
@@ -684,6 +690,25 @@ class Dispatcher:
             return None
         per = call.block_tokens
         return [self.prefixes.cached_blocks(v.replica, blocks) * per for v in cands]
+
+    def _evicted(
+        self,
+        call: CallSpec,
+        cands: Sequence[ReplicaView],
+        cached: Sequence[int] | None,
+        now_s: float,
+    ) -> list[int] | None:
+        """Prompt tokens of prefixes still wanted (used within the reuse horizon) that taking
+        ``call`` would evict from each candidate's cache, by the prefix index."""
+        if cached is None:
+            return None
+        blocks, per = call.prefix_blocks, call.block_tokens
+        since_s = now_s - self.reuse.horizon_s
+        out = []
+        for view in cands:
+            index = self.prefixes.get(view.replica)
+            out.append(0 if index is None else index.evicts_used_since(blocks, since_s) * per)
+        return out
 
     def _note_service(self, model: str, dist: LatencyDist) -> None:
         stats = self.pools.setdefault(model, PoolStats())

@@ -69,7 +69,8 @@ class PrefixIndex:
         if capacity_blocks < 0:
             raise ValueError(f"capacity_blocks must be >= 0, got {capacity_blocks}")
         self.capacity_blocks = capacity_blocks
-        self._blocks: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._blocks: collections.OrderedDict[int, float] = collections.OrderedDict()
+        """Block -> when it was last used (the caller's clock), least recently used first."""
         self.evicted = 0
         """Blocks dropped to stay within capacity, since the index was made."""
         self.on_evict: Callable[[list[int]], None] | None = None
@@ -96,21 +97,46 @@ class PrefixIndex:
             n += 1
         return n
 
-    def insert(self, hashes: Sequence[int]) -> None:
-        """The replica now holds these blocks (it ran a call with this prompt): each is the most
-        recently used, the head most of all; the least recently used go past capacity."""
+    def last_used_s(self, block: int) -> float | None:
+        """When ``block`` was last used here; None if it is not held."""
+        return self._blocks.get(block)
+
+    def insert(self, hashes: Sequence[int], now_s: float = 0.0) -> None:
+        """The replica now holds these blocks (it ran a call with this prompt at ``now_s``): each
+        is the most recently used, the head most of all; the least recently used go past
+        capacity."""
         blocks = self._blocks
         for h in reversed(hashes[: self.capacity_blocks]):
             if h in blocks:
                 blocks.move_to_end(h)
-            else:
-                blocks[h] = None
+            blocks[h] = now_s
         excess = len(blocks) - self.capacity_blocks
         if excess > 0:
             gone = [blocks.popitem(last=False)[0] for _ in range(excess)]
             self.evicted += excess
             if self.on_evict is not None:
                 self.on_evict(gone)
+
+    def evicts_used_since(self, hashes: Sequence[int], since_s: float) -> int:
+        """Of the blocks that taking a prompt of ``hashes`` would evict (`insert` keeps its
+        first ``capacity_blocks``, and moves rather than evicts those it holds), those used at or
+        after ``since_s``: prefixes a session may still come back for. Uses are in clock order,
+        so the blocks not used since then lead: the walk counts them and stops at the first
+        that is."""
+        blocks = self._blocks
+        head = hashes[: self.capacity_blocks]
+        new = sum(1 for h in head if h not in blocks)
+        over = len(blocks) + new - self.capacity_blocks
+        if over <= 0:
+            return 0
+        own = set(head)
+        stale = 0
+        for block, used_s in blocks.items():
+            if stale == over or used_s >= since_s:
+                break
+            if block not in own:
+                stale += 1
+        return over - stale
 
     def remove(self, hashes: Iterable[int]) -> None:
         """The replica dropped these blocks (its engine said so)."""
@@ -153,3 +179,32 @@ class PrefixIndexes:
 
     def replicas(self) -> list[str]:
         return sorted(self._by_replica)
+
+
+class ReuseGaps:
+    """How long after its last use a cached prefix is used again, from the hits seen: the
+    ``level`` quantile of the latest ``window`` gaps is the horizon within which a prefix still
+    counts as wanted (a session between turns: its last call, then the agent's tool or think
+    time). Pure: the gaps come in, no clock is read."""
+
+    def __init__(self, level: float = 0.9, window: int = 1024) -> None:
+        if not 0 < level < 1:
+            raise ValueError(f"level must be in (0, 1), got {level}")
+        self.level = level
+        self._gaps: collections.deque[float] = collections.deque(maxlen=window)
+        self._sorted: list[float] = []
+        self._stale = 0
+
+    def observe(self, gap_s: float) -> None:
+        self._gaps.append(max(0.0, gap_s))
+        self._stale += 1
+
+    @property
+    def horizon_s(self) -> float:
+        """The quantile of the gaps seen (0 before any: nothing counts as wanted)."""
+        if self._stale > len(self._sorted) // 8 or not self._sorted:
+            self._sorted, self._stale = sorted(self._gaps), 0
+        if not self._sorted:
+            return 0.0
+        k = min(len(self._sorted) - 1, int(self.level * len(self._sorted)))
+        return self._sorted[k]

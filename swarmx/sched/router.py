@@ -93,6 +93,10 @@ class RouteInput:
     """Prompt tokens of this call each candidate holds in its prefix cache (aligned with
     ``candidates``), as the dispatcher's index estimates; present for routers that use it
     (``uses_prefix``) and calls with prefix blocks."""
+    evicted_tokens: Sequence[int] | None = None
+    """Prompt tokens of prefixes still wanted (used within the reuse horizon: a session between
+    turns) that taking this call would evict from each candidate's cache; present with
+    ``cached_tokens`` for routers with ``uses_evictions``."""
 
 
 @frozen
@@ -112,6 +116,8 @@ class Router(Protocol):
     uses_prefix: bool
     """Wants ``RouteInput.cached_tokens``: the dispatcher then looks each candidate up in its
     prefix index."""
+    uses_evictions: bool
+    """Wants ``RouteInput.evicted_tokens`` too."""
 
     def choose(self, inp: RouteInput) -> Choice: ...
 
@@ -221,6 +227,7 @@ class RoundRobin:
     name = "round_robin"
     forecast: ForecastKind = "none"
     uses_prefix = False
+    uses_evictions = False
 
     def __init__(self) -> None:
         self._last: str | None = None
@@ -240,6 +247,7 @@ class RandomChoice:
     name = "random"
     forecast: ForecastKind = "none"
     uses_prefix = False
+    uses_evictions = False
 
     def __init__(self, seed: int = 0) -> None:
         self._rng = random.Random(seed)
@@ -254,6 +262,7 @@ class LeastOutstanding:
     name = "least_outstanding"
     forecast: ForecastKind = "none"
     uses_prefix = False
+    uses_evictions = False
 
     def __init__(self) -> None:
         self._ties = _Rotation()
@@ -279,6 +288,7 @@ class PowerOfTwo:
     name = "power_of_two"
     forecast: ForecastKind = "none"
     uses_prefix = False
+    uses_evictions = False
 
     def __init__(self, seed: int = 0) -> None:
         self._rng = random.Random(seed)
@@ -396,6 +406,7 @@ class MeanPredicted(_Completion):
     name = "mean_predicted"
     forecast: ForecastKind = "service"
     uses_prefix = False
+    uses_evictions = False
 
     def __init__(self, near: float = NEAR) -> None:
         super().__init__(hi=0.95)
@@ -422,6 +433,7 @@ class P90Load:
     name = "p90_load"
     forecast: ForecastKind = "load_only"
     uses_prefix = False
+    uses_evictions = False
 
     def __init__(self) -> None:
         self._ties = _Rotation()
@@ -450,9 +462,14 @@ class TailRouter(_Completion):
     name = "tail"
     forecast: ForecastKind = "service"
     uses_prefix = False
+    uses_evictions = False
 
     def __init__(
-        self, level: float = 0.95, near: float = NEAR, capacity_price: bool = False
+        self,
+        level: float = 0.95,
+        near: float = NEAR,
+        capacity_price: bool = False,
+        session_value: bool = False,
     ) -> None:
         if not 0.5 < level < 1:
             raise ValueError(f"tail level must be in (0.5, 1), got {level}")
@@ -462,7 +479,11 @@ class TailRouter(_Completion):
         """Margin within which tails count as alike, in forecast log spreads (`_near_best`)."""
         self.capacity_price = capacity_price
         """Charge each candidate the pool capacity its prefill burns (`_priced`)."""
-        self.uses_prefix = capacity_price
+        self.session_value = session_value
+        """Charge each candidate the prefill that the wanted prefixes it would evict will cost
+        their sessions' next turns (`_priced`)."""
+        self.uses_prefix = capacity_price or session_value
+        self.uses_evictions = session_value
         self._ties = _Rotation()
 
     def choose(self, inp: RouteInput) -> Choice:
@@ -484,8 +505,8 @@ class TailRouter(_Completion):
         low = [math.inf] * len(cands)  # log tail at least
         for i, service in services.items():
             low[i] = service.mu + service.sigma * z
-        if self.capacity_price and inp.cached_tokens is not None:
-            _priced(inp, pool, low)
+        if self.uses_prefix and inp.cached_tokens is not None:
+            _priced(inp, pool, low, self.capacity_price)
         left_s = None if inp.deadline_s is None else inp.deadline_s - inp.now_s
         high = [0.0] * len(cands)  # chance on time at most
         if left_s is not None:
@@ -502,8 +523,8 @@ class TailRouter(_Completion):
                 tail[i] = max(done.mu + done.sigma * z, service.mu + service.sigma * z)
                 if left_s is not None:
                     on_time[i] = min(done.cdf(left_s), high[i])
-            if self.capacity_price and inp.cached_tokens is not None:
-                _priced(inp, todo, tail)
+            if self.uses_prefix and inp.cached_tokens is not None:
+                _priced(inp, todo, tail, self.capacity_price)
             best_on_time = max(on_time[i] for i in preds)
             alive = [i for i in preds if on_time[i] >= best_on_time - _SAME_PROBABILITY]
             best = min(alive, key=tail.__getitem__)
@@ -526,7 +547,7 @@ class TailRouter(_Completion):
         return self.choice(inp, forecasts, index, preds[index][0])
 
 
-def _priced(inp: RouteInput, pool: list[int], tail: list[float]) -> None:
+def _priced(inp: RouteInput, pool: list[int], tail: list[float], capacity: bool) -> None:
     """Add to each candidate's log tail the capacity its prefill burns: the seconds of prompt it
     would prefill there (what its prefix cache does not hold, at its prefill speed) times the
     pool's mean calls per replica.
@@ -536,18 +557,26 @@ def _priced(inp: RouteInput, pool: list[int], tail: list[float]) -> None:
     mean load, by Little's law) wait, and a prefix prefilled again elsewhere takes cache room
     that later calls' prefixes needed. Priced this way, a prefix holder that is a little busier
     keeps the call when the pool is loaded, and an idle pool routes as before (a price of
-    nothing). Candidates whose prefill speed is unknown are charged nothing."""
-    cands, cached = inp.candidates, inp.cached_tokens
+    nothing). Candidates whose prefill speed is unknown are charged nothing.
+
+    With the session value (``RouteInput.evicted_tokens``, ``capacity`` or not), each candidate
+    is also charged the prefill of the prefixes still wanted that the call would evict there:
+    the sessions that sent them prefill them again on their next turns, once in their own time
+    and, with ``capacity``, at the price in the pool's. Greedy routing sees only the call's own
+    prefix; this is the value of leaving other sessions' where their next turns will want them.
+    """
+    cands, cached, evicted = inp.candidates, inp.cached_tokens, inp.evicted_tokens
     assert cached is not None
     prompt = len(inp.call.prefix_blocks) * inp.call.block_tokens
-    price = sum(c.load for c in cands) / len(cands)
-    if price <= 0 or prompt <= 0:
+    price = sum(c.load for c in cands) / len(cands) if capacity else 0.0
+    if prompt <= 0 or (price <= 0 and not evicted):
         return
     for i in pool:
         rate = cands[i].prefill_tokens_per_s
         if rate > 0 and tail[i] < math.inf:
             burnt_s = max(0, prompt - cached[i]) / rate
-            tail[i] = math.log(math.exp(tail[i]) + price * burnt_s)
+            lost_s = evicted[i] / rate if evicted else 0.0
+            tail[i] = math.log(math.exp(tail[i]) + price * (burnt_s + lost_s) + lost_s)
 
 
 def _cached(inp: RouteInput) -> Sequence[int]:
@@ -575,6 +604,7 @@ class PrefixAffinity:
     name = "prefix_affinity"
     forecast: ForecastKind = "none"
     uses_prefix = True
+    uses_evictions = False
 
     def __init__(
         self, balance_abs: int = 64, balance_rel: float = 1.5, cache_threshold: float = 0.3
@@ -611,6 +641,7 @@ class KvCost:
     name = "kv_cost"
     forecast: ForecastKind = "none"
     uses_prefix = True
+    uses_evictions = False
 
     def __init__(self, overlap_weight: float = 1.0) -> None:
         if overlap_weight < 0:
@@ -639,6 +670,7 @@ class RouterOptions:
     level: float = 0.95
     kv_overlap_weight: float = 1.0
     capacity_price: bool = False
+    session_value: bool = False
 
 
 ROUTERS: dict[str, Callable[[RouterOptions], Router]] = {
@@ -648,7 +680,9 @@ ROUTERS: dict[str, Callable[[RouterOptions], Router]] = {
     "power_of_two": lambda o: PowerOfTwo(o.seed),
     "mean_predicted": lambda o: MeanPredicted(),
     "p90_load": lambda o: P90Load(),
-    "tail": lambda o: TailRouter(o.level, capacity_price=o.capacity_price),
+    "tail": lambda o: TailRouter(
+        o.level, capacity_price=o.capacity_price, session_value=o.session_value
+    ),
     "prefix_affinity": lambda o: PrefixAffinity(),
     "kv_cost": lambda o: KvCost(o.kv_overlap_weight),
 }
@@ -662,8 +696,9 @@ def make_router(
     level: float = 0.95,
     kv_overlap_weight: float = 1.0,
     capacity_price: bool = False,
+    session_value: bool = False,
 ) -> Router:
     factory = ROUTERS.get(name)
     if factory is None:
         raise ValueError(f"unknown router {name!r} (known: {', '.join(ROUTERS)})")
-    return factory(RouterOptions(seed, level, kv_overlap_weight, capacity_price))
+    return factory(RouterOptions(seed, level, kv_overlap_weight, capacity_price, session_value))

@@ -397,26 +397,31 @@ class Simulation:
 
     def _floor(self, call: CallSpec, truth: CallTruth) -> tuple[float, float] | None:
         """A call's TTFT and latency alone on the fastest replica of its model, its cache
-        holding every block any earlier call sent (unbounded): a bound below what any router
-        can give it (a batch only slows a call, a queue only delays it, a real cache holds no
-        more). Their quantiles bound the routers' from below, so a target under them is out of
-        any router's reach."""
+        holding every block any earlier call sent, as many as its KV memory takes: a bound
+        below what any router can give it (a batch only slows a call, a queue only delays it, a
+        real cache holds no more, and none holds more than its memory: a prompt longer than
+        that is prefilled in part whatever the router does). Their quantiles bound the routers'
+        from below, so a target under them is out of any router's reach."""
         blocks, per = call.prefix_blocks, call.block_tokens
         seen = self._seen_blocks
         held = next((k for k, b in enumerate(blocks) if b not in seen), len(blocks))
         seen.update(blocks)
-        cached = max(0, min(held * per, truth.prompt_tokens - 1))
         servers = {
-            rep.gpu: rep.server
+            (rep.gpu, rep.server.cache.capacity_tokens): rep.server
             for rep in self.replicas.values()
             if rep.model == call.model and isinstance(rep.server, LlmServer)
         }
         if not servers:
             return None
         prompt, output = truth.prompt_tokens, truth.output_tokens
+
+        def cached(s: LlmServer) -> int:
+            room = s.cache.capacity_tokens // per * per if per > 0 else 0
+            return max(0, min(held * per, prompt - 1, room))
+
         return (
-            min(prefill_s(s.gpu, s.model, prompt - cached) for s in servers.values()),
-            min(s.solo_s(prompt, output, 0, 0.0, cached) for s in servers.values()),
+            min(prefill_s(s.gpu, s.model, prompt - cached(s)) for s in servers.values()),
+            min(s.solo_s(prompt, output, 0, 0.0, cached(s)) for s in servers.values()),
         )
 
     def _step_service(self, run: WorkflowRun, step: StepSpec) -> LatencyDist:

@@ -12,7 +12,7 @@ import pytest
 
 from swarmx.models.dist import LatencyDist
 from swarmx.sched.dispatch import MIX_CALLS, Assign, Dispatcher, ServiceMix, Ticket, _OpenSet
-from swarmx.sched.router import LeastOutstanding, ReplicaView, make_router
+from swarmx.sched.router import Choice, LeastOutstanding, ReplicaView, make_router
 from swarmx.workflow.engine import CallSpec
 
 
@@ -145,7 +145,7 @@ def test_replica_queue_lets_calls_wait_at_the_replica():
 
 def test_every_candidate_is_forecast_for_a_forecasting_router_and_the_choice_recorded():
     class Fastest:
-        name, forecast, uses_prefix = "fastest", "service", False
+        name, forecast, uses_prefix, uses_evictions = "fastest", "service", False, False
 
         def choose(self, inp):
             from swarmx.sched.router import Choice
@@ -583,3 +583,33 @@ def test_a_replicas_prefill_speed_is_read_from_its_first_tokens():
     d.remove_replica("n/a")
     d.add_replica(replica("n/a"), 2.0)
     assert d.view("n/a").prefill_tokens_per_s == 0.0
+
+
+def test_a_session_router_is_told_what_each_candidate_would_evict_that_is_still_wanted():
+    """Hits teach the dispatcher how long after its last use a prefix comes back (the horizon);
+    a router with ``uses_evictions`` gets, per candidate, the tokens of prefixes used within it
+    that its call would push out of that replica's cache."""
+    seen: list[dict[str, int]] = []
+
+    class Spy(LeastOutstanding):
+        uses_prefix = uses_evictions = True
+
+        def choose(self, inp):
+            names = [c.replica for c in inp.candidates]
+            seen.append(dict(zip(names, inp.evicted_tokens, strict=True)))
+            return Choice(names.index("a"))
+
+    d = Dispatcher(Spy())
+    small = dataclasses.replace(replica("a", slots=8), kv_cache_tokens=8 * 64)
+    d.add_replica(small, 0.0)
+    d.add_replica(dataclasses.replace(small, replica="b", node="b"), 0.0)
+    assert d.reuse.horizon_s == 0.0
+    d.submit(Ticket(with_prefix("s1-t1", [1, 2, 3, 4]), 0.0), 0.0)
+    d.submit(Ticket(with_prefix("s1-t2", [1, 2, 3, 4, 5]), 10.0), 10.0)  # 10 s after: a hit
+    assert d.reuse.horizon_s == 10.0
+    d.submit(Ticket(with_prefix("s2-t1", [20, 21, 22]), 30.0), 30.0)  # a holds 8 of 8 now
+    # s1 was last used 20 s ago, beyond the horizon: what s3 pushes out of a is not wanted;
+    # s2's blocks, 5 s old, are. b is empty.
+    d.submit(Ticket(with_prefix("s3-t1", [40, 41, 42, 43, 44, 45, 46]), 35.0), 35.0)
+    assert seen[-1] == {"a": 2 * 64, "b": 0}  # seven new blocks on a: s1's five, two of s2's
+    assert seen[0] == {"a": 0, "b": 0}

@@ -14,6 +14,7 @@ from swarmx.sched.prefix import (
     HASH_BITS,
     PrefixIndex,
     PrefixIndexes,
+    ReuseGaps,
     block_hashes,
     shared_blocks,
 )
@@ -156,3 +157,60 @@ def test_indexes_per_replica_resize_and_forget_a_replica() -> None:
     indexes.drop("r2")
     assert indexes.replicas() == ["r1"]
     assert indexes.get("r2") is None
+
+
+def test_what_a_prompt_would_evict_that_is_still_wanted_is_counted_before_it_comes() -> None:
+    index = PrefixIndex(10)
+    index.insert([1, 2, 3, 4], now_s=0.0)  # a session that has gone quiet
+    index.insert([5, 6, 7, 8], now_s=50.0)  # one between turns
+    assert index.last_used_s(5) == 50.0 and index.last_used_s(9) is None
+    new = [20, 21, 22, 23]  # two blocks of room: two go, the quiet session's
+    assert index.evicts_used_since(new, since_s=30.0) == 0
+    assert index.evicts_used_since(new, since_s=-1.0) == 2
+    six = [20, 21, 22, 23, 24, 25]  # four go: all of the quiet session's
+    assert index.evicts_used_since(six, since_s=30.0) == 0
+    index.insert([9, 10], now_s=60.0)  # now full
+    assert (
+        index.evicts_used_since(six, since_s=30.0) == 2
+    )  # six go: the quiet four, then two wanted
+    own = [1, 2, 3, 4, 30, 31]  # the quiet session is back: its blocks move, they are not lost
+    assert index.evicts_used_since(own, since_s=30.0) == 2
+    huge = list(range(100, 140))  # longer than the cache: its first 10 blocks take all of it
+    assert index.evicts_used_since(huge, since_s=30.0) == 6
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_the_count_of_wanted_blocks_evicted_is_what_inserting_then_evicts(seed: int) -> None:
+    rng = random.Random(seed)
+    index = PrefixIndex(rng.randint(1, 40))
+    now = 0.0
+    for _ in range(rng.randint(0, 12)):
+        now += rng.uniform(0, 10)
+        start = rng.randint(0, 60)
+        index.insert(list(range(start, start + rng.randint(0, 20))), now_s=now)
+        if rng.random() < 0.2:
+            index.remove(rng.sample(range(80), 5))  # an engine's report punches holes
+    since = rng.uniform(-1, now + 1)
+    start = rng.randint(0, 80)
+    call = list(range(start, start + rng.randint(0, 50)))
+    used = {b: index.last_used_s(b) for b in index}
+    predicted = index.evicts_used_since(call, since)
+    gone: list[int] = []
+    index.on_evict = gone.extend
+    index.insert(call, now_s=now + 1)
+    assert predicted == sum(1 for b in gone if (used[b] or 0.0) >= since)
+
+
+def test_reuse_gaps_give_a_horizon_from_the_latest_hits() -> None:
+    gaps = ReuseGaps(level=0.9, window=100)
+    assert gaps.horizon_s == 0.0  # nothing seen: nothing counts as wanted
+    for g in range(1, 101):
+        gaps.observe(float(g))
+    assert gaps.horizon_s == 91.0
+    for _ in range(100):  # the window moves on: only the latest count
+        gaps.observe(5.0)
+    assert gaps.horizon_s == 5.0
+    gaps.observe(-3.0)  # a clock that stepped back is no negative gap
+    assert gaps.horizon_s >= 0.0
+    with pytest.raises(ValueError, match="level"):
+        ReuseGaps(level=1.0)

@@ -470,6 +470,33 @@ def test_the_capacity_price_keeps_a_prefix_where_it_is_cached_only_when_the_pool
     assert pick(priced, unknown) == "n2/b"  # speeds unknown: nothing is charged
 
 
+def test_the_session_value_leaves_a_wanted_prefix_where_its_next_turn_will_look_for_it():
+    """Neither replica holds the call's 40 blocks; taking them would push a session's prefix
+    that is still wanted (10,240 tokens, 1.28 s to prefill again) out of A, and only stale
+    blocks out of B. With equal forecasts the session value sends the call to B every time,
+    where the greedy router alternates; a forecast much faster on A outweighs the 1.28 s, a
+    little faster does not."""
+    pool = [
+        dataclasses.replace(view(name), prefill_tokens_per_s=8000.0) for name in ("n1/a", "n2/b")
+    ]
+    valued = TailRouter(session_value=True)
+    assert valued.uses_prefix and valued.uses_evictions and not TailRouter().uses_evictions
+
+    def picks(router: TailRouter, forecasts: list[LatencyDist], n: int = 4) -> list[str]:
+        inp = RouteInput(
+            _prefixed(), pool, NOW, forecasts, cached_tokens=[0, 0], evicted_tokens=[40 * 256, 0]
+        )
+        return [pool[router.choose(inp).index].replica for _ in range(n)]
+
+    alike = [dist(2.0), dist(2.0)]
+    assert picks(valued, alike) == ["n2/b"] * 4
+    assert set(picks(TailRouter(), alike)) == {"n1/a", "n2/b"}  # blind: a rotation of ties
+    assert picks(valued, [dist(1.0), dist(5.0)]) == ["n1/a"] * 4
+    # the tails at 0.95 decide: 1.64 s + 1.28 s on A against 2.46 s on B
+    assert picks(valued, [dist(1.0), dist(1.5)]) == ["n2/b"] * 4
+    assert picks(TailRouter(session_value=True, capacity_price=True), alike) == ["n2/b"] * 4
+
+
 # --- scoring only the candidates that can matter ----------------------------------------------
 
 
@@ -492,8 +519,8 @@ def _score_all(router: TailRouter, inp: RouteInput) -> int:
     tail = [math.inf] * len(cands)
     for i, (done, service) in preds.items():
         tail[i] = max(done.mu + done.sigma * z, service.mu + service.sigma * z)
-    if router.capacity_price and inp.cached_tokens is not None:
-        _priced(inp, pool, tail)
+    if router.uses_prefix and inp.cached_tokens is not None:
+        _priced(inp, pool, tail, router.capacity_price)
     if inp.deadline_s is not None:
         left_s = inp.deadline_s - inp.now_s
         on_time = [0.0] * len(cands)
@@ -544,6 +571,13 @@ def test_scoring_only_the_candidates_that_can_matter_chooses_as_scoring_all_does
     blocks = list(range(rng.randint(0, 40)))
     c = dataclasses.replace(call(), prefix_blocks=blocks, block_tokens=64)
     cached = [rng.randint(0, len(blocks)) * 64 for _ in range(n)] if rng.random() < 0.5 else None
-    router = TailRouter(level=rng.choice((0.9, 0.95, 0.99)), capacity_price=cached is not None)
-    inp = RouteInput(c, pool, NOW, forecasts, deadline, cached)
+    evicted = None
+    if cached is not None and rng.random() < 0.5:
+        evicted = [rng.choice((0, 64 * rng.randint(1, 60))) for _ in range(n)]
+    router = TailRouter(
+        level=rng.choice((0.9, 0.95, 0.99)),
+        capacity_price=cached is not None and (evicted is None or rng.random() < 0.5),
+        session_value=evicted is not None,
+    )
+    inp = RouteInput(c, pool, NOW, forecasts, deadline, cached, evicted)
     assert router.choose(inp).index == _score_all(router, inp)

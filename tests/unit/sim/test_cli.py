@@ -163,6 +163,24 @@ def test_the_floor_bounds_every_router_from_below_and_is_the_same_for_each(tmp_p
     assert rotated["p99"] > 2 * ttft["p99"]
 
 
+def test_the_floor_caches_no_more_than_a_replica_holds(tmp_path):
+    """A prompt longer than a replica's KV memory is prefilled in part on any replica: the floor
+    says so, and still bounds the routers."""
+    trace = write_mooncake(tmp_path / "mc.jsonl", conversations(4, turns=6))
+
+    def run(*extra: str) -> dict:
+        args = ["--trace", str(trace), "--replicas", "3", "--router", "prefix_affinity"]
+        result = sim(*args, *extra, "--json")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    roomy, tight = run(), run("--kv-cache-tokens", "1024")  # two 512-token blocks
+    assert tight["ttft_floor_s"]["p99"] > 2 * roomy["ttft_floor_s"]["p99"]
+    for key in ("ttft", "call_latency"):
+        least, got = tight[f"{key}_floor_s"], tight[f"{key}_s"]
+        assert all(least[q] <= got[q] + 1e-9 for q in ("p50", "p95", "p99", "mean"))
+
+
 def test_claude_code_sessions_replay_in_closed_loop(tmp_path):
     rows = [
         AgentCall(f"t{t}", "parent", 0.0, k, 2.0 if k else 0.0, 20 + 10 * k, 20 + 10 * k - 10)
@@ -211,3 +229,9 @@ def test_tail_with_and_without_the_cache(tmp_path):
     )
     assert priced.exit_code == 0, priced.output
     assert json.loads(priced.stdout)["prefix_hit_rate"] >= rates[1]
+    valued = sim(
+        *("--trace", str(trace), "--replicas", "4", "--router", "tail", "--session-value"),
+        *("--kv-cache-tokens", "2048", "--predictor", "oracle", "--json"),
+    )
+    assert valued.exit_code == 0, valued.output
+    assert json.loads(valued.stdout)["prefix_hit_rate"] >= rates[1]
