@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from swarmx.models.baselines import MeanConformal, baseline_from_dict
+from swarmx.models.compose import compose_unfamiliar
 from swarmx.models.dist import LatencyDist
 from swarmx.models.online import OnlineLearner, Predictor
 from swarmx.models.query import Candidate, Query
@@ -54,9 +55,11 @@ class LiveForecaster:
         candidates: Sequence[ReplicaView],
         cached_tokens: Sequence[int] | None = None,
     ) -> list[LatencyDist]:
-        return self.learner.forecast_candidates(
-            self._query_of(call), self._placements(candidates), cached_tokens
-        )
+        """The live model's forecasts; on replicas whose GPU it never trained on, the service
+        time composed from its output-length forecast and their measured speeds."""
+        query = self._query_of(call)
+        dists = self.learner.forecast_candidates(query, self._placements(candidates), cached_tokens)
+        return compose_unfamiliar(self.learner.live, query, candidates, cached_tokens, dists)
 
     def load_only(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
         """The llm-d-style baseline fitted with the live model, else the cold-start fallback."""

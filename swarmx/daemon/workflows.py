@@ -631,6 +631,9 @@ class WorkflowService:
             if result.ok:
                 uncached = result.prompt_tokens - (result.cached_tokens or 0)
                 self.dispatcher.observe_prefill(result.replica, uncached, result.ttft_s)
+                self.dispatcher.observe_decode(
+                    result.replica, result.output_tokens, result.latency_s, result.ttft_s
+                )
         await self.send_all(self.dispatcher.finished(call_id, self.clock.time()))
         # a lost attempt (its node gone, no result in time) is traced too, failed, with the
         # time it was out: the trace shows every attempt

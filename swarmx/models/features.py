@@ -338,6 +338,10 @@ class Encoder:
         self._kinds = self.vocab.index("kinds")
         self._inputs = self.vocab.index("inputs")
 
+    def knows_gpu(self, gpu: str) -> bool:
+        """The GPU is in the vocabulary: the latency head learned its speed."""
+        return gpu in self._gpus
+
     def grow(self, queries: Sequence[Query]) -> dict[str, int]:
         """Append the models, GPUs, kinds and input kinds of ``queries`` not yet in the
         vocabularies and mark their n-grams seen (for fine-tuning on calls the model has not

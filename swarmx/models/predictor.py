@@ -166,6 +166,10 @@ class QuantilePredictor:
         call = self._call_part(calls, gen)
         return self.net.head(call, gpu, places.num), self.net.output_head(call)
 
+    def knows_gpu(self, gpu: str) -> bool:
+        """Calls on this GPU were in training: the latency head knows its speed."""
+        return self.encoder.knows_gpu(gpu)
+
     def predict_output_tokens(self, queries: Sequence[Query]) -> list[LatencyDist]:
         """Quantiles of each call's output tokens (the values are tokens, not seconds): what
         a service time is made of besides the replica's speed. Raises for a model without a
@@ -265,13 +269,17 @@ class QuantilePredictor:
     ) -> None:
         """Per level, the finite-sample corrected quantile of log(actual) - forecast over
         held-out calls, per load bucket; buckets with too few calls get the global one. With
-        ``log_output`` (log1p output tokens), the output-length head's shifts likewise."""
+        ``log_output`` (log1p output tokens), the output-length head's shifts likewise, from the
+        calls that generated tokens: a tool or vision call's zero is no evidence of how long an
+        answer runs, and among many it would pull every level down."""
         if log_latency.shape[0] == 0:
             raise ValueError("no calibration calls")
         if log_output is not None:
             with torch.inference_mode():
                 raw = self.combine(self.net.output_head(self._call_part(calls, None)))
-            self.output_shift = self._conformal(log_output.view(-1, 1) - raw)
+            scores = log_output.view(-1, 1) - raw
+            spoke = log_output > 0
+            self.output_shift = self._conformal(scores[spoke] if bool(spoke.any()) else scores)
         scores = log_latency.view(-1, 1) - self.raw_log(calls, places)
         shift = self._conformal(scores).expand(len(self.cfg.load_edges) + 1, -1).clone()
         for b in range(shift.shape[0]):

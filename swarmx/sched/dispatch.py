@@ -187,9 +187,11 @@ class PoolStats:
 
 
 PREFILL_SAMPLES = 32
-"""Recent first tokens per replica its prefill speed is read from."""
+"""Recent calls per replica its prefill speed and decode pace are read from."""
 MIN_PREFILL_TOKENS = 512
 """Prompt tokens to prefill below which a first token says more of overheads than speed."""
+MIN_DECODE_TOKENS = 16
+"""Output tokens below which a call's decode says more of overheads than pace."""
 
 
 class _OpenSet:
@@ -350,8 +352,9 @@ class Dispatcher:
         """How long after their last use the prefixes routed on are used again."""
         self._resets: dict[str, int] = {}
         """Replica -> the engine's count of whole-cache clears, as last reported."""
-        self._prefill: dict[str, deque[float]] = {}
-        """Replica -> tokens a second of its recent prefills (`observe_prefill`)."""
+        self._speeds: dict[tuple[str, str], deque[float]] = {}
+        """(replica, ``prefill`` or ``decode``) -> its recent calls' prefill tokens a second or
+        decode seconds a token (`observe_prefill`, `observe_decode`)."""
 
     # --- replicas ---------------------------------------------------------------------------
 
@@ -364,6 +367,8 @@ class Dispatcher:
             self._taking[old.view.model] -= old.live
             if not view.prefill_tokens_per_s:  # measured here, not announced: kept
                 view = dataclasses.replace(view, prefill_tokens_per_s=old.view.prefill_tokens_per_s)
+            if not view.decode_s_per_token:
+                view = dataclasses.replace(view, decode_s_per_token=old.view.decode_s_per_token)
             if not view.external:
                 view = dataclasses.replace(view, external=old.view.external)
             if not view.kv_cache_tokens:  # the engine's own figure, from telemetry: kept
@@ -387,7 +392,8 @@ class Dispatcher:
         self._unindex(rep.view)
         self.prefixes.drop(replica)
         self._resets.pop(replica, None)
-        self._prefill.pop(replica, None)
+        self._speeds.pop((replica, "prefill"), None)
+        self._speeds.pop((replica, "decode"), None)
         for call_id in rep.work:
             where = self._where.pop(call_id, None)
             if where is not None:
@@ -400,14 +406,35 @@ class Dispatcher:
         (`ReplicaView.prefill_tokens_per_s`), the 0.9 quantile of its last `PREFILL_SAMPLES`
         calls with at least `MIN_PREFILL_TOKENS` to prefill (a first token also waits for the
         engine's queue and a decode step, which only slow it: the fast ones say the speed)."""
-        rep = self.replicas.get(replica)
-        if rep is None or ttft_s is None or ttft_s <= 0 or uncached_tokens < MIN_PREFILL_TOKENS:
+        if ttft_s is None or ttft_s <= 0 or uncached_tokens < MIN_PREFILL_TOKENS:
             return
-        seen = self._prefill.setdefault(replica, deque(maxlen=PREFILL_SAMPLES))
-        seen.append(uncached_tokens / ttft_s)
-        rate = quantile(sorted(seen), 0.9)
-        if rate != rep.view.prefill_tokens_per_s:
-            rep.view = dataclasses.replace(rep.view, prefill_tokens_per_s=rate)
+        self._speed(replica, "prefill", uncached_tokens / ttft_s, 0.9)
+
+    def observe_decode(
+        self, replica: str, output_tokens: int, latency_s: float, ttft_s: float | None
+    ) -> None:
+        """A finished call's tokens after its first: the replica's decode pace under the
+        batches it runs (`ReplicaView.decode_s_per_token`), the median of its last
+        `PREFILL_SAMPLES` calls with at least `MIN_DECODE_TOKENS` tokens. With the prefill
+        speed it is what a service time is composed from on a device the predictor never saw
+        (`swarmx.models.compose`)."""
+        if ttft_s is None or output_tokens < MIN_DECODE_TOKENS or latency_s <= ttft_s:
+            return
+        self._speed(replica, "decode", (latency_s - ttft_s) / (output_tokens - 1), 0.5)
+
+    def _speed(self, replica: str, kind: str, sample: float, level: float) -> None:
+        rep = self.replicas.get(replica)
+        if rep is None:
+            return
+        seen = self._speeds.setdefault((replica, kind), deque(maxlen=PREFILL_SAMPLES))
+        seen.append(sample)
+        value = quantile(sorted(seen), level)
+        view = rep.view
+        if kind == "prefill" and value != view.prefill_tokens_per_s:
+            rep.view = dataclasses.replace(view, prefill_tokens_per_s=value)
+        elif kind == "decode" and value != view.decode_s_per_token:
+            rep.view = dataclasses.replace(view, decode_s_per_token=value)
+        if rep.view is not view:
             self._refresh(rep)
 
     def set_external(self, replica: str, calls: int) -> None:

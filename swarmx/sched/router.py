@@ -61,6 +61,9 @@ class ReplicaView:
     prefill_tokens_per_s: float = 0.0
     """How fast the replica prefills a prompt, where known (0: unknown): the simulator's timing
     model, or live, what its calls' first tokens took (`Dispatcher.observe_prefill`)."""
+    decode_s_per_token: float = 0.0
+    """Seconds a generated token takes on the replica under the batches it runs, where measured
+    (0: not yet): its calls' tokens after the first (`Dispatcher.observe_decode`)."""
     external: int = 0
     """Calls on the replica's engine that did not come through this scheduler (another router's,
     a user's): the engine's own running and waiting requests, as its metrics say, less those

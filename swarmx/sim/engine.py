@@ -487,6 +487,8 @@ class Simulation:
                 r.ttft_floor_s.append(c.floor[0])
                 r.call_latency_floor_s.append(c.floor[1])
         service = self.now - c.start_s
+        if c.call.kind == "llm":  # the pace the replica decodes at, measured as live
+            self.dispatcher.observe_decode(c.replica, c.truth.output_tokens, service, c.ttft_s)
         self.forecaster.observe(c.call, lambda: self._trace(c, service), service)
         if self.record is not None:
             self.record(self._trace(c, service))

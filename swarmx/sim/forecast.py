@@ -13,7 +13,10 @@ and reference forecasters that bound what prediction can buy.
   the replicas' prefix caches (every prompt forecast as if none of it were cached).
 - a model file path: the trained `QuantilePredictor`, fed the same features as live; with the
   suffix ``:noload`` its load features are zeroed (the ablation without load features), with
-  ``:point`` only its median is passed on, with no spread (what a point-estimate router sees).
+  ``:point`` only its median is passed on, with no spread (what a point-estimate router sees);
+  on a replica whose GPU the model never trained on, its service time is composed from the
+  output-length forecast and the replica's measured speeds, as live (`swarmx.models.compose`),
+  and ``:nocompose`` keeps the latency head's guess there instead (the ablation).
 
 Per-call noise (``noisy``) scales a call's forecast on every candidate alike, so it cannot change
 the order of the candidates while slots are free; it acts through the work ahead on full
@@ -31,6 +34,7 @@ from typing import Protocol
 
 from swarmx.backends.emulated import GpuProfile, vision_s
 from swarmx.models.baselines import MeanConformal
+from swarmx.models.compose import compose_unfamiliar
 from swarmx.models.dist import LatencyDist
 from swarmx.models.query import Candidate, Query, SessionTracker
 from swarmx.sched.router import ReplicaView
@@ -123,6 +127,7 @@ class SimForecaster:
         self.sigma = 0.0
         self._model = None
         self._noload = self._median_only = False
+        self._compose = True
         base, _, variant = spec.rpartition(":")
         self._cache = variant != "nocache"
         if not self._cache and base.partition(":")[0] not in ("oracle", "noisy", "shuffled"):
@@ -140,11 +145,12 @@ class SimForecaster:
             from swarmx.models.predictor import QuantilePredictor  # torch, only for this path
 
             path, _, variant = spec.rpartition(":")
-            if variant not in ("noload", "point"):
+            if variant not in ("noload", "point", "nocompose"):
                 path = spec
             elif not path:
                 raise ValueError(f"{spec!r} needs a model file before it: MODEL:{variant}")
             self._noload, self._median_only = variant == "noload", variant == "point"
+            self._compose = variant != "nocompose"
             self._model = QuantilePredictor.load(path)
         self._service = self._pick(kind if self._model is None else "oracle")
         self.wants_constant = spec == "constant"
@@ -295,4 +301,7 @@ class SimForecaster:
         dists = self._model.predict_candidates(query, places, cached)
         if self._median_only:
             dists = [_point(d.quantile(0.5)) for d in dists]
-        return [dists[i] for i in slot]
+        out = [dists[i] for i in slot]
+        if self._compose:
+            out = compose_unfamiliar(self._model, query, candidates, cached_tokens, out)
+        return out

@@ -325,6 +325,27 @@ def test_the_output_length_head_reads_the_prompt_and_covers_held_out_calls(train
     assert all(v == int(v) for d in dists for v in d.values_s)  # whole tokens
 
 
+def test_the_output_lengths_calibration_comes_from_the_calls_that_generated_tokens():
+    """Tool calls generate none: among many, their zeros would pull every level of the length
+    forecast down and LLM answers would run past it. Calibrated on the same calls, the LLM
+    calls' coverage is nominal whatever the share of tools."""
+    llm = synth(60, seed=4)
+    tools = [
+        dataclasses.replace(r, kind="tool", model="shell", output_tokens=0, step=f"t{k}")
+        for k, r in enumerate(synth(180, seed=5))
+    ]
+    records = llm + tools
+    model = fresh(records)
+    calls, places = model.encoder.encode(queries(records))
+    log_latency = torch.log(torch.tensor([r.latency_s for r in records]))
+    log_output = torch.log1p(torch.tensor([float(r.output_tokens) for r in records]))
+    model.calibrate_encoded(calls, places, log_latency, log_output)
+    dists = model.predict_output_tokens(queries(records))[: len(llm)]
+    for k, level in enumerate(model.levels[:2]):
+        covered = sum(r.output_tokens <= d.values_s[k] for r, d in zip(llm, dists, strict=True))
+        assert abs(covered / len(llm) - level) < 0.06, level
+
+
 def test_a_model_file_from_before_the_output_head_still_loads(tmp_path):
     """Files saved before it lack its weights: they load, forecast latency as they did, and
     say they have no output-length forecast rather than make one up."""

@@ -585,6 +585,26 @@ def test_a_replicas_prefill_speed_is_read_from_its_first_tokens():
     assert d.view("n/a").prefill_tokens_per_s == 0.0
 
 
+def test_a_replicas_decode_pace_is_the_median_of_its_recent_calls_tokens_after_the_first():
+    """What a composed service time multiplies the output tokens by (`swarmx.models.compose`):
+    short answers, calls without a first token and nonsense say nothing; a new hello keeps it."""
+    d = Dispatcher(LeastOutstanding())
+    d.add_replica(replica("n/a"), 0.0)
+    assert d.view("n/a").decode_s_per_token == 0.0
+    for pace in (0.02, 0.03, 0.05):  # 101 tokens: 100 after the first
+        d.observe_decode("n/a", 101, 0.5 + 100 * pace, 0.5)
+    d.observe_decode("n/a", 8, 10.0, 0.1)  # too short to say
+    d.observe_decode("n/a", 101, 3.0, None)
+    d.observe_decode("n/a", 101, 0.4, 0.5)  # a latency before its first token
+    d.observe_decode("n/gone", 101, 3.0, 0.5)
+    assert d.view("n/a").decode_s_per_token == pytest.approx(0.03)
+    d.add_replica(replica("n/a"), 1.0)
+    assert d.view("n/a").decode_s_per_token == pytest.approx(0.03)
+    d.remove_replica("n/a")
+    d.add_replica(replica("n/a"), 2.0)
+    assert d.view("n/a").decode_s_per_token == 0.0
+
+
 def test_a_session_router_is_told_what_each_candidate_would_evict_that_is_still_wanted():
     """Hits teach the dispatcher how long after its last use a prefix comes back (the horizon);
     a router with ``uses_evictions`` gets, per candidate, the tokens of prefixes used within it

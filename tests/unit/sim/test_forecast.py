@@ -242,3 +242,32 @@ def test_a_hot_replica_holding_the_prefix_wins_when_it_should_and_loses_when_it_
         forecasts = SimForecaster(spec, reps, info, SessionTracker()).service(c, views)
         choice = TailRouter().choose(RouteInput(c, views, info.now, forecasts))
         assert views[choice.index].replica == expected, spec
+
+
+def test_a_gpu_the_model_never_saw_gets_its_service_composed_from_its_measured_speeds(
+    model_file,
+):
+    """The model trained on H100s and L40Ss; an A100 is new to it. Once the dispatcher has
+    measured the A100's speeds its forecast is the prompt's prefill plus the output-length
+    head's tokens at its decode pace (`:nocompose` keeps the latency head's guess); GPUs the
+    model knows, and an A100 not measured yet, keep the latency head's."""
+    reps, views = pool()
+    server = LlmServer(GPUS["A100"], ModelProfile(), 32)
+    reps["a/m"] = Replica("a/m", "m", "A100", GPUS["A100"], "llm", server, 32, 0.0, 0.0)
+    unmeasured = ReplicaView("a/m", "a", "m", "emulated", "A100", 32, 0, gpu="A100")
+    measured = dataclasses.replace(unmeasured, prefill_tokens_per_s=8000.0, decode_s_per_token=0.02)
+    slower = dataclasses.replace(measured, decode_s_per_token=0.04)
+    cands = [*views, unmeasured, measured, slower]
+    composed = SimForecaster(model_file, reps, Info(), SessionTracker()).service(call(), cands)
+    head = SimForecaster(f"{model_file}:nocompose", reps, Info(), SessionTracker()).service(
+        call(), cands
+    )
+    for k in range(3):
+        assert composed[k].values_s == head[k].values_s
+    assert composed[3].values_s != head[3].values_s  # the A100's own forecast changed
+    prefill = 800 / 8000.0
+    decode = [v - prefill for v in composed[3].values_s]
+    assert all(d > 0 for d in decode)
+    tokens = [d / 0.02 + 1 for d in decode]
+    assert tokens == pytest.approx([round(t) for t in tokens])  # whole tokens, at 20 ms each
+    assert [v - prefill for v in composed[4].values_s] == pytest.approx([2 * d for d in decode])
