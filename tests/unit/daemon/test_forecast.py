@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from swarmx.daemon.forecast import candidate
 from swarmx.sched.router import ReplicaView
 from swarmx.traces import DeviceAtDispatch
@@ -21,3 +23,39 @@ def test_the_predictor_sees_others_calls_on_an_engine_as_load():
     like the scheduler's own."""
     assert candidate(DEVICE, view(1)) == ("H100", 0.5, 0.25, 0.1, 1, 0)
     assert candidate(DEVICE, view(1, external=5)) == ("H100", 0.5, 0.25, 0.1, 4, 2)
+
+
+def test_the_live_forecast_is_composed_on_a_replica_whose_gpu_the_model_never_saw():
+    """`LiveForecaster.service` is the learner's forecast, except on a measured replica whose
+    GPU the live model does not know: there, the prefill and the output-length head's tokens at
+    the replica's own speeds."""
+    from swarmx.daemon.forecast import LiveForecaster
+    from swarmx.models.dist import LatencyDist
+    from swarmx.models.query import Query
+
+    levels = (0.5, 0.9)
+    guess = LatencyDist(levels, (1.0, 2.0))
+
+    class Live:
+        output_shift = 0.0
+
+        def knows_gpu(self, gpu: str) -> bool:
+            return gpu == "H100"
+
+        def predict_output_tokens(self, queries):
+            return [LatencyDist(levels, (51.0, 201.0)) for _ in queries]
+
+    class Learner:
+        live = Live()
+
+        def forecast_candidates(self, query, places, cached):
+            return [guess for _ in places]
+
+    known = ReplicaView("n/a", "n", "lm", "openai", "gpu", 4, 0, "H100")
+    new = dataclasses.replace(
+        known, replica="m/a", gpu="B200", prefill_tokens_per_s=10_000.0, decode_s_per_token=0.01
+    )
+    fc = LiveForecaster(Learner(), lambda c: Query("lm", "llm", "hi", 5000, 512), lambda v: DEVICE)  # type: ignore[arg-type]
+    on_known, on_new = fc.service(object(), [known, new], [0, 1000])  # type: ignore[arg-type]
+    assert on_known is guess
+    assert on_new.values_s == pytest.approx((0.4 + 0.5, 0.4 + 2.0))
