@@ -69,8 +69,12 @@ class PrefixIndex:
         if capacity_blocks < 0:
             raise ValueError(f"capacity_blocks must be >= 0, got {capacity_blocks}")
         self.capacity_blocks = capacity_blocks
-        self._blocks: collections.OrderedDict[int, float] = collections.OrderedDict()
-        """Block -> when it was last used (the caller's clock), least recently used first."""
+        self._blocks: collections.OrderedDict[int, int] = collections.OrderedDict()
+        """Block -> the use (`insert`) that last touched it, least recently used first."""
+        self._uses: dict[int, list[float]] = {}
+        """Use -> [when (the caller's clock), how many blocks it is still the last use of],
+        oldest first; a use that no block holds any longer is dropped."""
+        self._next_use = 0
         self.evicted = 0
         """Blocks dropped to stay within capacity, since the index was made."""
         self.on_evict: Callable[[list[int]], None] | None = None
@@ -99,53 +103,80 @@ class PrefixIndex:
 
     def last_used_s(self, block: int) -> float | None:
         """When ``block`` was last used here; None if it is not held."""
-        return self._blocks.get(block)
+        use = self._blocks.get(block)
+        return None if use is None else self._uses[use][0]
 
     def insert(self, hashes: Sequence[int], now_s: float = 0.0) -> None:
         """The replica now holds these blocks (it ran a call with this prompt at ``now_s``): each
         is the most recently used, the head most of all; the least recently used go past
         capacity."""
-        blocks = self._blocks
-        for h in reversed(hashes[: self.capacity_blocks]):
-            if h in blocks:
-                blocks.move_to_end(h)
-            blocks[h] = now_s
+        blocks, head = self._blocks, hashes[: self.capacity_blocks]
+        if head:
+            use = self._next_use
+            self._next_use += 1
+            self._uses[use] = [now_s, float(len(head))]
+            for h in reversed(head):
+                old = blocks.get(h)
+                if old is not None:
+                    blocks.move_to_end(h)
+                    self._release(old)
+                blocks[h] = use
         excess = len(blocks) - self.capacity_blocks
         if excess > 0:
-            gone = [blocks.popitem(last=False)[0] for _ in range(excess)]
+            gone = []
+            for _ in range(excess):
+                block, use = blocks.popitem(last=False)
+                self._release(use)
+                gone.append(block)
             self.evicted += excess
             if self.on_evict is not None:
                 self.on_evict(gone)
 
+    def _release(self, use: int) -> None:
+        """One block is no longer last touched by ``use``."""
+        entry = self._uses[use]
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self._uses[use]
+
     def evicts_used_since(self, hashes: Sequence[int], since_s: float) -> int:
         """Of the blocks that taking a prompt of ``hashes`` would evict (`insert` keeps its
         first ``capacity_blocks``, and moves rather than evicts those it holds), those used at or
-        after ``since_s``: prefixes a session may still come back for. Uses are in clock order,
-        so the blocks not used since then lead: the walk counts them and stops at the first
-        that is."""
-        blocks = self._blocks
+        after ``since_s``: prefixes a session may still come back for.
+
+        Uses are in clock order, so the blocks not used since then lead the eviction order: they
+        go first, then the ones still wanted. Counted by use, not by block (a use holds a
+        call's blocks), less the prompt's own blocks among them, which move instead."""
+        blocks, uses = self._blocks, self._uses
         head = hashes[: self.capacity_blocks]
-        new = sum(1 for h in head if h not in blocks)
+        new = own_stale = 0
+        for h in head:
+            use = blocks.get(h)
+            if use is None:
+                new += 1
+            elif uses[use][0] < since_s:
+                own_stale += 1
         over = len(blocks) + new - self.capacity_blocks
         if over <= 0:
             return 0
-        own = set(head)
-        stale = 0
-        for block, used_s in blocks.items():
-            if stale == over or used_s >= since_s:
+        stale = -own_stale
+        for when, held in uses.values():
+            if when >= since_s or stale >= over:
                 break
-            if block not in own:
-                stale += 1
-        return over - stale
+            stale += int(held)
+        return max(0, over - stale)
 
     def remove(self, hashes: Iterable[int]) -> None:
         """The replica dropped these blocks (its engine said so)."""
         for h in hashes:
-            self._blocks.pop(h, None)
+            use = self._blocks.pop(h, None)
+            if use is not None:
+                self._release(use)
 
     def clear(self) -> None:
         """The replica's cache is empty (it restarted, or its engine reset the cache)."""
         self._blocks.clear()
+        self._uses.clear()
 
 
 class PrefixIndexes:
