@@ -61,7 +61,8 @@ def _sim(gpu: str, seed: str, predictor: str, router: str, out: Path | None) -> 
 
 
 def _train(traces: list[Path], out: Path) -> None:
-    _swarmx("predictor", "train", "--traces", *map(str, traces), "--out", str(out))
+    given = [arg for path in traces for arg in ("--traces", str(path))]
+    _swarmx("predictor", "train", *given, "--out", str(out))
 
 
 def _score(path: Path) -> tuple[float, list[float], int]:
