@@ -30,8 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from results import RESULTS, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "RESULTS.md"
 BEGIN, END = "<!-- new_gpu.py: begin -->", "<!-- new_gpu.py: end -->"
 LEVELS = (0.5, 0.9, 0.95, 0.99)
 WORKFLOWS = "800"
@@ -171,15 +172,7 @@ def main() -> None:
     if args.print:
         print(section)
         return
-    text = RESULTS.read_text()
-    if BEGIN in text:
-        head_, _, rest = text.partition(BEGIN)
-        text = head_ + section + rest.partition(END)[2].lstrip("\n")
-    else:
-        anchor = "### One routing decision over 64 candidate replicas"
-        head_, sep, rest = text.partition(anchor)
-        text = head_ + section + "\n" + sep + rest if sep else text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
+    write_section(section, BEGIN, END, before="### One routing decision over 64 candidate replicas")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 

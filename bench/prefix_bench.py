@@ -42,8 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from results import RESULTS, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "RESULTS.md"
 BEGIN, END = "<!-- prefix_bench.py: begin -->", "<!-- prefix_bench.py: end -->"
 DATA = ROOT.parent / "shared" / "data"
 MOONCAKE = DATA / "mooncake" / "conversation_trace.jsonl"
@@ -289,13 +290,7 @@ def main() -> None:
     if args.print:
         print(section)
         return
-    text = RESULTS.read_text()
-    if BEGIN in text:
-        head, _, rest = text.partition(BEGIN)
-        text = head + section + rest.partition(END)[2].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
+    write_section(section, BEGIN, END)
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 
