@@ -241,21 +241,29 @@ def test_a_retried_submit_returns_the_same_workflow(procs):
     sched, endpoint, _ = start(procs, names=("alpha",))
     path = effects.workflow(procs, 0.1)
     sched.send_signal(signal.SIGSTOP)  # busy, not down: requests wait unanswered
+    lines: list[str] = []
     try:
-        retrying = subprocess.Popen(
+        with subprocess.Popen(
             [sys.executable, "-m", "swarmx", "submit", path, "--retry", "--idempotency-key",
              "k-1", "--scheduler", endpoint, "--config", str(procs.config)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
-        time.sleep(3.0)  # the first try times out (2 s) and the second is sent
+        ) as retrying:  # fmt: skip
+            assert retrying.stdout is not None and retrying.stderr is not None
+            errors = retrying.stderr
+            reader = threading.Thread(target=lambda: lines.extend(errors), daemon=True)
+            reader.start()
+            # the first try times out (2 s) and the second is sent: however long the client
+            # took to start on a loaded machine
+            wait_for(lambda: any("retrying" in line for line in lines), 60.0, "a retry")
+            sched.send_signal(signal.SIGCONT)
+            retrying.wait(timeout=30)  # its output is one id: the pipe never fills
+            reader.join(timeout=10)
+            wf_id = retrying.stdout.read().strip()
     finally:
         sched.send_signal(signal.SIGCONT)
-    out, err = retrying.communicate(timeout=30)
-    assert retrying.returncode == 0, err
-    assert "retrying" in err
-    wf_id = out.strip()
+    assert retrying.returncode == 0, "".join(lines)
     again = submit(procs, endpoint, path, "--idempotency-key", "k-1")
     assert again.stdout.strip() == wf_id and "already submitted" in again.stderr
     listed = json.loads(procs.cli("status", "--json", "--scheduler", endpoint).stdout)
