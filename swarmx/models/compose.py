@@ -30,7 +30,7 @@ class LengthModel(Protocol):
 
     def knows_gpu(self, gpu: str) -> bool: ...
 
-    def predict_output_tokens(self, queries: Sequence[Query]) -> list[LatencyDist]: ...
+    def output_tokens(self, query: Query) -> LatencyDist: ...
 
 
 class Measured(Protocol):
@@ -80,7 +80,7 @@ def compose_unfamiliar(
     ]
     if not new:
         return forecasts
-    [tokens] = lengths.predict_output_tokens([query])
+    tokens = lengths.output_tokens(query)
     out = list(forecasts)
     for i in new:
         v = views[i]

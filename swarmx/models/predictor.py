@@ -148,23 +148,24 @@ class QuantilePredictor:
 
     def members(self, calls: Calls, places: Places, gen: torch.Generator | None = None) -> Tensor:
         """[E, N, K] each member's log quantiles; ``gen`` turns on the training noise."""
-        gpu = places.gpu
-        if gen is not None:
-            hide = torch.rand(gpu.shape[0], generator=gen) < self.cfg.unknown_p
-            gpu = torch.where(hide, torch.zeros_like(gpu), gpu)
-        return self.net.head(self._call_part(calls, gen), gpu, places.num)
+        return self.net.head(self._call_part(calls, gen), self._gpus(places, gen), places.num)
 
     def members_both(
         self, calls: Calls, places: Places, gen: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
         """([E, N, K] log latency, [E, N, K] log1p output tokens) of each member, one trunk
         pass for both heads (training)."""
+        call = self._call_part(calls, gen)
+        return self.net.head(call, self._gpus(places, gen), places.num), self.net.output_head(call)
+
+    def _gpus(self, places: Places, gen: torch.Generator | None) -> Tensor:
+        """The placements' GPU ids; with ``gen`` (training) some hidden, so the unknown-GPU
+        row learns an average device."""
         gpu = places.gpu
         if gen is not None:
             hide = torch.rand(gpu.shape[0], generator=gen) < self.cfg.unknown_p
             gpu = torch.where(hide, torch.zeros_like(gpu), gpu)
-        call = self._call_part(calls, gen)
-        return self.net.head(call, gpu, places.num), self.net.output_head(call)
+        return gpu
 
     def knows_gpu(self, gpu: str) -> bool:
         """Calls on this GPU were in training: the latency head knows its speed."""
@@ -174,16 +175,32 @@ class QuantilePredictor:
         """Quantiles of each call's output tokens (the values are tokens, not seconds): what
         a service time is made of besides the replica's speed. Raises for a model without a
         trained output head."""
-        if self.output_shift is None:
-            raise ValueError(f"{self.version} has no output-length head (trained before it)")
+        shift = self._output_shift()
         if not queries:
             return []
         calls, _ = self.encoder.encode(queries)
         with torch.inference_mode():
-            call = self._call_part(calls, None)
-            log_q = self.combine(self.net.output_head(call)) + self.output_shift
-            # tokens are whole: a quantile at 63.99 of a call capped at 64 tokens is 64
-            tokens = torch.ceil(torch.expm1(torch.cummax(log_q, 1).values) - 1e-3).clamp(min=0.0)
+            return self._tokens(self.net.output_head(self._call_part(calls, None)), shift)
+
+    def output_tokens(self, query: Query) -> LatencyDist:
+        """`predict_output_tokens` of one call on the routing path: its encoding cached, the
+        folded trunk (`predict_candidates` has usually just run both for the same call)."""
+        shift = self._output_shift()
+        net = self._routing_net()
+        with torch.inference_mode():
+            call = net.call(self.encoder.call_fields(query))
+            return self._tokens(self.net.output_head(call), shift)[0]
+
+    def _output_shift(self) -> Tensor:
+        if self.output_shift is None:
+            raise ValueError(f"{self.version} has no output-length head (trained before it)")
+        return self.output_shift
+
+    def _tokens(self, members: Tensor, shift: Tensor) -> list[LatencyDist]:
+        """Whole-token quantiles from the members' log1p outputs: a quantile at 63.99 of a call
+        capped at 64 tokens is 64."""
+        log_q = self.combine(members) + shift
+        tokens = torch.ceil(torch.expm1(torch.cummax(log_q, 1).values) - 1e-3).clamp(min=0.0)
         return trusted_dists(self.levels, tokens.tolist())
 
     def combine(self, members: Tensor) -> Tensor:

@@ -42,8 +42,8 @@ def test_the_live_forecast_is_composed_on_a_replica_whose_gpu_the_model_never_sa
         def knows_gpu(self, gpu: str) -> bool:
             return gpu == "H100"
 
-        def predict_output_tokens(self, queries):
-            return [LatencyDist(levels, (51.0, 201.0)) for _ in queries]
+        def output_tokens(self, query):
+            return LatencyDist(levels, (51.0, 201.0))
 
     class Learner:
         live = Live()

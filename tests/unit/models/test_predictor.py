@@ -325,6 +325,16 @@ def test_the_output_length_head_reads_the_prompt_and_covers_held_out_calls(train
     assert all(v == int(v) for d in dists for v in d.values_s)  # whole tokens
 
 
+def test_one_calls_output_tokens_on_the_routing_path_are_the_batch_paths(trained):
+    """`output_tokens` (the folded trunk, what composing a forecast asks per decision) gives
+    `predict_output_tokens`' whole tokens, to a token where the two summation orders round a
+    quantile across a whole number."""
+    model, _, test = trained
+    qs = queries(test)[:200]
+    for q, batch in zip(qs, model.predict_output_tokens(qs), strict=True):
+        assert model.output_tokens(q).values_s == pytest.approx(batch.values_s, abs=1.0)
+
+
 def test_the_output_lengths_calibration_comes_from_the_calls_that_generated_tokens():
     """Tool calls generate none: among many, their zeros would pull every level of the length
     forecast down and LLM answers would run past it. Calibrated on the same calls, the LLM
