@@ -291,3 +291,11 @@ def test_a_bad_kv_events_setting_names_its_field(extra, field, why):
         ReplicaConfig("lm", "torch", kv_events="tcp://127.0.0.1:1")
     ok = ReplicaConfig("lm", "openai", url="http://x/v1", kv_events="ipc:///run/vllm.events")
     assert ok.kv_events_topic == ""  # every topic: vLLM's default
+
+
+def test_the_tail_routers_prefix_options_read_as_booleans_and_a_bad_one_names_its_line(tmp_path):
+    cfg = load_config(write(tmp_path, "[router]\ncapacity_price = true\nsession_value = true\n"))
+    assert (cfg.router.capacity_price, cfg.router.session_value) == (True, True)
+    assert load_config(write(tmp_path, "[router]\n")).router.session_value is False
+    with pytest.raises(ConfigError, match=r"swarmx.toml:3: router.session_value: expected a bool"):
+        load_config(write(tmp_path, '[router]\n\nsession_value = "yes"\n'))

@@ -605,6 +605,19 @@ def test_a_replicas_decode_pace_is_the_median_of_its_recent_calls_tokens_after_t
     assert d.view("n/a").decode_s_per_token == 0.0
 
 
+def test_a_replicas_pace_is_not_moved_by_one_absurd_report():
+    """A node's result is bounded at decode (seconds up to 1e9, tokens up to 2^40), so its worst
+    values are finite: one such call among its recent ones leaves the median where it was."""
+    d = Dispatcher(LeastOutstanding())
+    d.add_replica(replica("n/a"), 0.0)
+    for _ in range(20):
+        d.observe_decode("n/a", 101, 2.5, 0.5)  # 20 ms a token
+    d.observe_decode("n/a", 16, 1e9, 0.0)  # a day-long call
+    d.observe_decode("n/a", 1 << 40, 1.0, 0.5)  # a trillion tokens in half a second
+    assert d.view("n/a").decode_s_per_token == pytest.approx(0.02)
+    assert math.isfinite(d.view("n/a").decode_s_per_token)
+
+
 def test_a_session_router_is_told_what_each_candidate_would_evict_that_is_still_wanted():
     """Hits teach the dispatcher how long after its last use a prefix comes back (the horizon);
     a router with ``uses_evictions`` gets, per candidate, the tokens of prefixes used within it

@@ -138,6 +138,13 @@ def test_an_unknown_model_file_or_a_bare_variant_fails_clearly():
         forecaster("point")
 
 
+def test_nocompose_needs_a_model_file_and_is_no_variant_of_the_references():
+    with pytest.raises(ValueError, match="MODEL:nocompose"):
+        forecaster("nocompose")
+    with pytest.raises(FileNotFoundError, match="nonexistent"):
+        forecaster("/nonexistent/model.pt:nocompose")
+
+
 def cached_pool() -> tuple[dict[str, Replica], list[ReplicaView], CallSpec]:
     """Two idle H100s, one of which has just run a call with the same 12 prompt blocks."""
     blocks = list(range(12))  # 768 of the call's 800 prompt tokens
