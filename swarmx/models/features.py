@@ -81,7 +81,11 @@ class FeatureConfig:
     """Call columns the model reads: the first this many of `CALL_FEATURES` (17 in files from
     before the session's stops and the serving side's state were)."""
     min_bucket_calls: int = 50
-    """A load bucket with fewer calibration calls uses the global shift."""
+    """A load bucket with fewer calibration calls uses the global shift; a novelty bucket with
+    fewer, none but the marginal floor."""
+    novelty_edges: tuple[float, ...] = (0.05, 0.15, 0.3, 0.5)
+    """Conformal novelty buckets by the share of a prompt's n-grams never seen in training:
+    familiar wording below the first edge, then ever less of the prompt readable."""
 
     def __post_init__(self) -> None:
         levels = tuple(sorted(float(p) for p in self.levels))
@@ -89,6 +93,7 @@ class FeatureConfig:
             raise ValueError(f"levels must be distinct and in (0, 1): {self.levels}")
         object.__setattr__(self, "levels", levels)
         object.__setattr__(self, "load_edges", tuple(int(e) for e in self.load_edges))
+        object.__setattr__(self, "novelty_edges", tuple(float(e) for e in self.novelty_edges))
         sizes = (self.hash_buckets, self.embed_dim, self.hidden, self.head_hidden, self.ensemble)
         if min(sizes) < 1:
             raise ValueError(f"sizes must be positive: {sizes}")

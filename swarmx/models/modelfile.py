@@ -40,6 +40,10 @@ class ModelFile:
     online_shift: Tensor
     output_shift: Tensor | None = None
     """None in files from before the output-length head (its weights are then untrained)."""
+    marginal: Tensor | None = None
+    """None in files from before the novelty floor."""
+    novelty_shift: Tensor | None = None
+    """None in files from before the novelty buckets (no shifts)."""
 
 
 def save(contents: ModelFile, path: str | Path) -> None:
@@ -56,6 +60,8 @@ def save(contents: ModelFile, path: str | Path) -> None:
             "cal_shift": contents.cal_shift,
             "online_shift": contents.online_shift,
             "output_shift": contents.output_shift,
+            "marginal": contents.marginal,
+            "novelty_shift": contents.novelty_shift,
             "metrics": contents.metrics,
             "extras": contents.extras,
         },
@@ -83,6 +89,8 @@ def load(path: str | Path) -> ModelFile:
         cal_shift=d["cal_shift"],
         online_shift=d["online_shift"],
         output_shift=None if missing else d.get("output_shift"),
+        marginal=d.get("marginal"),
+        novelty_shift=d.get("novelty_shift"),
     )
 
 

@@ -11,6 +11,11 @@ Why it is built this way:
   unfamiliar calls get wider tails instead of confident guesses.
 - Split-conformal shifts per load bucket, fitted on held-out sessions, so the tails hold where
   the scheduler uses them; plus an online shift the runtime calibration monitor sets.
+- A floor under the upper quantiles of unfamiliar wording (`novelty_floor`): the share of a
+  prompt the model cannot read is the weight it gives the model's marginal latency, which knows
+  nothing of the prompt. The ensemble does not disagree more on wording it never saw (its
+  unseen n-grams are simply absent), so only a rule that reads the novelty itself widens there;
+  conformal shifts per novelty bucket correct it wherever held-out calls show how it fares.
 - Device and runtime inputs join late in the network: scoring one call on many candidate
   placements encodes the call once (`QuantilePredictor.predict_candidates`).
 
@@ -40,6 +45,11 @@ from swarmx.models.query import Candidate, Query
 from swarmx.models.routing import RoutingNet
 from swarmx.stats import conformal_quantile
 
+MARGINAL_POINTS = 128
+"""Points of each model's latency marginal (`QuantilePredictor.marginal`)."""
+MARGINAL_MIN_CALLS = 30
+"""Training calls a model needs for a marginal of its own."""
+
 
 class QuantilePredictor:
     """Batched quantile forecasts from a trained `QuantileNet`; see the module docstring."""
@@ -57,6 +67,8 @@ class QuantilePredictor:
         cal_shift: Tensor | None = None,
         online_shift: Tensor | None = None,
         output_shift: Tensor | None = None,
+        marginal: Tensor | None = None,
+        novelty_shift: Tensor | None = None,
     ) -> None:
         cfg = encoder.cfg
         k = len(cfg.levels)
@@ -74,6 +86,19 @@ class QuantilePredictor:
         self.output_shift = output_shift
         """[K] conformal shifts of the output-length head (log1p tokens); None where the model
         has no trained output head (files from before it)."""
+        self.marginal = marginal
+        """[models + 1, `MARGINAL_POINTS`] each model's training log latencies at levels
+        (i + 1) / points (row 0: every model's, for models without enough calls or unknown);
+        None in files from before it (no novelty floor)."""
+        self.novelty_shift = (
+            novelty_shift
+            if novelty_shift is not None
+            else torch.zeros(len(cfg.novelty_edges) + 1, k)
+        )
+        """[novelty buckets, K] conformal log-space shifts after the novelty floor (bucket 0,
+        familiar wording, none: the load buckets' shifts are its calibration)."""
+        self._novelty_edges = torch.tensor(cfg.novelty_edges, dtype=torch.float32)
+        self._levels_t = torch.tensor(cfg.levels, dtype=torch.float32)
         self._widen = cfg.spread * torch.tensor([NormalDist().inv_cdf(p) for p in cfg.levels])
         self._routing: tuple[tuple[int, ...], RoutingNet] | None = None
 
@@ -119,7 +144,24 @@ class QuantilePredictor:
         """Add the models, GPUs, kinds and input kinds of ``queries`` not yet in the vocabularies
         (new rows start as the "unknown" row; new input kinds with no effect) and mark their
         n-grams seen: for fine-tuning on calls the model has not met."""
-        self.net.grow(self.encoder.grow(queries))
+        added = self.encoder.grow(queries)
+        self.net.grow(added)
+        if self.marginal is not None and added.get("models"):
+            row = self.marginal[:1].expand(added["models"], -1)
+            self.marginal = torch.cat([self.marginal, row])
+
+    def fit_marginal(self, model: Tensor, log_latency: Tensor) -> None:
+        """Each model's latency marginal (`marginal`) from calls' model ids and log latencies:
+        rows of models with at least `MARGINAL_MIN_CALLS` calls are (re)fitted, the others
+        keep theirs, and a model without one yet starts from every call's."""
+        levels = torch.arange(1, MARGINAL_POINTS + 1, dtype=torch.float32) / MARGINAL_POINTS
+        if self.marginal is None:
+            everyone = torch.quantile(log_latency.float(), levels)
+            self.marginal = everyone.expand(len(self.encoder.vocab.models) + 1, -1).clone()
+        for m in torch.unique(model).tolist():
+            mask = model == m
+            if m > 0 and int(mask.sum()) >= MARGINAL_MIN_CALLS:
+                self.marginal[m] = torch.quantile(log_latency[mask].float(), levels)
 
     def copy(self) -> QuantilePredictor:
         """An independent deep copy (for fine-tuning without touching the live model)."""
@@ -211,12 +253,41 @@ class QuantilePredictor:
         std = (members - mean).square().mean(0).sqrt()  # Tensor.std is slow on small inputs
         return std.mul_(self._widen).add_(mean)
 
-    def _shifted(self, raw: Tensor, bucket: Tensor) -> Tensor:
-        return raw + self.cal_shift[bucket] + self.online_shift
+    def novelty_floor(self, novelty: Tensor, model: Tensor) -> Tensor:
+        """[N, K] the least each level may be for calls whose prompts are a share ``novelty``
+        unread (their unseen n-grams), of model ids ``model``: -inf where there is no floor.
 
-    def _calibrated(self, raw: Tensor, bucket: Tensor) -> Tensor:
+        Read the forecast as a mixture: with weight ``novelty`` the call is any call of its
+        model (the marginal), else what the model forecasts. The mixture's p-quantile is at
+        least the marginal's at (p - 1 + novelty) / novelty, whatever the model says; that
+        level is positive only for upper quantiles of unfamiliar prompts, so familiar wording
+        (novelty 0) and the median of most calls are left alone."""
+        if self.marginal is None:
+            return torch.full((novelty.shape[0], len(self.levels)), -torch.inf)
+        nu = novelty.clamp(0.0, 1.0).unsqueeze(1)
+        at = (self._levels_t + nu - 1) / nu.clamp(min=1e-9)  # [N, K] levels in the marginal
+        points = self.marginal.shape[1]
+        index = torch.ceil(at * points).long().sub_(1).clamp_(0, points - 1)
+        floor = self.marginal[model.clamp(0, self.marginal.shape[0] - 1)].gather(1, index)
+        return floor.masked_fill_(at <= 0, -torch.inf)
+
+    def _novelty_bucket(self, novelty: Tensor) -> Tensor:
+        return torch.bucketize(novelty.contiguous(), self._novelty_edges, right=True)
+
+    def _shifted(self, raw: Tensor, bucket: Tensor, novel: tuple[Tensor, Tensor] | None) -> Tensor:
+        """Load-bucket shifts; for ``novel`` calls (novelty, model ids; None: all familiar)
+        the novelty floor and novelty-bucket shifts; the online shift."""
+        out = raw + self.cal_shift[bucket]
+        if novel is not None:
+            novelty, model = novel
+            out = torch.maximum(out, self.novelty_floor(novelty, model))
+            out += self.novelty_shift[self._novelty_bucket(novelty)]
+        return out + self.online_shift
+
+    def _calibrated(self, raw: Tensor, calls: Calls, places: Places) -> Tensor:
         # shifts differ per level; keep quantiles monotone
-        return torch.cummax(self._shifted(raw, bucket), 1).values
+        novel = (calls.novelty, calls.model) if bool((calls.novelty > 0).any()) else None
+        return torch.cummax(self._shifted(raw, places.bucket, novel), 1).values
 
     def raw_log(self, calls: Calls, places: Places) -> Tensor:
         """[N, K] uncalibrated log quantiles of encoded calls."""
@@ -225,7 +296,7 @@ class QuantilePredictor:
 
     def predict_encoded(self, calls: Calls, places: Places) -> Tensor:
         """[N, K] calibrated log quantiles of encoded calls."""
-        return self._calibrated(self.raw_log(calls, places), places.bucket)
+        return self._calibrated(self.raw_log(calls, places), calls, places)
 
     def predict_log(self, queries: Sequence[Query]) -> Tensor:
         """[N, K] calibrated log-latency quantiles (log seconds)."""
@@ -249,10 +320,13 @@ class QuantilePredictor:
             return []
         net = self._routing_net()
         places = self.encoder.encode_places(candidates, cached_tokens)
+        fields = self.encoder.call_fields(query)
+        _, row, _, ids = fields
         with torch.inference_mode():
-            call = net.call(self.encoder.call_fields(query))
+            call = net.call(fields)
             raw = self.combine(net.head(call, places.gpu, places.num))
-            return self._dists(self._shifted(raw, places.bucket))  # _dists keeps them in order
+            novel = (torch.tensor(row[-1:]), torch.tensor(ids[:1])) if row[-1] > 0 else None
+            return self._dists(self._shifted(raw, places.bucket, novel))  # kept in order
 
     def _routing_net(self) -> RoutingNet:
         """The folded net, rebuilt whenever a weight or the normalisation changed (training
@@ -285,7 +359,11 @@ class QuantilePredictor:
         log_output: Tensor | None = None,
     ) -> None:
         """Per level, the finite-sample corrected quantile of log(actual) - forecast over
-        held-out calls, per load bucket; buckets with too few calls get the global one. With
+        held-out calls, per load bucket; buckets with too few calls get the global one. The
+        load buckets are fitted on the calls of familiar wording (novelty bucket 0) where there
+        are enough of them, and each novelty bucket with enough calls gets its own shift, after
+        the novelty floor, from its calls: unfamiliar wording is not evidence of how familiar
+        wording fares, nor the other way round. With
         ``log_output`` (log1p output tokens), the output-length head's shifts likewise, from the
         calls that generated tokens: a tool or vision call's zero is no evidence of how long an
         answer runs, and among many it would pull every level down."""
@@ -297,13 +375,31 @@ class QuantilePredictor:
             scores = log_output.view(-1, 1) - raw
             spoke = log_output > 0
             self.output_shift = self._conformal(scores[spoke] if bool(spoke.any()) else scores)
-        scores = log_latency.view(-1, 1) - self.raw_log(calls, places)
-        shift = self._conformal(scores).expand(len(self.cfg.load_edges) + 1, -1).clone()
+        least = self.cfg.min_bucket_calls
+        raw = self.raw_log(calls, places)
+        scores = log_latency.view(-1, 1) - raw
+        novelty = self._novelty_bucket(calls.novelty)
+        familiar = novelty == 0
+        if int(familiar.sum()) >= least:
+            scores_f, load = scores[familiar], places.bucket[familiar]
+        else:
+            scores_f, load = scores, places.bucket
+        shift = self._conformal(scores_f).expand(len(self.cfg.load_edges) + 1, -1).clone()
         for b in range(shift.shape[0]):
-            mask = places.bucket == b
-            if int(mask.sum()) >= self.cfg.min_bucket_calls:
-                shift[b] = self._conformal(scores[mask])
+            mask = load == b
+            if int(mask.sum()) >= least:
+                shift[b] = self._conformal(scores_f[mask])
         self.cal_shift = shift
+        floored = torch.maximum(
+            raw + shift[places.bucket], self.novelty_floor(calls.novelty, calls.model)
+        )
+        scores = log_latency.view(-1, 1) - floored
+        novel = torch.zeros_like(self.novelty_shift)
+        for b in range(1, novel.shape[0]):
+            mask = novelty == b
+            if int(mask.sum()) >= least:
+                novel[b] = self._conformal(scores[mask])
+        self.novelty_shift = novel
 
     def _conformal(self, scores: Tensor) -> Tensor:
         """[K]: each level's `conformal_quantile` of its column of ``scores`` [N, K]."""
@@ -341,6 +437,8 @@ class QuantilePredictor:
                 self.cal_shift,
                 self.online_shift,
                 self.output_shift,
+                self.marginal,
+                self.novelty_shift,
             ),
             path,
         )
@@ -357,4 +455,6 @@ class QuantilePredictor:
             cal_shift=f.cal_shift,
             online_shift=f.online_shift,
             output_shift=f.output_shift,
+            marginal=f.marginal,
+            novelty_shift=f.novelty_shift,
         )

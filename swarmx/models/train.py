@@ -176,6 +176,7 @@ def train(
         fit_t, val_t, cal_t = (torch.tensor(ix, dtype=torch.long) for ix in (fit, val, cal))
         fit_c, fit_p = calls.take(fit_t), places.take(fit_t)
         val_c, val_p = calls.take(val_t), places.take(val_t)
+        model.fit_marginal(fit_c.model, y[fit_t])
         weights = _bootstrap(len(fit), cfg.ensemble, gen)
         opt = torch.optim.Adam(model.net.parameters(), lr=lr, fused=_FUSED_ADAM)
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=1)
@@ -265,6 +266,7 @@ def fine_tune(
         ]
         opt = torch.optim.Adam(groups, lr=lr, fused=_FUSED_ADAM)
         fit_c, fit_p = calls.take(fit_t), places.take(fit_t)
+        new.fit_marginal(fit_c.model, y[fit_t])
         losses = [
             _epoch(
                 new,

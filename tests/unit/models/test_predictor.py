@@ -11,7 +11,7 @@ import torch
 
 from swarmx.models.features import FeatureConfig
 from swarmx.models.predictor import QuantilePredictor
-from swarmx.models.query import Query, SessionContext, queries
+from swarmx.models.query import Query, SessionContext, place_of, queries
 from swarmx.models.train import TrainReport, fine_tune, train
 from swarmx.tracefmt import split_by_session
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch, TraceRecord
@@ -210,6 +210,11 @@ def test_fine_tune_learns_a_new_model(trained):
     assert float(after[0, 0] - after[1, 0]) > float(before[0, 0] - before[1, 0]) + 0.3
     assert float(after[0, 0] - after[1, 0]) > 0.5
     assert tuned.metrics["fine_tuned_from"] == model.version
+    # the new model's latency marginal (the novelty floor's) is its own, and higher
+    marginal = tuned.marginal
+    assert marginal is not None and marginal.shape[0] == len(tuned.encoder.vocab.models) + 1
+    huge, large = (1 + tuned.encoder.vocab.models.index(m) for m in ("huge", "large"))
+    assert float(marginal[huge, 63] - marginal[large, 63]) > 0.5
 
 
 @pytest.mark.parametrize("q", [query(), query(session=SessionContext(2, 300, 4.0, 1.2, 250.0))])
@@ -374,3 +379,95 @@ def test_a_model_file_from_before_the_output_head_still_loads(tmp_path):
     torch.save(contents, path)
     with pytest.raises(ValueError, match="do not fit"):
         QuantilePredictor.load(path)
+
+
+def _novel(prompt_text: str, extra: str = "zqxv kwyj blorft") -> str:
+    """The prompt with words no training call had: a share of its n-grams unreadable."""
+    return f"{prompt_text} {extra}"
+
+
+def test_the_novelty_floor_lifts_only_the_upper_quantiles_of_unfamiliar_wording(trained):
+    """A prompt a share ``nu`` unread is, with weight ``nu``, any call of its model: its
+    p-quantile is at least that model's training marginal at (p - 1 + nu) / nu. Familiar
+    wording and the levels that bound does not reach are left as they were; the routing path
+    floors as the batch path does."""
+    model = trained[0]
+    blind = model.copy()
+    blind.marginal = None
+    familiar, novel, alien = (
+        query(),
+        query(prompt=_novel(prompt(False, "databases"))),
+        query(prompt="zqxv kwyj blorft"),
+    )
+    calls = model.encoder.encode_calls([familiar, novel, alien])
+    nu = calls.novelty.tolist()
+    assert nu[0] == 0 and 0.2 < nu[1] < 0.8 and nu[2] > 0.85  # hashed n-grams may collide
+    floor = model.novelty_floor(calls.novelty, calls.model)
+    with_floor, without = (
+        model.predict_log([familiar, novel, alien]),
+        blind.predict_log([familiar, novel, alien]),
+    )
+    assert torch.equal(with_floor[0], without[0])
+    assert bool((with_floor >= without).all()) and bool((with_floor >= floor).all())
+    for k, p in enumerate(model.levels):
+        if p <= 1 - nu[1]:
+            assert floor[1, k] == -math.inf and with_floor[1, k] == without[1, k]
+    # almost all unread: the model's own training marginal, almost level for level
+    large = torch.tensor(
+        [math.log(r.latency_s) for r in synth(800, seed=1) if r.model == "large"]
+    )  # the fixture's records (the marginal saw its training share of them)
+    for k, p in enumerate(model.levels):
+        at = (p - 1 + nu[2]) / nu[2]
+        assert float(floor[2, k]) == pytest.approx(float(torch.quantile(large, at)), abs=0.15)
+    assert bool((floor[2, 1:] > without[2, 1:]).any())  # the floor bites somewhere
+    routed = model.predict_candidates(novel, [place_of(novel)], [novel.cached_tokens])[0].values_s
+    assert routed == pytest.approx(model.predict([novel])[0].values_s, rel=1e-5)
+
+
+def test_each_novelty_bucket_is_calibrated_on_its_own_held_out_calls(trained):
+    """Held-out calls in wording the model never saw run four times as long as it thinks: their
+    novelty bucket gets its own shift, which covers new calls like them, while the familiar
+    calls' load shifts come from the familiar calls alone and keep covering them."""
+    model = trained[0].copy()
+
+    def slow_and_novel(records: list[TraceRecord]) -> list[TraceRecord]:
+        """Later than the familiar ones, not beside them: the serving side's last minute, a
+        feature, would read their slowness."""
+        return [
+            dataclasses.replace(
+                r, prompt=_novel(r.prompt), latency_s=4 * r.latency_s, ts=r.ts + 1e8
+            )
+            for r in records
+        ]
+
+    familiar = synth(150, seed=11)
+    calib = familiar + slow_and_novel(synth(150, seed=12))
+    model.calibrate(queries(calib), [r.latency_s for r in calib])
+    buckets = model._novelty_bucket(model.encoder.encode_calls(queries(calib)).novelty)
+    counts = torch.bincount(buckets, minlength=len(model.novelty_shift)).tolist()
+    assert counts[0] == len(familiar)  # the novel wording: brief and detailed prompts, 1-2 buckets
+    for b, n in enumerate(counts):
+        unshifted = torch.equal(model.novelty_shift[b], torch.zeros(4))
+        assert unshifted == (b == 0 or n < CFG.min_bucket_calls), (b, n)  # evidence, or none
+    for test in (synth(150, seed=13), slow_and_novel(synth(150, seed=14))):
+        y = torch.log(torch.tensor([r.latency_s for r in test])).unsqueeze(1)
+        coverage = (y <= model.predict_log(queries(test))).float().mean(0).tolist()
+        assert abs(coverage[0] - 0.5) < 0.08 and abs(coverage[1] - 0.9) < 0.06, coverage
+
+
+def test_a_model_file_from_before_the_novelty_floor_still_loads(tmp_path):
+    """Files saved before it have no marginal, novelty shifts or novelty edges: they load and
+    forecast as they did, unfamiliar wording without a floor."""
+    model, _ = train(synth(60, seed=2), CFG, seed=0, max_epochs=2)
+    assert model.marginal is not None and model.marginal.shape[0] == 3  # unknown, large, small
+    path = tmp_path / "old.pt"
+    model.save(path)
+    contents = torch.load(path, weights_only=True)
+    del contents["marginal"], contents["novelty_shift"], contents["config"]["novelty_edges"]
+    torch.save(contents, path)
+    loaded = QuantilePredictor.load(path)
+    assert loaded.marginal is None and loaded.cfg.novelty_edges == CFG.novelty_edges
+    novel = query(prompt="zqxv kwyj blorft")
+    blind = model.copy()
+    blind.marginal = None
+    assert loaded.predict([query(), novel]) == blind.predict([query(), novel])
