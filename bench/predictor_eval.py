@@ -30,8 +30,8 @@ from swarmx.models.dist import LatencyDist
 from swarmx.models.evaluate import EvalResult, evaluate, markdown_table, write_plot_png
 from swarmx.models.features import FeatureConfig
 from swarmx.models.online import OnlineLearner
-from swarmx.models.predictor import QuantilePredictor
-from swarmx.models.query import Query, queries
+from swarmx.models.predictor import Prepared, QuantilePredictor
+from swarmx.models.query import Candidate, Query, queries
 from swarmx.models.train import train
 from swarmx.sched.router import ReplicaView, RouteInput, Work, make_router
 from swarmx.stats import quantile
@@ -435,19 +435,13 @@ def shift_sections(
     return out
 
 
-def decision_timing(model: QuantilePredictor, records: list[TraceRecord]) -> list[str]:
-    """Routing decisions over 64 candidate replicas, as the scheduler makes them: each one for a
-    different held-out call (its prompt encoded afresh), on replicas of mixed GPUs, loads and
-    work in flight. Timed: the forecast alone (`predict_candidates`), for a prompt scored before
-    (a retry, a requeued call: its n-grams cached) and a new one; the forecast plus the `tail`
-    router's choice, without and with a deadline; and the forecast plus every candidate's
-    completion worked out, as the router did before it pruned the candidates that cannot
-    matter."""
-    torch.set_num_threads(1)
+def _decision_pools(
+    decisions: int,
+) -> tuple[list[tuple[list[ReplicaView], list[Candidate]]], list[list[Candidate]]]:
+    """Four pools of 64 replicas (their views, with work in flight, and their placements), and
+    each decision's placements: its pool's, with one replica's load moved since the decision
+    before, as the last call placed moves it."""
     rng = random.Random(0)
-    recs = [r for r in records if r.kind != "tool"] or records
-    qs = queries(recs)
-    router = make_router("tail")
     gpus = ("H100", "A100", "L40S")
     pools = []
     for _ in range(4):  # the work in flight changes a little from one decision to the next
@@ -467,6 +461,35 @@ def decision_timing(model: QuantilePredictor, records: list[TraceRecord]) -> lis
             )
             places.append((gpu, util, mem, cpu, inflight, queued))
         pools.append((views, places))
+    placements = []
+    for i in range(decisions):
+        places = list(pools[i % 4][1])
+        gpu, util, mem, cpu, inflight, queued = places[i % 64]
+        places[i % 64] = (gpu, util, mem, cpu, (inflight + 1 + i // 64) % 9, queued)
+        placements.append(places)
+    return pools, placements
+
+
+def decision_timing(model: QuantilePredictor, records: list[TraceRecord]) -> list[str]:
+    """Routing decisions over 64 candidate replicas, as the scheduler makes them: each one for a
+    different held-out call (its prompt encoded afresh), on replicas of mixed GPUs, loads and
+    work in flight, one replica's load changed since the decision before (as the last call
+    placed changes it: the forecaster's placement cache misses it).
+
+    Timed, one call at a time (the scheduler's path when calls come one by one): the forecast
+    alone (`predict_candidates`), for a prompt scored before (a retry, a requeued call: its
+    n-grams cached) and a new one; the forecast plus the `tail` router's choice, without and
+    with a deadline; and the forecast plus every candidate's completion, as the router did
+    before it pruned the candidates that cannot matter. Then queued calls, as a drain places
+    them: 16 new calls prepared in one batch (`prepare`: their n-grams and the trunk), and the
+    decision for each of them (`predict_prepared` plus the router), which is all that is left
+    per call on the routing path."""
+    torch.set_num_threads(1)
+    recs = [r for r in records if r.kind != "tool"] or records
+    qs = queries(recs)
+    router = make_router("tail")
+    n, batch = 2000, 16
+    pools, placements = _decision_pools(n + 100)
     calls = [
         CallSpec(f"c{i}", "wf", "s", None, 1, "llm", "m", r.prompt, r.max_tokens, {}, [], None, [])
         for i, r in enumerate(recs)
@@ -475,45 +498,75 @@ def decision_timing(model: QuantilePredictor, records: list[TraceRecord]) -> lis
     texts = model.encoder._texts  # the per-prompt cache: emptied where a prompt is new
 
     def forecast(i: int) -> None:
-        model.predict_candidates(qs[i % len(qs)], pools[i % 4][1])
+        model.predict_candidates(qs[i % len(qs)], placements[i])
 
     def decide(i: int, deadline_s: float | None = None) -> None:
-        views, places = pools[i % 4]
-        dists = model.predict_candidates(qs[i % len(qs)], places)
-        router.choose(RouteInput(calls[i % len(qs)], views, 0.0, dists, deadline_s))
+        dists = model.predict_candidates(qs[i % len(qs)], placements[i])
+        router.choose(RouteInput(calls[i % len(qs)], pools[i % 4][0], 0.0, dists, deadline_s))
 
     def score_all(i: int) -> None:
-        views, places = pools[i % 4]
-        dists = model.predict_candidates(qs[i % len(qs)], places)
+        views = pools[i % 4][0]
+        dists = model.predict_candidates(qs[i % len(qs)], placements[i])
         inp = RouteInput(calls[i % len(qs)], views, 0.0, dists)
         done = router.completions(inp, dists, list(range(len(views))))
         min(done, key=lambda j: done[j][0].mu + done[j][0].sigma * 1.645)
 
-    cases: list[tuple[str, Callable[[int], None], bool]] = [
-        ("forecast (`predict_candidates`), a prompt seen before", forecast, False),
-        ("forecast, a new prompt", forecast, True),
-        ("forecast + `tail` router, a new prompt", decide, True),
-        ("forecast + `tail` router, a new prompt, a deadline", lambda i: decide(i, 4.0), True),
-        ("forecast + every candidate's completion (the router before pruning)", score_all, True),
+    def prepare(i: int) -> None:
+        prepared[i] = model.prepare([qs[(i * batch + j) % len(qs)] for j in range(batch)])
+
+    def decide_prepared(i: int, deadline_s: float | None = None) -> None:
+        dists = model.predict_prepared(prepared[i // batch][i % batch], placements[i])
+        router.choose(RouteInput(calls[i % len(qs)], pools[i % 4][0], 0.0, dists, deadline_s))
+
+    prepared: dict[int, list[Prepared]] = {}
+    cases: list[tuple[str, Callable[[int], None], bool, int]] = [
+        ("forecast (`predict_candidates`), a prompt seen before", forecast, False, n),
+        ("forecast, a new prompt", forecast, True, n),
+        ("forecast + `tail` router, a new prompt", decide, True, n),
+        ("forecast + `tail` router, a new prompt, a deadline", lambda i: decide(i, 4.0), True, n),
+        ("forecast + every candidate's completion (the router before pruning)", score_all, True, n),
+        (
+            f"{batch} queued new calls prepared in one batch (`prepare`), per batch",
+            prepare,
+            True,
+            n // batch + 10,
+        ),
+        (
+            "a prepared call: forecast (`predict_prepared`) + `tail` router",
+            decide_prepared,
+            False,
+            n,
+        ),
+        (
+            "a prepared call: forecast + `tail` router, a deadline",
+            lambda i: decide_prepared(i, 4.0),
+            False,
+            n,
+        ),
     ]
     rows = []
-    for name, fn, new in cases:
-        for i in range(100):
+    for name, fn, new, count in cases:
+        for i in range(min(100, count)):
             fn(i)
         times = []
-        for i in range(2000):
+        for i in range(count):
             if new:
                 texts.clear()
             t0 = time.perf_counter()
             fn(i)
             times.append(time.perf_counter() - t0)
         times.sort()
-        p50, p99, top = (times[k] * 1e3 for k in (1000, 1980, -1))
+        p50, p99, top = (times[k] * 1e3 for k in (count // 2, int(count * 0.99), -1))
         rows.append(f"| {name} | {p50:.3f} | {p99:.3f} | {top:.3f} |")
+    per_call = float(rows[5].split("|")[2]) / batch
     words = sorted(len(q.prompt.split()) for q in qs)
     return [
-        f"2,000 decisions in a row, each for a different held-out call (prompts of "
-        f"{words[len(words) // 2]} words at the median, {words[-1]} at most); torch on 1 thread.",
+        f"{n:,} decisions in a row, each for a different held-out call (prompts of "
+        f"{words[len(words) // 2]} words at the median, {words[-1]} at most), one replica's "
+        "load changed since the decision before; torch on 1 thread. The first five rows are "
+        "a call routed alone; the last three, queued calls as a drain places them: "
+        f"prepared {batch} at a time ({per_call:.3f} ms a call at the median), then each "
+        "decided.",
         "",
         "| per decision | p50 ms | p99 ms | max ms |",
         "|---|---:|---:|---:|",

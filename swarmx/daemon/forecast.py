@@ -4,6 +4,7 @@ candidate replicas at once, each seen with its own device and load."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from swarmx.models.baselines import MeanConformal, baseline_from_dict
 from swarmx.models.compose import compose_unfamiliar
@@ -13,6 +14,9 @@ from swarmx.models.query import Candidate, Query
 from swarmx.sched.router import ReplicaView
 from swarmx.traces import DeviceAtDispatch, RuntimeAtDispatch
 from swarmx.workflow.engine import CallSpec
+
+if TYPE_CHECKING:
+    from swarmx.models.predictor import Prepared
 
 
 def _booked(view: ReplicaView) -> tuple[int, int]:
@@ -44,6 +48,8 @@ class LiveForecaster:
         self._query_of = query_of
         self._device_of = device_of
         self._load_only: tuple[Predictor, MeanConformal] | None = None
+        self._prepared: dict[str, Prepared] = {}
+        """The calls of the current drain, worked out together (`prepare`), by call id."""
 
     def _placements(self, candidates: Sequence[ReplicaView]) -> list[Candidate]:
         device_of = self._device_of
@@ -57,9 +63,23 @@ class LiveForecaster:
     ) -> list[LatencyDist]:
         """The live model's forecasts; on replicas whose GPU it never trained on, the service
         time composed from its output-length forecast and their measured speeds."""
-        query = self._query_of(call)
-        dists = self.learner.forecast_candidates(query, self._placements(candidates), cached_tokens)
+        places = self._placements(candidates)
+        prepared = self._prepared.pop(call.call_id, None)
+        if prepared is None:
+            query = self._query_of(call)
+            dists = self.learner.forecast_candidates(query, places, cached_tokens)
+        else:
+            query = prepared.query
+            dists = self.learner.forecast_prepared(prepared, places, cached_tokens)
         return compose_unfamiliar(self.learner.live, query, candidates, cached_tokens, dists)
+
+    def prepare(self, calls: Sequence[CallSpec]) -> None:
+        """The live model works out these calls' own part of their forecasts together; the
+        queries are what `service` would build for them now (a drain places them before any
+        of them leaves, so before their sessions move on)."""
+        queries = [self._query_of(c) for c in calls]
+        prepared = self.learner.prepare(queries) or []
+        self._prepared = {c.call_id: p for c, p in zip(calls, prepared, strict=False)}
 
     def load_only(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]:
         """The llm-d-style baseline fitted with the live model, else the cold-start fallback."""

@@ -61,7 +61,7 @@ from swarmx.models.query import Candidate, Query, SessionTracker, queries
 from swarmx.traces import TraceRecord
 
 if TYPE_CHECKING:
-    from swarmx.models.predictor import QuantilePredictor
+    from swarmx.models.predictor import Prepared, QuantilePredictor
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +327,26 @@ class OnlineLearner:
     ) -> list[LatencyDist]:
         """``query`` on each placement, as the live model (and calibration monitor) see it."""
         return self._shifted(self.live.predict_candidates(query, candidates, cached_tokens))
+
+    def prepare(self, queries: Sequence[Query]) -> list[Prepared] | None:
+        """The live model's `QuantilePredictor.prepare` of calls about to be routed; None
+        where the live model works nothing out ahead (a baseline, the cold-start fallback)."""
+        prepare = getattr(self.live, "prepare", None)
+        return prepare(queries) if prepare is not None else None
+
+    def forecast_prepared(
+        self,
+        prepared: Prepared,
+        candidates: Sequence[Candidate],
+        cached_tokens: Sequence[int] | None = None,
+    ) -> list[LatencyDist]:
+        """`forecast_candidates` of a call `prepare` worked out (from its query where the
+        live model since swapped for one that does not prepare)."""
+        predict = getattr(self.live, "predict_prepared", None)
+        if predict is None:
+            return self.forecast_candidates(prepared.query, candidates, cached_tokens)
+        dists: list[LatencyDist] = predict(prepared, candidates, cached_tokens)
+        return self._shifted(dists)
 
     def _shifted(self, dists: list[LatencyDist]) -> list[LatencyDist]:
         return _apply_shift(dists, self.shift) if self.shift else dists

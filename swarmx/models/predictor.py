@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any
@@ -37,8 +38,8 @@ import torch
 from torch import Tensor
 
 from swarmx.models import modelfile
-from swarmx.models.dist import LatencyDist, trusted_dists
-from swarmx.models.features import Calls, Encoder, FeatureConfig, Places
+from swarmx.models.dist import LOG_MIN_S, LatencyDist, trusted_dists
+from swarmx.models.features import Calls, Encoder, FeatureConfig, Places, longs
 from swarmx.models.modelfile import ModelFile
 from swarmx.models.net import QuantileNet
 from swarmx.models.query import Candidate, Query
@@ -49,6 +50,25 @@ MARGINAL_POINTS = 128
 """Points of each model's latency marginal (`QuantilePredictor.marginal`)."""
 MARGINAL_MIN_CALLS = 30
 """Training calls a model needs for a marginal of its own."""
+
+
+Stamp = tuple[RoutingNet, int, int, int]
+"""The folded net, and the identities and version of the novelty floor's tensors."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One call's part of its forecasts (`QuantilePredictor.prepare`): what every candidate
+    replica, and every retry on the same weights, shares."""
+
+    query: Query
+    stamp: Stamp
+    """`QuantilePredictor._stamp` when it was worked out: another one means other weights or
+    another novelty floor."""
+    trunk: Tensor
+    """[E*H] the trunk's output, members side by side."""
+    novel: tuple[Tensor, Tensor] | None
+    """Its novelty floor and shift ([1, K] each), for unfamiliar wording."""
 
 
 class QuantilePredictor:
@@ -274,20 +294,32 @@ class QuantilePredictor:
     def _novelty_bucket(self, novelty: Tensor) -> Tensor:
         return torch.bucketize(novelty.contiguous(), self._novelty_edges, right=True)
 
+    def _novel(self, novelty: Tensor, model: Tensor) -> tuple[Tensor, Tensor]:
+        """([N, K] novelty floor, [N, K] novelty-bucket shift) of calls: what `_shifted`
+        applies to unfamiliar wording."""
+        return self.novelty_floor(novelty, model), self.novelty_shift[self._novelty_bucket(novelty)]
+
     def _shifted(self, raw: Tensor, bucket: Tensor, novel: tuple[Tensor, Tensor] | None) -> Tensor:
-        """Load-bucket shifts; for ``novel`` calls (novelty, model ids; None: all familiar)
-        the novelty floor and novelty-bucket shifts; the online shift."""
+        """Load-bucket shifts; for ``novel`` calls (`_novel`; None: all familiar) the novelty
+        floor and novelty-bucket shifts; the online shift."""
         out = raw + self.cal_shift[bucket]
         if novel is not None:
-            novelty, model = novel
-            out = torch.maximum(out, self.novelty_floor(novelty, model))
-            out += self.novelty_shift[self._novelty_bucket(novelty)]
-        return out + self.online_shift
+            floor, shift = novel
+            out = torch.maximum(out, floor).add_(shift)
+        return out.add_(self.online_shift)
 
     def _calibrated(self, raw: Tensor, calls: Calls, places: Places) -> Tensor:
         # shifts differ per level; keep quantiles monotone
-        novel = (calls.novelty, calls.model) if bool((calls.novelty > 0).any()) else None
+        novel = None
+        if bool((calls.novelty > 0).any()):
+            novel = self._novel(calls.novelty, calls.model)
         return torch.cummax(self._shifted(raw, places.bucket, novel), 1).values
+
+    def _stamp(self) -> Stamp:
+        """What a `Prepared` call's parts were worked out from: the folded net (the weights)
+        and the novelty floor's marginal and shifts."""
+        shift = self.novelty_shift
+        return self._routing_net(), id(self.marginal), id(shift), shift._version
 
     def raw_log(self, calls: Calls, places: Places) -> Tensor:
         """[N, K] uncalibrated log quantiles of encoded calls."""
@@ -318,15 +350,56 @@ class QuantilePredictor:
         encoded and run through the trunk once."""
         if not candidates:
             return []
-        net = self._routing_net()
-        places = self.encoder.encode_places(candidates, cached_tokens)
-        fields = self.encoder.call_fields(query)
-        _, row, _, ids = fields
+        return self.predict_prepared(self.prepare([query])[0], candidates, cached_tokens)
+
+    def prepare(self, queries: Sequence[Query]) -> list[Prepared]:
+        """The calls' part of their forecasts, worked out together: their n-grams (cached per
+        prompt) and the trunk, in one batch for all of them. What is left for a routing
+        decision is the placements' part (`predict_prepared`)."""
+        if not queries:
+            return []
+        stamp = self._stamp()
+        fields = [self.encoder.call_fields(q) for q in queries]
+        novelty = [row[-1] for _, row, _, _ in fields]
+        novel: list[tuple[Tensor, Tensor] | None] = [None] * len(queries)
         with torch.inference_mode():
-            call = net.call(fields)
-            raw = self.combine(net.head(call, places.gpu, places.num))
-            novel = (torch.tensor(row[-1:]), torch.tensor(ids[:1])) if row[-1] > 0 else None
-            return self._dists(self._shifted(raw, places.bucket, novel))  # kept in order
+            trunks = stamp[0].calls(fields).unbind(0)
+            if any(nu > 0 for nu in novelty):
+                model = longs([ids[0] for _, _, _, ids in fields])
+                floors, shifts = self._novel(torch.tensor(novelty), model)
+                for j, nu in enumerate(novelty):
+                    if nu > 0:
+                        novel[j] = (floors[j : j + 1], shifts[j : j + 1])
+        return [
+            Prepared(q, stamp, trunk, parts)
+            for q, trunk, parts in zip(queries, trunks, novel, strict=True)
+        ]
+
+    def predict_prepared(
+        self,
+        prepared: Prepared,
+        candidates: Sequence[Candidate],
+        cached_tokens: Sequence[int] | None = None,
+    ) -> list[LatencyDist]:
+        """`predict_candidates` of a call `prepare` encoded: if the weights changed since (a
+        training step, a grown vocabulary), it is encoded again."""
+        if not candidates:
+            return []
+        stamp = self._stamp()
+        if prepared.stamp != stamp:
+            prepared = self.prepare([prepared.query])[0]
+        net = stamp[0]
+        cached = cached_tokens if cached_tokens is not None else [0] * len(candidates)
+        keys = list(zip(candidates, cached, strict=True))
+        with torch.inference_mode():
+            placed, bucket = net.placed(
+                keys,
+                lambda at: self.encoder.encode_places(
+                    [candidates[j] for j in at], [cached[j] for j in at]
+                ),
+            )
+            raw = self.combine(net.head(prepared.trunk, placed))
+            return self._dists(self._shifted(raw, bucket, prepared.novel))  # kept in order
 
     def _routing_net(self) -> RoutingNet:
         """The folded net, rebuilt whenever a weight or the normalisation changed (training
@@ -342,7 +415,8 @@ class QuantilePredictor:
         """LatencyDists built without re-checking their order, which costs more than the whole
         network on the routing path: levels are sorted by `FeatureConfig` and values by the
         running max taken here, after exp, so rounding cannot unsort them."""
-        return trusted_dists(self.levels, torch.cummax(torch.exp(log_q), 1).values.tolist())
+        ordered = torch.cummax(log_q, 1).values.clamp_(min=LOG_MIN_S)
+        return trusted_dists(self.levels, torch.exp(ordered).tolist(), ordered.tolist())
 
     # --- calibration -------------------------------------------------------------------------
 

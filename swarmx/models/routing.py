@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import array
 import math
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +19,15 @@ from torch import Tensor
 from swarmx.models.features import (
     CallFields,
     FeatureConfig,
+    Places,
     longs,
 )
 from swarmx.models.net import QuantileNet, monotone
+from swarmx.models.query import Candidate
+
+PLACED_KEPT = 4096
+"""Placements whose head contribution a `RoutingNet` keeps (about 6 MB at the default sizes);
+past it, it forgets them all and starts again."""
 
 
 def _projected(table: Tensor, w: Tensor) -> Tensor:
@@ -67,32 +75,88 @@ class RoutingNet:
             self.w3, self.b3 = net.w3.detach(), net.b3.detach()
             self.w4, self.b4 = net.w4.detach(), net.b4.detach()
         self.members = e
+        self._placed: dict[tuple[Candidate, int], tuple[Tensor, int]] = {}
+        """(candidate, cached tokens) -> (its contribution to the head, its load bucket)."""
 
     def call(self, fields: CallFields) -> Tensor:
         """[E, 1, H]: the trunk's output for one call's `Encoder.call_fields`."""
-        grams, raw, inputs, (model, workflow, kind) = fields
-        num = [
-            0.0 if math.isnan(x) else (x - m) / sd  # missing at the mean
-            for x, m, sd in zip(raw, self.call_mean, self.call_std, strict=False)
-        ]
-        num.append(raw[-1])  # the novelty, not standardised
-        rows = [0, 1 + model, self.workflow_row + workflow, self.kind_row + kind]
-        rows += [self.input_row + i for i in inputs]
-        # sum-mode bags are 2-3x faster than mean-mode ones; the mean's 1/n goes in alpha below
-        text = F.embedding_bag(longs(grams), self.text, self._start, mode="sum")
-        pre = F.embedding_bag(longs(rows), self.rows, self._start, mode="sum")
-        pre.addmm_(
-            torch.frombuffer(array.array("f", num), dtype=torch.float32).view(1, -1), self.num_w
-        )
-        e = self.members
-        pre.view(e, 1, -1).baddbmm_(text.view(e, 1, -1), self.text_w, alpha=1 / max(len(grams), 1))
-        return torch.baddbmm(self.b2, pre.relu_().view(e, 1, -1), self.w2)
+        return self.calls([fields]).view(self.members, 1, -1)
 
-    def head(self, call: Tensor, gpu: Tensor, place_num: Tensor) -> Tensor:
-        """[E, N, K] monotone log quantiles of the call on N placements."""
-        n, e = place_num.shape[0], self.members
-        base = F.embedding(gpu, self.gpu).add_(call.view(1, -1))
-        z = torch.addmm(base, place_num, self.place_w).relu_().view(n, e, -1).transpose(0, 1)
+    def calls(self, many: Sequence[CallFields]) -> Tensor:
+        """[B, E*H]: the trunk's outputs for B calls' `Encoder.call_fields` in one pass (row b
+        is call b's [E, 1, H] laid flat, members side by side): queued calls are encoded
+        together, and the per-op overhead that dominates one call's trunk is paid once."""
+        grams: list[int] = []
+        rows: list[int] = []
+        num: list[float] = []
+        text_at: list[int] = []
+        rows_at: list[int] = []
+        scale: list[float] = []
+        for bag, raw, inputs, (model, workflow, kind) in many:
+            text_at.append(len(grams))
+            grams += bag
+            scale.append(1 / max(len(bag), 1))
+            rows_at.append(len(rows))
+            rows += (0, 1 + model, self.workflow_row + workflow, self.kind_row + kind)
+            rows += [self.input_row + i for i in inputs]
+            num += [
+                0.0 if math.isnan(x) else (x - m) / sd  # missing at the mean
+                for x, m, sd in zip(raw, self.call_mean, self.call_std, strict=False)
+            ]
+            num.append(raw[-1])  # the novelty, not standardised
+        b, e = len(many), self.members
+        # sum-mode bags are 2-3x faster than mean-mode ones; each bag's 1/n is applied below
+        text = F.embedding_bag(longs(grams), self.text, longs(text_at), mode="sum")
+        pre = F.embedding_bag(longs(rows), self.rows, longs(rows_at), mode="sum")
+        pre.addmm_(
+            torch.frombuffer(array.array("f", num), dtype=torch.float32).view(b, -1), self.num_w
+        )
+        text_e = text.view(b, e, -1).transpose(0, 1)
+        if b == 1:
+            pre.view(e, 1, -1).baddbmm_(text_e, self.text_w, alpha=scale[0])
+            first = pre.relu_().view(e, 1, -1)
+        else:
+            text_e = text_e * torch.tensor(scale).view(1, b, 1)
+            first = torch.baddbmm(pre.view(b, e, -1).transpose(0, 1), text_e, self.text_w).relu_()
+        return torch.baddbmm(self.b2, first, self.w2).transpose(0, 1).reshape(b, -1)
+
+    def placed(
+        self, keys: Sequence[tuple[Candidate, int]], encode: Callable[[list[int]], Places]
+    ) -> tuple[Tensor, Tensor]:
+        """([N, E*H] each placement's contribution to the head's first layer, [N] its load
+        bucket) for placements keyed by (candidate, cached prompt tokens); ``encode`` encodes
+        those at the given indices that were not met before.
+
+        A placement's contribution does not depend on the call, and a pool's placements change
+        a few at a time between decisions (the chosen replica's load, a heartbeat's
+        utilisation): kept by key, most decisions encode none and gather 64 rows in one
+        stack instead of building, standardising and projecting them again."""
+        known, missing = self._placed, []
+        rows: list[Tensor | None] = []
+        buckets: list[int] = []
+        for j, key in enumerate(keys):
+            hit = known.get(key)
+            if hit is None:
+                missing.append(j)
+                rows.append(None)
+                buckets.append(0)
+            else:
+                rows.append(hit[0])
+                buckets.append(hit[1])
+        if missing:
+            places = encode(missing)
+            new = F.embedding(places.gpu, self.gpu).addmm_(places.num, self.place_w)
+            if len(known) + len(missing) > PLACED_KEPT:
+                known.clear()
+            for j, row, bucket in zip(missing, new.unbind(0), places.bucket.tolist(), strict=True):
+                rows[j], buckets[j] = row, bucket
+                known[keys[j]] = (row, bucket)
+        return torch.stack(cast(list[Tensor], rows)), longs(buckets)
+
+    def head(self, call: Tensor, placed: Tensor) -> Tensor:
+        """[E, N, K] monotone log quantiles of the call on N placements (`placed`)."""
+        n, e = placed.shape[0], self.members
+        z = torch.add(placed, call.view(1, -1)).relu_().view(n, e, -1).transpose(0, 1)
         z = torch.bmm(z, self.w3).add_(self.b3).relu_()  # baddbmm's bias costs a third more
         out = torch.baddbmm(self.b4, z, self.w4)
         return monotone(out)

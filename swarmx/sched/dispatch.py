@@ -20,7 +20,7 @@ import heapq
 import itertools
 import math
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -99,6 +99,9 @@ class _Replica:
     def changed(self) -> None:
         self._current = None
 
+
+PREPARE_BATCH = 16
+"""Queued calls a drain hands the forecaster at once (`Forecaster.prepare`)."""
 
 LOAD_BANDS = 4
 """Occupancy bands (share of a replica's slots taken when a call was placed on it) in which
@@ -239,6 +242,9 @@ class _OpenSet:
 
     def all(self) -> list[ReplicaView]:
         return list(self._views.values())
+
+    def names(self) -> Iterable[str]:
+        return self._views.keys()
 
     def least_loaded(self, k: int) -> list[ReplicaView]:
         """The ``k`` least loaded replicas, ties in the order they joined
@@ -646,21 +652,53 @@ class Dispatcher:
             self._budgets[pool_of(call)].remove(ticket.deadline_s - ticket.arrived_s)
 
     def _drain(self, model: str, now_s: float) -> list[Assign]:
+        """Queued calls onto open replicas, in queue order, while both last. Where the
+        forecaster is asked per candidate, the calls sure to be placed (no more than the open
+        replicas have room for: each call placed takes one place) are handed to it together
+        first (`Forecaster.prepare`), so their own part of the forecast is worked out in one
+        batch."""
         out: list[Assign] = []
         open_ = self._open.get(model)
         if not open_ or not self._live.get(model):
             return out
         queue = self._queues[model]
+        fc = self.forecaster
+        batch = fc is not None and self.router.forecast == "service"
         while self._live[model] and open_:
+            size = self._room(open_, min(PREPARE_BATCH, self._live[model])) if batch else 1
+            tickets = self._pop_live(model, queue, size)
+            if len(tickets) > 1:
+                assert fc is not None
+                fc.prepare([t.call for t in tickets])
+            for ticket in tickets:  # each one leaves room (see above) for the next
+                out.append(self._assign(ticket, self._candidates(open_), now_s))
+        if not self._live[model]:
+            queue.clear()  # only cancelled entries are left
+        return out
+
+    def _room(self, open_: _OpenSet, most: int) -> int:
+        """Calls the open replicas can take before they close, counted up to ``most``."""
+        room, extra = 0, self.replica_queue
+        for name in open_.names():
+            rep = self.replicas[name]
+            room += rep.view.concurrency + extra - len(rep.work)
+            if room >= most:
+                return most
+        return max(room, 1)
+
+    def _pop_live(
+        self, model: str, queue: list[tuple[float, int, Ticket]], most: int
+    ) -> list[Ticket]:
+        """Up to ``most`` calls off the front of the queue, skipping those cancelled there."""
+        out: list[Ticket] = []
+        while len(out) < most and self._live[model]:
             entry = heapq.heappop(queue)
             if not self._is_live(entry):
                 continue  # cancelled while queued
             ticket = entry[2]
             del self._waiting[ticket.call.call_id]
             self._live[model] -= 1
-            out.append(self._assign(ticket, self._candidates(open_), now_s))
-        if not self._live[model]:
-            queue.clear()  # only cancelled entries are left
+            out.append(ticket)
         return out
 
     def _candidates(self, open_: _OpenSet) -> list[ReplicaView]:

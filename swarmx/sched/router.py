@@ -140,6 +140,12 @@ class Forecaster(Protocol):
 
     def load_only(self, call: CallSpec, candidates: Sequence[ReplicaView]) -> list[LatencyDist]: ...
 
+    def prepare(self, calls: Sequence[CallSpec]) -> None:
+        """``calls`` are about to be routed, one after the other: a forecaster may work out
+        their own part of the forecast (what does not depend on the replica) together, for
+        their `service` calls to use. A hint: doing nothing is correct."""
+        ...
+
 
 def usable(call: CallSpec, candidates: Sequence[ReplicaView]) -> list[int]:
     """Indices of candidates other than those this call already failed on, unless that leaves
@@ -508,6 +514,7 @@ class TailRouter(_Completion):
         low = [math.inf] * len(cands)  # log tail at least
         for i, service in services.items():
             low[i] = service.mu + service.sigma * z
+        own = low.copy()  # each service's own log tail: a free candidate's completion's
         if self.uses_prefix and inp.cached_tokens is not None:
             _priced(inp, pool, low, self.capacity_price)
         left_s = None if inp.deadline_s is None else inp.deadline_s - inp.now_s
@@ -522,8 +529,14 @@ class TailRouter(_Completion):
         todo = [i for i in pool if free[i]] or waiting[:1]
         while todo:
             for i in todo:
-                done, service = preds[i] = self.completion(inp, i, services[i])
-                tail[i] = max(done.mu + done.sigma * z, service.mu + service.sigma * z)
+                service = services[i]
+                if free[i]:  # `completion` with a slot free: the service itself
+                    preds[i] = (service, service)
+                    tail[i] = own[i]
+                    on_time[i] = high[i]  # its service's chance, as bounded
+                    continue
+                done, service = preds[i] = self.completion(inp, i, service)
+                tail[i] = max(done.mu + done.sigma * z, own[i])
                 if left_s is not None:
                     on_time[i] = min(done.cdf(left_s), high[i])
             if self.uses_prefix and inp.cached_tokens is not None:

@@ -30,7 +30,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from swarmx.backends.emulated import GpuProfile, vision_s
 from swarmx.models.baselines import MeanConformal
@@ -43,6 +43,9 @@ from swarmx.sim.simworkflow import CallTruth
 from swarmx.stats import quantile
 from swarmx.traces import TraceRecord
 from swarmx.workflow.engine import CallSpec
+
+if TYPE_CHECKING:
+    from swarmx.models.predictor import Prepared
 
 LEVELS = (0.5, 0.9, 0.95, 0.99)
 GPU_MEMORY_BYTES = 80e9
@@ -126,6 +129,8 @@ class SimForecaster:
         self._load_model: MeanConformal | None = None
         self.sigma = 0.0
         self._model = None
+        self._prepared: dict[str, Prepared] = {}
+        """The calls of the current drain, worked out together (`prepare`), by call id."""
         self._noload = self._median_only = False
         self._compose = True
         base, _, variant = spec.rpartition(":")
@@ -255,6 +260,24 @@ class SimForecaster:
         dist = self._constant.get(call.model) or LatencyDist.lognormal(1.0, 1.0, LEVELS)
         return [dist] * len(candidates)
 
+    def _query(self, call: CallSpec) -> Query:
+        return Query(
+            call.model,
+            call.kind,
+            call.prompt,
+            self.info.truth(call).prompt_tokens,
+            call.max_tokens,
+            self.info.workflow_name(call),
+            session=self.sessions.context(call.workflow_id, call.model, self.info.now),
+        )
+
+    def prepare(self, calls: Sequence[CallSpec]) -> None:
+        """A learned model works out these calls' own part of their forecasts together, as
+        the live forecaster does; the oracle and its ablations have nothing to prepare."""
+        if self._model is not None:
+            prepared = self._model.prepare([self._query(c) for c in calls])
+            self._prepared = {c.call_id: p for c, p in zip(calls, prepared, strict=True)}
+
     def _predicted(
         self,
         call: CallSpec,
@@ -262,7 +285,6 @@ class SimForecaster:
         cached_tokens: Sequence[int] | None,
     ) -> list[LatencyDist]:
         assert self._model is not None
-        truth = self.info.truth(call)
         keys: dict[tuple[str, int, int, int], int] = {}
         places: list[Candidate] = []
         cached: list[int] = []
@@ -289,16 +311,13 @@ class SimForecaster:
                     )
                 )
             slot.append(keys[key])
-        query = Query(
-            call.model,
-            call.kind,
-            call.prompt,
-            truth.prompt_tokens,
-            call.max_tokens,
-            self.info.workflow_name(call),
-            session=self.sessions.context(call.workflow_id, call.model, self.info.now),
-        )
-        dists = self._model.predict_candidates(query, places, cached)
+        prepared = self._prepared.pop(call.call_id, None)
+        if prepared is None:
+            query = self._query(call)
+            dists = self._model.predict_candidates(query, places, cached)
+        else:
+            query = prepared.query
+            dists = self._model.predict_prepared(prepared, places, cached)
         if self._median_only:
             dists = [_point(d.quantile(0.5)) for d in dists]
         out = [dists[i] for i in slot]

@@ -134,6 +134,7 @@ def test_fallback_is_live_before_training(tmp_path):
     learner = OnlineLearner(tmp_path, PredictorConfig(levels=list(LEVELS)))
     assert (learner.live.kind, learner.live.version) == ("fallback", "fallback")
     q = Query("lm", "llm", "hi", 10, 64)
+    assert learner.prepare([q]) is None  # nothing to work out ahead
     (before,) = learner.forecast([q])
     for i in range(30):
         learner.observe(record(i, 2.0))
@@ -360,6 +361,19 @@ def test_the_first_model_is_trained_in_its_own_process_and_installed(tmp_path):
     assert live == {"version": learner.live.version, "file": f"{learner.live.version}.pt"}
     assert list((tmp_path / "predictors" / "training").iterdir()) == []
     assert OnlineLearner(tmp_path, cfg).live.version == learner.live.version
+    # a drain's calls, prepared together, forecast as each alone, the online shift included
+    learner.shift = {LEVELS[-1]: 0.2}
+    qs = [
+        Query("large", "llm", "Explain gardening in one sentence.", 300, 64),
+        Query("x", "llm", "", 9, 8),
+    ]
+    places = [("H100", 0.5, 0.3, 0.2, 0, 0), ("H100", 0.5, 0.3, 0.2, 5, 2)]
+    prepared = learner.prepare(qs)
+    assert prepared is not None
+    for q, p in zip(qs, prepared, strict=True):
+        got, want = learner.forecast_prepared(p, places), learner.forecast_candidates(q, places)
+        for a, b in zip(got, want, strict=True):
+            assert a.values_s == pytest.approx(b.values_s, rel=1e-5)
 
 
 def test_poll_never_waits_for_the_trainer_and_close_stops_it(tmp_path, learner, monkeypatch):

@@ -31,6 +31,7 @@ class Fixed:
         self.seconds = seconds
         self.asked: list[int] = []
         self.cached: list[Sequence[int] | None] = []
+        self.prepared: list[list[str]] = []
 
     def service(
         self, c: CallSpec, cands: Sequence[ReplicaView], cached: Sequence[int] | None = None
@@ -41,6 +42,9 @@ class Fixed:
 
     def load_only(self, c: CallSpec, cands: Sequence[ReplicaView]) -> list[LatencyDist]:
         return self.service(c, cands)
+
+    def prepare(self, calls: Sequence[CallSpec]) -> None:
+        self.prepared.append([c.call_id for c in calls])
 
 
 def ids(assigns) -> list[str]:
@@ -646,3 +650,29 @@ def test_a_session_router_is_told_what_each_candidate_would_evict_that_is_still_
     d.submit(Ticket(with_prefix("s3-t1", [40, 41, 42, 43, 44, 45, 46]), 35.0), 35.0)
     assert seen[-1] == {"a": 2 * 64, "b": 0}  # seven new blocks on a: s1's five, two of s2's
     assert seen[0] == {"a": 0, "b": 0}
+
+
+def test_queued_calls_sure_to_be_placed_are_prepared_together_in_queue_order():
+    """When replicas open onto a queue, the calls about to be placed (as many as the open
+    replicas have room for) go to the forecaster in one batch, in queue order, cancelled ones
+    skipped; a single call placed alone is not batched, and a router that reads no forecast
+    batches nothing."""
+    fc = Fixed({"a/lm": 1.0, "b/lm": 2.0, "c/lm": 3.0})
+    d = Dispatcher(make_router("tail"), forecaster=fc)
+    for i in range(6):
+        assert d.submit(Ticket(call(f"w{i}:x"), float(i)), float(i)) == []
+    d.cancel(["w1:x"], 6.0)
+    d.add_replica(replica("a/lm"), 7.0)  # one open replica: one call, alone
+    assert fc.prepared == []
+    placed = d.add_replica(replica("b/lm", slots=3), 8.0)  # room for three
+    assert ids(placed) == ["w2:x", "w3:x", "w4:x"]
+    assert fc.prepared == [["w2:x", "w3:x", "w4:x"]]
+    assert d.queued("lm") == 1  # w5 waits: no call was taken off the queue and lost
+    assert ids(d.finished("w0:x", 9.0)) == ["w5:x"]
+    plain = Fixed({"a/lm": 1.0, "b/lm": 1.0})
+    d = Dispatcher(LeastOutstanding(), forecaster=plain)
+    for i in range(3):
+        d.submit(Ticket(call(f"v{i}:x"), float(i)), float(i))
+    d.add_replica(replica("a/lm", slots=2), 3.0)
+    d.add_replica(replica("b/lm", slots=2), 3.0)
+    assert plain.prepared == []

@@ -131,6 +131,23 @@ def test_a_trained_model_its_median_only_and_without_load(model_file):
     )
 
 
+def test_calls_prepared_together_forecast_as_each_alone(model_file):
+    """A drain hands the forecaster its calls first (`prepare`): a learned model's forecast for
+    each is then what it would have been alone; the oracle has nothing to prepare."""
+    prepared, _, _ = forecaster(model_file)
+    alone, views, _ = forecaster(model_file)
+    calls = [dataclasses.replace(call(i), prompt=p) for i, p in enumerate(["hi", "", "hello"])]
+    prepared.prepare(calls)
+    for c in calls:
+        got, want = prepared.service(c, views), alone.service(c, views)
+        for a, b in zip(got, want, strict=True):
+            assert a.values_s == pytest.approx(b.values_s, rel=1e-5)
+    assert prepared._prepared == {}  # each taken once
+    oracle, views, truth = forecaster("oracle")
+    oracle.prepare(calls)
+    assert [d.quantile(0.5) for d in oracle.service(calls[0], views)] == pytest.approx(truth)
+
+
 def test_an_unknown_model_file_or_a_bare_variant_fails_clearly():
     with pytest.raises(FileNotFoundError, match="nonexistent"):
         forecaster("/nonexistent/model.pt:point")
