@@ -172,7 +172,7 @@ def main() -> None:
     if args.print:
         print(section)
         return
-    write_section(section, BEGIN, END, before="### One routing decision over 64 candidate replicas")
+    write_section(section, BEGIN, END, before="<!-- sched_bench.py: begin -->")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 
