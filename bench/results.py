@@ -13,7 +13,7 @@ def write_section(section: str, begin: str, end: str, before: str | None = None)
     text = RESULTS.read_text()
     if begin in text:
         head, _, rest = text.partition(begin)
-        text = head + section + rest.partition(end)[2].lstrip("\n")
+        text = head + section + "\n\n" + rest.partition(end)[2].lstrip("\n")
     else:
         head, sep, rest = text.partition(before) if before else (text, "", "")
         text = head + section + "\n" + sep + rest if sep else text.rstrip("\n") + "\n\n" + section
