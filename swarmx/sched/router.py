@@ -566,14 +566,17 @@ class TailRouter(_Completion):
 def _priced(inp: RouteInput, pool: list[int], tail: list[float], capacity: bool) -> None:
     """Add to each candidate's log tail the capacity its prefill burns: the seconds of prompt it
     would prefill there (what its prefix cache does not hold, at its prefill speed) times the
-    pool's mean calls per replica.
+    pool's mean calls per replica, or the candidate's own where it has more.
 
     Greedy routing counts a prefill only in the call's own time. But a busy pool's GPU time is
     shared: a second spent prefilling on a replica is a second the calls sharing it (the pool's
     mean load, by Little's law) wait, and a prefix prefilled again elsewhere takes cache room
-    that later calls' prefixes needed. Priced this way, a prefix holder that is a little busier
-    keeps the call when the pool is loaded, and an idle pool routes as before (a price of
-    nothing). Candidates whose prefill speed is unknown are charged nothing.
+    that later calls' prefixes needed. On a replica busier than the pool's mean the price is
+    its own load: an engine that does not chunk prefills stalls its whole batch for one, so
+    that many calls wait at least. Priced this way, a prefix holder that is a little busier
+    keeps the call when the pool is loaded, a crowded replica does not take a long prefill for
+    a small gain, and an idle pool routes as before (a price of nothing). Candidates whose
+    prefill speed is unknown are charged nothing.
 
     With the session value (``RouteInput.evicted_tokens``, ``capacity`` or not), each candidate
     is also charged the prefill of the prefixes still wanted that the call would evict there:
@@ -592,7 +595,8 @@ def _priced(inp: RouteInput, pool: list[int], tail: list[float], capacity: bool)
         if rate > 0 and tail[i] < math.inf:
             burnt_s = max(0, prompt - cached[i]) / rate
             lost_s = evicted[i] / rate if evicted else 0.0
-            tail[i] = math.log(math.exp(tail[i]) + price * (burnt_s + lost_s) + lost_s)
+            stalled = max(price, cands[i].load) if capacity else 0.0
+            tail[i] = math.log(math.exp(tail[i]) + stalled * (burnt_s + lost_s) + lost_s)
 
 
 def _cached(inp: RouteInput) -> Sequence[int]:

@@ -470,6 +470,23 @@ def test_the_capacity_price_keeps_a_prefix_where_it_is_cached_only_when_the_pool
     assert pick(priced, unknown) == "n2/b"  # speeds unknown: nothing is charged
 
 
+def test_a_crowded_replica_is_charged_its_own_batch_for_a_prefill():
+    """The price is the pool's mean load, or the candidate's own where it is busier: without
+    chunked prefill its whole batch waits out the prefill. 1.28 s of prompt to prefill on each
+    of three replicas with 6, 0 and 0 calls (a mean of 2): charged 6 x 1.28 s on the crowded
+    one, 2 x 1.28 s on the others."""
+    from swarmx.sched.router import _priced
+
+    pool = [
+        dataclasses.replace(view(f"n{k}/r", outstanding=n), prefill_tokens_per_s=8000.0)
+        for k, n in enumerate((6, 0, 0))
+    ]
+    inp = RouteInput(_prefixed(), pool, NOW, [dist(1.0)] * 3, cached_tokens=[0, 0, 0])
+    tail = [0.0, 0.0, 0.0]
+    _priced(inp, [0, 1, 2], tail, capacity=True)
+    assert [math.exp(t) - 1 for t in tail] == pytest.approx([6 * 1.28, 2 * 1.28, 2 * 1.28])
+
+
 def test_the_session_value_leaves_a_wanted_prefix_where_its_next_turn_will_look_for_it():
     """Neither replica holds the call's 40 blocks; taking them would push a session's prefix
     that is still wanted (10,240 tokens, 1.28 s to prefill again) out of A, and only stale
