@@ -312,12 +312,10 @@ class SimForecaster:
                 )
             slot.append(keys[key])
         prepared = self._prepared.pop(call.call_id, None)
-        if prepared is None:
-            query = self._query(call)
-            dists = self._model.predict_candidates(query, places, cached)
-        else:
-            query = prepared.query
-            dists = self._model.predict_prepared(prepared, places, cached)
+        if prepared is None:  # routed alone: `predict_candidates` is exactly this
+            (prepared,) = self._model.prepare([self._query(call)])
+        query = prepared.query
+        dists = self._model.predict_prepared(prepared, places, cached)
         if self._median_only:
             dists = [_point(d.quantile(0.5)) for d in dists]
         out = [dists[i] for i in slot]
