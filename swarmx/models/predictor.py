@@ -52,8 +52,9 @@ MARGINAL_MIN_CALLS = 30
 """Training calls a model needs for a marginal of its own."""
 
 
-Stamp = tuple[RoutingNet, int, int, int]
-"""The folded net, and the identities and version of the novelty floor's tensors."""
+Stamp = tuple[RoutingNet, Tensor | None, Tensor, int]
+"""The folded net, the novelty floor's tensors and the shifts' version (held, so that no other
+tensor can take their place unseen)."""
 
 
 @dataclass(frozen=True)
@@ -319,7 +320,7 @@ class QuantilePredictor:
         """What a `Prepared` call's parts were worked out from: the folded net (the weights)
         and the novelty floor's marginal and shifts."""
         shift = self.novelty_shift
-        return self._routing_net(), id(self.marginal), id(shift), shift._version
+        return self._routing_net(), self.marginal, shift, shift._version
 
     def raw_log(self, calls: Calls, places: Places) -> Tensor:
         """[N, K] uncalibrated log quantiles of encoded calls."""
@@ -385,10 +386,15 @@ class QuantilePredictor:
         training step, a grown vocabulary), it is encoded again."""
         if not candidates:
             return []
-        stamp = self._stamp()
-        if prepared.stamp != stamp:
+        net, (was_net, marginal, shift, version) = self._routing_net(), prepared.stamp
+        now = self.novelty_shift
+        if not (
+            was_net is net
+            and marginal is self.marginal
+            and shift is now
+            and version == now._version
+        ):
             prepared = self.prepare([prepared.query])[0]
-        net = stamp[0]
         cached = cached_tokens if cached_tokens is not None else [0] * len(candidates)
         keys = list(zip(candidates, cached, strict=True))
         with torch.inference_mode():
