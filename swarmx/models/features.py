@@ -93,7 +93,10 @@ class FeatureConfig:
             raise ValueError(f"levels must be distinct and in (0, 1): {self.levels}")
         object.__setattr__(self, "levels", levels)
         object.__setattr__(self, "load_edges", tuple(int(e) for e in self.load_edges))
-        object.__setattr__(self, "novelty_edges", tuple(float(e) for e in self.novelty_edges))
+        edges = tuple(float(e) for e in self.novelty_edges)
+        if any(not 0 < e < 1 for e in edges) or any(b <= a for a, b in itertools.pairwise(edges)):
+            raise ValueError(f"novelty_edges must increase within (0, 1): {self.novelty_edges}")
+        object.__setattr__(self, "novelty_edges", edges)
         sizes = (self.hash_buckets, self.embed_dim, self.hidden, self.head_hidden, self.ensemble)
         if min(sizes) < 1:
             raise ValueError(f"sizes must be positive: {sizes}")

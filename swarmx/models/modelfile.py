@@ -80,6 +80,13 @@ def load(path: str | Path) -> ModelFile:
     missing, unexpected = net.load_state_dict(d["state"], strict=False)
     if unexpected or set(missing) - OUTPUT_HEAD:
         raise ValueError(f"{path}: weights do not fit the network ({missing + unexpected})")
+    k = len(cfg.levels)
+    marginal = _checked(path, d.get("marginal"), "marginal", (len(vocab.models) + 1, None))
+    if marginal is not None and bool((marginal[:, 1:] < marginal[:, :-1]).any()):
+        raise ValueError(f"{path}: marginal: each model's quantiles must not decrease")
+    novelty_shift = _checked(
+        path, d.get("novelty_shift"), "novelty_shift", (len(cfg.novelty_edges) + 1, k)
+    )
     return ModelFile(
         Encoder(cfg, vocab, dict(d["norm"]), d["seen"]),
         net,
@@ -89,9 +96,33 @@ def load(path: str | Path) -> ModelFile:
         cal_shift=d["cal_shift"],
         online_shift=d["online_shift"],
         output_shift=None if missing else d.get("output_shift"),
-        marginal=d.get("marginal"),
-        novelty_shift=d.get("novelty_shift"),
+        marginal=marginal,
+        novelty_shift=novelty_shift,
     )
+
+
+def _checked(
+    path: str | Path, value: object, name: str, shape: tuple[int, int | None]
+) -> Tensor | None:
+    """A 2-D tensor of finite floats of ``shape`` (None: any width above 0), or None (a file
+    from before it): a file whose numbers would make every forecast fail or NaN is refused at
+    load, not at the first routed call."""
+    if value is None:
+        return None
+    rows, width = shape
+    if (
+        not isinstance(value, Tensor)
+        or value.dim() != 2
+        or not value.is_floating_point()
+        or value.shape[0] != rows
+        or value.shape[1] < 1
+        or (width is not None and value.shape[1] != width)
+        or not bool(torch.isfinite(value).all())
+    ):
+        got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        want = f"[{rows}, {'n' if width is None else width}] finite floats"
+        raise ValueError(f"{path}: {name}: expected {want}, got {got}")
+    return value.float()
 
 
 def digest(net: QuantileNet, vocab: Vocab) -> str:

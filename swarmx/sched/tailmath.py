@@ -17,12 +17,12 @@ from collections.abc import Iterable, Sequence
 from statistics import NormalDist
 from typing import NamedTuple
 
+from swarmx.models.dist import LOG_MIN_S as _LOG_MIN_S
 from swarmx.models.dist import LatencyDist
 
 _NORMAL = NormalDist()
 _MIN_S = 1e-6
 """The floor `LatencyDist` puts under latencies before taking logs."""
-_LOG_MIN_S = math.log(_MIN_S)
 _SQRT1_2 = math.sqrt(0.5)
 _ASYMPTOTIC_Z = 30.0
 """Past this the normal tail probability is taken from its asymptotic series (erfc underflows

@@ -471,3 +471,35 @@ def test_a_model_file_from_before_the_novelty_floor_still_loads(tmp_path):
     blind = model.copy()
     blind.marginal = None
     assert loaded.predict([query(), novel]) == blind.predict([query(), novel])
+
+
+@pytest.mark.parametrize(
+    ("key", "bad", "match"),
+    [
+        ("marginal", torch.zeros(2, 8), r"marginal: expected \[3, n\]"),  # a model's row missing
+        ("marginal", torch.full((3, 8), math.nan), "marginal: expected"),
+        ("marginal", torch.arange(24.0).flip(0).view(3, 8), "must not decrease"),
+        ("marginal", "not a tensor", "marginal: expected .* got str"),
+        ("novelty_shift", torch.zeros(2, 4), r"novelty_shift: expected \[5, 4\]"),
+        ("novelty_shift", torch.full((5, 4), math.inf), "novelty_shift: expected"),
+    ],
+)
+def test_a_model_file_whose_novelty_floor_would_break_forecasts_is_refused(
+    tmp_path, key, bad, match
+):
+    """A marginal or novelty shifts of the wrong shape, not finite or out of order would make
+    every forecast raise or come out NaN in the routing loop: the file is refused at load."""
+    model, _ = train(synth(60, seed=2), CFG, seed=0, max_epochs=1)
+    path = tmp_path / "m.pt"
+    model.save(path)
+    contents = torch.load(path, weights_only=True)
+    contents[key] = bad
+    torch.save(contents, path)
+    with pytest.raises(ValueError, match=match):
+        QuantilePredictor.load(path)
+
+
+@pytest.mark.parametrize("edges", [(0.3, 0.1), (0.0, 0.5), (0.2, 1.5), (0.2, 0.2)])
+def test_novelty_edges_must_increase_within_0_and_1(edges):
+    with pytest.raises(ValueError, match="novelty_edges"):
+        FeatureConfig(novelty_edges=edges)

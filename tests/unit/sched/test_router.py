@@ -485,6 +485,13 @@ def test_a_crowded_replica_is_charged_its_own_batch_for_a_prefill():
     tail = [0.0, 0.0, 0.0]
     _priced(inp, [0, 1, 2], tail, capacity=True)
     assert [math.exp(t) - 1 for t in tail] == pytest.approx([6 * 1.28, 2 * 1.28, 2 * 1.28])
+    # an engine that says it runs a billion calls for others: a finite, huge price, avoided
+    pool[1] = dataclasses.replace(pool[1], external=10**9)
+    inp = RouteInput(_prefixed(), pool, NOW, [dist(1.0)] * 3, cached_tokens=[0, 0, 0])
+    tail = [0.0, 0.0, 0.0]
+    _priced(inp, [0, 1, 2], tail, capacity=True)
+    assert all(math.isfinite(t) for t in tail) and tail[1] == max(tail)
+    assert TailRouter(capacity_price=True).choose(inp).index == 2
 
 
 def test_the_session_value_leaves_a_wanted_prefix_where_its_next_turn_will_look_for_it():
