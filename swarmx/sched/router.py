@@ -515,8 +515,10 @@ class TailRouter(_Completion):
         for i, service in services.items():
             low[i] = service.mu + service.sigma * z
         own = low.copy()  # each service's own log tail: a free candidate's completion's
-        if self.uses_prefix and inp.cached_tokens is not None:
-            _priced(inp, pool, low, self.capacity_price)
+        priced = self.uses_prefix and inp.cached_tokens is not None
+        if priced:
+            stalls = self._stalls(inp) if self.capacity_price and inp.call.prefix_blocks else None
+            _priced(inp, pool, low, stalls)
         left_s = None if inp.deadline_s is None else inp.deadline_s - inp.now_s
         high = [0.0] * len(cands)  # chance on time at most
         if left_s is not None:
@@ -539,8 +541,8 @@ class TailRouter(_Completion):
                 tail[i] = max(done.mu + done.sigma * z, own[i])
                 if left_s is not None:
                     on_time[i] = min(done.cdf(left_s), high[i])
-            if self.uses_prefix and inp.cached_tokens is not None:
-                _priced(inp, todo, tail, self.capacity_price)
+            if priced:
+                _priced(inp, todo, tail, stalls)
             best_on_time = max(on_time[i] for i in preds)
             alive = [i for i in preds if on_time[i] >= best_on_time - _SAME_PROBABILITY]
             best = min(alive, key=tail.__getitem__)
@@ -562,21 +564,75 @@ class TailRouter(_Completion):
         index = self._ties.pick(cands, near)
         return self.choice(inp, forecasts, index, preds[index][0])
 
+    def _stalls(self, inp: RouteInput) -> Stalls:
+        """What a prefill on each candidate would hold up (`Stalls`): its calls' expected
+        latencies (each its forecast mean, or how long it has run where longer; a call without
+        a forecast, or not listed, such as another router's, at the pool's mean), scaled by the
+        mean of the pool's calls in flight."""
+        now_s, moments = inp.now_s, self._moments
+        cands = inp.candidates
+        expected = [
+            [
+                max(moments(w.service).mean_s, now_s - w.dispatched_s)
+                for w in view.work
+                if w.service is not None
+            ]
+            for view in cands
+        ]
+        listed = sum(len(e) for e in expected)
+        loads = [float(view.load) for view in cands]
+        if not listed:
+            return Stalls(loads, loads, 0.0)
+        mean_s = sum(map(sum, expected)) / listed
+        held_s = [sum(e) + mean_s * (n - len(e)) for n, e in zip(loads, expected, strict=True)]
+        return Stalls(held_s, loads, mean_s)
 
-def _priced(inp: RouteInput, pool: list[int], tail: list[float], capacity: bool) -> None:
+
+@frozen
+class Stalls:
+    """The calls a prefill on each candidate would hold up, priced as a squared latency costs.
+
+    Delaying a call of latency ``L`` by ``d`` adds ``d (2 L + d)`` to its square, whose sum is
+    what a tail is made of: a second of stall costs a long call more, and a long stall costs
+    more than its seconds. In seconds of a typical call (``mean_s``, where a small stall counts
+    at par) a ``d``-second prefill on candidate ``i`` costs
+    ``d (held_s[i] + calls[i] d / 2) / mean_s``: with equal forecasts and a small prefill,
+    ``d`` times the candidate's load. Both halves matter in the simulator: the slowest 1% of
+    Mooncake calls spend over 40% of their time stalled behind later calls' prefills, and on
+    claude-code's sessions, priced by their latency alone, replicas running a short call drew
+    long prefills one after another (calls of 20 s stalled for 100 s)."""
+
+    held_s: Sequence[float]
+    """Per candidate, the sum of its calls' expected latencies (seconds; the load itself where
+    ``mean_s`` is 0)."""
+    calls: Sequence[float]
+    """Per candidate, its calls (its load)."""
+    mean_s: float
+    """Mean expected latency of the pool's calls in flight (0: none has a forecast)."""
+
+    def calls_held(self, i: int, stall_s: float) -> float:
+        """Candidate ``i``'s calls held up ``stall_s`` seconds, each weighted by its cost."""
+        if self.mean_s <= 0:
+            return self.held_s[i]
+        return (self.held_s[i] + self.calls[i] * stall_s / 2) / self.mean_s
+
+
+def _priced(inp: RouteInput, pool: list[int], tail: list[float], stalls: Stalls | None) -> None:
     """Add to each candidate's log tail the capacity its prefill burns: the seconds of prompt it
     would prefill there (what its prefix cache does not hold, at its prefill speed) times the
-    pool's mean calls per replica, or the candidate's own where it has more.
+    pool's mean calls per replica, or the calls it would stall there where more (``stalls``,
+    `TailRouter._stalls`; None: no capacity price).
 
     Greedy routing counts a prefill only in the call's own time. But a busy pool's GPU time is
     shared: a second spent prefilling on a replica is a second the calls sharing it (the pool's
     mean load, by Little's law) wait, and a prefix prefilled again elsewhere takes cache room
     that later calls' prefixes needed. On a replica busier than the pool's mean the price is
-    its own load: an engine that does not chunk prefills stalls its whole batch for one, so
-    that many calls wait at least. Priced this way, a prefix holder that is a little busier
-    keeps the call when the pool is loaded, a crowded replica does not take a long prefill for
-    a small gain, and an idle pool routes as before (a price of nothing). Candidates whose
-    prefill speed is unknown are charged nothing.
+    what it would stall: an engine that does not chunk prefills stalls its whole batch for one,
+    so that many calls wait at least, the long ones counting for more. Priced this way, a
+    prefix holder that is a little busier keeps the call when the pool is loaded, a crowded
+    replica or one running long decodes does not take a long prefill for a small gain, and an
+    idle pool routes as before (a price of nothing). Candidates whose prefill speed is unknown
+    are charged nothing.
 
     With the session value (``RouteInput.evicted_tokens``, ``capacity`` or not), each candidate
     is also charged the prefill of the prefixes still wanted that the call would evict there:
@@ -587,7 +643,7 @@ def _priced(inp: RouteInput, pool: list[int], tail: list[float], capacity: bool)
     cands, cached, evicted = inp.candidates, inp.cached_tokens, inp.evicted_tokens
     assert cached is not None
     prompt = len(inp.call.prefix_blocks) * inp.call.block_tokens
-    price = sum(c.load for c in cands) / len(cands) if capacity else 0.0
+    price = 0.0 if stalls is None else sum(c.load for c in cands) / len(cands)
     if prompt <= 0 or (price <= 0 and not evicted):
         return
     for i in pool:
@@ -595,7 +651,7 @@ def _priced(inp: RouteInput, pool: list[int], tail: list[float], capacity: bool)
         if rate > 0 and tail[i] < math.inf:
             burnt_s = max(0, prompt - cached[i]) / rate
             lost_s = evicted[i] / rate if evicted else 0.0
-            stalled = max(price, cands[i].load) if capacity else 0.0
+            stalled = 0.0 if stalls is None else max(price, stalls.calls_held(i, burnt_s))
             tail[i] = math.log(math.exp(tail[i]) + stalled * (burnt_s + lost_s) + lost_s)
 
 

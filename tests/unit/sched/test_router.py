@@ -481,17 +481,61 @@ def test_a_crowded_replica_is_charged_its_own_batch_for_a_prefill():
         dataclasses.replace(view(f"n{k}/r", outstanding=n), prefill_tokens_per_s=8000.0)
         for k, n in enumerate((6, 0, 0))
     ]
+    router = TailRouter(capacity_price=True)
     inp = RouteInput(_prefixed(), pool, NOW, [dist(1.0)] * 3, cached_tokens=[0, 0, 0])
     tail = [0.0, 0.0, 0.0]
-    _priced(inp, [0, 1, 2], tail, capacity=True)
+    _priced(inp, [0, 1, 2], tail, router._stalls(inp))
     assert [math.exp(t) - 1 for t in tail] == pytest.approx([6 * 1.28, 2 * 1.28, 2 * 1.28])
     # an engine that says it runs a billion calls for others: a finite, huge price, avoided
     pool[1] = dataclasses.replace(pool[1], external=10**9)
     inp = RouteInput(_prefixed(), pool, NOW, [dist(1.0)] * 3, cached_tokens=[0, 0, 0])
     tail = [0.0, 0.0, 0.0]
-    _priced(inp, [0, 1, 2], tail, capacity=True)
+    _priced(inp, [0, 1, 2], tail, router._stalls(inp))
     assert all(math.isfinite(t) for t in tail) and tail[1] == max(tail)
-    assert TailRouter(capacity_price=True).choose(inp).index == 2
+    assert router.choose(inp).index == 2
+
+
+def _decoding_pool() -> list[ReplicaView]:
+    """A runs two long decodes (60 s forecasts), B two short calls (2 s), C is full of short
+    ones; all started a second ago, all prefill 8,000 tokens a second."""
+
+    def busy(name: str, n: int, median_s: float) -> ReplicaView:
+        work = tuple(running(NOW - 1, median_s, name=f"{name}{k}") for k in range(n))
+        return dataclasses.replace(view(name, n, work=work), prefill_tokens_per_s=8000.0)
+
+    return [busy("n1/a", 2, 60.0), busy("n2/b", 2, 2.0), busy("n3/c", 4, 2.0)]
+
+
+def test_a_prefill_is_priced_by_the_latency_of_the_calls_it_would_stall():
+    """A and B each run two calls, but a 1.28 s prefill on A holds up two 60 s decodes, which
+    the tail is made of: weighted by their expected latency over the pool's mean (16.5 s), A
+    stalls 7.4 calls' worth and B 0.3 (charged the pool's mean load, 2.7). With equal
+    forecasts the call goes to B every time, where counting calls alone would tie them; a
+    forecast much faster on A (1.6 s against 9.8 s at the 0.95 level) still wins it A."""
+    pool = _decoding_pool()
+    router = TailRouter(capacity_price=True)
+    inp = RouteInput(_prefixed(), pool, NOW, [dist(3.0)] * 3, cached_tokens=[0, 0, 0])
+    stalls = router._stalls(inp)
+    held = [stalls.calls_held(i, 0.0) for i in range(3)]
+    assert held == pytest.approx([120 / 16.5, 4 / 16.5, 8 / 16.5])
+    # a long stall costs more than its seconds: (2 L + d) d, in seconds of the mean's 16.5 s
+    m = math.exp(0.3**2 / 2)  # a lognormal's mean over its median
+    assert stalls.calls_held(1, 12.5) == pytest.approx((4 * m + 2 * 6.25) / (16.5 * m))
+    assert {pool[router.choose(inp).index].replica for _ in range(4)} == {"n2/b"}
+    blind = TailRouter()
+    assert {pool[blind.choose(inp).index].replica for _ in range(4)} == {"n1/a", "n2/b"}
+    faster = RouteInput(
+        _prefixed(), pool, NOW, [dist(1.0), dist(6.0), dist(6.0)], cached_tokens=[0, 0, 0]
+    )
+    assert pool[router.choose(faster).index].replica == "n1/a"
+    # a call A holds every block of has nothing to prefill: nothing stalls, nothing is charged
+    held = RouteInput(_prefixed(), pool, NOW, [dist(3.0)] * 3, cached_tokens=[40 * 256] * 3)
+    assert {pool[router.choose(held).index].replica for _ in range(4)} == {"n1/a", "n2/b"}
+    # a call overdue for its forecast counts for as long as it has run
+    late = [dataclasses.replace(pool[1], outstanding=1, work=(running(NOW - 200, 2.0, name="x"),))]
+    late_inp = RouteInput(_prefixed(), late + pool[2:], NOW, [dist(3.0)] * 2, cached_tokens=[0, 0])
+    overdue = router._stalls(late_inp).calls_held(0, 0.0)
+    assert overdue == pytest.approx(200 / ((200 + 8 * 1.0460) / 5), rel=1e-3)
 
 
 def test_the_session_value_leaves_a_wanted_prefix_where_its_next_turn_will_look_for_it():
@@ -544,7 +588,7 @@ def _score_all(router: TailRouter, inp: RouteInput) -> int:
     for i, (done, service) in preds.items():
         tail[i] = max(done.mu + done.sigma * z, service.mu + service.sigma * z)
     if router.uses_prefix and inp.cached_tokens is not None:
-        _priced(inp, pool, tail, router.capacity_price)
+        _priced(inp, pool, tail, router._stalls(inp) if router.capacity_price else None)
     if inp.deadline_s is not None:
         left_s = inp.deadline_s - inp.now_s
         on_time = [0.0] * len(cands)
