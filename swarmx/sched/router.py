@@ -569,22 +569,27 @@ class TailRouter(_Completion):
         latencies (each its forecast mean, or how long it has run where longer; a call without
         a forecast, or not listed, such as another router's, at the pool's mean), scaled by the
         mean of the pool's calls in flight."""
-        now_s, moments = inp.now_s, self._moments
-        cands = inp.candidates
-        expected = [
-            [
-                max(moments(w.service).mean_s, now_s - w.dispatched_s)
-                for w in view.work
-                if w.service is not None
-            ]
-            for view in cands
-        ]
-        listed = sum(len(e) for e in expected)
-        loads = [float(view.load) for view in cands]
+        now_s, fits, moments = inp.now_s, self._fits, self._moments
+        sums: list[float] = []
+        counts: list[int] = []
+        for view in inp.candidates:  # every call on every candidate: the cache hit inline
+            total, n = 0.0, 0
+            for w in view.work:
+                dist = w.service
+                if dist is None:
+                    continue
+                hit = fits.get(id(dist))
+                m = hit[1] if hit is not None and hit[0] is dist else moments(dist)
+                total += max(m.mean_s, now_s - w.dispatched_s)
+                n += 1
+            sums.append(total)
+            counts.append(n)
+        loads = [float(view.load) for view in inp.candidates]
+        listed = sum(counts)
         if not listed:
             return Stalls(loads, loads, 0.0)
-        mean_s = sum(map(sum, expected)) / listed
-        held_s = [sum(e) + mean_s * (n - len(e)) for n, e in zip(loads, expected, strict=True)]
+        mean_s = sum(sums) / listed
+        held_s = [t + mean_s * (c - n) for t, c, n in zip(sums, loads, counts, strict=True)]
         return Stalls(held_s, loads, mean_s)
 
 
