@@ -602,10 +602,11 @@ class Stalls:
     more than its seconds. In seconds of a typical call (``mean_s``, where a small stall counts
     at par) a ``d``-second prefill on candidate ``i`` costs
     ``d (held_s[i] + calls[i] d / 2) / mean_s``: with equal forecasts and a small prefill,
-    ``d`` times the candidate's load. Both halves matter in the simulator: the slowest 1% of
-    Mooncake calls spend over 40% of their time stalled behind later calls' prefills, and on
-    claude-code's sessions, priced by their latency alone, replicas running a short call drew
-    long prefills one after another (calls of 20 s stalled for 100 s)."""
+    ``d`` times the candidate's load. Both halves matter in the simulator: priced by count, the
+    slowest 1% of Mooncake calls spent 44% of their time stalled behind later calls' prefills
+    (31% priced so), and on claude-code's sessions, priced by their latency alone, replicas
+    running a short call drew long prefills one after another (calls of 20 s stalled for
+    100 s)."""
 
     held_s: Sequence[float]
     """Per candidate, the sum of its calls' expected latencies (seconds; the load itself where
