@@ -640,11 +640,12 @@ def _priced(inp: RouteInput, pool: list[int], tail: list[float], stalls: Stalls 
     idle pool routes as before (a price of nothing). Candidates whose prefill speed is unknown
     are charged nothing.
 
-    With the session value (``RouteInput.evicted_tokens``, ``capacity`` or not), each candidate
-    is also charged the prefill of the prefixes still wanted that the call would evict there:
-    the sessions that sent them prefill them again on their next turns, once in their own time
-    and, with ``capacity``, at the price in the pool's. Greedy routing sees only the call's own
-    prefix; this is the value of leaving other sessions' where their next turns will want them.
+    With the session value (``RouteInput.evicted_tokens``, with the capacity price or not), each
+    candidate is also charged the prefill of the prefixes still wanted that the call would evict
+    there: the sessions that sent them prefill them again on their next turns, once in their own
+    time and, with the capacity price, at that price in the pool's. Greedy routing sees only
+    the call's own prefix; this is the value of leaving other sessions' where their next turns
+    will want them.
     """
     cands, cached, evicted = inp.candidates, inp.cached_tokens, inp.evicted_tokens
     assert cached is not None
