@@ -23,6 +23,8 @@ from swarmx.models.dist import LatencyDist
 _NORMAL = NormalDist()
 _MIN_S = 1e-6
 """The floor `LatencyDist` puts under latencies before taking logs."""
+_LOG_HUGE_S = math.log(1e100)
+"""The log of the largest mean latency routers reason with (`Moments.of`)."""
 _SQRT1_2 = math.sqrt(0.5)
 _ASYMPTOTIC_Z = 30.0
 """Past this the normal tail probability is taken from its asymptotic series (erfc underflows
@@ -230,8 +232,15 @@ class Moments(NamedTuple):
 
     @classmethod
     def of(cls, ln: LogNormal) -> Moments:
+        """Its moments, the mean at most 1e100 s and ``E[L^2]`` 1e200 s^2: a forecast whose
+        spread is absurd (a broken model's, 1 s at the median and 1e30 s at p95) stands
+        for a call that never ends instead of overflowing the routers' sums."""
         mu, s = ln
-        return cls(ln, math.exp(mu + s * s / 2), math.exp(2 * (mu + s * s)))
+        return cls(
+            ln,
+            math.exp(min(mu + s * s / 2, _LOG_HUGE_S)),
+            math.exp(min(2 * (mu + s * s), 2 * _LOG_HUGE_S)),
+        )
 
     @property
     def var_s2(self) -> float:

@@ -538,6 +538,41 @@ def test_a_prefill_is_priced_by_the_latency_of_the_calls_it_would_stall():
     assert overdue == pytest.approx(200 / ((200 + 8 * 1.0460) / 5), rel=1e-3)
 
 
+@pytest.mark.parametrize(
+    "values",
+    [(1.0, 1e30, 1e35, 1e38), (1e300,) * 4, (1.0, math.inf, math.inf, math.inf)],
+    ids=["spread", "huge", "overflowed"],
+)
+@pytest.mark.parametrize("slots", [4, 1], ids=["free", "full"])
+def test_a_broken_forecast_in_flight_is_routed_around_not_raised(values, slots):
+    """A call on A was sent with a broken model's forecast: a spread no lognormal's moments fit
+    in a float, a huge one, or float32 overflow (built unchecked, as the predictor builds
+    its own). Every decision reads it (the wait behind it on a full replica; the capacity
+    price's stall weights on any), and none raises: the call counts as one that never ends,
+    so a full A is avoided, and the price steers a prefill off A."""
+    from swarmx.models.dist import trusted_dists
+
+    (broken,) = trusted_dists(LEVELS, [list(values)])
+    pool = [
+        dataclasses.replace(
+            view(name, 1, slots, (Work(f"w{name}", NOW - 1, service),)),
+            prefill_tokens_per_s=8000.0,
+        )
+        for name, service in (("n1/a", broken), ("n2/b", dist(2.0)))
+    ]
+    for router in (TailRouter(capacity_price=True), TailRouter(), MeanPredicted()):
+        for deadline_s in (None, NOW + 30):
+            inp = RouteInput(
+                _prefixed(), pool, NOW, [dist(2.0)] * 2, deadline_s, cached_tokens=[0, 0]
+            )
+            choice = router.choose(inp)
+            assert choice.completion is not None
+            assert all(math.isfinite(v) for v in choice.completion.values_s)
+            priced = isinstance(router, TailRouter) and router.capacity_price
+            if slots == 1 or priced:  # free and unpriced, the two replicas tie
+                assert choice.index == 1, (router.name, deadline_s)
+
+
 def test_the_session_value_leaves_a_wanted_prefix_where_its_next_turn_will_look_for_it():
     """Neither replica holds the call's 40 blocks; taking them would push a session's prefix
     that is still wanted (10,240 tokens, 1.28 s to prefill again) out of A, and only stale

@@ -103,6 +103,18 @@ def test_residual_of_a_call_not_started_is_its_whole_service():
     assert residual(m, -1.0) == pytest.approx((m.mean_s, m.var_s2))
 
 
+def test_an_absurd_forecast_has_huge_finite_moments_not_an_overflow():
+    """1 s at the median, 1e30 s at p95 (sigma 42): its mean would overflow a float; it stands
+    for a call that never ends, and what is left of it stays finite at any age."""
+    m = Moments.of(fit(LatencyDist(LEVELS, (1.0, 1e30, 1e30, 1e30))))
+    assert m.mean_s == pytest.approx(1e100) and m.second_s2 == pytest.approx(1e200)
+    for age in (0.0, 1.0, 1e6):
+        mean, var = residual(m, age)
+        assert math.isfinite(mean) and mean > 1e90 and math.isfinite(var)
+    usual = LogNormal(0.3, 0.5)
+    assert Moments.of(usual).mean_s == math.exp(0.3 + 0.125)  # untouched below the cap
+
+
 def test_residual_of_an_overdue_call_grows_with_its_age_smoothly():
     ln = LogNormal(0.0, 0.5)
     m = Moments.of(ln)
