@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 _NORMAL = NormalDist()
-_MIN_S = 1e-6
-LOG_MIN_S = math.log(_MIN_S)
+MIN_S = 1e-6
+"""The floor put under latencies before taking logs."""
+LOG_MIN_S = math.log(MIN_S)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -79,7 +80,7 @@ class LatencyDist:
 
     @classmethod
     def lognormal(cls, median_s: float, sigma: float, levels: Sequence[float]) -> LatencyDist:
-        mu = math.log(max(median_s, _MIN_S))
+        mu = math.log(max(median_s, MIN_S))
         return cls(tuple(levels), tuple(math.exp(mu + sigma * _z(p)) for p in levels))
 
     def log_values(self) -> list[float]:
@@ -88,14 +89,14 @@ class LatencyDist:
         the deadline, each of which needs them."""
         logs: list[float] | None = self.__dict__.get("_logs")
         if logs is None:
-            logs = self.__dict__["_logs"] = [math.log(max(v, _MIN_S)) for v in self.values_s]
+            logs = self.__dict__["_logs"] = [math.log(max(v, MIN_S)) for v in self.values_s]
         return logs
 
     def quantile(self, p: float) -> float:
         """Latency at level ``p`` (0 < p < 1)."""
         values = self.values_s
         if values[0] == values[-1]:  # one value (a point forecast): every quantile is it
-            return values[0] if len(values) == 1 else max(values[0], _MIN_S)
+            return values[0] if len(values) == 1 else max(values[0], MIN_S)
         known: dict[float, float] | None = self.__dict__.get("_quantiles")
         if known is None:
             known = self.__dict__["_quantiles"] = {}

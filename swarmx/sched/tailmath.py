@@ -18,11 +18,10 @@ from statistics import NormalDist
 from typing import NamedTuple
 
 from swarmx.models.dist import LOG_MIN_S as _LOG_MIN_S
+from swarmx.models.dist import MIN_S as _MIN_S
 from swarmx.models.dist import LatencyDist
 
 _NORMAL = NormalDist()
-_MIN_S = 1e-6
-"""The floor `LatencyDist` puts under latencies before taking logs."""
 _LOG_HUGE_S = math.log(1e100)
 """The log of the largest mean latency routers reason with (`Moments.of`)."""
 _SQRT1_2 = math.sqrt(0.5)
