@@ -586,11 +586,12 @@ class TailRouter(_Completion):
             counts.append(n)
         loads = [float(view.load) for view in inp.candidates]
         listed = sum(counts)
+        mean_load = sum(loads) / len(loads)
         if not listed:
-            return Stalls(loads, loads, 0.0)
+            return Stalls(loads, loads, 0.0, mean_load)
         mean_s = sum(sums) / listed
         held_s = [t + mean_s * (c - n) for t, c, n in zip(sums, loads, counts, strict=True)]
-        return Stalls(held_s, loads, mean_s)
+        return Stalls(held_s, loads, mean_s, mean_load)
 
 
 @frozen
@@ -615,6 +616,8 @@ class Stalls:
     """Per candidate, its calls (its load)."""
     mean_s: float
     """Mean expected latency of the pool's calls in flight (0: none has a forecast)."""
+    mean_load: float
+    """The pool's mean calls per replica."""
 
     def calls_held(self, i: int, stall_s: float) -> float:
         """Candidate ``i``'s calls held up ``stall_s`` seconds, each weighted by its cost."""
@@ -650,7 +653,7 @@ def _priced(inp: RouteInput, pool: list[int], tail: list[float], stalls: Stalls 
     cands, cached, evicted = inp.candidates, inp.cached_tokens, inp.evicted_tokens
     assert cached is not None
     prompt = len(inp.call.prefix_blocks) * inp.call.block_tokens
-    price = 0.0 if stalls is None else sum(c.load for c in cands) / len(cands)
+    price = 0.0 if stalls is None else stalls.mean_load
     if prompt <= 0 or (price <= 0 and not evicted):
         return
     for i in pool:
