@@ -312,7 +312,9 @@ def test_a_model_file_from_before_the_cache_feature_still_loads(tmp_path):
     place = ("H100", 0.5, 0.3, 0.2, 1, 0)
     a, b = loaded.predict_candidates(query(), [place, place], [0, 5000])
     assert a.values_s == b.values_s  # the cache column is not read
-    assert a.values_s == model.predict_candidates(query(), [place])[0].values_s
+    # one candidate against two: a batch of another size may round differently on some CPUs
+    alone = model.predict_candidates(query(), [place])[0].values_s
+    assert a.values_s == pytest.approx(alone, rel=1e-5)
 
 
 def test_the_output_length_head_reads_the_prompt_and_covers_held_out_calls(trained):
