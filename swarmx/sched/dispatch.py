@@ -28,7 +28,14 @@ from swarmx.frozen import frozen
 from swarmx.models.dist import LatencyDist, trusted_dists
 from swarmx.sched import tailmath
 from swarmx.sched.prefix import PrefixIndexes, ReuseGaps
-from swarmx.sched.router import Forecaster, ReplicaView, RouteInput, Router, Work
+from swarmx.sched.router import (
+    Forecaster,
+    PrefillDuty,
+    ReplicaView,
+    RouteInput,
+    Router,
+    Work,
+)
 from swarmx.stats import quantile, upper_quantile
 from swarmx.workflow.engine import CallSpec
 
@@ -82,6 +89,8 @@ class _Replica:
     view: ReplicaView
     live: bool = True
     work: dict[str, Work] = field(default_factory=dict)
+    duty: PrefillDuty = field(default_factory=PrefillDuty)
+    """The prefill this dispatcher sent it lately (`ReplicaView.prefill_duty`)."""
     _current: ReplicaView | None = None
 
     def current(self) -> ReplicaView:
@@ -92,7 +101,9 @@ class _Replica:
             # (this runs twice per routed call)
             work = tuple(self.work.values())
             cur = object.__new__(ReplicaView)
-            cur.__dict__.update(self.view.__dict__, outstanding=len(work), work=work)
+            cur.__dict__.update(
+                self.view.__dict__, outstanding=len(work), work=work, prefill_duty=self.duty
+            )
             self._current = cur
         return self._current
 
@@ -379,7 +390,7 @@ class Dispatcher:
                 view = dataclasses.replace(view, external=old.view.external)
             if not view.kv_cache_tokens:  # the engine's own figure, from telemetry: kept
                 view = dataclasses.replace(view, kv_cache_tokens=old.view.kv_cache_tokens)
-        rep = _Replica(view, True, old.work if old else {})
+        rep = _Replica(view, True, old.work if old else {}, old.duty if old else PrefillDuty())
         self._taking[view.model] += 1
         self.replicas[view.replica] = rep
         self._by_node.setdefault(view.node, {})[view.replica] = None
@@ -744,6 +755,9 @@ class Dispatcher:
             if last_s is not None:
                 self.reuse.observe(now_s - last_s)
             index.insert(blocks, now_s)
+            if chosen.prefill_tokens_per_s > 0:
+                prefill_s = (len(blocks) * per - held) / chosen.prefill_tokens_per_s
+                rep.duty = rep.duty.plus(prefill_s, now_s)
         self._refresh(rep)
         self._where[call.call_id] = (chosen.replica, ticket)
         return Assign(ticket, chosen, service, decision.completion, held)

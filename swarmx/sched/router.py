@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from swarmx.frozen import frozen
@@ -37,6 +37,42 @@ class Work:
     """Predicted service time of that call on that replica (None: no forecast was made)."""
     kv_tokens: int = 0
     """The call's prompt tokens, as far as known (its prefix blocks): the KV it holds there."""
+
+
+PREFILL_DUTY_S = 30.0
+"""Time constant of a replica's prefill duty (`PrefillDuty`), about the life of a long call:
+the span over which a call sent now endures the prefills its replica takes."""
+
+
+@frozen
+class PrefillDuty:
+    """The prefill seconds a scheduler has sent one replica, decayed with time constant
+    `PREFILL_DUTY_S`: how much of its recent time the replica spent prefilling. An engine that
+    does not chunk prefills stalls its batch for each, so a call decoding there can expect to
+    be held up about that share of its decode (`TailRouter`'s capacity price)."""
+
+    seconds: float = 0.0
+    at_s: float = 0.0
+    """When ``seconds`` was last brought up to date."""
+    until_s: float = 0.0
+    """When the prefills sent so far end, run one after another as they came."""
+
+    def share(self, now_s: float) -> float:
+        """The share of the replica's recent time it spent prefilling, at ``now_s`` (0 to 1)."""
+        if self.seconds <= 0:
+            return 0.0
+        left = self.seconds * math.exp(-max(0.0, now_s - self.at_s) / PREFILL_DUTY_S)
+        return min(1.0, left / PREFILL_DUTY_S)
+
+    def plus(self, prefill_s: float, now_s: float) -> PrefillDuty:
+        """The duty after ``prefill_s`` more seconds of prefill were sent at ``now_s``."""
+        decay = math.exp(-max(0.0, now_s - self.at_s) / PREFILL_DUTY_S)
+        prefill_s = max(0.0, prefill_s)
+        return PrefillDuty(
+            self.seconds * decay + prefill_s,
+            max(now_s, self.at_s),
+            max(now_s, self.until_s) + prefill_s,
+        )
 
 
 @dataclass(frozen=True)
@@ -69,6 +105,10 @@ class ReplicaView:
     a user's): the engine's own running and waiting requests, as its metrics say, less those
     the node has in it; 0 where the engine does not say. Load the routers weigh, which the
     scheduler's bookkeeping (``outstanding``) cannot see."""
+
+    prefill_duty: PrefillDuty = field(default_factory=PrefillDuty)
+    """The prefill this scheduler sent the replica lately (`Dispatcher`: each routed call's
+    prompt less what the prefix index expected the replica to hold, at its prefill speed)."""
 
     @property
     def load(self) -> int:
@@ -517,7 +557,11 @@ class TailRouter(_Completion):
         own = low.copy()  # each service's own log tail: a free candidate's completion's
         priced = self.uses_prefix and inp.cached_tokens is not None
         if priced:
-            stalls = self._stalls(inp) if self.capacity_price and inp.call.prefix_blocks else None
+            stalls = (
+                self._stalls(inp, services)
+                if self.capacity_price and inp.call.prefix_blocks
+                else None
+            )
             _priced(inp, pool, low, stalls)
         left_s = None if inp.deadline_s is None else inp.deadline_s - inp.now_s
         high = [0.0] * len(cands)  # chance on time at most
@@ -564,12 +608,18 @@ class TailRouter(_Completion):
         index = self._ties.pick(cands, near)
         return self.choice(inp, forecasts, index, preds[index][0])
 
-    def _stalls(self, inp: RouteInput) -> Stalls:
+    def _stalls(self, inp: RouteInput, services: dict[int, LogNormal]) -> Stalls:
         """What a prefill on each candidate would hold up (`Stalls`): its calls' expected
         latencies (each its forecast mean, or how long it has run where longer; a call without
         a forecast, or not listed, such as another router's, at the pool's mean), scaled by the
-        mean of the pool's calls in flight."""
+        mean of the pool's calls in flight; and what this call can expect to be held up there
+        by others' prefills: the share of its recent time each replica spent prefilling."""
         now_s, fits, moments = inp.now_s, self._fits, self._moments
+        duty = [view.prefill_duty.share(now_s) for view in inp.candidates]
+        service_s = [0.0] * len(inp.candidates)
+        for i, service in services.items():
+            backlog_s = max(0.0, inp.candidates[i].prefill_duty.until_s - now_s)
+            service_s[i] = max(0.0, Moments.of(service).mean_s - backlog_s)
         sums: list[float] = []
         counts: list[int] = []
         for view in inp.candidates:  # every call on every candidate: the cache hit inline
@@ -588,10 +638,10 @@ class TailRouter(_Completion):
         listed = sum(counts)
         mean_load = sum(loads) / len(loads)
         if not listed:
-            return Stalls(loads, loads, 0.0, mean_load)
+            return Stalls(loads, loads, 0.0, mean_load, duty, service_s)
         mean_s = sum(sums) / listed
         held_s = [t + mean_s * (c - n) for t, c, n in zip(sums, loads, counts, strict=True)]
-        return Stalls(held_s, loads, mean_s, mean_load)
+        return Stalls(held_s, loads, mean_s, mean_load, duty, service_s)
 
 
 @frozen
@@ -618,6 +668,11 @@ class Stalls:
     """Mean expected latency of the pool's calls in flight (0: none has a forecast)."""
     mean_load: float
     """The pool's mean calls per replica."""
+    duty: Sequence[float]
+    """Per candidate, the share of its recent time spent prefilling (`PrefillDuty`)."""
+    service_s: Sequence[float]
+    """Per candidate, this call's expected service there after the prefills queued ahead of it
+    (its forecast's mean less them; 0 outside the pool)."""
 
     def calls_held(self, i: int, stall_s: float) -> float:
         """Candidate ``i``'s calls held up ``stall_s`` seconds, each weighted by its cost."""
@@ -625,12 +680,21 @@ class Stalls:
             return self.held_s[i]
         return (self.held_s[i] + self.calls[i] * stall_s / 2) / self.mean_s
 
+    def endured_s(self, i: int, prefill_s: float) -> float:
+        """Seconds this call can expect to be held up on candidate ``i`` by others' prefills:
+        the replica's prefill share of what it spends there after its own prefill."""
+        return self.duty[i] * max(0.0, self.service_s[i] - prefill_s)
+
 
 def _priced(inp: RouteInput, pool: list[int], tail: list[float], stalls: Stalls | None) -> None:
     """Add to each candidate's log tail the capacity its prefill burns: the seconds of prompt it
     would prefill there (what its prefix cache does not hold, at its prefill speed) times the
     pool's mean calls per replica, or the calls it would stall there where more (``stalls``,
     `TailRouter._stalls`; None: no capacity price).
+
+    Each candidate is also charged what this call can expect to be held up there by the
+    prefills the replica takes while it runs (`Stalls.endured_s`): the other side of the same
+    stall, which the call's own forecast does not see.
 
     Greedy routing counts a prefill only in the call's own time. But a busy pool's GPU time is
     shared: a second spent prefilling on a replica is a second the calls sharing it (the pool's
@@ -654,15 +718,20 @@ def _priced(inp: RouteInput, pool: list[int], tail: list[float], stalls: Stalls 
     assert cached is not None
     prompt = len(inp.call.prefix_blocks) * inp.call.block_tokens
     price = 0.0 if stalls is None else stalls.mean_load
-    if prompt <= 0 or (price <= 0 and not evicted):
+    idle = stalls is None or (price <= 0 and not any(stalls.duty))
+    if prompt <= 0 or (idle and not evicted):
         return
     for i in pool:
         rate = cands[i].prefill_tokens_per_s
         if rate > 0 and tail[i] < math.inf:
             burnt_s = max(0, prompt - cached[i]) / rate
             lost_s = evicted[i] / rate if evicted else 0.0
-            stalled = 0.0 if stalls is None else max(price, stalls.calls_held(i, burnt_s))
-            tail[i] = math.log(math.exp(tail[i]) + stalled * (burnt_s + lost_s) + lost_s)
+            stalled = endured = 0.0
+            if stalls is not None:
+                stalled = max(price, stalls.calls_held(i, burnt_s))
+                endured = stalls.endured_s(i, burnt_s)
+            extra_s = endured + stalled * (burnt_s + lost_s) + lost_s
+            tail[i] = math.log(math.exp(tail[i]) + extra_s)
 
 
 def _cached(inp: RouteInput) -> Sequence[int]:

@@ -499,6 +499,27 @@ def test_calls_routed_to_a_replica_teach_its_prefix_index_what_it_holds():
     assert d.prefixes.get(holder) is None
 
 
+def test_each_replicas_prefill_duty_counts_what_it_was_sent_less_what_it_held():
+    """Each routed call adds its prompt less the prefix the index expected the replica to hold,
+    at the replica's prefill speed; the prefills run one after another from when they were
+    sent; a replica whose speed is unknown is sent nothing it can count; a new hello keeps
+    the duty, a replica that left takes it with it."""
+    d = Dispatcher(make_router("prefix_affinity"))
+    d.add_replica(dataclasses.replace(replica("n/a", slots=4), prefill_tokens_per_s=640.0), 0.0)
+    d.submit(Ticket(with_prefix("s1-t1", [1, 2, 3, 4]), 0.0), 0.0)  # 256 tokens: 0.4 s
+    d.submit(Ticket(with_prefix("s1-t2", [1, 2, 3, 4, 5]), 0.1), 0.1)  # 4 blocks held: 0.1 s
+    duty = d.view("n/a").prefill_duty
+    assert duty.until_s == pytest.approx(0.5)
+    assert duty.seconds == pytest.approx(0.4 * math.exp(-0.1 / 30) + 0.1)
+    assert duty.share(30.1) == pytest.approx(duty.seconds / 30 / math.e)
+    d.add_replica(dataclasses.replace(replica("n/a", slots=4), prefill_tokens_per_s=0.0), 1.0)
+    assert d.view("n/a").prefill_duty == duty  # announced again: the duty stays
+    d.remove_replica("n/a")
+    d.add_replica(replica("n/a", slots=4), 2.0)  # back, its speed unknown: nothing counted
+    d.submit(Ticket(with_prefix("s2-t1", [7, 8]), 2.0), 2.0)
+    assert d.view("n/a").prefill_duty.seconds == 0.0
+
+
 def test_the_index_holds_no_more_than_the_replicas_kv_cache():
     d = Dispatcher(make_router("kv_cost"))
     small = dataclasses.replace(replica("a", slots=8), kv_cache_tokens=4 * 64)

@@ -17,6 +17,7 @@ from swarmx.sched.router import (
     MeanPredicted,
     P90Load,
     PowerOfTwo,
+    PrefillDuty,
     PrefixAffinity,
     RandomChoice,
     ReplicaView,
@@ -432,6 +433,14 @@ def test_the_routers_weigh_calls_an_engine_runs_for_others():
 # --- the capacity price -----------------------------------------------------------------------
 
 
+def _fits(router: TailRouter, inp: RouteInput) -> dict:
+    """The service fits `TailRouter.choose` hands `TailRouter._stalls`."""
+    from swarmx.sched.tailmath import fit
+
+    assert inp.forecasts is not None
+    return {i: fit(f, router.hi) for i, f in enumerate(inp.forecasts)}
+
+
 def _prefixed(blocks: int = 40) -> CallSpec:
     c = call()
     return dataclasses.replace(c, prefix_blocks=list(range(blocks)), block_tokens=256)
@@ -484,13 +493,13 @@ def test_a_crowded_replica_is_charged_its_own_batch_for_a_prefill():
     router = TailRouter(capacity_price=True)
     inp = RouteInput(_prefixed(), pool, NOW, [dist(1.0)] * 3, cached_tokens=[0, 0, 0])
     tail = [0.0, 0.0, 0.0]
-    _priced(inp, [0, 1, 2], tail, router._stalls(inp))
+    _priced(inp, [0, 1, 2], tail, router._stalls(inp, _fits(router, inp)))
     assert [math.exp(t) - 1 for t in tail] == pytest.approx([6 * 1.28, 2 * 1.28, 2 * 1.28])
     # an engine that says it runs a billion calls for others: a finite, huge price, avoided
     pool[1] = dataclasses.replace(pool[1], external=10**9)
     inp = RouteInput(_prefixed(), pool, NOW, [dist(1.0)] * 3, cached_tokens=[0, 0, 0])
     tail = [0.0, 0.0, 0.0]
-    _priced(inp, [0, 1, 2], tail, router._stalls(inp))
+    _priced(inp, [0, 1, 2], tail, router._stalls(inp, _fits(router, inp)))
     assert all(math.isfinite(t) for t in tail) and tail[1] == max(tail)
     assert router.choose(inp).index == 2
 
@@ -515,7 +524,7 @@ def test_a_prefill_is_priced_by_the_latency_of_the_calls_it_would_stall():
     pool = _decoding_pool()
     router = TailRouter(capacity_price=True)
     inp = RouteInput(_prefixed(), pool, NOW, [dist(3.0)] * 3, cached_tokens=[0, 0, 0])
-    stalls = router._stalls(inp)
+    stalls = router._stalls(inp, _fits(router, inp))
     held = [stalls.calls_held(i, 0.0) for i in range(3)]
     assert held == pytest.approx([120 / 16.5, 4 / 16.5, 8 / 16.5])
     # a long stall costs more than its seconds: (2 L + d) d, in seconds of the mean's 16.5 s
@@ -534,8 +543,51 @@ def test_a_prefill_is_priced_by_the_latency_of_the_calls_it_would_stall():
     # a call overdue for its forecast counts for as long as it has run
     late = [dataclasses.replace(pool[1], outstanding=1, work=(running(NOW - 200, 2.0, name="x"),))]
     late_inp = RouteInput(_prefixed(), late + pool[2:], NOW, [dist(3.0)] * 2, cached_tokens=[0, 0])
-    overdue = router._stalls(late_inp).calls_held(0, 0.0)
+    overdue = router._stalls(late_inp, _fits(router, late_inp)).calls_held(0, 0.0)
     assert overdue == pytest.approx(200 / ((200 + 8 * 1.0460) / 5), rel=1e-3)
+
+
+def test_a_prefill_duty_decays_and_its_prefills_queue_one_after_another():
+    duty = PrefillDuty().plus(6.0, 10.0).plus(3.0, 12.0)
+    assert duty.until_s == 19.0 and duty.at_s == 12.0  # the second waits for the first
+    assert duty.seconds == pytest.approx(6 * math.exp(-2 / 30) + 3)
+    assert duty.share(12.0) == pytest.approx(duty.seconds / 30)
+    assert duty.share(42.0) == pytest.approx(duty.seconds / 30 / math.e)
+    assert duty.share(5.0) == pytest.approx(duty.seconds / 30)  # a clock that went back
+    assert PrefillDuty().plus(1e9, 0.0).share(0.0) == 1.0  # at most all its time
+    assert PrefillDuty().plus(-5.0, 0.0) == PrefillDuty(0.0, 0.0, 0.0)
+    assert PrefillDuty().share(0.0) == 0.0
+
+
+def test_a_long_call_leaves_a_replica_busy_prefilling_for_a_quiet_one_and_a_short_call_stays():
+    """Both replicas idle; A holds the call's 40 blocks (5 s of prefill saved) but spent half
+    its last half-minute prefilling others' prompts, so whatever the call decodes there it
+    can expect to be held up half as long again. A 20 s call would be held up 10 s, more than
+    the prefill it saves: B. A 2 s call would be held up 1 s: A. The same replicas, opposite
+    choices: what the call itself will do decides, and a load count cannot tell them apart."""
+    busy = PrefillDuty(15.0, NOW, NOW)  # a share of 0.5, nothing left to prefill
+    pool = [
+        dataclasses.replace(view("n1/a"), prefill_tokens_per_s=2048.0, prefill_duty=busy),
+        dataclasses.replace(view("n2/b"), prefill_tokens_per_s=2048.0),
+    ]
+    router = TailRouter(capacity_price=True)
+
+    def picks(router: TailRouter, on_a_s: float, on_b_s: float) -> set[str]:
+        inp = RouteInput(
+            _prefixed(), pool, NOW, [dist(on_a_s), dist(on_b_s)], cached_tokens=[40 * 256, 0]
+        )
+        return {pool[router.choose(inp).index].replica for _ in range(4)}
+
+    assert picks(router, 20.0, 25.0) == {"n2/b"}
+    assert picks(router, 2.0, 7.0) == {"n1/a"}
+    assert picks(TailRouter(), 20.0, 25.0) == {"n1/a"}  # blind to the duty: the cache wins
+    # what is still queued to prefill there is waited out before the decode, not during it
+    queued = PrefillDuty(15.0, NOW, NOW + 19.0)
+    pool[0] = dataclasses.replace(pool[0], prefill_duty=queued)
+    inp = RouteInput(_prefixed(), pool, NOW, [dist(20.0)] * 2, cached_tokens=[40 * 256, 0])
+    stalls = router._stalls(inp, _fits(router, inp))
+    assert stalls.endured_s(0, 0.0) == pytest.approx(0.5 * (20 * math.exp(0.3**2 / 2) - 19))
+    assert stalls.endured_s(1, 5.0) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -623,7 +675,9 @@ def _score_all(router: TailRouter, inp: RouteInput) -> int:
     for i, (done, service) in preds.items():
         tail[i] = max(done.mu + done.sigma * z, service.mu + service.sigma * z)
     if router.uses_prefix and inp.cached_tokens is not None:
-        _priced(inp, pool, tail, router._stalls(inp) if router.capacity_price else None)
+        services = {i: service for i, (_, service) in preds.items()}
+        stalls = router._stalls(inp, services) if router.capacity_price else None
+        _priced(inp, pool, tail, stalls)
     if inp.deadline_s is not None:
         left_s = inp.deadline_s - inp.now_s
         on_time = [0.0] * len(cands)
@@ -660,9 +714,13 @@ def test_scoring_only_the_candidates_that_can_matter_chooses_as_scoring_all_does
             for k in range(max(busy - rng.randint(0, 1), 0))  # some counted, not listed
         )
         v = view(f"n{i}/lm", busy, slots, work)
+        duty = PrefillDuty(rng.choice((0.0, rng.uniform(0, 40))), NOW - 1, NOW + rng.uniform(-1, 3))
         pool.append(
             dataclasses.replace(
-                v, prefill_tokens_per_s=rng.choice((0.0, 4000.0)), external=rng.randint(0, 1)
+                v,
+                prefill_tokens_per_s=rng.choice((0.0, 4000.0)),
+                external=rng.randint(0, 1),
+                prefill_duty=duty,
             )
         )
     if short:  # near-ties: alike forecasts, so the least loaded of the close ones wins
