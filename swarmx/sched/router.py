@@ -21,6 +21,7 @@ from swarmx.sched.tailmath import (
     fit,
     fit_many,
     log_quantile,
+    mean_of,
     residuals,
     z_score,
 )
@@ -618,8 +619,9 @@ class TailRouter(_Completion):
         duty = [view.prefill_duty.share(now_s) for view in inp.candidates]
         service_s = [0.0] * len(inp.candidates)
         for i, service in services.items():
-            backlog_s = max(0.0, inp.candidates[i].prefill_duty.until_s - now_s)
-            service_s[i] = max(0.0, Moments.of(service).mean_s - backlog_s)
+            if duty[i] > 0:  # else nothing is endured there, whatever the call's time
+                backlog_s = max(0.0, inp.candidates[i].prefill_duty.until_s - now_s)
+                service_s[i] = max(0.0, mean_of(service) - backlog_s)
         sums: list[float] = []
         counts: list[int] = []
         for view in inp.candidates:  # every call on every candidate: the cache hit inline
