@@ -616,12 +616,17 @@ class TailRouter(_Completion):
         mean of the pool's calls in flight; and what this call can expect to be held up there
         by others' prefills: the share of its recent time each replica spent prefilling."""
         now_s, fits, moments = inp.now_s, self._fits, self._moments
-        duty = [view.prefill_duty.share(now_s) for view in inp.candidates]
-        service_s = [0.0] * len(inp.candidates)
+        endured = [0.0] * len(inp.candidates)
+        cached = _cached(inp)
+        prompt = len(inp.call.prefix_blocks) * inp.call.block_tokens
         for i, service in services.items():
-            if duty[i] > 0:  # else nothing is endured there, whatever the call's time
-                backlog_s = max(0.0, inp.candidates[i].prefill_duty.until_s - now_s)
-                service_s[i] = max(0.0, mean_of(service) - backlog_s)
+            view = inp.candidates[i]
+            duty, rate = view.prefill_duty, view.prefill_tokens_per_s
+            if duty.seconds > 0 and rate > 0:  # else nothing is endured there
+                # its time there after the prefills queued ahead of it and its own
+                after_s = duty.until_s - now_s if duty.until_s > now_s else 0.0
+                after_s += max(0, prompt - cached[i]) / rate
+                endured[i] = duty.share(now_s) * max(0.0, mean_of(service) - after_s)
         sums: list[float] = []
         counts: list[int] = []
         for view in inp.candidates:  # every call on every candidate: the cache hit inline
@@ -640,10 +645,10 @@ class TailRouter(_Completion):
         listed = sum(counts)
         mean_load = sum(loads) / len(loads)
         if not listed:
-            return Stalls(loads, loads, 0.0, mean_load, duty, service_s)
+            return Stalls(loads, loads, 0.0, mean_load, endured)
         mean_s = sum(sums) / listed
         held_s = [t + mean_s * (c - n) for t, c, n in zip(sums, loads, counts, strict=True)]
-        return Stalls(held_s, loads, mean_s, mean_load, duty, service_s)
+        return Stalls(held_s, loads, mean_s, mean_load, endured)
 
 
 @frozen
@@ -670,22 +675,17 @@ class Stalls:
     """Mean expected latency of the pool's calls in flight (0: none has a forecast)."""
     mean_load: float
     """The pool's mean calls per replica."""
-    duty: Sequence[float]
-    """Per candidate, the share of its recent time spent prefilling (`PrefillDuty`)."""
-    service_s: Sequence[float]
-    """Per candidate, this call's expected service there after the prefills queued ahead of it
-    (its forecast's mean less them; 0 outside the pool)."""
+    endured_s: Sequence[float]
+    """Per candidate, the seconds this call can expect to be held up there by the prefills the
+    replica takes while it runs: the share of its recent time the replica spent prefilling
+    (`PrefillDuty`) of the call's expected time there after the prefills queued ahead of it
+    and its own (0 outside the pool)."""
 
     def calls_held(self, i: int, stall_s: float) -> float:
         """Candidate ``i``'s calls held up ``stall_s`` seconds, each weighted by its cost."""
         if self.mean_s <= 0:
             return self.held_s[i]
         return (self.held_s[i] + self.calls[i] * stall_s / 2) / self.mean_s
-
-    def endured_s(self, i: int, prefill_s: float) -> float:
-        """Seconds this call can expect to be held up on candidate ``i`` by others' prefills:
-        the replica's prefill share of what it spends there after its own prefill."""
-        return self.duty[i] * max(0.0, self.service_s[i] - prefill_s)
 
 
 def _priced(inp: RouteInput, pool: list[int], tail: list[float], stalls: Stalls | None) -> None:
@@ -720,7 +720,7 @@ def _priced(inp: RouteInput, pool: list[int], tail: list[float], stalls: Stalls 
     assert cached is not None
     prompt = len(inp.call.prefix_blocks) * inp.call.block_tokens
     price = 0.0 if stalls is None else stalls.mean_load
-    idle = stalls is None or (price <= 0 and not any(stalls.duty))
+    idle = stalls is None or (price <= 0 and not any(stalls.endured_s))
     if prompt <= 0 or (idle and not evicted):
         return
     for i in pool:
@@ -731,7 +731,7 @@ def _priced(inp: RouteInput, pool: list[int], tail: list[float], stalls: Stalls 
             stalled = endured = 0.0
             if stalls is not None:
                 stalled = max(price, stalls.calls_held(i, burnt_s))
-                endured = stalls.endured_s(i, burnt_s)
+                endured = stalls.endured_s[i]
             extra_s = endured + stalled * (burnt_s + lost_s) + lost_s
             tail[i] = math.log(math.exp(tail[i]) + extra_s)
 

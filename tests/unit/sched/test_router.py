@@ -586,8 +586,13 @@ def test_a_long_call_leaves_a_replica_busy_prefilling_for_a_quiet_one_and_a_shor
     pool[0] = dataclasses.replace(pool[0], prefill_duty=queued)
     inp = RouteInput(_prefixed(), pool, NOW, [dist(20.0)] * 2, cached_tokens=[40 * 256, 0])
     stalls = router._stalls(inp, _fits(router, inp))
-    assert stalls.endured_s(0, 0.0) == pytest.approx(0.5 * (20 * math.exp(0.3**2 / 2) - 19))
-    assert stalls.endured_s(1, 5.0) == 0.0
+    assert stalls.endured_s[0] == pytest.approx(0.5 * (20 * math.exp(0.3**2 / 2) - 19))
+    assert stalls.endured_s[1] == 0.0  # no duty there
+    # where the call must prefill its whole prompt (5 s), it is held up only after that
+    pool[1] = dataclasses.replace(pool[1], prefill_duty=busy)
+    inp = RouteInput(_prefixed(), pool, NOW, [dist(20.0)] * 2, cached_tokens=[40 * 256, 0])
+    stalls = router._stalls(inp, _fits(router, inp))
+    assert stalls.endured_s[1] == pytest.approx(0.5 * (20 * math.exp(0.3**2 / 2) - 5))
 
 
 @pytest.mark.parametrize(
