@@ -45,6 +45,10 @@ PREFILL_DUTY_S = 30.0
 the span over which a call sent now endures the prefills its replica takes."""
 
 
+_LONGEST_PREFILL_S = 1e9
+"""A prefill counts for at most this long."""
+
+
 @frozen
 class PrefillDuty:
     """The prefill seconds a scheduler has sent one replica, decayed with time constant
@@ -68,7 +72,8 @@ class PrefillDuty:
     def plus(self, prefill_s: float, now_s: float) -> PrefillDuty:
         """The duty after ``prefill_s`` more seconds of prefill were sent at ``now_s``."""
         decay = math.exp(-max(0.0, now_s - self.at_s) / PREFILL_DUTY_S)
-        prefill_s = max(0.0, prefill_s)
+        # a speed measured absurdly low must not make the sums infinite (then NaN as they decay)
+        prefill_s = min(max(0.0, prefill_s), _LONGEST_PREFILL_S)
         return PrefillDuty(
             self.seconds * decay + prefill_s,
             max(now_s, self.at_s),

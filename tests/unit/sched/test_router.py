@@ -557,6 +557,12 @@ def test_a_prefill_duty_decays_and_its_prefills_queue_one_after_another():
     assert PrefillDuty().plus(1e9, 0.0).share(0.0) == 1.0  # at most all its time
     assert PrefillDuty().plus(-5.0, 0.0) == PrefillDuty(0.0, 0.0, 0.0)
     assert PrefillDuty().share(0.0) == 0.0
+    # a prefill speed measured absurdly low (a prompt's prefill of inf or NaN seconds): the
+    # duty stays a finite share that decays, and the queue ends at a finite time
+    for absurd, counted in ((math.inf, 1.0), (1e308, 1.0), (math.nan, 0.0)):
+        d = PrefillDuty().plus(absurd, 0.0).plus(absurd, 1.0)
+        assert math.isfinite(d.seconds) and math.isfinite(d.until_s)
+        assert d.share(1.0) == counted and 0 <= d.share(1e6) < 1e-6
 
 
 def test_a_long_call_leaves_a_replica_busy_prefilling_for_a_quiet_one_and_a_short_call_stays():
