@@ -62,20 +62,22 @@ class PrefillDuty:
     until_s: float = 0.0
     """When the prefills sent so far end, run one after another as they came."""
 
+    def _left(self, now_s: float) -> float:
+        """``seconds`` decayed to ``now_s`` (a clock gone back decays nothing)."""
+        return self.seconds * math.exp(-max(0.0, now_s - self.at_s) / PREFILL_DUTY_S)
+
     def share(self, now_s: float) -> float:
         """The share of the replica's recent time it spent prefilling, at ``now_s`` (0 to 1)."""
         if self.seconds <= 0:
             return 0.0
-        left = self.seconds * math.exp(-max(0.0, now_s - self.at_s) / PREFILL_DUTY_S)
-        return min(1.0, left / PREFILL_DUTY_S)
+        return min(1.0, self._left(now_s) / PREFILL_DUTY_S)
 
     def plus(self, prefill_s: float, now_s: float) -> PrefillDuty:
         """The duty after ``prefill_s`` more seconds of prefill were sent at ``now_s``."""
-        decay = math.exp(-max(0.0, now_s - self.at_s) / PREFILL_DUTY_S)
         # a speed measured absurdly low must not make the sums infinite (then NaN as they decay)
         prefill_s = min(max(0.0, prefill_s), _LONGEST_PREFILL_S)
         return PrefillDuty(
-            self.seconds * decay + prefill_s,
+            self._left(now_s) + prefill_s,
             max(now_s, self.at_s),
             max(now_s, self.until_s) + prefill_s,
         )
