@@ -512,6 +512,9 @@ def test_each_replicas_prefill_duty_counts_what_it_was_sent_less_what_it_held():
     assert duty.until_s == pytest.approx(0.5)
     assert duty.seconds == pytest.approx(0.4 * math.exp(-0.1 / 30) + 0.1)
     assert duty.share(30.1) == pytest.approx(duty.seconds / 30 / math.e)
+    with pytest.raises(ValueError, match="already queued or running"):  # sent twice: once
+        d.submit(Ticket(with_prefix("s1-t2", [1, 2, 3, 4, 5]), 0.1), 0.1)
+    assert d.view("n/a").prefill_duty == duty
     d.add_replica(dataclasses.replace(replica("n/a", slots=4), prefill_tokens_per_s=0.0), 1.0)
     assert d.view("n/a").prefill_duty == duty  # announced again: the duty stays
     d.remove_replica("n/a")
