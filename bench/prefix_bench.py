@@ -28,7 +28,7 @@ replay this busy moves by a few percent with any small change, so a verdict with
 judged on the mean. Writes its section of bench/RESULTS.md between its markers, or prints it
 with ``--print``.
 
-    .venv/bin/python bench/prefix_bench.py              # ~35 min on 2 cores
+    .venv/bin/python bench/prefix_bench.py              # ~30 min on 2 cores
     .venv/bin/python bench/prefix_bench.py --quick --print
 """
 
